@@ -1,0 +1,32 @@
+//! The backend array: where a backend id sends packets, and whether it may.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Slot never allocated: Maglev slots and flows holding it do not route.
+pub const BACKEND_ID_NONE: u32 = 0;
+
+/// Unused slot; also what a zeroed entry reads as.
+pub const BACKEND_STATE_UNUSED: u8 = 0;
+/// Healthy: takes new flows (if in the ring) and keeps its flows.
+pub const BACKEND_STATE_UP: u8 = 1;
+/// Failed its health checks: its flows move to another backend on their next
+/// packet (the new backend resets them, so clients fail fast).
+pub const BACKEND_STATE_DOWN: u8 = 2;
+
+/// Value of `BACKENDS`, indexed by backend id. One id per (VIP, backend) pair,
+/// so counters are per VIP and backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendInfo {
+    /// Backend address, network byte order; IPv4 uses word 0 only.
+    pub addr_be: [u32; 4],
+    /// Backend port, network byte order (may differ from the VIP's).
+    pub port_be: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+}
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 20);
+
+crate::user_pod!(BackendInfo);

@@ -1,0 +1,92 @@
+//! The connection table: which backend each flow is pinned to, and how its
+//! replies are translated back.
+
+use bytemuck::{Pod, Zeroable};
+
+/// A flow's 5-tuple as one direction of a packet names it.
+///
+/// Key of `CONNTRACK` (client → VIP direction) and of `REPLY_NAT`
+/// (backend → client direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    /// Source address, network byte order; IPv4 uses word 0 only.
+    pub src_be: [u32; 4],
+    /// Destination address, network byte order; IPv4 uses word 0 only.
+    pub dst_be: [u32; 4],
+    /// Source port, network byte order.
+    pub src_port_be: u16,
+    /// Destination port, network byte order.
+    pub dst_port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of `CONNTRACK`: the backend a client → VIP flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowState {
+    /// Backend id; an index into `BACKENDS`.
+    pub backend_id: u32,
+    /// VIP id; an index into `VIP_STATS`.
+    pub vip_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowState>() == 8);
+
+/// Value of `REPLY_NAT`: what a reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReplyNat {
+    /// VIP address, network byte order; IPv4 uses word 0 only.
+    pub vip_addr_be: [u32; 4],
+    /// VIP port, network byte order.
+    pub vip_port_be: u16,
+    pub _pad: u16,
+    /// VIP id, for counting reply traffic.
+    pub vip_id: u32,
+    /// Backend id, for counting reply traffic.
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<ReplyNat>() == 28);
+
+crate::user_pod!(FlowKey, FlowState, ReplyNat);
+
+/// The flow hash that picks a Maglev slot: `flow_hash(key) % ring_size`.
+///
+/// Shared so the agent and the tests can predict the kernel's choice. It is
+/// murmur3's finaliser over the 5-tuple words: cheap on eBPF (no loops the
+/// verifier must bound) and well mixed in the low bits the modulo keeps.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let ports = (u32::from(key.src_port_be) << 16) | u32::from(key.dst_port_be);
+    let mut h: u32 = 0x9e37_79b9 ^ u32::from(key.proto);
+    h = mix(h, key.src_be[0]);
+    h = mix(h, key.src_be[1]);
+    h = mix(h, key.src_be[2]);
+    h = mix(h, key.src_be[3]);
+    h = mix(h, key.dst_be[0]);
+    h = mix(h, key.dst_be[1]);
+    h = mix(h, key.dst_be[2]);
+    h = mix(h, key.dst_be[3]);
+    h = mix(h, ports);
+    fmix32(h)
+}
+
+#[inline(always)]
+fn mix(h: u32, word: u32) -> u32 {
+    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}

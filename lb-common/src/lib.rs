@@ -1,0 +1,50 @@
+//! Types shared by the XDP program (`lb-ebpf`) and the agent (`lb-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy` and `bytemuck::Pod` (which
+//! refuses to compile a type with hidden padding), and its size is asserted, so
+//! the two sides cannot silently disagree about a layout. Addresses and ports
+//! carry their byte order in their names: `_be` fields hold the bytes exactly as
+//! they appear on the wire.
+#![no_std]
+
+pub mod backend;
+pub mod flow;
+pub mod limits;
+pub mod stats;
+pub mod vip;
+
+/// Address family of a VIP, backend or flow: IPv4.
+pub const FAMILY_V4: u8 = 4;
+/// Address family of a VIP, backend or flow: IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the maps, shared so the agent finds what the program declares.
+pub mod map_names {
+    //! Each const is the symbol name of a map in `lb-ebpf/src/maps.rs`.
+    pub const VIPS: &str = "VIPS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const REPLY_NAT: &str = "REPLY_NAT";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const VERDICTS: &str = "VERDICTS";
+}
+
+/// Implements `aya::Pod` for the agent's side only; the kernel side has no aya.
+macro_rules! user_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: the type is #[repr(C)] and derives bytemuck::Pod, which proves
+            // it has no padding and that every bit pattern is valid.
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
+pub(crate) use user_pod;

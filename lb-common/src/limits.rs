@@ -1,0 +1,24 @@
+//! Capacities and defaults, in one place so both sides size maps alike.
+
+/// Entries in the VIP map: the most virtual services one gateway serves.
+pub const MAX_VIPS: u32 = 1024;
+
+/// Entries in the backend array, counting one per (VIP, backend) pair, plus
+/// slot 0, which is never allocated so a zeroed Maglev slot can never route.
+pub const MAX_BACKENDS: u32 = 4096;
+
+/// Default Maglev ring size per VIP, in slots. Must be prime; 65537 keeps the
+/// imbalance between equal backends under 1% for up to a few hundred backends.
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+
+/// Each VIP owns two rings in the Maglev array: the one packets read and the
+/// one the agent rewrites, switched by one write of `VipInfo::ring_generation`.
+pub const RINGS_PER_VIP: u32 = 2;
+
+/// Default capacity of the connection table, in flows (each flow uses one
+/// entry in `CONNTRACK` and one in `REPLY_NAT`).
+pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 1 << 20;
+
+/// Most entries the Maglev array may have (`vip_slots * RINGS_PER_VIP *
+/// ring_size`), 4 bytes each: 1 GiB, far above any sane configuration.
+pub const MAX_MAGLEV_ENTRIES: u64 = 1 << 28;

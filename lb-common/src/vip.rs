@@ -1,0 +1,60 @@
+//! The VIP map: which (address, port, protocol) tuples are balanced.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Key of `VIPS`: a virtual service as the packet names it.
+///
+/// IPv4 addresses use `addr_be[0]` and leave the other words zero; `family`
+/// keeps an IPv4 VIP apart from the IPv6 address `::a.b.c.d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipKey {
+    /// Destination address, network byte order.
+    pub addr_be: [u32; 4],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Value of `VIPS`: where the VIP's Maglev ring lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipInfo {
+    /// Dense id from 1, allocated by the agent; indexes `VIP_STATS`.
+    pub vip_id: u32,
+    /// Slots in each of this VIP's rings (prime).
+    pub ring_size: u32,
+    /// Which of the VIP's two rings packets read: 0 or 1. The agent fills the
+    /// other ring, then flips this in one map update, so a packet sees either
+    /// the old table or the new one, never a mix.
+    pub ring_generation: u32,
+    /// `VIP_F_*` bits; none defined yet.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+impl VipInfo {
+    /// Index in `MAGLEV` of slot 0 of the ring that packets read.
+    ///
+    /// VIP ids start at 1; VIP `n` owns rings `2(n-1)` and `2(n-1)+1`.
+    #[inline(always)]
+    pub fn ring_base(&self) -> u32 {
+        ring_base(self.vip_id, self.ring_generation, self.ring_size)
+    }
+}
+
+/// Index in `MAGLEV` of slot 0 of ring `generation` of VIP `vip_id`.
+#[inline(always)]
+pub fn ring_base(vip_id: u32, generation: u32, ring_size: u32) -> u32 {
+    let rings_before = vip_id
+        .wrapping_sub(1)
+        .wrapping_mul(crate::limits::RINGS_PER_VIP)
+        .wrapping_add(generation & 1);
+    rings_before.wrapping_mul(ring_size)
+}
+
+crate::user_pod!(VipKey, VipInfo);

@@ -1,0 +1,35 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+//!
+//! All values are 16-bit words exactly as stored in the packet; the ones'
+//! complement sum is byte-order neutral, so no swapping is needed.
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The checksum after one 16-bit word changed from `old` to `new`.
+#[inline(always)]
+pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    !fold(sum)
+}
+
+/// The checksum after a 32-bit field (an IPv4 address) changed.
+#[inline(always)]
+pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16);
+    !fold(sum)
+}
+
+/// A UDP checksum of 0 means "none" (RFC 768), so a computed 0 is sent as 0xffff.
+#[inline(always)]
+pub fn udp_nonzero(check: u16) -> u16 {
+    if check == 0 { 0xffff } else { check }
+}

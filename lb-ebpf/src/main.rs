@@ -1,0 +1,93 @@
+//! The XDP load balancer.
+//!
+//! Pipeline for each frame: parse Ethernet/IPv4/TCP|UDP (`parse`), find the
+//! VIP (`lookup`), pin the flow to a backend through the connection table or
+//! a Maglev pick (`lookup`, `maglev`), rewrite destination and checksums
+//! (`rewrite`, `csum`), then redirect to the next hop the kernel's FIB names.
+//! Replies from backends take the mirror path in `reply`. Anything else is
+//! passed to the kernel untouched. Every verdict is counted by reason (`stats`).
+#![no_std]
+#![no_main]
+
+mod csum;
+mod lookup;
+mod maglev;
+mod maps;
+mod parse;
+mod reply;
+mod rewrite;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::stats::reason;
+
+use crate::parse::Packet;
+
+/// What the program returns and why: `action` is the XDP verdict and
+/// `reason` the `VERDICTS` slot that counts it.
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    pub action: u32,
+    pub reason: u32,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn pass(reason: u32) -> Self {
+        Self { action: xdp_action::XDP_PASS, reason }
+    }
+
+    #[inline(always)]
+    pub const fn drop(reason: u32) -> Self {
+        Self { action: xdp_action::XDP_DROP, reason }
+    }
+}
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let verdict = match try_lb_xdp(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count_verdict(verdict.reason);
+    verdict.action
+}
+
+#[inline(always)]
+fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let pkt = parse::parse_ipv4(ctx)?;
+    if let Some(vip) = lookup::vip(&pkt) {
+        return to_backend(ctx, &pkt, &vip);
+    }
+    if let Some(nat) = lookup::reply_nat(&pkt) {
+        return reply::to_client(ctx, &pkt, &nat);
+    }
+    Ok(Verdict::pass(reason::PASS_NOT_VIP))
+}
+
+/// Client → VIP: pin the flow, rewrite the destination to the backend, send it on.
+#[inline(always)]
+fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &lb_common::vip::VipInfo,
+) -> Result<Verdict, Verdict> {
+    let l4 = parse::l4_checked(ctx, pkt)?;
+    parse::check_ttl(pkt)?;
+    let flow = lookup::flow_key(pkt, &l4);
+    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip)?;
+    stats::count_traffic(vip.vip_id, backend_id, ctx);
+    rewrite::destination(pkt, &l4, &backend);
+    Ok(rewrite::forward(ctx, pkt, reason::REDIRECT_TO_BACKEND))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects the loop, so a reachable panic fails the load
+    // rather than the data path.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,128 @@
+//! The validated configuration: what the rest of the agent sees.
+//!
+//! Parsing and validation (in `config/mod.rs` and `config/validate.rs`) turn a
+//! TOML file into these types; nothing else constructs them from user input,
+//! so a `Config` in hand is known to be valid.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// The whole agent configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Where it was read from, for error messages and reloads.
+    pub source: PathBuf,
+    pub agent: AgentConfig,
+    /// Virtual services, in file order.
+    pub vips: Vec<VipConfig>,
+}
+
+/// `[agent]`: how the agent attaches and serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// NICs to attach the XDP program to (at least one).
+    pub interfaces: Vec<String>,
+    /// Address of the HTTP server for `/status` and `/metrics`.
+    pub admin_listen: SocketAddr,
+    pub xdp_mode: XdpMode,
+    /// Flows the connection table holds before evicting the least recently used.
+    pub conntrack_capacity: u32,
+    /// Slots per Maglev ring (prime).
+    pub ring_size: u32,
+    /// VIPs the Maglev array has room for (at least the number configured).
+    pub max_vips: u32,
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver (fast; veth and most modern NICs support it).
+    Native,
+    /// In the kernel's generic path (works everywhere, slower).
+    Generic,
+}
+
+/// Transport protocol of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    /// Lowercase name, as in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// `[[vip]]`: one virtual service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VipConfig {
+    /// Unique name, used in logs, metrics and the status API.
+    pub name: String,
+    /// Address and port clients connect to.
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub health_check: HealthCheckConfig,
+    /// At least one.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// `[vip.health_check]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    /// Time between the starts of two probes of one backend.
+    pub interval: Duration,
+    /// How long one probe may take (less than `interval`).
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up (at least 1).
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down (at least 1).
+    pub fall: u32,
+}
+
+/// What a probe does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HealthCheckKind {
+    /// HTTP/1.1 GET `path` with a Host header; healthy when the status is in range.
+    Http { path: String, expect_status: StatusRange, host: Option<String> },
+    /// Healthy when a TCP connection is accepted.
+    Tcp,
+    /// No probes: the backend is always up.
+    None,
+}
+
+/// An inclusive range of HTTP status codes, written `"200-399"` or `"200"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl StatusRange {
+    /// Whether `status` is in the range.
+    pub fn contains(self, status: u16) -> bool {
+        (self.min..=self.max).contains(&status)
+    }
+}
+
+/// `[[vip.backend]]`: one real server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendConfig {
+    /// Address and port of the server (the port may differ from the VIP's).
+    pub address: SocketAddr,
+    /// Share of new flows, relative to the VIP's other backends; 0 takes no new flows.
+    pub weight: u32,
+}

@@ -1,0 +1,23 @@
+//! The boundary between control logic and the kernel maps.
+//!
+//! `lb::state` decides what the maps must hold and calls this trait; the real
+//! implementation (`crate::dataplane::Maps`) writes BPF maps, and tests use a
+//! fake that records the calls, so the logic is tested without root.
+
+use lb_common::{backend::BackendInfo, vip::{VipInfo, VipKey}};
+
+/// Errors a dataplane reports; the real one wraps aya's map errors.
+pub type DataplaneError = anyhow::Error;
+
+/// Writes the control plane's decisions into the data path.
+pub trait Dataplane {
+    /// Inserts or replaces a VIP. Replacing is atomic for packets, which is how
+    /// a new ring generation is published.
+    fn upsert_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DataplaneError>;
+    /// Removes a VIP; its packets pass to the kernel from then on.
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError>;
+    /// Writes the backend array entry for `backend_id` (1..MAX_BACKENDS).
+    fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), DataplaneError>;
+    /// Writes Maglev slots: `(index into the MAGLEV array, backend id)` pairs.
+    fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError>;
+}
