@@ -91,6 +91,16 @@ pub struct HealthCheckConfig {
     pub rise: u32,
     /// Consecutive failures that take an up backend down (at least 1).
     pub fall: u32,
+    /// Port to probe instead of the backend's own (HAProxy's `port`), e.g.
+    /// an HTTP health endpoint next to a UDP service.
+    pub port: Option<u16>,
+}
+
+impl HealthCheckConfig {
+    /// Where probes of the backend at `backend` go.
+    pub fn target(&self, backend: std::net::SocketAddr) -> std::net::SocketAddr {
+        self.port.map_or(backend, |port| std::net::SocketAddr::new(backend.ip(), port))
+    }
 }
 
 /// What a probe does.

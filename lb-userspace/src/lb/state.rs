@@ -1,0 +1,1575 @@
+//! The control plane's state: ids, health, and what every ring in the
+//! dataplane holds, so each change writes only what differs.
+//!
+//! [`Balancer`] turns a validated [`Config`] into dense ids (VIP `n` is the
+//! `n`-th `[[vip]]`, backend ids count (VIP, backend) pairs in file order) and
+//! keeps, per VIP, a shadow copy of both Maglev rings as last written. A change
+//! is published in three steps, always in this order:
+//!
+//! 1. Backends that may take new flows are written `UP`, before any ring can
+//!    name them: the kernel drops a new flow whose slot names a backend that
+//!    is not up.
+//! 2. If the VIP's ring changed, the new ring's differing slots go into the
+//!    generation packets are *not* reading, then one `upsert_vip` flips
+//!    `ring_generation`. A packet reads the old ring or the new one, never a
+//!    half-written one.
+//! 3. Backends that may not take new flows are written `DOWN` only now, after
+//!    the published ring no longer names them. Writing `DOWN` first would open
+//!    a window where the live ring still names the backend: new flows hashing
+//!    to its slots would be dropped, and flows pinned to it would be
+//!    rescheduled through that same ring straight back to it (and dropped). In
+//!    this order the kernel's "pinned backend is not up, pick again" path
+//!    (`lb-ebpf/src/lookup.rs`, `backend_for_flow`) already sees a ring
+//!    without it. Until step 3 lands, its existing flows keep going to it for
+//!    a few microseconds more, which they were doing anyway while the health
+//!    checks counted its failures.
+//!
+//! So at every point in the call sequence, the live ring names only backends
+//! whose entry says `UP`; the tests replay every call against a fake
+//! dataplane and check exactly that.
+//!
+//! Every write is recorded in the shadows only once it succeeded; on an error
+//! the affected shadow is marked unknown, and the next [`Balancer::set_health`]
+//! or [`Balancer::install`] rewrites what is needed. So callers can simply
+//! retry, and a config reload can later be built as "swap in new desired state,
+//! then sync".
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::AddAssign,
+};
+
+use lb_common::{
+    FAMILY_V4, FAMILY_V6,
+    backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
+    limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP},
+    vip::{VipInfo, VipKey, ring_base},
+};
+
+use crate::{
+    config::model::{Config, HealthCheckConfig, HealthCheckKind, Protocol},
+    lb::{
+        dataplane::{Dataplane, DataplaneError},
+        maglev::{self, MaglevBackend},
+    },
+};
+
+/// What the agent believes about a backend.
+///
+/// `Unknown` is the state before the first verdict of the health checks; it
+/// counts as not up, so a freshly started agent sends no flows to a backend
+/// it has not seen answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down,
+    Unknown,
+}
+
+impl Health {
+    /// Whether the backend may take new flows (if it has weight).
+    pub fn is_up(self) -> bool {
+        self == Health::Up
+    }
+
+    /// Lowercase name for logs, metrics labels and the status API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What [`Balancer::install`] or [`Balancer::set_health`] wrote, for logs,
+/// metrics and benchmarks of update cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Entries of `BACKENDS` written.
+    pub backends_written: usize,
+    /// Slots of `MAGLEV` written (only those that differed).
+    pub slots_written: usize,
+    /// Ring generations published, by one `upsert_vip` each.
+    pub rings_published: usize,
+}
+
+impl Change {
+    /// Whether nothing was written: the dataplane already matched.
+    pub fn is_empty(&self) -> bool {
+        *self == Change::default()
+    }
+}
+
+impl AddAssign for Change {
+    fn add_assign(&mut self, other: Change) {
+        self.backends_written += other.backends_written;
+        self.slots_written += other.slots_written;
+        self.rings_published += other.rings_published;
+    }
+}
+
+/// The dataplane write that failed, named for the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Writing the `BACKENDS` entry of a backend.
+    WriteBackend { backend_id: u32, state: u8 },
+    /// Writing changed slots into the ring generation packets do not read.
+    WriteRing { generation: u32, slots: usize },
+    /// The `upsert_vip` that makes a generation the one packets read.
+    PublishRing { generation: u32 },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Step::WriteBackend { backend_id, state } => {
+                let state = if state == BACKEND_STATE_UP {
+                    "up"
+                } else {
+                    "down"
+                };
+                write!(f, "write backend {backend_id} as {state}")
+            }
+            Step::WriteRing { generation, slots } => {
+                write!(f, "write {slots} slots of ring generation {generation}")
+            }
+            Step::PublishRing { generation } => write!(f, "publish ring generation {generation}"),
+        }
+    }
+}
+
+/// Why the balancer's state could not be built or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Maglev's balance needs a prime ring size.
+    #[error("ring size {ring_size} is not prime")]
+    RingSizeNotPrime { ring_size: u32 },
+    /// More VIPs than the maps were sized for.
+    #[error("{count} vips configured, but the maps have room for {max}")]
+    TooManyVips { count: usize, max: u32 },
+    /// More (VIP, backend) pairs than the backend array holds.
+    #[error("{count} backends configured across all vips, but the backend array holds {max}")]
+    TooManyBackends { count: usize, max: u32 },
+    /// The rings would not fit the Maglev array's limit.
+    #[error(
+        "{vips} vips with rings of {ring_size} slots need {entries} maglev entries, more than the limit of {max}"
+    )]
+    MaglevTooLarge {
+        vips: usize,
+        ring_size: u32,
+        entries: u64,
+        max: u64,
+    },
+    /// An id that [`Balancer`] did not allocate, e.g. from a stale caller.
+    #[error("no backend has id {backend_id}")]
+    UnknownBackend { backend_id: u32 },
+    /// A dataplane write failed; the shadows record what is uncertain, so
+    /// retrying the same call (or [`Balancer::install`]) finishes the job.
+    #[error("vip {vip}: cannot {step}")]
+    Dataplane {
+        vip: String,
+        step: Step,
+        #[source]
+        source: DataplaneError,
+    },
+}
+
+/// A VIP as the status API and the health checker see it: a snapshot, so the
+/// caller may hold it after releasing the balancer's lock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VipView<'a> {
+    /// Dense id from 1; indexes `VIP_STATS`.
+    pub vip_id: u32,
+    /// Name from the config, for logs, metrics labels and status.
+    pub name: &'a str,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    /// How its backends are probed.
+    pub health_check: &'a HealthCheckConfig,
+    /// Generation packets read; `None` until the VIP is installed.
+    pub ring_generation: Option<u32>,
+    /// Its backends, in config order.
+    pub backends: Vec<BackendView>,
+}
+
+/// A backend as the status API and the health checker see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    /// Dense id from 1; indexes `BACKENDS` and `BACKEND_STATS`.
+    pub backend_id: u32,
+    /// The VIP it serves (one id per (VIP, backend) pair).
+    pub vip_id: u32,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub health: Health,
+    /// Slots it holds in the VIP's live ring: its share of new flows.
+    pub ring_slots: u32,
+}
+
+/// The control plane's state for one validated config.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn demo(config: &lb::config::model::Config, maps: &mut impl lb::lb::dataplane::Dataplane) -> anyhow::Result<()> {
+/// use lb::lb::state::Balancer;
+///
+/// let mut balancer = Balancer::new(config)?;
+/// balancer.install(maps)?;
+/// // Later, from the health checker:
+/// let change = balancer.set_health(3, false, maps)?;
+/// println!("{} ring slots rewritten", change.slots_written);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Balancer {
+    ring_size: u32,
+    vips: Vec<Vip>,
+    /// Indexed by `backend_id - 1`.
+    backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug)]
+struct Vip {
+    vip_id: u32,
+    name: String,
+    listen: SocketAddr,
+    protocol: Protocol,
+    health_check: HealthCheckConfig,
+    key: VipKey,
+    backend_ids: Vec<u32>,
+    /// Whether `VIPS` holds it yet.
+    published: bool,
+    /// Generation packets read (0 or 1), once published.
+    generation: u32,
+    /// What each generation holds in `MAGLEV`; empty when unknown (after a
+    /// failed write), which makes the next diff rewrite every slot.
+    rings: [Vec<u32>; 2],
+}
+
+#[derive(Clone, Debug)]
+struct Backend {
+    backend_id: u32,
+    vip_id: u32,
+    address: SocketAddr,
+    /// Maglev identity: the address, so config order does not move flows.
+    key: String,
+    weight: u32,
+    health: Health,
+    /// `BACKEND_STATE_*` last written; `None` before the first write or after
+    /// a failed one.
+    written_state: Option<u8>,
+    ring_slots: u32,
+}
+
+impl Backend {
+    /// The state `BACKENDS` must hold. Weight 0 is still `UP`: such a backend
+    /// is drained (no new flows) but keeps its existing ones.
+    fn wanted_state(&self) -> u8 {
+        if self.health.is_up() {
+            BACKEND_STATE_UP
+        } else {
+            BACKEND_STATE_DOWN
+        }
+    }
+}
+
+impl Balancer {
+    /// Allocates ids and initial health for `config`; writes nothing.
+    ///
+    /// Backends of VIPs without health checks start [`Health::Up`]; all others
+    /// start [`Health::Unknown`] and take no flows until a check passes.
+    ///
+    /// # Errors
+    ///
+    /// If the config does not fit the maps: ring size not prime, more VIPs than
+    /// `agent.max_vips` (or [`MAX_VIPS`]), more than `MAX_BACKENDS - 1`
+    /// backends in all, or rings beyond [`MAX_MAGLEV_ENTRIES`]. Validation
+    /// should already have refused these; this keeps indexes from wrapping.
+    pub fn new(config: &Config) -> Result<Self, StateError> {
+        let ring_size = config.agent.ring_size;
+        if !maglev::is_prime(ring_size) {
+            return Err(StateError::RingSizeNotPrime { ring_size });
+        }
+        let max_vips = config.agent.max_vips.min(MAX_VIPS);
+        if config.vips.len() > max_vips as usize {
+            return Err(StateError::TooManyVips {
+                count: config.vips.len(),
+                max: max_vips,
+            });
+        }
+        let entries = config.vips.len() as u64 * u64::from(RINGS_PER_VIP) * u64::from(ring_size);
+        if entries > MAX_MAGLEV_ENTRIES {
+            return Err(StateError::MaglevTooLarge {
+                vips: config.vips.len(),
+                ring_size,
+                entries,
+                max: MAX_MAGLEV_ENTRIES,
+            });
+        }
+        let backend_count: usize = config.vips.iter().map(|vip| vip.backends.len()).sum();
+        if backend_count >= MAX_BACKENDS as usize {
+            return Err(StateError::TooManyBackends {
+                count: backend_count,
+                max: MAX_BACKENDS - 1,
+            });
+        }
+
+        let mut vips = Vec::with_capacity(config.vips.len());
+        let mut backends = Vec::with_capacity(backend_count);
+        let mut backend_ids = 1u32..;
+        for (vip_id, vip) in (1u32..).zip(&config.vips) {
+            let health = match vip.health_check.kind {
+                HealthCheckKind::None => Health::Up,
+                HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
+            };
+            let ids: Vec<u32> = vip
+                .backends
+                .iter()
+                .zip(&mut backend_ids)
+                .map(|(backend, backend_id)| {
+                    backends.push(Backend {
+                        backend_id,
+                        vip_id,
+                        address: backend.address,
+                        key: backend.address.to_string(),
+                        weight: backend.weight,
+                        health,
+                        written_state: None,
+                        ring_slots: 0,
+                    });
+                    backend_id
+                })
+                .collect();
+            vips.push(Vip {
+                vip_id,
+                name: vip.name.clone(),
+                listen: vip.listen,
+                protocol: vip.protocol,
+                health_check: vip.health_check.clone(),
+                key: vip_key(vip.listen, vip.protocol),
+                backend_ids: ids,
+                published: false,
+                generation: 0,
+                // The loader creates MAGLEV zeroed, so both rings start all
+                // BACKEND_ID_NONE and zero slots need no write. (Untouched
+                // zeroed Vecs cost no memory until written.)
+                rings: [
+                    vec![BACKEND_ID_NONE; ring_size as usize],
+                    vec![BACKEND_ID_NONE; ring_size as usize],
+                ],
+            });
+        }
+        Ok(Balancer {
+            ring_size,
+            vips,
+            backends,
+        })
+    }
+
+    /// Writes everything into freshly loaded maps: every backend entry (`DOWN`
+    /// unless up), each VIP's ring into generation 0 (only its non-zero
+    /// slots, the array being zeroed), then each VIP with `ring_generation`
+    /// 0. VIPs are published last, so no packet sees a VIP before its ring.
+    ///
+    /// It is idempotent: called again, it writes only what a failed earlier
+    /// call left out, so it doubles as "retry everything".
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Dataplane`] naming the write that failed; the VIPs before
+    /// it are complete.
+    pub fn install(&mut self, dp: &mut impl Dataplane) -> Result<Change, StateError> {
+        let mut change = Change::default();
+        for index in 0..self.vips.len() {
+            change += self.sync_vip(index, dp)?;
+        }
+        Ok(change)
+    }
+
+    /// Records a health verdict and brings the dataplane in line with it: the
+    /// backend's entry, and, if the VIP's eligible set changed, its ring,
+    /// rebuilt and published as a new generation (see the module docs for the
+    /// order and why). A verdict equal to the current one writes nothing
+    /// unless an earlier failure left something to redo.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::UnknownBackend`] for an id not allocated here (nothing is
+    /// written), or [`StateError::Dataplane`]; the verdict is kept either way,
+    /// and calling again with it retries what is left.
+    pub fn set_health(
+        &mut self,
+        backend_id: u32,
+        up: bool,
+        dp: &mut impl Dataplane,
+    ) -> Result<Change, StateError> {
+        let backend = self
+            .backend_mut(backend_id)
+            .ok_or(StateError::UnknownBackend { backend_id })?;
+        backend.health = if up { Health::Up } else { Health::Down };
+        let index = vip_index(backend.vip_id);
+        self.sync_vip(index, dp)
+    }
+
+    /// Slots per ring, the same for every VIP.
+    pub fn ring_size(&self) -> u32 {
+        self.ring_size
+    }
+
+    /// Every VIP in config order (so by id).
+    pub fn vips(&self) -> impl ExactSizeIterator<Item = VipView<'_>> + '_ {
+        self.vips.iter().map(|vip| self.view(vip))
+    }
+
+    /// One VIP by id, e.g. to label a `VIP_STATS` entry.
+    pub fn vip(&self, vip_id: u32) -> Option<VipView<'_>> {
+        self.vips.get(vip_index(vip_id)).map(|vip| self.view(vip))
+    }
+
+    /// Every backend of every VIP, by id: what the health checker probes.
+    pub fn backends(&self) -> impl ExactSizeIterator<Item = BackendView> + '_ {
+        self.backends.iter().map(Backend::view)
+    }
+
+    /// One backend by id, e.g. to label a `BACKEND_STATS` entry.
+    pub fn backend(&self, backend_id: u32) -> Option<BackendView> {
+        self.backends
+            .get(backend_index(backend_id))
+            .map(Backend::view)
+    }
+
+    /// "vip web backend 198.18.2.11:8080 (id 3)": how logs name a backend.
+    pub fn describe_backend(&self, backend_id: u32) -> String {
+        match self.backends.get(backend_index(backend_id)) {
+            Some(backend) => {
+                let vip = self
+                    .vips
+                    .get(vip_index(backend.vip_id))
+                    .map_or("?", |vip| vip.name.as_str());
+                format!("vip {vip} backend {} (id {backend_id})", backend.address)
+            }
+            None => format!("unknown backend (id {backend_id})"),
+        }
+    }
+
+    /// The ring packets of `vip_id` read, as last written; `None` before the
+    /// VIP is installed or when the id is unknown.
+    pub fn live_ring(&self, vip_id: u32) -> Option<&[u32]> {
+        let vip = self
+            .vips
+            .get(vip_index(vip_id))
+            .filter(|vip| vip.published)?;
+        vip.rings.get(vip.generation as usize).map(Vec::as_slice)
+    }
+
+    fn view<'a>(&'a self, vip: &'a Vip) -> VipView<'a> {
+        VipView {
+            vip_id: vip.vip_id,
+            name: &vip.name,
+            listen: vip.listen,
+            protocol: vip.protocol,
+            health_check: &vip.health_check,
+            ring_generation: vip.published.then_some(vip.generation),
+            backends: vip
+                .backend_ids
+                .iter()
+                .filter_map(|&id| self.backend(id))
+                .collect(),
+        }
+    }
+
+    fn backend_mut(&mut self, backend_id: u32) -> Option<&mut Backend> {
+        self.backends.get_mut(backend_index(backend_id))
+    }
+
+    /// Makes the dataplane match the desired state of one VIP, in the three
+    /// steps of the module docs.
+    fn sync_vip(
+        &mut self,
+        vip_index: usize,
+        dp: &mut impl Dataplane,
+    ) -> Result<Change, StateError> {
+        let mut change = Change::default();
+        let Some(vip) = self.vips.get(vip_index) else {
+            return Ok(change);
+        };
+        let ids = vip.backend_ids.clone();
+
+        // 1. Up before any ring names them.
+        for &id in &ids {
+            change.backends_written +=
+                usize::from(self.write_backend_if(vip_index, id, BACKEND_STATE_UP, dp)?);
+        }
+
+        // 2. The ring, through the generation packets do not read.
+        let ring = {
+            let members: Vec<MaglevBackend<'_>> = ids
+                .iter()
+                .filter_map(|&id| self.backends.get(backend_index(id)))
+                .filter(|b| b.health.is_up() && b.weight > 0)
+                .map(|b| MaglevBackend {
+                    id: b.backend_id,
+                    key: &b.key,
+                    weight: b.weight,
+                })
+                .collect();
+            maglev::build_ring(self.ring_size, &members)
+        };
+        let ring_size = self.ring_size;
+        let Some(vip) = self.vips.get_mut(vip_index) else {
+            return Ok(change);
+        };
+        let live = vip.generation & 1;
+        if !vip.published || vip.rings[live as usize] != ring {
+            // Before the first publish no packet reads either ring; start at 0.
+            let target = if vip.published { live ^ 1 } else { 0 };
+            let base = ring_base(vip.vip_id, target, ring_size);
+            let shadow = &mut vip.rings[target as usize];
+            // `new` keeps base + slot within the Maglev limit, far below u32::MAX.
+            let writes: Vec<(u32, u32)> = maglev::ring_diff(shadow, &ring)
+                .into_iter()
+                .map(|(slot, id)| (base + slot, id))
+                .collect();
+            if !writes.is_empty()
+                && let Err(source) = dp.write_ring_slots(&writes)
+            {
+                // Some slots may have landed: the contents are unknown now.
+                shadow.clear();
+                let step = Step::WriteRing {
+                    generation: target,
+                    slots: writes.len(),
+                };
+                return Err(StateError::Dataplane {
+                    vip: vip.name.clone(),
+                    step,
+                    source,
+                });
+            }
+            *shadow = ring;
+            let info = VipInfo {
+                vip_id: vip.vip_id,
+                ring_size,
+                ring_generation: target,
+                flags: 0,
+            };
+            dp.upsert_vip(vip.key, info)
+                .map_err(|source| StateError::Dataplane {
+                    vip: vip.name.clone(),
+                    step: Step::PublishRing { generation: target },
+                    source,
+                })?;
+            vip.generation = target;
+            vip.published = true;
+            change.slots_written += writes.len();
+            change.rings_published += 1;
+            self.count_ring_slots(vip_index);
+        }
+
+        // 3. Down only once the live ring no longer names them.
+        for &id in &ids {
+            change.backends_written +=
+                usize::from(self.write_backend_if(vip_index, id, BACKEND_STATE_DOWN, dp)?);
+        }
+        Ok(change)
+    }
+
+    /// Writes backend `id`'s entry if it should hold `state` and may not yet;
+    /// returns whether it wrote.
+    fn write_backend_if(
+        &mut self,
+        vip_index: usize,
+        id: u32,
+        state: u8,
+        dp: &mut impl Dataplane,
+    ) -> Result<bool, StateError> {
+        let Some(backend) = self.backends.get_mut(backend_index(id)) else {
+            return Ok(false);
+        };
+        if backend.wanted_state() != state || backend.written_state == Some(state) {
+            return Ok(false);
+        }
+        backend.written_state = None;
+        if let Err(source) = dp.set_backend(id, backend_info(backend.address, state)) {
+            let vip = self
+                .vips
+                .get(vip_index)
+                .map(|vip| vip.name.clone())
+                .unwrap_or_default();
+            return Err(StateError::Dataplane {
+                vip,
+                step: Step::WriteBackend {
+                    backend_id: id,
+                    state,
+                },
+                source,
+            });
+        }
+        backend.written_state = Some(state);
+        Ok(true)
+    }
+
+    /// Refreshes each backend's share of the VIP's live ring for the status API.
+    fn count_ring_slots(&mut self, vip_index: usize) {
+        let Some(vip) = self.vips.get(vip_index) else {
+            return;
+        };
+        for &id in &vip.backend_ids {
+            if let Some(backend) = self.backends.get_mut(backend_index(id)) {
+                backend.ring_slots = 0;
+            }
+        }
+        for &id in &vip.rings[(vip.generation & 1) as usize] {
+            if id != BACKEND_ID_NONE
+                && let Some(backend) = self.backends.get_mut(backend_index(id))
+            {
+                backend.ring_slots += 1;
+            }
+        }
+    }
+}
+
+impl Backend {
+    fn view(&self) -> BackendView {
+        BackendView {
+            backend_id: self.backend_id,
+            vip_id: self.vip_id,
+            address: self.address,
+            weight: self.weight,
+            health: self.health,
+            ring_slots: self.ring_slots,
+        }
+    }
+}
+
+/// The `VIPS` key for a listen address: address and port in network byte
+/// order (the bytes as on the wire), IPv4 in word 0.
+pub fn vip_key(listen: SocketAddr, protocol: Protocol) -> VipKey {
+    let (addr_be, family) = addr_words(listen.ip());
+    VipKey {
+        addr_be,
+        port_be: listen.port().to_be(),
+        proto: protocol.number(),
+        family,
+    }
+}
+
+/// The `BACKENDS` entry for a backend address in `state`
+/// (`BACKEND_STATE_*`), in network byte order like [`vip_key`].
+pub fn backend_info(address: SocketAddr, state: u8) -> BackendInfo {
+    let (addr_be, family) = addr_words(address.ip());
+    BackendInfo {
+        addr_be,
+        port_be: address.port().to_be(),
+        family,
+        state,
+    }
+}
+
+/// Address words as the kernel compares them: each word holds four wire bytes
+/// in memory order, hence `from_ne_bytes`.
+fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word =
+                |i: usize| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            ([word(0), word(1), word(2), word(3)], FAMILY_V6)
+        }
+    }
+}
+
+/// Index into `Balancer::vips`; id 0 maps past the end, so it is never found.
+fn vip_index(vip_id: u32) -> usize {
+    (vip_id as usize).wrapping_sub(1)
+}
+
+/// Index into `Balancer::backends`; id 0 maps past the end, so it is never found.
+fn backend_index(backend_id: u32) -> usize {
+    (backend_id as usize).wrapping_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+    use anyhow::anyhow;
+
+    use super::*;
+    use crate::config::model::{AgentConfig, BackendConfig, VipConfig, XdpMode};
+
+    const M: u32 = lb_common::limits::DEFAULT_RING_SIZE;
+    /// A smaller prime for tests that rebuild rings hundreds of times.
+    const SMALL_M: u32 = 4099;
+
+    // ---- config builders ----
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse()
+            .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
+    }
+
+    fn vip_config(
+        name: &str,
+        listen: &str,
+        backends: &[(&str, u32)],
+        kind: HealthCheckKind,
+    ) -> VipConfig {
+        VipConfig {
+            name: name.to_owned(),
+            listen: addr(listen),
+            protocol: Protocol::Tcp,
+            health_check: HealthCheckConfig {
+                kind,
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                rise: 2,
+                fall: 2,
+                port: None,
+            },
+            backends: backends
+                .iter()
+                .map(|&(a, weight)| BackendConfig {
+                    address: addr(a),
+                    weight,
+                })
+                .collect(),
+        }
+    }
+
+    fn config(ring_size: u32, vips: Vec<VipConfig>) -> Config {
+        Config {
+            source: PathBuf::from("test.toml"),
+            agent: AgentConfig {
+                interfaces: vec!["veth-test".to_owned()],
+                admin_listen: addr("127.0.0.1:9900"),
+                xdp_mode: XdpMode::Native,
+                conntrack_capacity: 1024,
+                ring_size,
+                max_vips: 4,
+            },
+            vips,
+        }
+    }
+
+    /// One VIP with `n` equal backends, always up (no health checks).
+    fn equal_vip(n: usize) -> VipConfig {
+        let addrs: Vec<String> = (0..n)
+            .map(|i| format!("198.18.2.{}:8080", i + 10))
+            .collect();
+        let backends: Vec<(&str, u32)> = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+        vip_config("web", "198.18.0.10:80", &backends, HealthCheckKind::None)
+    }
+
+    fn balancer(config: &Config) -> Balancer {
+        Balancer::new(config).unwrap_or_else(|e| panic!("config refused: {e}"))
+    }
+
+    // ---- the fake dataplane ----
+
+    #[derive(Clone, Debug, PartialEq)]
+    enum Call {
+        UpsertVip { key: VipKey, info: VipInfo },
+        RemoveVip { key: VipKey },
+        SetBackend { backend_id: u32, info: BackendInfo },
+        WriteSlots { slots: Vec<(u32, u32)> },
+    }
+
+    /// Records calls and models the maps. After every call it plays a reader:
+    /// it panics if a live ring names a backend that is not `UP`, or if a ring
+    /// write touched a ring packets are reading.
+    struct FakeDataplane {
+        calls: Vec<Call>,
+        vips: HashMap<VipKey, VipInfo>,
+        backends: HashMap<u32, BackendInfo>,
+        maglev: Vec<u32>,
+        attempts: usize,
+        /// Fail the attempt with this index (counted over the fake's life); a
+        /// failing slot write still applies its first half, like a syscall
+        /// loop that stops midway.
+        fail_attempt: Option<usize>,
+    }
+
+    impl FakeDataplane {
+        fn for_config(config: &Config) -> Self {
+            let entries = config.agent.max_vips * RINGS_PER_VIP * config.agent.ring_size;
+            FakeDataplane {
+                calls: Vec::new(),
+                vips: HashMap::new(),
+                backends: HashMap::new(),
+                maglev: vec![0; entries as usize],
+                attempts: 0,
+                fail_attempt: None,
+            }
+        }
+
+        /// Fails the `n`-th call from now (0 = the next one).
+        fn fail_in(&mut self, n: usize) {
+            self.fail_attempt = Some(self.attempts + n);
+        }
+
+        fn attempt(&mut self) -> bool {
+            let failing = self.fail_attempt == Some(self.attempts);
+            self.attempts += 1;
+            failing
+        }
+
+        fn live_ring(&self, key: &VipKey) -> Option<&[u32]> {
+            let info = self.vips.get(key)?;
+            let base = info.ring_base() as usize;
+            self.maglev.get(base..base + info.ring_size as usize)
+        }
+
+        fn ring(&self, vip_id: u32, generation: u32, ring_size: u32) -> &[u32] {
+            let base = ring_base(vip_id, generation, ring_size) as usize;
+            &self.maglev[base..base + ring_size as usize]
+        }
+
+        fn check_readers(&self) {
+            for (key, info) in &self.vips {
+                let ring = self
+                    .live_ring(key)
+                    .unwrap_or_else(|| panic!("vip {} ring out of the array", info.vip_id));
+                for (slot, &id) in ring.iter().enumerate() {
+                    if id == BACKEND_ID_NONE {
+                        continue;
+                    }
+                    let state = self.backends.get(&id).map(|b| b.state);
+                    assert_eq!(
+                        state,
+                        Some(BACKEND_STATE_UP),
+                        "after call {}: vip {} live slot {slot} names backend {id} in state {state:?}",
+                        self.calls.len(),
+                        info.vip_id
+                    );
+                }
+            }
+        }
+
+        fn calls_since(&self, start: usize) -> &[Call] {
+            &self.calls[start..]
+        }
+    }
+
+    impl Dataplane for FakeDataplane {
+        fn upsert_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DataplaneError> {
+            if self.attempt() {
+                return Err(anyhow!("injected vip failure"));
+            }
+            self.vips.insert(key, info);
+            self.calls.push(Call::UpsertVip { key, info });
+            self.check_readers();
+            Ok(())
+        }
+
+        fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+            if self.attempt() {
+                return Err(anyhow!("injected vip failure"));
+            }
+            self.vips.remove(key);
+            self.calls.push(Call::RemoveVip { key: *key });
+            Ok(())
+        }
+
+        fn set_backend(
+            &mut self,
+            backend_id: u32,
+            info: BackendInfo,
+        ) -> Result<(), DataplaneError> {
+            assert!(
+                backend_id != 0 && backend_id < MAX_BACKENDS,
+                "backend id {backend_id} out of range"
+            );
+            if self.attempt() {
+                return Err(anyhow!("injected backend failure"));
+            }
+            self.backends.insert(backend_id, info);
+            self.calls.push(Call::SetBackend { backend_id, info });
+            self.check_readers();
+            Ok(())
+        }
+
+        fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
+            for &(index, _) in slots {
+                for info in self.vips.values() {
+                    let live = info.ring_base()..info.ring_base() + info.ring_size;
+                    assert!(
+                        !live.contains(&index),
+                        "slot {index} written into vip {}'s live ring",
+                        info.vip_id
+                    );
+                }
+            }
+            let failing = self.attempt();
+            let applied = if failing {
+                &slots[..slots.len() / 2]
+            } else {
+                slots
+            };
+            for &(index, id) in applied {
+                self.maglev[index as usize] = id;
+            }
+            if failing {
+                return Err(anyhow!("injected slot failure"));
+            }
+            self.calls.push(Call::WriteSlots {
+                slots: slots.to_vec(),
+            });
+            self.check_readers();
+            Ok(())
+        }
+    }
+
+    fn installed(config: &Config) -> (Balancer, FakeDataplane) {
+        let mut balancer = balancer(config);
+        let mut dp = FakeDataplane::for_config(config);
+        balancer
+            .install(&mut dp)
+            .unwrap_or_else(|e| panic!("install failed: {e}"));
+        (balancer, dp)
+    }
+
+    fn set(balancer: &mut Balancer, dp: &mut FakeDataplane, backend_id: u32, up: bool) -> Change {
+        balancer
+            .set_health(backend_id, up, dp)
+            .unwrap_or_else(|e| panic!("set_health({backend_id}, {up}): {e}"))
+    }
+
+    /// The ring Maglev gives for the backends of `vip_id` that are up with weight.
+    fn expected_ring(balancer: &Balancer, vip_id: u32) -> Vec<u32> {
+        let vip = balancer
+            .vip(vip_id)
+            .unwrap_or_else(|| panic!("no vip {vip_id}"));
+        let keys: Vec<(u32, String, u32)> = vip
+            .backends
+            .iter()
+            .filter(|b| b.health.is_up())
+            .map(|b| (b.backend_id, b.address.to_string(), b.weight))
+            .collect();
+        let members: Vec<MaglevBackend<'_>> = keys
+            .iter()
+            .map(|(id, key, weight)| MaglevBackend {
+                id: *id,
+                key,
+                weight: *weight,
+            })
+            .collect();
+        maglev::build_ring(balancer.ring_size(), &members)
+    }
+
+    /// The fake's live ring must equal the shadow and what Maglev prescribes.
+    fn assert_consistent(balancer: &Balancer, dp: &FakeDataplane) {
+        for vip in balancer.vips() {
+            let key = vip_key(vip.listen, vip.protocol);
+            let live = dp
+                .live_ring(&key)
+                .unwrap_or_else(|| panic!("vip {} not in the fake", vip.name));
+            assert_eq!(
+                Some(live),
+                balancer.live_ring(vip.vip_id),
+                "vip {}: shadow differs from the map",
+                vip.name
+            );
+            assert!(
+                live == expected_ring(balancer, vip.vip_id).as_slice(),
+                "vip {}: live ring is stale",
+                vip.name
+            );
+            for b in &vip.backends {
+                let state = if b.health.is_up() {
+                    BACKEND_STATE_UP
+                } else {
+                    BACKEND_STATE_DOWN
+                };
+                assert_eq!(
+                    dp.backends.get(&b.backend_id),
+                    Some(&backend_info(b.address, state))
+                );
+                let slots = live.iter().filter(|&&id| id == b.backend_id).count();
+                assert_eq!(
+                    b.ring_slots as usize, slots,
+                    "backend {}: ring_slots",
+                    b.backend_id
+                );
+            }
+        }
+    }
+
+    fn fraction_changed(old: &[u32], new: &[u32]) -> f64 {
+        maglev::ring_diff(old, new).len() as f64 / new.len() as f64
+    }
+
+    // ---- tests ----
+
+    #[test]
+    fn ids_are_dense_in_config_order() {
+        let config = config(
+            SMALL_M,
+            vec![
+                vip_config(
+                    "a",
+                    "198.18.0.10:80",
+                    &[("198.18.2.10:8080", 1), ("198.18.2.11:8080", 2)],
+                    HealthCheckKind::Tcp,
+                ),
+                vip_config(
+                    "b",
+                    "198.18.0.11:443",
+                    &[
+                        ("198.18.2.10:8443", 1),
+                        ("198.18.2.12:8443", 1),
+                        ("[2001:db8::5]:8443", 0),
+                    ],
+                    HealthCheckKind::None,
+                ),
+            ],
+        );
+        let balancer = balancer(&config);
+        let vips: Vec<(u32, &str)> = balancer.vips().map(|v| (v.vip_id, v.name)).collect();
+        assert_eq!(vips, [(1, "a"), (2, "b")]);
+        let backends: Vec<(u32, u32, SocketAddr, u32, Health)> = balancer
+            .backends()
+            .map(|b| (b.backend_id, b.vip_id, b.address, b.weight, b.health))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                (1, 1, addr("198.18.2.10:8080"), 1, Health::Unknown),
+                (2, 1, addr("198.18.2.11:8080"), 2, Health::Unknown),
+                (3, 2, addr("198.18.2.10:8443"), 1, Health::Up),
+                (4, 2, addr("198.18.2.12:8443"), 1, Health::Up),
+                (5, 2, addr("[2001:db8::5]:8443"), 0, Health::Up),
+            ]
+        );
+        let b = balancer.vip(2).unwrap_or_else(|| panic!("no vip 2"));
+        assert_eq!(
+            b.backends.iter().map(|b| b.backend_id).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        assert_eq!(b.ring_generation, None, "nothing installed yet");
+        assert!(balancer.vip(0).is_none() && balancer.vip(3).is_none());
+        assert!(balancer.backend(0).is_none() && balancer.backend(6).is_none());
+        assert_eq!(
+            balancer.describe_backend(4),
+            "vip b backend 198.18.2.12:8443 (id 4)"
+        );
+        assert_eq!(balancer.describe_backend(9), "unknown backend (id 9)");
+    }
+
+    #[test]
+    fn byte_order_matches_the_wire() {
+        let info = backend_info(addr("198.18.2.11:8080"), BACKEND_STATE_UP);
+        assert_eq!(
+            info.addr_be,
+            [u32::from_ne_bytes([198, 18, 2, 11]), 0, 0, 0]
+        );
+        assert_eq!(info.port_be.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!((info.family, info.state), (FAMILY_V4, BACKEND_STATE_UP));
+
+        let info = backend_info(addr("[2001:db8::5]:443"), BACKEND_STATE_DOWN);
+        assert_eq!(info.addr_be[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(info.addr_be[3].to_ne_bytes(), [0, 0, 0, 5]);
+        assert_eq!(info.port_be.to_ne_bytes(), [0x01, 0xbb]);
+        assert_eq!(info.family, FAMILY_V6);
+
+        let key = vip_key(addr("198.18.0.10:53"), Protocol::Udp);
+        assert_eq!(key.addr_be, [u32::from_ne_bytes([198, 18, 0, 10]), 0, 0, 0]);
+        assert_eq!(key.port_be.to_ne_bytes(), [0, 53]);
+        assert_eq!((key.proto, key.family), (lb_common::PROTO_UDP, FAMILY_V4));
+    }
+
+    #[test]
+    fn install_writes_every_backend_and_a_full_ring() {
+        let config = config(M, vec![equal_vip(3)]);
+        let (balancer, dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+
+        let kinds: Vec<&str> = dp
+            .calls
+            .iter()
+            .map(|c| match c {
+                Call::SetBackend { .. } => "backend",
+                Call::WriteSlots { .. } => "slots",
+                Call::UpsertVip { .. } => "vip",
+                Call::RemoveVip { .. } => "remove",
+            })
+            .collect();
+        assert_eq!(kinds, ["backend", "backend", "backend", "slots", "vip"]);
+        for id in 1..=3 {
+            let address = addr(&format!("198.18.2.{}:8080", id + 9));
+            assert_eq!(
+                dp.backends.get(&id),
+                Some(&backend_info(address, BACKEND_STATE_UP))
+            );
+        }
+        assert_eq!(
+            dp.vips.get(&key),
+            Some(&VipInfo {
+                vip_id: 1,
+                ring_size: M,
+                ring_generation: 0,
+                flags: 0
+            })
+        );
+        let live = dp.live_ring(&key).unwrap_or_else(|| panic!("no live ring"));
+        assert!(
+            live.iter().all(|&id| (1..=3).contains(&id)),
+            "every slot names a backend"
+        );
+        assert_consistent(&balancer, &dp);
+        assert_eq!(balancer.vip(1).and_then(|v| v.ring_generation), Some(0));
+    }
+
+    #[test]
+    fn install_reports_and_is_idempotent() {
+        let config = config(M, vec![equal_vip(3)]);
+        let mut balancer = balancer(&config);
+        let mut dp = FakeDataplane::for_config(&config);
+        let change = balancer
+            .install(&mut dp)
+            .unwrap_or_else(|e| panic!("install: {e}"));
+        assert_eq!(
+            change,
+            Change {
+                backends_written: 3,
+                slots_written: M as usize,
+                rings_published: 1
+            }
+        );
+        let again = balancer
+            .install(&mut dp)
+            .unwrap_or_else(|e| panic!("install: {e}"));
+        assert!(again.is_empty(), "second install wrote {again:?}");
+    }
+
+    #[test]
+    fn unknown_health_installs_down_and_an_empty_ring() {
+        let config = config(
+            SMALL_M,
+            vec![vip_config(
+                "web",
+                "198.18.0.10:80",
+                &[("198.18.2.10:80", 1), ("198.18.2.11:80", 1)],
+                HealthCheckKind::Tcp,
+            )],
+        );
+        let (mut balancer, mut dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        assert_eq!(
+            dp.backends.get(&1).map(|b| b.state),
+            Some(BACKEND_STATE_DOWN)
+        );
+        assert_eq!(
+            dp.backends.get(&2).map(|b| b.state),
+            Some(BACKEND_STATE_DOWN)
+        );
+        assert!(
+            dp.live_ring(&key)
+                .is_some_and(|r| r.iter().all(|&id| id == BACKEND_ID_NONE))
+        );
+        assert!(
+            !dp.calls
+                .iter()
+                .any(|c| matches!(c, Call::WriteSlots { .. })),
+            "zeroed ring needs no writes"
+        );
+
+        // The first backend to pass takes the whole ring.
+        set(&mut balancer, &mut dp, 2, true);
+        assert!(
+            dp.live_ring(&key)
+                .is_some_and(|r| r.iter().all(|&id| id == 2))
+        );
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn backend_down_publishes_a_ring_without_it_then_marks_it_down() {
+        let config = config(M, vec![equal_vip(3)]);
+        let (mut balancer, mut dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        let before = balancer
+            .live_ring(1)
+            .map(<[u32]>::to_vec)
+            .unwrap_or_default();
+        let start = dp.calls.len();
+
+        let change = set(&mut balancer, &mut dp, 2, false);
+
+        let calls = dp.calls_since(start);
+        assert_eq!(calls.len(), 3, "calls: {calls:?}");
+        let Call::WriteSlots { slots } = &calls[0] else {
+            panic!("first call {:?}, want slot writes", calls[0])
+        };
+        let generation_1 = ring_base(1, 1, M)..ring_base(1, 1, M) + M;
+        assert!(
+            slots.iter().all(|(i, _)| generation_1.contains(i)),
+            "slots written outside generation 1"
+        );
+        assert_eq!(
+            calls[1],
+            Call::UpsertVip {
+                key,
+                info: VipInfo {
+                    vip_id: 1,
+                    ring_size: M,
+                    ring_generation: 1,
+                    flags: 0
+                }
+            }
+        );
+        assert_eq!(
+            calls[2],
+            Call::SetBackend {
+                backend_id: 2,
+                info: backend_info(addr("198.18.2.11:8080"), BACKEND_STATE_DOWN)
+            }
+        );
+        assert_eq!(change.rings_published, 1);
+        assert_eq!(change.backends_written, 1);
+        assert_eq!(change.slots_written, slots.len());
+
+        let after = dp.live_ring(&key).unwrap_or_else(|| panic!("no live ring"));
+        assert!(!after.contains(&2));
+        assert!(after.iter().all(|&id| id != BACKEND_ID_NONE));
+        let moved = fraction_changed(&before, after);
+        assert!(moved <= 1.0 / 3.0 + 0.03, "moved {moved:.4} of slots");
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn down_then_up_restores_the_ring_without_rewriting_it() {
+        let config = config(M, vec![equal_vip(10)]);
+        let (mut balancer, mut dp) = installed(&config);
+        let original = balancer
+            .live_ring(1)
+            .map(<[u32]>::to_vec)
+            .unwrap_or_default();
+
+        let down = set(&mut balancer, &mut dp, 4, false);
+        let moved = fraction_changed(&original, balancer.live_ring(1).unwrap_or_default());
+        assert!(moved <= 0.1 + 0.03, "moved {moved:.4} of slots");
+        assert_eq!(down.rings_published, 1);
+
+        let start = dp.calls.len();
+        let up = set(&mut balancer, &mut dp, 4, true);
+        assert_eq!(balancer.live_ring(1), Some(original.as_slice()));
+        // Generation 0 still holds the original ring: flipping back is free.
+        assert_eq!(
+            up,
+            Change {
+                backends_written: 1,
+                slots_written: 0,
+                rings_published: 1
+            }
+        );
+        let calls = dp.calls_since(start);
+        assert!(
+            matches!(calls[0], Call::SetBackend { backend_id: 4, info } if info.state == BACKEND_STATE_UP)
+        );
+        assert!(matches!(calls[1], Call::UpsertVip { info, .. } if info.ring_generation == 0));
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn steady_state_writes_only_the_diff() {
+        let n = 10;
+        let config = config(M, vec![equal_vip(n)]);
+        let (mut balancer, mut dp) = installed(&config);
+        // The first flip fills generation 1 from zero; after that each change
+        // writes the slots that differ from the ring two versions back.
+        set(&mut balancer, &mut dp, 1, false);
+        for id in 2..=4 {
+            let before = balancer
+                .live_ring(1)
+                .map(<[u32]>::to_vec)
+                .unwrap_or_default();
+            let change = set(&mut balancer, &mut dp, id, false);
+            let after = balancer.live_ring(1).unwrap_or_default();
+            let moved = fraction_changed(&before, after);
+            let up = (n - id as usize + 1) as f64;
+            assert!(
+                moved <= 1.0 / up + 0.03,
+                "backend {id} down moved {moved:.4}"
+            );
+            let written = change.slots_written as f64 / f64::from(M);
+            assert!(
+                written <= 2.0 * (1.0 / up + 0.03),
+                "backend {id} down wrote {written:.4} of the ring"
+            );
+        }
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn readers_never_see_a_backend_that_is_not_up() {
+        let n = 10u32;
+        let config = config(SMALL_M, vec![equal_vip(n as usize)]);
+        let (mut balancer, mut dp) = installed(&config);
+        // A fixed pseudo-random walk (LCG) of health flips; the fake checks
+        // every live ring after every single call.
+        let mut seed: u64 = 0x5eed;
+        for _ in 0..300 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let id = (seed >> 33) as u32 % n + 1;
+            let up = (seed >> 20) & 1 == 1;
+            set(&mut balancer, &mut dp, id, up);
+            assert_consistent(&balancer, &dp);
+        }
+    }
+
+    #[test]
+    fn all_down_empties_the_ring() {
+        let config = config(SMALL_M, vec![equal_vip(3)]);
+        let (mut balancer, mut dp) = installed(&config);
+        for id in 1..=3 {
+            set(&mut balancer, &mut dp, id, false);
+        }
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        assert!(
+            dp.live_ring(&key)
+                .is_some_and(|r| r.iter().all(|&id| id == BACKEND_ID_NONE))
+        );
+        assert_consistent(&balancer, &dp);
+        // And back: one backend up takes every slot.
+        set(&mut balancer, &mut dp, 3, true);
+        assert!(
+            dp.live_ring(&key)
+                .is_some_and(|r| r.iter().all(|&id| id == 3))
+        );
+    }
+
+    #[test]
+    fn weight_zero_is_up_but_never_in_the_ring() {
+        let config = config(
+            SMALL_M,
+            vec![vip_config(
+                "web",
+                "198.18.0.10:80",
+                &[
+                    ("198.18.2.10:80", 1),
+                    ("198.18.2.11:80", 0),
+                    ("198.18.2.12:80", 3),
+                ],
+                HealthCheckKind::None,
+            )],
+        );
+        let (mut balancer, mut dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        assert_eq!(
+            dp.backends.get(&2).map(|b| b.state),
+            Some(BACKEND_STATE_UP),
+            "drained, keeps its flows"
+        );
+        assert!(dp.live_ring(&key).is_some_and(|r| !r.contains(&2)));
+        // Its health changes move no slot.
+        let change = set(&mut balancer, &mut dp, 2, false);
+        assert_eq!(
+            change,
+            Change {
+                backends_written: 1,
+                slots_written: 0,
+                rings_published: 0
+            }
+        );
+        set(&mut balancer, &mut dp, 1, false);
+        set(&mut balancer, &mut dp, 3, false);
+        set(&mut balancer, &mut dp, 2, true);
+        assert!(
+            dp.live_ring(&key)
+                .is_some_and(|r| r.iter().all(|&id| id == BACKEND_ID_NONE))
+        );
+        assert_eq!(balancer.backend(2).map(|b| b.ring_slots), Some(0));
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn two_vips_use_their_own_rings() {
+        let config = config(
+            SMALL_M,
+            vec![
+                vip_config(
+                    "a",
+                    "198.18.0.10:80",
+                    &[("198.18.2.10:80", 1), ("198.18.2.11:80", 1)],
+                    HealthCheckKind::None,
+                ),
+                vip_config(
+                    "b",
+                    "198.18.0.10:81",
+                    &[("198.18.2.10:80", 1), ("198.18.2.11:80", 1)],
+                    HealthCheckKind::None,
+                ),
+            ],
+        );
+        let (mut balancer, mut dp) = installed(&config);
+        set(&mut balancer, &mut dp, 1, false);
+        set(&mut balancer, &mut dp, 4, false);
+        set(&mut balancer, &mut dp, 1, true);
+
+        // VIP 1 owns MAGLEV[0, 2M), VIP 2 owns [2M, 4M).
+        let m = SMALL_M;
+        for call in &dp.calls {
+            if let Call::WriteSlots { slots } = call {
+                let ids: Vec<u32> = slots
+                    .iter()
+                    .map(|&(_, id)| id)
+                    .filter(|&id| id != 0)
+                    .collect();
+                let vip1 = ids.iter().all(|id| [1, 2].contains(id));
+                let range = if vip1 { 0..2 * m } else { 2 * m..4 * m };
+                assert!(
+                    slots.iter().all(|(i, _)| range.contains(i)),
+                    "slots outside the vip's rings"
+                );
+            }
+        }
+        assert_eq!(
+            dp.ring(1, 0, m)
+                .iter()
+                .filter(|&&id| id != 1 && id != 2)
+                .count(),
+            0
+        );
+        assert_eq!(
+            dp.ring(2, 1, m).iter().filter(|&&id| id != 3).count(),
+            0,
+            "vip b: only backend 3 left"
+        );
+        assert_eq!(balancer.vip(1).and_then(|v| v.ring_generation), Some(0));
+        assert_eq!(balancer.vip(2).and_then(|v| v.ring_generation), Some(1));
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn unknown_backend_is_refused_without_writes() {
+        let config = config(SMALL_M, vec![equal_vip(2)]);
+        let (mut balancer, mut dp) = installed(&config);
+        let start = dp.calls.len();
+        for id in [0, 3, u32::MAX] {
+            let result = balancer.set_health(id, true, &mut dp);
+            assert!(
+                matches!(result, Err(StateError::UnknownBackend { backend_id }) if backend_id == id)
+            );
+        }
+        assert_eq!(dp.calls.len(), start);
+    }
+
+    #[test]
+    fn same_verdict_twice_writes_nothing() {
+        let config = config(SMALL_M, vec![equal_vip(3)]);
+        let (mut balancer, mut dp) = installed(&config);
+        assert!(set(&mut balancer, &mut dp, 1, true).is_empty());
+        assert!(!set(&mut balancer, &mut dp, 1, false).is_empty());
+        assert!(set(&mut balancer, &mut dp, 1, false).is_empty());
+    }
+
+    #[test]
+    fn failed_writes_are_finished_by_a_retry() {
+        let config = config(SMALL_M, vec![equal_vip(5)]);
+        // Going down takes three calls (slots, vip, backend); going up takes
+        // three too (backend, slots, vip). Fail each in turn, then retry.
+        for failing in 0..3 {
+            for up in [false, true] {
+                let (mut balancer, mut dp) = installed(&config);
+                // Leave both generations different from the next ring, so the
+                // change below writes slots: live {1,3,4}, other {1,2,3,4}
+                // (down case); live {1,4}, other {1,3,4} (up case).
+                set(&mut balancer, &mut dp, 5, false);
+                set(&mut balancer, &mut dp, 2, false);
+                if up {
+                    set(&mut balancer, &mut dp, 3, false);
+                }
+                let id = if up { 2 } else { 4 };
+                dp.fail_in(failing);
+                let error = balancer.set_health(id, up, &mut dp);
+                assert!(
+                    matches!(error, Err(StateError::Dataplane { .. })),
+                    "call {failing} of {id}→{up} did not fail"
+                );
+                // The readers' invariant held throughout (the fake checks it);
+                // a retry converges.
+                set(&mut balancer, &mut dp, id, up);
+                assert_consistent(&balancer, &dp);
+                // And later changes still diff against the right shadows.
+                set(&mut balancer, &mut dp, 1, false);
+                set(&mut balancer, &mut dp, 5, true);
+                assert_consistent(&balancer, &dp);
+            }
+        }
+    }
+
+    #[test]
+    fn failed_install_is_finished_by_install() {
+        let config = config(SMALL_M, vec![equal_vip(3)]);
+        for failing in 0..5 {
+            let mut balancer = balancer(&config);
+            let mut dp = FakeDataplane::for_config(&config);
+            dp.fail_in(failing);
+            assert!(
+                balancer.install(&mut dp).is_err(),
+                "install call {failing} did not fail"
+            );
+            balancer
+                .install(&mut dp)
+                .unwrap_or_else(|e| panic!("retry: {e}"));
+            assert_consistent(&balancer, &dp);
+        }
+    }
+
+    #[test]
+    fn configs_that_do_not_fit_are_refused() {
+        let mut bad = config(65536, vec![equal_vip(1)]);
+        assert!(matches!(
+            Balancer::new(&bad),
+            Err(StateError::RingSizeNotPrime { ring_size: 65536 })
+        ));
+
+        bad = config(SMALL_M, vec![equal_vip(1); 5]);
+        assert!(matches!(
+            Balancer::new(&bad),
+            Err(StateError::TooManyVips { count: 5, max: 4 })
+        ));
+
+        let addrs: Vec<String> = (0..MAX_BACKENDS)
+            .map(|i| format!("198.18.{}.{}:80", 2 + i / 250, i % 250 + 1))
+            .collect();
+        let backends: Vec<(&str, u32)> = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+        bad = config(
+            SMALL_M,
+            vec![vip_config(
+                "big",
+                "198.18.0.10:80",
+                &backends,
+                HealthCheckKind::None,
+            )],
+        );
+        assert!(matches!(
+            Balancer::new(&bad),
+            Err(StateError::TooManyBackends {
+                count: 4096,
+                max: 4095
+            })
+        ));
+        bad.vips[0].backends.pop();
+        assert!(Balancer::new(&bad).is_ok(), "4095 backends fit");
+
+        bad = config(4_294_967_291, vec![equal_vip(1)]);
+        assert!(matches!(
+            Balancer::new(&bad),
+            Err(StateError::MaglevTooLarge { .. })
+        ));
+    }
+}
