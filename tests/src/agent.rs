@@ -1,0 +1,255 @@
+//! The `lb` agent under test: its config for a [`Testbed`], the process in
+//! the gateway namespace, and its admin API.
+//!
+//! The agent listens for `/status` and `/metrics` on the gateway namespace's
+//! loopback, so every admin request is made from inside that namespace.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+
+use crate::testbed::{ChildGuard, Namespace, Testbed, client};
+
+/// Where the agent serves `/status` and `/metrics`, inside the gateway namespace.
+pub const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
+
+/// Health checking for the testbed's web VIP.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    /// Fast enough for tests and the demo, slow enough for a loaded 2-core machine.
+    fn default() -> Self {
+        HealthCheck {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(300),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+impl HealthCheck {
+    /// The bound on how long a dead backend may still get new flows:
+    /// `fall × interval + timeout`.
+    #[must_use]
+    pub fn detection_bound(&self) -> Duration {
+        self.interval * self.fall + self.timeout
+    }
+
+    /// How long a recovered backend waits for its `rise` successes.
+    #[must_use]
+    pub fn recovery_bound(&self) -> Duration {
+        self.interval * self.rise + self.timeout
+    }
+}
+
+/// The config the tests and the demo run: on the gateway's two interfaces, a
+/// TCP VIP `web` over every backend's HTTP server with HTTP checks, and a UDP
+/// VIP `echo` over their UDP echo servers, probed on their HTTP port.
+#[must_use]
+pub fn config_for(testbed: &Testbed, check: HealthCheck) -> String {
+    let mut toml = String::new();
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let _ = writeln!(
+        toml,
+        "[agent]\ninterfaces = [\"{}\", \"{}\"]\nadmin_listen = \"{ADMIN}\"\nxdp_mode = \"native\"\n",
+        testbed.gateway_client_if(),
+        testbed.gateway_backend_if()
+    );
+    let health = |toml: &mut String, port: Option<u16>| {
+        let _ = writeln!(
+            toml,
+            "[vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"{}\"\ntimeout = \"{}\"\nrise = {}\nfall = {}",
+            ms(check.interval),
+            ms(check.timeout),
+            check.rise,
+            check.fall
+        );
+        if let Some(port) = port {
+            let _ = writeln!(toml, "port = {port}");
+        }
+        toml.push('\n');
+    };
+    let _ = writeln!(toml, "[[vip]]\nname = \"web\"\nlisten = \"{}\"\nprotocol = \"tcp\"\n", testbed.vip_http());
+    health(&mut toml, None);
+    for i in 1..=testbed.backend_count() {
+        let _ = writeln!(toml, "[[vip.backend]]\naddress = \"{}\"\nweight = 1\n", testbed.backend_http(i));
+    }
+    let _ = writeln!(toml, "[[vip]]\nname = \"echo\"\nlisten = \"{}\"\nprotocol = \"udp\"\n", testbed.vip_udp());
+    health(&mut toml, Some(crate::testbed::BACKEND_HTTP_PORT));
+    for i in 1..=testbed.backend_count() {
+        let _ = writeln!(toml, "[[vip.backend]]\naddress = \"{}\"\nweight = 1\n", testbed.backend_udp(i));
+    }
+    toml
+}
+
+/// A running `lb run` in a testbed's gateway namespace; SIGTERMed (by PID) on drop.
+#[derive(Debug)]
+pub struct Agent {
+    // Dropped first: the process stops (and detaches) before its files go.
+    process: ChildGuard,
+    gateway: Namespace,
+    dir: PathBuf,
+}
+
+impl Agent {
+    /// How long the agent may take to attach and serve `/status`.
+    pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+    /// Writes `config` to a file and starts `lb run` on it in the gateway
+    /// namespace, then waits until `/status` answers.
+    ///
+    /// # Errors
+    ///
+    /// When `lb` is not found, does not start, exits, or does not serve in time;
+    /// the error includes its log.
+    pub fn start(testbed: &Testbed, config: &str) -> anyhow::Result<Self> {
+        let lb = crate::lb_bin()?;
+        let dir = std::env::temp_dir().join(format!("lb-tests-{}", testbed.id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config_path = dir.join("lb.toml");
+        fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
+        let log = fs::File::create(dir.join("lb.log")).context("creating the agent's log")?;
+        let mut cmd = testbed.gateway().command(&lb);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("LB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let process = ChildGuard::spawn(cmd, format!("lb run in {}", testbed.gateway().name()))?;
+        let mut agent = Agent { process, gateway: testbed.gateway().clone(), dir };
+        agent.wait_serving()?;
+        Ok(agent)
+    }
+
+    fn wait_serving(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Self::START_TIMEOUT;
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                bail!("lb exited with {status} while starting; its log:\n{}", self.log());
+            }
+            if self.admin_get("/status").is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("lb did not serve /status within {:?}; its log:\n{}", Self::START_TIMEOUT, self.log());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What the agent has logged so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("lb.log")).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// The process id, e.g. to signal it.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Sends SIGTERM and waits; returns whether it exited with status 0.
+    ///
+    /// # Errors
+    ///
+    /// When signalling or waiting fails.
+    pub fn stop(&mut self) -> anyhow::Result<bool> {
+        Ok(self.process.terminate(Duration::from_secs(5))?.success())
+    }
+
+    fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        let response = self.gateway.enter(|| client::http_get(ADMIN, path))??;
+        ensure!(response.status == 200, "GET {path}: status {}", response.status);
+        Ok(response.text())
+    }
+
+    /// `GET /status`, parsed.
+    ///
+    /// # Errors
+    ///
+    /// When the request fails or the body is not JSON.
+    pub fn status(&self) -> anyhow::Result<Value> {
+        let body = self.admin_get("/status")?;
+        serde_json::from_str(&body).with_context(|| format!("/status is not JSON: {body}"))
+    }
+
+    /// `GET /metrics`: Prometheus text.
+    ///
+    /// # Errors
+    ///
+    /// When the request fails.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        self.admin_get("/metrics")
+    }
+
+    /// Health (`up`, `down`, `unknown`) of each backend of VIP `vip`, in config order.
+    ///
+    /// # Errors
+    ///
+    /// When `/status` fails or has no such VIP.
+    pub fn backend_health(&self, vip: &str) -> anyhow::Result<Vec<String>> {
+        let status = self.status()?;
+        health_of(&status, vip).with_context(|| format!("no vip {vip} in /status: {status}"))
+    }
+
+    /// Polls `/status` until VIP `vip`'s backends have exactly `want` health
+    /// (e.g. `["up", "down", "up"]`), or fails after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// On timeout (with the last status and the agent's log) or if the agent exits.
+    pub fn wait_health(&mut self, vip: &str, want: &[&str], timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                bail!("lb exited with {status}; its log:\n{}", self.log());
+            }
+            let last = match self.backend_health(vip) {
+                Ok(health) if health == want => return Ok(start.elapsed()),
+                Ok(health) => format!("{health:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            if start.elapsed() >= timeout {
+                bail!(
+                    "vip {vip}: backends did not become {want:?} within {timeout:?} (last: {last}); lb's log:\n{}",
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.process.terminate(Duration::from_secs(5));
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn health_of(status: &Value, vip: &str) -> Option<Vec<String>> {
+    let vip = status["vips"].as_array()?.iter().find(|v| v["name"] == vip)?;
+    vip["backends"]
+        .as_array()?
+        .iter()
+        .map(|b| b["health"].as_str().map(str::to_owned))
+        .collect()
+}
