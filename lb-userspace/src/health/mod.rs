@@ -1,0 +1,297 @@
+//! Health checks: one task per backend probes it every `interval`, turns the
+//! results into up/down verdicts with rise/fall thresholds, and reports to
+//! the agent over a channel.
+//!
+//! - [`probe`]: one TCP or HTTP probe, bounded by the timeout.
+//! - [`thresholds`]: the pure rise/fall state machine.
+//!
+//! The module decides nothing about the maps: the agent applies transitions
+//! and logs them; this module only logs at debug level.
+
+pub mod probe;
+pub mod thresholds;
+
+use std::{
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use tokio::{
+    sync::mpsc,
+    task::JoinHandle,
+    time::{Instant, MissedTickBehavior},
+};
+
+pub use self::{
+    probe::ProbeFailure,
+    thresholds::{Tracker, Verdict},
+};
+use crate::config::model::{HealthCheckConfig, HealthCheckKind};
+
+/// A change of verdict, with a reason for the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The new verdict.
+    pub up: bool,
+    /// Why, e.g. "3 consecutive failures, last: HTTP status 503, expected 200-399".
+    pub reason: String,
+}
+
+/// What a checker reports after each probe, so `/status` can show the last
+/// outcome even when the verdict did not change.
+#[derive(Clone, Debug)]
+pub struct HealthEvent<K> {
+    /// The key the checker was spawned with (the agent's backend id).
+    pub key: K,
+    /// `Some` only when this probe changed the verdict.
+    pub transition: Option<Transition>,
+    /// `"ok"` or the failure reason, e.g. "connect: Connection refused (os error 111)".
+    pub last_check: String,
+}
+
+/// What `last_check` says after a successful probe.
+pub const CHECK_OK: &str = "ok";
+
+/// Longest delay before a checker's first probe, so that 1,000 checkers
+/// spawned at once spread over a second rather than probing in one burst.
+pub const MAX_STAGGER: Duration = Duration::from_secs(1);
+
+/// Spawns a task that probes `address` every `config.interval` and sends a
+/// [`HealthEvent`] after every probe.
+///
+/// The first probe runs after a small deterministic stagger (see
+/// [`stagger`]); its result decides the verdict at once (see [`Tracker`]).
+/// The task runs until aborted or until `events` is closed.
+///
+/// With [`HealthCheckKind::None`] (which the agent never spawns) it sends a
+/// single "up" event and ends, since there is nothing to probe.
+pub fn spawn_checker<K: Clone + Send + 'static>(
+    address: SocketAddr,
+    config: HealthCheckConfig,
+    key: K,
+    events: mpsc::Sender<HealthEvent<K>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if matches!(config.kind, HealthCheckKind::None) {
+            report_always_up(key, &events).await;
+        } else {
+            check_forever(address, &config, key, &events).await;
+        }
+    })
+}
+
+/// The checker loop; returns only when the receiver is gone.
+async fn check_forever<K: Clone>(
+    address: SocketAddr,
+    config: &HealthCheckConfig,
+    key: K,
+    events: &mpsc::Sender<HealthEvent<K>>,
+) {
+    let period = config.interval.max(Duration::from_millis(1));
+    let start = Instant::now() + stagger(address, period);
+    let mut ticks = tokio::time::interval_at(start, period);
+    // A slow probe (or a full channel) pushes the schedule back instead of
+    // firing a burst of catch-up probes.
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut tracker = Tracker::new(config.rise, config.fall);
+    loop {
+        ticks.tick().await;
+        let event = probe_once(address, config, &mut tracker, key.clone()).await;
+        if events.send(event).await.is_err() {
+            tracing::debug!(%address, "health event receiver closed; checker stopping");
+            return;
+        }
+    }
+}
+
+/// Runs one probe and feeds it to `tracker`.
+async fn probe_once<K>(
+    address: SocketAddr,
+    config: &HealthCheckConfig,
+    tracker: &mut Tracker,
+    key: K,
+) -> HealthEvent<K> {
+    let result = probe::run(address, &config.kind, config.timeout).await;
+    let last_check = result.as_ref().map_or_else(ToString::to_string, |()| CHECK_OK.to_owned());
+    let transition = tracker.record(result.is_ok(), &last_check);
+    tracing::debug!(%address, check = %last_check, verdict = ?tracker.verdict(), "health probe");
+    HealthEvent { key, transition, last_check }
+}
+
+/// The [`HealthCheckKind::None`] checker: one "up" event, then done.
+async fn report_always_up<K>(key: K, events: &mpsc::Sender<HealthEvent<K>>) {
+    let transition = Transition { up: true, reason: "no health check configured".to_owned() };
+    let event = HealthEvent { key, transition: Some(transition), last_check: CHECK_OK.to_owned() };
+    if events.send(event).await.is_err() {
+        tracing::debug!("health event receiver closed before the first event");
+    }
+}
+
+/// Delay before the first probe of `address`: a hash of the address mapped
+/// into `[0, min(interval, MAX_STAGGER))`.
+///
+/// Deterministic (same address, same delay within a build), so restarts and
+/// tests are reproducible; spread by the hash, so checkers started together
+/// keep probing at different instants, every interval, not just the first.
+/// Keeping it below `interval` and 1 s means a fresh agent still learns
+/// every backend's state within about a second.
+pub fn stagger(address: SocketAddr, interval: Duration) -> Duration {
+    let window = u64::try_from(interval.min(MAX_STAGGER).as_nanos()).unwrap_or(u64::MAX);
+    if window == 0 {
+        return Duration::ZERO;
+    }
+    // SipHash with fixed keys: deterministic, unlike RandomState.
+    let mut hasher = DefaultHasher::new();
+    address.hash(&mut hasher);
+    Duration::from_nanos(hasher.finish() % window)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+        sync::watch,
+        time::timeout,
+    };
+
+    use super::*;
+    use crate::config::model::StatusRange;
+
+    /// Long enough for a few 50 ms intervals; short enough that a broken
+    /// checker fails the test quickly instead of hanging it.
+    const WAIT: Duration = Duration::from_secs(3);
+
+    fn http_config(interval_ms: u64, rise: u32, fall: u32) -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind: HealthCheckKind::Http {
+                path: "/healthz".to_owned(),
+                expect_status: StatusRange { min: 200, max: 399 },
+                host: None,
+            },
+            interval: Duration::from_millis(interval_ms),
+            // Generous, so a loaded machine does not turn a slow answer into a failure.
+            timeout: Duration::from_secs(1),
+            rise,
+            fall,
+            port: None,
+        }
+    }
+
+    /// An HTTP server answering every request with the status `status` holds.
+    async fn switchable_server(status: watch::Receiver<u16>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local_addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0; 1024];
+                let _ = stream.read(&mut request).await;
+                let code = *status.borrow();
+                let response = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
+                let _ = stream.write_all(response.as_bytes()).await;
+            }
+        });
+        address
+    }
+
+    /// Receives events until one carries a transition; returns it and the
+    /// `last_check`s of the events before it.
+    async fn next_transition(rx: &mut mpsc::Receiver<HealthEvent<&'static str>>) -> (Transition, Vec<String>) {
+        let mut quiet = Vec::new();
+        loop {
+            let event = timeout(WAIT, rx.recv()).await.expect("an event in time").expect("channel open");
+            assert_eq!(event.key, "backend-a");
+            match event.transition {
+                Some(transition) => return (transition, quiet),
+                None => quiet.push(event.last_check),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn checker_reports_transitions_with_rise_and_fall() {
+        let (set_status, status) = watch::channel(200);
+        let address = switchable_server(status).await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let checker = spawn_checker(address, http_config(50, 2, 2), "backend-a", tx);
+
+        let (first, before) = next_transition(&mut rx).await;
+        assert_eq!(first, Transition { up: true, reason: "first check: ok".to_owned() });
+        assert!(before.is_empty(), "the first probe decides: {before:?}");
+
+        set_status.send(503).expect("server alive");
+        let (down, before) = next_transition(&mut rx).await;
+        let failure = "HTTP status 503, expected 200-399";
+        assert_eq!(down, Transition { up: false, reason: format!("2 consecutive failures, last: {failure}") });
+        assert_eq!(before.last().map(String::as_str), Some(failure), "one failure is not enough: {before:?}");
+
+        set_status.send(200).expect("server alive");
+        let (up, before) = next_transition(&mut rx).await;
+        assert_eq!(up, Transition { up: true, reason: "2 consecutive successes".to_owned() });
+        assert_eq!(before.last().map(String::as_str), Some(CHECK_OK), "one success is not enough: {before:?}");
+
+        let event = timeout(WAIT, rx.recv()).await.expect("keeps probing").expect("channel open");
+        assert_eq!((event.transition, event.last_check.as_str()), (None, CHECK_OK));
+        checker.abort();
+    }
+
+    #[tokio::test]
+    async fn checker_stops_when_the_receiver_is_dropped() {
+        let (_set_status, status) = watch::channel(200);
+        let address = switchable_server(status).await;
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let checker = spawn_checker(address, http_config(50, 1, 1), "backend-a", tx);
+        timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn checker_reports_a_dead_backend_down_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local_addr");
+        drop(listener);
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut config = http_config(50, 3, 3);
+        config.kind = HealthCheckKind::Tcp;
+        let checker = spawn_checker(address, config, "backend-a", tx);
+        let (transition, before) = next_transition(&mut rx).await;
+        assert!(before.is_empty());
+        assert!(!transition.up);
+        assert!(transition.reason.starts_with("first check: connect: Connection refused"), "{}", transition.reason);
+        checker.abort();
+    }
+
+    #[tokio::test]
+    async fn none_checker_reports_up_once_and_ends() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut config = http_config(50, 2, 2);
+        config.kind = HealthCheckKind::None;
+        let unroutable: SocketAddr = "192.0.2.1:9".parse().expect("address");
+        let checker = spawn_checker(unroutable, config, "backend-a", tx);
+        let (transition, _) = next_transition(&mut rx).await;
+        assert!(transition.up);
+        timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
+        assert!(rx.recv().await.is_none(), "exactly one event");
+    }
+
+    #[test]
+    fn stagger_is_deterministic_and_bounded() {
+        let address: SocketAddr = "10.0.0.7:8080".parse().expect("address");
+        for interval in [Duration::from_millis(50), Duration::from_secs(1), Duration::from_secs(10)] {
+            let delay = stagger(address, interval);
+            assert_eq!(delay, stagger(address, interval));
+            assert!(delay < interval.min(MAX_STAGGER), "{delay:?} for {interval:?}");
+        }
+        assert_eq!(stagger(address, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn stagger_spreads_many_backends() {
+        let delays: Vec<Duration> = (0..1000_u16)
+            .map(|i| stagger(SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 80)), Duration::from_secs(5)))
+            .collect();
+        let early = delays.iter().filter(|d| **d < Duration::from_millis(500)).count();
+        assert!((300..700).contains(&early), "{early} of 1000 in the first half");
+    }
+}

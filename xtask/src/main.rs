@@ -1,0 +1,79 @@
+//! `cargo xtask`: the project's developer commands, in Rust so they need
+//! nothing but cargo (the alias lives in `.cargo/config.toml`).
+//!
+//! - `setup`: installs what a fresh Debian machine lacks (nightly with
+//!   `rust-src`, `bpf-linker` against nightly's own LLVM, Debian packages).
+//! - `build`: the `lb` agent (with its embedded eBPF object) and the testbed backend.
+//! - `test`: unit tests, then the root-only integration tests of `lb-tests`.
+//! - `demo`: a narrated run of the agent in a namespace testbed.
+//! - `bench`: benchmarks (not written yet).
+//!
+//! Every command but `setup` first checks quickly whether anything is
+//! missing and runs setup only then.
+
+mod bench;
+mod build;
+mod cargo;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Developer commands for the XDP load balancer.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install the toolchain pieces and Debian packages this project needs (idempotent).
+    Setup,
+    /// Build the `lb` agent (with its eBPF program) and the testbed backend.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run unit tests, then the integration tests in network namespaces (needs root).
+    Test {
+        /// Build and test with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Run only tests whose name contains this (passed to every test binary).
+        filter: Option<String>,
+    },
+    /// Show the balancer at work in a namespace testbed (needs root).
+    Demo,
+    /// Run the benchmarks (not written yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(&setup::Options::from_env()).map(|()| true),
+        Command::Build { release } => build::run(build::Profile::from_flag(release)).map(|()| true),
+        Command::Test { release, filter } => test::run(&test::Options {
+            profile: build::Profile::from_flag(release),
+            filter,
+        }),
+        Command::Demo => demo::run().map(|()| true),
+        Command::Bench => bench::run().map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        // The command already said what failed.
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
