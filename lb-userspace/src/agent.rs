@@ -1,0 +1,174 @@
+//! `lb run`'s body: load, fill, attach, then react to health changes until
+//! told to stop.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    api::{self, Status, StatusSource, status::{BackendStatus, Traffic, VerdictCount, VipStatus}},
+    config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
+    dataplane::{LoadOptions, Maps, Program},
+    health::{self, HealthEvent},
+    lb::state::{Balancer, Health},
+};
+
+/// What the admin API reads and the health loop writes.
+struct AgentState {
+    balancer: Balancer,
+    maps: Maps,
+    /// Last health check outcome per backend id, for `/status`.
+    last_checks: HashMap<u32, String>,
+}
+
+/// Runs the agent until SIGINT or SIGTERM, then detaches.
+///
+/// # Errors
+/// When the program cannot be loaded or attached, or the admin address
+/// cannot be bound; nothing stays attached in that case.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut program = Program::load(&LoadOptions {
+        ring_size: config.agent.ring_size,
+        max_vips: config.agent.max_vips,
+        conntrack_capacity: config.agent.conntrack_capacity,
+    })
+    .context("loading the XDP program")?;
+    let mut maps = program.maps()?;
+    let mut balancer = Balancer::new(&config).context("sizing the maps for the config")?;
+    balancer.install(&mut maps).context("filling the maps")?;
+    let checkers = Checkers::of(&balancer);
+
+    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new() }));
+    let _admin = api::serve(config.agent.admin_listen, state.clone()).await?;
+
+    let mode = match config.agent.xdp_mode {
+        XdpMode::Native => aya::programs::XdpMode::Driver,
+        XdpMode::Generic => aya::programs::XdpMode::Skb,
+    };
+    for interface in &config.agent.interfaces {
+        // On error, dropping `program` detaches from the ones already done.
+        program.attach(interface, mode).with_context(|| format!("agent.interfaces: {interface}"))?;
+        tracing::info!(%interface, ?mode, "attached");
+    }
+
+    let (tx, mut rx) = mpsc::channel(1024);
+    let checkers = checkers.spawn(&tx);
+    tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            Some(event) = rx.recv() => apply_health(&state, event),
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+        }
+    }
+    for checker in checkers {
+        checker.abort();
+    }
+    program.detach_all();
+    Ok(())
+}
+
+/// What to probe: every backend of every VIP, by the id the balancer gave it.
+/// Taken before the balancer moves behind the lock, so no probe holds it.
+struct Checkers(Vec<(u32, SocketAddr, HealthCheckConfig)>);
+
+impl Checkers {
+    fn of(balancer: &Balancer) -> Self {
+        let mut probes = Vec::new();
+        for vip in balancer.vips() {
+            if matches!(vip.health_check.kind, HealthCheckKind::None) {
+                continue;
+            }
+            for backend in &vip.backends {
+                probes.push((backend.backend_id, vip.health_check.target(backend.address), vip.health_check.clone()));
+            }
+        }
+        Checkers(probes)
+    }
+
+    fn spawn(self, tx: &mpsc::Sender<HealthEvent<u32>>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.0
+            .into_iter()
+            .map(|(id, address, check)| health::spawn_checker(address, check, id, tx.clone()))
+            .collect()
+    }
+}
+
+fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
+    let Ok(mut guard) = state.lock() else { return };
+    let AgentState { balancer, maps, last_checks } = &mut *guard;
+    last_checks.insert(event.key, event.last_check.clone());
+    let Some(transition) = event.transition else { return };
+    let up = transition.up;
+    let name = balancer.describe_backend(event.key);
+    match balancer.set_health(event.key, up, maps) {
+        Ok(change) => {
+            if up {
+                tracing::info!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend up");
+            } else {
+                tracing::warn!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend down");
+            }
+        }
+        Err(error) => tracing::error!(backend = %name, error = %format!("{error:#}"), "updating the maps failed"),
+    }
+}
+
+impl StatusSource for AgentState {
+    fn status(&self) -> Status {
+        let vips = self
+            .balancer
+            .vips()
+            .map(|vip| {
+                let backends: Vec<BackendStatus> = vip
+                    .backends
+                    .iter()
+                    .map(|b| BackendStatus {
+                        address: b.address.to_string(),
+                        weight: b.weight,
+                        health: health_name(b.health).to_owned(),
+                        last_check: self.last_checks.get(&b.backend_id).cloned(),
+                        traffic: self.maps.backend_counters(b.backend_id).map(Traffic::from).unwrap_or_default(),
+                    })
+                    .collect();
+                VipStatus {
+                    name: vip.name.to_owned(),
+                    listen: vip.listen.to_string(),
+                    protocol: vip.protocol.as_str().to_owned(),
+                    backends_up: backends.iter().filter(|b| b.health == "up").count(),
+                    traffic: self.maps.vip_counters(vip.vip_id).map(Traffic::from).unwrap_or_default(),
+                    backends,
+                }
+            })
+            .collect();
+        let verdicts = self
+            .maps
+            .verdicts()
+            .map(|counts| {
+                lb_common::stats::reason::NAMES
+                    .iter()
+                    .zip(counts)
+                    .map(|(reason, packets)| VerdictCount { reason: (*reason).to_owned(), packets })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Status { vips, verdicts }
+    }
+}
+
+fn health_name(health: Health) -> &'static str {
+    match health {
+        Health::Up => "up",
+        Health::Down => "down",
+        Health::Unknown => "unknown",
+    }
+}

@@ -1,0 +1,56 @@
+//! The admin HTTP server: `/status` (JSON) and `/metrics` (Prometheus text).
+
+pub mod status;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use axum::{Json, Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
+
+pub use status::Status;
+
+/// Produces a fresh snapshot for each request.
+pub trait StatusSource: Send + 'static {
+    /// The current status; reads the kernel's counters.
+    fn status(&self) -> Status;
+}
+
+type Shared = Arc<Mutex<dyn StatusSource>>;
+
+/// Serves the admin API on `listen` until the task is dropped.
+///
+/// # Errors
+/// When `listen` cannot be bound (in use, or not a local address).
+pub async fn serve(listen: SocketAddr, source: Shared) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the admin server to {listen} (agent.admin_listen)"))?;
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/", get(|| async { "lb: see /status and /metrics\n" }))
+        .with_state(source);
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "admin server stopped");
+        }
+    }))
+}
+
+fn snapshot(source: &Shared) -> Result<Status, StatusCode> {
+    let guard = source.lock().map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    Ok(guard.status())
+}
+
+async fn status(State(source): State<Shared>) -> Result<Json<Status>, StatusCode> {
+    snapshot(&source).map(Json)
+}
+
+async fn metrics(State(source): State<Shared>) -> Result<impl IntoResponse, StatusCode> {
+    let status = snapshot(&source)?;
+    let body = crate::metrics::render(&status).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body))
+}

@@ -1,0 +1,53 @@
+//! The operator CLI: one module per subcommand; doc comments are the help text.
+
+mod check;
+mod run;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// An XDP layer-4 load balancer: balances TCP and UDP services across
+/// healthy backends, in the kernel.
+#[derive(Debug, Parser)]
+#[command(name = "lb", version)]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `lb=debug` (also from LB_LOG).
+    #[arg(long, global = true, env = "LB_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(run::Args),
+    Check(check::Args),
+    Status(status::Args),
+}
+
+/// Parses arguments, runs the subcommand, and turns errors into an exit code
+/// with the whole cause chain printed.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Status(args) => status::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lb: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,27 @@
+//! `lb run`: the agent.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use crate::config::Config;
+
+/// Load the XDP program, attach it to the configured interfaces, and keep
+/// the maps in step with backend health until SIGINT or SIGTERM.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The TOML config file.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Validate before touching the kernel: a bad config attaches nothing.
+    let config = Config::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(crate::agent::run(config))
+}

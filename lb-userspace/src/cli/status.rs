@@ -1,0 +1,70 @@
+//! `lb status`: ask a running agent how its services are doing.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::api::Status;
+
+/// Print each VIP with its backends' health and traffic, from a running
+/// agent's admin API.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The agent's admin address (agent.admin_listen).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    admin: SocketAddr,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let body = get(args.admin, "/status").with_context(|| format!("asking the agent at {}", args.admin))?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: Status = serde_json::from_str(&body).context("the agent's /status is not what this lb expects")?;
+    for vip in &status.vips {
+        println!(
+            "{} {} {}  {}/{} up  {} pkts  {} flows",
+            vip.name,
+            vip.protocol,
+            vip.listen,
+            vip.backends_up,
+            vip.backends.len(),
+            vip.traffic.packets,
+            vip.traffic.new_flows
+        );
+        for b in &vip.backends {
+            println!(
+                "  {:<22} {:<7} w={:<3} {:>10} pkts {:>8} flows  {}",
+                b.address,
+                b.health,
+                b.weight,
+                b.traffic.packets,
+                b.traffic.new_flows,
+                b.last_check.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 GET, enough for our own admin server.
+fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or("empty response"));
+    }
+    Ok(body.to_owned())
+}

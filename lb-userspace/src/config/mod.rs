@@ -1,0 +1,54 @@
+//! The config file: read, parsed and validated in one step, so the rest of
+//! the agent only ever sees a valid [`Config`].
+//!
+//! The file is parsed into a TOML table and then read key by key
+//! ([`table::Section`]), which gives every error its exact key path and
+//! catches unknown keys (typos) anywhere. The first problem found is reported,
+//! as one line: `FILE: KEY: REASON`, or `FILE:LINE:COLUMN: ...` for syntax.
+
+mod error;
+pub mod model;
+mod parse;
+mod table;
+
+use std::path::Path;
+
+pub use error::{ConfigError, Position};
+pub use model::*;
+pub use parse::{
+    CONNTRACK_CAPACITY_RANGE, DEFAULT_ADMIN_LISTEN, DEFAULT_EXPECT_STATUS, DEFAULT_FALL, DEFAULT_INTERVAL,
+    DEFAULT_MAX_VIPS, DEFAULT_RISE, DEFAULT_TIMEOUT, MAX_WEIGHT, MIN_RING_SIZE,
+};
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be read, is not TOML, or breaks a rule; the error
+    /// names the file, the key and the reason.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `source` names it in errors.
+    ///
+    /// # Errors
+    /// As [`Config::load`], without the read.
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            file: source.to_owned(),
+            position: Position::of(text, e.span().map_or(0, |span| span.start)),
+            message: e.message().to_owned(),
+        })?;
+        parse::config(table, source).map_err(|problem| ConfigError::Invalid {
+            file: source.to_owned(),
+            key: problem.key,
+            reason: problem.reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,324 @@
+//! From a TOML table to a validated [`Config`]: defaults, bounds and the
+//! rules between keys. Every check names its key; the first problem wins.
+
+use std::{
+    collections::HashSet,
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use lb_common::limits::{
+    DEFAULT_CONNTRACK_CAPACITY, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP,
+};
+use toml::Table;
+
+use super::{
+    error::Problem,
+    model::{
+        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, StatusRange, VipConfig,
+        XdpMode,
+    },
+    table::Section,
+};
+use crate::lb::maglev::is_prime;
+
+type Result<T> = std::result::Result<T, Problem>;
+
+const TOP_KEYS: &[&str] = &["agent", "vip"];
+const AGENT_KEYS: &[&str] =
+    &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
+const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "health_check", "backend"];
+const CHECK_KEYS: &[&str] =
+    &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
+const BACKEND_KEYS: &[&str] = &["address", "weight"];
+
+/// Where the admin API listens unless configured.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9100));
+/// VIPs the Maglev array has room for unless configured (or more VIPs are configured).
+pub const DEFAULT_MAX_VIPS: u32 = 16;
+/// Bounds of `agent.conntrack_capacity`.
+pub const CONNTRACK_CAPACITY_RANGE: (u32, u32) = (1024, 1 << 26);
+/// Smallest `agent.ring_size`: below this Maglev cannot spread weights finely.
+pub const MIN_RING_SIZE: u32 = 251;
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Health check defaults, close to HAProxy's.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+pub const DEFAULT_EXPECT_STATUS: StatusRange = StatusRange { min: 200, max: 399 };
+const INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
+
+/// Builds a validated config from the parsed file.
+pub fn config(table: Table, source: &Path) -> Result<Config> {
+    let mut top = Section::new("", table, TOP_KEYS);
+    let agent = top.table("agent", AGENT_KEYS)?.ok_or_else(|| top.problem("agent", "missing ([agent] is required)"))?;
+    let vip_sections = top.tables("vip", VIP_KEYS)?;
+    top.finish()?;
+    if vip_sections.is_empty() {
+        return Err(Problem::new("vip", "no [[vip]] configured; at least one is required"));
+    }
+    let vips = vip_sections.into_iter().map(vip).collect::<Result<Vec<_>>>()?;
+    let agent = agent_config(agent, &vips)?;
+    check_unique_vips(&vips)?;
+    check_backend_count(&vips)?;
+    check_ring_fits_backends(agent.ring_size, &vips)?;
+    Ok(Config { source: source.to_owned(), agent, vips })
+}
+
+fn agent_config(mut s: Section, vips: &[VipConfig]) -> Result<AgentConfig> {
+    let interfaces = s.strings("interfaces")?.ok_or_else(|| s.problem("interfaces", "missing (required)"))?;
+    if interfaces.is_empty() {
+        return Err(s.problem("interfaces", "empty; name at least one interface"));
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in interfaces.iter().enumerate() {
+        let key = format!("interfaces[{}]", i + 1);
+        check_interface_name(name).map_err(|reason| s.problem(&key, reason))?;
+        if !seen.insert(name) {
+            return Err(s.problem(&key, format!("{name:?} is listed twice")));
+        }
+    }
+    let admin_listen = match s.string("admin_listen")? {
+        Some(text) => text
+            .parse::<SocketAddr>()
+            .map_err(|_| s.problem("admin_listen", format!("{text:?} is not an address and port")))?,
+        None => DEFAULT_ADMIN_LISTEN,
+    };
+    let xdp_mode = match s.string("xdp_mode")?.as_deref() {
+        None | Some("native") => XdpMode::Native,
+        Some("generic") => XdpMode::Generic,
+        Some(other) => return Err(s.problem("xdp_mode", format!("{other:?} is not one of: native, generic"))),
+    };
+    let (lo, hi) = CONNTRACK_CAPACITY_RANGE;
+    let conntrack_capacity = s.integer("conntrack_capacity", lo, hi)?.unwrap_or(DEFAULT_CONNTRACK_CAPACITY);
+    let max_ring = u32::try_from(MAX_MAGLEV_ENTRIES / u64::from(RINGS_PER_VIP)).unwrap_or(u32::MAX);
+    let ring_size = s.integer("ring_size", MIN_RING_SIZE, max_ring)?.unwrap_or(DEFAULT_RING_SIZE);
+    if !is_prime(ring_size) {
+        return Err(s.problem("ring_size", format!("{ring_size} is not prime (Maglev needs a prime, e.g. 65537)")));
+    }
+    let vip_count = u32::try_from(vips.len()).unwrap_or(u32::MAX);
+    let fit = u32::try_from(MAX_MAGLEV_ENTRIES / (u64::from(RINGS_PER_VIP) * u64::from(ring_size)))
+        .unwrap_or(u32::MAX)
+        .min(MAX_VIPS);
+    let max_vips = match s.integer("max_vips", 1, MAX_VIPS)? {
+        Some(n) => n,
+        None => DEFAULT_MAX_VIPS.max(vip_count).min(fit),
+    };
+    if vip_count > max_vips {
+        return Err(s.problem("max_vips", format!("{vip_count} VIPs are configured but max_vips is {max_vips}")));
+    }
+    if max_vips > fit {
+        return Err(s.problem(
+            "max_vips",
+            format!(
+                "{max_vips} VIPs of ring_size {ring_size} need {} table entries, over the limit of {MAX_MAGLEV_ENTRIES}; \
+                 at most {fit} fit",
+                u64::from(max_vips) * u64::from(RINGS_PER_VIP) * u64::from(ring_size)
+            ),
+        ));
+    }
+    s.finish()?;
+    Ok(AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips })
+}
+
+/// Linux interface names: 1 to 15 bytes, no `/`, no whitespace, not `.` or `..`.
+fn check_interface_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("{name:?} is not an interface name (1 to 15 bytes)"));
+    }
+    if name == "." || name == ".." || name.contains('/') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{name:?} is not an interface name"));
+    }
+    Ok(())
+}
+
+fn vip(mut s: Section) -> Result<VipConfig> {
+    let name = s.required_string("name")?;
+    if !valid_name(&name) {
+        return Err(s.problem("name", format!("{name:?} must be 1 to 64 letters, digits, '_', '.' or '-'")));
+    }
+    let path = format!("{} ({name})", s.path());
+    s.rename(path);
+    let listen = ipv4_socket_addr(&mut s, "listen")?;
+    let protocol = match s.string("protocol")?.as_deref() {
+        None | Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
+        Some(other) => return Err(s.problem("protocol", format!("{other:?} is not one of: tcp, udp"))),
+    };
+    let health_check = match s.table("health_check", CHECK_KEYS)? {
+        Some(section) => health_check(section)?,
+        None => default_health_check(),
+    };
+    if protocol == Protocol::Udp && health_check.port.is_none() && !matches!(health_check.kind, HealthCheckKind::None)
+    {
+        return Err(s.problem(
+            "health_check",
+            "a udp VIP's backends cannot be probed over TCP on their own port: set health_check.port or type = \"none\"",
+        ));
+    }
+    let sections = s.tables("backend", BACKEND_KEYS)?;
+    if sections.is_empty() {
+        return Err(s.problem("backend", "no [[vip.backend]] configured; at least one is required"));
+    }
+    let backends = sections.into_iter().map(backend).collect::<Result<Vec<_>>>()?;
+    let mut seen = HashSet::new();
+    for (i, b) in backends.iter().enumerate() {
+        if !seen.insert(b.address) {
+            return Err(s.problem(&format!("backend[{}].address", i + 1), format!("{} is listed twice", b.address)));
+        }
+    }
+    s.finish()?;
+    Ok(VipConfig { name, listen, protocol, health_check, backends })
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// An IPv4 `address:port` with a port other than 0.
+fn ipv4_socket_addr(s: &mut Section, key: &str) -> Result<SocketAddr> {
+    let text = s.required_string(key)?;
+    match text.parse::<SocketAddr>() {
+        Ok(SocketAddr::V4(addr)) if addr.port() != 0 => Ok(SocketAddr::V4(addr)),
+        Ok(SocketAddr::V4(_)) => Err(s.problem(key, format!("{text:?}: port 0 is not a port"))),
+        Ok(SocketAddr::V6(_)) => Err(s.problem(key, format!("{text:?}: IPv6 is not supported yet"))),
+        Err(_) => Err(s.problem(key, format!("{text:?} is not an IPv4 address and port"))),
+    }
+}
+
+fn default_health_check() -> HealthCheckConfig {
+    HealthCheckConfig {
+        kind: HealthCheckKind::Http { path: "/".to_owned(), expect_status: DEFAULT_EXPECT_STATUS, host: None },
+        interval: DEFAULT_INTERVAL,
+        timeout: DEFAULT_TIMEOUT,
+        rise: DEFAULT_RISE,
+        fall: DEFAULT_FALL,
+        port: None,
+    }
+}
+
+fn health_check(mut s: Section) -> Result<HealthCheckConfig> {
+    let kind_name = s.string("type")?.unwrap_or_else(|| "http".to_owned());
+    let kind = match kind_name.as_str() {
+        "http" => http_check(&mut s)?,
+        "tcp" | "none" => {
+            for key in ["path", "host", "expect_status"] {
+                if s.string(key)?.is_some() {
+                    return Err(s.problem(key, format!("only for type = \"http\", not {kind_name:?}")));
+                }
+            }
+            if kind_name == "tcp" { HealthCheckKind::Tcp } else { HealthCheckKind::None }
+        }
+        other => return Err(s.problem("type", format!("{other:?} is not one of: http, tcp, none"))),
+    };
+    let interval = duration(&mut s, "interval")?.unwrap_or(DEFAULT_INTERVAL);
+    let (lo, hi) = INTERVAL_RANGE;
+    if interval < lo || interval > hi {
+        return Err(s.problem("interval", format!("{} is out of range (100ms to 1h)", humantime::format_duration(interval))));
+    }
+    let timeout = duration(&mut s, "timeout")?.unwrap_or(DEFAULT_TIMEOUT.min(interval));
+    if timeout.is_zero() || timeout > interval {
+        return Err(s.problem(
+            "timeout",
+            format!(
+                "{} must be above 0 and at most the interval ({})",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        ));
+    }
+    let rise = s.integer("rise", 1, 100)?.unwrap_or(DEFAULT_RISE);
+    let fall = s.integer("fall", 1, 100)?.unwrap_or(DEFAULT_FALL);
+    let port = s.integer("port", 1_u16, u16::MAX)?;
+    s.finish()?;
+    Ok(HealthCheckConfig { kind, interval, timeout, rise, fall, port })
+}
+
+fn http_check(s: &mut Section) -> Result<HealthCheckKind> {
+    let path = s.string("path")?.unwrap_or_else(|| "/".to_owned());
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(s.problem("path", format!("{path:?} must start with '/' and contain no spaces")));
+    }
+    let host = s.string("host")?;
+    if let Some(h) = host.as_ref().filter(|h| h.is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control())) {
+        return Err(s.problem("host", format!("{h:?} is not a host name")));
+    }
+    let expect_status = match s.string("expect_status")? {
+        Some(text) => status_range(&text).ok_or_else(|| {
+            s.problem("expect_status", format!("{text:?} is not a status or range like \"200-399\" (100 to 599)"))
+        })?,
+        None => DEFAULT_EXPECT_STATUS,
+    };
+    Ok(HealthCheckKind::Http { path, expect_status, host })
+}
+
+fn status_range(text: &str) -> Option<StatusRange> {
+    let (min, max) = match text.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let code = text.trim().parse().ok()?;
+            (code, code)
+        }
+    };
+    ((100..=599).contains(&min) && (100..=599).contains(&max) && min <= max).then_some(StatusRange { min, max })
+}
+
+fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
+    match s.string(key)? {
+        None => Ok(None),
+        Some(text) => humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| s.problem(key, format!("{text:?} is not a duration like \"500ms\" or \"2s\": {e}"))),
+    }
+}
+
+fn backend(mut s: Section) -> Result<BackendConfig> {
+    let address = ipv4_socket_addr(&mut s, "address")?;
+    let weight = s.integer("weight", 0, MAX_WEIGHT)?.unwrap_or(1);
+    s.finish()?;
+    Ok(BackendConfig { address, weight })
+}
+
+fn check_unique_vips(vips: &[VipConfig]) -> Result<()> {
+    let mut names = HashSet::new();
+    let mut services = HashSet::new();
+    for (i, vip) in vips.iter().enumerate() {
+        let path = format!("vip[{}] ({})", i + 1, vip.name);
+        if !names.insert(vip.name.as_str()) {
+            return Err(Problem::new(format!("{path}.name"), format!("{:?} is used by an earlier VIP", vip.name)));
+        }
+        if !services.insert((vip.listen, vip.protocol)) {
+            return Err(Problem::new(
+                format!("{path}.listen"),
+                format!("{} {} is served by an earlier VIP", vip.protocol.as_str(), vip.listen),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_backend_count(vips: &[VipConfig]) -> Result<()> {
+    let total: usize = vips.iter().map(|v| v.backends.len()).sum();
+    let max = MAX_BACKENDS as usize - 1;
+    if total > max {
+        return Err(Problem::new("vip", format!("{total} backends over all VIPs; at most {max} are supported")));
+    }
+    Ok(())
+}
+
+/// Maglev needs more slots than backends to give each one a place.
+fn check_ring_fits_backends(ring_size: u32, vips: &[VipConfig]) -> Result<()> {
+    for (i, vip) in vips.iter().enumerate() {
+        if vip.backends.len() >= ring_size as usize {
+            return Err(Problem::new(
+                format!("vip[{}] ({}).backend", i + 1, vip.name),
+                format!("{} backends do not fit agent.ring_size {ring_size}", vip.backends.len()),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+use std::{path::Path, time::Duration};
+
+use super::*;
+use crate::lb::state::Balancer;
+
+const FILE: &str = "test.toml";
+
+/// The example from the issue that asked for the config format.
+const EXAMPLE: &str = r#"
+[agent]
+interfaces = ["eth0", "eth1"]
+admin_listen = "127.0.0.1:9100"
+xdp_mode = "native"
+conntrack_capacity = 1048576
+
+[[vip]]
+name = "web"
+listen = "198.18.0.100:80"
+protocol = "tcp"
+
+[vip.health_check]
+type = "http"
+path = "/health"
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 3
+expect_status = "200-399"
+
+[[vip.backend]]
+address = "198.18.2.11:8080"
+weight = 1
+"#;
+
+const MINIMAL: &str = r#"
+[agent]
+interfaces = ["eth0"]
+
+[[vip]]
+name = "web"
+listen = "198.18.0.100:80"
+
+[[vip.backend]]
+address = "198.18.2.11:8080"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new(FILE))
+}
+
+/// The error line for `text`, which must be rejected.
+fn error(text: &str) -> String {
+    match parse(text) {
+        Ok(config) => panic!("accepted: {config:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Asserts that `text` is rejected at `key` with a reason containing `reason`.
+fn rejects(text: &str, key: &str, reason: &str) {
+    let e = error(text);
+    let prefix = format!("{FILE}: {key}: ");
+    assert!(e.starts_with(&prefix), "{e:?} does not start with {prefix:?}");
+    assert!(e.contains(reason), "{e:?} does not say {reason:?}");
+}
+
+fn with_check(check: &str) -> String {
+    MINIMAL.replace("[[vip.backend]]", &format!("[vip.health_check]\n{check}\n\n[[vip.backend]]"))
+}
+
+#[test]
+fn the_issue_example_parses() {
+    let config = parse(EXAMPLE).expect("valid");
+    assert_eq!(config.agent.interfaces, ["eth0", "eth1"]);
+    assert_eq!(config.agent.conntrack_capacity, 1_048_576);
+    let vip = &config.vips[0];
+    assert_eq!(vip.listen, "198.18.0.100:80".parse().expect("addr"));
+    assert_eq!(vip.protocol, Protocol::Tcp);
+    assert_eq!(
+        vip.health_check,
+        HealthCheckConfig {
+            kind: HealthCheckKind::Http {
+                path: "/health".into(),
+                expect_status: StatusRange { min: 200, max: 399 },
+                host: None
+            },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+            port: None,
+        }
+    );
+    assert_eq!(vip.backends, [BackendConfig { address: "198.18.2.11:8080".parse().expect("addr"), weight: 1 }]);
+    assert!(Balancer::new(&config).is_ok());
+}
+
+#[test]
+fn defaults_are_filled() {
+    let config = parse(MINIMAL).expect("valid");
+    assert_eq!(config.source, Path::new(FILE));
+    let agent = &config.agent;
+    assert_eq!(agent.admin_listen, DEFAULT_ADMIN_LISTEN);
+    assert_eq!(agent.xdp_mode, XdpMode::Native);
+    assert_eq!(agent.conntrack_capacity, lb_common::limits::DEFAULT_CONNTRACK_CAPACITY);
+    assert_eq!(agent.ring_size, lb_common::limits::DEFAULT_RING_SIZE);
+    assert_eq!(agent.max_vips, DEFAULT_MAX_VIPS);
+    let vip = &config.vips[0];
+    assert_eq!(vip.protocol, Protocol::Tcp);
+    let check = &vip.health_check;
+    assert_eq!(
+        check.kind,
+        HealthCheckKind::Http { path: "/".into(), expect_status: DEFAULT_EXPECT_STATUS, host: None }
+    );
+    assert_eq!((check.interval, check.timeout, check.rise, check.fall), (DEFAULT_INTERVAL, DEFAULT_TIMEOUT, 2, 3));
+    assert_eq!(vip.backends[0].weight, 1);
+}
+
+#[test]
+fn timeout_defaults_to_at_most_the_interval() {
+    let config = parse(&with_check("interval = \"300ms\"")).expect("valid");
+    assert_eq!(config.vips[0].health_check.timeout, Duration::from_millis(300));
+}
+
+#[test]
+fn syntax_errors_have_line_and_column() {
+    let e = error("[agent]\ninterfaces = [\"eth0\"\n");
+    assert!(e.starts_with(&format!("{FILE}:3:")) || e.starts_with(&format!("{FILE}:2:")), "{e}");
+}
+
+#[test]
+fn unreadable_files_say_so() {
+    let e = Config::load(Path::new("/nonexistent/lb.toml")).expect_err("no such file").to_string();
+    assert!(e.starts_with("/nonexistent/lb.toml: cannot read:"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_errors_everywhere() {
+    rejects(&format!("{MINIMAL}\n[extra]\n"), "extra", "unknown key; expected one of: agent, vip");
+    rejects(&MINIMAL.replace("[agent]", "[agent]\ninterface = \"eth0\""), "agent.interface", "unknown key");
+    rejects(&MINIMAL.replace("name = \"web\"", "name = \"web\"\nport = 80"), "vip[1] (web).port", "unknown key");
+    rejects(&with_check("intervall = \"1s\""), "vip[1] (web).health_check.intervall", "unknown key");
+    rejects(&format!("{MINIMAL}weigth = 2\n"), "vip[1] (web).backend[1].weigth", "unknown key");
+}
+
+#[test]
+fn wrong_types_are_errors() {
+    rejects(&MINIMAL.replace("[\"eth0\"]", "\"eth0\""), "agent.interfaces", "expected an array of strings, found a string");
+    rejects(&MINIMAL.replace("[\"eth0\"]", "[\"eth0\", 1]"), "agent.interfaces[2]", "expected a string, found an integer");
+    rejects(&format!("{MINIMAL}weight = \"heavy\"\n"), "vip[1] (web).backend[1].weight", "expected an integer, found a string");
+    rejects(&with_check("rise = 1.5"), "vip[1] (web).health_check.rise", "expected an integer, found a float");
+    rejects(&MINIMAL.replace("[agent]", "agent = 1\n[x]"), "agent", "expected a table, found an integer");
+}
+
+#[test]
+fn required_keys_and_sections() {
+    rejects("[[vip]]\nname = \"web\"\n", "agent", "missing");
+    rejects("[agent]\ninterfaces = [\"eth0\"]\n", "vip", "at least one");
+    rejects(&MINIMAL.replace("interfaces = [\"eth0\"]", ""), "agent.interfaces", "missing (required)");
+    rejects(&MINIMAL.replace("interfaces = [\"eth0\"]", "interfaces = []"), "agent.interfaces", "empty");
+    rejects(&MINIMAL.replace("name = \"web\"", ""), "vip[1].name", "missing (required)");
+    rejects(&MINIMAL.replace("listen = \"198.18.0.100:80\"", ""), "vip[1] (web).listen", "missing (required)");
+    let no_backend = MINIMAL.split("[[vip.backend]]").next().unwrap_or_default().to_owned();
+    rejects(&no_backend, "vip[1] (web).backend", "at least one");
+    rejects(&MINIMAL.replace("address = \"198.18.2.11:8080\"", ""), "vip[1] (web).backend[1].address", "missing");
+}
+
+#[test]
+fn agent_values_are_checked() {
+    rejects(&MINIMAL.replace("\"eth0\"", "\"a-very-long-interface\""), "agent.interfaces[1]", "1 to 15 bytes");
+    rejects(&MINIMAL.replace("\"eth0\"", "\"eth/0\""), "agent.interfaces[1]", "not an interface name");
+    rejects(&MINIMAL.replace("\"eth0\"", "\"eth0\", \"eth0\""), "agent.interfaces[2]", "listed twice");
+    let agent = |line: &str| MINIMAL.replace("[agent]", &format!("[agent]\n{line}"));
+    rejects(&agent("admin_listen = \"localhost\""), "agent.admin_listen", "not an address and port");
+    rejects(&agent("xdp_mode = \"offload\""), "agent.xdp_mode", "not one of: native, generic");
+    rejects(&agent("conntrack_capacity = 10"), "agent.conntrack_capacity", "out of range");
+    rejects(&agent("ring_size = 65536"), "agent.ring_size", "not prime");
+    rejects(&agent("ring_size = 7"), "agent.ring_size", "out of range");
+    rejects(&agent("max_vips = 0"), "agent.max_vips", "out of range");
+    rejects(&agent("ring_size = 16777259\nmax_vips = 16"), "agent.max_vips", "at most 7 fit");
+    let config = parse(&agent("xdp_mode = \"generic\"\nring_size = 251\nmax_vips = 1")).expect("valid");
+    assert_eq!((config.agent.xdp_mode, config.agent.ring_size, config.agent.max_vips), (XdpMode::Generic, 251, 1));
+}
+
+#[test]
+fn vip_values_are_checked() {
+    rejects(&MINIMAL.replace("\"web\"", "\"web site\""), "vip[1].name", "letters, digits");
+    let listen = |value: &str| MINIMAL.replace("\"198.18.0.100:80\"", value);
+    rejects(&listen("\"198.18.0.300:80\""), "vip[1] (web).listen", "not an IPv4 address and port");
+    rejects(&listen("\"198.18.0.100\""), "vip[1] (web).listen", "not an IPv4 address and port");
+    rejects(&listen("\"198.18.0.100:0\""), "vip[1] (web).listen", "port 0");
+    rejects(&listen("\"[2001:db8::1]:80\""), "vip[1] (web).listen", "IPv6 is not supported yet");
+    rejects(&MINIMAL.replace("name = \"web\"", "name = \"web\"\nprotocol = \"sctp\""), "vip[1] (web).protocol", "not one of: tcp, udp");
+}
+
+#[test]
+fn vips_are_unique() {
+    let second = |name: &str, listen: &str| {
+        format!("{MINIMAL}\n[[vip]]\nname = \"{name}\"\nlisten = \"{listen}\"\n[[vip.backend]]\naddress = \"198.18.2.12:80\"\n")
+    };
+    rejects(&second("web", "198.18.0.101:80"), "vip[2] (web).name", "used by an earlier VIP");
+    rejects(&second("api", "198.18.0.100:80"), "vip[2] (api).listen", "tcp 198.18.0.100:80 is served by an earlier VIP");
+    let udp = second("dns", "198.18.0.100:80")
+        .replace("name = \"dns\"", "name = \"dns\"\nprotocol = \"udp\"")
+        .replace("\n[[vip.backend]]\naddress = \"198.18.2.12:80\"", "\n[vip.health_check]\ntype = \"none\"\n[[vip.backend]]\naddress = \"198.18.2.12:80\"");
+    assert_eq!(parse(&udp).expect("same address and port over udp").vips[1].protocol, Protocol::Udp);
+    rejects(&second("more", "198.18.0.101:80").replace("[agent]", "[agent]\nmax_vips = 1"), "agent.max_vips", "2 VIPs are configured");
+}
+
+#[test]
+fn health_check_values_are_checked() {
+    let key = "vip[1] (web).health_check";
+    rejects(&with_check("type = \"icmp\""), &format!("{key}.type"), "not one of: http, tcp, none");
+    rejects(&with_check("type = \"tcp\"\npath = \"/x\""), &format!("{key}.path"), "only for type = \"http\"");
+    rejects(&with_check("type = \"none\"\nexpect_status = \"200\""), &format!("{key}.expect_status"), "only for type");
+    rejects(&with_check("path = \"health\""), &format!("{key}.path"), "must start with '/'");
+    rejects(&with_check("path = \"/a b\""), &format!("{key}.path"), "no spaces");
+    rejects(&with_check("host = \"a b\""), &format!("{key}.host"), "not a host name");
+    rejects(&with_check("expect_status = \"200-99\""), &format!("{key}.expect_status"), "not a status or range");
+    rejects(&with_check("expect_status = \"2xx\""), &format!("{key}.expect_status"), "not a status or range");
+    rejects(&with_check("interval = \"soon\""), &format!("{key}.interval"), "not a duration");
+    rejects(&with_check("interval = \"10ms\""), &format!("{key}.interval"), "out of range");
+    rejects(&with_check("interval = \"1s\"\ntimeout = \"2s\""), &format!("{key}.timeout"), "at most the interval");
+    rejects(&with_check("timeout = \"0s\""), &format!("{key}.timeout"), "above 0");
+    rejects(&with_check("rise = 0"), &format!("{key}.rise"), "out of range (1 to 100)");
+    rejects(&with_check("fall = 101"), &format!("{key}.fall"), "out of range");
+    rejects(&with_check("port = 70000"), &format!("{key}.port"), "out of range");
+    let check = parse(&with_check("type = \"tcp\"\nport = 9000\nexpect_status_x = 1").replace("expect_status_x = 1", ""))
+        .expect("valid")
+        .vips[0]
+        .health_check
+        .clone();
+    assert_eq!((check.kind, check.port), (HealthCheckKind::Tcp, Some(9000)));
+    let single = parse(&with_check("expect_status = \"204\"\nhost = \"example.org\"")).expect("valid");
+    assert_eq!(
+        single.vips[0].health_check.kind,
+        HealthCheckKind::Http {
+            path: "/".into(),
+            expect_status: StatusRange { min: 204, max: 204 },
+            host: Some("example.org".into())
+        }
+    );
+}
+
+#[test]
+fn udp_vips_need_a_probe_port_or_no_checks() {
+    let udp = MINIMAL.replace("name = \"web\"", "name = \"web\"\nprotocol = \"udp\"");
+    rejects(&udp, "vip[1] (web).health_check", "set health_check.port or type = \"none\"");
+    let with = |check: &str| udp.replace("[[vip.backend]]", &format!("[vip.health_check]\n{check}\n[[vip.backend]]"));
+    assert!(parse(&with("type = \"none\"")).is_ok());
+    assert!(parse(&with("port = 8080")).is_ok());
+}
+
+#[test]
+fn backend_values_are_checked() {
+    let key = "vip[1] (web).backend";
+    rejects(&MINIMAL.replace("198.18.2.11:8080", "198.18.2.300:80"), &format!("{key}[1].address"), "not an IPv4 address and port");
+    rejects(&format!("{MINIMAL}weight = 10001\n"), &format!("{key}[1].weight"), "out of range (0 to 10000)");
+    rejects(&format!("{MINIMAL}weight = -1\n"), &format!("{key}[1].weight"), "out of range");
+    rejects(&format!("{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n"), &format!("{key}[2].address"), "listed twice");
+    let drained = parse(&format!("{MINIMAL}weight = 0\n")).expect("weight 0 drains");
+    assert_eq!(drained.vips[0].backends[0].weight, 0);
+}
+
+fn many_backends(n: usize) -> String {
+    let mut text = MINIMAL.split("[[vip.backend]]").next().unwrap_or_default().to_owned();
+    for i in 0..n {
+        text.push_str(&format!("[[vip.backend]]\naddress = \"198.18.{}.{}:80\"\n", 2 + i / 250, i % 250 + 1));
+    }
+    text
+}
+
+#[test]
+fn capacity_limits_are_checked_before_the_balancer_sees_them() {
+    let max = lb_common::limits::MAX_BACKENDS as usize - 1;
+    let config = parse(&many_backends(max)).expect("the most backends that fit");
+    assert!(Balancer::new(&config).is_ok());
+    rejects(&many_backends(max + 1), "vip", "at most 4095");
+    let small_ring = many_backends(300).replace("[agent]", "[agent]\nring_size = 251");
+    rejects(&small_ring, "vip[1] (web).backend", "do not fit agent.ring_size 251");
+
+    let mut many_vips = String::from("[agent]\ninterfaces = [\"eth0\"]\nmax_vips = 1024\nring_size = 65521\n");
+    for i in 0..1024 {
+        many_vips.push_str(&format!(
+            "[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.1:{}\"\n[[vip.backend]]\naddress = \"198.18.2.1:80\"\n",
+            i + 1
+        ));
+    }
+    let config = parse(&many_vips).expect("1024 VIPs fit");
+    assert!(Balancer::new(&config).is_ok());
+}
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/lb.toml"));
+    let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.vips.len() >= 2, "the example shows a TCP and a UDP service");
+    assert!(Balancer::new(&config).is_ok());
+}

@@ -1,0 +1,17 @@
+//! The lb agent library: everything `lb` does, testable without the binary.
+//!
+//! - [`config`]: the TOML file, parsed and validated.
+//! - [`lb`]: the control plane's decisions (Maglev rings, ids, health), kernel-free.
+//! - [`dataplane`]: loading and attaching the XDP program, and its maps.
+//! - [`health`]: HTTP and TCP probes with rise/fall thresholds.
+//! - [`api`] and [`metrics`]: `/status` and `/metrics`.
+//! - [`agent`] and [`cli`]: `lb run` and the other subcommands.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod health;
+pub mod lb;
+pub mod metrics;

@@ -1,0 +1,115 @@
+//! Prometheus metrics, rendered from a status snapshot at scrape time.
+//!
+//! The kernel keeps per-CPU counters; they are summed when read, so a
+//! registry is built per scrape rather than kept in step with the maps.
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::api::status::{Status, Traffic};
+
+type Labels = Vec<(&'static str, String)>;
+
+struct TrafficFamilies {
+    packets: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    new_flows: Family<Labels, Counter>,
+    rescheduled: Family<Labels, Counter>,
+}
+
+impl TrafficFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let f = TrafficFamilies {
+            packets: Family::default(),
+            bytes: Family::default(),
+            new_flows: Family::default(),
+            rescheduled: Family::default(),
+        };
+        registry.register("packets", "Packets of balanced flows, both directions", f.packets.clone());
+        registry.register("bytes", "Bytes of balanced flows (whole frames), both directions", f.bytes.clone());
+        registry.register("new_flows", "Flows assigned a backend (new, or moved off a down one)", f.new_flows.clone());
+        registry.register("rescheduled_flows", "Flows moved off a backend that went down", f.rescheduled.clone());
+        f
+    }
+
+    fn record(&self, labels: &Labels, t: Traffic) {
+        self.packets.get_or_create(labels).inc_by(t.packets);
+        self.bytes.get_or_create(labels).inc_by(t.bytes);
+        self.new_flows.get_or_create(labels).inc_by(t.new_flows);
+        self.rescheduled.get_or_create(labels).inc_by(t.rescheduled_flows);
+    }
+}
+
+/// Renders the snapshot as OpenMetrics text. Names carry the `lb_` prefix;
+/// counters get `_total` from the encoder.
+///
+/// # Errors
+/// Only if formatting into a string fails.
+pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("lb");
+    // Per (vip, backend) only: a VIP's totals are the sum over its backends.
+    let traffic = TrafficFamilies::register(&mut registry);
+    let up = Family::<Labels, Gauge>::default();
+    registry.register("backend_up", "1 if the backend passes its health checks, else 0", up.clone());
+    let backends_up = Family::<Labels, Gauge>::default();
+    registry.register("vip_backends_up", "Backends of the VIP that are up", backends_up.clone());
+    let verdicts = Family::<Labels, Counter>::default();
+    registry.register("verdicts", "Packets by the XDP program's verdict and its reason", verdicts.clone());
+
+    for v in &status.vips {
+        let vip_labels: Labels = vec![("vip", v.name.clone())];
+        backends_up.get_or_create(&vip_labels).set(v.backends_up as i64);
+        for b in &v.backends {
+            let labels: Labels = vec![("vip", v.name.clone()), ("backend", b.address.clone())];
+            traffic.record(&labels, b.traffic);
+            up.get_or_create(&labels).set(i64::from(b.health == "up"));
+        }
+    }
+    for c in &status.verdicts {
+        verdicts.get_or_create(&vec![("reason", c.reason.clone())]).inc_by(c.packets);
+    }
+    let mut out = String::new();
+    encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::status::{BackendStatus, VerdictCount, VipStatus};
+
+    #[test]
+    fn renders_the_metrics_the_docs_promise() {
+        let status = Status {
+            vips: vec![VipStatus {
+                name: "web".into(),
+                listen: "198.18.0.100:80".into(),
+                protocol: "tcp".into(),
+                backends_up: 1,
+                traffic: Traffic { packets: 10, bytes: 1000, new_flows: 2, rescheduled_flows: 0 },
+                backends: vec![BackendStatus {
+                    address: "198.18.2.11:8080".into(),
+                    weight: 1,
+                    health: "up".into(),
+                    last_check: Some("ok".into()),
+                    traffic: Traffic { packets: 7, bytes: 700, new_flows: 1, rescheduled_flows: 0 },
+                }],
+            }],
+            verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3 }],
+        };
+        let text = render(&status).expect("render");
+        for line in [
+            "lb_backend_up{vip=\"web\",backend=\"198.18.2.11:8080\"} 1",
+            "lb_packets_total{vip=\"web\",backend=\"198.18.2.11:8080\"} 7",
+            "lb_bytes_total{vip=\"web\",backend=\"198.18.2.11:8080\"} 700",
+            "lb_new_flows_total{vip=\"web\",backend=\"198.18.2.11:8080\"} 1",
+            "lb_vip_backends_up{vip=\"web\"} 1",
+            "lb_verdicts_total{reason=\"pass_not_vip\"} 3",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}
