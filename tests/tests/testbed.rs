@@ -185,8 +185,10 @@ fn failed_construction_removes_what_it_made() {
         .nth(1)
         .and_then(|rest| rest.split(':').next())
         .unwrap_or_else(|| panic!("no testbed id in {message:?}"));
+    // Whether the exit or the closed stdout is seen first is a race; both
+    // say the backend never listened.
     assert!(
-        message.contains("exited before listening"),
+        message.contains("before listening"),
         "unexpected error: {message}"
     );
     let prefix = format!("lbt{id}-");
