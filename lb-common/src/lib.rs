@@ -23,9 +23,9 @@ pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
 
-/// Names of the maps, shared so the agent finds what the program declares.
+/// Names of the maps, shared so the agent finds what the program declares:
+/// each const is the symbol name of a map in `lb-ebpf/src/maps.rs`.
 pub mod map_names {
-    //! Each const is the symbol name of a map in `lb-ebpf/src/maps.rs`.
     pub const VIPS: &str = "VIPS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";

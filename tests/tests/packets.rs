@@ -253,6 +253,7 @@ impl Tcp {
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "a frame's fields, in wire order")]
 fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)

@@ -49,11 +49,11 @@ impl Program {
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_capacity)
             .map_max_entries(map_names::REPLY_NAT, opts.conntrack_capacity)
             .load(EBPF_OBJECT)
-            .map_err(|source| DataplaneError::Load { source })?;
+            .map_err(|source| DataplaneError::Load { source: Box::new(source) })?;
         let program = xdp_program(&mut ebpf)?;
         program
             .load()
-            .map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source })?;
+            .map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source: Box::new(source) })?;
         Ok(Self { ebpf, links: Vec::new() })
     }
 
@@ -72,7 +72,7 @@ impl Program {
             } else {
                 "; if the driver has no native XDP, try xdp_mode = \"generic\""
             },
-            source,
+            source: Box::new(source),
         })?;
         self.links.push((interface.to_owned(), link));
         Ok(())
@@ -114,13 +114,13 @@ impl Drop for Program {
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
-    let program = ebpf.program_mut(PROGRAM_NAME).ok_or(DataplaneError::Program {
+    let program = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| DataplaneError::Program {
         name: PROGRAM_NAME,
-        source: aya::programs::ProgramError::UnexpectedProgramType,
+        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
     })?;
     program
         .try_into()
-        .map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source })
+        .map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source: Box::new(source) })
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default

@@ -19,14 +19,15 @@ pub enum DataplaneError {
     #[error("loading the XDP program failed")]
     Load {
         #[source]
-        source: aya::EbpfError,
+        // Boxed: it is large, and every Result of this module would carry its size.
+        source: Box<aya::EbpfError>,
     },
     /// The program section was missing or refused by the verifier.
     #[error("the kernel refused the XDP program {name}")]
     Program {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// Attaching to an interface failed.
     #[error("attaching to {interface} in {mode} mode failed{hint}")]
@@ -35,7 +36,7 @@ pub enum DataplaneError {
         mode: &'static str,
         hint: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// The object lacks a map the agent needs: agent and program disagree.
     #[error("the XDP program has no map {name}")]

@@ -579,10 +579,10 @@ impl Testbed {
     pub fn start_backend(&self, i: usize) -> anyhow::Result<()> {
         let backend = self.try_backend(i)?;
         let mut process = lock(&backend.process);
-        if let Some(child) = process.as_mut() {
-            if child.try_wait()?.is_none() {
-                return Ok(());
-            }
+        if let Some(child) = process.as_mut()
+            && child.try_wait()?.is_none()
+        {
+            return Ok(());
         }
         let name = format!("b{i}");
         let http = SocketAddr::from(([0, 0, 0, 0], BACKEND_HTTP_PORT)).to_string();
@@ -783,10 +783,10 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         for b in &self.backends {
-            if let Some(mut child) = lock(&b.process).take() {
-                if let Err(e) = child.kill() {
-                    eprintln!("warning: testbed {}: stopping backend: {e:#}", self.id);
-                }
+            if let Some(mut child) = lock(&b.process).take()
+                && let Err(e) = child.kill()
+            {
+                eprintln!("warning: testbed {}: stopping backend: {e:#}", self.id);
             }
         }
         let me = std::process::id().to_string();
