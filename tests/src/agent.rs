@@ -9,7 +9,7 @@ use std::{
     fs,
     net::SocketAddr,
     path::PathBuf,
-    process::Stdio,
+    process::{Command, ExitStatus, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -119,6 +119,17 @@ impl Agent {
     /// When `lb` is not found, does not start, exits, or does not serve in time;
     /// the error includes its log.
     pub fn start(testbed: &Testbed, config: &str) -> anyhow::Result<Self> {
+        Self::start_with(testbed, config, |_| {})
+    }
+
+    /// Like [`Self::start`], but `configure` may adjust the `lb run` command
+    /// before it is spawned (e.g. `cmd.process_group(0)`, so that Ctrl-C in a
+    /// terminal reaches only the caller, which then stops the agent itself).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Self::start`].
+    pub fn start_with(testbed: &Testbed, config: &str, configure: impl FnOnce(&mut Command)) -> anyhow::Result<Self> {
         let lb = crate::lb_bin()?;
         let dir = std::env::temp_dir().join(format!("lb-tests-{}", testbed.id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -132,6 +143,7 @@ impl Agent {
             .env("LB_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
+        configure(&mut cmd);
         let process = ChildGuard::spawn(cmd, format!("lb run in {}", testbed.gateway().name()))?;
         let mut agent = Agent { process, gateway: testbed.gateway().clone(), dir };
         agent.wait_serving()?;
@@ -154,10 +166,22 @@ impl Agent {
         }
     }
 
+    /// The file the agent runs on (removed when the agent is dropped).
+    #[must_use]
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("lb.toml")
+    }
+
+    /// Where the agent logs (removed when the agent is dropped).
+    #[must_use]
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("lb.log")
+    }
+
     /// What the agent has logged so far.
     #[must_use]
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("lb.log")).unwrap_or_else(|e| format!("(no log: {e})"))
+        fs::read_to_string(self.log_path()).unwrap_or_else(|e| format!("(no log: {e})"))
     }
 
     /// The process id, e.g. to signal it.
@@ -172,7 +196,17 @@ impl Agent {
     ///
     /// When signalling or waiting fails.
     pub fn stop(&mut self) -> anyhow::Result<bool> {
-        Ok(self.process.terminate(Duration::from_secs(5))?.success())
+        Ok(self.terminate()?.success())
+    }
+
+    /// Like [`Self::stop`], but returns the exit status itself (e.g. to show it).
+    /// Once the agent has exited, further calls return the same status.
+    ///
+    /// # Errors
+    ///
+    /// When signalling or waiting fails.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.process.terminate(Duration::from_secs(5))
     }
 
     fn admin_get(&self, path: &str) -> anyhow::Result<String> {
@@ -217,8 +251,25 @@ impl Agent {
     ///
     /// On timeout (with the last status and the agent's log) or if the agent exits.
     pub fn wait_health(&mut self, vip: &str, want: &[&str], timeout: Duration) -> anyhow::Result<Duration> {
+        self.wait_health_while(vip, want, timeout, || Ok(()))
+    }
+
+    /// Like [`Self::wait_health`], but calls `keep_going` before every poll
+    /// and gives up with its error, e.g. when the user pressed Ctrl-C.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Self::wait_health`], and whatever `keep_going` returns.
+    pub fn wait_health_while(
+        &mut self,
+        vip: &str,
+        want: &[&str],
+        timeout: Duration,
+        mut keep_going: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Duration> {
         let start = Instant::now();
         loop {
+            keep_going()?;
             if let Some(status) = self.process.try_wait()? {
                 bail!("lb exited with {status}; its log:\n{}", self.log());
             }
