@@ -26,7 +26,8 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of `CONNTRACK`: the backend a client → VIP flow is pinned to.
+/// Value of `CONNTRACK`: the backend a client → VIP flow is pinned to, and
+/// how long it has been idle (see `crate::timeouts` for the lifecycle).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowState {
@@ -34,8 +35,20 @@ pub struct FlowState {
     pub backend_id: u32,
     /// VIP id; an index into `VIP_STATS`.
     pub vip_id: u32,
+    /// When a packet of the flow, either direction, was last seen:
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC), refreshed at most once per
+    /// `timeouts::TOUCH_INTERVAL_NS`.
+    pub last_seen_ns: u64,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
+
+/// A TCP FIN or RST was seen, either direction: the flow is ending, so it
+/// expires after `timeouts::TCP_CLOSING_NS` idle, and a new SYN on its
+/// 5-tuple starts a new flow at once.
+pub const FLOW_F_CLOSING: u32 = 1 << 0;
 
 /// Value of `REPLY_NAT`: what a reply's source is rewritten to.
 #[repr(C)]

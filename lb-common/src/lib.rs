@@ -10,8 +10,11 @@
 pub mod backend;
 pub mod flow;
 pub mod limits;
+pub mod sched;
 pub mod stats;
+pub mod timeouts;
 pub mod vip;
+pub mod vip_addr;
 
 /// Address family of a VIP, backend or flow: IPv4.
 pub const FAMILY_V4: u8 = 4;
@@ -27,6 +30,7 @@ pub const PROTO_UDP: u8 = 17;
 /// each const is the symbol name of a map in `lb-ebpf/src/maps.rs`.
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -34,6 +38,7 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const VERDICTS: &str = "VERDICTS";
+    pub const CONNTRACK_EVENTS: &str = "CONNTRACK_EVENTS";
 }
 
 /// Implements `aya::Pod` for the agent's side only; the kernel side has no aya.

@@ -37,10 +37,11 @@ pub mod reason {
     pub const PASS_NOT_IPV4: u32 = 0;
     /// IPv4 but neither to a VIP nor a reply of a balanced flow: passed.
     pub const PASS_NOT_VIP: u32 = 1;
-    /// IPv4 fragment: passed; fragments are not balanced yet.
+    /// IPv4 fragment not addressed to a VIP (its address and protocol have
+    /// none): passed, not ours to judge.
     pub const PASS_FRAGMENT: u32 = 2;
-    /// IPv4 header too short, bad version or IHL, or length beyond the frame: passed
-    /// untouched, and the kernel drops it.
+    /// Frame too short for the fixed 20-byte IPv4 header, or IP version not 4:
+    /// passed untouched, and the kernel drops it.
     pub const PASS_MALFORMED_IP: u32 = 3;
     /// TTL would expire at this hop: passed untouched so the kernel sends ICMP.
     pub const PASS_TTL_EXPIRED: u32 = 4;
@@ -59,8 +60,28 @@ pub mod reason {
     pub const DROP_MALFORMED_L4: u32 = 10;
     /// A flow or map entry names a backend id the array does not hold: dropped.
     pub const DROP_BAD_BACKEND: u32 = 11;
+    /// IPv4 header length (IHL) below 5 words: passed untouched (the kernel
+    /// drops it); the header cannot be trusted to find anything.
+    pub const PASS_BAD_IHL: u32 = 12;
+    /// IPv4 total length shorter than the header itself: passed untouched.
+    pub const PASS_BAD_TOTAL_LENGTH: u32 = 13;
+    /// IPv4 total length beyond the end of the frame (a truncated frame, or
+    /// options cut off): passed untouched.
+    pub const PASS_TRUNCATED_IP: u32 = 14;
+    /// A TCP/UDP segment too short to hold its ports: it names no VIP, so it
+    /// is not ours to judge; passed untouched.
+    pub const PASS_SHORT_L4: u32 = 15;
+    /// IPv4 fragment (more-fragments set or offset ≠ 0) to an address and
+    /// protocol some VIP has: dropped. Only the first fragment carries ports,
+    /// so pieces of one datagram could not be kept on one backend; and no
+    /// host owns the VIP to reassemble them.
+    pub const DROP_FRAGMENT: u32 = 16;
+    /// A backend's packet for a flow now pinned to another backend (it moved
+    /// off this one, or expired and was balanced anew): dropped, as
+    /// translating it would splice two connections into one.
+    pub const DROP_STALE_REPLY: u32 = 17;
     /// Number of reasons; the size of `VERDICTS`.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 18;
 
     /// Names for metrics, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -76,5 +97,51 @@ pub mod reason {
         "drop_no_backend",
         "drop_malformed_l4",
         "drop_bad_backend",
+        "pass_bad_ihl",
+        "pass_bad_total_length",
+        "pass_truncated_ip",
+        "pass_short_l4",
+        "drop_fragment",
+        "drop_stale_reply",
     ];
+}
+
+/// What happened to entries of the connection table: an index into
+/// `CONNTRACK_EVENTS`, which counts them per CPU. Unlike verdicts these are
+/// not one per packet.
+pub mod conntrack_event {
+    /// A key entered the table: a new flow, or a `RESTORED` one. LRU
+    /// evictions are invisible to the program, but nothing else removes
+    /// entries, so evictions ≈ inserted − entries present.
+    pub const INSERTED: u32 = 0;
+    /// A flow idle past its timeout was balanced anew by its next packet.
+    pub const EXPIRED: u32 = 1;
+    /// A SYN after FIN or RST on a 5-tuple started a new flow before the
+    /// old one's timeout.
+    pub const REOPENED: u32 = 2;
+    /// A reply found its flow's entry evicted and put it back from
+    /// `REPLY_NAT` (so a busy reply direction keeps an idle-looking request
+    /// direction pinned).
+    pub const RESTORED: u32 = 3;
+    /// Number of events; the size of `CONNTRACK_EVENTS`.
+    pub const COUNT: u32 = 4;
+
+    /// Names for metrics, indexed by event.
+    pub const NAMES: [&str; COUNT as usize] = ["inserted", "expired", "reopened", "restored"];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reason::NAMES;
+
+    #[test]
+    fn reason_names_are_unique_and_say_their_action() {
+        for (i, name) in NAMES.iter().enumerate() {
+            assert!(!NAMES[..i].contains(name), "{name} appears twice");
+            assert!(
+                ["pass_", "drop_", "redirect_"].iter().any(|p| name.starts_with(p)),
+                "{name} does not start with its action"
+            );
+        }
+    }
 }

@@ -32,10 +32,16 @@ pub struct VipInfo {
     /// other ring, then flips this in one map update, so a packet sees either
     /// the old table or the new one, never a mix.
     pub ring_generation: u32,
-    /// `VIP_F_*` bits; none defined yet.
+    /// `VIP_F_*` bits: per-VIP options the data path reads.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// Scheduler `source-hash`: new flows pick their Maglev slot by the client
+/// address alone ([`crate::sched::source_hash`]), so every flow of one client
+/// goes to the same backend while the VIP's set of backends is stable.
+/// Without it, the slot comes from the whole 5-tuple ([`crate::flow::flow_hash`]).
+pub const VIP_F_SOURCE_HASH: u32 = 1 << 0;
 
 impl VipInfo {
     /// Index in `MAGLEV` of slot 0 of the ring that packets read.

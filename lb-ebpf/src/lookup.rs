@@ -4,14 +4,16 @@
 use lb_common::{
     FAMILY_V4,
     backend::{BACKEND_STATE_UP, BackendInfo},
-    flow::{FlowKey, FlowState, ReplyNat, flow_hash},
+    flow::{FlowKey, ReplyNat},
     stats::reason,
     vip::{VipInfo, VipKey},
 };
 
 use crate::{
-    Verdict, maglev,
-    maps::{BACKENDS, CONNTRACK, REPLY_NAT, VIPS},
+    Verdict,
+    conntrack::{self, Pinned},
+    maglev,
+    maps::{BACKENDS, REPLY_NAT, VIPS},
     parse::{L4, Packet},
     stats,
 };
@@ -57,20 +59,26 @@ pub fn reply_nat(pkt: &Packet) -> Option<ReplyNat> {
     unsafe { REPLY_NAT.get(&key) }.copied()
 }
 
-/// The backend for a client → VIP flow: its pinned one while that is up,
-/// otherwise a fresh Maglev pick, which is then pinned (with its reply
-/// translation) for the rest of the flow.
+/// The backend for a client → VIP flow: its pinned one while the entry
+/// holds (see `conntrack::pinned`) and that backend is up, otherwise a fresh
+/// Maglev pick, which is then pinned (with its reply translation) for the
+/// rest of the flow.
 #[inline(always)]
-pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo) -> Result<(u32, BackendInfo), Verdict> {
-    // SAFETY: the value is copied out at once.
-    let pinned = unsafe { CONNTRACK.get(flow) }.copied();
-    if let Some(state) = pinned
-        && let Some(backend) = BACKENDS.get(state.backend_id)
-        && backend.state == BACKEND_STATE_UP
-    {
-        return Ok((state.backend_id, *backend));
+pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Result<(u32, BackendInfo), Verdict> {
+    let pinned = conntrack::pinned(flow, l4, now);
+    if let Pinned::Live(state) = pinned {
+        // SAFETY: a valid map value.
+        let backend_id = unsafe { (*state).backend_id };
+        if let Some(backend) = BACKENDS.get(backend_id)
+            && backend.state == BACKEND_STATE_UP
+        {
+            if conntrack::touch(state, l4, now) {
+                conntrack::keep_reply_nat(flow, vip.vip_id, backend_id, backend);
+            }
+            return Ok((backend_id, *backend));
+        }
     }
-    let backend_id = maglev::pick(vip, flow_hash(flow));
+    let backend_id = maglev::pick(vip, flow);
     let Some(backend) = BACKENDS.get(backend_id).copied() else {
         return Err(Verdict::drop(reason::DROP_BAD_BACKEND));
     };
@@ -79,32 +87,8 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo) -> Result<(u32, BackendIn
     if backend_id == 0 || backend.state != BACKEND_STATE_UP {
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
-    pin_flow(flow, vip, backend_id, &backend);
-    stats::count_new_flow(vip.vip_id, backend_id, pinned.is_some());
+    conntrack::pin(flow, vip.vip_id, backend_id, &backend, l4, now, &pinned);
+    // Rescheduled: the flow was live, on a backend that is down.
+    stats::count_new_flow(vip.vip_id, backend_id, matches!(pinned, Pinned::Live(_)));
     Ok((backend_id, backend))
-}
-
-/// Records the flow in both directions. A failed insert only costs a
-/// re-pick on the next packet, which Maglev answers the same way.
-#[inline(always)]
-fn pin_flow(flow: &FlowKey, vip: &VipInfo, backend_id: u32, backend: &BackendInfo) {
-    let state = FlowState { backend_id, vip_id: vip.vip_id };
-    let _ = CONNTRACK.insert(flow, &state, 0);
-    let reply_key = FlowKey {
-        src_be: backend.addr_be,
-        dst_be: flow.src_be,
-        src_port_be: backend.port_be,
-        dst_port_be: flow.src_port_be,
-        proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
-    };
-    let nat = ReplyNat {
-        vip_addr_be: flow.dst_be,
-        vip_port_be: flow.dst_port_be,
-        _pad: 0,
-        vip_id: vip.vip_id,
-        backend_id,
-    };
-    let _ = REPLY_NAT.insert(&reply_key, &nat, 0);
 }

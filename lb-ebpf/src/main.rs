@@ -1,6 +1,7 @@
 //! The XDP load balancer.
 //!
-//! Pipeline for each frame: parse Ethernet/IPv4/TCP|UDP (`parse`), find the
+//! Pipeline for each frame: parse Ethernet (VLAN tags)/IPv4/TCP|UDP
+//! (`parse`; fragments are judged apart, `frag`), find the
 //! VIP (`lookup`), pin the flow to a backend through the connection table or
 //! a Maglev pick (`lookup`, `maglev`), rewrite destination and checksums
 //! (`rewrite`, `csum`), then redirect to the next hop the kernel's FIB names.
@@ -9,7 +10,9 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod csum;
+mod frag;
 mod lookup;
 mod maglev;
 mod maps;
@@ -54,7 +57,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = parse::parse_ipv4(ctx)?;
+    let v4 = parse::parse_ipv4(ctx)?;
+    if v4.is_fragment() {
+        return Err(frag::verdict(&v4));
+    }
+    let pkt = parse::transport(ctx, &v4)?;
     if let Some(vip) = lookup::vip(&pkt) {
         return to_backend(ctx, &pkt, &vip);
     }
@@ -74,7 +81,7 @@ fn to_backend(
     let l4 = parse::l4_checked(ctx, pkt)?;
     parse::check_ttl(pkt)?;
     let flow = lookup::flow_key(pkt, &l4);
-    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip)?;
+    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns())?;
     stats::count_traffic(vip.vip_id, backend_id, ctx);
     rewrite::destination(pkt, &l4, &backend);
     Ok(rewrite::forward(ctx, pkt, reason::REDIRECT_TO_BACKEND))

@@ -11,13 +11,19 @@ use lb_common::{
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
     limits::{DEFAULT_CONNTRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS},
-    stats::{Counters, reason},
+    stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
+    vip_addr::{VipAddrInfo, VipAddrKey},
 };
 
 /// VipKey → VipInfo. Written by the agent.
 #[map]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// VipAddrKey → which protocols have a VIP on the address. Written by the
+/// agent alongside `VIPS`; read for packets that carry no port (fragments).
+#[map]
+pub static VIP_ADDRS: HashMap<VipAddrKey, VipAddrInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// backend id → BackendInfo. Written by the agent (address, health).
 #[map]
@@ -28,14 +34,18 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 #[map]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Client → VIP 5-tuple → the flow's backend. Written here on a flow's first
-/// packet (and when its backend goes down); LRU, so idle flows age out.
+/// Client → VIP 5-tuple → the flow's backend and when it was last active.
+/// Written here on a flow's first packet, when its backend goes down, when it
+/// expires (see `lb_common::timeouts`) and about once a second while active;
+/// LRU, so flows that never return make room.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
 
 /// Backend → client 5-tuple → the VIP the reply must come from. Written here
-/// together with `CONNTRACK`.
+/// together with `CONNTRACK`, and put back by an active flow if evicted; it
+/// holds no clock of its own: a reply is translated only while the flow's
+/// `CONNTRACK` entry names the same backend.
 #[map]
 pub static REPLY_NAT: LruHashMap<FlowKey, ReplyNat> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
@@ -47,6 +57,11 @@ pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 /// Backend id → traffic counters, per CPU. Written here; summed by the agent.
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Connection-table event (`lb_common::stats::conntrack_event`) → count,
+/// per CPU.
+#[map]
+pub static CONNTRACK_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(conntrack_event::COUNT, 0);
 
 /// Verdict reason (`lb_common::stats::reason`) → packets, per CPU.
 #[map]

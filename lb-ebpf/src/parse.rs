@@ -35,6 +35,15 @@ pub struct Ipv4Hdr {
     pub daddr_be: u32,
 }
 
+/// An 802.1Q (or 802.1ad) tag, after the MACs: what follows it.
+#[repr(C)]
+pub struct VlanHdr {
+    /// Priority, DEI and VLAN id; kept as it is.
+    pub tci_be: u16,
+    /// The ethertype of what follows the tag, network byte order.
+    pub ether_type_be: u16,
+}
+
 /// The first 4 bytes of TCP and UDP headers.
 #[repr(C)]
 pub struct Ports {
@@ -43,7 +52,12 @@ pub struct Ports {
 }
 
 const ETH_HLEN: usize = size_of::<EthHdr>();
+const VLAN_HLEN: usize = size_of::<VlanHdr>();
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
+/// 802.1Q VLAN tag (a customer tag, or the inner tag of QinQ).
+const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
+/// 802.1ad service tag: the outer tag of QinQ.
+const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
 /// More-fragments flag and fragment offset, network byte order.
 const IP_MF_OFFSET_MASK_BE: u16 = 0x3fffu16.to_be();
 const TCP_HDR_LEN: usize = 20;
@@ -70,60 +84,143 @@ pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
     pub ports: *mut Ports,
-    /// Offset of the L4 header from the start of the frame (bounded by 74).
+    /// Offset of the L4 header from the start of the frame (bounded by 82:
+    /// two VLAN tags and 60 bytes of IP header).
     pub l4_off: usize,
-    /// IP total length minus header length: the L4 segment's length.
+    /// IP total length minus header length: the L4 segment's length, at
+    /// least 4 (the ports).
     pub l4_len: usize,
     pub proto: u8,
 }
 
-/// Parses Ethernet, IPv4 (with options) and the L4 ports.
+/// An IPv4 header checked against the rules in [`parse_ipv4`]: version 4,
+/// IHL at least 5, total length covering the header and inside the frame.
+pub struct Ipv4 {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// Offset of the IP header: 14, 18 or 22 (no, one or two VLAN tags).
+    l3_off: usize,
+    /// IHL × 4: 20..=60.
+    ihl_bytes: usize,
+    /// The datagram's total length; bytes after it are Ethernet padding.
+    tot_len: usize,
+}
+
+impl Ipv4 {
+    /// A piece of a fragmented datagram: more-fragments set or a non-zero
+    /// offset. (Don't-fragment alone is not.)
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        // SAFETY: bounds checked in parse_ipv4.
+        let frag_off_be = unsafe { (*self.ip).frag_off_be };
+        frag_off_be & IP_MF_OFFSET_MASK_BE != 0
+    }
+}
+
+/// Parses Ethernet (through up to two VLAN tags) and the IPv4 header.
 ///
 /// Frames that are not for us are returned as `Err` with a pass verdict:
-/// this program never drops traffic it does not own.
+/// this program never drops traffic it does not own. A malformed IPv4
+/// header is passed untouched too, each rule with its own reason: the
+/// kernel drops it, and it cannot be trusted to name a VIP.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &XdpContext) -> Result<Packet, Verdict> {
+pub fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_NOT_IPV4))?;
+    let l3_off = skip_vlan_tags(ctx, eth)?;
+    ipv4_header(ctx, eth, l3_off)
+}
+
+/// The offset of an IPv4 header after the MACs and any VLAN tags: one
+/// 802.1Q tag, or QinQ (an 802.1ad or 802.1Q outer tag, then an 802.1Q
+/// one). Tags are only stepped over; they stay in the frame, so a tagged
+/// packet leaves with its tags.
+#[inline(always)]
+fn skip_vlan_tags(ctx: &XdpContext, eth: *mut EthHdr) -> Result<usize, Verdict> {
+    let not_ipv4 = Verdict::pass(reason::PASS_NOT_IPV4);
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).ether_type_be } != ETH_P_IPV4_BE {
-        return Err(Verdict::pass(reason::PASS_NOT_IPV4));
+    let mut ether_type = unsafe { (*eth).ether_type_be };
+    let mut off = ETH_HLEN;
+    // Unrolled, not a loop: at most two tags, each a fixed offset.
+    if ether_type == ETH_P_8021AD_BE || ether_type == ETH_P_8021Q_BE {
+        let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ipv4)?;
+        // SAFETY: bounds checked by ptr_at.
+        ether_type = unsafe { (*tag).ether_type_be };
+        off += VLAN_HLEN;
+        if ether_type == ETH_P_8021Q_BE {
+            let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ipv4)?;
+            // SAFETY: bounds checked by ptr_at.
+            ether_type = unsafe { (*tag).ether_type_be };
+            off += VLAN_HLEN;
+        }
     }
-    let malformed = Verdict::pass(reason::PASS_MALFORMED_IP);
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(malformed)?;
+    if ether_type != ETH_P_IPV4_BE {
+        return Err(not_ipv4);
+    }
+    Ok(off)
+}
+
+/// Validates the IPv4 header at `l3_off`: the three rules that make its
+/// lengths trustworthy, checked in the order a reader depends on them.
+#[inline(always)]
+fn ipv4_header(ctx: &XdpContext, eth: *mut EthHdr, l3_off: usize) -> Result<Ipv4, Verdict> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Verdict::pass(reason::PASS_MALFORMED_IP))?;
     // SAFETY: bounds checked by ptr_at.
-    let version_ihl = unsafe { (*ip).version_ihl };
+    let (version_ihl, tot_len_be) = unsafe { ((*ip).version_ihl, (*ip).tot_len_be) };
+    if version_ihl >> 4 != 4 {
+        return Err(Verdict::pass(reason::PASS_MALFORMED_IP));
+    }
     let ihl_bytes = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl_bytes < size_of::<Ipv4Hdr>() {
-        return Err(malformed);
+    if ihl_bytes < size_of::<Ipv4Hdr>() {
+        return Err(Verdict::pass(reason::PASS_BAD_IHL));
     }
-    // SAFETY: bounds checked by ptr_at.
-    let tot_len = u16::from_be(unsafe { (*ip).tot_len_be }) as usize;
+    let tot_len = u16::from_be(tot_len_be) as usize;
+    if tot_len < ihl_bytes {
+        return Err(Verdict::pass(reason::PASS_BAD_TOTAL_LENGTH));
+    }
     // Trailing bytes past tot_len (Ethernet padding) are allowed; a length
-    // beyond the frame is not.
-    if tot_len < ihl_bytes || ctx.data() + ETH_HLEN + tot_len > ctx.data_end() {
-        return Err(malformed);
+    // beyond the frame is not. This also proves the options are in the frame.
+    if ctx.data() + l3_off + tot_len > ctx.data_end() {
+        return Err(Verdict::pass(reason::PASS_TRUNCATED_IP));
     }
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*ip).frag_off_be } & IP_MF_OFFSET_MASK_BE != 0 {
-        return Err(Verdict::pass(reason::PASS_FRAGMENT));
-    }
-    // SAFETY: bounds checked by ptr_at.
-    let proto = unsafe { (*ip).proto };
+    Ok(Ipv4 { eth, ip, l3_off, ihl_bytes, tot_len })
+}
+
+/// Locates a TCP or UDP header after the IP header and its options, far
+/// enough to read the ports. The ports must lie inside the datagram, not in
+/// the Ethernet padding after it.
+#[inline(always)]
+pub fn transport(ctx: &XdpContext, v4: &Ipv4) -> Result<Packet, Verdict> {
+    // SAFETY: bounds checked in ipv4_header.
+    let proto = unsafe { (*v4.ip).proto };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Verdict::pass(reason::PASS_NOT_VIP));
     }
-    // verifier: ihl_bytes is at most 60, so l4_off is a bounded offset.
-    let l4_off = ETH_HLEN + (ihl_bytes & 0x3c);
-    // A header too short to hold ports cannot name a VIP: not ours.
-    let ports: *mut Ports = ptr_at(ctx, l4_off).ok_or(malformed)?;
-    Ok(Packet { eth, ip, ports, l4_off, l4_len: tot_len - ihl_bytes, proto })
+    let short = Verdict::pass(reason::PASS_SHORT_L4);
+    // verifier: the mask keeps ihl_bytes visibly at most 60, so l4_off is a
+    // bounded offset the bounds check below can prove. That check comes
+    // first: placed after the length check, which implies it, the compiler
+    // removes it, and the verifier then refuses the read.
+    let l4_off = v4.l3_off + (v4.ihl_bytes & 0x3c);
+    let ports: *mut Ports = ptr_at(ctx, l4_off).ok_or(short)?;
+    let l4_len = v4.tot_len - v4.ihl_bytes;
+    if l4_len < size_of::<Ports>() {
+        return Err(short);
+    }
+    Ok(Packet { eth: v4.eth, ip: v4.ip, ports, l4_off, l4_len, proto })
 }
 
 /// The L4 header of a packet we are about to rewrite, fully validated.
 pub struct L4 {
     /// The checksum field; `None` for UDP sent without a checksum.
     pub check: Option<*mut u16>,
+    /// TCP flags (`TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Validates the whole TCP or UDP header of a packet we own, and locates its
 /// checksum. A malformed header on a balanced flow is dropped, never
@@ -142,7 +239,9 @@ pub fn l4_checked(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
             return Err(malformed);
         }
         let check = (hdr as usize + TCP_CHECK_OFF) as *mut u16;
-        Ok(L4 { check: Some(check) })
+        // SAFETY: bounds checked by ptr_at; byte 13 holds the flags.
+        let tcp_flags = unsafe { (*hdr)[13] };
+        Ok(L4 { check: Some(check), tcp_flags })
     } else {
         let hdr: *mut [u16; 4] = ptr_at(ctx, pkt.l4_off).ok_or(malformed)?;
         // SAFETY: bounds checked by ptr_at; word 2 is the UDP length.
@@ -153,7 +252,7 @@ pub fn l4_checked(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
         let check = (hdr as usize + UDP_CHECK_OFF) as *mut u16;
         // SAFETY: bounds checked by ptr_at (the whole 8-byte header).
         let zero = unsafe { *check } == 0;
-        Ok(L4 { check: if zero { None } else { Some(check) } })
+        Ok(L4 { check: if zero { None } else { Some(check) }, tcp_flags: 0 })
     }
 }
 

@@ -1,15 +1,17 @@
 //! The return path: a backend's reply to a balanced flow leaves the gateway
 //! with the VIP as its source, so the client sees the address it dialled.
+//! A reply counts as activity of its flow (`conntrack::reply_seen`).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{flow::ReplyNat, stats::reason};
 
-use crate::{Verdict, parse, parse::Packet, rewrite, stats};
+use crate::{Verdict, conntrack, lookup, parse, parse::Packet, rewrite, stats};
 
 #[inline(always)]
 pub fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdict, Verdict> {
     let l4 = parse::l4_checked(ctx, pkt)?;
     parse::check_ttl(pkt)?;
+    conntrack::reply_seen(&lookup::flow_key(pkt, &l4), nat, &l4, conntrack::now_ns())?;
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
     rewrite::source(pkt, &l4, nat.vip_addr_be[0], nat.vip_port_be);
     Ok(rewrite::forward(ctx, pkt, reason::REDIRECT_TO_CLIENT))

@@ -2,11 +2,20 @@
 
 use aya_ebpf::programs::XdpContext;
 
-use crate::maps::{BACKEND_STATS, VERDICTS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, CONNTRACK_EVENTS, VERDICTS, VIP_STATS};
 
 #[inline(always)]
 pub fn count_verdict(reason: u32) {
     if let Some(count) = VERDICTS.get_ptr_mut(reason) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
+        unsafe { *count += 1 };
+    }
+}
+
+/// Counts a connection-table event (`lb_common::stats::conntrack_event`).
+#[inline(always)]
+pub fn count_conntrack_event(event: u32) {
+    if let Some(count) = CONNTRACK_EVENTS.get_ptr_mut(event) {
         // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
         unsafe { *count += 1 };
     }

@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Status, StatusSource, status::{BackendStatus, Traffic, VerdictCount, VipStatus}},
+    api::{self, Status, StatusSource, status::{BackendStatus, ConntrackStatus, Traffic, VerdictCount, VipStatus}},
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     dataplane::{LoadOptions, Maps, Program},
     health::{self, HealthEvent},
@@ -135,6 +135,7 @@ impl StatusSource for AgentState {
                     .map(|b| BackendStatus {
                         address: b.address.to_string(),
                         weight: b.weight,
+                        backup: b.backup,
                         health: health_name(b.health).to_owned(),
                         last_check: self.last_checks.get(&b.backend_id).cloned(),
                         traffic: self.maps.backend_counters(b.backend_id).map(Traffic::from).unwrap_or_default(),
@@ -144,6 +145,7 @@ impl StatusSource for AgentState {
                     name: vip.name.to_owned(),
                     listen: vip.listen.to_string(),
                     protocol: vip.protocol.as_str().to_owned(),
+                    scheduler: vip.scheduler.as_str().to_owned(),
                     backends_up: backends.iter().filter(|b| b.health == "up").count(),
                     traffic: self.maps.vip_counters(vip.vip_id).map(Traffic::from).unwrap_or_default(),
                     backends,
@@ -161,7 +163,8 @@ impl StatusSource for AgentState {
                     .collect()
             })
             .unwrap_or_default();
-        Status { vips, verdicts }
+        let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
+        Status { vips, verdicts, conntrack }
     }
 }
 

@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::api::status::{Status, Traffic};
+use crate::api::status::{ConntrackStatus, Status, Traffic};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -71,9 +71,40 @@ pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
     for c in &status.verdicts {
         verdicts.get_or_create(&vec![("reason", c.reason.clone())]).inc_by(c.packets);
     }
+    register_conntrack(&mut registry, &status.conntrack);
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)
+}
+
+/// The connection table's occupancy (gauges) and lifecycle (counters).
+fn register_conntrack(registry: &mut Registry, c: &ConntrackStatus) {
+    let gauge = |value: u64| {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(value).unwrap_or(i64::MAX));
+        g
+    };
+    let counter = |value: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(value);
+        c
+    };
+    registry.register("conntrack_entries", "Entries in the connection table (walked every few seconds)", gauge(c.entries));
+    registry.register("conntrack_capacity", "Entries the connection table has room for", gauge(c.capacity));
+    registry.register(
+        "conntrack_evictions",
+        "Connection-table entries evicted by LRU, estimated as inserted minus present",
+        counter(c.evicted),
+    );
+    let events = Family::<Labels, Counter>::default();
+    registry.register(
+        "conntrack_events",
+        "Connection-table events: inserted, expired, reopened (SYN after FIN/RST), restored (by a reply)",
+        events.clone(),
+    );
+    for (event, value) in [("inserted", c.inserted), ("expired", c.expired), ("reopened", c.reopened), ("restored", c.restored)] {
+        events.get_or_create(&vec![("event", event.to_owned())]).inc_by(value);
+    }
 }
 
 #[cfg(test)]
@@ -88,17 +119,28 @@ mod tests {
                 name: "web".into(),
                 listen: "198.18.0.100:80".into(),
                 protocol: "tcp".into(),
+                scheduler: "maglev".into(),
                 backends_up: 1,
                 traffic: Traffic { packets: 10, bytes: 1000, new_flows: 2, rescheduled_flows: 0 },
                 backends: vec![BackendStatus {
                     address: "198.18.2.11:8080".into(),
                     weight: 1,
+                    backup: false,
                     health: "up".into(),
                     last_check: Some("ok".into()),
                     traffic: Traffic { packets: 7, bytes: 700, new_flows: 1, rescheduled_flows: 0 },
                 }],
             }],
             verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3 }],
+            conntrack: ConntrackStatus {
+                entries: 5,
+                capacity: 1024,
+                inserted: 9,
+                expired: 2,
+                reopened: 1,
+                restored: 1,
+                evicted: 4,
+            },
         };
         let text = render(&status).expect("render");
         for line in [
@@ -108,6 +150,11 @@ mod tests {
             "lb_new_flows_total{vip=\"web\",backend=\"198.18.2.11:8080\"} 1",
             "lb_vip_backends_up{vip=\"web\"} 1",
             "lb_verdicts_total{reason=\"pass_not_vip\"} 3",
+            "lb_conntrack_entries 5",
+            "lb_conntrack_capacity 1024",
+            "lb_conntrack_evictions_total 4",
+            "lb_conntrack_events_total{event=\"expired\"} 2",
+            "lb_conntrack_events_total{event=\"inserted\"} 9",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

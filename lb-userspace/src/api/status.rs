@@ -9,6 +9,45 @@ pub struct Status {
     pub vips: Vec<VipStatus>,
     /// Packets per verdict reason since the program was loaded.
     pub verdicts: Vec<VerdictCount>,
+    /// The connection table. Absent from older agents' answers.
+    #[serde(default)]
+    pub conntrack: ConntrackStatus,
+}
+
+/// The connection table: occupancy, and what happened to its entries since
+/// the program was loaded.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ConntrackStatus {
+    /// Entries present: live flows, and idle ones not yet reused or evicted.
+    /// Counted by walking the table, so up to a few seconds old.
+    pub entries: u64,
+    /// Entries the table has room for (`agent.conntrack_capacity`).
+    pub capacity: u64,
+    /// Keys inserted: new flows, and entries a reply put back.
+    pub inserted: u64,
+    /// Flows idle past their timeout, balanced anew at their next packet.
+    pub expired: u64,
+    /// TCP flows closed (FIN/RST) whose 5-tuple a new SYN reused before they expired.
+    pub reopened: u64,
+    /// Entries LRU evicted that a reply put back.
+    pub restored: u64,
+    /// LRU evictions, estimated as `inserted - entries`.
+    pub evicted: u64,
+}
+
+impl From<crate::dataplane::ConntrackStats> for ConntrackStatus {
+    fn from(c: crate::dataplane::ConntrackStats) -> Self {
+        use lb_common::stats::conntrack_event::{EXPIRED, INSERTED, REOPENED, RESTORED};
+        ConntrackStatus {
+            entries: c.entries,
+            capacity: c.capacity,
+            inserted: c.events[INSERTED as usize],
+            expired: c.events[EXPIRED as usize],
+            reopened: c.events[REOPENED as usize],
+            restored: c.events[RESTORED as usize],
+            evicted: c.evicted,
+        }
+    }
 }
 
 /// One virtual service.
@@ -17,6 +56,9 @@ pub struct VipStatus {
     pub name: String,
     pub listen: String,
     pub protocol: String,
+    /// `maglev` or `source-hash`. Absent from older agents' answers.
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
     /// Backends up (healthy and taking flows when their weight is above 0).
     pub backends_up: usize,
     pub traffic: Traffic,
@@ -28,11 +70,20 @@ pub struct VipStatus {
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
+    /// Takes new flows only while no primary of the VIP is up with weight.
+    /// Absent from older agents' answers.
+    #[serde(default)]
+    pub backup: bool,
     /// `up`, `down`, or `unknown` before its first health check.
     pub health: String,
     /// The last health check's outcome: `ok` or why it failed.
     pub last_check: Option<String>,
     pub traffic: Traffic,
+}
+
+/// What agents from before schedulers used.
+fn default_scheduler() -> String {
+    "maglev".to_owned()
 }
 
 /// Traffic counters, summed over CPUs; both directions count.

@@ -31,10 +31,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let status: Status = serde_json::from_str(&body).context("the agent's /status is not what this lb expects")?;
     for vip in &status.vips {
         println!(
-            "{} {} {}  {}/{} up  {} pkts  {} flows",
+            "{} {} {} {}  {}/{} up  {} pkts  {} flows",
             vip.name,
             vip.protocol,
             vip.listen,
+            vip.scheduler,
             vip.backends_up,
             vip.backends.len(),
             vip.traffic.packets,
@@ -42,10 +43,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         for b in &vip.backends {
             println!(
-                "  {:<22} {:<7} w={:<3} {:>10} pkts {:>8} flows  {}",
+                "  {:<22} {:<7} w={:<3} {:<6} {:>10} pkts {:>8} flows  {}",
                 b.address,
                 b.health,
                 b.weight,
+                if b.backup { "backup" } else { "" },
                 b.traffic.packets,
                 b.traffic.new_flows,
                 b.last_check.as_deref().unwrap_or("")

@@ -7,17 +7,19 @@ use std::{fmt, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{}: cannot read: {source}", file.display())]
-    Read {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    ///
+    /// The I/O error is part of the message and deliberately not a
+    /// `source()`: the CLI prints the whole chain (`{:#}`), which would
+    /// otherwise repeat it.
+    #[error("{}: cannot read: {error}", file.display())]
+    Read { file: PathBuf, error: std::io::Error },
     /// The file is not valid TOML.
     #[error("{}:{}: {message}", file.display(), position)]
     Syntax {
         file: PathBuf,
         position: Position,
+        /// The TOML parser's message, its lines joined with "; " so the
+        /// error stays on one line.
         message: String,
     },
     /// A key is missing, unknown, of the wrong type, or has a value out of bounds.

@@ -27,8 +27,8 @@ impl Config {
     /// When the file cannot be read, is not TOML, or breaks a rule; the error
     /// names the file, the key and the reason.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|error| ConfigError::Read { file: path.to_owned(), error })?;
         Config::parse(&text, path)
     }
 
@@ -37,16 +37,23 @@ impl Config {
     /// # Errors
     /// As [`Config::load`], without the read.
     pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-            file: source.to_owned(),
-            position: Position::of(text, e.span().map_or(0, |span| span.start)),
-            message: e.message().to_owned(),
-        })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax_error(text, source, &e))?;
         parse::config(table, source).map_err(|problem| ConfigError::Invalid {
             file: source.to_owned(),
             key: problem.key,
             reason: problem.reason,
         })
+    }
+}
+
+/// A TOML error as one line: where it starts, and toml's message with its
+/// lines (e.g. "invalid array" / "expected `]`") joined by "; ".
+fn syntax_error(text: &str, source: &Path, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    ConfigError::Syntax {
+        file: source.to_owned(),
+        position: Position::of(text, e.span().map_or(0, |span| span.start)),
+        message,
     }
 }
 

@@ -1,7 +1,7 @@
 //! The validated configuration: what the rest of the agent sees.
 //!
-//! Parsing and validation (in `config/mod.rs` and `config/validate.rs`) turn a
-//! TOML file into these types; nothing else constructs them from user input,
+//! Parsing and validation (`config/mod.rs`, `config/table.rs` and
+//! `config/parse.rs`) turn a TOML file into these types; nothing else constructs them from user input,
 //! so a `Config` in hand is known to be valid.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -74,9 +74,49 @@ pub struct VipConfig {
     /// Address and port clients connect to.
     pub listen: SocketAddr,
     pub protocol: Protocol,
+    /// How a new flow picks its backend.
+    pub scheduler: Scheduler,
     pub health_check: HealthCheckConfig,
     /// At least one.
     pub backends: Vec<BackendConfig>,
+}
+
+/// `vip.scheduler`: which hash of a new flow picks its backend. Either way
+/// the choice is pinned in the connection table for the rest of the flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Maglev over the 5-tuple: a client's connections spread.
+    #[default]
+    Maglev,
+    /// Maglev over the client address only (nginx's `ip_hash`): all flows of
+    /// one client go to one backend while the VIP's set of backends is stable.
+    SourceHash,
+}
+
+impl Scheduler {
+    /// Every scheduler, for error messages.
+    pub const ALL: [Scheduler; 2] = [Scheduler::Maglev, Scheduler::SourceHash];
+
+    /// The name, as in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::SourceHash => "source-hash",
+        }
+    }
+
+    /// The scheduler called `name` in the config file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Scheduler::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Its `VIP_F_*` bits for `VipInfo.flags`.
+    pub fn vip_flags(self) -> u32 {
+        match self {
+            Scheduler::Maglev => 0,
+            Scheduler::SourceHash => lb_common::vip::VIP_F_SOURCE_HASH,
+        }
+    }
 }
 
 /// `[vip.health_check]`.
@@ -85,7 +125,7 @@ pub struct HealthCheckConfig {
     pub kind: HealthCheckKind,
     /// Time between the starts of two probes of one backend.
     pub interval: Duration,
-    /// How long one probe may take (less than `interval`).
+    /// How long one probe may take (above 0, at most `interval`).
     pub timeout: Duration,
     /// Consecutive successes that bring a down backend up (at least 1).
     pub rise: u32,
@@ -135,4 +175,7 @@ pub struct BackendConfig {
     pub address: SocketAddr,
     /// Share of new flows, relative to the VIP's other backends; 0 takes no new flows.
     pub weight: u32,
+    /// A backup takes new flows only while no primary (non-backup) backend
+    /// of its VIP is up with a weight above 0.
+    pub backup: bool,
 }

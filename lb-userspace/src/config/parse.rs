@@ -16,8 +16,8 @@ use toml::Table;
 use super::{
     error::Problem,
     model::{
-        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, StatusRange, VipConfig,
-        XdpMode,
+        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, StatusRange,
+        VipConfig, XdpMode,
     },
     table::Section,
 };
@@ -28,10 +28,10 @@ type Result<T> = std::result::Result<T, Problem>;
 const TOP_KEYS: &[&str] = &["agent", "vip"];
 const AGENT_KEYS: &[&str] =
     &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
-const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "health_check", "backend"];
+const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "backend"];
 const CHECK_KEYS: &[&str] =
     &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
-const BACKEND_KEYS: &[&str] = &["address", "weight"];
+const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
 /// Where the admin API listens unless configured.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
@@ -53,35 +53,40 @@ pub const DEFAULT_EXPECT_STATUS: StatusRange = StatusRange { min: 200, max: 399 
 const INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
 
 /// Builds a validated config from the parsed file.
+///
+/// `[agent]` is read first so its problems are reported in file order;
+/// `max_vips` is settled only once the VIPs are counted, since its default
+/// and its lower bound depend on them.
 pub fn config(table: Table, source: &Path) -> Result<Config> {
     let mut top = Section::new("", table, TOP_KEYS);
     let agent = top.table("agent", AGENT_KEYS)?.ok_or_else(|| top.problem("agent", "missing ([agent] is required)"))?;
     let vip_sections = top.tables("vip", VIP_KEYS)?;
     top.finish()?;
+    let agent = agent_settings(agent)?;
     if vip_sections.is_empty() {
         return Err(Problem::new("vip", "no [[vip]] configured; at least one is required"));
     }
     let vips = vip_sections.into_iter().map(vip).collect::<Result<Vec<_>>>()?;
-    let agent = agent_config(agent, &vips)?;
     check_unique_vips(&vips)?;
+    let agent = agent.resolve(vips.len())?;
     check_backend_count(&vips)?;
     check_ring_fits_backends(agent.ring_size, &vips)?;
     Ok(Config { source: source.to_owned(), agent, vips })
 }
 
-fn agent_config(mut s: Section, vips: &[VipConfig]) -> Result<AgentConfig> {
-    let interfaces = s.strings("interfaces")?.ok_or_else(|| s.problem("interfaces", "missing (required)"))?;
-    if interfaces.is_empty() {
-        return Err(s.problem("interfaces", "empty; name at least one interface"));
-    }
-    let mut seen = HashSet::new();
-    for (i, name) in interfaces.iter().enumerate() {
-        let key = format!("interfaces[{}]", i + 1);
-        check_interface_name(name).map_err(|reason| s.problem(&key, reason))?;
-        if !seen.insert(name) {
-            return Err(s.problem(&key, format!("{name:?} is listed twice")));
-        }
-    }
+/// `[agent]` as written, before `max_vips` is checked against the VIPs.
+struct AgentSettings {
+    interfaces: Vec<String>,
+    admin_listen: SocketAddr,
+    xdp_mode: XdpMode,
+    conntrack_capacity: u32,
+    ring_size: u32,
+    /// `None` when not set: then it is derived from the number of VIPs.
+    max_vips: Option<u32>,
+}
+
+fn agent_settings(mut s: Section) -> Result<AgentSettings> {
+    let interfaces = interfaces(&mut s)?;
     let admin_listen = match s.string("admin_listen")? {
         Some(text) => text
             .parse::<SocketAddr>()
@@ -95,34 +100,95 @@ fn agent_config(mut s: Section, vips: &[VipConfig]) -> Result<AgentConfig> {
     };
     let (lo, hi) = CONNTRACK_CAPACITY_RANGE;
     let conntrack_capacity = s.integer("conntrack_capacity", lo, hi)?.unwrap_or(DEFAULT_CONNTRACK_CAPACITY);
+    let ring_size = ring_size(&mut s)?;
+    let max_vips = s.integer("max_vips", 1, MAX_VIPS)?;
+    if let Some(max_vips) = max_vips {
+        let fit = vips_that_fit(ring_size);
+        if max_vips > fit {
+            return Err(s.problem(
+                "max_vips",
+                format!(
+                    "{max_vips} VIPs of ring_size {ring_size} need {} Maglev entries, over the limit of \
+                     {MAX_MAGLEV_ENTRIES}; at most {fit} fit",
+                    maglev_entries(max_vips, ring_size)
+                ),
+            ));
+        }
+    }
+    s.finish()?;
+    Ok(AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips })
+}
+
+impl AgentSettings {
+    /// Fills in `max_vips` and checks that the `vip_count` VIPs fit, naming
+    /// `max_vips` if the user set it too low, else `ring_size`, which is then
+    /// what makes them not fit.
+    fn resolve(self, vip_count: usize) -> Result<AgentConfig> {
+        let vip_count = u32::try_from(vip_count).unwrap_or(u32::MAX);
+        let fit = vips_that_fit(self.ring_size);
+        let max_vips = match self.max_vips {
+            Some(n) if vip_count > n => {
+                return Err(Problem::new(
+                    "agent.max_vips",
+                    format!("{vip_count} VIPs are configured but max_vips is {n}"),
+                ));
+            }
+            Some(n) => n,
+            None if vip_count > fit => {
+                return Err(Problem::new(
+                    "agent.ring_size",
+                    format!(
+                        "{vip_count} VIPs of ring_size {} need {} Maglev entries, over the limit of \
+                         {MAX_MAGLEV_ENTRIES}; at most {fit} fit",
+                        self.ring_size,
+                        maglev_entries(vip_count, self.ring_size)
+                    ),
+                ));
+            }
+            None => DEFAULT_MAX_VIPS.max(vip_count).min(fit),
+        };
+        let AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, .. } = self;
+        Ok(AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips })
+    }
+}
+
+/// `agent.interfaces`: required, non-empty, valid and unique names.
+fn interfaces(s: &mut Section) -> Result<Vec<String>> {
+    let interfaces = s.strings("interfaces")?.ok_or_else(|| s.problem("interfaces", "missing (required)"))?;
+    if interfaces.is_empty() {
+        return Err(s.problem("interfaces", "empty; name at least one interface"));
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in interfaces.iter().enumerate() {
+        let key = format!("interfaces[{}]", i + 1);
+        check_interface_name(name).map_err(|reason| s.problem(&key, reason))?;
+        if !seen.insert(name) {
+            return Err(s.problem(&key, format!("{name:?} is listed twice")));
+        }
+    }
+    Ok(interfaces)
+}
+
+/// `agent.ring_size`: a prime from [`MIN_RING_SIZE`] up to what one VIP's two
+/// rings may take of the Maglev array.
+fn ring_size(s: &mut Section) -> Result<u32> {
     let max_ring = u32::try_from(MAX_MAGLEV_ENTRIES / u64::from(RINGS_PER_VIP)).unwrap_or(u32::MAX);
     let ring_size = s.integer("ring_size", MIN_RING_SIZE, max_ring)?.unwrap_or(DEFAULT_RING_SIZE);
     if !is_prime(ring_size) {
         return Err(s.problem("ring_size", format!("{ring_size} is not prime (Maglev needs a prime, e.g. 65537)")));
     }
-    let vip_count = u32::try_from(vips.len()).unwrap_or(u32::MAX);
-    let fit = u32::try_from(MAX_MAGLEV_ENTRIES / (u64::from(RINGS_PER_VIP) * u64::from(ring_size)))
-        .unwrap_or(u32::MAX)
-        .min(MAX_VIPS);
-    let max_vips = match s.integer("max_vips", 1, MAX_VIPS)? {
-        Some(n) => n,
-        None => DEFAULT_MAX_VIPS.max(vip_count).min(fit),
-    };
-    if vip_count > max_vips {
-        return Err(s.problem("max_vips", format!("{vip_count} VIPs are configured but max_vips is {max_vips}")));
-    }
-    if max_vips > fit {
-        return Err(s.problem(
-            "max_vips",
-            format!(
-                "{max_vips} VIPs of ring_size {ring_size} need {} table entries, over the limit of {MAX_MAGLEV_ENTRIES}; \
-                 at most {fit} fit",
-                u64::from(max_vips) * u64::from(RINGS_PER_VIP) * u64::from(ring_size)
-            ),
-        ));
-    }
-    s.finish()?;
-    Ok(AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips })
+    Ok(ring_size)
+}
+
+/// Entries of the Maglev array that `vips` VIPs with rings of `ring_size` take.
+fn maglev_entries(vips: u32, ring_size: u32) -> u64 {
+    u64::from(vips) * u64::from(RINGS_PER_VIP) * u64::from(ring_size)
+}
+
+/// How many VIPs with rings of `ring_size` the Maglev array and VIP map hold.
+fn vips_that_fit(ring_size: u32) -> u32 {
+    let per_vip = u64::from(RINGS_PER_VIP) * u64::from(ring_size.max(1));
+    u32::try_from(MAX_MAGLEV_ENTRIES / per_vip).unwrap_or(u32::MAX).min(MAX_VIPS)
 }
 
 /// Linux interface names: 1 to 15 bytes, no `/`, no whitespace, not `.` or `..`.
@@ -149,6 +215,7 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         Some("udp") => Protocol::Udp,
         Some(other) => return Err(s.problem("protocol", format!("{other:?} is not one of: tcp, udp"))),
     };
+    let scheduler = scheduler(&mut s)?;
     let health_check = match s.table("health_check", CHECK_KEYS)? {
         Some(section) => health_check(section)?,
         None => default_health_check(),
@@ -172,7 +239,18 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         }
     }
     s.finish()?;
-    Ok(VipConfig { name, listen, protocol, health_check, backends })
+    Ok(VipConfig { name, listen, protocol, scheduler, health_check, backends })
+}
+
+/// `vip.scheduler`, `"maglev"` unless set.
+fn scheduler(s: &mut Section) -> Result<Scheduler> {
+    match s.string("scheduler")? {
+        None => Ok(Scheduler::default()),
+        Some(name) => Scheduler::from_name(&name).ok_or_else(|| {
+            let names: Vec<&str> = Scheduler::ALL.iter().map(|known| known.as_str()).collect();
+            s.problem("scheduler", format!("{name:?} is not one of: {}", names.join(", ")))
+        }),
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -279,8 +357,9 @@ fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
 fn backend(mut s: Section) -> Result<BackendConfig> {
     let address = ipv4_socket_addr(&mut s, "address")?;
     let weight = s.integer("weight", 0, MAX_WEIGHT)?.unwrap_or(1);
+    let backup = s.boolean("backup")?.unwrap_or(false);
     s.finish()?;
-    Ok(BackendConfig { address, weight })
+    Ok(BackendConfig { address, weight, backup })
 }
 
 fn check_unique_vips(vips: &[VipConfig]) -> Result<()> {

@@ -74,6 +74,15 @@ impl Section {
         }
     }
 
+    /// An optional boolean (`true` or `false`, not a string).
+    pub fn boolean(&mut self, key: &str) -> Result<Option<bool>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Boolean(b)) => Ok(Some(b)),
+            Some(other) => Err(self.wrong_type(key, "true or false", &other)),
+        }
+    }
+
     /// An optional array of strings.
     pub fn strings(&mut self, key: &str) -> Result<Option<Vec<String>>> {
         match self.take(key) {

@@ -91,7 +91,10 @@ fn the_issue_example_parses() {
             port: None,
         }
     );
-    assert_eq!(vip.backends, [BackendConfig { address: "198.18.2.11:8080".parse().expect("addr"), weight: 1 }]);
+    assert_eq!(
+        vip.backends,
+        [BackendConfig { address: "198.18.2.11:8080".parse().expect("addr"), weight: 1, backup: false }]
+    );
     assert!(Balancer::new(&config).is_ok());
 }
 
@@ -107,6 +110,7 @@ fn defaults_are_filled() {
     assert_eq!(agent.max_vips, DEFAULT_MAX_VIPS);
     let vip = &config.vips[0];
     assert_eq!(vip.protocol, Protocol::Tcp);
+    assert_eq!(vip.scheduler, Scheduler::Maglev);
     let check = &vip.health_check;
     assert_eq!(
         check.kind,
@@ -114,6 +118,7 @@ fn defaults_are_filled() {
     );
     assert_eq!((check.interval, check.timeout, check.rise, check.fall), (DEFAULT_INTERVAL, DEFAULT_TIMEOUT, 2, 3));
     assert_eq!(vip.backends[0].weight, 1);
+    assert!(!vip.backends[0].backup);
 }
 
 #[test]
@@ -123,15 +128,22 @@ fn timeout_defaults_to_at_most_the_interval() {
 }
 
 #[test]
-fn syntax_errors_have_line_and_column() {
+fn syntax_errors_have_line_and_column_on_one_line() {
     let e = error("[agent]\ninterfaces = [\"eth0\"\n");
-    assert!(e.starts_with(&format!("{FILE}:3:")) || e.starts_with(&format!("{FILE}:2:")), "{e}");
+    assert!(e.starts_with(&format!("{FILE}:3:1: invalid array")), "{e}");
+    assert!(e.contains("; expected `]`") && !e.contains('\n'), "{e:?}");
+    let e = error("[agent]\ninterfaces = [\"eth0\"]\ninterfaces = [\"eth1\"]\n");
+    assert!(e.starts_with(&format!("{FILE}:3:1: duplicate key `interfaces`")), "{e}");
+    let e = error("[agent]\n  name = \"é\" x\n");
+    assert!(e.starts_with(&format!("{FILE}:2:14: ")), "columns count characters: {e}");
 }
 
 #[test]
-fn unreadable_files_say_so() {
-    let e = Config::load(Path::new("/nonexistent/lb.toml")).expect_err("no such file").to_string();
-    assert!(e.starts_with("/nonexistent/lb.toml: cannot read:"), "{e}");
+fn unreadable_files_say_so_once() {
+    let e = Config::load(Path::new("/nonexistent/lb.toml")).expect_err("no such file");
+    let line = format!("{:#}", anyhow::Error::from(e));
+    assert!(line.starts_with("/nonexistent/lb.toml: cannot read: "), "{line}");
+    assert_eq!(line.matches("os error").count(), 1, "the cause is printed once: {line}");
 }
 
 #[test]
@@ -178,6 +190,7 @@ fn agent_values_are_checked() {
     rejects(&agent("ring_size = 7"), "agent.ring_size", "out of range");
     rejects(&agent("max_vips = 0"), "agent.max_vips", "out of range");
     rejects(&agent("ring_size = 16777259\nmax_vips = 16"), "agent.max_vips", "at most 7 fit");
+    rejects(&agent("ring_size = 134217689\nmax_vips = 2"), "agent.max_vips", "at most 1 fit");
     let config = parse(&agent("xdp_mode = \"generic\"\nring_size = 251\nmax_vips = 1")).expect("valid");
     assert_eq!((config.agent.xdp_mode, config.agent.ring_size, config.agent.max_vips), (XdpMode::Generic, 251, 1));
 }
@@ -191,6 +204,21 @@ fn vip_values_are_checked() {
     rejects(&listen("\"198.18.0.100:0\""), "vip[1] (web).listen", "port 0");
     rejects(&listen("\"[2001:db8::1]:80\""), "vip[1] (web).listen", "IPv6 is not supported yet");
     rejects(&MINIMAL.replace("name = \"web\"", "name = \"web\"\nprotocol = \"sctp\""), "vip[1] (web).protocol", "not one of: tcp, udp");
+}
+
+#[test]
+fn scheduler_is_named_or_refused() {
+    let with = |line: &str| MINIMAL.replace("name = \"web\"", &format!("name = \"web\"\n{line}"));
+    let config = parse(&with("scheduler = \"source-hash\"")).expect("valid");
+    assert_eq!(config.vips[0].scheduler, Scheduler::SourceHash);
+    assert_eq!(config.vips[0].scheduler.vip_flags(), lb_common::vip::VIP_F_SOURCE_HASH);
+    let config = parse(&with("scheduler = \"maglev\"")).expect("valid");
+    assert_eq!(config.vips[0].scheduler, Scheduler::Maglev);
+    assert_eq!(config.vips[0].scheduler.vip_flags(), 0);
+    let key = "vip[1] (web).scheduler";
+    rejects(&with("scheduler = \"ip_hash\""), key, "\"ip_hash\" is not one of: maglev, source-hash");
+    rejects(&with("scheduler = \"round-robin\""), key, "not one of: maglev, source-hash");
+    rejects(&with("scheduler = 1"), key, "expected a string, found an integer");
 }
 
 #[test]
@@ -260,6 +288,20 @@ fn backend_values_are_checked() {
     rejects(&format!("{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n"), &format!("{key}[2].address"), "listed twice");
     let drained = parse(&format!("{MINIMAL}weight = 0\n")).expect("weight 0 drains");
     assert_eq!(drained.vips[0].backends[0].weight, 0);
+    rejects(&format!("{MINIMAL}backup = \"yes\"\n"), &format!("{key}[1].backup"), "expected true or false, found a string");
+    rejects(&format!("{MINIMAL}backup = 1\n"), &format!("{key}[1].backup"), "expected true or false, found an integer");
+}
+
+#[test]
+fn backup_backends_are_marked() {
+    let text = format!("{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.12:8080\"\nbackup = true\n\n[[vip.backend]]\naddress = \"198.18.2.13:8080\"\nbackup = false\n");
+    let config = parse(&text).expect("valid");
+    let backups: Vec<bool> = config.vips[0].backends.iter().map(|b| b.backup).collect();
+    assert_eq!(backups, [false, true, false]);
+    // A VIP of backups only is allowed: with no primary, its backups serve.
+    let only = parse(&format!("{MINIMAL}backup = true\n")).expect("valid");
+    assert!(only.vips[0].backends[0].backup);
+    assert!(Balancer::new(&only).is_ok());
 }
 
 fn many_backends(n: usize) -> String {
@@ -296,4 +338,38 @@ fn the_shipped_example_is_valid() {
     let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
     assert!(config.vips.len() >= 2, "the example shows a TCP and a UDP service");
     assert!(Balancer::new(&config).is_ok());
+}
+
+#[test]
+fn vips_that_do_not_fit_the_ring_size_name_it_when_max_vips_is_not_set() {
+    let two = format!(
+        "{MINIMAL}\n[[vip]]\nname = \"api\"\nlisten = \"198.18.0.101:80\"\n[[vip.backend]]\naddress = \"198.18.2.12:80\"\n"
+    );
+    let big_ring = two.replace("[agent]", "[agent]\nring_size = 134217689");
+    rejects(&big_ring, "agent.ring_size", "2 VIPs of ring_size 134217689 need 536870756 Maglev entries");
+    let config = parse(&MINIMAL.replace("[agent]", "[agent]\nring_size = 134217689")).expect("one big ring fits");
+    assert_eq!(config.agent.max_vips, 1, "the default max_vips shrinks to what fits");
+}
+
+#[test]
+fn problems_are_reported_in_file_order() {
+    let both = MINIMAL.replace("[agent]", "[agent]\nxdp_mode = \"fast\"").replace("\"web\"", "\"web site\"");
+    rejects(&both, "agent.xdp_mode", "not one of");
+    let typo_in_agent = MINIMAL.replace("[agent]", "[agent]\nring = 5").replace("[[vip.backend]]", "");
+    rejects(&typo_in_agent, "agent.ring", "unknown key");
+}
+
+#[test]
+fn default_max_vips_leaves_room_and_grows_with_the_vips() {
+    let mut text = String::from("[agent]\ninterfaces = [\"eth0\"]\n");
+    for i in 0..20 {
+        text.push_str(&format!(
+            "[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.1:{}\"\n[[vip.backend]]\naddress = \"198.18.2.1:80\"\n",
+            i + 1
+        ));
+    }
+    let config = parse(&text).expect("20 VIPs with the default ring fit");
+    assert_eq!(config.agent.max_vips, 20);
+    assert!(Balancer::new(&config).is_ok());
+    assert_eq!(parse(MINIMAL).expect("valid").agent.max_vips, DEFAULT_MAX_VIPS);
 }

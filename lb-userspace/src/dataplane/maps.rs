@@ -1,16 +1,23 @@
 //! Typed wrappers over the program's maps.
 //! (aya handles LRU hash maps with its plain `HashMap` type.)
 
+use std::{
+    os::fd::AsFd as _,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray},
 };
 use lb_common::{
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
     map_names,
-    stats::{Counters, reason},
+    stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
+    vip_addr::{VipAddrInfo, VipAddrKey, proto_bit},
 };
 
 use super::DataplaneError;
@@ -19,6 +26,7 @@ use crate::lb::dataplane::Dataplane;
 /// The program's maps, taken out of the loaded object.
 pub struct Maps {
     vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_addrs: HashMap<MapData, VipAddrKey, VipAddrInfo>,
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
@@ -26,6 +34,59 @@ pub struct Maps {
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     verdicts: PerCpuArray<MapData, u64>,
+    conntrack_events: PerCpuArray<MapData, u64>,
+    /// Entries `CONNTRACK` has room for, as the kernel created it.
+    conntrack_capacity: u32,
+    /// The last count of `CONNTRACK`'s entries; see [`Occupancy`].
+    occupancy: Arc<Mutex<Occupancy>>,
+}
+
+/// How old a count of the connection table's entries may get before the
+/// next request for it starts a new count (see [`Maps::conntrack`]).
+pub const OCCUPANCY_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// Counting the connection table's entries walks it, one syscall per entry:
+/// about 1.3 µs each here, so over a second for a full table of a million.
+/// So the count is kept, and refreshed on a thread of its own with its own
+/// handle on the map, never under the caller's lock (the agent's state);
+/// callers get the last count, at most [`OCCUPANCY_MAX_AGE`] plus one walk old.
+struct Occupancy {
+    /// When the last count finished, and what it found.
+    last: Option<(Instant, u64)>,
+    /// Evictions, estimated at each count as keys inserted before it began
+    /// minus entries it found, and never lowered: a counter must not go
+    /// down, and the estimate errs only by inserts during the walk. (With
+    /// the live insert count instead, a table filling up between counts would
+    /// show its new flows as evictions.)
+    evicted: u64,
+    /// A count is running.
+    walking: bool,
+    /// [`OCCUPANCY_MAX_AGE`], unless a test shortened it.
+    max_age: Duration,
+}
+
+impl Occupancy {
+    /// A finished count: `entries` found by a walk that began after
+    /// `inserted` keys had been inserted.
+    fn record(&mut self, inserted: u64, entries: u64) {
+        self.last = Some((Instant::now(), entries));
+        self.evicted = self.evicted.max(inserted.saturating_sub(entries));
+    }
+}
+
+/// The connection table at a glance; see [`Maps::conntrack`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    /// Entries present (live flows, and idle ones not yet reused or evicted).
+    pub entries: u64,
+    /// Entries the table has room for.
+    pub capacity: u64,
+    /// `conntrack_event` counts, summed over CPUs, indexed by event.
+    pub events: [u64; conntrack_event::COUNT as usize],
+    /// LRU evictions, estimated: keys inserted minus entries present, as
+    /// nothing else removes entries (the kernel does not report evictions);
+    /// as of the last count.
+    pub evicted: u64,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
@@ -43,8 +104,9 @@ macro_rules! typed {
 
 impl Maps {
     pub(super) fn take_from(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        Ok(Self {
+        Self {
             vips: typed!(ebpf, map_names::VIPS),
+            vip_addrs: typed!(ebpf, map_names::VIP_ADDRS),
             backends: typed!(ebpf, map_names::BACKENDS),
             maglev: typed!(ebpf, map_names::MAGLEV),
             conntrack: typed!(ebpf, map_names::CONNTRACK),
@@ -52,7 +114,26 @@ impl Maps {
             vip_stats: typed!(ebpf, map_names::VIP_STATS),
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             verdicts: typed!(ebpf, map_names::VERDICTS),
-        })
+            conntrack_events: typed!(ebpf, map_names::CONNTRACK_EVENTS),
+            conntrack_capacity: 0,
+            occupancy: Arc::new(Mutex::new(Occupancy {
+                last: None,
+                evicted: 0,
+                walking: false,
+                max_age: OCCUPANCY_MAX_AGE,
+            })),
+        }
+        .with_conntrack_capacity()
+    }
+
+    fn with_conntrack_capacity(mut self) -> Result<Self, DataplaneError> {
+        let info = self.conntrack.map().info().map_err(|source| DataplaneError::Map {
+            name: map_names::CONNTRACK,
+            op: "read info",
+            source,
+        })?;
+        self.conntrack_capacity = info.max_entries();
+        Ok(self)
     }
 
     /// Traffic of one VIP, summed over CPUs.
@@ -76,16 +157,62 @@ impl Maps {
     /// # Errors
     /// [`DataplaneError::Map`] on a failed read.
     pub fn verdicts(&self) -> Result<[u64; reason::COUNT as usize], DataplaneError> {
-        let mut out = [0u64; reason::COUNT as usize];
-        for (index, slot) in (0u32..).zip(out.iter_mut()) {
-            let values = self.verdicts.get(&index, 0).map_err(|source| DataplaneError::Map {
-                name: map_names::VERDICTS,
-                op: "read",
-                source,
-            })?;
-            *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
+        sum_per_cpu(&self.verdicts, map_names::VERDICTS)
+    }
+
+    /// Which protocols have a VIP on an address (`VIP_ADDR_*` bits); 0 for none.
+    pub fn vip_addr_protos(&self, key: &VipAddrKey) -> u32 {
+        self.vip_addrs.get(key, 0).map_or(0, |info| info.protos)
+    }
+
+    /// Rewrites the `VIP_ADDRS` entry of `key`'s address from what `VIPS`
+    /// holds now, so the two never disagree: after a VIP is added or removed.
+    /// Walks `VIPS` (at most `MAX_VIPS` keys), so the common update, a new
+    /// ring generation of a VIP already counted, returns before that.
+    fn sync_vip_addr(&mut self, key: &VipKey, added: bool) -> Result<(), DataplaneError> {
+        let addr = vip_addr_key(key);
+        if added && self.vip_addr_protos(&addr) & proto_bit(key.proto) != 0 {
+            return Ok(());
         }
-        Ok(out)
+        let mut protos = 0;
+        for vip in self.vips.keys() {
+            let vip = vip.map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "walk", source })?;
+            if vip_addr_key(&vip) == addr {
+                protos |= proto_bit(vip.proto);
+            }
+        }
+        let current = self.vip_addr_protos(&addr);
+        if protos == current {
+            return Ok(());
+        }
+        let result = if protos == 0 {
+            self.vip_addrs.remove(&addr)
+        } else {
+            self.vip_addrs.insert(addr, VipAddrInfo { protos }, 0)
+        };
+        result.map_err(|source| DataplaneError::Map { name: map_names::VIP_ADDRS, op: "write", source })
+    }
+
+    /// Connection-table events (`lb_common::stats::conntrack_event`), summed
+    /// over CPUs.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Map`] on a failed read.
+    pub fn conntrack_events(&self) -> Result<[u64; conntrack_event::COUNT as usize], DataplaneError> {
+        sum_per_cpu(&self.conntrack_events, map_names::CONNTRACK_EVENTS)
+    }
+
+    /// Occupancy and lifecycle counts of the connection table. The entry
+    /// count is the last one taken (see [`Occupancy`]); when it is older
+    /// than [`OCCUPANCY_MAX_AGE`] a new one starts in the background. Only
+    /// the first call counts on the caller's thread.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Map`] on a failed read.
+    pub fn conntrack(&self) -> Result<ConntrackStats, DataplaneError> {
+        let events = self.conntrack_events()?;
+        let (entries, evicted) = self.occupancy(events[conntrack_event::INSERTED as usize])?;
+        Ok(ConntrackStats { entries, capacity: u64::from(self.conntrack_capacity), events, evicted })
     }
 
     /// The backend a tracked client → VIP flow is pinned to, if tracked.
@@ -98,10 +225,69 @@ impl Maps {
         self.reply_nat.get(key, 0).ok()
     }
 
-    /// Tracked flows, counted by walking the table: O(capacity), so only for
-    /// status pages and tests, not per packet or per scrape.
+    /// The last count of entries and the eviction estimate, starting a new
+    /// count if it is stale; `inserted` is the insert count now.
+    fn occupancy(&self, inserted: u64) -> Result<(u64, u64), DataplaneError> {
+        let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((at, entries)) = occupancy.last else {
+            occupancy.record(inserted, self.tracked_flows() as u64);
+            return Ok((occupancy.last.map_or(0, |l| l.1), occupancy.evicted));
+        };
+        if at.elapsed() >= occupancy.max_age && !occupancy.walking {
+            let handle = self.conntrack_handle()?;
+            occupancy.walking = true;
+            let shared = Arc::clone(&self.occupancy);
+            std::thread::spawn(move || {
+                let entries = handle.keys().filter(Result::is_ok).count() as u64;
+                let mut occupancy = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                occupancy.record(inserted, entries);
+                occupancy.walking = false;
+            });
+        }
+        Ok((entries, occupancy.evicted))
+    }
+
+    /// Lets tests see the background count without waiting
+    /// [`OCCUPANCY_MAX_AGE`].
+    pub fn set_occupancy_max_age(&mut self, max_age: Duration) {
+        self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).max_age = max_age;
+    }
+
+    /// A second handle on `CONNTRACK`, for a walk on another thread.
+    fn conntrack_handle(&self) -> Result<HashMap<MapData, FlowKey, FlowState>, DataplaneError> {
+        let error = |source| DataplaneError::Map { name: map_names::CONNTRACK, op: "open a second handle", source };
+        let fd = self.conntrack.map().fd().as_fd().try_clone_to_owned().map_err(|e| error(aya::maps::MapError::from(e)))?;
+        let data = MapData::from_fd(fd).map_err(error)?;
+        HashMap::try_from(Map::LruHashMap(data)).map_err(error)
+    }
+
+    /// Tracked flows, counted by walking the table now: O(entries) syscalls,
+    /// so for tests and tools; status pages use [`Maps::conntrack`].
     pub fn tracked_flows(&self) -> usize {
         self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// Writes a connection-table entry, as the program would: for tests and
+    /// tools (e.g. a flow made to look idle).
+    ///
+    /// # Errors
+    /// [`DataplaneError::Map`] on a failed write.
+    pub fn set_flow(&mut self, key: &FlowKey, state: FlowState) -> Result<(), DataplaneError> {
+        self.conntrack
+            .insert(key, state, 0)
+            .map_err(|source| DataplaneError::Map { name: map_names::CONNTRACK, op: "insert", source })
+    }
+
+    /// Removes a connection-table entry, as an LRU eviction would: for tests
+    /// and tools. Removing one that is absent is not an error.
+    pub fn remove_flow(&mut self, key: &FlowKey) {
+        let _ = self.conntrack.remove(key);
+    }
+
+    /// Removes a reply translation, as an LRU eviction would: for tests and
+    /// tools. Removing one that is absent is not an error.
+    pub fn remove_reply_nat(&mut self, key: &FlowKey) {
+        let _ = self.reply_nat.remove(key);
     }
 
     /// Backend id in one Maglev array slot.
@@ -113,6 +299,20 @@ impl Maps {
             .get(&index, 0)
             .map_err(|source| DataplaneError::Map { name: map_names::MAGLEV, op: "read", source })
     }
+}
+
+/// Every slot of a per-CPU array of counts, summed over CPUs.
+fn sum_per_cpu<const N: usize>(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<[u64; N], DataplaneError> {
+    let mut out = [0u64; N];
+    for (index, slot) in (0u32..).zip(out.iter_mut()) {
+        let values = map.get(&index, 0).map_err(|source| DataplaneError::Map { name, op: "read", source })?;
+        *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
+    }
+    Ok(out)
+}
+
+fn vip_addr_key(key: &VipKey) -> VipAddrKey {
+    VipAddrKey { addr_be: key.addr_be, family: key.family, _pad: [0; 3] }
 }
 
 fn sum_counters(
@@ -133,6 +333,7 @@ impl Dataplane for Maps {
         self.vips
             .insert(key, info, 0)
             .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "insert", source })?;
+        self.sync_vip_addr(&key, true)?;
         Ok(())
     }
 
@@ -140,6 +341,7 @@ impl Dataplane for Maps {
         self.vips
             .remove(key)
             .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "remove", source })?;
+        self.sync_vip_addr(key, false)?;
         Ok(())
     }
 

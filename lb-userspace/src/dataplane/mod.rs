@@ -5,7 +5,7 @@ mod loader;
 mod maps;
 
 pub use loader::{EBPF_OBJECT, LoadOptions, Program};
-pub use maps::Maps;
+pub use maps::{ConntrackStats, Maps, OCCUPANCY_MAX_AGE};
 
 use std::path::PathBuf;
 

@@ -28,6 +28,22 @@
 //! whose entry says `UP`; the tests replay every call against a fake
 //! dataplane and check exactly that.
 //!
+//! # Who is in the ring
+//!
+//! A backend is *available* for new flows when it is up and its weight is
+//! above 0 (weight 0 drains: the backend stays `UP` in `BACKENDS`, so flows
+//! pinned to it continue, but it holds no slot). A VIP's ring is built from
+//! its available primaries; only when it has none (all down, unknown or
+//! drained) is it built from its available backups instead. When a primary
+//! becomes available again the next ring holds primaries only, so new flows
+//! go back to them; flows already pinned to a backup keep going to it while
+//! it stays up (the connection table pins them; only a backend that is not
+//! `UP` loses its flows). A backup's `BACKENDS` entry follows its health like
+//! any other's, so the readers' invariant above covers backups unchanged.
+//!
+//! The VIP's scheduler (`VIP_F_*` in `VipInfo.flags`) only changes which hash
+//! of a new flow indexes the ring; the ring itself is the same.
+//!
 //! Every write is recorded in the shadows only once it succeeded; on an error
 //! the affected shadow is marked unknown, and the next [`Balancer::set_health`]
 //! or [`Balancer::install`] rewrites what is needed. So callers can simply
@@ -48,7 +64,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::model::{Config, HealthCheckConfig, HealthCheckKind, Protocol},
+    config::model::{Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler},
     lb::{
         dataplane::{Dataplane, DataplaneError},
         maglev::{self, MaglevBackend},
@@ -192,6 +208,8 @@ pub struct VipView<'a> {
     pub name: &'a str,
     pub listen: SocketAddr,
     pub protocol: Protocol,
+    /// Which hash of a new flow picks its slot.
+    pub scheduler: Scheduler,
     /// How its backends are probed.
     pub health_check: &'a HealthCheckConfig,
     /// Generation packets read; `None` until the VIP is installed.
@@ -209,6 +227,8 @@ pub struct BackendView {
     pub vip_id: u32,
     pub address: SocketAddr,
     pub weight: u32,
+    /// Takes new flows only while no primary of its VIP is available.
+    pub backup: bool,
     pub health: Health,
     /// Slots it holds in the VIP's live ring: its share of new flows.
     pub ring_slots: u32,
@@ -244,6 +264,7 @@ struct Vip {
     name: String,
     listen: SocketAddr,
     protocol: Protocol,
+    scheduler: Scheduler,
     health_check: HealthCheckConfig,
     key: VipKey,
     backend_ids: Vec<u32>,
@@ -264,6 +285,7 @@ struct Backend {
     /// Maglev identity: the address, so config order does not move flows.
     key: String,
     weight: u32,
+    backup: bool,
     health: Health,
     /// `BACKEND_STATE_*` last written; `None` before the first write or after
     /// a failed one.
@@ -280,6 +302,11 @@ impl Backend {
         } else {
             BACKEND_STATE_DOWN
         }
+    }
+
+    /// Whether it may take new flows: up, with weight.
+    fn available(&self) -> bool {
+        self.health.is_up() && self.weight > 0
     }
 }
 
@@ -343,6 +370,7 @@ impl Balancer {
                         address: backend.address,
                         key: backend.address.to_string(),
                         weight: backend.weight,
+                        backup: backend.backup,
                         health,
                         written_state: None,
                         ring_slots: 0,
@@ -355,6 +383,7 @@ impl Balancer {
                 name: vip.name.clone(),
                 listen: vip.listen,
                 protocol: vip.protocol,
+                scheduler: vip.scheduler,
                 health_check: vip.health_check.clone(),
                 key: vip_key(vip.listen, vip.protocol),
                 backend_ids: ids,
@@ -421,6 +450,29 @@ impl Balancer {
         self.sync_vip(index, dp)
     }
 
+    /// Changes a backend's weight and brings the dataplane in line, like
+    /// [`Balancer::set_health`]. Weight 0 drains the backend: it leaves the
+    /// ring (no new flows), but its `BACKENDS` entry keeps following its
+    /// health, so flows pinned to it continue while it is up. This is the
+    /// step a config reload would take for a changed weight.
+    ///
+    /// # Errors
+    ///
+    /// As [`Balancer::set_health`]; the new weight is kept either way.
+    pub fn set_weight(
+        &mut self,
+        backend_id: u32,
+        weight: u32,
+        dp: &mut impl Dataplane,
+    ) -> Result<Change, StateError> {
+        let backend = self
+            .backend_mut(backend_id)
+            .ok_or(StateError::UnknownBackend { backend_id })?;
+        backend.weight = weight;
+        let index = vip_index(backend.vip_id);
+        self.sync_vip(index, dp)
+    }
+
     /// Slots per ring, the same for every VIP.
     pub fn ring_size(&self) -> u32 {
         self.ring_size
@@ -478,6 +530,7 @@ impl Balancer {
             name: &vip.name,
             listen: vip.listen,
             protocol: vip.protocol,
+            scheduler: vip.scheduler,
             health_check: &vip.health_check,
             ring_generation: vip.published.then_some(vip.generation),
             backends: vip
@@ -512,19 +565,7 @@ impl Balancer {
         }
 
         // 2. The ring, through the generation packets do not read.
-        let ring = {
-            let members: Vec<MaglevBackend<'_>> = ids
-                .iter()
-                .filter_map(|&id| self.backends.get(backend_index(id)))
-                .filter(|b| b.health.is_up() && b.weight > 0)
-                .map(|b| MaglevBackend {
-                    id: b.backend_id,
-                    key: &b.key,
-                    weight: b.weight,
-                })
-                .collect();
-            maglev::build_ring(self.ring_size, &members)
-        };
+        let ring = maglev::build_ring(self.ring_size, &self.ring_members(&ids));
         let ring_size = self.ring_size;
         let Some(vip) = self.vips.get_mut(vip_index) else {
             return Ok(change);
@@ -560,7 +601,7 @@ impl Balancer {
                 vip_id: vip.vip_id,
                 ring_size,
                 ring_generation: target,
-                flags: 0,
+                flags: vip.scheduler.vip_flags(),
             };
             dp.upsert_vip(vip.key, info)
                 .map_err(|source| StateError::Dataplane {
@@ -581,6 +622,27 @@ impl Balancer {
                 usize::from(self.write_backend_if(vip_index, id, BACKEND_STATE_DOWN, dp)?);
         }
         Ok(change)
+    }
+
+    /// The backends a VIP's ring is built from: its available primaries, or,
+    /// when it has none, its available backups (see the module docs).
+    fn ring_members<'a>(&'a self, ids: &[u32]) -> Vec<MaglevBackend<'a>> {
+        let available: Vec<&Backend> = ids
+            .iter()
+            .filter_map(|&id| self.backends.get(backend_index(id)))
+            .filter(|b| b.available())
+            .collect();
+        let any_primary = available.iter().any(|b| !b.backup);
+        available
+            .into_iter()
+            // Backups sit out while any primary is available.
+            .filter(|b| !(any_primary && b.backup))
+            .map(|b| MaglevBackend {
+                id: b.backend_id,
+                key: &b.key,
+                weight: b.weight,
+            })
+            .collect()
     }
 
     /// Writes backend `id`'s entry if it should hold `state` and may not yet;
@@ -645,6 +707,7 @@ impl Backend {
             vip_id: self.vip_id,
             address: self.address,
             weight: self.weight,
+            backup: self.backup,
             health: self.health,
             ring_slots: self.ring_slots,
         }
@@ -729,6 +792,7 @@ mod tests {
             name: name.to_owned(),
             listen: addr(listen),
             protocol: Protocol::Tcp,
+            scheduler: Scheduler::Maglev,
             health_check: HealthCheckConfig {
                 kind,
                 interval: Duration::from_secs(1),
@@ -742,6 +806,7 @@ mod tests {
                 .map(|&(a, weight)| BackendConfig {
                     address: addr(a),
                     weight,
+                    backup: false,
                 })
                 .collect(),
         }
@@ -769,6 +834,16 @@ mod tests {
             .collect();
         let backends: Vec<(&str, u32)> = addrs.iter().map(|a| (a.as_str(), 1)).collect();
         vip_config("web", "198.18.0.10:80", &backends, HealthCheckKind::None)
+    }
+
+    /// `vip` with the backends at `positions` (0-based, config order) made backups.
+    fn with_backups(mut vip: VipConfig, positions: &[usize]) -> VipConfig {
+        for &i in positions {
+            if let Some(backend) = vip.backends.get_mut(i) {
+                backend.backup = true;
+            }
+        }
+        vip
     }
 
     fn balancer(config: &Config) -> Balancer {
@@ -945,17 +1020,25 @@ mod tests {
             .unwrap_or_else(|e| panic!("set_health({backend_id}, {up}): {e}"))
     }
 
-    /// The ring Maglev gives for the backends of `vip_id` that are up with weight.
+    /// The ring Maglev gives for the primaries of `vip_id` that are up with
+    /// weight, or if there are none, for its backups that are.
     fn expected_ring(balancer: &Balancer, vip_id: u32) -> Vec<u32> {
         let vip = balancer
             .vip(vip_id)
             .unwrap_or_else(|| panic!("no vip {vip_id}"));
-        let keys: Vec<(u32, String, u32)> = vip
-            .backends
-            .iter()
-            .filter(|b| b.health.is_up())
-            .map(|b| (b.backend_id, b.address.to_string(), b.weight))
-            .collect();
+        let available = |backup: bool| -> Vec<(u32, String, u32)> {
+            vip.backends
+                .iter()
+                .filter(|b| b.backup == backup && b.health.is_up() && b.weight > 0)
+                .map(|b| (b.backend_id, b.address.to_string(), b.weight))
+                .collect()
+        };
+        let primaries = available(false);
+        let keys = if primaries.is_empty() {
+            available(true)
+        } else {
+            primaries
+        };
         let members: Vec<MaglevBackend<'_>> = keys
             .iter()
             .map(|(id, key, weight)| MaglevBackend {
@@ -1571,5 +1654,213 @@ mod tests {
             Balancer::new(&bad),
             Err(StateError::MaglevTooLarge { .. })
         ));
+    }
+
+    // ---- backups, drain and schedulers ----
+
+    /// Backends of `key`'s live ring, deduplicated and sorted.
+    fn ring_members(dp: &FakeDataplane, key: &VipKey) -> Vec<u32> {
+        let mut ids: Vec<u32> = dp
+            .live_ring(key)
+            .unwrap_or_else(|| panic!("no live ring"))
+            .to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    fn state_of(dp: &FakeDataplane, backend_id: u32) -> Option<u8> {
+        dp.backends.get(&backend_id).map(|b| b.state)
+    }
+
+    /// Two primaries (ids 1, 2) and one backup (id 3), no health checks.
+    fn primaries_and_a_backup() -> Config {
+        config(
+            SMALL_M,
+            vec![with_backups(
+                vip_config(
+                    "web",
+                    "198.18.0.10:80",
+                    &[
+                        ("198.18.2.10:80", 1),
+                        ("198.18.2.11:80", 1),
+                        ("198.18.2.12:80", 1),
+                    ],
+                    HealthCheckKind::None,
+                ),
+                &[2],
+            )],
+        )
+    }
+
+    #[test]
+    fn backup_takes_over_when_the_last_primary_goes_down_and_hands_back() {
+        let config = primaries_and_a_backup();
+        let (mut balancer, mut dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        assert_eq!(ring_members(&dp, &key), [1, 2], "backup idle");
+        assert_eq!(
+            state_of(&dp, 3),
+            Some(BACKEND_STATE_UP),
+            "an idle backup is still up"
+        );
+        assert_eq!(balancer.backend(3).map(|b| (b.backup, b.ring_slots)), Some((true, 0)));
+
+        set(&mut balancer, &mut dp, 1, false);
+        assert_eq!(ring_members(&dp, &key), [2], "one primary left: still no backup");
+        assert_consistent(&balancer, &dp);
+
+        set(&mut balancer, &mut dp, 2, false);
+        assert_eq!(ring_members(&dp, &key), [3], "the backup takes every slot");
+        assert_eq!(balancer.backend(3).map(|b| b.ring_slots), Some(SMALL_M));
+        assert_consistent(&balancer, &dp);
+
+        set(&mut balancer, &mut dp, 2, true);
+        assert_eq!(ring_members(&dp, &key), [2], "new flows go back to the primary");
+        assert_eq!(
+            state_of(&dp, 3),
+            Some(BACKEND_STATE_UP),
+            "flows pinned to the backup continue"
+        );
+        assert_eq!(balancer.backend(3).map(|b| b.ring_slots), Some(0));
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn with_everything_down_the_ring_is_empty_and_a_backup_refills_it() {
+        let config = primaries_and_a_backup();
+        let (mut balancer, mut dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        for id in [3, 1, 2] {
+            set(&mut balancer, &mut dp, id, false);
+        }
+        assert_eq!(ring_members(&dp, &key), [BACKEND_ID_NONE]);
+        set(&mut balancer, &mut dp, 3, true);
+        assert_eq!(ring_members(&dp, &key), [3]);
+        set(&mut balancer, &mut dp, 1, true);
+        assert_eq!(ring_members(&dp, &key), [1]);
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn drained_primaries_leave_new_flows_to_the_backups() {
+        let config = config(
+            SMALL_M,
+            vec![with_backups(
+                vip_config(
+                    "web",
+                    "198.18.0.10:80",
+                    &[
+                        ("198.18.2.10:80", 0),
+                        ("198.18.2.11:80", 1),
+                        ("198.18.2.12:80", 3),
+                    ],
+                    HealthCheckKind::None,
+                ),
+                &[1, 2],
+            )],
+        );
+        let (mut balancer, mut dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        assert_eq!(ring_members(&dp, &key), [2, 3], "the only primary is drained");
+        assert_eq!(state_of(&dp, 1), Some(BACKEND_STATE_UP), "drained, not down");
+        // The backups share by weight, like primaries.
+        let share = balancer.backend(3).map_or(0.0, |b| f64::from(b.ring_slots)) / f64::from(SMALL_M);
+        assert!((share - 0.75).abs() < 0.02, "weight-3 backup holds {share:.3}");
+        assert_consistent(&balancer, &dp);
+
+        let change = balancer
+            .set_weight(1, 2, &mut dp)
+            .unwrap_or_else(|e| panic!("set_weight: {e}"));
+        assert_eq!(change.rings_published, 1);
+        assert_eq!(ring_members(&dp, &key), [1], "undrained primary takes over");
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn set_weight_zero_drains_without_marking_down() {
+        let config = config(SMALL_M, vec![equal_vip(3)]);
+        let (mut balancer, mut dp) = installed(&config);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        let start = dp.calls.len();
+        let change = balancer
+            .set_weight(2, 0, &mut dp)
+            .unwrap_or_else(|e| panic!("set_weight: {e}"));
+        assert_eq!(
+            change.backends_written, 0,
+            "its entry stays UP, so its pinned flows continue"
+        );
+        assert!(
+            !dp.calls_since(start)
+                .iter()
+                .any(|c| matches!(c, Call::SetBackend { .. }))
+        );
+        assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_UP));
+        assert_eq!(ring_members(&dp, &key), [1, 3], "no new flows");
+        assert_eq!(balancer.backend(2).map(|b| (b.weight, b.ring_slots)), Some((0, 0)));
+        assert_consistent(&balancer, &dp);
+        balancer
+            .set_weight(2, 1, &mut dp)
+            .unwrap_or_else(|e| panic!("set_weight: {e}"));
+        assert_eq!(ring_members(&dp, &key), [1, 2, 3]);
+        assert!(matches!(
+            balancer.set_weight(9, 1, &mut dp),
+            Err(StateError::UnknownBackend { backend_id: 9 })
+        ));
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn readers_never_see_a_backend_that_is_not_up_with_backups_and_drains() {
+        // Three primaries and two backups; a walk of health and weight changes.
+        let addrs: Vec<String> = (0..5).map(|i| format!("198.18.2.{}:80", i + 10)).collect();
+        let backends: Vec<(&str, u32)> = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+        let vip = vip_config("web", "198.18.0.10:80", &backends, HealthCheckKind::Tcp);
+        let config = config(SMALL_M, vec![with_backups(vip, &[3, 4])]);
+        let (mut balancer, mut dp) = installed(&config);
+        let mut seed: u64 = 0xbac_c0b5;
+        let mut backup_served = false;
+        for _ in 0..300 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let id = (seed >> 33) as u32 % 5 + 1;
+            if (seed >> 40) & 3 == 0 {
+                let weight = (seed >> 20) as u32 % 3;
+                balancer
+                    .set_weight(id, weight, &mut dp)
+                    .unwrap_or_else(|e| panic!("set_weight({id}, {weight}): {e}"));
+            } else {
+                set(&mut balancer, &mut dp, id, (seed >> 20) & 1 == 1);
+            }
+            // The fake checked every call; the ring follows the rule.
+            assert_consistent(&balancer, &dp);
+            let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+            backup_served |= ring_members(&dp, &key).iter().any(|&id| id >= 4);
+        }
+        assert!(backup_served, "the walk never reached a backup-only ring");
+    }
+
+    #[test]
+    fn the_scheduler_is_published_in_the_vip_flags() {
+        let mut sticky = equal_vip(3);
+        sticky.name = "sticky".to_owned();
+        sticky.listen = addr("198.18.0.10:81");
+        sticky.scheduler = Scheduler::SourceHash;
+        let config = config(SMALL_M, vec![equal_vip(3), sticky]);
+        let (mut balancer, mut dp) = installed(&config);
+        let plain = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        let sticky = vip_key(addr("198.18.0.10:81"), Protocol::Tcp);
+        assert_eq!(dp.vips.get(&plain).map(|v| v.flags), Some(0));
+        assert_eq!(
+            dp.vips.get(&sticky).map(|v| v.flags),
+            Some(lb_common::vip::VIP_F_SOURCE_HASH)
+        );
+        assert_eq!(balancer.vip(2).map(|v| v.scheduler), Some(Scheduler::SourceHash));
+        // Every later generation keeps it.
+        set(&mut balancer, &mut dp, 5, false);
+        let info = dp.vips.get(&sticky).copied();
+        assert_eq!(info.map(|v| (v.ring_generation, v.flags)), Some((1, lb_common::vip::VIP_F_SOURCE_HASH)));
+        assert_consistent(&balancer, &dp);
     }
 }
