@@ -21,6 +21,8 @@ pub const FAMILY_V4: u8 = 4;
 /// Address family of a VIP, backend or flow: IPv6.
 pub const FAMILY_V6: u8 = 6;
 
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
 /// IP protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.

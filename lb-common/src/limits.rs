@@ -22,3 +22,12 @@ pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 1 << 20;
 /// Most entries the Maglev array may have (`vip_slots * RINGS_PER_VIP *
 /// ring_size`), 4 bytes each: 1 GiB, far above any sane configuration.
 pub const MAX_MAGLEV_ENTRIES: u64 = 1 << 28;
+
+/// Replies the gateway sends on its own (no-backend RSTs and ICMP port
+/// unreachables, ICMP echo replies for VIP addresses) share one token bucket
+/// per CPU: it refills at this many replies per second...
+pub const REPLY_RATE_PER_SEC: u64 = 100;
+
+/// ...and holds at most this many, so a burst after a quiet spell may reach
+/// it. Over the limit the packet is dropped and counted.
+pub const REPLY_BURST: u64 = 100;

@@ -54,7 +54,10 @@ pub mod reason {
     pub const REDIRECT_TO_BACKEND: u32 = 7;
     /// Backend → client reply rewritten and redirected to the client.
     pub const REDIRECT_TO_CLIENT: u32 = 8;
-    /// To a VIP whose ring has no backend up: dropped.
+    /// To a VIP whose ring has no backend up, and not answered: a TCP RST
+    /// (a RST is never answered with a RST). Everything else with no
+    /// backend is answered (`TX_RST_NO_BACKEND`,
+    /// `TX_ICMP_UNREACHABLE_NO_BACKEND`).
     pub const DROP_NO_BACKEND: u32 = 9;
     /// To a VIP with a truncated or invalid TCP/UDP header: dropped.
     pub const DROP_MALFORMED_L4: u32 = 10;
@@ -68,8 +71,9 @@ pub mod reason {
     /// IPv4 total length beyond the end of the frame (a truncated frame, or
     /// options cut off): passed untouched.
     pub const PASS_TRUNCATED_IP: u32 = 14;
-    /// A TCP/UDP segment too short to hold its ports: it names no VIP, so it
-    /// is not ours to judge; passed untouched.
+    /// A TCP/UDP segment too short to hold its ports, or an ICMP message
+    /// to a VIP address shorter than its 8-byte header: it names no VIP, so
+    /// it is not ours to judge; passed untouched.
     pub const PASS_SHORT_L4: u32 = 15;
     /// IPv4 fragment (more-fragments set or offset ≠ 0) to an address and
     /// protocol some VIP has: dropped. Only the first fragment carries ports,
@@ -80,8 +84,25 @@ pub mod reason {
     /// off this one, or expired and was balanced anew): dropped, as
     /// translating it would splice two connections into one.
     pub const DROP_STALE_REPLY: u32 = 17;
+    /// A new flow (or one whose backend went down) to a TCP VIP with no
+    /// backend up: answered at once with a RST from the VIP, sent back out
+    /// the way it came (XDP_TX), so the client fails fast.
+    pub const TX_RST_NO_BACKEND: u32 = 18;
+    /// A datagram to a UDP VIP with no backend up: answered with ICMP
+    /// destination unreachable, port unreachable (type 3 code 3) from the
+    /// VIP, quoting the IP header and the first 8 bytes (XDP_TX).
+    pub const TX_ICMP_UNREACHABLE_NO_BACKEND: u32 = 19;
+    /// A no-backend reply (RST or ICMP unreachable) over the per-CPU reply
+    /// rate limit (`limits::REPLY_RATE_PER_SEC`): dropped instead.
+    pub const DROP_NO_BACKEND_RATE_LIMITED: u32 = 20;
+    /// ICMP echo request to a VIP address: answered by the gateway itself
+    /// with an echo reply (XDP_TX).
+    pub const TX_ICMP_ECHO_REPLY: u32 = 21;
+    /// ICMP echo request to a VIP address over the per-CPU reply rate limit
+    /// (the same bucket as the no-backend replies): dropped.
+    pub const DROP_ICMP_ECHO_RATE_LIMITED: u32 = 22;
     /// Number of reasons; the size of `VERDICTS`.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 23;
 
     /// Names for metrics, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -103,6 +124,11 @@ pub mod reason {
         "pass_short_l4",
         "drop_fragment",
         "drop_stale_reply",
+        "tx_rst_no_backend",
+        "tx_icmp_unreachable_no_backend",
+        "drop_no_backend_rate_limited",
+        "tx_icmp_echo_reply",
+        "drop_icmp_echo_rate_limited",
     ];
 }
 
@@ -139,7 +165,7 @@ mod tests {
         for (i, name) in NAMES.iter().enumerate() {
             assert!(!NAMES[..i].contains(name), "{name} appears twice");
             assert!(
-                ["pass_", "drop_", "redirect_"].iter().any(|p| name.starts_with(p)),
+                ["pass_", "drop_", "redirect_", "tx_"].iter().any(|p| name.starts_with(p)),
                 "{name} does not start with its action"
             );
         }

@@ -33,3 +33,26 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
 pub fn udp_nonzero(check: u16) -> u16 {
     if check == 0 { 0xffff } else { check }
 }
+
+/// Adds 16-bit words, as stored in the packet, to a ones' complement sum
+/// being built from scratch (at most a few hundred words, so no overflow).
+#[inline(always)]
+pub fn add_words(sum: u32, words: &[u16]) -> u32 {
+    let mut sum = sum;
+    for w in words {
+        sum += u32::from(*w);
+    }
+    sum
+}
+
+/// Adds a 32-bit field (an IPv4 address, as stored) to a sum.
+#[inline(always)]
+pub fn add32(sum: u32, v: u32) -> u32 {
+    sum + u32::from(v as u16) + (v >> 16)
+}
+
+/// The checksum to store for a sum built from scratch.
+#[inline(always)]
+pub fn finish(sum: u32) -> u16 {
+    !fold(sum)
+}

@@ -5,8 +5,9 @@
 //! VIP (`lookup`), pin the flow to a backend through the connection table or
 //! a Maglev pick (`lookup`, `maglev`), rewrite destination and checksums
 //! (`rewrite`, `csum`), then redirect to the next hop the kernel's FIB names.
-//! Replies from backends take the mirror path in `reply`. Anything else is
-//! passed to the kernel untouched. Every verdict is counted by reason (`stats`).
+//! Replies from backends take the mirror path in `reply`. A VIP with no
+//! backend up answers the client itself, as does a VIP address pinged
+//! (`respond`). Anything else is passed to the kernel untouched. Every verdict is counted by reason (`stats`).
 #![no_std]
 #![no_main]
 
@@ -18,6 +19,7 @@ mod maglev;
 mod maps;
 mod parse;
 mod reply;
+mod respond;
 mod rewrite;
 mod stats;
 
@@ -44,6 +46,12 @@ impl Verdict {
     pub const fn drop(reason: u32) -> Self {
         Self { action: xdp_action::XDP_DROP, reason }
     }
+
+    /// Sent back out the device it came in on (a reply built in place).
+    #[inline(always)]
+    pub const fn tx(reason: u32) -> Self {
+        Self { action: xdp_action::XDP_TX, reason }
+    }
 }
 
 #[xdp]
@@ -60,6 +68,10 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let v4 = parse::parse_ipv4(ctx)?;
     if v4.is_fragment() {
         return Err(frag::verdict(&v4));
+    }
+    // SAFETY: bounds checked in parse_ipv4.
+    if unsafe { (*v4.ip).proto } == lb_common::PROTO_ICMP {
+        return Err(respond::echo(ctx, &v4));
     }
     let pkt = parse::transport(ctx, &v4)?;
     if let Some(vip) = lookup::vip(&pkt) {
@@ -81,7 +93,12 @@ fn to_backend(
     let l4 = parse::l4_checked(ctx, pkt)?;
     parse::check_ttl(pkt)?;
     let flow = lookup::flow_key(pkt, &l4);
-    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns())?;
+    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns()) {
+        Ok(picked) => picked,
+        // No backend up: tell the client at once rather than let it time out.
+        Err(v) if v.reason == reason::DROP_NO_BACKEND => return Err(respond::no_backend(ctx, pkt, &l4)),
+        Err(v) => return Err(v),
+    };
     stats::count_traffic(vip.vip_id, backend_id, ctx);
     rewrite::destination(pkt, &l4, &backend);
     Ok(rewrite::forward(ctx, pkt, reason::REDIRECT_TO_BACKEND))

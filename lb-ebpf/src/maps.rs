@@ -66,3 +66,8 @@ pub static CONNTRACK_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(co
 /// Verdict reason (`lb_common::stats::reason`) → packets, per CPU.
 #[map]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+/// The reply rate limiter, per CPU: `[credit_ns, last_ns]` of a token bucket
+/// (see `respond::allow_reply`). Written here only.
+#[map]
+pub static REPLY_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);

@@ -84,6 +84,8 @@ pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
     pub ports: *mut Ports,
+    /// Offset of the IP header: 14, 18 or 22.
+    pub l3_off: usize,
     /// Offset of the L4 header from the start of the frame (bounded by 82:
     /// two VLAN tags and 60 bytes of IP header).
     pub l4_off: usize,
@@ -99,11 +101,11 @@ pub struct Ipv4 {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
     /// Offset of the IP header: 14, 18 or 22 (no, one or two VLAN tags).
-    l3_off: usize,
+    pub l3_off: usize,
     /// IHL × 4: 20..=60.
-    ihl_bytes: usize,
+    pub ihl_bytes: usize,
     /// The datagram's total length; bytes after it are Ethernet padding.
-    tot_len: usize,
+    pub tot_len: usize,
 }
 
 impl Ipv4 {
@@ -206,7 +208,7 @@ pub fn transport(ctx: &XdpContext, v4: &Ipv4) -> Result<Packet, Verdict> {
     if l4_len < size_of::<Ports>() {
         return Err(short);
     }
-    Ok(Packet { eth: v4.eth, ip: v4.ip, ports, l4_off, l4_len, proto })
+    Ok(Packet { eth: v4.eth, ip: v4.ip, ports, l3_off: v4.l3_off, l4_off, l4_len, proto })
 }
 
 /// The L4 header of a packet we are about to rewrite, fully validated.

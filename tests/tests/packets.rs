@@ -17,7 +17,7 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use etherparse::{LaxSlicedPacket, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, VlanSlice};
+use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader, LaxSlicedPacket, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, VlanSlice};
 use lb::{
     dataplane::{LoadOptions, Maps, Program},
     lb::dataplane::Dataplane as _,
@@ -26,6 +26,7 @@ use lb_common::{
     FAMILY_V4, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
     flow::{FLOW_F_CLOSING, FlowKey, FlowState, flow_hash},
+    limits::{REPLY_BURST, REPLY_RATE_PER_SEC},
     stats::{conntrack_event, reason},
     timeouts::{TCP_CLOSING_NS, TCP_ESTABLISHED_NS, UDP_NS},
     vip::{VipInfo, VipKey, ring_base},
@@ -34,6 +35,7 @@ use lb_common::{
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const RING: u32 = 13;
@@ -309,6 +311,10 @@ fn assert_checksums_valid(frame: &[u8]) {
             let expected = tcp.to_header().calc_checksum_ipv4(&header, tcp.payload()).expect("tcp csum");
             assert_eq!(tcp.checksum(), expected, "TCP checksum");
         }
+        Some(TransportSlice::Icmpv4(icmp)) => {
+            let expected = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type(), icmp.payload()).checksum;
+            assert_eq!(icmp.checksum(), expected, "ICMP checksum");
+        }
         Some(TransportSlice::Udp(udp)) if udp.checksum() != 0 => {
             let expected = udp.to_header().calc_checksum_ipv4(&header, udp.payload()).expect("udp csum");
             assert_eq!(udp.checksum(), expected, "UDP checksum");
@@ -484,13 +490,187 @@ fn flow_on_a_down_backend_is_rescheduled() {
     });
 }
 
+/// The reply to a no-backend or echo packet: sent back out (XDP_TX), the
+/// bytes as `expected`, counted once as `expected_reason`.
+impl Lb {
+    #[track_caller]
+    fn assert_answered(&mut self, name: &str, frame: &[u8], expected: &[u8], expected_reason: u32) {
+        let (action, out, counted) = self.run_counted(frame, self.client_if);
+        assert_eq!((action, counted), (XDP_TX, reason::NAMES[expected_reason as usize]), "{name}");
+        assert_frame(&out, expected);
+        assert_checksums_valid(&out);
+    }
+}
+
+/// The RST the gateway answers a segment with: from the VIP, no options, no
+/// payload, window 0, TTL 64.
+fn rst(sport: u16, seq: u32, ack: Option<u32>) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(GW_CLIENT_MAC, CLIENT_MAC).ipv4(VIP, CLIENT, 64).tcp(VIP_TCP_PORT, sport, seq, 0).rst();
+    let b = match ack {
+        Some(ack) => b.ack(ack),
+        None => b,
+    };
+    let mut out = Vec::new();
+    b.write(&mut out, b"").expect("build rst");
+    out
+}
+
 #[test]
-fn vip_with_no_backend_up_drops_and_counts() {
+fn tcp_to_a_vip_with_no_backend_up_is_answered_with_a_rst() {
     with_lb(|lb| {
         lb.set_ring(1, 1, []);
-        let (v, _) = lb.run(&Tcp::client_to_vip(40006).build(), lb.client_if);
-        assert_eq!(v, XDP_DROP);
-        assert_eq!(lb.verdict_count(reason::DROP_NO_BACKEND), 1);
+        // A SYN: RST+ACK acknowledging it (seq 1000 + 1), seq 0.
+        let syn = Tcp::client_to_vip(40006).build();
+        lb.assert_answered("syn", &syn, &rst(40006, 0, Some(1001)), reason::TX_RST_NO_BACKEND);
+        // A data segment (ACK 2000, 18 bytes): RST with seq = its ack; payload cut.
+        let data = Tcp { syn: false, payload: b"GET / HTTP/1.1\r\n\r\n", ..Tcp::client_to_vip(40007) }.build();
+        lb.assert_answered("data", &data, &rst(40007, 2000, None), reason::TX_RST_NO_BACKEND);
+        // A SYN carrying data (TFO-like) and FIN: both count in the ack.
+        let syn_fin = with_tcp_flags(&Tcp { payload: b"hello", ..Tcp::client_to_vip(40008) }.build(), 0x03);
+        lb.assert_answered("syn+fin with 5 bytes", &syn_fin, &rst(40008, 0, Some(1000 + 5 + 2)), reason::TX_RST_NO_BACKEND);
+        // IP options are not echoed; VLAN tags are kept.
+        let opts = with_ip_options(&Tcp::client_to_vip(40009).build(), &[1, 1, 1, 0, 0x94, 4, 0, 0]);
+        lb.assert_answered("ip options", &opts, &rst(40009, 0, Some(1001)), reason::TX_RST_NO_BACKEND);
+        let tags = [(0x88a8, 100), (0x8100, 200)];
+        let tagged = with_vlan_tags(&Tcp::client_to_vip(40010).build(), &tags);
+        lb.assert_answered("qinq", &tagged, &with_vlan_tags(&rst(40010, 0, Some(1001)), &tags), reason::TX_RST_NO_BACKEND);
+        // A RST is never answered.
+        let reset = with_tcp_flags(&Tcp { syn: false, ..Tcp::client_to_vip(40011) }.build(), 0x04);
+        lb.assert_dropped("rst", &reset, lb.client_if, reason::DROP_NO_BACKEND);
+        // A flow pinned to a backend that then goes down, with none left: RST.
+        lb.set_ring(1, 0, [1, 2, 3]);
+        let sport = 40012;
+        let id = lb.expected_backend(sport);
+        assert_eq!(lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if).0, XDP_REDIRECT);
+        let (addr, port) = backend_addr(id);
+        lb.maps.set_backend(id, backend_info(addr, port, BACKEND_STATE_DOWN)).expect("down");
+        lb.set_ring(1, 1, []);
+        let data = Tcp { syn: false, ..Tcp::client_to_vip(sport) }.build();
+        lb.assert_answered("flow whose backend died", &data, &rst(sport, 2000, None), reason::TX_RST_NO_BACKEND);
+    });
+}
+
+/// ICMP port unreachable from the VIP quoting `datagram`'s IP header and
+/// first 8 bytes (untagged frame).
+fn port_unreachable(datagram: &[u8]) -> Vec<u8> {
+    let ihl = usize::from(datagram[14] & 0x0f) * 4;
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(GW_CLIENT_MAC, CLIENT_MAC)
+        .ipv4(VIP, CLIENT, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+        .write(&mut out, &datagram[14..14 + ihl + 8])
+        .expect("build icmp");
+    out
+}
+
+#[test]
+fn udp_to_a_vip_with_no_backend_up_is_answered_with_port_unreachable() {
+    with_lb(|lb| {
+        lb.set_ring(2, 1, []);
+        let req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50001, VIP_UDP_PORT, b"a query of some length");
+        lb.assert_answered("udp", &req, &port_unreachable(&req), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        // Without a checksum, and with the shortest datagram: still quoted whole.
+        let mut bare = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50002, VIP_UDP_PORT, b"");
+        bare[40..42].copy_from_slice(&[0, 0]);
+        lb.assert_answered("empty, no checksum", &bare, &port_unreachable(&bare), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        // IP options are quoted with the header (RFC 792: the whole header).
+        let opts = with_ip_options(&req, &[0x94, 4, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0]);
+        lb.assert_answered("ip options", &opts, &port_unreachable(&opts), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        // Ethernet padding after the datagram is cut with the rest.
+        let mut padded = bare.clone();
+        padded.resize(60, 0);
+        lb.assert_answered("padded", &padded, &port_unreachable(&bare), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        // VLAN tags are kept.
+        let tags = [(0x8100, 300)];
+        let tagged = with_vlan_tags(&req, &tags);
+        lb.assert_answered("tagged", &tagged, &with_vlan_tags(&port_unreachable(&req), &tags), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+    });
+}
+
+fn echo(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, request: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, ttl);
+    let b = if request { b.icmpv4_echo_request(0x1234, 7) } else { b.icmpv4_echo_reply(0x1234, 7) };
+    let mut out = Vec::new();
+    b.write(&mut out, b"abcdefghijklmnopq").expect("build echo");
+    out
+}
+
+#[test]
+fn icmp_echo_to_a_vip_address_is_answered_and_others_pass() {
+    with_lb(|lb| {
+        let request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 50, true);
+        let reply = echo(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 64, false);
+        lb.assert_answered("echo to the VIP", &request, &reply, reason::TX_ICMP_ECHO_REPLY);
+        let tags = [(0x8100, 5)];
+        lb.assert_answered("tagged", &with_vlan_tags(&request, &tags), &with_vlan_tags(&reply, &tags), reason::TX_ICMP_ECHO_REPLY);
+        // Answered whether or not its VIPs have a backend up.
+        lb.set_ring(1, 1, []);
+        lb.set_ring(2, 1, []);
+        lb.assert_answered("echo, no backend", &request, &reply, reason::TX_ICMP_ECHO_REPLY);
+        let gateway = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, [198, 18, 1, 1], 64, true);
+        lb.assert_passed_untouched("echo to the gateway's own address", &gateway, reason::PASS_NOT_VIP);
+        let other = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, [198, 18, 2, 11], 64, true);
+        lb.assert_passed_untouched("echo to a backend", &other, reason::PASS_NOT_VIP);
+        let not_request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, false);
+        lb.assert_passed_untouched("echo reply to the VIP", &not_request, reason::PASS_NOT_VIP);
+        let mut short = request[..14 + 20 + 4].to_vec();
+        short[16..18].copy_from_slice(&24u16.to_be_bytes());
+        let (mut header, _) = etherparse::Ipv4Header::from_slice(&short[14..]).expect("ipv4");
+        header.header_checksum = header.calc_header_checksum();
+        short[24..26].copy_from_slice(&header.header_checksum.to_be_bytes());
+        lb.assert_passed_untouched("icmp shorter than its header", &short, reason::PASS_SHORT_L4);
+        // A VIP address stops answering once its VIPs are gone.
+        lb.maps.remove_vip(&vip_key(VIP_TCP_PORT, PROTO_TCP)).expect("remove");
+        lb.maps.remove_vip(&vip_key(VIP_UDP_PORT, PROTO_UDP)).expect("remove");
+        lb.assert_passed_untouched("echo to a former VIP", &request, reason::PASS_NOT_VIP);
+    });
+}
+
+/// Pins the calling thread to one CPU, so every run meets the same per-CPU bucket.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is valid; affects only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "sched_setaffinity");
+    }
+}
+
+#[test]
+fn replies_are_rate_limited_per_cpu() {
+    with_lb(|lb| {
+        pin_to_one_cpu();
+        lb.set_ring(1, 1, []);
+        let start = std::time::Instant::now();
+        let mut answered = 0u64;
+        let limit = 3 * REPLY_BURST;
+        for sport in 0..limit {
+            let sport = 30000 + sport as u16;
+            let (action, out, counted) = lb.run_counted(&Tcp::client_to_vip(sport).build(), lb.client_if);
+            if counted == reason::NAMES[reason::DROP_NO_BACKEND_RATE_LIMITED as usize] {
+                assert_eq!(action, XDP_DROP);
+                break;
+            }
+            assert_eq!((action, counted), (XDP_TX, reason::NAMES[reason::TX_RST_NO_BACKEND as usize]));
+            assert_frame(&out, &rst(sport, 0, Some(1001)));
+            answered += 1;
+        }
+        // The full burst, plus what refilled while the test ran (at most).
+        let refilled = (start.elapsed().as_secs_f64() * REPLY_RATE_PER_SEC as f64).ceil() as u64;
+        assert!(answered >= REPLY_BURST && answered <= REPLY_BURST + refilled, "{answered} replies before the limit ({refilled} refilled)");
+        assert!(answered < limit, "never limited");
+        // Echo replies draw on the same, now empty, bucket.
+        let request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, true);
+        let limited = (0..5).any(|_| {
+            let (action, _, counted) = lb.run_counted(&request, lb.client_if);
+            action == XDP_DROP && counted == reason::NAMES[reason::DROP_ICMP_ECHO_RATE_LIMITED as usize]
+        });
+        assert!(limited, "echo replies are not limited by the same bucket");
+        // A second later the bucket has refilled.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let udp_req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50003, VIP_UDP_PORT, b"q");
+        lb.set_ring(2, 1, []);
+        lb.assert_answered("after refill", &udp_req, &port_unreachable(&udp_req), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
     });
 }
 

@@ -1,0 +1,258 @@
+//! Replies the gateway sends itself, built in place from the packet that
+//! asked and sent back out the device it came in on (XDP_TX), always from
+//! the VIP's address:
+//!
+//! - a TCP segment to a VIP with no backend up gets a RST (RFC 793's reset
+//!   generation: if the segment has ACK, `seq = its ack`; otherwise RST+ACK
+//!   with `seq = 0`, `ack = its seq + its length`, SYN and FIN counting
+//!   one); options and payload are cut off. A RST is never answered.
+//! - a UDP datagram to a VIP with no backend up gets ICMP destination
+//!   unreachable, port unreachable (type 3 code 3), quoting its IP header
+//!   and first 8 bytes (RFC 792).
+//! - an ICMP echo request to a VIP address gets an echo reply.
+//!
+//! All three share one token bucket per CPU (`limits::REPLY_RATE_PER_SEC`,
+//! `limits::REPLY_BURST`); over it the packet is dropped and counted.
+//! Rebuilt replies carry TTL 64, IP id 0 and don't-fragment; checksums of rebuilt headers are
+//! computed from scratch; the echo reply keeps its IP header but for the
+//! swapped addresses and TTL 64, its checksums updated incrementally.
+
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    FAMILY_V4, PROTO_ICMP, PROTO_TCP,
+    limits::{REPLY_BURST, REPLY_RATE_PER_SEC},
+    stats::reason,
+    vip_addr::VipAddrKey,
+};
+
+use crate::{
+    Verdict, conntrack, csum,
+    maps::{REPLY_BUCKET, VIP_ADDRS},
+    parse::{EthHdr, Ipv4, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+};
+
+const REPLY_TTL: u8 = 64;
+/// Bucket credit one reply costs, in nanoseconds of refill.
+const NS_PER_REPLY: u64 = 1_000_000_000 / REPLY_RATE_PER_SEC;
+const BUCKET_CAP_NS: u64 = NS_PER_REPLY * REPLY_BURST;
+/// ICMP header plus the new IP header an unreachable puts before the quote.
+const ICMP_ERR_HDRS: usize = 28;
+/// Largest quote: a 60-byte IP header and 8 bytes, in 16-bit words.
+const MAX_QUOTE_WORDS: usize = 34;
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// A 16-bit word as stored, from its two bytes in wire order.
+#[inline(always)]
+fn w(b0: u8, b1: u8) -> u16 {
+    u16::from_ne_bytes([b0, b1])
+}
+
+/// Takes one reply's worth of credit from this CPU's bucket; false when
+/// there is not enough. Credit refills with elapsed time, capped at the burst.
+#[inline(always)]
+fn allow_reply() -> bool {
+    let Some(bucket) = REPLY_BUCKET.get_ptr_mut(0) else { return false };
+    let now = conntrack::now_ns();
+    // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
+    unsafe {
+        let [credit, last] = &mut *bucket;
+        let refilled = credit.saturating_add(now.saturating_sub(*last)).min(BUCKET_CAP_NS);
+        *last = now;
+        if refilled < NS_PER_REPLY {
+            *credit = refilled;
+            return false;
+        }
+        *credit = refilled - NS_PER_REPLY;
+    }
+    true
+}
+
+/// The swapped MACs of the frame: (new destination, new source).
+#[inline(always)]
+fn macs(eth: *mut EthHdr) -> ([u8; 6], [u8; 6]) {
+    // SAFETY: eth was bounds checked in parse_ipv4.
+    unsafe { ((*eth).src, (*eth).dst) }
+}
+
+#[inline(always)]
+fn write_macs(ctx: &XdpContext, dst: [u8; 6], src: [u8; 6]) -> Option<()> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst = dst;
+        (*eth).src = src;
+    }
+    Some(())
+}
+
+/// Cuts the frame to `len` bytes (never grows it).
+#[inline(always)]
+fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
+    let cur = ctx.data_end() - ctx.data();
+    if cur > len {
+        // SAFETY: the helper checks the new length itself.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((cur - len) as i32)) } != 0 {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// A new IPv4 header (no options) with its checksum.
+#[inline(always)]
+fn ip_header(tot_len: u16, frag_be: u16, proto: u8, saddr: u32, daddr: u32) -> [u16; 10] {
+    let mut h = [
+        w(0x45, 0),
+        tot_len.to_be(),
+        0,
+        frag_be,
+        w(REPLY_TTL, proto),
+        0,
+        saddr as u16,
+        (saddr >> 16) as u16,
+        daddr as u16,
+        (daddr >> 16) as u16,
+    ];
+    h[5] = csum::finish(csum::add_words(0, &h));
+    h
+}
+
+/// The answer to a packet for a VIP with no backend up.
+#[inline(always)]
+pub fn no_backend(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Verdict {
+    let not_answered = Verdict::drop(reason::DROP_NO_BACKEND);
+    if pkt.proto == PROTO_TCP && l4.tcp_flags & TCP_RST != 0 {
+        return not_answered;
+    }
+    if !allow_reply() {
+        return Verdict::drop(reason::DROP_NO_BACKEND_RATE_LIMITED);
+    }
+    let sent = if pkt.proto == PROTO_TCP { tcp_rst(ctx, pkt, l4) } else { port_unreachable(ctx, pkt) };
+    sent.unwrap_or(not_answered)
+}
+
+/// Rewrites a TCP segment into the RST that answers it.
+#[inline(always)]
+fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Option<Verdict> {
+    // verifier: the masks keep offsets visibly small (14, 18 or 22; ≤ 82).
+    let l3_off = pkt.l3_off & 0x1f;
+    let tcp: *mut [u16; 10] = ptr_at(ctx, pkt.l4_off & 0x7f)?;
+    let (dst_mac, src_mac) = macs(pkt.eth);
+    // SAFETY: pkt.ip bounds checked in parse_ipv4, tcp by ptr_at.
+    let (saddr, daddr, t) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, *tcp) };
+    let flags = l4.tcp_flags;
+    let doff_bytes = ((u16::from_be(t[6]) >> 12) as usize) * 4;
+    let (seq_hi, seq_lo, ack_hi, ack_lo, rst_flags) = if flags & TCP_ACK != 0 {
+        (t[4], t[5], 0, 0, TCP_RST)
+    } else {
+        let seq = (u32::from(u16::from_be(t[2])) << 16) | u32::from(u16::from_be(t[3]));
+        let seg_len = pkt.l4_len.saturating_sub(doff_bytes) as u32
+            + u32::from(flags & TCP_SYN != 0)
+            + u32::from(flags & TCP_FIN != 0);
+        let ack = seq.wrapping_add(seg_len);
+        (0, 0, ((ack >> 16) as u16).to_be(), (ack as u16).to_be(), TCP_RST | TCP_ACK)
+    };
+
+    truncate(ctx, l3_off + 40)?;
+    write_macs(ctx, dst_mac, src_mac)?;
+    // The reply goes from the VIP (the segment's destination) back to its source.
+    let ip = ip_header(40, 0x4000u16.to_be(), PROTO_TCP, daddr, saddr);
+    let mut th = [t[1], t[0], seq_hi, seq_lo, ack_hi, ack_lo, w(0x50, rst_flags), 0, 0, 0];
+    let pseudo = csum::add32(csum::add32(0, daddr), saddr) + u32::from(u16::from(PROTO_TCP).to_be()) + u32::from(20u16.to_be());
+    th[8] = csum::finish(csum::add_words(pseudo, &th));
+    let out: *mut [[u16; 10]; 2] = ptr_at(ctx, l3_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *out = [ip, th] };
+    Some(Verdict::tx(reason::TX_RST_NO_BACKEND))
+}
+
+/// Turns a UDP datagram into the ICMP port unreachable that answers it:
+/// room for a new IP and ICMP header is made in front, the MACs (and VLAN
+/// tags) move there, and the datagram is cut after its first 8 bytes.
+#[inline(always)]
+fn port_unreachable(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
+    let l3_off = pkt.l3_off & 0x1f;
+    let (dst_mac, src_mac) = macs(pkt.eth);
+    // SAFETY: pkt.ip bounds checked in parse_ipv4.
+    let (saddr, daddr, version_ihl) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ip).version_ihl) };
+    let quote = ((version_ihl & 0x0f) as usize) * 4 + 8;
+
+    // SAFETY: the helper checks the headroom itself.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ICMP_ERR_HDRS as i32)) } != 0 {
+        return None;
+    }
+    truncate(ctx, l3_off + ICMP_ERR_HDRS + quote)?;
+    // Move MACs, tags and ethertype (at most 22 bytes) to the new front;
+    // what this copies past them is overwritten by the new IP header.
+    let from: *mut [u16; 11] = ptr_at(ctx, ICMP_ERR_HDRS)?;
+    let to: *mut [u16; 11] = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at; the two do not overlap (22 < 28).
+    unsafe { *to = *from };
+    write_macs(ctx, dst_mac, src_mac)?;
+
+    let mut sum = u32::from(w(3, 3));
+    // verifier: a bounded loop; every word read is bounds checked.
+    for i in 0..MAX_QUOTE_WORDS {
+        if i * 2 >= quote {
+            break;
+        }
+        let word: *mut u16 = ptr_at(ctx, l3_off + ICMP_ERR_HDRS + i * 2)?;
+        // SAFETY: bounds checked by ptr_at.
+        sum += u32::from(unsafe { *word });
+    }
+    let ip = ip_header((ICMP_ERR_HDRS + quote) as u16, 0x4000u16.to_be(), PROTO_ICMP, daddr, saddr);
+    let out: *mut [u16; 14] = ptr_at(ctx, l3_off)?;
+    let mut hdrs = [0u16; 14];
+    hdrs[..10].copy_from_slice(&ip);
+    hdrs[10] = w(3, 3);
+    hdrs[11] = csum::finish(sum);
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *out = hdrs };
+    Some(Verdict::tx(reason::TX_ICMP_UNREACHABLE_NO_BACKEND))
+}
+
+/// An ICMP packet: an echo request to a VIP address is answered in place
+/// (type 8 → 0, addresses and MACs swapped, fresh TTL); anything else is
+/// passed untouched.
+#[inline(always)]
+pub fn echo(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
+    let not_ours = Verdict::pass(reason::PASS_NOT_VIP);
+    // SAFETY: v4.ip was bounds checked in parse_ipv4.
+    let (saddr, daddr, ttl) = unsafe { ((*v4.ip).saddr_be, (*v4.ip).daddr_be, (*v4.ip).ttl) };
+    let key = VipAddrKey { addr_be: [daddr, 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
+    // SAFETY: the value is copied out at once.
+    if unsafe { VIP_ADDRS.get(key) }.is_none_or(|info| info.protos == 0) {
+        return not_ours;
+    }
+    let short = Verdict::pass(reason::PASS_SHORT_L4);
+    if v4.tot_len - v4.ihl_bytes < 8 {
+        return short;
+    }
+    let Some(icmp) = ptr_at::<[u16; 4]>(ctx, v4.l3_off + (v4.ihl_bytes & 0x3c)) else { return short };
+    // SAFETY: bounds checked by ptr_at.
+    let type_code = unsafe { (*icmp)[0] };
+    if type_code.to_ne_bytes()[0] != ICMP_ECHO_REQUEST {
+        return not_ours;
+    }
+    if !allow_reply() {
+        return Verdict::drop(reason::DROP_ICMP_ECHO_RATE_LIMITED);
+    }
+    let (dst_mac, src_mac) = macs(v4.eth);
+    // SAFETY: all bounds checked above; swapping the addresses leaves the
+    // IP checksum as it was, the TTL and type changes are folded in.
+    unsafe {
+        (*icmp)[0] = 0;
+        (*icmp)[1] = csum::replace16((*icmp)[1], type_code, 0);
+        let ip = v4.ip;
+        (*ip).saddr_be = daddr;
+        (*ip).daddr_be = saddr;
+        (*ip).ttl = REPLY_TTL;
+        (*ip).check = csum::replace16((*ip).check, w(ttl, PROTO_ICMP), w(REPLY_TTL, PROTO_ICMP));
+        (*v4.eth).dst = dst_mac;
+        (*v4.eth).src = src_mac;
+    }
+    Verdict::tx(reason::TX_ICMP_ECHO_REPLY)
+}
