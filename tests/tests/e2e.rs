@@ -260,3 +260,49 @@ fn bad_config_is_refused_and_attaches_nothing() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn no_backend_up_refuses_at_once() {
+    require_root!();
+    let (mut agent, testbed) = running();
+    let check = HealthCheck::default();
+    for i in 1..=BACKENDS {
+        testbed.stop_backend(i).expect("stopping a backend");
+    }
+    agent
+        .wait_health("web", &["down"; BACKENDS], check.detection_bound() + Duration::from_secs(1))
+        .expect("all web backends down");
+    agent
+        .wait_health("echo", &["down"; BACKENDS], check.detection_bound() + Duration::from_secs(1))
+        .expect("all echo backends down");
+
+    let (vip_tcp, vip_udp) = (testbed.vip_http(), testbed.vip_udp());
+    let (tcp, udp) = testbed
+        .client()
+        .enter(|| {
+            let started = Instant::now();
+            let tcp = std::net::TcpStream::connect_timeout(&vip_tcp, Duration::from_secs(3))
+                .map(|_| ())
+                .map_err(|e| (e.kind(), started.elapsed()));
+            let started = Instant::now();
+            let udp = (|| {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                socket.connect(vip_udp)?;
+                socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+                socket.send(b"anyone?")?;
+                let mut buf = [0u8; 64];
+                socket.recv(&mut buf).map(|_| ())
+            })()
+            .map_err(|e| (e.kind(), started.elapsed()));
+            (tcp, udp)
+        })
+        .expect("entering the client namespace");
+    for (what, result) in [("tcp", tcp), ("udp", udp)] {
+        let (kind, took) = result.expect_err("nobody can answer");
+        assert_eq!(kind, std::io::ErrorKind::ConnectionRefused, "{what}: refused, not timed out");
+        assert!(took < Duration::from_secs(1), "{what}: refused at once, took {took:?}");
+    }
+    let status = agent.status().expect("/status");
+    assert!(verdict(&status, "tx_rst_no_backend") >= 1, "{status}");
+    assert!(verdict(&status, "tx_icmp_unreachable_no_backend") >= 1, "{status}");
+}
