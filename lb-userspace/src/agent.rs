@@ -18,7 +18,10 @@ use crate::{
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     dataplane::{LoadOptions, Maps, Program},
     health::{self, HealthEvent},
-    lb::state::{Balancer, Health},
+    lb::{
+        reload,
+        state::{Balancer, Health},
+    },
 };
 
 /// What the admin API reads and the health loop writes.
@@ -29,7 +32,8 @@ struct AgentState {
     last_checks: HashMap<u32, String>,
 }
 
-/// Runs the agent until SIGINT or SIGTERM, then detaches.
+/// Runs the agent until SIGINT or SIGTERM, then detaches. SIGHUP reloads the
+/// config file (see [`reload`]).
 ///
 /// # Errors
 /// When the program cannot be loaded or attached, or the admin address
@@ -60,18 +64,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (tx, mut rx) = mpsc::channel(1024);
-    let checkers = checkers.spawn(&tx);
+    let mut running = Running { checkers: HashMap::new() };
+    running.follow(checkers, &tx);
     tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
 
+    let mut config = config;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             Some(event) = rx.recv() => apply_health(&state, event),
+            _ = sighup.recv() => {
+                if let Some(new) = reload_config(&config, &state) {
+                    config = new;
+                    let wanted = state.lock().map(|guard| Checkers::of(&guard.balancer));
+                    if let Ok(wanted) = wanted {
+                        running.follow(wanted, &tx);
+                    }
+                }
+            }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
     }
-    for checker in checkers {
+    for (_, (_, _, checker)) in running.checkers {
         checker.abort();
     }
     program.detach_all();
@@ -95,13 +111,72 @@ impl Checkers {
         }
         Checkers(probes)
     }
+}
 
-    fn spawn(self, tx: &mpsc::Sender<HealthEvent<u32>>) -> Vec<tokio::task::JoinHandle<()>> {
-        self.0
-            .into_iter()
-            .map(|(id, address, check)| health::spawn_checker(address, check, id, tx.clone()))
-            .collect()
+/// The checkers running, by backend id, with what each probes.
+struct Running {
+    checkers: HashMap<u32, (SocketAddr, HealthCheckConfig, tokio::task::JoinHandle<()>)>,
+}
+
+impl Running {
+    /// Makes the running checkers match `wanted`: stops those whose backend
+    /// is gone or whose probe changed, starts the missing ones.
+    fn follow(&mut self, wanted: Checkers, tx: &mpsc::Sender<HealthEvent<u32>>) {
+        let wanted: HashMap<u32, (SocketAddr, HealthCheckConfig)> =
+            wanted.0.into_iter().map(|(id, address, check)| (id, (address, check))).collect();
+        self.checkers.retain(|id, (address, check, handle)| {
+            let keep = wanted.get(id).is_some_and(|(a, c)| a == address && c == check);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        for (id, (address, check)) in wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.checkers.entry(id) {
+                let handle = health::spawn_checker(address, check.clone(), id, tx.clone());
+                slot.insert((address, check, handle));
+            }
+        }
     }
+}
+
+/// SIGHUP: loads the config file again and applies what can change in
+/// place. Returns the new config once applied; on any refusal logs one error
+/// line (file, key, reason) and returns `None`, nothing changed.
+fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> {
+    tracing::info!(file = %running.source.display(), "SIGHUP: reloading the config");
+    let new = match Config::load(&running.source) {
+        Ok(new) => new,
+        Err(error) => {
+            tracing::error!("reload refused, keeping the running config: {error}");
+            return None;
+        }
+    };
+    let actions = match reload::plan(running, &new) {
+        Ok(actions) => actions,
+        Err(refusal) => {
+            tracing::error!("reload refused, keeping the running config: {refusal}");
+            return None;
+        }
+    };
+    let Ok(mut guard) = state.lock() else { return None };
+    let AgentState { balancer, maps, last_checks } = &mut *guard;
+    match balancer.apply_reload(&actions, maps) {
+        Ok(_) => {}
+        Err(error @ (crate::lb::state::StateError::NotRunning { .. } | crate::lb::state::StateError::OutOfBackendIds { .. })) => {
+            tracing::error!("reload refused, keeping the running config: {}: {error}", new.source.display());
+            return None;
+        }
+        // The desired state is recorded; later health events retry the writes.
+        Err(error) => tracing::error!(error = %format!("{error:#}"), "reload: updating the maps failed"),
+    }
+    for action in &actions {
+        tracing::info!("reload: {action}");
+    }
+    let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
+    last_checks.retain(|id, _| live.contains(id));
+    tracing::info!(changes = actions.len(), "reload: done");
+    Some(new)
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {

@@ -6,4 +6,5 @@
 
 pub mod dataplane;
 pub mod maglev;
+pub mod reload;
 pub mod state;

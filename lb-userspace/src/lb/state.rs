@@ -47,8 +47,12 @@
 //! Every write is recorded in the shadows only once it succeeded; on an error
 //! the affected shadow is marked unknown, and the next [`Balancer::set_health`]
 //! or [`Balancer::install`] rewrites what is needed. So callers can simply
-//! retry, and a config reload can later be built as "swap in new desired state,
-//! then sync".
+//! retry. A config reload ([`Balancer::apply_reload`], planned by
+//! [`crate::lb::reload`]) is built the same way: record the new desired state,
+//! then sync each VIP it touched. Ids stay stable across reloads: a backend
+//! removed by one is retired (written `DOWN`, so flows pinned to it are
+//! rescheduled) and its id is never handed out again; an added backend takes
+//! the next id never used.
 
 use std::{
     fmt,
@@ -68,6 +72,7 @@ use crate::{
     lb::{
         dataplane::{Dataplane, DataplaneError},
         maglev::{self, MaglevBackend},
+        reload::Action,
     },
 };
 
@@ -187,6 +192,15 @@ pub enum StateError {
     /// An id that [`Balancer`] did not allocate, e.g. from a stale caller.
     #[error("no backend has id {backend_id}")]
     UnknownBackend { backend_id: u32 },
+    /// A reload named a VIP or backend the balancer does not have.
+    #[error("reload: no {what} is running")]
+    NotRunning { what: String },
+    /// Backend ids are never reused while the agent runs, so reloads that
+    /// add backends eventually run out of them.
+    #[error(
+        "reload adds {adding} backends, but {used} of the {max} backend ids are taken (ids are never reused; a restart renumbers)"
+    )]
+    OutOfBackendIds { used: usize, adding: usize, max: u32 },
     /// A dataplane write failed; the shadows record what is uncertain, so
     /// retrying the same call (or [`Balancer::install`]) finishes the job.
     #[error("vip {vip}: cannot {step}")]
@@ -268,6 +282,9 @@ struct Vip {
     health_check: HealthCheckConfig,
     key: VipKey,
     backend_ids: Vec<u32>,
+    /// Backends removed by a reload: written `DOWN` once the ring no longer
+    /// names them; their ids are never reused.
+    retired: Vec<u32>,
     /// Whether `VIPS` holds it yet.
     published: bool,
     /// Generation packets read (0 or 1), once published.
@@ -291,6 +308,8 @@ struct Backend {
     /// a failed one.
     written_state: Option<u8>,
     ring_slots: u32,
+    /// Removed by a reload: down for good, ignored by health events.
+    retired: bool,
 }
 
 impl Backend {
@@ -374,6 +393,7 @@ impl Balancer {
                         health,
                         written_state: None,
                         ring_slots: 0,
+                        retired: false,
                     });
                     backend_id
                 })
@@ -387,6 +407,7 @@ impl Balancer {
                 health_check: vip.health_check.clone(),
                 key: vip_key(vip.listen, vip.protocol),
                 backend_ids: ids,
+                retired: Vec::new(),
                 published: false,
                 generation: 0,
                 // The loader creates MAGLEV zeroed, so both rings start all
@@ -445,6 +466,10 @@ impl Balancer {
         let backend = self
             .backend_mut(backend_id)
             .ok_or(StateError::UnknownBackend { backend_id })?;
+        if backend.retired {
+            // A late verdict from a checker stopped by a reload.
+            return Ok(Change::default());
+        }
         backend.health = if up { Health::Up } else { Health::Down };
         let index = vip_index(backend.vip_id);
         self.sync_vip(index, dp)
@@ -453,8 +478,8 @@ impl Balancer {
     /// Changes a backend's weight and brings the dataplane in line, like
     /// [`Balancer::set_health`]. Weight 0 drains the backend: it leaves the
     /// ring (no new flows), but its `BACKENDS` entry keeps following its
-    /// health, so flows pinned to it continue while it is up. This is the
-    /// step a config reload would take for a changed weight.
+    /// health, so flows pinned to it continue while it is up. A config
+    /// reload does the same through [`Balancer::apply_reload`].
     ///
     /// # Errors
     ///
@@ -467,10 +492,139 @@ impl Balancer {
     ) -> Result<Change, StateError> {
         let backend = self
             .backend_mut(backend_id)
+            .filter(|b| !b.retired)
             .ok_or(StateError::UnknownBackend { backend_id })?;
         backend.weight = weight;
         let index = vip_index(backend.vip_id);
         self.sync_vip(index, dp)
+    }
+
+    /// Applies a config reload's actions (see [`crate::lb::reload`]) and
+    /// brings the dataplane in line, one sync per VIP
+    /// touched, so the module docs' order holds for every change: added
+    /// backends are written before a ring names them, removed ones `DOWN`
+    /// only after the live ring no longer does.
+    ///
+    /// Everything is checked before anything changes, so an error from the
+    /// check leaves the balancer as it was. An added backend takes the next
+    /// unused id (never one used before); a removed one is retired: `DOWN`
+    /// for good, its flows rescheduled at their next packet, its id never
+    /// reused. A health check becoming `none` brings the VIP's backends up; an
+    /// added backend of a checked VIP starts [`Health::Unknown`].
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::NotRunning`] for an action naming a VIP or backend this
+    /// balancer does not have (or adding one it has), or
+    /// [`StateError::OutOfBackendIds`], both before any change; or
+    /// [`StateError::Dataplane`], after the desired state was recorded: a
+    /// later health event or [`Balancer::install`] retries the writes.
+    pub fn apply_reload(&mut self, actions: &[Action], dp: &mut impl Dataplane) -> Result<Change, StateError> {
+        let mut adds = 0usize;
+        for action in actions {
+            let not_running = |what: String| StateError::NotRunning { what };
+            let vip = action.vip();
+            let index = self.vip_index_by_name(vip).ok_or_else(|| not_running(format!("vip {vip}")))?;
+            match action {
+                Action::AddBackend { backend, .. } => {
+                    if self.backend_of(index, backend.address).is_some() {
+                        return Err(not_running(format!("vip {vip} backend {} as a new one", backend.address)));
+                    }
+                    adds += 1;
+                }
+                Action::SetWeight { address, .. } | Action::SetBackup { address, .. } | Action::RemoveBackend { address, .. } => {
+                    self.backend_of(index, *address)
+                        .ok_or_else(|| not_running(format!("vip {vip} backend {address}")))?;
+                }
+                Action::SetHealthCheck { .. } => {}
+            }
+        }
+        if self.backends.len() + adds >= MAX_BACKENDS as usize {
+            return Err(StateError::OutOfBackendIds { used: self.backends.len(), adding: adds, max: MAX_BACKENDS - 1 });
+        }
+
+        let mut touched = std::collections::BTreeSet::new();
+        // Health checks first, so an added backend starts as its VIP's new check says.
+        for action in actions {
+            let Some(index) = self.vip_index_by_name(action.vip()) else { continue };
+            touched.insert(index);
+            let Action::SetHealthCheck { check, .. } = action else { continue };
+            let Some(vip) = self.vips.get_mut(index) else { continue };
+            vip.health_check = check.clone();
+            if matches!(check.kind, HealthCheckKind::None) {
+                for &id in &vip.backend_ids {
+                    if let Some(backend) = self.backends.get_mut(backend_index(id)) {
+                        backend.health = Health::Up;
+                    }
+                }
+            }
+        }
+        for action in actions {
+            let Some(index) = self.vip_index_by_name(action.vip()) else { continue };
+            match action {
+                Action::SetHealthCheck { .. } => {}
+                Action::SetWeight { address, to, .. } => {
+                    if let Some(backend) = self.backend_of(index, *address).and_then(|id| self.backend_mut(id)) {
+                        backend.weight = *to;
+                    }
+                }
+                Action::SetBackup { address, to, .. } => {
+                    if let Some(backend) = self.backend_of(index, *address).and_then(|id| self.backend_mut(id)) {
+                        backend.backup = *to;
+                    }
+                }
+                Action::RemoveBackend { address, .. } => {
+                    let Some(id) = self.backend_of(index, *address) else { continue };
+                    if let Some(backend) = self.backend_mut(id) {
+                        backend.health = Health::Down;
+                        backend.retired = true;
+                        backend.ring_slots = 0;
+                    }
+                    if let Some(vip) = self.vips.get_mut(index) {
+                        vip.backend_ids.retain(|&b| b != id);
+                        vip.retired.push(id);
+                    }
+                }
+                Action::AddBackend { backend, .. } => {
+                    let Some(vip) = self.vips.get_mut(index) else { continue };
+                    // Checked above: below MAX_BACKENDS, so it fits a u32.
+                    let backend_id = self.backends.len() as u32 + 1;
+                    let health = match vip.health_check.kind {
+                        HealthCheckKind::None => Health::Up,
+                        HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
+                    };
+                    vip.backend_ids.push(backend_id);
+                    self.backends.push(Backend {
+                        backend_id,
+                        vip_id: vip.vip_id,
+                        address: backend.address,
+                        key: backend.address.to_string(),
+                        weight: backend.weight,
+                        backup: backend.backup,
+                        health,
+                        written_state: None,
+                        ring_slots: 0,
+                        retired: false,
+                    });
+                }
+            }
+        }
+        let mut change = Change::default();
+        for index in touched {
+            change += self.sync_vip(index, dp)?;
+        }
+        Ok(change)
+    }
+
+    fn vip_index_by_name(&self, name: &str) -> Option<usize> {
+        self.vips.iter().position(|vip| vip.name == name)
+    }
+
+    /// The id of the (not retired) backend at `address` of the VIP at `index`.
+    fn backend_of(&self, index: usize, address: SocketAddr) -> Option<u32> {
+        self.vips.get(index)?.backend_ids.iter().copied().find(|&id| {
+            self.backends.get(backend_index(id)).is_some_and(|b| b.address == address)
+        })
     }
 
     /// Slots per ring, the same for every VIP.
@@ -489,8 +643,9 @@ impl Balancer {
     }
 
     /// Every backend of every VIP, by id: what the health checker probes.
-    pub fn backends(&self) -> impl ExactSizeIterator<Item = BackendView> + '_ {
-        self.backends.iter().map(Backend::view)
+    /// Backends removed by a reload are left out.
+    pub fn backends(&self) -> impl Iterator<Item = BackendView> + '_ {
+        self.backends.iter().filter(|b| !b.retired).map(Backend::view)
     }
 
     /// One backend by id, e.g. to label a `BACKEND_STATS` entry.
@@ -557,6 +712,7 @@ impl Balancer {
             return Ok(change);
         };
         let ids = vip.backend_ids.clone();
+        let retired = vip.retired.clone();
 
         // 1. Up before any ring names them.
         for &id in &ids {
@@ -617,7 +773,7 @@ impl Balancer {
         }
 
         // 3. Down only once the live ring no longer names them.
-        for &id in &ids {
+        for &id in ids.iter().chain(&retired) {
             change.backends_written +=
                 usize::from(self.write_backend_if(vip_index, id, BACKEND_STATE_DOWN, dp)?);
         }
@@ -1862,5 +2018,131 @@ mod tests {
         let info = dp.vips.get(&sticky).copied();
         assert_eq!(info.map(|v| (v.ring_generation, v.flags)), Some((1, lb_common::vip::VIP_F_SOURCE_HASH)));
         assert_consistent(&balancer, &dp);
+    }
+
+    // ---- config reload ----
+
+    fn reload(balancer: &mut Balancer, dp: &mut FakeDataplane, old: &Config, new: &Config) -> Change {
+        let actions = crate::lb::reload::plan(old, new).unwrap_or_else(|e| panic!("plan: {e}"));
+        let change = balancer.apply_reload(&actions, dp).unwrap_or_else(|e| panic!("apply: {e}"));
+        assert_consistent(balancer, dp);
+        change
+    }
+
+    fn ids_of(balancer: &Balancer, vip_id: u32) -> Vec<(u32, String)> {
+        balancer
+            .vip(vip_id)
+            .map(|v| v.backends.iter().map(|b| (b.backend_id, b.address.to_string())).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn reload_drains_and_undrains_by_weight() {
+        let old = config(SMALL_M, vec![equal_vip(3)]);
+        let (mut balancer, mut dp) = installed(&old);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        let mut drained = old.clone();
+        drained.vips[0].backends[1].weight = 0;
+        let start = dp.calls.len();
+        let change = reload(&mut balancer, &mut dp, &old, &drained);
+        assert_eq!(change.rings_published, 1);
+        assert!(!dp.calls_since(start).iter().any(|c| matches!(c, Call::SetBackend { .. })), "stays UP");
+        assert_eq!(ring_members(&dp, &key), [1, 3]);
+        assert_eq!(balancer.backend(2).map(|b| b.weight), Some(0));
+        reload(&mut balancer, &mut dp, &drained, &old);
+        assert_eq!(ring_members(&dp, &key), [1, 2, 3]);
+        // The same config again writes nothing.
+        assert!(reload(&mut balancer, &mut dp, &old, &old).is_empty());
+    }
+
+    #[test]
+    fn reload_flips_backup_flags() {
+        let old = primaries_and_a_backup();
+        let (mut balancer, mut dp) = installed(&old);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        let mut new = old.clone();
+        new.vips[0].backends[0].backup = true;
+        new.vips[0].backends[1].backup = true;
+        new.vips[0].backends[2].backup = false;
+        reload(&mut balancer, &mut dp, &old, &new);
+        assert_eq!(ring_members(&dp, &key), [3], "the old backup is the only primary now");
+        assert_eq!(state_of(&dp, 1), Some(BACKEND_STATE_UP), "flows pinned to 1 continue");
+    }
+
+    #[test]
+    fn reload_adds_and_removes_backends_without_reusing_ids() {
+        let old = config(SMALL_M, vec![equal_vip(3)]);
+        let (mut balancer, mut dp) = installed(&old);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        let mut new = old.clone();
+        let removed = new.vips[0].backends.remove(1);
+        new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false });
+        reload(&mut balancer, &mut dp, &old, &new);
+        assert_eq!(ring_members(&dp, &key), [1, 3, 4]);
+        assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN), "pinned flows move at their next packet");
+        assert_eq!(state_of(&dp, 4), Some(BACKEND_STATE_UP));
+        assert_eq!(
+            ids_of(&balancer, 1),
+            [(1, "198.18.2.10:8080".to_owned()), (3, "198.18.2.12:8080".to_owned()), (4, "198.18.2.20:8080".to_owned())]
+        );
+        assert!(balancer.backends().all(|b| b.backend_id != 2));
+        // A late verdict for the removed backend changes nothing.
+        let start = dp.calls.len();
+        assert!(set(&mut balancer, &mut dp, 2, true).is_empty());
+        assert_eq!(dp.calls.len(), start);
+        assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN));
+        assert!(balancer.set_weight(2, 1, &mut dp).is_err());
+
+        // Adding the same address back gives it a new id, never 2.
+        let mut again = new.clone();
+        again.vips[0].backends.push(removed);
+        reload(&mut balancer, &mut dp, &new, &again);
+        assert_eq!(ring_members(&dp, &key), [1, 3, 4, 5]);
+        assert_eq!(balancer.backend(5).map(|b| b.address), Some(addr("198.18.2.11:8080")));
+        assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN));
+    }
+
+    #[test]
+    fn reload_health_checks_decide_the_health_of_new_backends() {
+        let mut checked = equal_vip(2);
+        checked.health_check.kind = HealthCheckKind::Tcp;
+        let old = config(SMALL_M, vec![checked]);
+        let (mut balancer, mut dp) = installed(&old);
+        set(&mut balancer, &mut dp, 1, true);
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        let mut new = old.clone();
+        new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false });
+        reload(&mut balancer, &mut dp, &old, &new);
+        assert_eq!(balancer.backend(3).map(|b| b.health), Some(Health::Unknown), "unchecked yet");
+        assert_eq!(ring_members(&dp, &key), [1]);
+        // Dropping the checks brings everyone up.
+        let mut unchecked = new.clone();
+        unchecked.vips[0].health_check.kind = HealthCheckKind::None;
+        reload(&mut balancer, &mut dp, &new, &unchecked);
+        assert_eq!(ring_members(&dp, &key), [1, 2, 3]);
+        assert_eq!(balancer.vip(1).map(|v| v.health_check.kind.clone()), Some(HealthCheckKind::None));
+    }
+
+    #[test]
+    fn reload_actions_for_unknown_services_are_refused_without_writes() {
+        let old = config(SMALL_M, vec![equal_vip(2)]);
+        let (mut balancer, mut dp) = installed(&old);
+        let start = dp.calls.len();
+        let bad = [
+            Action::SetWeight { vip: "nope".into(), address: addr("198.18.2.10:8080"), from: 1, to: 0 },
+            Action::RemoveBackend { vip: "web".into(), address: addr("198.18.2.99:8080") },
+            Action::AddBackend {
+                vip: "web".into(),
+                backend: BackendConfig { address: addr("198.18.2.10:8080"), weight: 1, backup: false },
+            },
+        ];
+        for action in bad {
+            // A valid action first: it must not be applied either.
+            let drain = Action::SetWeight { vip: "web".into(), address: addr("198.18.2.11:8080"), from: 1, to: 0 };
+            let result = balancer.apply_reload(&[drain, action.clone()], &mut dp);
+            assert!(matches!(result, Err(StateError::NotRunning { .. })), "{action:?}");
+        }
+        assert_eq!(dp.calls.len(), start);
+        assert_eq!(balancer.backend(2).map(|b| b.weight), Some(1));
     }
 }

@@ -1,0 +1,214 @@
+//! End to end: config reload on SIGHUP, with the real `lb` agent on a
+//! namespace testbed. Needs root. Each test builds its own testbed.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Spread, Testbed,
+    agent::{Agent, HealthCheck, config_for},
+    testbed::client::HttpConn,
+};
+
+/// Skips the test (with a printed reason) unless root.
+macro_rules! require_root {
+    () => {
+        if !lb_tests::is_root() {
+            return lb_tests::skip("needs root for namespaces and XDP");
+        }
+    };
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Starts the agent on the testbed's standard config and waits until every
+/// web backend is up.
+fn running(testbed: &Testbed, config: &str) -> Agent {
+    let mut agent = Agent::start(testbed, config).expect("starting lb");
+    agent.wait_health("web", &["up"; 3], Duration::from_secs(10)).expect("web backends up");
+    agent
+}
+
+/// Writes `config` over the agent's file and sends it SIGHUP.
+fn reload(agent: &Agent, config: &str) {
+    fs::write(agent.config_path(), config).expect("rewriting the config");
+    let pid = libc::pid_t::try_from(agent.pid()).expect("pid fits");
+    // SAFETY: kill(2) with a pid we started and a valid signal number.
+    let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+    assert_eq!(rc, 0, "SIGHUP to {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// `/status`'s web backends as (address, weight, backup, health).
+fn web_backends(agent: &Agent) -> Vec<(String, u64, bool, String)> {
+    let status = agent.status().expect("/status");
+    status["vips"]
+        .as_array()
+        .and_then(|vips| vips.iter().find(|v| v["name"] == "web"))
+        .and_then(|v| v["backends"].as_array())
+        .unwrap_or_else(|| panic!("no web vip in {status}"))
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or_default().to_owned(),
+                b["weight"].as_u64().unwrap_or(u64::MAX),
+                b["backup"].as_bool().unwrap_or_default(),
+                b["health"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (bounded) until backend `address` of web shows `weight`.
+fn wait_weight(agent: &Agent, address: SocketAddr, weight: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let backends = web_backends(agent);
+        if backends.iter().any(|(a, w, _, _)| *a == address.to_string() && *w == weight) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address} never showed weight {weight}: {backends:?}; log:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (bounded) until the agent's log contains `text`.
+fn wait_log(agent: &Agent, text: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = agent.log();
+        if log.contains(text) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "the log never said {text:?}:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The standard config with web backend `address`'s weight set to `weight`.
+fn with_weight(config: &str, address: SocketAddr, weight: u32) -> String {
+    let from = format!("address = \"{address}\"\nweight = 1\n");
+    assert!(config.contains(&from), "no {from:?} in the config");
+    config.replacen(&from, &format!("address = \"{address}\"\nweight = {weight}\n"), 1)
+}
+
+fn spread(testbed: &Testbed, n: usize) -> Spread {
+    Spread::of(&testbed.client_requests(testbed.vip_http(), n, true))
+}
+
+#[test]
+fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
+    require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let config = config_for(&testbed, HealthCheck::default());
+    let agent = running(&testbed, &config);
+
+    let vip = testbed.vip_http();
+    let mut kept = testbed
+        .client()
+        .enter(|| HttpConn::connect(vip))
+        .expect("entering the client namespace")
+        .expect("connecting to the vip");
+    let x = kept.get("/", true).expect("first request").backend().expect("a backend answered");
+    let index = (1..=3).find(|&i| testbed.backend_name(i) == x).expect("a testbed backend answered");
+    let address = testbed.backend_http(index);
+
+    reload(&agent, &with_weight(&config, address, 0));
+    wait_weight(&agent, address, 0);
+    wait_log(&agent, &format!("reload: vip web backend {address} weight 1 -> 0"));
+    let drained = web_backends(&agent);
+    assert!(drained.iter().all(|(_, _, _, health)| health == "up"), "drained, not down: {drained:?}");
+
+    let got = spread(&testbed, 60);
+    assert_eq!(got.ok(), 60, "{got:?}");
+    assert_eq!(got.count(&x), 0, "no new connections on the drained backend {x}: {got:?}");
+    for _ in 0..3 {
+        let same = kept.get("/", true).expect("the kept connection still works").backend();
+        assert_eq!(same.as_deref(), Some(x.as_str()), "the existing flow stays on {x}");
+    }
+
+    reload(&agent, &config);
+    wait_weight(&agent, address, 1);
+    wait_log(&agent, &format!("reload: vip web backend {address} weight 0 -> 1"));
+    let got = spread(&testbed, 60);
+    assert_eq!(got.ok(), 60, "{got:?}");
+    // With three equal backends, none of 60 on one has probability (2/3)^60.
+    assert!(got.count(&x) > 0, "undrained {x} takes new connections again: {got:?}");
+    let same = kept.get("/", true).expect("the kept connection still works").backend();
+    assert_eq!(same.as_deref(), Some(x.as_str()));
+}
+
+#[test]
+fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
+    require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let config = config_for(&testbed, HealthCheck::default());
+    let agent = running(&testbed, &config);
+    let before = web_backends(&agent);
+    let file = agent.config_path().display().to_string();
+
+    // Invalid: a drain together with a weight that does not parse.
+    let address = testbed.backend_http(1);
+    let bad = with_weight(&config, address, 0).replacen("weight = 1\n", "weight = -3\n", 1);
+    reload(&agent, &bad);
+    let log = wait_log(&agent, "reload refused");
+    let line = log.lines().find(|l| l.contains("reload refused")).unwrap_or_default();
+    assert!(line.contains(&file), "names the file: {line}");
+    assert!(line.contains("vip[1] (web).backend[2].weight"), "names the key: {line}");
+    assert!(line.contains("-3"), "says why: {line}");
+
+    // Valid, but it changes a key that needs a restart: refused as a whole,
+    // the drain alongside it included.
+    let restart_only =
+        with_weight(&config, address, 0).replacen("admin_listen = \"127.0.0.1:9100\"", "admin_listen = \"127.0.0.1:9101\"", 1);
+    assert_ne!(restart_only, with_weight(&config, address, 0), "admin_listen is in the config");
+    reload(&agent, &restart_only);
+    let log = wait_log(&agent, "agent.admin_listen");
+    let line = log.lines().find(|l| l.contains("agent.admin_listen")).unwrap_or_default();
+    assert!(line.contains("needs a restart") && line.contains(&file), "{line}");
+
+    assert_eq!(web_backends(&agent), before, "/status unchanged");
+    assert!(!log.contains("reload: vip"), "nothing applied:\n{log}");
+    let got = spread(&testbed, 30);
+    assert_eq!(got.ok(), 30, "still serving: {got:?}");
+    assert!(got.count(&testbed.backend_name(1)) > 0, "backend 1 was not drained: {got:?}");
+}
+
+#[test]
+fn sighup_removes_and_adds_backends_of_a_vip() {
+    require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let config = config_for(&testbed, HealthCheck::default());
+    let agent = running(&testbed, &config);
+    let address = testbed.backend_http(2);
+    let name = testbed.backend_name(2);
+
+    let entry = format!("[[vip.backend]]\naddress = \"{address}\"\nweight = 1\n\n");
+    assert!(config.contains(&entry), "no {entry:?} in the config");
+    reload(&agent, &config.replacen(&entry, "", 1));
+    wait_log(&agent, &format!("reload: vip web backend {address} removed"));
+    let left: Vec<String> = web_backends(&agent).into_iter().map(|(a, ..)| a).collect();
+    assert_eq!(left, [testbed.backend_http(1).to_string(), testbed.backend_http(3).to_string()]);
+    let got = spread(&testbed, 40);
+    assert_eq!(got.ok(), 40, "{got:?}");
+    assert_eq!(got.count(&name), 0, "the removed backend {name} takes no new connections: {got:?}");
+
+    // Back again: a new id, health-checked before it takes flows.
+    reload(&agent, &config);
+    wait_log(&agent, &format!("reload: vip web backend {address} added"));
+    let deadline = Instant::now() + WAIT;
+    while !web_backends(&agent).iter().any(|(a, _, _, health)| *a == address.to_string() && health == "up") {
+        assert!(Instant::now() < deadline, "{address} never came up: {:?}", web_backends(&agent));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let got = spread(&testbed, 60);
+    assert_eq!(got.ok(), 60, "{got:?}");
+    assert!(got.count(&name) > 0, "the re-added backend {name} takes new connections: {got:?}");
+}
