@@ -33,7 +33,7 @@ crate::user_pod!(Counters);
 /// Why the program returned what it did: an index into `VERDICTS`, which
 /// counts packets per reason. Every drop has its own reason.
 pub mod reason {
-    /// Not IPv4 (ARP, IPv6, other ethertypes): passed to the kernel.
+    /// Neither IPv4 nor IPv6 (ARP, other ethertypes): passed to the kernel.
     pub const PASS_NOT_IPV4: u32 = 0;
     /// IPv4 but neither to a VIP nor a reply of a balanced flow: passed.
     pub const PASS_NOT_VIP: u32 = 1;
@@ -101,8 +101,12 @@ pub mod reason {
     /// ICMP echo request to a VIP address over the per-CPU reply rate limit
     /// (the same bucket as the no-backend replies): dropped.
     pub const DROP_ICMP_ECHO_RATE_LIMITED: u32 = 22;
+    /// IPv6 to an address some VIP has, whose next header is neither TCP,
+    /// UDP nor ICMPv6 (an extension header: hop-by-hop, routing, fragment,
+    /// destination options, ...): passed untouched, never balanced.
+    pub const PASS_IPV6_EXT_HEADER: u32 = 23;
     /// Number of reasons; the size of `VERDICTS`.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     /// Names for metrics, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -129,6 +133,7 @@ pub mod reason {
         "drop_no_backend_rate_limited",
         "tx_icmp_echo_reply",
         "drop_icmp_echo_rate_limited",
+        "pass_ipv6_ext_header",
     ];
 }
 

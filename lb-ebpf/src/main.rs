@@ -5,7 +5,8 @@
 //! VIP (`lookup`), pin the flow to a backend through the connection table or
 //! a Maglev pick (`lookup`, `maglev`), rewrite destination and checksums
 //! (`rewrite`, `csum`), then redirect to the next hop the kernel's FIB names.
-//! Replies from backends take the mirror path in `reply`. A VIP with no
+//! IPv6 without extension headers takes the same steps in `v6` (parsed in
+//! `parse6`). Replies from backends take the mirror path in `reply`. A VIP with no
 //! backend up answers the client itself, as does a VIP address pinged
 //! (`respond`). Anything else is passed to the kernel untouched. Every verdict is counted by reason (`stats`).
 #![no_std]
@@ -18,10 +19,12 @@ mod lookup;
 mod maglev;
 mod maps;
 mod parse;
+mod parse6;
 mod reply;
 mod respond;
 mod rewrite;
 mod stats;
+mod v6;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::stats::reason;
@@ -65,7 +68,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let v4 = parse::parse_ipv4(ctx)?;
+    let l2 = parse::parse_l2(ctx)?;
+    if l2.is_ipv6() {
+        return v6::process(ctx, &l2);
+    }
+    let v4 = parse::parse_ipv4(ctx, &l2)?;
     if v4.is_fragment() {
         return Err(frag::verdict(&v4));
     }

@@ -54,6 +54,7 @@ pub struct Ports {
 const ETH_HLEN: usize = size_of::<EthHdr>();
 const VLAN_HLEN: usize = size_of::<VlanHdr>();
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 /// 802.1Q VLAN tag (a customer tag, or the inner tag of QinQ).
 const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
 /// 802.1ad service tag: the outer tag of QinQ.
@@ -119,25 +120,51 @@ impl Ipv4 {
     }
 }
 
-/// Parses Ethernet (through up to two VLAN tags) and the IPv4 header.
+/// The Ethernet header and any VLAN tags stepped over: where the network
+/// header starts and which ethertype it has.
+pub struct L2 {
+    pub eth: *mut EthHdr,
+    /// Offset of the network header: 14, 18 or 22 (no, one or two VLAN tags).
+    pub l3_off: usize,
+    /// The ethertype after the tags, network byte order.
+    pub ether_type_be: u16,
+}
+
+impl L2 {
+    #[inline(always)]
+    pub fn is_ipv6(&self) -> bool {
+        self.ether_type_be == ETH_P_IPV6_BE
+    }
+}
+
+/// Parses Ethernet through up to two VLAN tags.
+#[inline(always)]
+pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Verdict> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_NOT_IPV4))?;
+    let (l3_off, ether_type_be) = skip_vlan_tags(ctx, eth)?;
+    Ok(L2 { eth, l3_off, ether_type_be })
+}
+
+/// Parses the IPv4 header after the Ethernet header and tags of `l2`.
 ///
 /// Frames that are not for us are returned as `Err` with a pass verdict:
 /// this program never drops traffic it does not own. A malformed IPv4
 /// header is passed untouched too, each rule with its own reason: the
 /// kernel drops it, and it cannot be trusted to name a VIP.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4, Verdict> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_NOT_IPV4))?;
-    let l3_off = skip_vlan_tags(ctx, eth)?;
-    ipv4_header(ctx, eth, l3_off)
+pub fn parse_ipv4(ctx: &XdpContext, l2: &L2) -> Result<Ipv4, Verdict> {
+    if l2.ether_type_be != ETH_P_IPV4_BE {
+        return Err(Verdict::pass(reason::PASS_NOT_IPV4));
+    }
+    ipv4_header(ctx, l2.eth, l2.l3_off)
 }
 
-/// The offset of an IPv4 header after the MACs and any VLAN tags: one
-/// 802.1Q tag, or QinQ (an 802.1ad or 802.1Q outer tag, then an 802.1Q
-/// one). Tags are only stepped over; they stay in the frame, so a tagged
-/// packet leaves with its tags.
+/// The offset of the network header after the MACs and any VLAN tags, and
+/// its ethertype: one 802.1Q tag, or QinQ (an 802.1ad or 802.1Q outer tag,
+/// then an 802.1Q one). Tags are only stepped over; they stay in the frame,
+/// so a tagged packet leaves with its tags.
 #[inline(always)]
-fn skip_vlan_tags(ctx: &XdpContext, eth: *mut EthHdr) -> Result<usize, Verdict> {
+fn skip_vlan_tags(ctx: &XdpContext, eth: *mut EthHdr) -> Result<(usize, u16), Verdict> {
     let not_ipv4 = Verdict::pass(reason::PASS_NOT_IPV4);
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type_be };
@@ -155,10 +182,10 @@ fn skip_vlan_tags(ctx: &XdpContext, eth: *mut EthHdr) -> Result<usize, Verdict> 
             off += VLAN_HLEN;
         }
     }
-    if ether_type != ETH_P_IPV4_BE {
+    if ether_type != ETH_P_IPV4_BE && ether_type != ETH_P_IPV6_BE {
         return Err(not_ipv4);
     }
-    Ok(off)
+    Ok((off, ether_type))
 }
 
 /// Validates the IPv4 header at `l3_off`: the three rules that make its
@@ -229,15 +256,22 @@ pub const TCP_ACK: u8 = 0x10;
 /// forwarded half-rewritten.
 #[inline(always)]
 pub fn l4_checked(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
+    l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len)
+}
+
+/// [`l4_checked`] for the L4 header at `l4_off`, `l4_len` bytes long (the
+/// IPv6 path uses it too).
+#[inline(always)]
+pub fn l4_checked_at(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize) -> Result<L4, Verdict> {
     let malformed = Verdict::drop(reason::DROP_MALFORMED_L4);
-    if pkt.proto == PROTO_TCP {
-        if pkt.l4_len < TCP_HDR_LEN {
+    if proto == PROTO_TCP {
+        if l4_len < TCP_HDR_LEN {
             return Err(malformed);
         }
-        let hdr: *mut [u8; TCP_HDR_LEN] = ptr_at(ctx, pkt.l4_off).ok_or(malformed)?;
+        let hdr: *mut [u8; TCP_HDR_LEN] = ptr_at(ctx, l4_off).ok_or(malformed)?;
         // SAFETY: bounds checked by ptr_at; byte 12 holds the data offset.
         let doff_bytes = ((unsafe { (*hdr)[12] } >> 4) as usize) * 4;
-        if doff_bytes < TCP_HDR_LEN || doff_bytes > pkt.l4_len {
+        if doff_bytes < TCP_HDR_LEN || doff_bytes > l4_len {
             return Err(malformed);
         }
         let check = (hdr as usize + TCP_CHECK_OFF) as *mut u16;
@@ -245,10 +279,10 @@ pub fn l4_checked(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
         let tcp_flags = unsafe { (*hdr)[13] };
         Ok(L4 { check: Some(check), tcp_flags })
     } else {
-        let hdr: *mut [u16; 4] = ptr_at(ctx, pkt.l4_off).ok_or(malformed)?;
+        let hdr: *mut [u16; 4] = ptr_at(ctx, l4_off).ok_or(malformed)?;
         // SAFETY: bounds checked by ptr_at; word 2 is the UDP length.
         let udp_len = u16::from_be(unsafe { (*hdr)[2] }) as usize;
-        if udp_len < UDP_HDR_LEN || udp_len > pkt.l4_len {
+        if udp_len < UDP_HDR_LEN || udp_len > l4_len {
             return Err(malformed);
         }
         let check = (hdr as usize + UDP_CHECK_OFF) as *mut u16;
