@@ -105,8 +105,33 @@ pub mod reason {
     /// UDP nor ICMPv6 (an extension header: hop-by-hop, routing, fragment,
     /// destination options, ...): passed untouched, never balanced.
     pub const PASS_IPV6_EXT_HEADER: u32 = 23;
+    /// A TCP/UDP packet of a balanced flow larger than its next hop's MTU,
+    /// with don't-fragment clear: rewritten and handed to the kernel, which
+    /// fragments it (XDP cannot).
+    pub const PASS_TOO_BIG: u32 = 24;
+    /// A packet of a balanced flow larger than its next hop's MTU with
+    /// don't-fragment set: answered with ICMP fragmentation needed (IPv4)
+    /// or packet too big (IPv6) carrying that MTU, so its sender's path MTU
+    /// discovery works through the gateway (XDP_TX).
+    pub const TX_ICMP_FRAG_NEEDED: u32 = 25;
+    /// ICMP fragmentation needed / packet too big over the per-CPU reply
+    /// rate limit: the packet is dropped instead.
+    pub const DROP_FRAG_NEEDED_RATE_LIMITED: u32 = 26;
+    /// An ICMP error (destination unreachable, fragmentation needed, time
+    /// exceeded, parameter problem) to a VIP about a packet of a balanced
+    /// flow: steered to the flow's backend, the outer destination and the
+    /// quoted source translated.
+    pub const REDIRECT_ICMP_ERROR_TO_BACKEND: u32 = 27;
+    /// An ICMP error to a client about a packet the gateway sent to a
+    /// backend: the quoted destination becomes the VIP again (and the outer
+    /// source, if the backend sent it), then it goes on to the client.
+    pub const REDIRECT_ICMP_ERROR_TO_CLIENT: u32 = 28;
+    /// An ICMP error to a VIP address whose quoted packet belongs to no
+    /// balanced flow (or is too short or malformed to name one): dropped,
+    /// as no host owns the VIP to receive it.
+    pub const DROP_ICMP_ERROR_NO_FLOW: u32 = 29;
     /// Number of reasons; the size of `VERDICTS`.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 30;
 
     /// Names for metrics, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -134,6 +159,12 @@ pub mod reason {
         "tx_icmp_echo_reply",
         "drop_icmp_echo_rate_limited",
         "pass_ipv6_ext_header",
+        "pass_too_big",
+        "tx_icmp_frag_needed",
+        "drop_frag_needed_rate_limited",
+        "redirect_icmp_error_to_backend",
+        "redirect_icmp_error_to_client",
+        "drop_icmp_error_no_flow",
     ];
 }
 

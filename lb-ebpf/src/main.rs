@@ -6,8 +6,10 @@
 //! a Maglev pick (`lookup`, `maglev`), rewrite destination and checksums
 //! (`rewrite`, `csum`), then redirect to the next hop the kernel's FIB names.
 //! IPv6 without extension headers takes the same steps in `v6` (parsed in
-//! `parse6`). Replies from backends take the mirror path in `reply`. A VIP with no
-//! backend up answers the client itself, as does a VIP address pinged
+//! `parse6`). Replies from backends take the mirror path in `reply`. ICMP
+//! errors about balanced flows are translated in `icmp`. A VIP with no
+//! backend up answers the client itself, as does a VIP address pinged, and a
+//! packet too big for its next hop is answered with fragmentation needed
 //! (`respond`). Anything else is passed to the kernel untouched. Every verdict is counted by reason (`stats`).
 #![no_std]
 #![no_main]
@@ -15,6 +17,7 @@
 mod conntrack;
 mod csum;
 mod frag;
+mod icmp;
 mod lookup;
 mod maglev;
 mod maps;
@@ -29,7 +32,7 @@ mod v6;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::stats::reason;
 
-use crate::parse::Packet;
+use crate::{parse::Packet, rewrite::Side};
 
 /// What the program returns and why: `action` is the XDP verdict and
 /// `reason` the `VERDICTS` slot that counts it.
@@ -78,7 +81,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
     // SAFETY: bounds checked in parse_ipv4.
     if unsafe { (*v4.ip).proto } == lb_common::PROTO_ICMP {
-        return Err(respond::echo(ctx, &v4));
+        return Err(icmp::process(ctx, &v4));
     }
     let pkt = parse::transport(ctx, &v4)?;
     if let Some(vip) = lookup::vip(&pkt) {
@@ -107,8 +110,11 @@ fn to_backend(
         Err(v) => return Err(v),
     };
     stats::count_traffic(vip.vip_id, backend_id, ctx);
-    rewrite::destination(pkt, &l4, &backend);
-    Ok(rewrite::forward(ctx, pkt, reason::REDIRECT_TO_BACKEND))
+    let (addr, port) = (backend.addr_be[0], backend.port_be);
+    // SAFETY: bounds checked in parse_ipv4. A "fragmentation needed" for the
+    // client comes from the address it sent to: the VIP.
+    let vip_addr = unsafe { (*pkt.ip).daddr_be };
+    Ok(rewrite::translate_and_forward(ctx, pkt, &l4, Side::Destination, addr, port, vip_addr, reason::REDIRECT_TO_BACKEND))
 }
 
 #[cfg(not(test))]

@@ -5,7 +5,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{flow::ReplyNat, stats::reason};
 
-use crate::{Verdict, conntrack, lookup, parse, parse::Packet, rewrite, stats};
+use crate::{Verdict, conntrack, lookup, parse, parse::Packet, rewrite::{self, Side}, stats};
 
 #[inline(always)]
 pub fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdict, Verdict> {
@@ -13,6 +13,16 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdi
     parse::check_ttl(pkt)?;
     conntrack::reply_seen(&lookup::flow_key(pkt, &l4), nat, &l4, conntrack::now_ns())?;
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
-    rewrite::source(pkt, &l4, nat.vip_addr_be[0], nat.vip_port_be);
-    Ok(rewrite::forward(ctx, pkt, reason::REDIRECT_TO_CLIENT))
+    let vip_addr = nat.vip_addr_be[0];
+    // A reply too big for the client's side is answered to the backend from the VIP.
+    Ok(rewrite::translate_and_forward(
+        ctx,
+        pkt,
+        &l4,
+        Side::Source,
+        vip_addr,
+        nat.vip_port_be,
+        vip_addr,
+        reason::REDIRECT_TO_CLIENT,
+    ))
 }

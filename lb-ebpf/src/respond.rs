@@ -10,8 +10,11 @@
 //!   unreachable, port unreachable (type 3 code 3), quoting its IP header
 //!   and first 8 bytes (RFC 792).
 //! - an ICMP echo request to a VIP address gets an echo reply.
+//! - a packet of a balanced flow too big for its next hop, with
+//!   don't-fragment set, gets ICMP fragmentation needed (type 3 code 4) with
+//!   the hop's MTU (RFC 1191), from the VIP, quoting it like an unreachable.
 //!
-//! All three share one token bucket per CPU (`limits::REPLY_RATE_PER_SEC`,
+//! All of them share one token bucket per CPU (`limits::REPLY_RATE_PER_SEC`,
 //! `limits::REPLY_BURST`); over it the packet is dropped and counted.
 //! Rebuilt replies carry TTL 64, IP id 0 and don't-fragment; checksums of rebuilt headers are
 //! computed from scratch; the echo reply keeps its IP header but for the
@@ -43,6 +46,9 @@ const ICMP_ERR_HDRS: usize = 28;
 /// Largest quote: a 60-byte IP header and 8 bytes, in 16-bit words.
 const MAX_QUOTE_WORDS: usize = 34;
 const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// A 16-bit word as stored, from its two bytes in wire order.
 #[inline(always)]
@@ -169,15 +175,40 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Option<Verdict> {
     Some(Verdict::tx(reason::TX_RST_NO_BACKEND))
 }
 
-/// Turns a UDP datagram into the ICMP port unreachable that answers it:
-/// room for a new IP and ICMP header is made in front, the MACs (and VLAN
-/// tags) move there, and the datagram is cut after its first 8 bytes.
+/// Turns a UDP datagram into the ICMP port unreachable that answers it.
 #[inline(always)]
 fn port_unreachable(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
+    // SAFETY: pkt.ip bounds checked in parse_ipv4.
+    let vip = unsafe { (*pkt.ip).daddr_be };
+    icmp_error(ctx, pkt, w(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), 0, vip, reason::TX_ICMP_UNREACHABLE_NO_BACKEND)
+}
+
+/// The answer to a packet too big for its next hop (`mtu` bytes) that may
+/// not be fragmented: ICMP destination unreachable, fragmentation needed
+/// (type 3 code 4) with the next-hop MTU (RFC 1191), from `from_be`, sent
+/// back the way the packet came. Rate-limited like every reply.
+#[inline(always)]
+pub fn frag_needed(ctx: &XdpContext, pkt: &Packet, from_be: u32, mtu: u16) -> Verdict {
+    if !allow_reply() {
+        return Verdict::drop(reason::DROP_FRAG_NEEDED_RATE_LIMITED);
+    }
+    let code = w(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED);
+    icmp_error(ctx, pkt, code, mtu, from_be, reason::TX_ICMP_FRAG_NEEDED)
+        // Could not be built (no headroom): the kernel answers instead, if it can.
+        .unwrap_or(Verdict::pass(reason::PASS_TOO_BIG))
+}
+
+/// Turns a packet into an ICMP error about it (`type_code`, and `mtu` in the
+/// second half of the rest-of-header word, 0 unless fragmentation needed)
+/// from `from_be` to the packet's source: room for a new IP and ICMP header
+/// is made in front, the MACs (and VLAN tags) move there, and the packet is
+/// cut after its IP header and first 8 bytes (RFC 792).
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, pkt: &Packet, type_code: u16, mtu: u16, from_be: u32, sent: u32) -> Option<Verdict> {
     let l3_off = pkt.l3_off & 0x1f;
     let (dst_mac, src_mac) = macs(pkt.eth);
     // SAFETY: pkt.ip bounds checked in parse_ipv4.
-    let (saddr, daddr, version_ihl) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ip).version_ihl) };
+    let (saddr, version_ihl) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).version_ihl) };
     let quote = ((version_ihl & 0x0f) as usize) * 4 + 8;
 
     // SAFETY: the helper checks the headroom itself.
@@ -193,7 +224,8 @@ fn port_unreachable(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
     unsafe { *to = *from };
     write_macs(ctx, dst_mac, src_mac)?;
 
-    let mut sum = u32::from(w(3, 3));
+    let mtu_be = mtu.to_be();
+    let mut sum = u32::from(type_code) + u32::from(mtu_be);
     // verifier: a bounded loop; every word read is bounds checked.
     for i in 0..MAX_QUOTE_WORDS {
         if i * 2 >= quote {
@@ -203,15 +235,16 @@ fn port_unreachable(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
         // SAFETY: bounds checked by ptr_at.
         sum += u32::from(unsafe { *word });
     }
-    let ip = ip_header((ICMP_ERR_HDRS + quote) as u16, 0x4000u16.to_be(), PROTO_ICMP, daddr, saddr);
+    let ip = ip_header((ICMP_ERR_HDRS + quote) as u16, 0x4000u16.to_be(), PROTO_ICMP, from_be, saddr);
     let out: *mut [u16; 14] = ptr_at(ctx, l3_off)?;
     let mut hdrs = [0u16; 14];
     hdrs[..10].copy_from_slice(&ip);
-    hdrs[10] = w(3, 3);
+    hdrs[10] = type_code;
     hdrs[11] = csum::finish(sum);
+    hdrs[13] = mtu_be;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *out = hdrs };
-    Some(Verdict::tx(reason::TX_ICMP_UNREACHABLE_NO_BACKEND))
+    Some(Verdict::tx(sent))
 }
 
 /// An ICMP packet: an echo request to a VIP address is answered in place
