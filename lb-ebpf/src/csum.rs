@@ -28,6 +28,16 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// The checksum after a 128-bit field (an IPv6 address) changed.
+#[inline(always)]
+pub fn replace128(check: u16, old: [u32; 4], new: [u32; 4]) -> u16 {
+    let mut sum = check;
+    sum = replace32(sum, old[0], new[0]);
+    sum = replace32(sum, old[1], new[1]);
+    sum = replace32(sum, old[2], new[2]);
+    replace32(sum, old[3], new[3])
+}
+
 /// A UDP checksum of 0 means "none" (RFC 768), so a computed 0 is sent as 0xffff.
 #[inline(always)]
 pub fn udp_nonzero(check: u16) -> u16 {
@@ -49,6 +59,12 @@ pub fn add_words(sum: u32, words: &[u16]) -> u32 {
 #[inline(always)]
 pub fn add32(sum: u32, v: u32) -> u32 {
     sum + u32::from(v as u16) + (v >> 16)
+}
+
+/// Adds a 128-bit field (an IPv6 address, as stored) to a sum.
+#[inline(always)]
+pub fn add128(sum: u32, v: [u32; 4]) -> u32 {
+    add32(add32(add32(add32(sum, v[0]), v[1]), v[2]), v[3])
 }
 
 /// The checksum to store for a sum built from scratch.

@@ -79,6 +79,20 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// The end of the frame, read so that the compiler cannot treat it as the
+/// `data_end` every `ptr_at` reads.
+///
+/// verifier: a length rule checked against `data_end` (the payload lies
+/// inside the frame) lets LLVM prove later fixed-size `ptr_at` checks
+/// redundant and delete them; the verifier cannot follow that proof and
+/// refuses the reads. Checked against this value instead, the rule tells
+/// LLVM nothing, and every bounds check stays.
+#[inline(always)]
+pub fn opaque_data_end(ctx: &XdpContext) -> usize {
+    // SAFETY: ctx.ctx points at the program's xdp_md.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ctx).data_end)) as usize }
+}
+
 /// An IPv4 TCP/UDP packet whose IP header has been validated; its L4 header
 /// has only been checked far enough to read the ports.
 pub struct Packet {

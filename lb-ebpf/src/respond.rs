@@ -37,7 +37,7 @@ use crate::{
     parse::{EthHdr, Ipv4, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
 };
 
-const REPLY_TTL: u8 = 64;
+pub(crate) const REPLY_TTL: u8 = 64;
 /// Bucket credit one reply costs, in nanoseconds of refill.
 const NS_PER_REPLY: u64 = 1_000_000_000 / REPLY_RATE_PER_SEC;
 const BUCKET_CAP_NS: u64 = NS_PER_REPLY * REPLY_BURST;
@@ -52,14 +52,14 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// A 16-bit word as stored, from its two bytes in wire order.
 #[inline(always)]
-fn w(b0: u8, b1: u8) -> u16 {
+pub(crate) fn w(b0: u8, b1: u8) -> u16 {
     u16::from_ne_bytes([b0, b1])
 }
 
 /// Takes one reply's worth of credit from this CPU's bucket; false when
 /// there is not enough. Credit refills with elapsed time, capped at the burst.
 #[inline(always)]
-fn allow_reply() -> bool {
+pub(crate) fn allow_reply() -> bool {
     let Some(bucket) = REPLY_BUCKET.get_ptr_mut(0) else { return false };
     let now = conntrack::now_ns();
     // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
@@ -78,13 +78,13 @@ fn allow_reply() -> bool {
 
 /// The swapped MACs of the frame: (new destination, new source).
 #[inline(always)]
-fn macs(eth: *mut EthHdr) -> ([u8; 6], [u8; 6]) {
+pub(crate) fn macs(eth: *mut EthHdr) -> ([u8; 6], [u8; 6]) {
     // SAFETY: eth was bounds checked in parse_ipv4.
     unsafe { ((*eth).src, (*eth).dst) }
 }
 
 #[inline(always)]
-fn write_macs(ctx: &XdpContext, dst: [u8; 6], src: [u8; 6]) -> Option<()> {
+pub(crate) fn write_macs(ctx: &XdpContext, dst: [u8; 6], src: [u8; 6]) -> Option<()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -96,7 +96,7 @@ fn write_macs(ctx: &XdpContext, dst: [u8; 6], src: [u8; 6]) -> Option<()> {
 
 /// Cuts the frame to `len` bytes (never grows it).
 #[inline(always)]
-fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
+pub(crate) fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
     let cur = ctx.data_end() - ctx.data();
     if cur > len {
         // SAFETY: the helper checks the new length itself.
@@ -194,7 +194,7 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &Packet, from_be: u32, mtu: u16) -> Ve
     }
     let code = w(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED);
     icmp_error(ctx, pkt, code, mtu, from_be, reason::TX_ICMP_FRAG_NEEDED)
-        // Could not be built (no headroom): the kernel answers instead, if it can.
+        // Could not be built (no headroom): the kernel gets it as it came.
         .unwrap_or(Verdict::pass(reason::PASS_TOO_BIG))
 }
 

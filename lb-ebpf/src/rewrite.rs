@@ -164,6 +164,12 @@ pub fn lookup(ctx: &XdpContext, fib: &mut FibParams, ip: *const Ipv4Hdr, src_be:
     fib.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: fib is a valid, writable bpf_fib_lookup for the helper.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibParams>() as i32, 0) };
+    fib_result(rc, fib)
+}
+
+/// What `bpf_fib_lookup`'s return code `rc` means, for either family.
+#[inline(always)]
+pub fn fib_result(rc: i64, fib: &FibParams) -> Fib {
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         Fib::Ready
     } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {

@@ -5,15 +5,16 @@
 //! checksum; the pseudo-header covers the 128-bit addresses), hop limit
 //! decremented, next hop from `bpf_fib_lookup` (AF_INET6), then redirected.
 //!
-//! Not (yet) for IPv6: the gateway's own answers (no-backend RST or ICMPv6
-//! unreachable, echo replies): a flow to a VIP with no backend up is dropped
-//! (`drop_no_backend`), ICMPv6 passes (`pass_not_vip`). Backends must be
-//! IPv6 too; a VIP's IPv4 backend is refused (`drop_bad_backend`).
+//! ICMPv6 goes to `icmp6` (echo replies, errors of balanced flows). A VIP
+//! with no backend up answers like IPv4 (`respond6`: RST, or ICMPv6 port
+//! unreachable), and a packet too big for its next hop gets ICMPv6 packet
+//! too big (IPv6 routers never fragment). Backends must be IPv6 too; a
+//! VIP's IPv4 backend is refused (`drop_bad_backend`).
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
@@ -25,10 +26,12 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, conntrack, csum, lookup,
+    Verdict, conntrack, csum, icmp6, lookup,
     maps::{REPLY_NAT, VIPS},
-    parse::{self, L2, L4},
-    parse6::{self, Packet6},
+    parse::{self, EthHdr, L2, L4},
+    parse6::{self, IPV6_HLEN, Ipv6Hdr, PROTO_ICMPV6, Packet6},
+    respond6,
+    rewrite::{self, Fib, Side},
     stats,
 };
 
@@ -39,7 +42,11 @@ const IPV6_FLOWINFO_MASK_BE: u32 = 0x0fff_ffffu32.to_be();
 /// Everything after the Ethernet header and tags of an IPv6 frame.
 #[inline(always)]
 pub fn process(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
-    let pkt = parse6::parse_ipv6(ctx, l2)?;
+    let v6 = parse6::ipv6_header(ctx, l2)?;
+    if v6.next_header == PROTO_ICMPV6 {
+        return Err(icmp6::process(ctx, &v6));
+    }
+    let pkt = parse6::transport(&v6)?;
     if let Some(vip) = vip(&pkt) {
         return to_backend(ctx, &pkt, &vip);
     }
@@ -52,7 +59,7 @@ pub fn process(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
 
 #[inline(always)]
 fn vip(pkt: &Packet6) -> Option<VipInfo> {
-    // SAFETY: pkt.ip and pkt.ports were bounds checked in parse_ipv6.
+    // SAFETY: pkt.ip and pkt.ports were bounds checked in parse6.
     let (daddr, dport) = unsafe { ((*pkt.ip).daddr_be, (*pkt.ports).dst_be) };
     let key = VipKey { addr_be: daddr, port_be: dport, proto: pkt.proto, family: FAMILY_V6 };
     // SAFETY: the value is copied out at once; VIPS entries are only replaced whole.
@@ -62,7 +69,7 @@ fn vip(pkt: &Packet6) -> Option<VipInfo> {
 /// The packet's 5-tuple, in its own direction.
 #[inline(always)]
 fn tuple(pkt: &Packet6) -> FlowKey {
-    // SAFETY: pkt.ip and pkt.ports were bounds checked in parse_ipv6.
+    // SAFETY: pkt.ip and pkt.ports were bounds checked in parse6.
     let (saddr, daddr, sport, dport) = unsafe {
         ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ports).src_be, (*pkt.ports).dst_be)
     };
@@ -83,20 +90,18 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
     let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len)?;
     parse6::check_hop_limit(pkt)?;
     let flow = tuple(pkt);
-    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns())?;
+    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns()) {
+        Ok(picked) => picked,
+        // No backend up: tell the client at once rather than let it time out.
+        Err(v) if v.reason == reason::DROP_NO_BACKEND => return Err(respond6::no_backend(ctx, pkt, &l4)),
+        Err(v) => return Err(v),
+    };
     if backend.family != FAMILY_V6 {
         return Err(Verdict::drop(reason::DROP_BAD_BACKEND));
     }
     stats::count_traffic(vip.vip_id, backend_id, ctx);
-    // SAFETY: pkt.ip and pkt.ports were bounds checked in parse_ipv6.
-    unsafe {
-        let old_addr = (*pkt.ip).daddr_be;
-        let old_port = (*pkt.ports).dst_be;
-        (*pkt.ip).daddr_be = backend.addr_be;
-        (*pkt.ports).dst_be = backend.port_be;
-        fix_l4_check(pkt, &l4, old_addr, backend.addr_be, old_port, backend.port_be);
-    }
-    Ok(forward(ctx, pkt, reason::REDIRECT_TO_BACKEND))
+    // A "packet too big" for the client comes from the address it sent to.
+    Ok(translate_and_forward(ctx, pkt, &l4, Side::Destination, backend.addr_be, backend.port_be, flow.dst_be, reason::REDIRECT_TO_BACKEND))
 }
 
 /// Backend → client: the source becomes the VIP again.
@@ -106,15 +111,60 @@ fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat) -> Result<Verdict,
     parse6::check_hop_limit(pkt)?;
     conntrack::reply_seen(&tuple(pkt), nat, &l4, conntrack::now_ns())?;
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
-    // SAFETY: pkt.ip and pkt.ports were bounds checked in parse_ipv6.
-    unsafe {
-        let old_addr = (*pkt.ip).saddr_be;
-        let old_port = (*pkt.ports).src_be;
-        (*pkt.ip).saddr_be = nat.vip_addr_be;
-        (*pkt.ports).src_be = nat.vip_port_be;
-        fix_l4_check(pkt, &l4, old_addr, nat.vip_addr_be, old_port, nat.vip_port_be);
+    let vip = nat.vip_addr_be;
+    Ok(translate_and_forward(ctx, pkt, &l4, Side::Source, vip, nat.vip_port_be, vip, reason::REDIRECT_TO_CLIENT))
+}
+
+/// Rewrites one end of the packet to `addr`:`port` and sends it to its next
+/// hop; the IPv6 twin of `rewrite::translate_and_forward`. IPv6 routers
+/// never fragment: a packet too big for the next hop is answered with ICMPv6
+/// packet too big from `icmp_from` (it stays as it came).
+#[inline(always)]
+fn translate_and_forward(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    l4: &L4,
+    side: Side,
+    addr_be: [u32; 4],
+    port_be: u16,
+    icmp_from_be: [u32; 4],
+    redirect_reason: u32,
+) -> Verdict {
+    // SAFETY: pkt.ip was bounds checked in parse6.
+    let (saddr, daddr) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be) };
+    let (src, dst) = if side == Side::Destination { (saddr, addr_be) } else { (addr_be, daddr) };
+    // SAFETY: FibParams is plain old data; all-zero is a valid start.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    let hop = lookup(ctx, &mut fib, pkt.ip, src, dst);
+    if let Fib::TooBig(mtu) = hop {
+        return respond6::packet_too_big(ctx, pkt, icmp_from_be, mtu);
     }
-    Ok(forward(ctx, pkt, reason::REDIRECT_TO_CLIENT))
+    nat(pkt, l4, side, addr_be, port_be);
+    match hop {
+        Fib::Ready => send(pkt.eth, pkt.ip, &fib, redirect_reason),
+        Fib::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
+        _ => Verdict::pass(reason::PASS_FIB_FAILED),
+    }
+}
+
+/// Rewrites one end's address and port, with the L4 checksum.
+#[inline(always)]
+fn nat(pkt: &Packet6, l4: &L4, side: Side, new_addr: [u32; 4], new_port: u16) {
+    // SAFETY: pkt.ip and pkt.ports were bounds checked in parse6.
+    unsafe {
+        let (old_addr, old_port) = if side == Side::Destination {
+            let old = ((*pkt.ip).daddr_be, (*pkt.ports).dst_be);
+            (*pkt.ip).daddr_be = new_addr;
+            (*pkt.ports).dst_be = new_port;
+            old
+        } else {
+            let old = ((*pkt.ip).saddr_be, (*pkt.ports).src_be);
+            (*pkt.ip).saddr_be = new_addr;
+            (*pkt.ports).src_be = new_port;
+            old
+        };
+        fix_l4_check(pkt, l4, old_addr, new_addr, old_port, new_port);
+    }
 }
 
 /// The L4 checksum covers the pseudo-header's 128-bit addresses and the ports.
@@ -125,11 +175,7 @@ fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat) -> Result<Verdict,
 unsafe fn fix_l4_check(pkt: &Packet6, l4: &L4, old: [u32; 4], new: [u32; 4], old_port: u16, new_port: u16) {
     let Some(check) = l4.check else { return };
     // SAFETY: the caller guarantees check is in bounds.
-    let mut sum = unsafe { *check };
-    sum = csum::replace32(sum, old[0], new[0]);
-    sum = csum::replace32(sum, old[1], new[1]);
-    sum = csum::replace32(sum, old[2], new[2]);
-    sum = csum::replace32(sum, old[3], new[3]);
+    let mut sum = csum::replace128(unsafe { *check }, old, new);
     sum = csum::replace16(sum, old_port, new_port);
     if pkt.proto == PROTO_UDP {
         sum = csum::udp_nonzero(sum);
@@ -138,41 +184,57 @@ unsafe fn fix_l4_check(pkt: &Packet6, l4: &L4, old: [u32; 4], new: [u32; 4], old
     unsafe { *check = sum };
 }
 
-/// Sends a rewritten packet to the next hop the kernel's FIB names; the hop
-/// limit drops by one. No neighbour entry yet: handed to the kernel.
+/// Asks the kernel's FIB for the next hop of the IPv6 packet at `ip` once it
+/// goes from `src` to `dst`, from the interface it came in on; the FIB
+/// checks the route's MTU against its length.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet6, redirect_reason: u32) -> Verdict {
-    // SAFETY: FibParams is plain old data; all-zero is a valid start.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    // SAFETY: pkt.ip was bounds checked in parse_ipv6.
+pub fn lookup(ctx: &XdpContext, fib: &mut FibParams, ip: *const Ipv6Hdr, src: [u32; 4], dst: [u32; 4]) -> Fib {
+    // SAFETY: ip was bounds checked in parse6.
     unsafe {
-        params.family = AF_INET6;
-        params.l4_protocol = pkt.proto;
-        params.__bindgen_anon_1.tot_len = (size_of::<parse6::Ipv6Hdr>() + pkt.l4_len) as u16;
-        params.__bindgen_anon_2.flowinfo = (*pkt.ip).vtc_flow_be & IPV6_FLOWINFO_MASK_BE;
-        params.__bindgen_anon_3.ipv6_src = (*pkt.ip).saddr_be;
-        params.__bindgen_anon_4.ipv6_dst = (*pkt.ip).daddr_be;
+        fib.family = AF_INET6;
+        fib.l4_protocol = (*ip).next_header;
+        fib.__bindgen_anon_1.tot_len = (IPV6_HLEN + u16::from_be((*ip).payload_len_be) as usize) as u16;
+        fib.__bindgen_anon_2.flowinfo = (*ip).vtc_flow_be & IPV6_FLOWINFO_MASK_BE;
+        fib.__bindgen_anon_3.ipv6_src = src;
+        fib.__bindgen_anon_4.ipv6_dst = dst;
     }
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: params is a valid, writable bpf_fib_lookup for the helper.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut params, size_of::<FibParams>() as i32, 0) };
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return Verdict::pass(reason::PASS_NO_NEIGH);
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Verdict::pass(reason::PASS_FIB_FAILED);
-    }
-    // SAFETY: pkt.ip and pkt.eth were bounds checked; hop limit checked > 1.
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: fib is a valid, writable bpf_fib_lookup for the helper.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibParams>() as i32, 0) };
+    rewrite::fib_result(rc, fib)
+}
+
+/// Sends a (rewritten) IPv6 packet to the next hop `fib` names; the hop
+/// limit drops by one.
+#[inline(always)]
+pub fn send(eth: *mut EthHdr, ip: *mut Ipv6Hdr, fib: &FibParams, redirect_reason: u32) -> Verdict {
+    // SAFETY: ip and eth were bounds checked in parse6; hop limit checked > 1.
     unsafe {
-        (*pkt.ip).hop_limit -= 1;
-        (*pkt.eth).dst = params.dmac;
-        (*pkt.eth).src = params.smac;
+        (*ip).hop_limit -= 1;
+        (*eth).dst = fib.dmac;
+        (*eth).src = fib.smac;
     }
     // SAFETY: plain helper call; flags 0.
-    let action = unsafe { bpf_redirect(params.ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
     if action == xdp_action::XDP_REDIRECT {
         Verdict { action, reason: redirect_reason }
     } else {
         Verdict::pass(reason::PASS_FIB_FAILED)
+    }
+}
+
+/// Sends an IPv6 packet already rewritten to its next hop; handed to the
+/// kernel as it is when that cannot be done here.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv6Hdr, redirect_reason: u32) -> Verdict {
+    // SAFETY: ip was bounds checked in parse6.
+    let (src, dst) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
+    // SAFETY: FibParams is plain old data; all-zero is a valid start.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    match lookup(ctx, &mut fib, ip, src, dst) {
+        Fib::Ready => send(eth, ip, &fib, redirect_reason),
+        Fib::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
+        Fib::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
+        Fib::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
     }
 }

@@ -1,0 +1,373 @@
+//! The IPv6 packet-fixture harness shared by `packets_v6.rs` and
+//! `packets_icmp6.rs`: a private namespace whose routes and neighbours make
+//! `bpf_fib_lookup` (AF_INET6) answer as on a real gateway (client side
+//! 2001:db8:1::/64 on `lbp-c`, backend side 2001:db8:2::/64 on `lbp-b`,
+//! VIP 2001:db8::100), the loaded program with two VIPs and six backends,
+//! frame builders and independent checksum checks (etherparse).
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+
+use std::{
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use lb::{
+    dataplane::{LoadOptions, Maps, Program},
+    lb::dataplane::Dataplane as _,
+};
+use lb_common::{
+    FAMILY_V6, PROTO_TCP, PROTO_UDP,
+    backend::{BACKEND_STATE_UP, BackendInfo},
+    flow::{FlowKey, flow_hash},
+    stats::reason,
+    vip::{VipInfo, VipKey, ring_base},
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const RING: u32 = 13;
+pub const GW_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+pub const GW_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+pub const CLIENT: [u8; 16] = addr(1, 0x2);
+pub const VIP: [u8; 16] = addr(0, 0x100);
+/// A client whose route has a 1280-byte MTU.
+pub const NARROW_CLIENT: [u8; 16] = addr(1, 0x3);
+pub const NARROW_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x03];
+pub const NARROW_CLIENT_MTU: u16 = 1280;
+/// Backend id 3 (2001:db8:2::13) sits behind a hop of this MTU.
+pub const NARROW_BACKEND_MTU: u16 = 1400;
+pub const VIP_TCP_PORT: u16 = 80;
+pub const VIP_UDP_PORT: u16 = 5353;
+
+/// 2001:db8:`net`::`host`.
+pub const fn addr(net: u8, host: u16) -> [u8; 16] {
+    let h = host.to_be_bytes();
+    [0x20, 0x01, 0x0d, 0xb8, 0, net, 0, 0, 0, 0, 0, 0, 0, 0, h[0], h[1]]
+}
+
+pub fn backend_mac(last: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x02, last]
+}
+
+/// Backends: ids 1..=3 serve the TCP VIP on 8080, ids 4..=6 the UDP VIP on
+/// 5353; addresses 2001:db8:2::11..=13 (hex), each with a neighbour entry.
+pub fn backend_addr(id: u32) -> ([u8; 16], u16) {
+    let host = 0x10 + ((id - 1) % 3 + 1) as u16;
+    let port = if id <= 3 { 8080 } else { 5353 };
+    (addr(2, host), port)
+}
+
+pub fn words(a: [u8; 16]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    for (i, chunk) in a.chunks_exact(4).enumerate() {
+        w[i] = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
+    }
+    w
+}
+
+// ---------------------------------------------------------------- harness
+
+pub struct Netns(String);
+
+impl Netns {
+    pub fn new() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!("lbpkt6{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns(name);
+        let n = ns.0.as_str();
+        sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
+        sh(&["ip", "-n", n, "link", "add", "lbp-c", "type", "veth", "peer", "name", "lbp-b"]);
+        sh(&["ip", "-n", n, "link", "set", "lbp-c", "address", &mac_str(GW_CLIENT_MAC)]);
+        sh(&["ip", "-n", n, "link", "set", "lbp-b", "address", &mac_str(GW_BACKEND_MAC)]);
+        for dev in ["lo", "lbp-c", "lbp-b"] {
+            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+        }
+        sh(&["ip", "-n", n, "-6", "addr", "add", "2001:db8:1::1/64", "dev", "lbp-c", "nodad"]);
+        sh(&["ip", "-n", n, "-6", "addr", "add", "2001:db8:2::1/64", "dev", "lbp-b", "nodad"]);
+        sh(&["ip", "-n", n, "-6", "neigh", "add", "2001:db8:1::2", "lladdr", &mac_str(CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
+        // Narrow paths, for packet-too-big rules: a second client behind a
+        // 1280-byte hop, backend ::13 behind a 1400-byte one.
+        sh(&["ip", "-n", n, "-6", "neigh", "add", "2001:db8:1::3", "lladdr", &mac_str(NARROW_CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
+        sh(&["ip", "-n", n, "-6", "route", "add", "2001:db8:1::3/128", "dev", "lbp-c", "mtu", "lock", &NARROW_CLIENT_MTU.to_string()]);
+        sh(&["ip", "-n", n, "-6", "route", "add", "2001:db8:2::13/128", "dev", "lbp-b", "mtu", "lock", &NARROW_BACKEND_MTU.to_string()]);
+        for host in 0x11..=0x13u8 {
+            let a = format!("2001:db8:2::{host:x}");
+            sh(&["ip", "-n", n, "-6", "neigh", "add", &a, "lladdr", &mac_str(backend_mac(host)), "dev", "lbp-b", "nud", "permanent"]);
+        }
+        ns
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (setns is per thread).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: a valid netns fd; affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn mac_str(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("name");
+    // SAFETY: a valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(idx, 0, "no interface {name}");
+    idx
+}
+
+/// The loaded program with two IPv6 VIPs and six IPv6 backends installed.
+pub struct Lb {
+    pub program: Program,
+    pub maps: Maps,
+    pub client_if: u32,
+    pub backend_if: u32,
+    pub ring: [u32; RING as usize],
+}
+
+pub fn vip_key(port: u16, proto: u8) -> VipKey {
+    VipKey { addr_be: words(VIP), port_be: port.to_be(), proto, family: FAMILY_V6 }
+}
+
+impl Lb {
+    pub fn new() -> Self {
+        let mut program = Program::load(&LoadOptions { ring_size: RING, max_vips: 2, conntrack_capacity: 1024 })
+            .unwrap_or_else(|e| panic!("load: {e:?}"));
+        let mut maps = program.maps().expect("maps");
+        for id in 1..=6 {
+            let (a, port) = backend_addr(id);
+            maps.set_backend(id, BackendInfo { addr_be: words(a), port_be: port.to_be(), family: FAMILY_V6, state: BACKEND_STATE_UP })
+                .expect("backend");
+        }
+        let mut lb = Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
+        lb.set_ring(1, 0, [1, 2, 3]);
+        lb.set_ring(2, 0, [4, 5, 6]);
+        lb
+    }
+
+    pub fn set_ring(&mut self, vip_id: u32, generation: u32, ids: impl AsRef<[u32]>) {
+        let ids = ids.as_ref();
+        let base = ring_base(vip_id, generation, RING);
+        let mut slots = Vec::new();
+        for i in 0..RING {
+            let id = if ids.is_empty() { 0 } else { ids[i as usize % ids.len()] };
+            slots.push((base + i, id));
+            if vip_id == 1 {
+                self.ring[i as usize] = id;
+            }
+        }
+        self.maps.write_ring_slots(&slots).expect("ring");
+        let (port, proto) = if vip_id == 1 { (VIP_TCP_PORT, PROTO_TCP) } else { (VIP_UDP_PORT, PROTO_UDP) };
+        self.maps
+            .upsert_vip(vip_key(port, proto), VipInfo { vip_id, ring_size: RING, ring_generation: generation, flags: 0 })
+            .expect("vip");
+    }
+
+    pub fn run(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let ctx = xdp_md(frame.len() as u32, ingress);
+        let mut ctx_out = [0u8; 24];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        };
+        let result = self.program.xdp().expect("xdp").test_run(opts).unwrap_or_else(|e| panic!("test_run: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs one frame; returns its action, output and the one verdict
+    /// reason whose counter moved (fails unless exactly one moved, by one).
+    pub fn run_counted(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, &'static str) {
+        let before = self.maps.verdicts().expect("verdicts");
+        let (action, out) = self.run(frame, ingress);
+        let after = self.maps.verdicts().expect("verdicts");
+        let moved: Vec<(&str, u64)> = reason::NAMES
+            .iter()
+            .zip(before.iter().zip(after))
+            .filter(|(_, (b, a))| *b != a)
+            .map(|(name, (b, a))| (*name, a - b))
+            .collect();
+        assert!(moved.len() == 1 && moved[0].1 == 1, "expected one verdict counted once, got {moved:?}");
+        (action, out, moved[0].0)
+    }
+
+    /// The frame is redirected, counted as `expected_reason`.
+    #[track_caller]
+    pub fn assert_redirected(&mut self, frame: &[u8], ingress: u32, expected_reason: u32) -> Vec<u8> {
+        let (action, out, counted) = self.run_counted(frame, ingress);
+        assert_eq!((action, counted), (XDP_REDIRECT, reason::NAMES[expected_reason as usize]));
+        out
+    }
+
+    /// The frame is handed to the kernel byte for byte, counted as `reason`.
+    #[track_caller]
+    pub fn assert_passed_untouched(&mut self, name: &str, frame: &[u8], expected_reason: u32) {
+        let (action, out, counted) = self.run_counted(frame, self.client_if);
+        assert_eq!((action, counted), (XDP_PASS, reason::NAMES[expected_reason as usize]), "{name}");
+        assert!(out == frame, "{name}: frame changed\n  out: {}\n  in:  {}", hex(&out), hex(frame));
+    }
+
+    /// The backend the ring assigns a client → TCP VIP flow.
+    pub fn expected_backend(&self, sport: u16) -> u32 {
+        self.ring[(flow_hash(&flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP)) % RING) as usize]
+    }
+}
+
+pub fn flow(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_be: words(src),
+        dst_be: words(dst),
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    }
+}
+
+/// `struct xdp_md` for ctx_in: data offsets and the ingress device.
+pub fn xdp_md(len: u32, ingress_ifindex: u32) -> [u8; 24] {
+    let fields = [0u32, len, 0, ingress_ifindex, 0, 0];
+    let mut out = [0u8; 24];
+    for (chunk, v) in out.chunks_exact_mut(4).zip(fields) {
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    out
+}
+
+// ---------------------------------------------------------------- frames
+
+#[derive(Clone, Copy)]
+pub struct Tcp {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub hop_limit: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub syn: bool,
+    pub payload: &'static [u8],
+}
+
+impl Tcp {
+    pub fn client_to_vip(sport: u16) -> Self {
+        Tcp { src_mac: CLIENT_MAC, dst_mac: GW_CLIENT_MAC, src: CLIENT, dst: VIP, hop_limit: 64, sport, dport: VIP_TCP_PORT, syn: true, payload: b"" }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac)
+            .ipv6(self.src, self.dst, self.hop_limit)
+            .tcp(self.sport, self.dport, 1000, 64240);
+        let b = if self.syn { b.syn() } else { b.ack(2000).psh() };
+        let mut out = Vec::new();
+        b.write(&mut out, self.payload).expect("build tcp");
+        out
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "a frame's fields, in wire order")]
+pub fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 16], dst: [u8; 16], hop_limit: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src, dst, hop_limit)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .expect("build udp");
+    out
+}
+
+/// An ICMPv6 echo request.
+pub fn ping(dst: [u8; 16]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, GW_CLIENT_MAC)
+        .ipv6(CLIENT, dst, 64)
+        .icmpv6_echo_request(7, 1)
+        .write(&mut out, b"ping")
+        .expect("build icmpv6");
+    out
+}
+
+/// `frame` with an 8-byte hop-by-hop options header (one PadN option)
+/// between the IPv6 header and its payload.
+pub fn with_hop_by_hop(frame: &[u8]) -> Vec<u8> {
+    let next = frame[14 + 6];
+    let mut out = frame[..54].to_vec();
+    out[14 + 6] = 0; // next header: hop-by-hop options
+    let plen = u16::from_be_bytes([out[18], out[19]]) + 8;
+    out[18..20].copy_from_slice(&plen.to_be_bytes());
+    out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    out.extend_from_slice(&frame[54..]);
+    out
+}
+
+/// Checks the TCP/UDP checksum from scratch over the IPv6 pseudo-header.
+pub fn assert_checksums_valid(frame: &[u8]) {
+    let sliced = SlicedPacket::from_ethernet(frame).expect("output parses");
+    let Some(NetSlice::Ipv6(ip)) = sliced.net else { panic!("output is not IPv6") };
+    let header = ip.header().to_header();
+    match sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let expected = tcp.to_header().calc_checksum_ipv6(&header, tcp.payload()).expect("tcp csum");
+            assert_eq!(tcp.checksum(), expected, "TCP checksum");
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            let expected = udp.to_header().calc_checksum_ipv6(&header, udp.payload()).expect("udp csum");
+            assert_eq!(udp.checksum(), expected, "UDP checksum");
+        }
+        Some(TransportSlice::Icmpv6(icmp)) => {
+            let expected = icmp.header().icmp_type.calc_checksum(header.source, header.destination, icmp.payload()).expect("icmpv6 csum");
+            assert_eq!(icmp.checksum(), expected, "ICMPv6 checksum");
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+pub fn hex(frame: &[u8]) -> String {
+    frame.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[track_caller]
+pub fn assert_frame(actual: &[u8], expected: &[u8]) {
+    assert!(actual == expected, "frame differs\n  actual:   {}\n  expected: {}", hex(actual), hex(expected));
+}
+
+pub fn with_lb(f: impl FnOnce(&mut Lb) + Send + 'static) {
+    let ns = Netns::new();
+    ns.run(move || {
+        let mut lb = Lb::new();
+        f(&mut lb);
+    });
+}
