@@ -336,6 +336,7 @@ fn the_shipped_example_is_valid() {
     let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/lb.toml"));
     let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
     assert!(config.vips.len() >= 2, "the example shows a TCP and a UDP service");
+    assert!(config.vips.iter().any(|v| v.listen.is_ipv6()), "the example shows an IPv6 service");
     assert!(Balancer::new(&config).is_ok());
 }
 
