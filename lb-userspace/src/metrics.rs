@@ -159,4 +159,35 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
     }
+
+    #[test]
+    fn ipv6_backends_are_labelled_as_bracketed_addresses() {
+        let backend = BackendStatus {
+            address: "[2001:db8:2::11]:8080".into(),
+            weight: 1,
+            backup: false,
+            health: "up".into(),
+            last_check: Some("ok".into()),
+            traffic: Traffic { packets: 3, ..Traffic::default() },
+        };
+        let status = Status {
+            vips: vec![VipStatus {
+                name: "web6".into(),
+                listen: "[2001:db8::100]:80".into(),
+                protocol: "tcp".into(),
+                scheduler: "maglev".into(),
+                backends_up: 1,
+                traffic: Traffic::default(),
+                backends: vec![backend],
+            }],
+            ..Status::default()
+        };
+        let text = render(&status).expect("render");
+        for line in [
+            "lb_backend_up{vip=\"web6\",backend=\"[2001:db8:2::11]:8080\"} 1",
+            "lb_packets_total{vip=\"web6\",backend=\"[2001:db8:2::11]:8080\"} 3",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
 }

@@ -63,39 +63,106 @@ impl HealthCheck {
 /// VIP `echo` over their UDP echo servers, probed on their HTTP port.
 #[must_use]
 pub fn config_for(testbed: &Testbed, check: HealthCheck) -> String {
-    let mut toml = String::new();
-    let ms = |d: Duration| format!("{}ms", d.as_millis());
-    let _ = writeln!(
-        toml,
-        "[agent]\ninterfaces = [\"{}\", \"{}\"]\nadmin_listen = \"{ADMIN}\"\nxdp_mode = \"native\"\n",
-        testbed.gateway_client_if(),
-        testbed.gateway_backend_if()
-    );
-    let health = |toml: &mut String, port: Option<u16>| {
-        let _ = writeln!(
-            toml,
-            "[vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"{}\"\ntimeout = \"{}\"\nrise = {}\nfall = {}",
-            ms(check.interval),
-            ms(check.timeout),
-            check.rise,
-            check.fall
-        );
-        if let Some(port) = port {
-            let _ = writeln!(toml, "port = {port}");
-        }
-        toml.push('\n');
-    };
-    let _ = writeln!(toml, "[[vip]]\nname = \"web\"\nlisten = \"{}\"\nprotocol = \"tcp\"\n", testbed.vip_http());
-    health(&mut toml, None);
-    for i in 1..=testbed.backend_count() {
-        let _ = writeln!(toml, "[[vip.backend]]\naddress = \"{}\"\nweight = 1\n", testbed.backend_http(i));
-    }
-    let _ = writeln!(toml, "[[vip]]\nname = \"echo\"\nlisten = \"{}\"\nprotocol = \"udp\"\n", testbed.vip_udp());
-    health(&mut toml, Some(crate::testbed::BACKEND_HTTP_PORT));
-    for i in 1..=testbed.backend_count() {
-        let _ = writeln!(toml, "[[vip.backend]]\naddress = \"{}\"\nweight = 1\n", testbed.backend_udp(i));
+    let mut toml = agent_section(testbed);
+    for vip in [Vip::Web, Vip::Echo] {
+        push_vip(&mut toml, testbed, check, vip);
     }
     toml
+}
+
+/// Name of the IPv6 TCP VIP in [`config_dual_stack`].
+pub const WEB6: &str = "web6";
+/// Name of the IPv6 UDP VIP in [`config_dual_stack`].
+pub const ECHO6: &str = "echo6";
+
+/// [`config_for`] plus the same two services on the IPv6 VIP: [`WEB6`] on
+/// [`Testbed::vip6_http`] over every backend's IPv6 HTTP address, and
+/// [`ECHO6`] on [`Testbed::vip6_udp`] over their IPv6 UDP echo addresses.
+/// Their health checks probe the backends' IPv6 addresses, so an IPv6
+/// backend is up only if it answers over IPv6.
+#[must_use]
+pub fn config_dual_stack(testbed: &Testbed, check: HealthCheck) -> String {
+    let mut toml = config_for(testbed, check);
+    for vip in [Vip::Web6, Vip::Echo6] {
+        push_vip(&mut toml, testbed, check, vip);
+    }
+    toml
+}
+
+/// `[agent]`: the gateway's two interfaces, the admin API on [`ADMIN`].
+fn agent_section(testbed: &Testbed) -> String {
+    format!(
+        "[agent]\ninterfaces = [\"{}\", \"{}\"]\nadmin_listen = \"{ADMIN}\"\nxdp_mode = \"native\"\n\n",
+        testbed.gateway_client_if(),
+        testbed.gateway_backend_if()
+    )
+}
+
+/// The services a generated config can hold.
+#[derive(Debug, Clone, Copy)]
+enum Vip {
+    Web,
+    Echo,
+    Web6,
+    Echo6,
+}
+
+impl Vip {
+    fn name(self) -> &'static str {
+        match self {
+            Vip::Web => "web",
+            Vip::Echo => "echo",
+            Vip::Web6 => WEB6,
+            Vip::Echo6 => ECHO6,
+        }
+    }
+
+    fn listen(self, testbed: &Testbed) -> SocketAddr {
+        match self {
+            Vip::Web => testbed.vip_http(),
+            Vip::Echo => testbed.vip_udp(),
+            Vip::Web6 => testbed.vip6_http(),
+            Vip::Echo6 => testbed.vip6_udp(),
+        }
+    }
+
+    fn is_udp(self) -> bool {
+        matches!(self, Vip::Echo | Vip::Echo6)
+    }
+
+    /// Backend `i`'s address for this service, of the VIP's family.
+    fn backend(self, testbed: &Testbed, i: usize) -> SocketAddr {
+        match self {
+            Vip::Web => testbed.backend_http(i),
+            Vip::Echo => testbed.backend_udp(i),
+            Vip::Web6 => testbed.backend_http6(i),
+            Vip::Echo6 => testbed.backend_udp6(i),
+        }
+    }
+}
+
+/// Appends `[[vip]]` with HTTP checks on `/health` and one `[[vip.backend]]`
+/// per testbed backend. UDP services are probed on the backends' HTTP port,
+/// since their own port speaks no TCP.
+fn push_vip(toml: &mut String, testbed: &Testbed, check: HealthCheck, vip: Vip) {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let protocol = if vip.is_udp() { "udp" } else { "tcp" };
+    let _ = writeln!(toml, "[[vip]]\nname = \"{}\"\nlisten = \"{}\"\nprotocol = \"{protocol}\"\n", vip.name(), vip.listen(testbed));
+    let _ = writeln!(
+        toml,
+        "[vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"{}\"\ntimeout = \"{}\"\nrise = {}\nfall = {}",
+        ms(check.interval),
+        ms(check.timeout),
+        check.rise,
+        check.fall
+    );
+    if vip.is_udp() {
+        let _ = writeln!(toml, "port = {}", crate::testbed::BACKEND_HTTP_PORT);
+    }
+    toml.push('\n');
+    for i in 1..=testbed.backend_count() {
+        let _ = writeln!(toml, "[[vip.backend]]\naddress = \"{}\"\nweight = 1\n", vip.backend(testbed, i));
+    }
 }
 
 /// A running `lb run` in a testbed's gateway namespace; SIGTERMed (by PID) on drop.

@@ -129,6 +129,60 @@ fn backends_answer_through_the_gateway_and_everything_is_removed() {
 }
 
 #[test]
+fn backends_answer_over_ipv6_through_the_gateway() {
+    require_root!();
+    let testbed = Testbed::new(2).expect("building the testbed");
+    // nodad and accept_dad=0: nothing may wait for duplicate address detection.
+    for ns in testbed.namespaces() {
+        let addrs = ns
+            .exec_ok(&["ip", "-6", "addr", "show"])
+            .expect("ip -6 addr show");
+        assert!(
+            !addrs.contains("tentative"),
+            "{}: addresses still tentative right after setup:\n{addrs}",
+            ns.name()
+        );
+    }
+    assert_eq!(
+        testbed
+            .gateway()
+            .sysctl("net.ipv6.conf.all.forwarding")
+            .expect("reading forwarding"),
+        "1"
+    );
+
+    for i in 1..=2 {
+        let want = testbed.backend_name(i);
+        let spread = Spread::of(&testbed.client_requests(testbed.backend_http6(i), 3, true));
+        assert_eq!(
+            spread.count(&want),
+            3,
+            "client -> {} over IPv6: {spread}",
+            testbed.backend_http6(i)
+        );
+        let echo = Spread::of(&testbed.client_udp(testbed.backend_udp6(i), &[b"six"], 0));
+        assert_eq!(echo.count(&want), 1, "udp echo over IPv6 from {want}: {echo}");
+        // What the agent's health checks do: from the gateway, over IPv6.
+        let health = testbed
+            .http_get_in(testbed.gateway(), testbed.backend_http6(i), "/health")
+            .unwrap_or_else(|e| panic!("gateway -> {want} /health over IPv6: {e:#}"));
+        assert_eq!(health.status, 200, "{want} /health over IPv6");
+    }
+    let body = testbed
+        .http_get(&format!("http://{}/", testbed.backend_http6(1)))
+        .expect("GET over IPv6 by URL");
+    assert_eq!(body, "backend=b1\n");
+
+    // Nobody owns the IPv6 VIP either.
+    let results = testbed.client_requests(testbed.vip6_http(), 1, true);
+    assert!(
+        results[0].is_err(),
+        "the IPv6 VIP answered without a load balancer: {:?}",
+        results[0].as_ref().ok()
+    );
+}
+
+#[test]
 fn parallel_testbeds_do_not_collide() {
     require_root!();
     let ids: Vec<String> = thread::scope(|s| {

@@ -10,6 +10,9 @@ use anyhow::{Context as _, bail};
 
 use crate::api::Status;
 
+/// Width of the backend address column: an IPv4 `address:port` fits.
+const MIN_ADDRESS_WIDTH: usize = 22;
+
 /// Print each VIP with its backends' health and traffic, from a running
 /// agent's admin API.
 #[derive(Debug, clap::Args)]
@@ -41,9 +44,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             vip.traffic.packets,
             vip.traffic.new_flows
         );
+        // IPv6 backends ("[2001:db8:2::11]:8080") are wider than IPv4 ones.
+        let width = vip.backends.iter().map(|b| b.address.len()).max().unwrap_or(0).max(MIN_ADDRESS_WIDTH);
         for b in &vip.backends {
             println!(
-                "  {:<22} {:<7} w={:<3} {:<6} {:>10} pkts {:>8} flows  {}",
+                "  {:<width$} {:<7} w={:<3} {:<6} {:>10} pkts {:>8} flows  {}",
                 b.address,
                 b.health,
                 b.weight,

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashSet,
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::Path,
     time::Duration,
 };
@@ -35,7 +35,7 @@ const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
 /// Where the admin API listens unless configured.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9100));
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
 /// VIPs the Maglev array has room for unless configured (or more VIPs are configured).
 pub const DEFAULT_MAX_VIPS: u32 = 16;
 /// Bounds of `agent.conntrack_capacity`.
@@ -209,7 +209,7 @@ fn vip(mut s: Section) -> Result<VipConfig> {
     }
     let path = format!("{} ({name})", s.path());
     s.rename(path);
-    let listen = ipv4_socket_addr(&mut s, "listen")?;
+    let listen = service_addr(&mut s, "listen")?;
     let protocol = match s.string("protocol")?.as_deref() {
         None | Some("tcp") => Protocol::Tcp,
         Some("udp") => Protocol::Udp,
@@ -234,9 +234,11 @@ fn vip(mut s: Section) -> Result<VipConfig> {
     let backends = sections.into_iter().map(backend).collect::<Result<Vec<_>>>()?;
     let mut seen = HashSet::new();
     for (i, b) in backends.iter().enumerate() {
+        let key = format!("backend[{}].address", i + 1);
         if !seen.insert(b.address) {
-            return Err(s.problem(&format!("backend[{}].address", i + 1), format!("{} is listed twice", b.address)));
+            return Err(s.problem(&key, format!("{} is listed twice", b.address)));
         }
+        check_same_family(listen, b.address).map_err(|reason| s.problem(&key, reason))?;
     }
     s.finish()?;
     Ok(VipConfig { name, listen, protocol, scheduler, health_check, backends })
@@ -257,15 +259,97 @@ fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
-/// An IPv4 `address:port` with a port other than 0.
-fn ipv4_socket_addr(s: &mut Section, key: &str) -> Result<SocketAddr> {
+/// `listen` or `address`: an IPv4 `a.b.c.d:port` or IPv6 `[addr]:port` that
+/// can carry balanced traffic (see [`check_service_ip`]), port not 0.
+fn service_addr(s: &mut Section, key: &str) -> Result<SocketAddr> {
     let text = s.required_string(key)?;
-    match text.parse::<SocketAddr>() {
-        Ok(SocketAddr::V4(addr)) if addr.port() != 0 => Ok(SocketAddr::V4(addr)),
-        Ok(SocketAddr::V4(_)) => Err(s.problem(key, format!("{text:?}: port 0 is not a port"))),
-        Ok(SocketAddr::V6(_)) => Err(s.problem(key, format!("{text:?}: IPv6 is not supported yet"))),
-        Err(_) => Err(s.problem(key, format!("{text:?} is not an IPv4 address and port"))),
+    let addr = parse_socket_addr(&text).map_err(|reason| s.problem(key, format!("{text:?} {reason}")))?;
+    if addr.port() == 0 {
+        return Err(s.problem(key, format!("{text:?}: port 0 is not a port")));
     }
+    if let SocketAddr::V6(v6) = addr
+        && v6.scope_id() != 0
+    {
+        return Err(s.problem(key, format!("{text:?}: a zone index (%{}) is not supported; the data path routes by address alone", v6.scope_id())));
+    }
+    check_service_ip(addr.ip()).map_err(|reason| s.problem(key, format!("{text:?}: {reason}")))?;
+    Ok(addr)
+}
+
+/// Parses `address:port`; the error completes `"TEXT" ...`, with a hint for
+/// the usual slips (no port, IPv6 without brackets).
+fn parse_socket_addr(text: &str) -> std::result::Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    Err(match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => "has no port; write it as address:port, e.g. \"198.18.0.100:80\"".to_owned(),
+        Ok(IpAddr::V6(_)) => "is an IPv6 address without a port; write \"[ADDRESS]:PORT\", e.g. \"[2001:db8::100]:80\"".to_owned(),
+        Err(_) => "is not an address and port (IPv4 \"198.18.0.100:80\" or IPv6 \"[2001:db8::100]:80\")".to_owned(),
+    })
+}
+
+/// Refuses addresses that cannot be a VIP or a backend of an XDP NAT
+/// balancer: no packet on a NIC is to or from them, or (link-local) they
+/// name no host without an interface, which the data path's FIB lookup does
+/// not have.
+fn check_service_ip(ip: IpAddr) -> std::result::Result<(), String> {
+    let what = match ip {
+        IpAddr::V4(v4) => ipv4_unusable(v4),
+        IpAddr::V6(v6) => ipv6_unusable(v6),
+    };
+    match what {
+        Some(what) => Err(format!("{ip} is {what}; a VIP or backend needs a unicast address")),
+        None => Ok(()),
+    }
+}
+
+fn ipv4_unusable(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+fn ipv6_unusable(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("the loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_unicast_link_local() {
+        Some("link-local (it needs an interface to mean a host)")
+    } else if ip.to_ipv4_mapped().is_some() {
+        // On the wire such a flow is IPv4; the data path would never see this address.
+        Some("IPv4-mapped (write the IPv4 address itself)")
+    } else {
+        None
+    }
+}
+
+/// The data path sends a VIP's flows only to backends of its own family (it
+/// translates addresses, not IP versions).
+fn check_same_family(listen: SocketAddr, backend: SocketAddr) -> std::result::Result<(), String> {
+    if listen.is_ipv4() == backend.is_ipv4() {
+        return Ok(());
+    }
+    Err(format!(
+        "{backend} is {} but the VIP listens on {}; a VIP's backends must be of its family",
+        family_name(backend),
+        family_name(listen)
+    ))
+}
+
+fn family_name(addr: SocketAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 fn default_health_check() -> HealthCheckConfig {
@@ -325,6 +409,10 @@ fn http_check(s: &mut Section) -> Result<HealthCheckKind> {
     if let Some(h) = host.as_ref().filter(|h| h.is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control())) {
         return Err(s.problem("host", format!("{h:?} is not a host name")));
     }
+    // A bare IPv6 literal is not valid Host syntax (RFC 9110 7.2 wants brackets).
+    if let Some(h) = host.as_ref().filter(|h| h.parse::<Ipv6Addr>().is_ok()) {
+        return Err(s.problem("host", format!("{h:?} is an IPv6 address; a Host header needs brackets: \"[{h}]\"")));
+    }
     let expect_status = match s.string("expect_status")? {
         Some(text) => status_range(&text).ok_or_else(|| {
             s.problem("expect_status", format!("{text:?} is not a status or range like \"200-399\" (100 to 599)"))
@@ -355,7 +443,7 @@ fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
 }
 
 fn backend(mut s: Section) -> Result<BackendConfig> {
-    let address = ipv4_socket_addr(&mut s, "address")?;
+    let address = service_addr(&mut s, "address")?;
     let weight = s.integer("weight", 0, MAX_WEIGHT)?.unwrap_or(1);
     let backup = s.boolean("backup")?.unwrap_or(false);
     s.finish()?;

@@ -199,10 +199,9 @@ fn agent_values_are_checked() {
 fn vip_values_are_checked() {
     rejects(&MINIMAL.replace("\"web\"", "\"web site\""), "vip[1].name", "letters, digits");
     let listen = |value: &str| MINIMAL.replace("\"198.18.0.100:80\"", value);
-    rejects(&listen("\"198.18.0.300:80\""), "vip[1] (web).listen", "not an IPv4 address and port");
-    rejects(&listen("\"198.18.0.100\""), "vip[1] (web).listen", "not an IPv4 address and port");
+    rejects(&listen("\"198.18.0.300:80\""), "vip[1] (web).listen", "not an address and port (IPv4 \"198.18.0.100:80\" or IPv6");
+    rejects(&listen("\"198.18.0.100\""), "vip[1] (web).listen", "\"198.18.0.100\" has no port");
     rejects(&listen("\"198.18.0.100:0\""), "vip[1] (web).listen", "port 0");
-    rejects(&listen("\"[2001:db8::1]:80\""), "vip[1] (web).listen", "IPv6 is not supported yet");
     rejects(&MINIMAL.replace("name = \"web\"", "name = \"web\"\nprotocol = \"sctp\""), "vip[1] (web).protocol", "not one of: tcp, udp");
 }
 
@@ -282,7 +281,7 @@ fn udp_vips_need_a_probe_port_or_no_checks() {
 #[test]
 fn backend_values_are_checked() {
     let key = "vip[1] (web).backend";
-    rejects(&MINIMAL.replace("198.18.2.11:8080", "198.18.2.300:80"), &format!("{key}[1].address"), "not an IPv4 address and port");
+    rejects(&MINIMAL.replace("198.18.2.11:8080", "198.18.2.300:80"), &format!("{key}[1].address"), "not an address and port");
     rejects(&format!("{MINIMAL}weight = 10001\n"), &format!("{key}[1].weight"), "out of range (0 to 10000)");
     rejects(&format!("{MINIMAL}weight = -1\n"), &format!("{key}[1].weight"), "out of range");
     rejects(&format!("{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n"), &format!("{key}[2].address"), "listed twice");
@@ -337,6 +336,7 @@ fn the_shipped_example_is_valid() {
     let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/lb.toml"));
     let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
     assert!(config.vips.len() >= 2, "the example shows a TCP and a UDP service");
+    assert!(config.vips.iter().any(|v| v.listen.is_ipv6()), "the example shows an IPv6 service");
     assert!(Balancer::new(&config).is_ok());
 }
 
@@ -372,4 +372,120 @@ fn default_max_vips_leaves_room_and_grows_with_the_vips() {
     assert_eq!(config.agent.max_vips, 20);
     assert!(Balancer::new(&config).is_ok());
     assert_eq!(parse(MINIMAL).expect("valid").agent.max_vips, DEFAULT_MAX_VIPS);
+}
+
+/// A dual-stack config: the IPv4 VIP of [`MINIMAL`], then IPv6 TCP and UDP
+/// VIPs on 2001:db8::100 over two IPv6 backends.
+fn dual_stack() -> String {
+    format!(
+        "{MINIMAL}
+[[vip]]
+name = \"web6\"
+listen = \"[2001:db8::100]:80\"
+
+[[vip.backend]]
+address = \"[2001:db8:2::11]:8080\"
+
+[[vip.backend]]
+address = \"[2001:db8:2::12]:8080\"
+weight = 2
+
+[[vip]]
+name = \"echo6\"
+listen = \"[2001:db8::100]:5353\"
+protocol = \"udp\"
+
+[vip.health_check]
+port = 8080
+
+[[vip.backend]]
+address = \"[2001:db8:2::11]:8081\"
+"
+    )
+}
+
+#[test]
+fn ipv6_vips_and_backends_are_accepted() {
+    let config = parse(&dual_stack()).expect("valid");
+    let [web, web6, echo6] = &config.vips[..] else { panic!("three VIPs: {:?}", config.vips) };
+    assert!(web.listen.is_ipv4());
+    assert_eq!(web6.listen, "[2001:db8::100]:80".parse().expect("addr"));
+    let addresses: Vec<std::net::SocketAddr> = web6.backends.iter().map(|b| b.address).collect();
+    let want: Vec<std::net::SocketAddr> =
+        ["[2001:db8:2::11]:8080", "[2001:db8:2::12]:8080"].iter().map(|a| a.parse().expect("addr")).collect();
+    assert_eq!(addresses, want);
+    assert_eq!(web6.backends[1].weight, 2);
+    assert_eq!((echo6.protocol, echo6.health_check.port), (Protocol::Udp, Some(8080)));
+    // Probes go to the backend's IPv6 address, on the health port.
+    let target = echo6.health_check.target(echo6.backends[0].address);
+    assert_eq!(target, "[2001:db8:2::11]:8080".parse().expect("addr"));
+    assert!(Balancer::new(&config).is_ok());
+}
+
+#[test]
+fn ipv6_addresses_compare_as_addresses_not_text() {
+    let spelled_twice = dual_stack().replacen(
+        "address = \"[2001:db8:2::12]:8080\"",
+        "address = \"[2001:0db8:2:0::11]:8080\"",
+        1,
+    );
+    rejects(&spelled_twice, "vip[2] (web6).backend[2].address", "[2001:db8:2::11]:8080 is listed twice");
+    let same_listen = dual_stack().replace("[2001:db8::100]:5353", "[2001:db8:0::100]:80").replace("\"udp\"", "\"tcp\"");
+    rejects(&same_listen, "vip[3] (echo6).listen", "tcp [2001:db8::100]:80 is served by an earlier VIP");
+}
+
+#[test]
+fn a_vips_backends_must_be_of_its_family() {
+    let v4_in_v6 = dual_stack().replacen("\"[2001:db8:2::12]:8080\"", "\"198.18.2.11:8080\"", 1);
+    assert_eq!(
+        error(&v4_in_v6),
+        "test.toml: vip[2] (web6).backend[2].address: 198.18.2.11:8080 is IPv4 but the VIP listens on IPv6; \
+         a VIP's backends must be of its family"
+    );
+    let v6_in_v4 = MINIMAL.replace("\"198.18.2.11:8080\"", "\"[2001:db8:2::11]:8080\"");
+    rejects(
+        &v6_in_v4,
+        "vip[1] (web).backend[1].address",
+        "[2001:db8:2::11]:8080 is IPv6 but the VIP listens on IPv4; a VIP's backends must be of its family",
+    );
+}
+
+#[test]
+fn ipv6_addresses_are_checked() {
+    let listen = |value: &str| dual_stack().replacen("\"[2001:db8::100]:80\"", value, 1);
+    let key = "vip[2] (web6).listen";
+    rejects(&listen("\"[2001:db8::100]:0\""), key, "port 0 is not a port");
+    rejects(&listen("\"[2001:db8::100]\""), key, "not an address and port");
+    rejects(&listen("\"2001:db8::100\""), key, "is an IPv6 address without a port; write \"[ADDRESS]:PORT\"");
+    rejects(&listen("\"[2001:db8::zz]:80\""), key, "not an address and port");
+    rejects(&listen("\"[::]:80\""), key, ":: is the unspecified address; a VIP or backend needs a unicast address");
+    rejects(&listen("\"[::1]:80\""), key, "::1 is the loopback address");
+    rejects(&listen("\"[ff02::1]:80\""), key, "ff02::1 is a multicast address");
+    rejects(&listen("\"[fe80::1]:80\""), key, "fe80::1 is link-local");
+    rejects(&listen("\"[fe80::1%2]:80\""), key, "a zone index (%2) is not supported");
+    rejects(&listen("\"[::ffff:198.18.0.100]:80\""), key, "IPv4-mapped (write the IPv4 address itself)");
+    let backend = |value: &str| dual_stack().replacen("\"[2001:db8:2::11]:8080\"", value, 1);
+    let key = "vip[2] (web6).backend[1].address";
+    rejects(&backend("\"[fe80::11]:8080\""), key, "link-local");
+    rejects(&backend("\"[2001:db8:2::11]:0\""), key, "port 0");
+    // Unique local and global unicast are fine.
+    assert!(parse(&backend("\"[fd00::11]:8080\"")).is_ok());
+}
+
+#[test]
+fn ipv4_addresses_that_cannot_be_balanced_are_refused() {
+    let listen = |value: &str| MINIMAL.replace("\"198.18.0.100:80\"", value);
+    let key = "vip[1] (web).listen";
+    rejects(&listen("\"0.0.0.0:80\""), key, "0.0.0.0 is the unspecified address");
+    rejects(&listen("\"127.0.0.1:80\""), key, "127.0.0.1 is a loopback address");
+    rejects(&listen("\"224.0.0.1:80\""), key, "224.0.0.1 is a multicast address");
+    rejects(&listen("\"255.255.255.255:80\""), key, "the broadcast address");
+}
+
+#[test]
+fn http_host_must_bracket_an_ipv6_literal() {
+    let key = "vip[1] (web).health_check.host";
+    rejects(&with_check("host = \"2001:db8::1\""), key, "\"2001:db8::1\" is an IPv6 address; a Host header needs brackets: \"[2001:db8::1]\"");
+    let bracketed = parse(&with_check("host = \"[2001:db8::1]\"")).expect("valid");
+    assert!(matches!(&bracketed.vips[0].health_check.kind, HealthCheckKind::Http { host: Some(h), .. } if h == "[2001:db8::1]"));
 }

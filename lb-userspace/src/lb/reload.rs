@@ -293,6 +293,27 @@ address = "198.18.2.11:8081"
     }
 
     #[test]
+    fn ipv6_backends_are_matched_by_address_not_spelling() {
+        let web6 = "\n[[vip]]\nname = \"web6\"\nlisten = \"[2001:db8::100]:80\"\n\
+                    [[vip.backend]]\naddress = \"[2001:db8:2::11]:8080\"\n\
+                    [[vip.backend]]\naddress = \"[2001:db8:2::12]:8080\"\n";
+        let old = load(&format!("{BASE}{web6}"));
+        // The same addresses written out in full, one drained.
+        let respelled = web6
+            .replace("[2001:db8:2::11]", "[2001:0db8:0002:0000:0000:0000:0000:0011]")
+            .replace("\"[2001:db8:2::12]:8080\"", "\"[2001:db8:2:0::12]:8080\"\nweight = 0");
+        let actions = plan(&old, &load(&format!("{BASE}{respelled}"))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            actions,
+            vec![Action::SetWeight { vip: "web6".into(), address: addr("[2001:db8:2::12]:8080"), from: 1, to: 0 }]
+        );
+        assert_eq!(actions[0].to_string(), "vip web6 backend [2001:db8:2::12]:8080 weight 1 -> 0");
+        let moved = web6.replacen("[2001:db8::100]:80", "[2001:db8::101]:80", 1);
+        let refusal = plan(&old, &load(&format!("{BASE}{moved}"))).err().map(|r| r.key);
+        assert_eq!(refusal.as_deref(), Some("vip[3] (web6).listen"));
+    }
+
+    #[test]
     fn a_refusal_refuses_everything() {
         // A weight change alongside a restart-only change plans nothing.
         let new = BASE

@@ -1,8 +1,13 @@
 //! `lb-testbed-backend`: the tiny HTTP and UDP server each testbed backend runs.
 //!
 //! ```text
-//! lb-testbed-backend --name b1 --http 0.0.0.0:8080 --udp 0.0.0.0:8081
+//! lb-testbed-backend --name b1 --http [::]:8080 --udp [::]:8081
 //! ```
+//!
+//! The default `[::]` serves IPv4 and IPv6 on one socket each, where
+//! `net.ipv6.bindv6only` is 0 (the kernel default; the testbed sets it in
+//! backend namespaces): IPv4 peers appear as `::ffff:a.b.c.d`, and answers
+//! to them go out as IPv4. Give `0.0.0.0:PORT` for IPv4 only.
 //!
 //! HTTP/1.1 (one thread per connection, keep-alive, `Content-Length` always set):
 //! - `GET /health`: `200 ok` or, after `GET /admin/health/fail`, `503 fail`;
@@ -18,7 +23,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     sync::{
         Arc,
@@ -53,14 +58,14 @@ struct Args {
 
 fn usage() -> String {
     "usage: lb-testbed-backend --name NAME [--http ADDR:PORT] [--udp ADDR:PORT]\n\
-     defaults: --http 0.0.0.0:8080 --udp 0.0.0.0:8081"
+     defaults: --http [::]:8080 --udp [::]:8081 (dual-stack unless net.ipv6.bindv6only=1)"
         .to_owned()
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut name = None;
-    let mut http: SocketAddr = ([0, 0, 0, 0], 8080).into();
-    let mut udp: SocketAddr = ([0, 0, 0, 0], 8081).into();
+    let mut http: SocketAddr = (Ipv6Addr::UNSPECIFIED, 8080).into();
+    let mut udp: SocketAddr = (Ipv6Addr::UNSPECIFIED, 8081).into();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |flag: &str| {

@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -227,10 +227,11 @@ pub fn requests(
     results
 }
 
-/// Sends each payload from one UDP socket bound to `0.0.0.0:from_port` (0:
-/// any port) to `addr` and waits up to [`IO_TIMEOUT`] for its echo, which must
-/// come from `addr` and carry the payload. Returns per payload the answering
-/// backend's name. Bounded by the payload count and [`TOTAL_DEADLINE`].
+/// Sends each payload from one UDP socket bound to `from_port` (0: any port)
+/// on the unspecified address of `addr`'s family (`0.0.0.0` or `[::]`) to
+/// `addr` and waits up to [`IO_TIMEOUT`] for its echo, which must come from
+/// `addr` and carry the payload. Returns per payload the answering backend's
+/// name. Bounded by the payload count and [`TOTAL_DEADLINE`].
 ///
 /// # Errors
 ///
@@ -240,8 +241,8 @@ pub fn udp_exchange(
     payloads: &[&[u8]],
     from_port: u16,
 ) -> anyhow::Result<Vec<anyhow::Result<String>>> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], from_port)))
-        .with_context(|| format!("binding udp port {from_port}"))?;
+    let local = SocketAddr::new(unspecified_like(addr.ip()), from_port);
+    let socket = UdpSocket::bind(local).with_context(|| format!("binding udp {local}"))?;
     let deadline = Instant::now() + TOTAL_DEADLINE;
     let mut buf = vec![0u8; 65536];
     let results = payloads
@@ -291,6 +292,15 @@ pub fn udp_exchange(
         })
         .collect();
     Ok(results)
+}
+
+/// The wildcard address of `ip`'s family: a socket bound to it sends to
+/// `ip` from the address the route picks.
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 /// How many answers each backend gave, plus the errors.

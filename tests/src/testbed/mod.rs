@@ -1,25 +1,43 @@
 //! A throwaway network of namespaces for end-to-end tests and the demo.
 //!
 //! ```text
-//!  client ns                 gateway ns                                 switch ns
-//!  <id>c 198.18.1.2/24 ───── <id>gc 198.18.1.1/24                       bridge <id>br
-//!  default via 198.18.1.1    <id>gb 198.18.2.1/24 ───────────────────── <id>sg (port)
-//!                            ip_forward=1, rp_filter=0                  <id>s1 (port) ──┐
-//!                            (the load balancer runs here)              <id>s2 (port) ──┼─ …
-//!                                                                                       │
-//!  backend-i ns (i = 1..N):  <id>b<i> 198.18.2.(10+i)/24, default via 198.18.2.1  ──────┘
-//!                            lb-testbed-backend --name b<i>, http :8080, udp :8081
+//!  client ns                   gateway ns                                  switch ns
+//!  <id>c 198.18.1.2/24 ─────── <id>gc 198.18.1.1/24                        bridge <id>br
+//!        2001:db8:1::2/64            2001:db8:1::1/64
+//!  default via 198.18.1.1      <id>gb 198.18.2.1/24 ────────────────────── <id>sg (port)
+//!      and via 2001:db8:1::1         2001:db8:2::1/64                      <id>s1 (port) ──┐
+//!                              ip_forward=1, rp_filter=0,                  <id>s2 (port) ──┼─ …
+//!                              ipv6 forwarding=1                                           │
+//!                              (the load balancer runs here)                               │
+//!                                                                                          │
+//!  backend-i ns (i = 1..N):  <id>b<i> 198.18.2.(10+i)/24, 2001:db8:2::(10+i)/64  ──────────┘
+//!                            default via 198.18.2.1 and via 2001:db8:2::1
+//!                            lb-testbed-backend --name b<i>, http [::]:8080, udp [::]:8081
 //! ```
+//!
+//! Every namespace is dual-stack. A backend's IPv6 host part is its IPv4 last
+//! octet written as hex digits (b1 is 198.18.2.11 and 2001:db8:2::11, b99 is
+//! 198.18.2.109 and 2001:db8:2::109), so the two read alike. The backends
+//! listen on `[::]` with `net.ipv6.bindv6only=0`, so one socket serves both
+//! families.
+//!
+//! IPv6 is set up explicitly in each namespace rather than inherited:
+//! `disable_ipv6=0`, and `accept_dad=0` before any link exists, so that no
+//! address (link-local ones included) sits tentative for the 1-2 s that
+//! duplicate address detection takes, during which the kernel neither uses
+//! it nor sends neighbour solicitations from it; the global addresses are
+//! also added with `nodad`.
 //!
 //! `<id>` is `t<pid>x<n>`: interface names are that plus a role (`c`, `gc`, `gb`, `sg`, `br`,
 //! `s<i>`, `b<i>`), namespaces `lbt<pid>x<n>-<role>`, so testbeds in parallel,
 //! in one process or several, never collide. Each veth is created directly
 //! between its two namespaces and never exists in the host namespace.
 //!
-//! The [`VIP`] (198.18.0.100, tcp [`VIP_HTTP_PORT`], udp [`VIP_UDP_PORT`]) is
-//! owned by nobody: the client reaches it through its default route to the
-//! gateway, where the load balancer's XDP program rewrites it. Without the
-//! load balancer, traffic to it fails.
+//! The [`VIP`] (198.18.0.100, tcp [`VIP_HTTP_PORT`], udp [`VIP_UDP_PORT`]) and
+//! the [`VIP6`] (2001:db8::100, same ports) are owned by nobody: the client
+//! reaches them through its default routes to the gateway, where the load
+//! balancer's XDP program rewrites them. Without the load balancer, traffic
+//! to them fails.
 //!
 //! For XDP_REDIRECT between the gateway's veths, the peers that receive
 //! redirected frames (the client's veth and the switch port facing the
@@ -38,7 +56,7 @@ mod netns;
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Output, Stdio},
     sync::{
@@ -73,6 +91,16 @@ pub const GATEWAY_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const GATEWAY_BACKEND_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 /// Prefix length of both subnets.
 pub const PREFIX_LEN: u8 = 24;
+/// The IPv6 virtual IP, served on the same ports as [`VIP`]; no namespace owns it.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+/// The client's IPv6 address.
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+/// The gateway's IPv6 address on the client side (the client's IPv6 default route).
+pub const GATEWAY_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+/// The gateway's IPv6 address on the backend side (the backends' IPv6 default route).
+pub const GATEWAY_BACKEND_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+/// Prefix length of both IPv6 subnets.
+pub const PREFIX_LEN6: u8 = 64;
 /// Most backends a testbed can have (addresses 198.18.2.11 to .109, and
 /// interface names stay within 15 bytes).
 pub const MAX_BACKENDS: usize = 99;
@@ -254,6 +282,7 @@ impl Testbed {
                 reaper.watch(&ns)?;
             }
             ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
+            enable_ipv6(&ns)?;
         }
 
         let (client, gateway, switch) =
@@ -275,8 +304,21 @@ impl Testbed {
             veth(b.ns.name(), &b.ifname, switch, &b.switch_port)?;
         }
 
+        // Links made in a namespace take its `default` settings; set them on
+        // each link too, in case a peer was set up by its creator's.
+        for (ns, dev) in self.links() {
+            ns.set_sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0")?;
+            ns.set_sysctl(&format!("net.ipv6.conf.{dev}.accept_dad"), "0")?;
+        }
+
         // Gateway: a router that must not drop asymmetric or rewritten flows.
         self.gateway.set_sysctl("net.ipv4.ip_forward", "1")?;
+        // IPv6 has no rp_filter; forwarding is all it needs.
+        self.gateway.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // One [::] socket per backend port serves IPv4 too (mapped addresses).
+        for b in &self.backends {
+            b.ns.set_sysctl("net.ipv6.bindv6only", "0")?;
+        }
         for dev in [
             "all",
             "default",
@@ -301,44 +343,15 @@ impl Testbed {
             b.ns.exec_ok(&["ethtool", "-K", &b.ifname, "tx", "off"])?;
         }
 
-        let cidr = |addr: Ipv4Addr| format!("{addr}/{PREFIX_LEN}");
-        ip(&[
-            "-n",
-            client,
-            "addr",
-            "add",
-            &cidr(CLIENT_ADDR),
-            "dev",
-            &self.client_if,
-        ])?;
-        ip(&[
-            "-n",
-            gateway,
-            "addr",
-            "add",
-            &cidr(GATEWAY_CLIENT_ADDR),
-            "dev",
-            &self.gateway_client_if,
-        ])?;
-        ip(&[
-            "-n",
-            gateway,
-            "addr",
-            "add",
-            &cidr(GATEWAY_BACKEND_ADDR),
-            "dev",
-            &self.gateway_backend_if,
-        ])?;
+        for (ns, dev, v4, v6) in [
+            (client, &self.client_if, CLIENT_ADDR, CLIENT_ADDR6),
+            (gateway, &self.gateway_client_if, GATEWAY_CLIENT_ADDR, GATEWAY_CLIENT_ADDR6),
+            (gateway, &self.gateway_backend_if, GATEWAY_BACKEND_ADDR, GATEWAY_BACKEND_ADDR6),
+        ] {
+            add_addresses(ns, dev, v4, v6)?;
+        }
         for (i, b) in self.backends.iter().enumerate() {
-            ip(&[
-                "-n",
-                b.ns.name(),
-                "addr",
-                "add",
-                &cidr(backend_addr_of(i + 1)),
-                "dev",
-                &b.ifname,
-            ])?;
+            add_addresses(b.ns.name(), &b.ifname, backend_addr_of(i + 1), backend_addr6_of(i + 1))?;
         }
 
         ip(&["-n", switch, "link", "set", &self.bridge, "up"])?;
@@ -363,31 +376,31 @@ impl Testbed {
             ip(&["-n", b.ns.name(), "link", "set", &b.ifname, "up"])?;
         }
 
-        ip(&[
-            "-n",
-            client,
-            "route",
-            "add",
-            "default",
-            "via",
-            &GATEWAY_CLIENT_ADDR.to_string(),
-        ])?;
+        add_default_routes(client, GATEWAY_CLIENT_ADDR, GATEWAY_CLIENT_ADDR6)?;
         for b in &self.backends {
-            ip(&[
-                "-n",
-                b.ns.name(),
-                "route",
-                "add",
-                "default",
-                "via",
-                &GATEWAY_BACKEND_ADDR.to_string(),
-            ])?;
+            add_default_routes(b.ns.name(), GATEWAY_BACKEND_ADDR, GATEWAY_BACKEND_ADDR6)?;
         }
 
         for i in 1..=self.backends.len() {
             self.start_backend(i)?;
         }
         Ok(())
+    }
+
+    /// Every veth end with its namespace (the bridge's ports carry no addresses
+    /// but get the same settings, so nothing differs by accident).
+    fn links(&self) -> Vec<(&Namespace, &str)> {
+        let mut links = vec![
+            (&self.client, self.client_if.as_str()),
+            (&self.gateway, self.gateway_client_if.as_str()),
+            (&self.gateway, self.gateway_backend_if.as_str()),
+            (&self.switch, self.switch_gateway_port.as_str()),
+        ];
+        for b in &self.backends {
+            links.push((&b.ns, b.ifname.as_str()));
+            links.push((&self.switch, b.switch_port.as_str()));
+        }
+        links
     }
 
     /// This testbed's unique id, `<pid>x<n>`.
@@ -527,6 +540,38 @@ impl Testbed {
         (self.backend_addr(i), BACKEND_UDP_PORT).into()
     }
 
+    /// Backend `i`'s IPv6 address, 2001:db8:2::(10+i) (the decimal digits of
+    /// 10+i read as hex, see the module docs).
+    ///
+    /// # Panics
+    ///
+    /// When `i` is not in `1..=backend_count()`.
+    #[must_use]
+    pub fn backend_addr6(&self, i: usize) -> Ipv6Addr {
+        let _ = self.backend(i);
+        backend_addr6_of(i)
+    }
+
+    /// Backend `i`'s HTTP address over IPv6, [2001:db8:2::(10+i)]:8080.
+    ///
+    /// # Panics
+    ///
+    /// When `i` is not in `1..=backend_count()`.
+    #[must_use]
+    pub fn backend_http6(&self, i: usize) -> SocketAddr {
+        (self.backend_addr6(i), BACKEND_HTTP_PORT).into()
+    }
+
+    /// Backend `i`'s UDP echo address over IPv6, [2001:db8:2::(10+i)]:8081.
+    ///
+    /// # Panics
+    ///
+    /// When `i` is not in `1..=backend_count()`.
+    #[must_use]
+    pub fn backend_udp6(&self, i: usize) -> SocketAddr {
+        (self.backend_addr6(i), BACKEND_UDP_PORT).into()
+    }
+
     /// All backends' HTTP addresses, b1 first.
     #[must_use]
     pub fn backend_http_addrs(&self) -> Vec<SocketAddr> {
@@ -545,6 +590,18 @@ impl Testbed {
     #[must_use]
     pub fn vip_udp(&self) -> SocketAddr {
         (VIP, VIP_UDP_PORT).into()
+    }
+
+    /// The IPv6 VIP's HTTP address, [2001:db8::100]:80.
+    #[must_use]
+    pub fn vip6_http(&self) -> SocketAddr {
+        (VIP6, VIP_HTTP_PORT).into()
+    }
+
+    /// The IPv6 VIP's UDP address, [2001:db8::100]:5353.
+    #[must_use]
+    pub fn vip6_udp(&self) -> SocketAddr {
+        (VIP6, VIP_UDP_PORT).into()
     }
 
     /// The backend server binary in use.
@@ -585,8 +642,9 @@ impl Testbed {
             return Ok(());
         }
         let name = format!("b{i}");
-        let http = SocketAddr::from(([0, 0, 0, 0], BACKEND_HTTP_PORT)).to_string();
-        let udp = SocketAddr::from(([0, 0, 0, 0], BACKEND_UDP_PORT)).to_string();
+        // Dual-stack: bindv6only=0 in backend namespaces (see set_up).
+        let http = SocketAddr::from((Ipv6Addr::UNSPECIFIED, BACKEND_HTTP_PORT)).to_string();
+        let udp = SocketAddr::from((Ipv6Addr::UNSPECIFIED, BACKEND_UDP_PORT)).to_string();
         let mut cmd = backend.ns.command(&self.backend_bin);
         cmd.args(["--name", &name, "--http", &http, "--udp", &udp])
             .stdout(Stdio::piped());
@@ -665,8 +723,9 @@ impl Testbed {
         ns.enter(|| client::http_get(addr, path))?
     }
 
-    /// `GET url` from the client namespace, e.g. `http://198.18.0.100/`; the
-    /// host must be an IPv4 address. Returns the body.
+    /// `GET url` from the client namespace, e.g. `http://198.18.0.100/` or
+    /// `http://[2001:db8::100]/`; the host must be an address (no DNS).
+    /// Returns the body.
     ///
     /// # Errors
     ///
@@ -728,13 +787,14 @@ impl Testbed {
         let _ = writeln!(s, "testbed {}", self.id);
         let _ = writeln!(
             s,
-            "  client   {:<18} {} {CLIENT_ADDR}/{PREFIX_LEN}, default via {GATEWAY_CLIENT_ADDR}",
+            "  client   {:<18} {} {CLIENT_ADDR}/{PREFIX_LEN} {CLIENT_ADDR6}/{PREFIX_LEN6}, default via {GATEWAY_CLIENT_ADDR} and {GATEWAY_CLIENT_ADDR6}",
             self.client.name(),
             self.client_if
         );
         let _ = writeln!(
             s,
-            "  gateway  {:<18} {} {GATEWAY_CLIENT_ADDR}/{PREFIX_LEN} (client side), {} {GATEWAY_BACKEND_ADDR}/{PREFIX_LEN} (backend side)",
+            "  gateway  {:<18} {} {GATEWAY_CLIENT_ADDR}/{PREFIX_LEN} {GATEWAY_CLIENT_ADDR6}/{PREFIX_LEN6} (client side), \
+             {} {GATEWAY_BACKEND_ADDR}/{PREFIX_LEN} {GATEWAY_BACKEND_ADDR6}/{PREFIX_LEN6} (backend side)",
             self.gateway.name(),
             self.gateway_client_if,
             self.gateway_backend_if
@@ -753,15 +813,16 @@ impl Testbed {
             let i = i + 1;
             let _ = writeln!(
                 s,
-                "  backend  {:<18} {} {}/{PREFIX_LEN}, http :{BACKEND_HTTP_PORT}, udp :{BACKEND_UDP_PORT}, name b{i}",
+                "  backend  {:<18} {} {}/{PREFIX_LEN} {}/{PREFIX_LEN6}, http :{BACKEND_HTTP_PORT}, udp :{BACKEND_UDP_PORT}, name b{i}",
                 b.ns.name(),
                 b.ifname,
-                backend_addr_of(i)
+                backend_addr_of(i),
+                backend_addr6_of(i)
             );
         }
         let _ = write!(
             s,
-            "  vip      {VIP} tcp :{VIP_HTTP_PORT} udp :{VIP_UDP_PORT} (owned by nobody)"
+            "  vip      {VIP} and {VIP6} tcp :{VIP_HTTP_PORT} udp :{VIP_UDP_PORT} (owned by nobody)"
         );
         s
     }
@@ -828,6 +889,37 @@ fn backend_addr_of(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 2, last)
 }
 
+fn backend_addr6_of(i: usize) -> Ipv6Addr {
+    // 10 + i <= 109: its decimal digits, each taken as a hex digit.
+    let n = u16::try_from(10 + i).unwrap_or(u16::MAX);
+    let host = ((n / 100) << 8) | ((n / 10 % 10) << 4) | (n % 10);
+    Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, host)
+}
+
+/// Adds a link's IPv4 and IPv6 address. `nodad`: usable at once, see the
+/// module docs.
+fn add_addresses(ns: &str, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<()> {
+    ip(&["-n", ns, "addr", "add", &format!("{v4}/{PREFIX_LEN}"), "dev", dev])?;
+    ip(&["-n", ns, "-6", "addr", "add", &format!("{v6}/{PREFIX_LEN6}"), "dev", dev, "nodad"])
+}
+
+/// Default routes of both families via the gateway's addresses.
+fn add_default_routes(ns: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<()> {
+    ip(&["-n", ns, "route", "add", "default", "via", &v4.to_string()])?;
+    ip(&["-n", ns, "-6", "route", "add", "default", "via", &v6.to_string()])
+}
+
+/// Turns IPv6 on in a fresh namespace, explicitly: a namespace's IPv6
+/// settings may come from the host's (`net.core.devconf_inherit_init_net`),
+/// where it may be off. No duplicate address detection, see the module docs.
+fn enable_ipv6(ns: &Namespace) -> anyhow::Result<()> {
+    for conf in ["all", "default"] {
+        ns.set_sysctl(&format!("net.ipv6.conf.{conf}.disable_ipv6"), "0")?;
+        ns.set_sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0")?;
+    }
+    Ok(())
+}
+
 /// Locks `m`, ignoring poisoning (a panicking test must still clean up).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -859,7 +951,8 @@ fn wait_listening(child: &mut ChildGuard) -> anyhow::Result<()> {
     }
 }
 
-/// Splits `http://a.b.c.d[:port]/path` into an address and a path.
+/// Splits `http://a.b.c.d[:port]/path` or `http://[v6][:port]/path` into an
+/// address and a path.
 fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, &str)> {
     let rest = url
         .strip_prefix("http://")
@@ -871,9 +964,13 @@ fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, &str)> {
     let addr = match authority.parse::<SocketAddr>() {
         Ok(addr) => addr,
         Err(_) => {
-            let ip: Ipv4Addr = authority
-                .parse()
-                .with_context(|| format!("{url}: host must be an IPv4 address (no DNS here)"))?;
+            let host = authority
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .map_or_else(|| authority.parse::<Ipv4Addr>().map(IpAddr::V4), |h| h.parse::<Ipv6Addr>().map(IpAddr::V6));
+            let ip = host.with_context(|| {
+                format!("{url}: host must be an IPv4 address or a bracketed IPv6 one (no DNS here)")
+            })?;
             (ip, 80).into()
         }
     };
@@ -900,6 +997,11 @@ mod tests {
             parse_url("http://198.18.2.11:8080").expect("valid url").1,
             "/"
         );
+        let (addr, path) = parse_url("http://[2001:db8::100]/x").expect("valid url");
+        assert_eq!((addr, path), (SocketAddr::from((VIP6, 80)), "/x"));
+        let (addr, _) = parse_url("http://[2001:db8:2::11]:8080/").expect("valid url");
+        assert_eq!(addr, SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x11), 8080)));
+        assert!(parse_url("http://2001:db8::100/").is_err(), "IPv6 needs brackets");
         assert!(parse_url("https://198.18.0.100/").is_err());
         assert!(parse_url("http://example.com/").is_err());
     }
@@ -911,5 +1013,10 @@ mod tests {
             backend_addr_of(MAX_BACKENDS),
             Ipv4Addr::new(198, 18, 2, 109)
         );
+        for (i, v6) in [(1, "2001:db8:2::11"), (9, "2001:db8:2::19"), (10, "2001:db8:2::20"), (MAX_BACKENDS, "2001:db8:2::109")] {
+            assert_eq!(backend_addr6_of(i).to_string(), v6, "backend {i}");
+            let v4_last = backend_addr_of(i).octets()[3].to_string();
+            assert!(v6.ends_with(&format!("::{v4_last}")), "b{i}: {v6} reads like its IPv4 address");
+        }
     }
 }

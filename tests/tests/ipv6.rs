@@ -1,0 +1,230 @@
+//! End to end over IPv6: the real `lb` agent, on the gateway of a dual-stack
+//! testbed, balancing the IPv6 VIP (2001:db8::100) to the backends' IPv6
+//! addresses, beside the IPv4 VIP in the same agent. Needs root. Each test
+//! builds its own testbed, so they run in parallel.
+//!
+//! Nobody owns the IPv6 VIP and the gateway has no route for it, so every
+//! answer through it was balanced by the XDP program; the answers name the
+//! backend that served them.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Spread, Testbed,
+    agent::{self, Agent, ECHO6, HealthCheck, WEB6},
+    testbed::client::HttpConn,
+};
+
+const BACKENDS: usize = 3;
+
+/// Skips the test (with a printed reason) unless root.
+macro_rules! require_root {
+    () => {
+        if !lb_tests::is_root() {
+            return lb_tests::skip("needs root for namespaces and XDP");
+        }
+    };
+}
+
+/// A testbed with 3 backends and the agent running the dual-stack config,
+/// every backend of every VIP up (the IPv6 ones by probes over IPv6).
+fn running() -> (Agent, Testbed) {
+    let testbed = Testbed::new(BACKENDS).expect("building the testbed");
+    let config = agent::config_dual_stack(&testbed, HealthCheck::default());
+    let mut agent = Agent::start(&testbed, &config).expect("starting lb");
+    for vip in ["web", "echo", WEB6, ECHO6] {
+        agent
+            .wait_health(vip, &["up"; BACKENDS], Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("vip {vip}: {e:#}"));
+    }
+    // The agent is dropped first: it detaches before the testbed goes.
+    (agent, testbed)
+}
+
+/// `n` requests to the IPv6 web VIP, each on a new connection (a new flow).
+fn spread6(testbed: &Testbed, n: usize) -> Spread {
+    Spread::of(&testbed.client_requests(testbed.vip6_http(), n, true))
+}
+
+/// VIP `name`'s entry in `/status`.
+fn vip_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["vips"]
+        .as_array()
+        .and_then(|vips| vips.iter().find(|v| v["name"] == name))
+        .unwrap_or_else(|| panic!("no vip {name} in {status}"))
+}
+
+/// A traffic counter of backend `i` (1-based) of VIP `vip`.
+fn counter(status: &serde_json::Value, vip: &str, i: usize, field: &str) -> u64 {
+    let vip = vip_status(status, vip);
+    vip["backends"][i - 1]["traffic"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no traffic.{field} for backend {i} in {vip}"))
+}
+
+fn new_flows(status: &serde_json::Value, vip: &str) -> u64 {
+    (1..=BACKENDS).map(|i| counter(status, vip, i, "new_flows")).sum()
+}
+
+/// The 1-based index of the backend called `name`.
+fn index_of(testbed: &Testbed, name: &str) -> usize {
+    (1..=BACKENDS)
+        .find(|&i| testbed.backend_name(i) == name)
+        .unwrap_or_else(|| panic!("no backend named {name}"))
+}
+
+#[test]
+fn ipv6_connections_spread_across_all_backends() {
+    require_root!();
+    let (agent, testbed) = running();
+    let before = agent.status().expect("/status");
+
+    let spread = spread6(&testbed, 300);
+    assert_eq!(spread.ok(), 300, "every request answered over IPv6: {spread:?}");
+    for i in 1..=BACKENDS {
+        // 100 expected; 60 is over 7 standard deviations below.
+        let got = spread.count(&testbed.backend_name(i));
+        assert!(got >= 60, "backend {i} got {got} of 300 over IPv6: {spread:?}");
+    }
+
+    let status = agent.status().expect("/status");
+    let web6 = vip_status(&status, WEB6);
+    assert_eq!(web6["listen"], testbed.vip6_http().to_string(), "{web6}");
+    for i in 1..=BACKENDS {
+        assert_eq!(web6["backends"][i - 1]["address"], testbed.backend_http6(i).to_string(), "{web6}");
+        assert!(counter(&status, WEB6, i, "packets") > 0, "no packets counted for IPv6 backend {i}: {web6}");
+    }
+    let flows = new_flows(&status, WEB6) - new_flows(&before, WEB6);
+    assert!(flows >= 300, "kernel counted {flows} new IPv6 flows for 300 connections: {status}");
+    assert_eq!(
+        new_flows(&status, "web"),
+        new_flows(&before, "web"),
+        "IPv6 connections counted on the IPv4 VIP: {status}"
+    );
+
+    // The IPv4 VIP of the same agent still balances.
+    let v4 = Spread::of(&testbed.client_requests(testbed.vip_http(), 30, true));
+    assert_eq!(v4.ok(), 30, "IPv4 beside IPv6: {v4:?}");
+
+    let metrics = agent.metrics().expect("/metrics");
+    for i in 1..=BACKENDS {
+        let line = format!("lb_backend_up{{vip=\"{WEB6}\",backend=\"{}\"}} 1", testbed.backend_http6(i));
+        assert!(metrics.contains(&line), "missing {line} in:\n{metrics}");
+    }
+    let cli = lb_status_output(&testbed);
+    for i in 1..=BACKENDS {
+        let row = format!("{} up", testbed.backend_http6(i));
+        assert!(
+            cli.lines().any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ").starts_with(&row)),
+            "lb status has no row {row:?}:\n{cli}"
+        );
+    }
+}
+
+/// What `lb status` prints, run in the gateway namespace.
+fn lb_status_output(testbed: &Testbed) -> String {
+    let lb = lb_tests::lb_bin().expect("lb binary");
+    let out = testbed
+        .gateway()
+        .command(&lb)
+        .args(["status", "--admin", &agent::ADMIN.to_string()])
+        .output()
+        .expect("running lb status");
+    assert!(out.status.success(), "lb status failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn ipv6_udp_flow_stays_on_one_backend() {
+    require_root!();
+    let (agent, testbed) = running();
+    let payloads: Vec<Vec<u8>> = (0..50).map(|i| format!("datagram {i}").into_bytes()).collect();
+    let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+
+    let one_flow = Spread::of(&testbed.client_udp(testbed.vip6_udp(), &payloads, 40_000));
+    assert_eq!(one_flow.ok(), 50, "every datagram echoed over IPv6: {one_flow:?}");
+    assert_eq!(one_flow.per_backend.len(), 1, "one flow, one backend: {one_flow:?}");
+    let chosen = one_flow.per_backend.keys().next().map(|name| index_of(&testbed, name)).expect("one backend");
+    // The kernel's counters agree: the flow's packets, both ways, on it alone.
+    let status = agent.status().expect("/status");
+    for i in 1..=BACKENDS {
+        let packets = counter(&status, ECHO6, i, "packets");
+        if i == chosen {
+            assert!(packets >= 100, "backend {i} carried the flow but counted {packets} packets: {status}");
+        } else {
+            assert_eq!(packets, 0, "backend {i} saw packets of a flow pinned to {chosen}: {status}");
+        }
+    }
+
+    // Many flows (one per source port) still spread.
+    let mut seen = BTreeSet::new();
+    for port in 40_001..40_031 {
+        for result in testbed.client_udp(testbed.vip6_udp(), &payloads[..2], port) {
+            seen.insert(result.expect("echo through the IPv6 VIP"));
+        }
+    }
+    assert!(seen.len() >= 2, "30 IPv6 flows all went to {seen:?}");
+}
+
+#[test]
+fn ipv6_dead_backend_gets_no_new_connections_and_comes_back() {
+    require_root!();
+    let (mut agent, testbed) = running();
+    let check = HealthCheck::default();
+
+    // An established IPv6 connection to a backend that stays healthy must survive.
+    let vip = testbed.vip6_http();
+    let mut kept = testbed
+        .client()
+        .enter(|| HttpConn::connect(vip))
+        .expect("entering the client namespace")
+        .expect("connecting to the IPv6 VIP");
+    let kept_backend = kept.get("/", true).expect("first request").backend().expect("backend name");
+    let victim = if kept_backend == testbed.backend_name(2) { 3 } else { 2 };
+    let victim_name = testbed.backend_name(victim);
+
+    testbed.stop_backend(victim).expect("stopping a backend");
+    let killed = Instant::now();
+    let bound = check.detection_bound() + Duration::from_secs(1);
+
+    // New connections until the bound has passed: failures (resets from the
+    // dead backend's kernel) may happen only within the bound.
+    let mut last_failure = None;
+    let mut answered = BTreeSet::new();
+    while killed.elapsed() < bound + Duration::from_secs(1) {
+        for result in testbed.client_requests(vip, 10, true) {
+            match result {
+                Ok(name) => {
+                    assert_ne!(name, victim_name, "a dead backend cannot answer");
+                    answered.insert(name);
+                }
+                Err(_) => last_failure = Some(killed.elapsed()),
+            }
+        }
+    }
+    if let Some(at) = last_failure {
+        assert!(at <= bound, "a new IPv6 connection failed {at:?} after the kill; bound {bound:?}\n{}", agent.log());
+    }
+    assert_eq!(answered.len(), BACKENDS - 1, "the others keep answering: {answered:?}");
+    let mut want = ["up"; BACKENDS];
+    want[victim - 1] = "down";
+    agent.wait_health(WEB6, &want, Duration::ZERO).expect("marked down by now");
+
+    let after = spread6(&testbed, 150);
+    assert_eq!(after.ok(), 150, "all new IPv6 connections served: {after:?}");
+    assert_eq!(after.count(&victim_name), 0, "{after:?}");
+    let same = kept.get("/", true).expect("the kept connection still works");
+    assert_eq!(same.backend().as_deref(), Some(kept_backend.as_str()), "it did not move");
+
+    testbed.start_backend(victim).expect("restarting the backend");
+    let took = agent
+        .wait_health(WEB6, &["up"; BACKENDS], check.recovery_bound() + Duration::from_secs(1))
+        .expect("back up after rise successes over IPv6");
+    eprintln!("backend {victim} up again over IPv6 {took:?} after its restart");
+    let back = spread6(&testbed, 150);
+    assert_eq!(back.ok(), 150, "{back:?}");
+    assert!(back.count(&victim_name) >= 20, "it takes new IPv6 connections again: {back:?}");
+}
