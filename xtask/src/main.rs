@@ -6,7 +6,7 @@
 //! - `build`: the `lb` agent (with its embedded eBPF object) and the testbed backend.
 //! - `test`: unit tests, then the root-only integration tests of `lb-tests`.
 //! - `demo`: a narrated run of the agent in a namespace testbed.
-//! - `bench`: benchmarks (not written yet).
+//! - `bench`: benchmarks side by side with nftables, HAProxy, nginx and the direct path.
 //!
 //! Every command but `setup` first checks quickly whether anything is
 //! missing and runs setup only then.
@@ -51,8 +51,15 @@ enum Command {
     },
     /// Show the balancer at work in a namespace testbed (needs root).
     Demo,
-    /// Run the benchmarks (not written yet).
-    Bench,
+    /// Run the benchmarks and write target/bench/REPORT.md (needs root).
+    Bench {
+        /// Run only this section.
+        #[arg(long, value_enum)]
+        only: Option<bench::Section>,
+        /// Fewer repetitions: for trying the harness, not for figures.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,7 +72,7 @@ fn main() -> ExitCode {
             filter,
         }),
         Command::Demo => demo::run().map(|()| true),
-        Command::Bench => bench::run().map(|()| true),
+        Command::Bench { only, quick } => bench::run(&bench::Options { only, quick }).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

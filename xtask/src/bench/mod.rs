@@ -1,0 +1,116 @@
+//! `cargo xtask bench`: the benchmarks, side by side with what users would
+//! pick instead, in one run. Each section measures one thing and returns a
+//! Markdown table with its method; the whole report (machine description
+//! first) is printed and written to `target/bench/REPORT.md`, from which
+//! `BENCHMARKS.md` is updated by hand with the command that produced it.
+//!
+//! Sections (`--only NAME` runs one):
+//! - `packet`: per-packet cost in the kernel through BPF_PROG_TEST_RUN.
+//! - `control`: Maglev table builds and map writes; health-check CPU.
+//! - `memory`: BPF map memory and agent RSS.
+//! - `e2e`: requests per second, latency and gateway CPU through the
+//!   namespace testbed, for lb, nftables, HAProxy, nginx and the direct path.
+//! - `pps`: packets per second the gateway forwards, lb against nftables.
+//! - `failover`: a backend's death and return, against the configured bound.
+//! - `disruption`: flows moved and connections broken when a backend goes.
+//!
+//! Benchmarks measure; they never assert timings (tests check correctness).
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use anyhow::Context as _;
+
+use crate::setup;
+
+/// One section's result.
+pub struct Report {
+    /// Heading, e.g. "Per-packet cost".
+    pub title: String,
+    /// The method, the table and what limits it, in Markdown.
+    pub body: String,
+}
+
+/// A benchmark section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Packet,
+    Control,
+    Memory,
+    E2e,
+    Pps,
+    Failover,
+    Disruption,
+}
+
+impl Section {
+    const ALL: [Section; 7] = [
+        Section::Packet,
+        Section::Control,
+        Section::Memory,
+        Section::E2e,
+        Section::Pps,
+        Section::Failover,
+        Section::Disruption,
+    ];
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Only this section; all when `None`.
+    pub only: Option<Section>,
+    /// Fewer repetitions and shorter runs: for trying the harness, not for figures.
+    #[expect(dead_code, reason = "the sections that read it are being written")]
+    pub quick: bool,
+}
+
+/// The `bench` subcommand.
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    anyhow::ensure!(lb_tests::is_root(), "cargo xtask bench needs root (namespaces, XDP); rerun as root");
+    setup::ensure(true)?;
+    let mut report = String::new();
+    let _ = writeln!(report, "# Benchmark report\n\n{}", machine_description());
+    for section in Section::ALL.into_iter().filter(|s| opts.only.is_none_or(|only| only == *s)) {
+        println!("\n==> bench: {section:?}");
+        let result = run_section(section, opts).with_context(|| format!("bench section {section:?}"))?;
+        println!("{}", result.body);
+        let _ = writeln!(report, "\n## {}\n\n{}", result.title, result.body);
+    }
+    let out = PathBuf::from("target/bench/REPORT.md");
+    std::fs::create_dir_all("target/bench").context("creating target/bench")?;
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    println!("\nbench: report written to {}", out.display());
+    Ok(())
+}
+
+fn run_section(section: Section, _opts: &Options) -> anyhow::Result<Report> {
+    let todo = |title: &str| Report { title: title.to_owned(), body: "Not measured yet.".to_owned() };
+    Ok(match section {
+        Section::Packet => todo("Per-packet cost"),
+        Section::Control => todo("Control plane"),
+        Section::Memory => todo("Memory"),
+        Section::E2e => todo("End to end"),
+        Section::Pps => todo("Packets per second"),
+        Section::Failover => todo("Failover"),
+        Section::Disruption => todo("Disruption"),
+    })
+}
+
+/// CPU model, cores, memory and kernel, for the top of the report.
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "Machine: {cpu}, {cores} cores, {} GiB, kernel {}. Client, gateway and backends share these cores.",
+        mem_kib / (1024 * 1024),
+        kernel.trim()
+    )
+}
