@@ -51,6 +51,7 @@
 //! process dies without unwinding (Ctrl-C, SIGKILL).
 
 pub mod client;
+mod far_client;
 mod netns;
 
 use std::{
@@ -70,6 +71,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 pub use client::{HttpResponse, Spread};
+pub use far_client::{FAR_CLIENT_ADDR, FAR_CLIENT_ADDR6};
 pub use netns::{ChildGuard, Namespace};
 use netns::{Reaper, ip};
 
@@ -192,6 +194,7 @@ impl TestbedBuilder {
             id,
             created: Vec::new(),
             reaper: Some(Reaper::spawn()?),
+            far_client: None,
         };
         // On error, dropping `testbed` removes what exists so far.
         testbed
@@ -245,6 +248,8 @@ pub struct Testbed {
     /// Namespaces that exist, in creation order; Drop deletes exactly these.
     created: Vec<Namespace>,
     reaper: Option<Reaper>,
+    /// See [`Testbed::add_far_client`].
+    far_client: Option<Namespace>,
 }
 
 impl Testbed {
