@@ -4,8 +4,11 @@
 pub const MAX_VIPS: u32 = 1024;
 
 /// Entries in the backend array, counting one per (VIP, backend) pair, plus
-/// slot 0, which is never allocated so a zeroed Maglev slot can never route.
-pub const MAX_BACKENDS: u32 = 4096;
+/// slot 0, which is never allocated so a zeroed Maglev slot can never route:
+/// 8191 backends. Ids are not reused while the agent runs, so the headroom
+/// over the 4096 a config may reasonably hold also serves reloads that add
+/// backends. 20 bytes each (and 32 per CPU of counters).
+pub const MAX_BACKENDS: u32 = 8192;
 
 /// Default Maglev ring size per VIP, in slots. Must be prime; 65537 keeps the
 /// imbalance between equal backends under 1% for up to a few hundred backends.

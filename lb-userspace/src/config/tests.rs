@@ -316,7 +316,7 @@ fn capacity_limits_are_checked_before_the_balancer_sees_them() {
     let max = lb_common::limits::MAX_BACKENDS as usize - 1;
     let config = parse(&many_backends(max)).expect("the most backends that fit");
     assert!(Balancer::new(&config).is_ok());
-    rejects(&many_backends(max + 1), "vip", "at most 4095");
+    rejects(&many_backends(max + 1), "vip", &format!("at most {max}"));
     let small_ring = many_backends(300).replace("[agent]", "[agent]\nring_size = 251");
     rejects(&small_ring, "vip[1] (web).backend", "do not fit agent.ring_size 251");
 
