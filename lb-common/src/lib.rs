@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod flow;
+pub mod frag;
 pub mod limits;
 pub mod sched;
 pub mod stats;
@@ -41,6 +42,7 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const VERDICTS: &str = "VERDICTS";
     pub const CONNTRACK_EVENTS: &str = "CONNTRACK_EVENTS";
+    pub const FRAGS: &str = "FRAGS";
 }
 
 /// Implements `aya::Pod` for the agent's side only; the kernel side has no aya.

@@ -34,3 +34,8 @@ pub const REPLY_RATE_PER_SEC: u64 = 100;
 /// ...and holds at most this many, so a burst after a quiet spell may reach
 /// it. Over the limit the packet is dropped and counted.
 pub const REPLY_BURST: u64 = 100;
+
+/// Fragmented datagrams tracked at once (`FRAGS`, 80 bytes an entry plus the
+/// kernel's overhead): their first pieces balanced, their later pieces still
+/// to come. LRU, so a burst of fragments only ages out old datagrams.
+pub const FRAG_TRACK_CAPACITY: u32 = 16384;

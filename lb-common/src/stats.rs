@@ -38,7 +38,7 @@ pub mod reason {
     /// IPv4 but neither to a VIP nor a reply of a balanced flow: passed.
     pub const PASS_NOT_VIP: u32 = 1;
     /// IPv4 fragment not addressed to a VIP (its address and protocol have
-    /// none): passed, not ours to judge.
+    /// none) and not of a balanced datagram: passed, not ours to judge.
     pub const PASS_FRAGMENT: u32 = 2;
     /// Frame too short for the fixed 20-byte IPv4 header, or IP version not 4:
     /// passed untouched, and the kernel drops it.
@@ -75,10 +75,12 @@ pub mod reason {
     /// to a VIP address shorter than its 8-byte header: it names no VIP, so
     /// it is not ours to judge; passed untouched.
     pub const PASS_SHORT_L4: u32 = 15;
-    /// IPv4 fragment (more-fragments set or offset ≠ 0) to an address and
-    /// protocol some VIP has: dropped. Only the first fragment carries ports,
-    /// so pieces of one datagram could not be kept on one backend; and no
-    /// host owns the VIP to reassemble them.
+    /// IPv4 fragment that cannot be placed, to an address and protocol some
+    /// VIP has: a later fragment whose first was not balanced here (not
+    /// seen, seen too long ago, or not for a VIP), or a first fragment that
+    /// is not for a VIP or too short to hold its ports. Dropped: no host owns
+    /// the VIP to reassemble it, and its pieces must not go to different
+    /// backends.
     pub const DROP_FRAGMENT: u32 = 16;
     /// A backend's packet for a flow now pinned to another backend (it moved
     /// off this one, or expired and was balanced anew): dropped, as
@@ -130,8 +132,11 @@ pub mod reason {
     /// balanced flow (or is too short or malformed to name one): dropped,
     /// as no host owns the VIP to receive it.
     pub const DROP_ICMP_ERROR_NO_FLOW: u32 = 29;
+    /// A later fragment (offset ≠ 0) of a datagram whose first fragment was
+    /// balanced: its address rewritten like the first's, sent the same way.
+    pub const REDIRECT_FRAGMENT: u32 = 30;
     /// Number of reasons; the size of `VERDICTS`.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
 
     /// Names for metrics, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -165,6 +170,7 @@ pub mod reason {
         "redirect_icmp_error_to_backend",
         "redirect_icmp_error_to_client",
         "drop_icmp_error_no_flow",
+        "redirect_fragment",
     ];
 }
 

@@ -116,7 +116,7 @@ fn error(ctx: &XdpContext, v4: &Ipv4, icmp_check: *mut u16, icmp_off: usize, icm
         stats::count_traffic(vip_id, backend_id, ctx);
         let (addr, port) = (backend.addr_be[0], backend.port_be);
         rewrite_quote(&q, icmp_check, rewrite::Side::Source, addr, port);
-        set_outer(v4.ip, rewrite::Side::Destination, addr);
+        rewrite::set_address(v4.ip, rewrite::Side::Destination, addr);
         return Ok(rewrite::forward(ctx, v4.eth, v4.ip, reason::REDIRECT_ICMP_ERROR_TO_BACKEND));
     }
     if let Some(nat) = flow_of_request(&quoted)? {
@@ -125,7 +125,7 @@ fn error(ctx: &XdpContext, v4: &Ipv4, icmp_check: *mut u16, icmp_off: usize, icm
         rewrite_quote(&q, icmp_check, rewrite::Side::Destination, vip, nat.vip_port_be);
         // From the backend itself (port unreachable, say): from the VIP now.
         if outer_saddr == quoted.dst_be[0] {
-            set_outer(v4.ip, rewrite::Side::Source, vip);
+            rewrite::set_address(v4.ip, rewrite::Side::Source, vip);
         }
         return Ok(rewrite::forward(ctx, v4.eth, v4.ip, reason::REDIRECT_ICMP_ERROR_TO_CLIENT));
     }
@@ -246,24 +246,6 @@ fn rewrite_quote(q: &Quote, icmp_check: *mut u16, side: rewrite::Side, new_addr:
             icmp = csum::replace16(icmp, old, new);
         }
         *icmp_check = icmp;
-    }
-}
-
-/// Rewrites the outer header's source or destination address.
-#[inline(always)]
-fn set_outer(ip: *mut Ipv4Hdr, side: rewrite::Side, new_addr: u32) {
-    // SAFETY: bounds checked in parse_ipv4.
-    unsafe {
-        let old = if side == rewrite::Side::Source {
-            let old = (*ip).saddr_be;
-            (*ip).saddr_be = new_addr;
-            old
-        } else {
-            let old = (*ip).daddr_be;
-            (*ip).daddr_be = new_addr;
-            old
-        };
-        (*ip).check = csum::replace32((*ip).check, old, new_addr);
     }
 }
 

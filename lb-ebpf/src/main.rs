@@ -1,7 +1,7 @@
 //! The XDP load balancer.
 //!
 //! Pipeline for each frame: parse Ethernet (VLAN tags)/IPv4/TCP|UDP
-//! (`parse`; fragments are judged apart, `frag`), find the
+//! (`parse`; later fragments follow their first, `frag`), find the
 //! VIP (`lookup`), pin the flow to a backend through the connection table or
 //! a Maglev pick (`lookup`, `maglev`), rewrite destination and checksums
 //! (`rewrite`, `csum`), then redirect to the next hop the kernel's FIB names.
@@ -78,19 +78,30 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         return v6::process(ctx, &l2);
     }
     let v4 = parse::parse_ipv4(ctx, &l2)?;
-    if v4.is_fragment() {
-        return Err(frag::verdict(&v4));
+    if v4.is_later_fragment() {
+        return Err(frag::follow(ctx, &v4));
     }
     // SAFETY: bounds checked in parse_ipv4.
     if unsafe { (*v4.ip).proto } == lb_common::PROTO_ICMP {
+        if v4.is_fragment() {
+            return Err(frag::verdict(&v4));
+        }
         return Err(icmp::process(ctx, &v4));
     }
-    let pkt = parse::transport(ctx, &v4)?;
+    let pkt = match parse::transport(ctx, &v4) {
+        Ok(pkt) => pkt,
+        // A first fragment too short for its ports cannot be placed.
+        Err(_) if v4.is_fragment() => return Err(frag::verdict(&v4)),
+        Err(v) => return Err(v),
+    };
     if let Some(vip) = lookup::vip(&pkt) {
         return to_backend(ctx, &pkt, &vip);
     }
     if let Some(nat) = lookup::reply_nat(&pkt) {
         return reply::to_client(ctx, &pkt, &nat);
+    }
+    if pkt.first_fragment {
+        return Err(frag::verdict(&v4));
     }
     Ok(Verdict::pass(reason::PASS_NOT_VIP))
 }
@@ -113,6 +124,9 @@ fn to_backend(
     };
     stats::count_traffic(vip.vip_id, backend_id, ctx);
     let (addr, port) = (backend.addr_be[0], backend.port_be);
+    if pkt.first_fragment {
+        frag::remember(pkt, Side::Destination, addr, vip.vip_id, backend_id);
+    }
     // SAFETY: bounds checked in parse_ipv4. A "fragmentation needed" for the
     // client comes from the address it sent to: the VIP.
     let vip_addr = unsafe { (*pkt.ip).daddr_be };

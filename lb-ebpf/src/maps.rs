@@ -10,7 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
-    limits::{DEFAULT_CONNTRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS},
+    frag::{FragKey, FragState},
+    limits::{DEFAULT_CONNTRACK_CAPACITY, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS},
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
     vip_addr::{VipAddrInfo, VipAddrKey},
@@ -49,6 +50,11 @@ pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
 #[map]
 pub static REPLY_NAT: LruHashMap<FlowKey, ReplyNat> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
+
+/// A fragmented datagram whose first piece was balanced → how its later
+/// pieces are rewritten (see `lb_common::frag`). Written here only.
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragState> = LruHashMap::with_max_entries(FRAG_TRACK_CAPACITY, 0);
 
 /// VIP id → traffic counters, per CPU. Written here; summed by the agent.
 #[map]

@@ -61,6 +61,8 @@ const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
 /// More-fragments flag and fragment offset, network byte order.
 const IP_MF_OFFSET_MASK_BE: u16 = 0x3fffu16.to_be();
+/// Fragment offset alone, network byte order.
+const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
 /// Offset of the checksum field inside TCP and UDP headers.
@@ -104,10 +106,13 @@ pub struct Packet {
     /// Offset of the L4 header from the start of the frame (bounded by 82:
     /// two VLAN tags and 60 bytes of IP header).
     pub l4_off: usize,
-    /// IP total length minus header length: the L4 segment's length, at
-    /// least 4 (the ports).
+    /// IP total length minus header length: the L4 segment's length (of
+    /// this fragment, for a first fragment), at least 4 (the ports).
     pub l4_len: usize,
     pub proto: u8,
+    /// The first piece of a fragmented datagram: its TCP/UDP header is
+    /// here, the rest of its segment follows in later fragments.
+    pub first_fragment: bool,
 }
 
 /// An IPv4 header checked against the rules in [`parse_ipv4`]: version 4,
@@ -131,6 +136,14 @@ impl Ipv4 {
         // SAFETY: bounds checked in parse_ipv4.
         let frag_off_be = unsafe { (*self.ip).frag_off_be };
         frag_off_be & IP_MF_OFFSET_MASK_BE != 0
+    }
+
+    /// A fragment after the first (offset ≠ 0): it carries no ports.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        // SAFETY: bounds checked in parse_ipv4.
+        let frag_off_be = unsafe { (*self.ip).frag_off_be };
+        frag_off_be & IP_OFFSET_MASK_BE != 0
     }
 }
 
@@ -249,7 +262,8 @@ pub fn transport(ctx: &XdpContext, v4: &Ipv4) -> Result<Packet, Verdict> {
     if l4_len < size_of::<Ports>() {
         return Err(short);
     }
-    Ok(Packet { eth: v4.eth, ip: v4.ip, ports, l3_off: v4.l3_off, l4_off, l4_len, proto })
+    let first_fragment = v4.is_fragment();
+    Ok(Packet { eth: v4.eth, ip: v4.ip, ports, l3_off: v4.l3_off, l4_off, l4_len, proto, first_fragment })
 }
 
 /// The L4 header of a packet we are about to rewrite, fully validated.
@@ -270,13 +284,14 @@ pub const TCP_ACK: u8 = 0x10;
 /// forwarded half-rewritten.
 #[inline(always)]
 pub fn l4_checked(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
-    l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len)
+    l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, pkt.first_fragment)
 }
 
 /// [`l4_checked`] for the L4 header at `l4_off`, `l4_len` bytes long (the
-/// IPv6 path uses it too).
+/// IPv6 path uses it too). In a first fragment the UDP length covers the
+/// whole datagram, beyond this piece; the header itself must still be here.
 #[inline(always)]
-pub fn l4_checked_at(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize) -> Result<L4, Verdict> {
+pub fn l4_checked_at(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize, first_fragment: bool) -> Result<L4, Verdict> {
     let malformed = Verdict::drop(reason::DROP_MALFORMED_L4);
     if proto == PROTO_TCP {
         if l4_len < TCP_HDR_LEN {
@@ -296,7 +311,7 @@ pub fn l4_checked_at(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize) 
         let hdr: *mut [u16; 4] = ptr_at(ctx, l4_off).ok_or(malformed)?;
         // SAFETY: bounds checked by ptr_at; word 2 is the UDP length.
         let udp_len = u16::from_be(unsafe { (*hdr)[2] }) as usize;
-        if udp_len < UDP_HDR_LEN || udp_len > l4_len {
+        if udp_len < UDP_HDR_LEN || l4_len < UDP_HDR_LEN || (udp_len > l4_len && !first_fragment) {
             return Err(malformed);
         }
         let check = (hdr as usize + UDP_CHECK_OFF) as *mut u16;

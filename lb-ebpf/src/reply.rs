@@ -5,7 +5,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{flow::ReplyNat, stats::reason};
 
-use crate::{Verdict, conntrack, lookup, parse, parse::Packet, rewrite::{self, Side}, stats};
+use crate::{Verdict, conntrack, frag, lookup, parse, parse::Packet, rewrite::{self, Side}, stats};
 
 #[inline(always)]
 pub fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdict, Verdict> {
@@ -14,6 +14,9 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdi
     conntrack::reply_seen(&lookup::flow_key(pkt, &l4), nat, &l4, conntrack::now_ns())?;
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
     let vip_addr = nat.vip_addr_be[0];
+    if pkt.first_fragment {
+        frag::remember(pkt, Side::Source, vip_addr, nat.vip_id, nat.backend_id);
+    }
     // A reply too big for the client's side is answered to the backend from the VIP.
     Ok(rewrite::translate_and_forward(
         ctx,

@@ -107,6 +107,26 @@ pub fn forward(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, redirect_re
     }
 }
 
+/// Rewrites the source or destination address of an IPv4 header, with its
+/// checksum (and nothing else: for packets without ports, or whose L4
+/// checksum the caller fixes).
+#[inline(always)]
+pub fn set_address(ip: *mut Ipv4Hdr, side: Side, new_addr: u32) {
+    // SAFETY: bounds checked in parse_ipv4.
+    unsafe {
+        let old = if side == Side::Source {
+            let old = (*ip).saddr_be;
+            (*ip).saddr_be = new_addr;
+            old
+        } else {
+            let old = (*ip).daddr_be;
+            (*ip).daddr_be = new_addr;
+            old
+        };
+        (*ip).check = csum::replace32((*ip).check, old, new_addr);
+    }
+}
+
 /// Rewrites one end's address and port, with both checksums.
 #[inline(always)]
 fn nat(pkt: &Packet, l4: &L4, side: Side, new_addr: u32, new_port: u16) {

@@ -87,7 +87,7 @@ fn tuple(pkt: &Packet6) -> FlowKey {
 /// Client → VIP: pin the flow, rewrite the destination to the backend, send it on.
 #[inline(always)]
 fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict, Verdict> {
-    let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len)?;
+    let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
     parse6::check_hop_limit(pkt)?;
     let flow = tuple(pkt);
     let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns()) {
@@ -107,7 +107,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
 /// Backend → client: the source becomes the VIP again.
 #[inline(always)]
 fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat) -> Result<Verdict, Verdict> {
-    let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len)?;
+    let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
     parse6::check_hop_limit(pkt)?;
     conntrack::reply_seen(&tuple(pkt), nat, &l4, conntrack::now_ns())?;
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);

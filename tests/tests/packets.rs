@@ -373,8 +373,8 @@ fn malformed_and_expiring_packets_follow_their_rules() {
         lb.assert_passed_untouched("ttl 1", &ttl1, reason::PASS_TTL_EXPIRED);
 
         let mut fragment = good.clone();
-        fragment[20] |= 0x20; // more fragments
-        lb.assert_dropped("fragment to the VIP", &fragment, lb.client_if, reason::DROP_FRAGMENT);
+        fragment[21] = 0x10; // offset 128: a later piece, whose first was not seen
+        lb.assert_dropped("later fragment to the VIP", &fragment, lb.client_if, reason::DROP_FRAGMENT);
     });
 }
 
@@ -519,26 +519,92 @@ fn with_frag_field(frame: &[u8], field: u16) -> Vec<u8> {
 const MF: u16 = 0x2000;
 const DF: u16 = 0x4000;
 
+/// Cuts piece `[offset, offset + len)` of an untagged frame's IP payload into
+/// a fragment of it: total length, flags (more-fragments unless `last`),
+/// offset and header checksum set; the IP id is kept.
+fn fragment(frame: &[u8], offset: usize, len: usize, last: bool) -> Vec<u8> {
+    assert!(offset.is_multiple_of(8), "fragment offsets come in 8-byte units");
+    let mut f = frame[..34].to_vec();
+    f.extend_from_slice(&frame[34 + offset..34 + offset + len]);
+    f[16..18].copy_from_slice(&((20 + len) as u16).to_be_bytes());
+    let field = if last { 0 } else { MF } | (offset / 8) as u16;
+    f[20..22].copy_from_slice(&field.to_be_bytes());
+    let (mut header, _) = etherparse::Ipv4Header::from_slice(&f[14..]).expect("ipv4");
+    header.header_checksum = header.calc_header_checksum();
+    f[24..26].copy_from_slice(&header.header_checksum.to_be_bytes());
+    f
+}
+
+/// Sets the IPv4 identification of an untagged frame (checksum recomputed).
+fn with_ip_id(frame: &[u8], id: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[18..20].copy_from_slice(&id.to_be_bytes());
+    let (mut header, _) = etherparse::Ipv4Header::from_slice(&f[14..]).expect("ipv4");
+    header.header_checksum = header.calc_header_checksum();
+    f[24..26].copy_from_slice(&header.header_checksum.to_be_bytes());
+    f
+}
+
+static DATAGRAM: [u8; 1000] = [7; 1000];
+
 #[test]
-fn fragments_to_a_vip_address_are_dropped_and_others_pass() {
+fn later_fragments_follow_their_first_piece_both_ways() {
     with_lb(|lb| {
-        let udp_req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50040, VIP_UDP_PORT, &[7; 64]);
+        // A 1008-byte UDP datagram in two pieces: 520 bytes (the UDP header
+        // and 512 of payload), then the other 488.
+        let sport = 50040;
+        let whole = with_ip_id(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, sport, VIP_UDP_PORT, &DATAGRAM), 0x1234);
+        let (first, rest) = (fragment(&whole, 0, 520, false), fragment(&whole, 520, 488, true));
+        let (v, out, counted) = lb.run_counted(&first, lb.client_if);
+        assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_backend"), "first piece");
+        let id = lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_UDP_PORT, PROTO_UDP)).expect("flow").backend_id;
+        let (baddr, bport) = backend_addr(id);
+        // Expected: the datagram as if sent whole to the backend (its UDP
+        // checksum computed from scratch over all of it), cut the same way.
+        let translated = with_ip_id(&udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, &DATAGRAM), 0x1234);
+        assert_frame(&out, &fragment(&translated, 0, 520, false));
+        let (v, out, counted) = lb.run_counted(&rest, lb.client_if);
+        assert_eq!((v, counted), (XDP_REDIRECT, "redirect_fragment"), "second piece");
+        assert_frame(&out, &fragment(&translated, 520, 488, true));
+        assert_eq!(lb.maps.backend_counters(id).expect("counters").packets, 2, "both pieces count");
+
+        // Another datagram's later piece, or one whose first piece is still
+        // to come: cannot be placed, and is not the kernel's to deliver.
+        lb.assert_dropped("later piece of an unknown datagram", &with_ip_id(&rest, 0x1235), lb.client_if, reason::DROP_FRAGMENT);
+
+        // The backend's fragmented answer leaves from the VIP, both pieces.
+        let answer = with_ip_id(&udp(backend_mac(baddr[3]), GW_BACKEND_MAC, baddr, CLIENT, 64, bport, sport, &DATAGRAM), 0x4321);
+        let to_client = with_ip_id(&udp(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 63, VIP_UDP_PORT, sport, &DATAGRAM), 0x4321);
+        let (v, out, counted) = lb.run_counted(&fragment(&answer, 0, 520, false), lb.backend_if);
+        assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_client"), "first piece of the answer");
+        assert_frame(&out, &fragment(&to_client, 0, 520, false));
+        let (v, out, counted) = lb.run_counted(&fragment(&answer, 520, 488, true), lb.backend_if);
+        assert_eq!((v, counted), (XDP_REDIRECT, "redirect_fragment"), "second piece of the answer");
+        assert_frame(&out, &fragment(&to_client, 520, 488, true));
+        assert_checksums_valid(&out);
+    });
+}
+
+#[test]
+fn fragments_that_cannot_be_placed_are_dropped_at_a_vip_and_others_pass() {
+    with_lb(|lb| {
+        let udp_req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50041, VIP_UDP_PORT, &[7; 64]);
         let tcp_req = Tcp { syn: false, payload: &[7; 64], ..Tcp::client_to_vip(40040) }.build();
         let udp_other_port = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50041, 9999, &[7; 64]);
         let udp_to_backend = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, [198, 18, 2, 11], 64, 50042, 5353, &[7; 64]);
         let mut icmp_to_vip = with_frag_field(&udp_req, MF);
         icmp_to_vip[23] = 1;
         let drops: Vec<(&str, Vec<u8>)> = vec![
-            ("first udp fragment to the VIP", with_frag_field(&udp_req, MF)),
-            ("last udp fragment to the VIP (offset 1480)", with_frag_field(&udp_req, 185)),
-            ("middle tcp fragment to the VIP", with_frag_field(&tcp_req, MF | 185)),
-            // Judged by address and protocol, as its later pieces must be.
-            ("udp fragment to the VIP address, another port", with_frag_field(&udp_other_port, MF)),
+            ("last udp piece to the VIP, first never seen", with_frag_field(&udp_req, 185)),
+            ("middle tcp piece to the VIP, first never seen", with_frag_field(&tcp_req, MF | 185)),
+            ("first udp piece to the VIP address, another port", with_frag_field(&udp_other_port, MF)),
+            ("first udp piece too short for its ports", fragment(&udp_req, 0, 0, false)),
         ];
         for (name, frame) in &drops {
             lb.assert_dropped(name, frame, lb.client_if, reason::DROP_FRAGMENT);
         }
-        lb.assert_passed_untouched("udp fragment to a backend address", &with_frag_field(&udp_to_backend, MF), reason::PASS_FRAGMENT);
+        lb.assert_passed_untouched("udp piece to a backend address", &with_frag_field(&udp_to_backend, MF), reason::PASS_FRAGMENT);
+        lb.assert_passed_untouched("later udp piece to a backend address", &with_frag_field(&udp_to_backend, 185), reason::PASS_FRAGMENT);
         lb.assert_passed_untouched("icmp fragment to the VIP address", &icmp_to_vip, reason::PASS_FRAGMENT);
         assert_eq!(lb.maps.tracked_flows(), 0, "a fragment pinned a flow");
 
@@ -552,8 +618,10 @@ fn fragments_to_a_vip_address_are_dropped_and_others_pass() {
 fn the_fragment_rule_follows_vips_as_they_come_and_go() {
     with_lb(|lb| {
         let other_vip = [198, 18, 0, 101];
-        let udp_frag = |dst: [u8; 4]| with_frag_field(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, dst, 64, 50050, 53, b"piece"), MF);
-        let tcp_frag = |dst: [u8; 4]| with_frag_field(&Tcp { dst, dport: 53, ..Tcp::client_to_vip(40050) }.build(), MF);
+        // Later pieces (offset 1480), whose first was not seen: judged by
+        // address and protocol, as they carry no port.
+        let udp_frag = |dst: [u8; 4]| with_frag_field(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, dst, 64, 50050, 53, b"piece"), 185);
+        let tcp_frag = |dst: [u8; 4]| with_frag_field(&Tcp { dst, dport: 53, ..Tcp::client_to_vip(40050) }.build(), 185);
         let addr_key = |addr: [u8; 4]| VipAddrKey { addr_be: [u32::from_ne_bytes(addr), 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(VIP)), VIP_ADDR_TCP | VIP_ADDR_UDP);
 
@@ -623,8 +691,8 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
         let cut = with_vlan_tags(&Tcp::client_to_vip(40063).build(), &qinq)[..20].to_vec();
         lb.assert_passed_untouched("frame ends inside the inner tag", &cut, reason::PASS_NOT_IPV4);
         let mut fragment = with_vlan_tags(&Tcp::client_to_vip(40064).build(), &tag);
-        fragment[24] |= 0x20;
-        lb.assert_dropped("tagged fragment to the VIP", &fragment, lb.client_if, reason::DROP_FRAGMENT);
+        fragment[25] = 0x10;
+        lb.assert_dropped("tagged later fragment to the VIP", &fragment, lb.client_if, reason::DROP_FRAGMENT);
     });
 }
 
