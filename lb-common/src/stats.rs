@@ -88,17 +88,17 @@ pub mod reason {
     pub const DROP_STALE_REPLY: u32 = 17;
     /// A new flow (or one whose backend went down) to a TCP VIP with no
     /// backend up: answered at once with a RST from the VIP, sent back out
-    /// the way it came (XDP_TX), so the client fails fast.
+    /// the way it came (sent back out the device it came in on), so the client fails fast.
     pub const TX_RST_NO_BACKEND: u32 = 18;
     /// A datagram to a UDP VIP with no backend up: answered with ICMP
     /// destination unreachable, port unreachable (type 3 code 3) from the
-    /// VIP, quoting the IP header and the first 8 bytes (XDP_TX).
+    /// VIP, quoting the IP header and the first 8 bytes (sent back out the device it came in on).
     pub const TX_ICMP_UNREACHABLE_NO_BACKEND: u32 = 19;
     /// A no-backend reply (RST or ICMP unreachable) over the per-CPU reply
     /// rate limit (`limits::REPLY_RATE_PER_SEC`): dropped instead.
     pub const DROP_NO_BACKEND_RATE_LIMITED: u32 = 20;
     /// ICMP echo request to a VIP address: answered by the gateway itself
-    /// with an echo reply (XDP_TX).
+    /// with an echo reply (sent back out the device it came in on).
     pub const TX_ICMP_ECHO_REPLY: u32 = 21;
     /// ICMP echo request to a VIP address over the per-CPU reply rate limit
     /// (the same bucket as the no-backend replies): dropped.
@@ -114,7 +114,7 @@ pub mod reason {
     /// A packet of a balanced flow larger than its next hop's MTU with
     /// don't-fragment set: answered with ICMP fragmentation needed (IPv4)
     /// or packet too big (IPv6) carrying that MTU, so its sender's path MTU
-    /// discovery works through the gateway (XDP_TX).
+    /// discovery works through the gateway (sent back out the device it came in on).
     pub const TX_ICMP_FRAG_NEEDED: u32 = 25;
     /// ICMP fragmentation needed / packet too big over the per-CPU reply
     /// rate limit: the packet is dropped instead.

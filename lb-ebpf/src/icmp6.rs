@@ -50,7 +50,7 @@ pub fn process(ctx: &XdpContext, v6: &Ipv6) -> Verdict {
         if !is_vip_addr(daddr) {
             return Verdict::pass(reason::PASS_NOT_VIP);
         }
-        return respond6::echo(v6, hdr);
+        return respond6::echo(ctx, v6, hdr);
     }
     if icmp_type == 0 || icmp_type > ICMP6_ERROR_MAX {
         return Verdict::pass(reason::PASS_NOT_VIP);

@@ -31,7 +31,7 @@ mod rewrite;
 mod stats;
 mod v6;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
 use lb_common::stats::reason;
 
 use crate::{parse::Packet, rewrite::Side};
@@ -56,9 +56,19 @@ impl Verdict {
     }
 
     /// Sent back out the device it came in on (a reply built in place).
+    ///
+    /// By `bpf_redirect` to that device, not XDP_TX: on veth (seen on
+    /// 6.18), a frame sent with XDP_TX into a peer without an XDP program of
+    /// its own waits in the peer's queue until other traffic wakes it, tens
+    /// of milliseconds to seconds later (late RSTs, pings lost), while a
+    /// redirect flushes the peer's queue at once. Native drivers with XDP
+    /// support send redirected frames as well; these replies are
+    /// rate-limited, so the longer path costs nothing that matters.
     #[inline(always)]
-    pub const fn tx(reason: u32) -> Self {
-        Self { action: xdp_action::XDP_TX, reason }
+    pub fn send_back(ctx: &XdpContext, reason: u32) -> Self {
+        // SAFETY: plain helper call; flags 0.
+        let action = unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32;
+        Self { action, reason }
     }
 }
 

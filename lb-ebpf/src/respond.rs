@@ -1,5 +1,5 @@
 //! Replies the gateway sends itself, built in place from the packet that
-//! asked and sent back out the device it came in on (XDP_TX), always from
+//! asked and sent back out the device it came in on (`Verdict::send_back`), always from
 //! the VIP's address:
 //!
 //! - a TCP segment to a VIP with no backend up gets a RST (RFC 793's reset
@@ -172,7 +172,7 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Option<Verdict> {
     let out: *mut [[u16; 10]; 2] = ptr_at(ctx, l3_off)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *out = [ip, th] };
-    Some(Verdict::tx(reason::TX_RST_NO_BACKEND))
+    Some(Verdict::send_back(ctx, reason::TX_RST_NO_BACKEND))
 }
 
 /// Turns a UDP datagram into the ICMP port unreachable that answers it.
@@ -244,7 +244,7 @@ fn icmp_error(ctx: &XdpContext, pkt: &Packet, type_code: u16, mtu: u16, from_be:
     hdrs[13] = mtu_be;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *out = hdrs };
-    Some(Verdict::tx(sent))
+    Some(Verdict::send_back(ctx, sent))
 }
 
 /// An ICMP packet: an echo request to a VIP address is answered in place
@@ -287,5 +287,5 @@ pub fn echo(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
         (*v4.eth).dst = dst_mac;
         (*v4.eth).src = src_mac;
     }
-    Verdict::tx(reason::TX_ICMP_ECHO_REPLY)
+    Verdict::send_back(ctx, reason::TX_ICMP_ECHO_REPLY)
 }

@@ -1,6 +1,6 @@
 //! Replies the gateway sends itself over IPv6, the twins of `respond`'s,
 //! built in place and sent back out the device the packet came in on
-//! (XDP_TX), from the VIP's address, hop limit 64:
+//! (`Verdict::send_back`), from the VIP's address, hop limit 64:
 //!
 //! - TCP to a VIP with no backend up: a RST, by the same rule as IPv4.
 //! - UDP to a VIP with no backend up: ICMPv6 destination unreachable, port
@@ -107,7 +107,7 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet6, l4: &L4) -> Option<Verdict> {
         write_header(ip, 20, PROTO_TCP, daddr, saddr);
         *out = th;
     }
-    Some(Verdict::tx(reason::TX_RST_NO_BACKEND))
+    Some(Verdict::send_back(ctx, reason::TX_RST_NO_BACKEND))
 }
 
 /// Turns a packet into an ICMPv6 error about it (`type_code`, and the
@@ -153,14 +153,14 @@ fn icmp6_error(
         write_header(ip, len, PROTO_ICMPV6, from_be, saddr);
         *icmp = [type_code, csum::finish(sum), rest_be as u16, (rest_be >> 16) as u16];
     }
-    Some(Verdict::tx(sent))
+    Some(Verdict::send_back(ctx, sent))
 }
 
 /// An ICMPv6 echo request to a VIP address, answered in place: type 128
 /// becomes 129, addresses and MACs swap, hop limit 64. Swapping the
 /// addresses leaves the pseudo-header's sum as it was.
 #[inline(always)]
-pub fn echo(v6: &Ipv6, icmp: *mut [u16; 4]) -> Verdict {
+pub fn echo(ctx: &XdpContext, v6: &Ipv6, icmp: *mut [u16; 4]) -> Verdict {
     if !allow_reply() {
         return Verdict::drop(reason::DROP_ICMP_ECHO_RATE_LIMITED);
     }
@@ -177,7 +177,7 @@ pub fn echo(v6: &Ipv6, icmp: *mut [u16; 4]) -> Verdict {
         (*v6.eth).dst = dst_mac;
         (*v6.eth).src = src_mac;
     }
-    Verdict::tx(reason::TX_ICMP_ECHO_REPLY)
+    Verdict::send_back(ctx, reason::TX_ICMP_ECHO_REPLY)
 }
 
 /// Whether the ICMPv6 type (the first byte of `type_code` as stored) is an

@@ -326,7 +326,7 @@ fn replies_are_rate_limited_per_cpu() {
                 assert_eq!(action, XDP_DROP);
                 break;
             }
-            assert_eq!((action, counted), (XDP_TX, reason::NAMES[reason::TX_RST_NO_BACKEND as usize]));
+            assert_eq!((action, counted), (XDP_REDIRECT, reason::NAMES[reason::TX_RST_NO_BACKEND as usize]));
             assert_frame(&out, &rst(sport, 0, Some(1001)));
             answered += 1;
         }

@@ -301,7 +301,7 @@ fn a_reply_too_big_for_the_clients_path_gets_fragmentation_needed_from_the_vip()
         let big = reply(1300).build();
         let answer = icmp_error((GW_BACKEND_MAC, backend_mac(baddr[3])), VIP, baddr, 64, frag_needed(NARROW_CLIENT_MTU), &quote(&big, 8));
         let (action, out, counted) = lb.run_counted(&big, lb.backend_if);
-        assert_eq!((action, counted), (XDP_TX, "tx_icmp_frag_needed"));
+        assert_eq!((action, counted), (XDP_REDIRECT, "tx_icmp_frag_needed"));
         assert_frame(&out, &answer);
         assert_checksums_valid(&out);
         let fits = reply(1240).build();

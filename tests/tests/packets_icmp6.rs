@@ -112,7 +112,7 @@ fn ipv6_echo_to_a_vip_address_is_answered() {
             .icmpv6_echo_reply(7, 1)
             .write(&mut reply, b"ping")
             .expect("build reply");
-        lb.assert_out("echo", &ping(VIP), lb.client_if, XDP_TX, &reply, reason::TX_ICMP_ECHO_REPLY);
+        lb.assert_out("echo", &ping(VIP), lb.client_if, XDP_REDIRECT, &reply, reason::TX_ICMP_ECHO_REPLY);
         let mut short = ping(VIP)[..14 + 40 + 4].to_vec();
         short[18..20].copy_from_slice(&4u16.to_be_bytes());
         lb.assert_passed_untouched("icmpv6 shorter than its header", &short, reason::PASS_SHORT_L4);
@@ -132,10 +132,10 @@ fn ipv6_with_no_backend_up_tcp_gets_a_rst_and_udp_port_unreachable() {
             .ack(1001)
             .write(&mut rst, b"")
             .expect("build rst");
-        lb.assert_out("syn", &Tcp::client_to_vip(40200).build(), lb.client_if, XDP_TX, &rst, reason::TX_RST_NO_BACKEND);
+        lb.assert_out("syn", &Tcp::client_to_vip(40200).build(), lb.client_if, XDP_REDIRECT, &rst, reason::TX_RST_NO_BACKEND);
         let req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50200, VIP_UDP_PORT, b"a query of some length");
         let answer = icmp6((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, port_unreachable(), &quote(&req, 8));
-        lb.assert_out("udp", &req, lb.client_if, XDP_TX, &answer, reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        lb.assert_out("udp", &req, lb.client_if, XDP_REDIRECT, &answer, reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
     });
 }
 
@@ -145,7 +145,7 @@ fn ipv6_packets_too_big_for_the_next_hop_get_packet_too_big() {
         lb.set_ring(1, 1, [3]);
         let big = Tcp { syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(40210) }.build();
         let answer = icmp6((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, packet_too_big(NARROW_BACKEND_MTU.into()), &quote(&big, 8));
-        lb.assert_out("request over the backend's path", &big, lb.client_if, XDP_TX, &answer, reason::TX_ICMP_FRAG_NEEDED);
+        lb.assert_out("request over the backend's path", &big, lb.client_if, XDP_REDIRECT, &answer, reason::TX_ICMP_FRAG_NEEDED);
         let fits = Tcp { syn: false, payload: &PAYLOAD[..1340], ..Tcp::client_to_vip(40210) }.build();
         assert_eq!(lb.run(&fits, lb.client_if).0, XDP_REDIRECT);
 
@@ -159,7 +159,7 @@ fn ipv6_packets_too_big_for_the_next_hop_get_packet_too_big() {
         };
         let big = reply(1300);
         let answer = icmp6((GW_BACKEND_MAC, backend_mac(baddr[15])), VIP, baddr, 64, packet_too_big(NARROW_CLIENT_MTU.into()), &quote(&big, 8));
-        lb.assert_out("reply over the client's path", &big, lb.backend_if, XDP_TX, &answer, reason::TX_ICMP_FRAG_NEEDED);
+        lb.assert_out("reply over the client's path", &big, lb.backend_if, XDP_REDIRECT, &answer, reason::TX_ICMP_FRAG_NEEDED);
         assert_eq!(lb.run(&reply(1220), lb.backend_if).0, XDP_REDIRECT);
     });
 }

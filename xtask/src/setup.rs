@@ -34,6 +34,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "nginx-light",
     "iperf3",
     "hping3",
+    "iputils-ping",
     "linux-perf",
 ];
 

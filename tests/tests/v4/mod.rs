@@ -343,13 +343,14 @@ pub fn with_lb(f: impl FnOnce(&mut Lb) + Send + 'static) {
     });
 }
 
-/// The reply to a no-backend or echo packet: sent back out (XDP_TX), the
+/// The reply to a no-backend or echo packet: sent back out (a redirect to
+/// the device it came in on; the reason says it is a reply), the
 /// bytes as `expected`, counted once as `expected_reason`.
 impl Lb {
     #[track_caller]
     pub fn assert_answered(&mut self, name: &str, frame: &[u8], expected: &[u8], expected_reason: u32) {
         let (action, out, counted) = self.run_counted(frame, self.client_if);
-        assert_eq!((action, counted), (XDP_TX, reason::NAMES[expected_reason as usize]), "{name}");
+        assert_eq!((action, counted), (XDP_REDIRECT, reason::NAMES[expected_reason as usize]), "{name}");
         assert_frame(&out, expected);
         assert_checksums_valid(&out);
     }
