@@ -66,6 +66,21 @@ pub struct ReplyNat {
 }
 const _: () = assert!(core::mem::size_of::<ReplyNat>() == 28);
 
+impl FlowKey {
+    /// The 5-tuple of the other direction: what a reply carries.
+    #[inline(always)]
+    #[must_use]
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src_be: self.dst_be,
+            dst_be: self.src_be,
+            src_port_be: self.dst_port_be,
+            dst_port_be: self.src_port_be,
+            ..*self
+        }
+    }
+}
+
 crate::user_pod!(FlowKey, FlowState, ReplyNat);
 
 /// The flow hash that picks a Maglev slot: `flow_hash(key) % ring_size`.

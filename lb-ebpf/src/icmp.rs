@@ -171,17 +171,8 @@ fn quote(ctx: &XdpContext, icmp_off: usize, icmp_len: usize) -> Option<Quote> {
 /// backend id and backend, from the client → VIP entry of `CONNTRACK`.
 #[inline(always)]
 fn flow_of_reply(quoted: &FlowKey) -> Option<(u32, u32, BackendInfo)> {
-    let flow = FlowKey {
-        src_be: quoted.dst_be,
-        dst_be: quoted.src_be,
-        src_port_be: quoted.dst_port_be,
-        dst_port_be: quoted.src_port_be,
-        proto: quoted.proto,
-        family: quoted.family,
-        _pad: [0; 2],
-    };
     // SAFETY: the value is copied out at once.
-    let state = unsafe { CONNTRACK.get(flow) }.copied()?;
+    let state = unsafe { CONNTRACK.get(quoted.reversed()) }.copied()?;
     let backend = BACKENDS.get(state.backend_id).copied()?;
     (backend.state != BACKEND_STATE_UNUSED && backend.family == FAMILY_V4).then_some((
         state.vip_id,
@@ -195,17 +186,8 @@ fn flow_of_reply(quoted: &FlowKey) -> Option<(u32, u32, BackendInfo)> {
 /// backend (otherwise the error is stale, and dropped).
 #[inline(always)]
 fn flow_of_request(quoted: &FlowKey) -> Result<Option<ReplyNat>, Verdict> {
-    let reply = FlowKey {
-        src_be: quoted.dst_be,
-        dst_be: quoted.src_be,
-        src_port_be: quoted.dst_port_be,
-        dst_port_be: quoted.src_port_be,
-        proto: quoted.proto,
-        family: quoted.family,
-        _pad: [0; 2],
-    };
     // SAFETY: the value is copied out at once.
-    let Some(nat) = (unsafe { REPLY_NAT.get(reply) }).copied() else { return Ok(None) };
+    let Some(nat) = (unsafe { REPLY_NAT.get(quoted.reversed()) }).copied() else { return Ok(None) };
     let flow = FlowKey { dst_be: nat.vip_addr_be, dst_port_be: nat.vip_port_be, ..*quoted };
     // SAFETY: the value is copied out at once.
     match unsafe { CONNTRACK.get(flow) } {

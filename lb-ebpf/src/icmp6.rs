@@ -133,17 +133,11 @@ fn tuple(q: &Quote) -> FlowKey {
     FlowKey { src_be: saddr, dst_be: daddr, src_port_be: sport, dst_port_be: dport, proto: q.proto, family: FAMILY_V6, _pad: [0; 2] }
 }
 
-/// The 5-tuple of the other direction.
-#[inline(always)]
-fn reversed(k: &FlowKey) -> FlowKey {
-    FlowKey { src_be: k.dst_be, dst_be: k.src_be, src_port_be: k.dst_port_be, dst_port_be: k.src_port_be, ..*k }
-}
-
 /// For a quoted VIP → client packet: the flow's ids and backend.
 #[inline(always)]
 fn flow_of_reply(quoted: &FlowKey) -> Option<(u32, u32, BackendInfo)> {
     // SAFETY: the value is copied out at once.
-    let state = unsafe { CONNTRACK.get(reversed(quoted)) }.copied()?;
+    let state = unsafe { CONNTRACK.get(quoted.reversed()) }.copied()?;
     let backend = BACKENDS.get(state.backend_id).copied()?;
     (backend.state != BACKEND_STATE_UNUSED && backend.family == FAMILY_V6).then_some((
         state.vip_id,
@@ -157,7 +151,7 @@ fn flow_of_reply(quoted: &FlowKey) -> Option<(u32, u32, BackendInfo)> {
 #[inline(always)]
 fn flow_of_request(quoted: &FlowKey) -> Result<Option<ReplyNat>, Verdict> {
     // SAFETY: the value is copied out at once.
-    let Some(nat) = (unsafe { REPLY_NAT.get(reversed(quoted)) }).copied() else { return Ok(None) };
+    let Some(nat) = (unsafe { REPLY_NAT.get(quoted.reversed()) }).copied() else { return Ok(None) };
     let flow = FlowKey { dst_be: nat.vip_addr_be, dst_port_be: nat.vip_port_be, ..*quoted };
     // SAFETY: the value is copied out at once.
     match unsafe { CONNTRACK.get(flow) } {

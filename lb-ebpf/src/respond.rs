@@ -140,6 +140,26 @@ pub fn no_backend(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Verdict {
     sent.unwrap_or(not_answered)
 }
 
+/// The TCP header of the RST that answers the segment whose header is `t`
+/// (`flags` its flags, `l4_len` its length), checksum still 0: ports
+/// swapped; if the segment has ACK, `seq` = its ack; otherwise RST+ACK with
+/// `seq` 0 and `ack` = its seq + its length, SYN and FIN counting one.
+#[inline(always)]
+pub(crate) fn rst_header(t: &[u16; 10], flags: u8, l4_len: usize) -> [u16; 10] {
+    let doff_bytes = ((u16::from_be(t[6]) >> 12) as usize) * 4;
+    let (seq_hi, seq_lo, ack_hi, ack_lo, rst_flags) = if flags & TCP_ACK != 0 {
+        (t[4], t[5], 0, 0, TCP_RST)
+    } else {
+        let seq = (u32::from(u16::from_be(t[2])) << 16) | u32::from(u16::from_be(t[3]));
+        let seg_len = l4_len.saturating_sub(doff_bytes) as u32
+            + u32::from(flags & TCP_SYN != 0)
+            + u32::from(flags & TCP_FIN != 0);
+        let ack = seq.wrapping_add(seg_len);
+        (0, 0, ((ack >> 16) as u16).to_be(), (ack as u16).to_be(), TCP_RST | TCP_ACK)
+    };
+    [t[1], t[0], seq_hi, seq_lo, ack_hi, ack_lo, w(0x50, rst_flags), 0, 0, 0]
+}
+
 /// Rewrites a TCP segment into the RST that answers it.
 #[inline(always)]
 fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Option<Verdict> {
@@ -149,24 +169,13 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Option<Verdict> {
     let (dst_mac, src_mac) = macs(pkt.eth);
     // SAFETY: pkt.ip bounds checked in parse_ipv4, tcp by ptr_at.
     let (saddr, daddr, t) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, *tcp) };
-    let flags = l4.tcp_flags;
-    let doff_bytes = ((u16::from_be(t[6]) >> 12) as usize) * 4;
-    let (seq_hi, seq_lo, ack_hi, ack_lo, rst_flags) = if flags & TCP_ACK != 0 {
-        (t[4], t[5], 0, 0, TCP_RST)
-    } else {
-        let seq = (u32::from(u16::from_be(t[2])) << 16) | u32::from(u16::from_be(t[3]));
-        let seg_len = pkt.l4_len.saturating_sub(doff_bytes) as u32
-            + u32::from(flags & TCP_SYN != 0)
-            + u32::from(flags & TCP_FIN != 0);
-        let ack = seq.wrapping_add(seg_len);
-        (0, 0, ((ack >> 16) as u16).to_be(), (ack as u16).to_be(), TCP_RST | TCP_ACK)
-    };
+    let th = rst_header(&t, l4.tcp_flags, pkt.l4_len);
 
     truncate(ctx, l3_off + 40)?;
     write_macs(ctx, dst_mac, src_mac)?;
     // The reply goes from the VIP (the segment's destination) back to its source.
     let ip = ip_header(40, 0x4000u16.to_be(), PROTO_TCP, daddr, saddr);
-    let mut th = [t[1], t[0], seq_hi, seq_lo, ack_hi, ack_lo, w(0x50, rst_flags), 0, 0, 0];
+    let mut th = th;
     let pseudo = csum::add32(csum::add32(0, daddr), saddr) + u32::from(u16::from(PROTO_TCP).to_be()) + u32::from(20u16.to_be());
     th[8] = csum::finish(csum::add_words(pseudo, &th));
     let out: *mut [[u16; 10]; 2] = ptr_at(ctx, l3_off)?;

@@ -21,9 +21,9 @@ use lb_common::{PROTO_TCP, stats::reason};
 
 use crate::{
     Verdict, csum,
-    parse::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+    parse::{L4, TCP_RST, ptr_at},
     parse6::{IPV6_HLEN, Ipv6, Ipv6Hdr, PROTO_ICMPV6, Packet6},
-    respond::{REPLY_TTL, allow_reply, macs, truncate, w, write_macs},
+    respond::{REPLY_TTL, allow_reply, macs, rst_header, truncate, w, write_macs},
 };
 
 /// New IPv6 header and ICMPv6 header put before a quote.
@@ -82,25 +82,13 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet6, l4: &L4) -> Option<Verdict> {
     let (dst_mac, src_mac) = macs(pkt.eth);
     // SAFETY: pkt.ip bounds checked in parse6, tcp by ptr_at.
     let (saddr, daddr, t) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, *tcp) };
-    let flags = l4.tcp_flags;
-    let doff_bytes = ((u16::from_be(t[6]) >> 12) as usize) * 4;
-    let (seq_hi, seq_lo, ack_hi, ack_lo, rst_flags) = if flags & TCP_ACK != 0 {
-        (t[4], t[5], 0, 0, TCP_RST)
-    } else {
-        let seq = (u32::from(u16::from_be(t[2])) << 16) | u32::from(u16::from_be(t[3]));
-        let seg_len = pkt.l4_len.saturating_sub(doff_bytes) as u32
-            + u32::from(flags & TCP_SYN != 0)
-            + u32::from(flags & TCP_FIN != 0);
-        let ack = seq.wrapping_add(seg_len);
-        (0, 0, ((ack >> 16) as u16).to_be(), (ack as u16).to_be(), TCP_RST | TCP_ACK)
-    };
+    let mut th = rst_header(&t, l4.tcp_flags, pkt.l4_len);
 
     truncate(ctx, l3_off + IPV6_HLEN + 20)?;
     write_macs(ctx, dst_mac, src_mac)?;
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
     let out: *mut [u16; 10] = ptr_at(ctx, l3_off + IPV6_HLEN)?;
     // The reply goes from the VIP (the segment's destination) back to its source.
-    let mut th = [t[1], t[0], seq_hi, seq_lo, ack_hi, ack_lo, w(0x50, rst_flags), 0, 0, 0];
     th[8] = csum::finish(csum::add_words(pseudo_header(daddr, saddr, 20, PROTO_TCP), &th));
     // SAFETY: bounds checked by ptr_at.
     unsafe {

@@ -292,6 +292,22 @@ impl Agent {
         serde_json::from_str(&body).with_context(|| format!("/status is not JSON: {body}"))
     }
 
+    /// Packets the XDP program counted under verdict `reason` (a name from
+    /// `lb_common::stats::reason::NAMES`), from `/status`.
+    ///
+    /// # Panics
+    ///
+    /// When `/status` fails or has no such verdict: this is for tests.
+    #[must_use]
+    pub fn verdict(&self, reason: &str) -> u64 {
+        let status = self.status().expect("/status");
+        status["verdicts"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["reason"] == reason))
+            .and_then(|v| v["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no verdict {reason} in {status}"))
+    }
+
     /// `GET /metrics`: Prometheus text.
     ///
     /// # Errors

@@ -111,6 +111,17 @@ pub fn skip(reason: &str) {
     let _ = writeln!(stderr, "{SKIP_MARKER} {test}: {reason}");
 }
 
+/// Skips the calling test (with a printed reason, see [`skip`]) unless the
+/// process is root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            return $crate::skip("needs root for namespaces and XDP");
+        }
+    };
+}
+
 /// Whether this process runs as root (namespaces and XDP need it).
 #[must_use]
 pub fn is_root() -> bool {

@@ -15,15 +15,6 @@ use lb_tests::{
 
 const BACKENDS: usize = 3;
 
-/// Skips the test (with a printed reason) unless root.
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for namespaces and XDP");
-        }
-    };
-}
-
 /// A testbed with 3 backends and the agent running on it, all backends up.
 fn running() -> (Agent, Testbed) {
     let testbed = Testbed::new(BACKENDS).expect("building the testbed");
@@ -69,7 +60,7 @@ fn counter(status: &serde_json::Value, vip: &str, backend: usize, field: &str) -
 
 #[test]
 fn new_connections_spread_across_all_backends() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, testbed) = running();
     assert_eq!(
         xdp_attached(&testbed).len(),
@@ -104,7 +95,7 @@ fn new_connections_spread_across_all_backends() {
 
 #[test]
 fn dead_backend_gets_no_new_connections_and_comes_back() {
-    require_root!();
+    lb_tests::require_root!();
     let (mut agent, testbed) = running();
     let check = HealthCheck::default();
 
@@ -164,7 +155,7 @@ fn dead_backend_gets_no_new_connections_and_comes_back() {
 
 #[test]
 fn udp_flow_stays_on_one_backend() {
-    require_root!();
+    lb_tests::require_root!();
     let (_agent, testbed) = running();
     let payloads: Vec<Vec<u8>> = (0..50).map(|i| format!("datagram {i}").into_bytes()).collect();
     let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
@@ -185,7 +176,7 @@ fn udp_flow_stays_on_one_backend() {
 
 #[test]
 fn non_vip_traffic_crosses_untouched() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, testbed) = running();
     let before = verdict(&agent.status().expect("/status"), "pass_not_vip");
     for i in 1..=BACKENDS {
@@ -208,7 +199,7 @@ fn verdict(status: &serde_json::Value, reason: &str) -> u64 {
 
 #[test]
 fn health_checks_work_while_attached_and_stop_detaches() {
-    require_root!();
+    lb_tests::require_root!();
     let (mut agent, testbed) = running();
     let check = HealthCheck::default();
     let within = check.detection_bound() + Duration::from_secs(1);
@@ -234,7 +225,7 @@ fn health_checks_work_while_attached_and_stop_detaches() {
 
 #[test]
 fn bad_config_is_refused_and_attaches_nothing() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(1).expect("building the testbed");
     let good = agent::config_for(&testbed, HealthCheck::default());
     let bad = good.replacen("weight = 1", "weight = \"heavy\"", 1);
@@ -263,7 +254,7 @@ fn bad_config_is_refused_and_attaches_nothing() {
 
 #[test]
 fn no_backend_up_is_answered_by_the_gateway() {
-    require_root!();
+    lb_tests::require_root!();
     let (mut agent, testbed) = running();
     let check = HealthCheck::default();
     for i in 1..=BACKENDS {

@@ -16,25 +16,8 @@ use lb_tests::{
     agent::{self, Agent, HealthCheck},
 };
 
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for namespaces and XDP");
-        }
-    };
-}
-
 /// Three pieces each way on 1500-byte links.
 const DATAGRAM: usize = 4000;
-
-fn verdict(agent: &Agent, reason: &str) -> u64 {
-    let status = agent.status().expect("/status");
-    status["verdicts"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["reason"] == reason))
-        .and_then(|v| v["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no verdict {reason} in {status}"))
-}
 
 /// Sends one `DATAGRAM`-byte datagram from a socket connected to `vip` and
 /// returns the answering backend's name, after checking the echo is whole.
@@ -57,7 +40,7 @@ fn exchange(vip: SocketAddr, seed: u8) -> Result<String, String> {
 
 #[test]
 fn udp_datagrams_larger_than_the_mtu_are_balanced_whole_both_ways() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("testbed");
     let mut agent = Agent::start(&testbed, &agent::config_for(&testbed, HealthCheck::default())).expect("lb");
     agent.wait_health("echo", &["up"; 3], Duration::from_secs(10)).expect("echo backends up");
@@ -70,7 +53,7 @@ fn udp_datagrams_larger_than_the_mtu_are_balanced_whole_both_ways() {
     // Each datagram is a new flow (a new source port): they spread, and
     // every piece of each went where its first went.
     assert!(backends.len() >= 2, "20 flows all went to {backends:?}");
-    let followed = verdict(&agent, "redirect_fragment");
+    let followed = agent.verdict("redirect_fragment");
     assert!(followed >= 2 * 20 * 2, "{followed} later pieces followed their first, of 80");
-    assert_eq!(verdict(&agent, "drop_fragment"), 0);
+    assert_eq!(agent.verdict("drop_fragment"), 0);
 }

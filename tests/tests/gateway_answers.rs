@@ -15,14 +15,6 @@ use lb_tests::{
     agent::{self, Agent, ECHO6, HealthCheck, WEB6},
 };
 
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for namespaces and XDP");
-        }
-    };
-}
-
 const BACKENDS: usize = 2;
 
 fn running() -> (Agent, Testbed) {
@@ -34,24 +26,15 @@ fn running() -> (Agent, Testbed) {
     (agent, testbed)
 }
 
-fn verdict(agent: &Agent, reason: &str) -> u64 {
-    let status = agent.status().expect("/status");
-    status["verdicts"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["reason"] == reason))
-        .and_then(|v| v["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no verdict {reason} in {status}"))
-}
-
 #[test]
 fn vip_addresses_answer_pings_over_both_families() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, testbed) = running();
     for vip in [testbed.vip_http().ip(), testbed.vip6_http().ip()] {
-        let before = verdict(&agent, "tx_icmp_echo_reply");
+        let before = agent.verdict("tx_icmp_echo_reply");
         let out = testbed.client().exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", &vip.to_string()]).expect("ping");
         let text = String::from_utf8_lossy(&out.stdout);
-        let answered = verdict(&agent, "tx_icmp_echo_reply") - before;
+        let answered = agent.verdict("tx_icmp_echo_reply") - before;
         println!("{vip}: {answered} echo replies sent; {}", text.lines().find(|l| l.contains("received")).unwrap_or(""));
         assert!(answered >= 3, "{vip}: {answered} replies for 3 pings");
         assert!(out.status.success() && text.contains(" 3 received"), "{vip}: not every reply arrived: {text}");
@@ -60,7 +43,7 @@ fn vip_addresses_answer_pings_over_both_families() {
 
 #[test]
 fn with_every_backend_down_ipv6_clients_are_refused_and_nothing_reaches_a_backend() {
-    require_root!();
+    lb_tests::require_root!();
     let (mut agent, testbed) = running();
     let check = HealthCheck::default();
     for i in 1..=BACKENDS {
@@ -70,9 +53,9 @@ fn with_every_backend_down_ipv6_clients_are_refused_and_nothing_reaches_a_backen
         agent.wait_health(vip, &["down"; BACKENDS], check.detection_bound() + Duration::from_secs(1)).expect("down");
     }
     let (tcp, udp) = (testbed.vip6_http(), testbed.vip6_udp());
-    let before = (verdict(&agent, "tx_rst_no_backend"), verdict(&agent, "tx_icmp_unreachable_no_backend"));
+    let before = (agent.verdict("tx_rst_no_backend"), agent.verdict("tx_icmp_unreachable_no_backend"));
     let tries = testbed.client().enter(move || (0..3).map(|_| (refused_tcp(tcp), refused_udp(udp))).collect::<Vec<_>>()).expect("client");
-    let sent = (verdict(&agent, "tx_rst_no_backend") - before.0, verdict(&agent, "tx_icmp_unreachable_no_backend") - before.1);
+    let sent = (agent.verdict("tx_rst_no_backend") - before.0, agent.verdict("tx_icmp_unreachable_no_backend") - before.1);
     for (tcp, udp) in &tries {
         assert!(!matches!(tcp, Err(e) if e == "connected"), "tcp connected with no backend up: {tries:?}");
         assert!(!matches!(udp, Err(e) if e == "answered"), "udp answered with no backend up: {tries:?}");

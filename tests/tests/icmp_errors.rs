@@ -20,15 +20,6 @@ use lb_tests::{
     testbed::{FAR_CLIENT_ADDR, FAR_CLIENT_ADDR6, Namespace},
 };
 
-/// Skips the test (with a printed reason) unless root.
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for namespaces and XDP");
-        }
-    };
-}
-
 /// The narrow hop's MTU: the IPv6 minimum, well under the 1500 of every link.
 const NARROW_MTU: u32 = 1280;
 /// A response of many full-size segments.
@@ -67,15 +58,6 @@ fn running() -> (Agent, Testbed) {
     (agent, testbed)
 }
 
-fn verdict(agent: &Agent, reason: &str) -> u64 {
-    let status = agent.status().expect("/status");
-    status["verdicts"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["reason"] == reason))
-        .and_then(|v| v["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no verdict {reason} in {status}"))
-}
-
 /// Fetches `BIG` bytes from `vip` in namespace `ns`; returns how long it took.
 #[track_caller]
 fn fetch_big(testbed: &Testbed, ns: &Namespace, vip: SocketAddr) -> Duration {
@@ -89,7 +71,7 @@ fn fetch_big(testbed: &Testbed, ns: &Namespace, vip: SocketAddr) -> Duration {
 
 #[test]
 fn large_responses_arrive_when_the_gateways_own_route_to_the_client_is_narrower() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, testbed) = running();
     let gw = testbed.gateway();
     let (gc, mtu) = (testbed.gateway_client_if(), NARROW_MTU.to_string());
@@ -99,9 +81,9 @@ fn large_responses_arrive_when_the_gateways_own_route_to_the_client_is_narrower(
     gw.exec_ok(&["ip", "-6", "route", "add", &client6, "dev", gc, "mtu", "lock", &mtu]).expect("narrow route");
 
     for vip in [testbed.vip_http(), testbed.vip6_http()] {
-        let before = verdict(&agent, "tx_icmp_frag_needed");
+        let before = agent.verdict("tx_icmp_frag_needed");
         let took = fetch_big(&testbed, testbed.client(), vip);
-        let sent = verdict(&agent, "tx_icmp_frag_needed") - before;
+        let sent = agent.verdict("tx_icmp_frag_needed") - before;
         println!("{vip}: {BIG} bytes in {took:?}, after {sent} fragmentation-needed/packet-too-big");
         assert!(sent >= 1, "{vip}: the response fitted without path MTU discovery; the test proves nothing");
     }
@@ -109,31 +91,31 @@ fn large_responses_arrive_when_the_gateways_own_route_to_the_client_is_narrower(
 
 #[test]
 fn large_responses_arrive_when_a_router_past_the_gateway_has_a_narrower_hop() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, mut testbed) = running();
     let far = testbed.add_far_client(NARROW_MTU).expect("far client");
     for (vip, far_addr) in [(testbed.vip_http(), FAR_CLIENT_ADDR.to_string()), (testbed.vip6_http(), FAR_CLIENT_ADDR6.to_string())] {
-        let before = verdict(&agent, "redirect_icmp_error_to_backend");
+        let before = agent.verdict("redirect_icmp_error_to_backend");
         let took = fetch_big(&testbed, &far, vip);
-        let steered = verdict(&agent, "redirect_icmp_error_to_backend") - before;
+        let steered = agent.verdict("redirect_icmp_error_to_backend") - before;
         println!("{vip} to {far_addr}: {BIG} bytes in {took:?}, {steered} ICMP errors steered to the backend");
         assert!(steered >= 1, "{vip}: no error was steered; the test proves nothing");
     }
-    assert_eq!(verdict(&agent, "drop_icmp_error_no_flow"), 0, "an error to the VIP found no flow");
+    assert_eq!(agent.verdict("drop_icmp_error_no_flow"), 0, "an error to the VIP found no flow");
 }
 
 #[test]
 fn udp_port_unreachable_from_a_backend_reaches_the_client_as_connection_refused() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, testbed) = running();
     for vip in [SocketAddr::new(testbed.vip_http().ip(), CLOSED_UDP_PORT), SocketAddr::new(testbed.vip6_http().ip(), CLOSED_UDP_PORT)] {
-        let before = verdict(&agent, "redirect_icmp_error_to_client");
+        let before = agent.verdict("redirect_icmp_error_to_client");
         let outcome = testbed.client().enter(move || connected_udp_exchange(vip)).expect("entering the client");
         match outcome {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
             other => panic!("{vip}: expected connection refused, got {other:?}"),
         }
-        assert!(verdict(&agent, "redirect_icmp_error_to_client") > before, "{vip}: not counted");
+        assert!(agent.verdict("redirect_icmp_error_to_client") > before, "{vip}: not counted");
     }
 }
 

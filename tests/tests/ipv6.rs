@@ -20,15 +20,6 @@ use lb_tests::{
 
 const BACKENDS: usize = 3;
 
-/// Skips the test (with a printed reason) unless root.
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for namespaces and XDP");
-        }
-    };
-}
-
 /// A testbed with 3 backends and the agent running the dual-stack config,
 /// every backend of every VIP up (the IPv6 ones by probes over IPv6).
 fn running() -> (Agent, Testbed) {
@@ -78,7 +69,7 @@ fn index_of(testbed: &Testbed, name: &str) -> usize {
 
 #[test]
 fn ipv6_connections_spread_across_all_backends() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, testbed) = running();
     let before = agent.status().expect("/status");
 
@@ -139,7 +130,7 @@ fn lb_status_output(testbed: &Testbed) -> String {
 
 #[test]
 fn ipv6_udp_flow_stays_on_one_backend() {
-    require_root!();
+    lb_tests::require_root!();
     let (agent, testbed) = running();
     let payloads: Vec<Vec<u8>> = (0..50).map(|i| format!("datagram {i}").into_bytes()).collect();
     let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
@@ -171,7 +162,7 @@ fn ipv6_udp_flow_stays_on_one_backend() {
 
 #[test]
 fn ipv6_dead_backend_gets_no_new_connections_and_comes_back() {
-    require_root!();
+    lb_tests::require_root!();
     let (mut agent, testbed) = running();
     let check = HealthCheck::default();
 

@@ -14,15 +14,6 @@ use lb_tests::{
     testbed::client::HttpConn,
 };
 
-/// Skips the test (with a printed reason) unless root.
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for namespaces and XDP");
-        }
-    };
-}
-
 const WAIT: Duration = Duration::from_secs(5);
 
 /// Starts the agent on the testbed's standard config and waits until every
@@ -105,7 +96,7 @@ fn spread(testbed: &Testbed, n: usize) -> Spread {
 
 #[test]
 fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let config = config_for(&testbed, HealthCheck::default());
     let agent = running(&testbed, &config);
@@ -147,7 +138,7 @@ fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
 
 #[test]
 fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let config = config_for(&testbed, HealthCheck::default());
     let agent = running(&testbed, &config);
@@ -183,7 +174,7 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
 
 #[test]
 fn sighup_removes_and_adds_backends_of_a_vip() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let config = config_for(&testbed, HealthCheck::default());
     let agent = running(&testbed, &config);

@@ -17,15 +17,6 @@ use lb_tests::{
     testbed::{VIP, client::HttpConn},
 };
 
-/// Skips the test (with a printed reason) unless root.
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for namespaces and XDP");
-        }
-    };
-}
-
 /// One `[[vip.backend]]`: testbed backend `index` (1-based) and its settings.
 #[derive(Clone, Copy)]
 struct Backend {
@@ -140,7 +131,7 @@ fn scheduler_of(agent: &Agent, vip: &str) -> String {
 
 #[test]
 fn source_hash_sends_one_client_to_one_backend() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let all = || (1..=3).map(Backend::primary).collect::<Vec<_>>();
     let vips = [
@@ -179,7 +170,7 @@ fn source_hash_sends_one_client_to_one_backend() {
 
 #[test]
 fn backup_takes_over_when_the_primaries_die_and_hands_back() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let vips = [Vip {
         name: "web",
@@ -240,7 +231,7 @@ fn backup_takes_over_when_the_primaries_die_and_hands_back() {
 
 #[test]
 fn weight_zero_takes_no_new_connections_but_stays_up() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let vips = [Vip {
         name: "web",
