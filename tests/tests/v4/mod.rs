@@ -5,17 +5,15 @@
 //! checks (etherparse computes every checksum from scratch).
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
-use std::{
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-};
-
-use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{LaxSlicedPacket, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, VlanSlice};
 use lb::{
     dataplane::{LoadOptions, Maps, Program},
     lb::dataplane::Dataplane as _,
 };
+#[path = "../common/fixture.rs"]
+mod fixture;
+#[allow(unused_imports, reason = "each test binary uses a different part of the harness")]
+pub use fixture::{FixtureNs, assert_frame, hex, ifindex, mac_str, sh, test_run, test_run_counted, xdp_md};
 use lb_common::{
     FAMILY_V4, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UP, BackendInfo},
@@ -58,21 +56,13 @@ pub fn backend_addr(id: u32) -> ([u8; 4], u16) {
 
 // ---------------------------------------------------------------- harness
 
-pub struct Netns(String);
+/// The test's namespace, set up for this family.
+pub struct Netns(FixtureNs);
 
 impl Netns {
     pub fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!("lbpkt{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        let n = ns.0.as_str();
-        sh(&["ip", "-n", n, "link", "add", "lbp-c", "type", "veth", "peer", "name", "lbp-b"]);
-        sh(&["ip", "-n", n, "link", "set", "lbp-c", "address", &mac_str(GW_CLIENT_MAC)]);
-        sh(&["ip", "-n", n, "link", "set", "lbp-b", "address", &mac_str(GW_BACKEND_MAC)]);
-        for dev in ["lo", "lbp-c", "lbp-b"] {
-            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-        }
+        let ns = FixtureNs::new("lbpkt", GW_CLIENT_MAC, GW_BACKEND_MAC);
+        let n = ns.name();
         sh(&["ip", "-n", n, "addr", "add", "198.18.1.1/24", "dev", "lbp-c"]);
         sh(&["ip", "-n", n, "addr", "add", "198.18.2.1/24", "dev", "lbp-b"]);
         sh(&["ip", "-n", n, "neigh", "add", "198.18.1.2", "lladdr", &mac_str(CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
@@ -87,46 +77,13 @@ impl Netns {
         sh(&["ip", "-n", n, "route", "add", "198.18.1.3/32", "dev", "lbp-c", "mtu", "lock", &NARROW_CLIENT_MTU.to_string()]);
         sh(&["ip", "-n", n, "route", "add", "198.18.2.13/32", "dev", "lbp-b", "mtu", "lock", &NARROW_BACKEND_MTU.to_string()]);
         sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        ns
+        Netns(ns)
     }
 
-    /// Runs `f` on a thread that has entered this namespace (setns is per thread).
+    /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: a valid netns fd; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        self.0.run(f)
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-pub fn mac_str(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-pub fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("name");
-    // SAFETY: a valid C string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(idx, 0, "no interface {name}");
-    idx
 }
 
 /// The loaded program with two VIPs and six backends installed.
@@ -178,19 +135,7 @@ impl Lb {
     }
 
     pub fn run(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let ctx = xdp_md(frame.len() as u32, ingress);
-        let mut ctx_out = [0u8; 24];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ctx_out: Some(&mut ctx_out),
-            ..TestRunOptions::default()
-        };
-        let result = self.program.xdp().expect("xdp").test_run(opts).unwrap_or_else(|e| panic!("test_run: {e:?}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        test_run(&mut self.program, frame, ingress)
     }
 
     pub fn verdict_count(&self, r: u32) -> u64 {
@@ -200,17 +145,7 @@ impl Lb {
     /// Runs one frame and returns its action, output and the one verdict
     /// reason whose counter moved; fails unless exactly one moved, by one.
     pub fn run_counted(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, &'static str) {
-        let before = self.maps.verdicts().expect("verdicts");
-        let (action, out) = self.run(frame, ingress);
-        let after = self.maps.verdicts().expect("verdicts");
-        let moved: Vec<(&str, u64)> = reason::NAMES
-            .iter()
-            .zip(before.iter().zip(after))
-            .filter(|(_, (b, a))| *b != a)
-            .map(|(name, (b, a))| (*name, a - b))
-            .collect();
-        assert!(moved.len() == 1 && moved[0].1 == 1, "expected one verdict counted once, got {moved:?}");
-        (action, out, moved[0].0)
+        test_run_counted(&mut self.program, &self.maps, frame, ingress)
     }
 
     /// The frame is handed to the kernel byte for byte, counted as `reason`.
@@ -249,16 +184,6 @@ pub fn flow(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> Fl
         family: FAMILY_V4,
         _pad: [0; 2],
     }
-}
-
-/// `struct xdp_md` for ctx_in: data offsets and the ingress device.
-pub fn xdp_md(len: u32, ingress_ifindex: u32) -> [u8; 24] {
-    let fields = [0u32, len, 0, ingress_ifindex, 0, 0];
-    let mut out = [0u8; 24];
-    for (chunk, v) in out.chunks_exact_mut(4).zip(fields) {
-        chunk.copy_from_slice(&v.to_ne_bytes());
-    }
-    out
 }
 
 // ---------------------------------------------------------------- frames
@@ -324,15 +249,6 @@ pub fn assert_checksums_valid(frame: &[u8]) {
         }
         _ => {}
     }
-}
-
-pub fn hex(frame: &[u8]) -> String {
-    frame.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[track_caller]
-pub fn assert_frame(actual: &[u8], expected: &[u8]) {
-    assert!(actual == expected, "frame differs\n  actual:   {}\n  expected: {}", hex(actual), hex(expected));
 }
 
 pub fn with_lb(f: impl FnOnce(&mut Lb) + Send + 'static) {

@@ -6,17 +6,15 @@
 //! frame builders and independent checksum checks (etherparse).
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
-use std::{
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-};
-
-use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use lb::{
     dataplane::{LoadOptions, Maps, Program},
     lb::dataplane::Dataplane as _,
 };
+#[path = "../common/fixture.rs"]
+mod fixture;
+#[allow(unused_imports, reason = "each test binary uses a different part of the harness")]
+pub use fixture::{FixtureNs, assert_frame, hex, ifindex, mac_str, sh, test_run, test_run_counted, xdp_md};
 use lb_common::{
     FAMILY_V6, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UP, BackendInfo},
@@ -73,23 +71,14 @@ pub fn words(a: [u8; 16]) -> [u32; 4] {
 
 // ---------------------------------------------------------------- harness
 
-pub struct Netns(String);
+/// The test's namespace, set up for this family.
+pub struct Netns(FixtureNs);
 
 impl Netns {
     pub fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!("lbpkt6{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        let n = ns.0.as_str();
+        let ns = FixtureNs::new("lbpkt6", GW_CLIENT_MAC, GW_BACKEND_MAC);
+        let n = ns.name();
         sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-        sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
-        sh(&["ip", "-n", n, "link", "add", "lbp-c", "type", "veth", "peer", "name", "lbp-b"]);
-        sh(&["ip", "-n", n, "link", "set", "lbp-c", "address", &mac_str(GW_CLIENT_MAC)]);
-        sh(&["ip", "-n", n, "link", "set", "lbp-b", "address", &mac_str(GW_BACKEND_MAC)]);
-        for dev in ["lo", "lbp-c", "lbp-b"] {
-            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-        }
         sh(&["ip", "-n", n, "-6", "addr", "add", "2001:db8:1::1/64", "dev", "lbp-c", "nodad"]);
         sh(&["ip", "-n", n, "-6", "addr", "add", "2001:db8:2::1/64", "dev", "lbp-b", "nodad"]);
         sh(&["ip", "-n", n, "-6", "neigh", "add", "2001:db8:1::2", "lladdr", &mac_str(CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
@@ -102,46 +91,13 @@ impl Netns {
             let a = format!("2001:db8:2::{host:x}");
             sh(&["ip", "-n", n, "-6", "neigh", "add", &a, "lladdr", &mac_str(backend_mac(host)), "dev", "lbp-b", "nud", "permanent"]);
         }
-        ns
+        Netns(ns)
     }
 
-    /// Runs `f` on a thread that has entered this namespace (setns is per thread).
+    /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: a valid netns fd; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        self.0.run(f)
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-pub fn mac_str(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-pub fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("name");
-    // SAFETY: a valid C string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(idx, 0, "no interface {name}");
-    idx
 }
 
 /// The loaded program with two IPv6 VIPs and six IPv6 backends installed.
@@ -192,35 +148,13 @@ impl Lb {
     }
 
     pub fn run(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let ctx = xdp_md(frame.len() as u32, ingress);
-        let mut ctx_out = [0u8; 24];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ctx_out: Some(&mut ctx_out),
-            ..TestRunOptions::default()
-        };
-        let result = self.program.xdp().expect("xdp").test_run(opts).unwrap_or_else(|e| panic!("test_run: {e:?}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        test_run(&mut self.program, frame, ingress)
     }
 
     /// Runs one frame; returns its action, output and the one verdict
     /// reason whose counter moved (fails unless exactly one moved, by one).
     pub fn run_counted(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, &'static str) {
-        let before = self.maps.verdicts().expect("verdicts");
-        let (action, out) = self.run(frame, ingress);
-        let after = self.maps.verdicts().expect("verdicts");
-        let moved: Vec<(&str, u64)> = reason::NAMES
-            .iter()
-            .zip(before.iter().zip(after))
-            .filter(|(_, (b, a))| *b != a)
-            .map(|(name, (b, a))| (*name, a - b))
-            .collect();
-        assert!(moved.len() == 1 && moved[0].1 == 1, "expected one verdict counted once, got {moved:?}");
-        (action, out, moved[0].0)
+        test_run_counted(&mut self.program, &self.maps, frame, ingress)
     }
 
     /// The frame is redirected, counted as `expected_reason`.
@@ -255,16 +189,6 @@ pub fn flow(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> 
         family: FAMILY_V6,
         _pad: [0; 2],
     }
-}
-
-/// `struct xdp_md` for ctx_in: data offsets and the ingress device.
-pub fn xdp_md(len: u32, ingress_ifindex: u32) -> [u8; 24] {
-    let fields = [0u32, len, 0, ingress_ifindex, 0, 0];
-    let mut out = [0u8; 24];
-    for (chunk, v) in out.chunks_exact_mut(4).zip(fields) {
-        chunk.copy_from_slice(&v.to_ne_bytes());
-    }
-    out
 }
 
 // ---------------------------------------------------------------- frames
@@ -353,15 +277,6 @@ pub fn assert_checksums_valid(frame: &[u8]) {
         }
         other => panic!("unexpected transport {other:?}"),
     }
-}
-
-pub fn hex(frame: &[u8]) -> String {
-    frame.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[track_caller]
-pub fn assert_frame(actual: &[u8], expected: &[u8]) {
-    assert!(actual == expected, "frame differs\n  actual:   {}\n  expected: {}", hex(actual), hex(expected));
 }
 
 pub fn with_lb(f: impl FnOnce(&mut Lb) + Send + 'static) {
