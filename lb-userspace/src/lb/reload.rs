@@ -142,7 +142,7 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
 
 /// The first `[agent]` key that differs.
 fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static str> {
-    let AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips } = old;
+    let AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips, max_vips_set: _ } = old;
     [
         ("interfaces", *interfaces != new.interfaces),
         ("admin_listen", *admin_listen != new.admin_listen),

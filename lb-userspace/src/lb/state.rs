@@ -978,6 +978,7 @@ mod tests {
                 conntrack_capacity: 1024,
                 ring_size,
                 max_vips: 4,
+                max_vips_set: true,
             },
             vips,
         }
