@@ -20,7 +20,7 @@ use crate::{
     health::{self, HealthEvent},
     lb::{
         reload,
-        state::{Balancer, Health},
+        state::{Balancer, Health, VipView},
     },
 };
 
@@ -141,8 +141,8 @@ impl Running {
 }
 
 /// SIGHUP: loads the config file again and applies what can change in
-/// place. Returns the new config once applied; on any refusal logs one error
-/// line (file, key, reason) and returns `None`, nothing changed.
+/// place. Returns the config now running once applied; on any refusal logs
+/// one error line (file, key, reason) and returns `None`, nothing changed.
 fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> {
     tracing::info!(file = %running.source.display(), "SIGHUP: reloading the config");
     let new = match Config::load(&running.source) {
@@ -163,11 +163,12 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
     let AgentState { balancer, maps, last_checks } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
-        Err(error @ (crate::lb::state::StateError::NotRunning { .. } | crate::lb::state::StateError::OutOfBackendIds { .. })) => {
+        Err(error) if error.changed_nothing() => {
             tracing::error!("reload refused, keeping the running config: {}: {error}", new.source.display());
             return None;
         }
-        // The desired state is recorded; later health events retry the writes.
+        // The desired state is recorded; later health events, or SIGHUP
+        // again, retry the writes.
         Err(error) => tracing::error!(error = %format!("{error:#}"), "reload: updating the maps failed"),
     }
     for action in &actions {
@@ -175,13 +176,17 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
     }
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
     last_checks.retain(|id, _| live.contains(id));
-    tracing::info!(changes = actions.len(), "reload: done");
-    Some(new)
+    tracing::info!(changes = actions.len(), vips = balancer.vips().len(), "reload: done");
+    Some(reload::as_running(running, new))
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
     let AgentState { balancer, maps, last_checks } = &mut *guard;
+    if balancer.is_retired(event.key) {
+        // Sent before a reload removed its backend and stopped its checker.
+        return;
+    }
     last_checks.insert(event.key, event.last_check.clone());
     let Some(transition) = event.transition else { return };
     let up = transition.up;
@@ -200,33 +205,7 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
 
 impl StatusSource for AgentState {
     fn status(&self) -> Status {
-        let vips = self
-            .balancer
-            .vips()
-            .map(|vip| {
-                let backends: Vec<BackendStatus> = vip
-                    .backends
-                    .iter()
-                    .map(|b| BackendStatus {
-                        address: b.address.to_string(),
-                        weight: b.weight,
-                        backup: b.backup,
-                        health: health_name(b.health).to_owned(),
-                        last_check: self.last_checks.get(&b.backend_id).cloned(),
-                        traffic: self.maps.backend_counters(b.backend_id).map(Traffic::from).unwrap_or_default(),
-                    })
-                    .collect();
-                VipStatus {
-                    name: vip.name.to_owned(),
-                    listen: vip.listen.to_string(),
-                    protocol: vip.protocol.as_str().to_owned(),
-                    scheduler: vip.scheduler.as_str().to_owned(),
-                    backends_up: backends.iter().filter(|b| b.health == "up").count(),
-                    traffic: self.maps.vip_counters(vip.vip_id).map(Traffic::from).unwrap_or_default(),
-                    backends,
-                }
-            })
-            .collect();
+        let vips = self.balancer.vips().map(|vip| self.vip_status(&vip)).collect();
         let verdicts = self
             .maps
             .verdicts()
@@ -240,6 +219,46 @@ impl StatusSource for AgentState {
             .unwrap_or_default();
         let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
         Status { vips, verdicts, conntrack }
+    }
+}
+
+impl AgentState {
+    fn vip_status(&self, vip: &VipView<'_>) -> VipStatus {
+        let backends: Vec<BackendStatus> = vip
+            .backends
+            .iter()
+            .map(|b| BackendStatus {
+                address: b.address.to_string(),
+                weight: b.weight,
+                backup: b.backup,
+                health: health_name(b.health).to_owned(),
+                last_check: self.last_checks.get(&b.backend_id).cloned(),
+                traffic: self.backend_counters(b.backend_id),
+            })
+            .collect();
+        // Summed over its backends, not read from VIP_STATS: a reused VIP id's
+        // slot may still count replies of the removed VIP's flows, while
+        // backend ids are never reused (see `lb::state`, "Reloads").
+        let mut traffic = Traffic::default();
+        for b in &backends {
+            traffic += b.traffic;
+        }
+        for &id in vip.retired_backend_ids {
+            traffic += self.backend_counters(id);
+        }
+        VipStatus {
+            name: vip.name.to_owned(),
+            listen: vip.listen.to_string(),
+            protocol: vip.protocol.as_str().to_owned(),
+            scheduler: vip.scheduler.as_str().to_owned(),
+            backends_up: backends.iter().filter(|b| b.health == "up").count(),
+            traffic,
+            backends,
+        }
+    }
+
+    fn backend_counters(&self, backend_id: u32) -> Traffic {
+        self.maps.backend_counters(backend_id).map(Traffic::from).unwrap_or_default()
     }
 }
 

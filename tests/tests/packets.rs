@@ -295,8 +295,8 @@ fn icmp_echo_to_a_vip_address_is_answered_and_others_pass() {
         short[24..26].copy_from_slice(&header.header_checksum.to_be_bytes());
         lb.assert_passed_untouched("icmp shorter than its header", &short, reason::PASS_SHORT_L4);
         // A VIP address stops answering once its VIPs are gone.
-        lb.maps.remove_vip(&vip_key(VIP_TCP_PORT, PROTO_TCP)).expect("remove");
-        lb.maps.remove_vip(&vip_key(VIP_UDP_PORT, PROTO_UDP)).expect("remove");
+        lb.remove_vip(&vip_key(VIP_TCP_PORT, PROTO_TCP));
+        lb.remove_vip(&vip_key(VIP_UDP_PORT, PROTO_UDP));
         lb.assert_passed_untouched("echo to a former VIP", &request, reason::PASS_NOT_VIP);
     });
 }
@@ -627,18 +627,18 @@ fn the_fragment_rule_follows_vips_as_they_come_and_go() {
 
         // A UDP-only VIP on a second address: only UDP fragments to it are ours.
         let dns = VipKey { addr_be: [u32::from_ne_bytes(other_vip), 0, 0, 0], port_be: 53u16.to_be(), proto: PROTO_UDP, family: FAMILY_V4 };
-        lb.maps.upsert_vip(dns, VipInfo { vip_id: 3, ring_size: RING, ring_generation: 0, flags: 0 }).expect("vip");
+        lb.upsert_vip(dns, VipInfo { vip_id: 3, ring_size: RING, ring_generation: 0, flags: 0 });
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(other_vip)), VIP_ADDR_UDP);
         lb.assert_dropped("udp fragment to the udp-only VIP address", &udp_frag(other_vip), lb.client_if, reason::DROP_FRAGMENT);
         lb.assert_passed_untouched("tcp fragment to the udp-only VIP address", &tcp_frag(other_vip), reason::PASS_FRAGMENT);
 
         // The UDP VIP on the first address goes: its UDP fragments pass, TCP ones stay ours.
-        lb.maps.remove_vip(&vip_key(VIP_UDP_PORT, PROTO_UDP)).expect("remove");
+        lb.remove_vip(&vip_key(VIP_UDP_PORT, PROTO_UDP));
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(VIP)), VIP_ADDR_TCP);
         lb.assert_passed_untouched("udp fragment after the udp VIP left", &udp_frag(VIP), reason::PASS_FRAGMENT);
         lb.assert_dropped("tcp fragment to the remaining tcp VIP", &tcp_frag(VIP), lb.client_if, reason::DROP_FRAGMENT);
 
-        lb.maps.remove_vip(&dns).expect("remove");
+        lb.remove_vip(&dns);
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(other_vip)), 0);
         lb.assert_passed_untouched("udp fragment after the last VIP on the address left", &udp_frag(other_vip), reason::PASS_FRAGMENT);
     });

@@ -203,3 +203,92 @@ fn sighup_removes_and_adds_backends_of_a_vip() {
     assert_eq!(got.ok(), 60, "{got:?}");
     assert!(got.count(&name) > 0, "the re-added backend {name} takes new connections: {got:?}");
 }
+
+/// Port of the second TCP VIP the VIP tests add, on the testbed's VIP address.
+const WEB2_PORT: u16 = 81;
+
+/// `[[vip]]` web2: TCP on the VIP address, port [`WEB2_PORT`], over backends
+/// 1 and 2 only (so its answers tell it apart from web), HTTP-checked.
+fn web2_section(testbed: &Testbed) -> String {
+    let listen = SocketAddr::new(testbed.vip_http().ip(), WEB2_PORT);
+    let check = HealthCheck::default();
+    let mut section = format!(
+        "[[vip]]\nname = \"web2\"\nlisten = \"{listen}\"\nprotocol = \"tcp\"\n\n[vip.health_check]\ntype = \"http\"\n\
+         path = \"/health\"\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {}\nfall = {}\n\n",
+        check.interval.as_millis(),
+        check.timeout.as_millis(),
+        check.rise,
+        check.fall
+    );
+    for i in [1, 2] {
+        section.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\nweight = 1\n\n", testbed.backend_http(i)));
+    }
+    section
+}
+
+/// Names of the VIPs in `/status`, in its order.
+fn vip_names(agent: &Agent) -> Vec<String> {
+    let status = agent.status().expect("/status");
+    status["vips"]
+        .as_array()
+        .map(|vips| vips.iter().map(|v| v["name"].as_str().unwrap_or_default().to_owned()).collect())
+        .unwrap_or_else(|| panic!("no vips in {status}"))
+}
+
+/// `addr` is not balanced: every connection fails (the gateway's kernel has
+/// no route for the VIP address, so it answers "unreachable").
+fn assert_not_balanced(testbed: &Testbed, addr: SocketAddr, when: &str) {
+    let results = testbed.client_requests(addr, 3, true);
+    let answered: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert!(answered.is_empty(), "{when}: {addr} answered by {answered:?}");
+}
+
+#[test]
+fn sighup_adds_and_removes_a_vip_while_another_keeps_its_flows() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let config = config_for(&testbed, HealthCheck::default());
+    let mut agent = running(&testbed, &config);
+    let web2 = SocketAddr::new(testbed.vip_http().ip(), WEB2_PORT);
+    assert_not_balanced(&testbed, web2, "before web2 is configured");
+
+    // A connection to web held open across both reloads.
+    let vip = testbed.vip_http();
+    let mut kept = testbed
+        .client()
+        .enter(|| HttpConn::connect(vip))
+        .expect("entering the client namespace")
+        .expect("connecting to the vip");
+    let x = kept.get("/", true).expect("first request").backend().expect("a backend answered");
+    let mut still_on_x = |when: &str| {
+        let same = kept.get("/", true).unwrap_or_else(|e| panic!("{when}: the kept connection broke: {e:#}")).backend();
+        assert_eq!(same.as_deref(), Some(x.as_str()), "{when}: the existing flow stays on {x}");
+    };
+
+    reload(&agent, &format!("{config}{}", web2_section(&testbed)));
+    wait_log(&agent, &format!("reload: vip web2 added ({web2} tcp, maglev, 2 backends)"));
+    agent.wait_health("web2", &["up", "up"], Duration::from_secs(10)).expect("web2 backends up");
+    still_on_x("after adding web2");
+    let got = Spread::of(&testbed.client_requests(web2, 40, true));
+    assert_eq!(got.ok(), 40, "web2 serves: {got:?}");
+    let (one, two, three) = (testbed.backend_name(1), testbed.backend_name(2), testbed.backend_name(3));
+    assert_eq!(got.count(&three), 0, "backend 3 is not web2's: {got:?}");
+    // With two equal backends, all 40 on one has probability 2^-39.
+    assert!(got.count(&one) > 0 && got.count(&two) > 0, "web2 balances over backends 1 and 2: {got:?}");
+    assert_eq!(vip_names(&agent), ["web", "echo", "web2"]);
+    let metrics = agent.metrics().expect("/metrics");
+    assert!(metrics.contains("lb_vip_backends_up{vip=\"web2\"} 2"), "web2 in /metrics:\n{metrics}");
+    let got = spread(&testbed, 30);
+    assert_eq!(got.ok(), 30, "web still serves: {got:?}");
+
+    reload(&agent, &config);
+    wait_log(&agent, &format!("reload: vip web2 removed ({web2} tcp)"));
+    assert_eq!(vip_names(&agent), ["web", "echo"]);
+    let metrics = agent.metrics().expect("/metrics");
+    assert!(!metrics.contains("vip=\"web2\""), "web2 gone from /metrics:\n{metrics}");
+    assert_not_balanced(&testbed, web2, "after web2 is removed");
+    still_on_x("after removing web2");
+    let got = spread(&testbed, 30);
+    assert_eq!(got.ok(), 30, "web still serves: {got:?}");
+    assert!(!agent.log().contains("reload refused"), "log:\n{}", agent.log());
+}

@@ -101,6 +101,16 @@ impl From<Counters> for Traffic {
     }
 }
 
+impl std::ops::AddAssign for Traffic {
+    /// Wrapping, like the per-CPU sums the counters come from.
+    fn add_assign(&mut self, t: Traffic) {
+        self.packets = self.packets.wrapping_add(t.packets);
+        self.bytes = self.bytes.wrapping_add(t.bytes);
+        self.new_flows = self.new_flows.wrapping_add(t.new_flows);
+        self.rescheduled_flows = self.rescheduled_flows.wrapping_add(t.rescheduled_flows);
+    }
+}
+
 /// Packets the program returned for one reason.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VerdictCount {

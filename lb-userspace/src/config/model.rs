@@ -30,6 +30,10 @@ pub struct AgentConfig {
     pub ring_size: u32,
     /// VIPs the Maglev array has room for (at least the number configured).
     pub max_vips: u32,
+    /// Whether the file set `max_vips`. Otherwise it follows the number of
+    /// VIPs, so a reload that adds or removes VIPs keeps the running value
+    /// rather than asking for a restart.
+    pub max_vips_set: bool,
 }
 
 /// How the XDP program is attached.

@@ -147,8 +147,9 @@ impl AgentSettings {
             }
             None => DEFAULT_MAX_VIPS.max(vip_count).min(fit),
         };
+        let max_vips_set = self.max_vips.is_some();
         let AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, .. } = self;
-        Ok(AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips })
+        Ok(AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips, max_vips_set })
     }
 }
 

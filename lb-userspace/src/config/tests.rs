@@ -108,6 +108,7 @@ fn defaults_are_filled() {
     assert_eq!(agent.conntrack_capacity, lb_common::limits::DEFAULT_CONNTRACK_CAPACITY);
     assert_eq!(agent.ring_size, lb_common::limits::DEFAULT_RING_SIZE);
     assert_eq!(agent.max_vips, DEFAULT_MAX_VIPS);
+    assert!(!agent.max_vips_set, "derived, not set");
     let vip = &config.vips[0];
     assert_eq!(vip.protocol, Protocol::Tcp);
     assert_eq!(vip.scheduler, Scheduler::Maglev);
@@ -193,6 +194,7 @@ fn agent_values_are_checked() {
     rejects(&agent("ring_size = 134217689\nmax_vips = 2"), "agent.max_vips", "at most 1 fit");
     let config = parse(&agent("xdp_mode = \"generic\"\nring_size = 251\nmax_vips = 1")).expect("valid");
     assert_eq!((config.agent.xdp_mode, config.agent.ring_size, config.agent.max_vips), (XdpMode::Generic, 251, 1));
+    assert!(config.agent.max_vips_set);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
     backend::BackendInfo,
@@ -17,7 +17,7 @@ use lb_common::{
     map_names,
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
-    vip_addr::{VipAddrInfo, VipAddrKey, proto_bit},
+    vip_addr::{VipAddrInfo, VipAddrKey},
 };
 
 use super::DataplaneError;
@@ -165,34 +165,6 @@ impl Maps {
         self.vip_addrs.get(key, 0).map_or(0, |info| info.protos)
     }
 
-    /// Rewrites the `VIP_ADDRS` entry of `key`'s address from what `VIPS`
-    /// holds now, so the two never disagree: after a VIP is added or removed.
-    /// Walks `VIPS` (at most `MAX_VIPS` keys), so the common update, a new
-    /// ring generation of a VIP already counted, returns before that.
-    fn sync_vip_addr(&mut self, key: &VipKey, added: bool) -> Result<(), DataplaneError> {
-        let addr = vip_addr_key(key);
-        if added && self.vip_addr_protos(&addr) & proto_bit(key.proto) != 0 {
-            return Ok(());
-        }
-        let mut protos = 0;
-        for vip in self.vips.keys() {
-            let vip = vip.map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "walk", source })?;
-            if vip_addr_key(&vip) == addr {
-                protos |= proto_bit(vip.proto);
-            }
-        }
-        let current = self.vip_addr_protos(&addr);
-        if protos == current {
-            return Ok(());
-        }
-        let result = if protos == 0 {
-            self.vip_addrs.remove(&addr)
-        } else {
-            self.vip_addrs.insert(addr, VipAddrInfo { protos }, 0)
-        };
-        result.map_err(|source| DataplaneError::Map { name: map_names::VIP_ADDRS, op: "write", source })
-    }
-
     /// Connection-table events (`lb_common::stats::conntrack_event`), summed
     /// over CPUs.
     ///
@@ -311,10 +283,6 @@ fn sum_per_cpu<const N: usize>(map: &PerCpuArray<MapData, u64>, name: &'static s
     Ok(out)
 }
 
-fn vip_addr_key(key: &VipKey) -> VipAddrKey {
-    VipAddrKey { addr_be: key.addr_be, family: key.family, _pad: [0; 3] }
-}
-
 fn sum_counters(
     map: &PerCpuArray<MapData, Counters>,
     name: &'static str,
@@ -333,7 +301,6 @@ impl Dataplane for Maps {
         self.vips
             .insert(key, info, 0)
             .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "insert", source })?;
-        self.sync_vip_addr(&key, true)?;
         Ok(())
     }
 
@@ -341,7 +308,19 @@ impl Dataplane for Maps {
         self.vips
             .remove(key)
             .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "remove", source })?;
-        self.sync_vip_addr(key, false)?;
+        Ok(())
+    }
+
+    fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
+        let result = if protos != 0 {
+            self.vip_addrs.insert(key, VipAddrInfo { protos }, 0)
+        } else if self.vip_addr_protos(&key) != 0 {
+            self.vip_addrs.remove(&key)
+        } else {
+            // No entry to remove: removing it again after a failed write is no error.
+            Ok(())
+        };
+        result.map_err(|source| DataplaneError::Map { name: map_names::VIP_ADDRS, op: "write", source })?;
         Ok(())
     }
 
@@ -358,6 +337,15 @@ impl Dataplane for Maps {
                 .set(index, backend_id, 0)
                 .map_err(|source| DataplaneError::Map { name: map_names::MAGLEV, op: "write", source })?;
         }
+        Ok(())
+    }
+
+    fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
+        let error = |source| DataplaneError::Map { name: map_names::VIP_STATS, op: "reset", source };
+        // One value per possible CPU, which is what a read returns.
+        let cpus = self.vip_stats.get(&vip_id, 0).map_err(error)?.len();
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| error(MapError::from(e)))?;
+        self.vip_stats.set(vip_id, zeros, 0).map_err(error)?;
         Ok(())
     }
 }

@@ -1,11 +1,23 @@
 //! Config reload (SIGHUP): what differs between the running config and a
 //! freshly loaded one, as a list of [`Action`]s the balancer can apply in
-//! place, or the first difference it cannot apply yet, as a [`Refusal`].
+//! place, or the first difference it cannot apply, as a [`Refusal`].
 //!
 //! A reload is all or nothing: one refused key refuses the whole file, and
 //! the agent keeps running on the config it has.
 //!
 //! Applied in place (VIPs are matched by `name`, backends by `address`):
+//! - VIPs added to the file: each gets the lowest free VIP id (which also
+//!   selects its two Maglev rings, so ids stay within `agent.max_vips`), and
+//!   is published once its ring is written (see [`crate::lb::state`]);
+//! - VIPs removed from the file: their `VIPS` entry goes first, so their
+//!   packets pass to the kernel, then their backends are retired and their
+//!   id is freed for a later VIP;
+//! - a VIP whose `listen` or `protocol` changed is removed and added again
+//!   under the same name: a different `VIPS` key is a different service to
+//!   the data path, and its flows were pinned under the old one. A renamed
+//!   VIP is removed and added too, since names are what match;
+//! - a VIP's `scheduler`: only the hash that picks a new flow's slot changes
+//!   (`VipInfo.flags`); flows already pinned stay where they are;
 //! - a backend's `weight` (0 drains, above 0 undrains) and `backup` flag;
 //! - backends added to or removed from an existing VIP. An added backend gets
 //!   a fresh id, never one used before; a removed backend's id is retired: its
@@ -16,16 +28,26 @@
 //! - a VIP's `[vip.health_check]` (its checkers restart with the new
 //!   parameters; their first probe decides at once).
 //!
-//! Refused, because they need a restart: every `[agent]` key, adding or
-//! removing a VIP, and a VIP's `listen`, `protocol` or `scheduler`.
+//! Removals are planned before everything else, so a VIP added under a
+//! removed one's `listen` (a rename) or in its id (a full file) finds them
+//! free.
+//!
+//! Refused, because they need a restart: every `[agent]` key, and more VIPs
+//! than the running `agent.max_vips` (it sizes the Maglev array). A file that
+//! leaves `max_vips` to its default keeps the running value.
 
 use std::{fmt, net::SocketAddr, path::PathBuf};
 
-use crate::config::model::{AgentConfig, BackendConfig, Config, HealthCheckConfig, VipConfig};
+use crate::config::model::{AgentConfig, BackendConfig, Config, HealthCheckConfig, Protocol, Scheduler, VipConfig};
 
 /// One change a reload applies in place.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
+    /// A VIP no longer in the file (or whose `listen` or `protocol` changed).
+    RemoveVip { vip: String, listen: SocketAddr, protocol: Protocol },
+    /// A VIP new to the file (or re-added with a new `listen` or `protocol`).
+    AddVip { vip: VipConfig },
+    SetScheduler { vip: String, from: Scheduler, to: Scheduler },
     SetWeight { vip: String, address: SocketAddr, from: u32, to: u32 },
     SetBackup { vip: String, address: SocketAddr, from: bool, to: bool },
     AddBackend { vip: String, backend: BackendConfig },
@@ -37,7 +59,10 @@ impl Action {
     /// The name of the VIP it changes.
     pub fn vip(&self) -> &str {
         match self {
-            Action::SetWeight { vip, .. }
+            Action::AddVip { vip } => &vip.name,
+            Action::RemoveVip { vip, .. }
+            | Action::SetScheduler { vip, .. }
+            | Action::SetWeight { vip, .. }
             | Action::SetBackup { vip, .. }
             | Action::AddBackend { vip, .. }
             | Action::RemoveBackend { vip, .. }
@@ -49,6 +74,21 @@ impl Action {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Action::RemoveVip { vip, listen, protocol } => {
+                write!(f, "vip {vip} removed ({listen} {})", protocol.as_str())
+            }
+            Action::AddVip { vip } => write!(
+                f,
+                "vip {} added ({} {}, {}, {} backends)",
+                vip.name,
+                vip.listen,
+                vip.protocol.as_str(),
+                vip.scheduler.as_str(),
+                vip.backends.len()
+            ),
+            Action::SetScheduler { vip, from, to } => {
+                write!(f, "vip {vip} scheduler {} -> {}", from.as_str(), to.as_str())
+            }
             Action::SetWeight { vip, address, from, to } => {
                 write!(f, "vip {vip} backend {address} weight {from} -> {to}")
             }
@@ -76,48 +116,57 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// The actions that turn `running` into `new`, in file order, or the first
-/// difference that needs a restart.
+/// The actions that turn `running` into `new`: every VIP removal first (in
+/// the running file's order), then `new`'s VIPs in file order, each with its
+/// in-place changes or as an addition. Or the first difference that needs a
+/// restart.
 ///
 /// # Errors
 ///
-/// A [`Refusal`] naming the key (as `new`'s file spells it, or the running
-/// one's for a removed VIP).
+/// A [`Refusal`] naming the `[agent]` key.
 pub fn plan(running: &Config, new: &Config) -> Result<Vec<Action>, Refusal> {
-    let refuse = |key: String, reason: &str| Refusal { file: new.source.clone(), key, reason: reason.to_owned() };
+    let refuse = |key: String, reason: String| Refusal { file: new.source.clone(), key, reason };
     if let Some(key) = changed_agent_key(&running.agent, &new.agent) {
-        return Err(refuse(format!("agent.{key}"), "changed; changing it needs a restart"));
+        return Err(refuse(format!("agent.{key}"), "changed; changing it needs a restart".to_owned()));
     }
-    for (i, old) in running.vips.iter().enumerate() {
-        if !new.vips.iter().any(|v| v.name == old.name) {
-            return Err(refuse(
-                format!("vip[{}] ({})", i + 1, old.name),
-                "removed; removing a VIP needs a restart",
-            ));
-        }
+    if let Some(reason) = max_vips_problem(&running.agent, new) {
+        return Err(refuse("agent.max_vips".to_owned(), reason));
     }
-    let mut actions = Vec::new();
-    for (i, vip) in new.vips.iter().enumerate() {
-        let path = format!("vip[{}] ({})", i + 1, vip.name);
-        let Some(old) = running.vips.iter().find(|v| v.name == vip.name) else {
-            return Err(refuse(path, "added; adding a VIP needs a restart"));
-        };
-        if vip.listen != old.listen {
-            return Err(refuse(format!("{path}.listen"), "changed; changing it needs a restart"));
+    let mut actions: Vec<Action> = running
+        .vips
+        .iter()
+        .filter(|old| !new.vips.iter().any(|vip| vip.name == old.name && same_service(old, vip)))
+        .map(|old| Action::RemoveVip { vip: old.name.clone(), listen: old.listen, protocol: old.protocol })
+        .collect();
+    for vip in &new.vips {
+        match running.vips.iter().find(|old| old.name == vip.name) {
+            Some(old) if same_service(old, vip) => vip_actions(old, vip, &mut actions),
+            _ => actions.push(Action::AddVip { vip: vip.clone() }),
         }
-        if vip.protocol != old.protocol {
-            return Err(refuse(format!("{path}.protocol"), "changed; changing it needs a restart"));
-        }
-        if vip.scheduler != old.scheduler {
-            return Err(refuse(format!("{path}.scheduler"), "changed; changing it needs a restart"));
-        }
-        vip_actions(old, vip, &mut actions);
     }
     Ok(actions)
 }
 
+/// The config the agent runs on once `new` is applied: `new`, with the
+/// `max_vips` its maps were sized for. (A file that leaves `max_vips` to its
+/// default derives it from its VIP count, which no reload can apply.)
+#[must_use]
+pub fn as_running(running: &Config, mut new: Config) -> Config {
+    new.agent.max_vips = running.agent.max_vips;
+    new
+}
+
+/// Whether two VIPs of one name are the same service to the data path: the
+/// same `VIPS` key. Anything else about them can change in place.
+fn same_service(old: &VipConfig, new: &VipConfig) -> bool {
+    old.listen == new.listen && old.protocol == new.protocol
+}
+
 fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
     let vip = || new.name.clone();
+    if old.scheduler != new.scheduler {
+        actions.push(Action::SetScheduler { vip: vip(), from: old.scheduler, to: new.scheduler });
+    }
     for backend in &old.backends {
         if !new.backends.iter().any(|b| b.address == backend.address) {
             actions.push(Action::RemoveBackend { vip: vip(), address: backend.address });
@@ -140,19 +189,37 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
     }
 }
 
-/// The first `[agent]` key that differs.
+/// The first `[agent]` key that differs, `max_vips` aside (see
+/// [`max_vips_problem`]).
 fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static str> {
-    let AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips } = old;
+    let AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips: _, max_vips_set: _ } =
+        old;
     [
         ("interfaces", *interfaces != new.interfaces),
         ("admin_listen", *admin_listen != new.admin_listen),
         ("xdp_mode", *xdp_mode != new.xdp_mode),
         ("conntrack_capacity", *conntrack_capacity != new.conntrack_capacity),
         ("ring_size", *ring_size != new.ring_size),
-        ("max_vips", *max_vips != new.max_vips),
     ]
     .into_iter()
     .find_map(|(key, changed)| changed.then_some(key))
+}
+
+/// Why `new` cannot run in maps sized for `running.max_vips`, if it cannot:
+/// it sets another `max_vips`, or has more VIPs than there are ids (each id
+/// owns two rings of the Maglev array, which is as large as it was loaded).
+fn max_vips_problem(running: &AgentConfig, new: &Config) -> Option<String> {
+    if new.agent.max_vips_set && new.agent.max_vips != running.max_vips {
+        return Some("changed; changing it needs a restart".to_owned());
+    }
+    let count = new.vips.len();
+    (count > running.max_vips as usize).then(|| {
+        format!(
+            "{count} VIPs are configured, but the running agent has room for {} (its max_vips sizes the \
+             Maglev array); raising it needs a restart",
+            running.max_vips
+        )
+    })
 }
 
 #[cfg(test)]
@@ -275,21 +342,95 @@ address = "198.18.2.11:8081"
         );
     }
 
+    /// The names of the VIPs `actions` remove and add, in order.
+    fn vip_changes(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::RemoveVip { vip, .. } => Some(format!("-{vip}")),
+                Action::AddVip { vip } => Some(format!("+{}", vip.name)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const MORE: &str = "\n[[vip]]\nname = \"more\"\nlisten = \"198.18.0.100:81\"\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n";
+
     #[test]
-    fn vip_identity_changes_need_a_restart() {
-        assert_eq!(refused_key(&BASE.replacen("198.18.0.100:80\"", "198.18.0.101:80\"", 1)), "vip[1] (web).listen");
+    fn vips_added_and_removed_are_planned() {
+        let added = plan_for(&format!("{BASE}{MORE}")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(&added[..], [Action::AddVip { vip }] if vip.name == "more" && vip.backends.len() == 1));
+        assert_eq!(added[0].to_string(), "vip more added (198.18.0.100:81 tcp, maglev, 1 backends)");
+
+        let without_dns = &BASE[..BASE.find("[[vip]]\nname = \"dns\"").unwrap_or(BASE.len())];
+        let removed = plan_for(without_dns).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            refused_key(&BASE.replacen("listen = \"198.18.0.100:80\"", "listen = \"198.18.0.100:80\"\nscheduler = \"source-hash\"", 1)),
-            "vip[1] (web).scheduler"
+            removed,
+            vec![Action::RemoveVip { vip: "dns".into(), listen: addr("198.18.0.100:5353"), protocol: Protocol::Udp }]
         );
+        assert_eq!(removed[0].to_string(), "vip dns removed (198.18.0.100:5353 udp)");
+
+        // Removals come first, whatever the file order: the additions may need
+        // their ids and keys.
+        let swapped = format!("{without_dns}{MORE}");
+        assert_eq!(vip_changes(&plan_for(&swapped).unwrap_or_else(|e| panic!("{e}"))), ["-dns", "+more"]);
+    }
+
+    #[test]
+    fn a_new_listen_or_protocol_is_a_new_service_and_a_new_name_too() {
+        let moved = plan_for(&BASE.replacen("198.18.0.100:80\"", "198.18.0.101:80\"", 1)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(vip_changes(&moved), ["-web", "+web"]);
+        assert!(matches!(&moved[1], Action::AddVip { vip } if vip.listen == addr("198.18.0.101:80")));
+        let retyped = plan_for(&BASE.replacen("protocol = \"udp\"", "protocol = \"tcp\"", 1)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(vip_changes(&retyped), ["-dns", "+dns"]);
+        // Renaming is removing one VIP and adding another, at the same listen.
+        let renamed = plan_for(&BASE.replacen("\"dns\"", "\"dns2\"", 1)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(vip_changes(&renamed), ["-dns", "+dns2"]);
+    }
+
+    #[test]
+    fn a_new_scheduler_is_changed_in_place() {
+        let new = BASE.replacen(
+            "listen = \"198.18.0.100:80\"",
+            "listen = \"198.18.0.100:80\"\nscheduler = \"source-hash\"",
+            1,
+        );
+        let actions = plan_for(&new).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(actions, vec![Action::SetScheduler { vip: "web".into(), from: Scheduler::Maglev, to: Scheduler::SourceHash }]);
+        assert_eq!(actions[0].to_string(), "vip web scheduler maglev -> source-hash");
+    }
+
+    #[test]
+    fn more_vips_than_the_running_max_vips_need_a_restart() {
+        // BASE leaves max_vips to its default, 16: room for 16 VIPs.
+        let many: String = (0..15)
+            .map(|i| format!("\n[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.101:{}\"\n[[vip.backend]]\naddress = \"198.18.2.11:80\"\n", i + 1))
+            .collect();
+        let seventeen = format!("{BASE}{many}");
+        let refusal = plan_for(&seventeen).err();
         assert_eq!(
-            refused_key(&BASE.replacen("protocol = \"udp\"", "protocol = \"tcp\"", 1)),
-            "vip[2] (dns).protocol"
+            refusal.map(|r| r.to_string()),
+            Some(
+                "lb.toml: agent.max_vips: 17 VIPs are configured, but the running agent has room for 16 (its \
+                 max_vips sizes the Maglev array); raising it needs a restart"
+                    .to_owned()
+            )
         );
-        // Renaming is removing one VIP and adding another.
-        assert_eq!(refused_key(&BASE.replacen("\"dns\"", "\"dns2\"", 1)), "vip[2] (dns)");
-        let added = format!("{BASE}\n[[vip]]\nname = \"more\"\nlisten = \"198.18.0.100:81\"\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n");
-        assert_eq!(refused_key(&added), "vip[3] (more)");
+        // Sixteen fit, although their file alone would derive the same 16.
+        let sixteen = &seventeen[..seventeen.rfind("\n[[vip]]").unwrap_or(0)];
+        assert_eq!(plan_for(sixteen).map(|a| a.len()), Ok(14));
+
+        // A running agent sized for 20 keeps its 20 when the file shrinks to
+        // 2 VIPs and its default would say 16.
+        let running = load(&format!("{BASE}{many}{MORE}").replacen("[agent]", "[agent]\nmax_vips = 20", 1));
+        let small = load(BASE);
+        assert_eq!(small.agent.max_vips, 16);
+        assert!(plan(&running, &small).is_ok());
+        assert_eq!(as_running(&running, small).agent.max_vips, 20);
+        // Setting it explicitly to what runs is no change; to anything else is.
+        let explicit = BASE.replacen("[agent]", "[agent]\nmax_vips = 16", 1);
+        assert_eq!(plan_for(&explicit), Ok(vec![]));
+        assert_eq!(refused_key(&BASE.replacen("[agent]", "[agent]\nmax_vips = 17", 1)), "agent.max_vips");
     }
 
     #[test]
@@ -309,8 +450,8 @@ address = "198.18.2.11:8081"
         );
         assert_eq!(actions[0].to_string(), "vip web6 backend [2001:db8:2::12]:8080 weight 1 -> 0");
         let moved = web6.replacen("[2001:db8::100]:80", "[2001:db8::101]:80", 1);
-        let refusal = plan(&old, &load(&format!("{BASE}{moved}"))).err().map(|r| r.key);
-        assert_eq!(refusal.as_deref(), Some("vip[3] (web6).listen"));
+        let actions = plan(&old, &load(&format!("{BASE}{moved}"))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(vip_changes(&actions), ["-web6", "+web6"]);
     }
 
     #[test]

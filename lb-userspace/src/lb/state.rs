@@ -12,7 +12,8 @@
 //! 2. If the VIP's ring changed, the new ring's differing slots go into the
 //!    generation packets are *not* reading, then one `upsert_vip` flips
 //!    `ring_generation`. A packet reads the old ring or the new one, never a
-//!    half-written one.
+//!    half-written one. A VIP's first publish writes generation 0 whole
+//!    before its `VIPS` entry exists, so no packet sees it before its ring.
 //! 3. Backends that may not take new flows are written `DOWN` only now, after
 //!    the published ring no longer names them. Writing `DOWN` first would open
 //!    a window where the live ring still names the backend: new flows hashing
@@ -26,7 +27,9 @@
 //!
 //! So at every point in the call sequence, the live ring names only backends
 //! whose entry says `UP`; the tests replay every call against a fake
-//! dataplane and check exactly that.
+//! dataplane and check exactly that. `VIP_ADDRS` (which protocols have a VIP
+//! on an address, for packets without ports) is derived from the published
+//! VIPs and written right after each `VIPS` entry appears or goes.
 //!
 //! # Who is in the ring
 //!
@@ -44,17 +47,44 @@
 //! The VIP's scheduler (`VIP_F_*` in `VipInfo.flags`) only changes which hash
 //! of a new flow indexes the ring; the ring itself is the same.
 //!
+//! # Reloads
+//!
+//! A config reload ([`Balancer::apply_reload`], planned by
+//! [`crate::lb::reload`]) is built the same way: check, record the new desired
+//! state, then sync each VIP it touched. Backend ids stay stable across
+//! reloads: a backend removed by one is retired (written `DOWN`, so flows
+//! pinned to it are rescheduled) and its id is never handed out again; an
+//! added backend takes the next id never used.
+//!
+//! VIP ids are different: each selects two rings of the Maglev array, which
+//! has room for `agent.max_vips` VIPs, so ids stay in `1..=max_vips` and a
+//! removed VIP's id is reused, the lowest free one first. A removed VIP's
+//! `VIPS` entry goes first (its packets pass to the kernel from then on),
+//! then `VIP_ADDRS` follows, then its backends are written `DOWN`; until
+//! all of that has landed its id is held back: no ring of a VIP that took the
+//! id is written while a `VIPS` entry may still read it. (A packet already
+//! past its `VIPS` lookup when the entry goes runs on for a microsecond or
+//! so, in softirq; the new VIP's first slot write comes several syscalls
+//! later.) A reused id starts clean:
+//! - its rings still hold the removed VIP's slots, so the new VIP's shadows
+//!   start unknown and its first publish rewrites generation 0 whole (every
+//!   slot, `BACKEND_ID_NONE` too) before its `VIPS` entry is written. The
+//!   shadows of a removed VIP are not kept for this: its slots name its own
+//!   backends, which the new VIP never has, so almost every slot differs
+//!   anyway;
+//! - its `VIP_STATS` slot is zeroed before the new VIP is published. The
+//!   removed VIP's flows may still add to it afterwards (their replies still
+//!   match `REPLY_NAT`, which names the old id, until LRU evicts them), so
+//!   the agent reports a VIP's traffic as the sum over its backends'
+//!   `BACKEND_STATS`, whose ids are never reused, and not from `VIP_STATS`.
+//!
 //! Every write is recorded in the shadows only once it succeeded; on an error
-//! the affected shadow is marked unknown, and the next [`Balancer::set_health`]
-//! or [`Balancer::install`] rewrites what is needed. So callers can simply
-//! retry. A config reload ([`Balancer::apply_reload`], planned by
-//! [`crate::lb::reload`]) is built the same way: record the new desired state,
-//! then sync each VIP it touched. Ids stay stable across reloads: a backend
-//! removed by one is retired (written `DOWN`, so flows pinned to it are
-//! rescheduled) and its id is never handed out again; an added backend takes
-//! the next id never used.
+//! the affected shadow is marked unknown, and the next [`Balancer::set_health`],
+//! [`Balancer::apply_reload`] or [`Balancer::install`] rewrites what is
+//! needed. So callers can simply retry.
 
 use std::{
+    collections::{BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
     ops::AddAssign,
@@ -65,10 +95,11 @@ use lb_common::{
     backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP},
     vip::{VipInfo, VipKey, ring_base},
+    vip_addr::{VipAddrKey, proto_bit},
 };
 
 use crate::{
-    config::model::{Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler},
+    config::model::{BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, VipConfig},
     lb::{
         dataplane::{Dataplane, DataplaneError},
         maglev::{self, MaglevBackend},
@@ -100,6 +131,15 @@ impl Health {
             Health::Up => "up",
             Health::Down => "down",
             Health::Unknown => "unknown",
+        }
+    }
+
+    /// Where a backend of a VIP probed with `kind` starts: up when nothing
+    /// probes it, unknown until its first probe otherwise.
+    fn initial(kind: &HealthCheckKind) -> Self {
+        match kind {
+            HealthCheckKind::None => Health::Up,
+            HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
         }
     }
 }
@@ -146,6 +186,12 @@ pub enum Step {
     WriteRing { generation: u32, slots: usize },
     /// The `upsert_vip` that makes a generation the one packets read.
     PublishRing { generation: u32 },
+    /// Zeroing the `VIP_STATS` slot of a reused VIP id.
+    ResetStats { vip_id: u32 },
+    /// Removing the `VIPS` entry of a VIP a reload removed.
+    RemoveVip { vip_id: u32 },
+    /// Writing the `VIP_ADDRS` entry of the VIP's address.
+    WriteVipAddr { protos: u32 },
 }
 
 impl fmt::Display for Step {
@@ -163,6 +209,9 @@ impl fmt::Display for Step {
                 write!(f, "write {slots} slots of ring generation {generation}")
             }
             Step::PublishRing { generation } => write!(f, "publish ring generation {generation}"),
+            Step::ResetStats { vip_id } => write!(f, "reset the counters of reused vip id {vip_id}"),
+            Step::RemoveVip { vip_id } => write!(f, "remove vip id {vip_id} from the vip map"),
+            Step::WriteVipAddr { protos } => write!(f, "write protocols {protos:#x} of its address"),
         }
     }
 }
@@ -173,8 +222,8 @@ pub enum StateError {
     /// Maglev's balance needs a prime ring size.
     #[error("ring size {ring_size} is not prime")]
     RingSizeNotPrime { ring_size: u32 },
-    /// More VIPs than the maps were sized for.
-    #[error("{count} vips configured, but the maps have room for {max}")]
+    /// More VIPs than the maps were sized for (`agent.max_vips`).
+    #[error("{count} vips configured, but the maps have room for {max} (agent.max_vips)")]
     TooManyVips { count: usize, max: u32 },
     /// More (VIP, backend) pairs than the backend array holds.
     #[error("{count} backends configured across all vips, but the backend array holds {max}")]
@@ -195,6 +244,9 @@ pub enum StateError {
     /// A reload named a VIP or backend the balancer does not have.
     #[error("reload: no {what} is running")]
     NotRunning { what: String },
+    /// A reload added a VIP or backend the balancer has already.
+    #[error("reload: {what} is already running")]
+    AlreadyRunning { what: String },
     /// Backend ids are never reused while the agent runs, so reloads that
     /// add backends eventually run out of them.
     #[error(
@@ -212,11 +264,20 @@ pub enum StateError {
     },
 }
 
+impl StateError {
+    /// Whether it was found before anything changed: a reload refused as a
+    /// whole, the balancer as it was. Only [`StateError::Dataplane`] comes
+    /// after the new desired state was recorded.
+    pub fn changed_nothing(&self) -> bool {
+        !matches!(self, StateError::Dataplane { .. })
+    }
+}
+
 /// A VIP as the status API and the health checker see it: a snapshot, so the
 /// caller may hold it after releasing the balancer's lock.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VipView<'a> {
-    /// Dense id from 1; indexes `VIP_STATS`.
+    /// Dense id from 1, at most `agent.max_vips`; selects its Maglev rings.
     pub vip_id: u32,
     /// Name from the config, for logs, metrics labels and status.
     pub name: &'a str,
@@ -230,6 +291,9 @@ pub struct VipView<'a> {
     pub ring_generation: Option<u32>,
     /// Its backends, in config order.
     pub backends: Vec<BackendView>,
+    /// Ids of backends a reload removed from it, down for good: its traffic
+    /// is the sum over these and [`VipView::backends`].
+    pub retired_backend_ids: &'a [u32],
 }
 
 /// A backend as the status API and the health checker see it.
@@ -267,9 +331,23 @@ pub struct BackendView {
 #[derive(Clone, Debug)]
 pub struct Balancer {
     ring_size: u32,
+    /// VIP ids run from 1 to this: each owns two rings of `MAGLEV`, which the
+    /// loader sized for this many VIPs.
+    max_vips: u32,
+    /// By id.
     vips: Vec<Vip>,
     /// Indexed by `backend_id - 1`.
     backends: Vec<Backend>,
+    /// VIPs a reload removed whose `VIPS` entry, `VIP_ADDRS` share or
+    /// backends' `DOWN` are not all written yet. Their ids may already belong
+    /// to an added VIP, whose rings are not written until they are gone.
+    removing: Vec<Removal>,
+    /// Ids a removed VIP held and no VIP has taken since: their rings and
+    /// `VIP_STATS` slot still hold that VIP's state.
+    used_ids: BTreeSet<u32>,
+    /// What `VIP_ADDRS` holds per address, as last written: `Some(protos)`,
+    /// or `None` when unknown after a failed write. No entry: none written.
+    vip_addrs: HashMap<VipAddrKey, Option<u32>>,
 }
 
 #[derive(Clone, Debug)]
@@ -285,13 +363,31 @@ struct Vip {
     /// Backends removed by a reload: written `DOWN` once the ring no longer
     /// names them; their ids are never reused.
     retired: Vec<u32>,
-    /// Whether `VIPS` holds it yet.
-    published: bool,
-    /// Generation packets read (0 or 1), once published.
-    generation: u32,
+    /// What `VIPS` holds for it, as last written; `None` before its first
+    /// publish.
+    live: Option<VipInfo>,
     /// What each generation holds in `MAGLEV`; empty when unknown (after a
-    /// failed write), which makes the next diff rewrite every slot.
+    /// failed write, or in a reused id), which makes the next diff rewrite
+    /// every slot.
     rings: [Vec<u32>; 2],
+    /// Its id was a removed VIP's, whose counts `VIP_STATS` still holds:
+    /// zeroed before the first publish.
+    stale_stats: bool,
+    /// Its last sync did not finish (or none ran yet): a reload syncs it
+    /// again even if it changes nothing about it.
+    unsynced: bool,
+}
+
+/// A VIP removed by a reload, until the dataplane has forgotten it.
+#[derive(Clone, Debug)]
+struct Removal {
+    vip_id: u32,
+    name: String,
+    key: VipKey,
+    /// Whether its `VIPS` entry may still be there.
+    live: bool,
+    /// Every backend it had, all retired: written `DOWN` once its entry is gone.
+    backend_ids: Vec<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -313,6 +409,21 @@ struct Backend {
 }
 
 impl Backend {
+    fn new(backend_id: u32, vip_id: u32, config: &BackendConfig, health: Health) -> Self {
+        Backend {
+            backend_id,
+            vip_id,
+            address: config.address,
+            key: config.address.to_string(),
+            weight: config.weight,
+            backup: config.backup,
+            health,
+            written_state: None,
+            ring_slots: 0,
+            retired: false,
+        }
+    }
+
     /// The state `BACKENDS` must hold. Weight 0 is still `UP`: such a backend
     /// is drained (no new flows) but keeps its existing ones.
     fn wanted_state(&self) -> u8 {
@@ -326,6 +437,43 @@ impl Backend {
     /// Whether it may take new flows: up, with weight.
     fn available(&self) -> bool {
         self.health.is_up() && self.weight > 0
+    }
+
+    /// Down for good: a reload removed it (or its VIP).
+    fn retire(&mut self) {
+        self.health = Health::Down;
+        self.retired = true;
+        self.ring_slots = 0;
+    }
+}
+
+impl Vip {
+    /// `reused`: the id was a removed VIP's, so its rings and counters hold
+    /// that VIP's state.
+    fn new(vip_id: u32, config: &VipConfig, backend_ids: Vec<u32>, ring_size: u32, reused: bool) -> Self {
+        let rings = if reused {
+            [Vec::new(), Vec::new()]
+        } else {
+            // The loader creates MAGLEV zeroed, so an id never used has both
+            // rings all BACKEND_ID_NONE and zero slots need no write.
+            // (Untouched zeroed Vecs cost no memory until written.)
+            [vec![BACKEND_ID_NONE; ring_size as usize], vec![BACKEND_ID_NONE; ring_size as usize]]
+        };
+        Vip {
+            vip_id,
+            name: config.name.clone(),
+            listen: config.listen,
+            protocol: config.protocol,
+            scheduler: config.scheduler,
+            health_check: config.health_check.clone(),
+            key: vip_key(config.listen, config.protocol),
+            backend_ids,
+            retired: Vec::new(),
+            live: None,
+            rings,
+            stale_stats: reused,
+            unsynced: true,
+        }
     }
 }
 
@@ -370,78 +518,40 @@ impl Balancer {
             });
         }
 
-        let mut vips = Vec::with_capacity(config.vips.len());
-        let mut backends = Vec::with_capacity(backend_count);
-        let mut backend_ids = 1u32..;
-        for (vip_id, vip) in (1u32..).zip(&config.vips) {
-            let health = match vip.health_check.kind {
-                HealthCheckKind::None => Health::Up,
-                HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
-            };
-            let ids: Vec<u32> = vip
-                .backends
-                .iter()
-                .zip(&mut backend_ids)
-                .map(|(backend, backend_id)| {
-                    backends.push(Backend {
-                        backend_id,
-                        vip_id,
-                        address: backend.address,
-                        key: backend.address.to_string(),
-                        weight: backend.weight,
-                        backup: backend.backup,
-                        health,
-                        written_state: None,
-                        ring_slots: 0,
-                        retired: false,
-                    });
-                    backend_id
-                })
-                .collect();
-            vips.push(Vip {
-                vip_id,
-                name: vip.name.clone(),
-                listen: vip.listen,
-                protocol: vip.protocol,
-                scheduler: vip.scheduler,
-                health_check: vip.health_check.clone(),
-                key: vip_key(vip.listen, vip.protocol),
-                backend_ids: ids,
-                retired: Vec::new(),
-                published: false,
-                generation: 0,
-                // The loader creates MAGLEV zeroed, so both rings start all
-                // BACKEND_ID_NONE and zero slots need no write. (Untouched
-                // zeroed Vecs cost no memory until written.)
-                rings: [
-                    vec![BACKEND_ID_NONE; ring_size as usize],
-                    vec![BACKEND_ID_NONE; ring_size as usize],
-                ],
-            });
-        }
-        Ok(Balancer {
+        let mut balancer = Balancer {
             ring_size,
-            vips,
-            backends,
-        })
+            max_vips,
+            vips: Vec::with_capacity(config.vips.len()),
+            backends: Vec::with_capacity(backend_count),
+            removing: Vec::new(),
+            used_ids: BTreeSet::new(),
+            vip_addrs: HashMap::new(),
+        };
+        // All ids are free, so VIP n takes id n.
+        for vip in &config.vips {
+            balancer.add_vip(vip);
+        }
+        Ok(balancer)
     }
 
     /// Writes everything into freshly loaded maps: every backend entry (`DOWN`
     /// unless up), each VIP's ring into generation 0 (only its non-zero
     /// slots, the array being zeroed), then each VIP with `ring_generation`
-    /// 0. VIPs are published last, so no packet sees a VIP before its ring.
+    /// 0, then its address in `VIP_ADDRS`. VIPs are published last, so no
+    /// packet sees a VIP before its ring.
     ///
     /// It is idempotent: called again, it writes only what a failed earlier
-    /// call left out, so it doubles as "retry everything".
+    /// call (or reload) left out, so it doubles as "retry everything".
     ///
     /// # Errors
     ///
     /// [`StateError::Dataplane`] naming the write that failed; the VIPs before
     /// it are complete.
     pub fn install(&mut self, dp: &mut impl Dataplane) -> Result<Change, StateError> {
-        let mut change = Change::default();
-        for index in 0..self.vips.len() {
-            change += self.sync_vip(index, dp)?;
+        let mut change = self.sync_removals(dp)?;
+        let ids: Vec<u32> = self.vips.iter().map(|vip| vip.vip_id).collect();
+        for vip_id in ids {
+            change += self.sync_vip(vip_id, dp)?;
         }
         Ok(change)
     }
@@ -471,8 +581,8 @@ impl Balancer {
             return Ok(Change::default());
         }
         backend.health = if up { Health::Up } else { Health::Down };
-        let index = vip_index(backend.vip_id);
-        self.sync_vip(index, dp)
+        let vip_id = backend.vip_id;
+        self.sync_vip(vip_id, dp)
     }
 
     /// Changes a backend's weight and brings the dataplane in line, like
@@ -495,129 +605,277 @@ impl Balancer {
             .filter(|b| !b.retired)
             .ok_or(StateError::UnknownBackend { backend_id })?;
         backend.weight = weight;
-        let index = vip_index(backend.vip_id);
-        self.sync_vip(index, dp)
+        let vip_id = backend.vip_id;
+        self.sync_vip(vip_id, dp)
     }
 
     /// Applies a config reload's actions (see [`crate::lb::reload`]) and
-    /// brings the dataplane in line, one sync per VIP
-    /// touched, so the module docs' order holds for every change: added
-    /// backends are written before a ring names them, removed ones `DOWN`
-    /// only after the live ring no longer does.
+    /// brings the dataplane in line: first the removed VIPs leave it, then
+    /// one sync per VIP touched, so the module docs' order holds for every
+    /// change: added backends are written before a ring names them, removed
+    /// ones `DOWN` only after the live ring no longer does, and an added VIP
+    /// is published only once its ring is whole.
     ///
     /// Everything is checked before anything changes, so an error from the
-    /// check leaves the balancer as it was. An added backend takes the next
-    /// unused id (never one used before); a removed one is retired: `DOWN`
-    /// for good, its flows rescheduled at their next packet, its id never
-    /// reused. A health check becoming `none` brings the VIP's backends up; an
-    /// added backend of a checked VIP starts [`Health::Unknown`].
+    /// check leaves the balancer as it was. An added VIP takes the lowest free
+    /// id and fresh backend ids; a removed one's backends are retired and its
+    /// id is freed (see the module docs for how a reused id starts clean). An
+    /// added backend takes the next unused id (never one used before); a
+    /// removed one is retired: `DOWN` for good, its flows rescheduled at their
+    /// next packet, its id never reused. A health check becoming `none`
+    /// brings the VIP's backends up; an added backend of a checked VIP starts
+    /// [`Health::Unknown`].
     ///
     /// # Errors
     ///
-    /// [`StateError::NotRunning`] for an action naming a VIP or backend this
-    /// balancer does not have (or adding one it has), or
-    /// [`StateError::OutOfBackendIds`], both before any change; or
-    /// [`StateError::Dataplane`], after the desired state was recorded: a
-    /// later health event or [`Balancer::install`] retries the writes.
+    /// Before any change: [`StateError::NotRunning`] for an action naming a
+    /// VIP or backend this balancer does not have,
+    /// [`StateError::AlreadyRunning`] for adding one it has (or a VIP on the
+    /// `listen` and protocol of one that stays), [`StateError::TooManyVips`]
+    /// when more VIPs than `agent.max_vips` would run, or
+    /// [`StateError::OutOfBackendIds`]. Or [`StateError::Dataplane`], after the
+    /// desired state was recorded: a later reload, health event or
+    /// [`Balancer::install`] retries the writes.
     pub fn apply_reload(&mut self, actions: &[Action], dp: &mut impl Dataplane) -> Result<Change, StateError> {
-        let mut adds = 0usize;
+        self.check_reload(actions)?;
+        for vip_id in self.record_reload(actions) {
+            if let Ok(index) = self.vip_position(vip_id) {
+                self.vips[index].unsynced = true;
+            }
+        }
+        let mut change = self.sync_removals(dp)?;
+        // The VIPs touched, and those an earlier failure left half-written.
+        let ids: Vec<u32> = self.vips.iter().filter(|vip| vip.unsynced).map(|vip| vip.vip_id).collect();
+        for vip_id in ids {
+            change += self.sync_vip(vip_id, dp)?;
+        }
+        Ok(change)
+    }
+
+    /// Refuses `actions` unless every one applies to the state it finds: the
+    /// VIPs and backends it names exist (or, added, do not), and what results
+    /// fits the id spaces.
+    fn check_reload(&self, actions: &[Action]) -> Result<(), StateError> {
+        let not_running = |what: String| StateError::NotRunning { what };
+        let mut removed: HashSet<&str> = HashSet::new();
+        let mut added: Vec<(&str, VipKey)> = Vec::new();
+        let mut backends_added = 0usize;
         for action in actions {
-            let not_running = |what: String| StateError::NotRunning { what };
-            let vip = action.vip();
-            let index = self.vip_index_by_name(vip).ok_or_else(|| not_running(format!("vip {vip}")))?;
+            let name = action.vip();
+            // Only VIPs running before the reload, and not removed by it, can change in place.
+            let running = self.vip_index_by_name(name).filter(|_| !removed.contains(name));
             match action {
-                Action::AddBackend { backend, .. } => {
-                    if self.backend_of(index, backend.address).is_some() {
-                        return Err(not_running(format!("vip {vip} backend {} as a new one", backend.address)));
+                Action::RemoveVip { .. } => {
+                    running.ok_or_else(|| not_running(format!("vip {name}")))?;
+                    removed.insert(name);
+                }
+                Action::AddVip { vip } => {
+                    let key = vip_key(vip.listen, vip.protocol);
+                    let taken = self.vips.iter().any(|v| v.key == key && !removed.contains(v.name.as_str()))
+                        || added.iter().any(|&(_, k)| k == key);
+                    if taken {
+                        let what = format!("a vip on {} {}", vip.listen, vip.protocol.as_str());
+                        return Err(StateError::AlreadyRunning { what });
                     }
-                    adds += 1;
+                    if running.is_some() || added.iter().any(|&(n, _)| n == name) {
+                        return Err(StateError::AlreadyRunning { what: format!("vip {name}") });
+                    }
+                    added.push((name, key));
+                    backends_added += vip.backends.len();
+                }
+                Action::AddBackend { backend, .. } => {
+                    let index = running.ok_or_else(|| not_running(format!("vip {name}")))?;
+                    if self.backend_of(index, backend.address).is_some() {
+                        let what = format!("vip {name} backend {}", backend.address);
+                        return Err(StateError::AlreadyRunning { what });
+                    }
+                    backends_added += 1;
                 }
                 Action::SetWeight { address, .. } | Action::SetBackup { address, .. } | Action::RemoveBackend { address, .. } => {
+                    let index = running.ok_or_else(|| not_running(format!("vip {name}")))?;
                     self.backend_of(index, *address)
-                        .ok_or_else(|| not_running(format!("vip {vip} backend {address}")))?;
+                        .ok_or_else(|| not_running(format!("vip {name} backend {address}")))?;
                 }
-                Action::SetHealthCheck { .. } => {}
+                Action::SetScheduler { .. } | Action::SetHealthCheck { .. } => {
+                    running.ok_or_else(|| not_running(format!("vip {name}")))?;
+                }
             }
         }
-        if self.backends.len() + adds >= MAX_BACKENDS as usize {
-            return Err(StateError::OutOfBackendIds { used: self.backends.len(), adding: adds, max: MAX_BACKENDS - 1 });
+        let count = self.vips.len() - removed.len() + added.len();
+        if count > self.max_vips as usize {
+            return Err(StateError::TooManyVips { count, max: self.max_vips });
         }
+        if self.backends.len() + backends_added >= MAX_BACKENDS as usize {
+            return Err(StateError::OutOfBackendIds {
+                used: self.backends.len(),
+                adding: backends_added,
+                max: MAX_BACKENDS - 1,
+            });
+        }
+        Ok(())
+    }
 
-        let mut touched = std::collections::BTreeSet::new();
+    /// Records what checked `actions` ask for, writing nothing; returns the
+    /// ids of the VIPs to sync.
+    fn record_reload(&mut self, actions: &[Action]) -> BTreeSet<u32> {
+        let mut touched = BTreeSet::new();
         // Health checks first, so an added backend starts as its VIP's new check says.
         for action in actions {
-            let Some(index) = self.vip_index_by_name(action.vip()) else { continue };
-            touched.insert(index);
-            let Action::SetHealthCheck { check, .. } = action else { continue };
-            let Some(vip) = self.vips.get_mut(index) else { continue };
-            vip.health_check = check.clone();
-            if matches!(check.kind, HealthCheckKind::None) {
-                for &id in &vip.backend_ids {
-                    if let Some(backend) = self.backends.get_mut(backend_index(id)) {
-                        backend.health = Health::Up;
-                    }
-                }
+            if let Action::SetHealthCheck { vip, check } = action {
+                touched.extend(self.set_health_check(vip, check));
             }
         }
         for action in actions {
-            let Some(index) = self.vip_index_by_name(action.vip()) else { continue };
+            let name = action.vip();
             match action {
                 Action::SetHealthCheck { .. } => {}
-                Action::SetWeight { address, to, .. } => {
-                    if let Some(backend) = self.backend_of(index, *address).and_then(|id| self.backend_mut(id)) {
-                        backend.weight = *to;
+                Action::RemoveVip { .. } => self.remove_vip(name),
+                Action::AddVip { vip } => {
+                    touched.extend(self.add_vip(vip));
+                }
+                Action::SetScheduler { to, .. } => {
+                    if let Some(vip) = self.vip_by_name_mut(name) {
+                        vip.scheduler = *to;
+                        touched.insert(vip.vip_id);
                     }
+                }
+                Action::SetWeight { address, to, .. } => {
+                    touched.extend(self.with_backend(name, *address, |b| b.weight = *to));
                 }
                 Action::SetBackup { address, to, .. } => {
-                    if let Some(backend) = self.backend_of(index, *address).and_then(|id| self.backend_mut(id)) {
-                        backend.backup = *to;
-                    }
+                    touched.extend(self.with_backend(name, *address, |b| b.backup = *to));
                 }
                 Action::RemoveBackend { address, .. } => {
-                    let Some(id) = self.backend_of(index, *address) else { continue };
-                    if let Some(backend) = self.backend_mut(id) {
-                        backend.health = Health::Down;
-                        backend.retired = true;
-                        backend.ring_slots = 0;
-                    }
-                    if let Some(vip) = self.vips.get_mut(index) {
-                        vip.backend_ids.retain(|&b| b != id);
-                        vip.retired.push(id);
-                    }
+                    touched.extend(self.remove_backend(name, *address));
                 }
                 Action::AddBackend { backend, .. } => {
-                    let Some(vip) = self.vips.get_mut(index) else { continue };
-                    // Checked above: below MAX_BACKENDS, so it fits a u32.
-                    let backend_id = self.backends.len() as u32 + 1;
-                    let health = match vip.health_check.kind {
-                        HealthCheckKind::None => Health::Up,
-                        HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
-                    };
-                    vip.backend_ids.push(backend_id);
-                    self.backends.push(Backend {
-                        backend_id,
-                        vip_id: vip.vip_id,
-                        address: backend.address,
-                        key: backend.address.to_string(),
-                        weight: backend.weight,
-                        backup: backend.backup,
-                        health,
-                        written_state: None,
-                        ring_slots: 0,
-                        retired: false,
-                    });
+                    let Some(index) = self.vip_index_by_name(name) else { continue };
+                    let (vip_id, health) = (self.vips[index].vip_id, Health::initial(&self.vips[index].health_check.kind));
+                    let backend_id = self.add_backend(vip_id, backend, health);
+                    self.vips[index].backend_ids.push(backend_id);
+                    touched.insert(vip_id);
                 }
             }
         }
+        touched
+    }
+
+    /// A VIP's new health check; `none` brings its backends up. Returns its id.
+    fn set_health_check(&mut self, name: &str, check: &HealthCheckConfig) -> Option<u32> {
+        let index = self.vip_index_by_name(name)?;
+        let vip = &mut self.vips[index];
+        vip.health_check = check.clone();
+        if matches!(check.kind, HealthCheckKind::None) {
+            for &id in &vip.backend_ids {
+                if let Some(backend) = self.backends.get_mut(backend_index(id)) {
+                    backend.health = Health::Up;
+                }
+            }
+        }
+        Some(vip.vip_id)
+    }
+
+    /// Applies `f` to the (not retired) backend at `address` of VIP `name`;
+    /// returns the VIP's id.
+    fn with_backend(&mut self, name: &str, address: SocketAddr, f: impl FnOnce(&mut Backend)) -> Option<u32> {
+        let index = self.vip_index_by_name(name)?;
+        let backend = self.backend_of(index, address).and_then(|id| self.backend_mut(id))?;
+        f(backend);
+        Some(backend.vip_id)
+    }
+
+    /// Retires the backend at `address` of VIP `name`; returns the VIP's id.
+    fn remove_backend(&mut self, name: &str, address: SocketAddr) -> Option<u32> {
+        let index = self.vip_index_by_name(name)?;
+        let id = self.backend_of(index, address)?;
+        self.backend_mut(id)?.retire();
+        let vip = &mut self.vips[index];
+        vip.backend_ids.retain(|&b| b != id);
+        vip.retired.push(id);
+        Some(vip.vip_id)
+    }
+
+    /// Gives `config` the lowest free VIP id and fresh backend ids; returns
+    /// its id, or `None` when no id is free (which the callers checked).
+    fn add_vip(&mut self, config: &VipConfig) -> Option<u32> {
+        let vip_id = (1..=self.max_vips).find(|&id| self.vip_position(id).is_err())?;
+        let reused = self.used_ids.remove(&vip_id);
+        let health = Health::initial(&config.health_check.kind);
+        let backend_ids = config.backends.iter().map(|backend| self.add_backend(vip_id, backend, health)).collect();
+        let vip = Vip::new(vip_id, config, backend_ids, self.ring_size, reused);
+        let at = self.vip_position(vip_id).unwrap_or_else(|at| at);
+        self.vips.insert(at, vip);
+        Some(vip_id)
+    }
+
+    /// A backend of VIP `vip_id` under the next id never used (the caller
+    /// checked that one is left: below `MAX_BACKENDS`, so it fits a u32).
+    fn add_backend(&mut self, vip_id: u32, config: &BackendConfig, health: Health) -> u32 {
+        let backend_id = self.backends.len() as u32 + 1;
+        self.backends.push(Backend::new(backend_id, vip_id, config, health));
+        backend_id
+    }
+
+    /// Takes VIP `name` out of service: its backends are retired, and it waits
+    /// in `removing` until [`Balancer::sync_removals`] has taken it out of the
+    /// maps.
+    fn remove_vip(&mut self, name: &str) {
+        let Some(index) = self.vip_index_by_name(name) else { return };
+        let vip = self.vips.remove(index);
+        let backend_ids: Vec<u32> = vip.backend_ids.iter().chain(&vip.retired).copied().collect();
+        for &id in &backend_ids {
+            if let Some(backend) = self.backend_mut(id) {
+                backend.retire();
+            }
+        }
+        self.used_ids.insert(vip.vip_id);
+        self.removing.push(Removal {
+            vip_id: vip.vip_id,
+            name: vip.name,
+            key: vip.key,
+            live: vip.live.is_some(),
+            backend_ids,
+        });
+    }
+
+    /// Takes each removed VIP out of the maps, in the order of the module
+    /// docs: its `VIPS` entry, its share of `VIP_ADDRS`, its backends `DOWN`.
+    /// A removal is forgotten only once all of it landed, so a failure is
+    /// retried by the next call.
+    fn sync_removals(&mut self, dp: &mut impl Dataplane) -> Result<Change, StateError> {
         let mut change = Change::default();
-        for index in touched {
-            change += self.sync_vip(index, dp)?;
+        while let Some(removal) = self.removing.first() {
+            let (vip_id, name, key, ids) = (removal.vip_id, removal.name.clone(), removal.key, removal.backend_ids.clone());
+            if removal.live {
+                dp.remove_vip(&key).map_err(|source| StateError::Dataplane {
+                    vip: name.clone(),
+                    step: Step::RemoveVip { vip_id },
+                    source,
+                })?;
+                if let Some(removal) = self.removing.first_mut() {
+                    removal.live = false;
+                }
+            }
+            self.sync_vip_addr(&name, &key, dp)?;
+            for id in ids {
+                change.backends_written += usize::from(self.write_backend_if(&name, id, BACKEND_STATE_DOWN, dp)?);
+            }
+            self.removing.remove(0);
         }
         Ok(change)
     }
 
     fn vip_index_by_name(&self, name: &str) -> Option<usize> {
         self.vips.iter().position(|vip| vip.name == name)
+    }
+
+    fn vip_by_name_mut(&mut self, name: &str) -> Option<&mut Vip> {
+        self.vips.iter_mut().find(|vip| vip.name == name)
+    }
+
+    /// Where VIP `vip_id` is in `vips` (sorted by id), or where it would go.
+    fn vip_position(&self, vip_id: u32) -> Result<usize, usize> {
+        self.vips.binary_search_by_key(&vip_id, |vip| vip.vip_id)
     }
 
     /// The id of the (not retired) backend at `address` of the VIP at `index`.
@@ -632,14 +890,16 @@ impl Balancer {
         self.ring_size
     }
 
-    /// Every VIP in config order (so by id).
+    /// Every VIP, by id: config order at start; a VIP added by a reload
+    /// takes the lowest free id.
     pub fn vips(&self) -> impl ExactSizeIterator<Item = VipView<'_>> + '_ {
         self.vips.iter().map(|vip| self.view(vip))
     }
 
     /// One VIP by id, e.g. to label a `VIP_STATS` entry.
     pub fn vip(&self, vip_id: u32) -> Option<VipView<'_>> {
-        self.vips.get(vip_index(vip_id)).map(|vip| self.view(vip))
+        let index = self.vip_position(vip_id).ok()?;
+        self.vips.get(index).map(|vip| self.view(vip))
     }
 
     /// Every backend of every VIP, by id: what the health checker probes.
@@ -648,21 +908,27 @@ impl Balancer {
         self.backends.iter().filter(|b| !b.retired).map(Backend::view)
     }
 
-    /// One backend by id, e.g. to label a `BACKEND_STATS` entry.
+    /// One backend by id, e.g. to label a `BACKEND_STATS` entry; retired
+    /// ones too.
     pub fn backend(&self, backend_id: u32) -> Option<BackendView> {
         self.backends
             .get(backend_index(backend_id))
             .map(Backend::view)
     }
 
+    /// Whether a reload removed the backend (or its VIP): its health no
+    /// longer matters.
+    pub fn is_retired(&self, backend_id: u32) -> bool {
+        self.backends.get(backend_index(backend_id)).is_some_and(|b| b.retired)
+    }
+
     /// "vip web backend 198.18.2.11:8080 (id 3)": how logs name a backend.
     pub fn describe_backend(&self, backend_id: u32) -> String {
         match self.backends.get(backend_index(backend_id)) {
+            // Its VIP may be gone, and its id another VIP's.
+            Some(backend) if backend.retired => format!("retired backend {} (id {backend_id})", backend.address),
             Some(backend) => {
-                let vip = self
-                    .vips
-                    .get(vip_index(backend.vip_id))
-                    .map_or("?", |vip| vip.name.as_str());
+                let vip = self.vip(backend.vip_id).map_or("?", |vip| vip.name);
                 format!("vip {vip} backend {} (id {backend_id})", backend.address)
             }
             None => format!("unknown backend (id {backend_id})"),
@@ -672,11 +938,9 @@ impl Balancer {
     /// The ring packets of `vip_id` read, as last written; `None` before the
     /// VIP is installed or when the id is unknown.
     pub fn live_ring(&self, vip_id: u32) -> Option<&[u32]> {
-        let vip = self
-            .vips
-            .get(vip_index(vip_id))
-            .filter(|vip| vip.published)?;
-        vip.rings.get(vip.generation as usize).map(Vec::as_slice)
+        let vip = self.vips.get(self.vip_position(vip_id).ok()?)?;
+        let live = vip.live?;
+        vip.rings.get((live.ring_generation & 1) as usize).map(Vec::as_slice)
     }
 
     fn view<'a>(&'a self, vip: &'a Vip) -> VipView<'a> {
@@ -687,12 +951,13 @@ impl Balancer {
             protocol: vip.protocol,
             scheduler: vip.scheduler,
             health_check: &vip.health_check,
-            ring_generation: vip.published.then_some(vip.generation),
+            ring_generation: vip.live.map(|live| live.ring_generation),
             backends: vip
                 .backend_ids
                 .iter()
                 .filter_map(|&id| self.backend(id))
                 .collect(),
+            retired_backend_ids: &vip.retired,
         }
     }
 
@@ -701,35 +966,71 @@ impl Balancer {
     }
 
     /// Makes the dataplane match the desired state of one VIP, in the three
-    /// steps of the module docs.
-    fn sync_vip(
-        &mut self,
-        vip_index: usize,
-        dp: &mut impl Dataplane,
-    ) -> Result<Change, StateError> {
+    /// steps of the module docs, then its address's `VIP_ADDRS` entry.
+    fn sync_vip(&mut self, vip_id: u32, dp: &mut impl Dataplane) -> Result<Change, StateError> {
         let mut change = Change::default();
-        let Some(vip) = self.vips.get(vip_index) else {
+        let Ok(index) = self.vip_position(vip_id) else {
             return Ok(change);
         };
-        let ids = vip.backend_ids.clone();
-        let retired = vip.retired.clone();
+        if self.removing.iter().any(|removal| removal.vip_id == vip_id) {
+            // Its rings may still be read through the removed VIP's entry: that
+            // goes first, or if it cannot, nothing is written.
+            change += self.sync_removals(dp)?;
+        }
+        let vip = &mut self.vips[index];
+        vip.unsynced = true;
+        let (name, key, ids, retired) = (vip.name.clone(), vip.key, vip.backend_ids.clone(), vip.retired.clone());
 
         // 1. Up before any ring names them.
         for &id in &ids {
-            change.backends_written +=
-                usize::from(self.write_backend_if(vip_index, id, BACKEND_STATE_UP, dp)?);
+            change.backends_written += usize::from(self.write_backend_if(&name, id, BACKEND_STATE_UP, dp)?);
         }
 
         // 2. The ring, through the generation packets do not read.
-        let ring = maglev::build_ring(self.ring_size, &self.ring_members(&ids));
+        change += self.publish(index, &ids, dp)?;
+
+        // 3. Down only once the live ring no longer names them.
+        for &id in ids.iter().chain(&retired) {
+            change.backends_written += usize::from(self.write_backend_if(&name, id, BACKEND_STATE_DOWN, dp)?);
+        }
+        self.sync_vip_addr(&name, &key, dp)?;
+        if let Some(vip) = self.vips.get_mut(index) {
+            vip.unsynced = false;
+        }
+        Ok(change)
+    }
+
+    /// Step 2 of the module docs for the VIP at `index` with backends `ids`:
+    /// writes a changed ring into the generation packets do not read (0
+    /// before the first publish), then publishes it, with the scheduler's
+    /// flags, in one `upsert_vip`. A new scheduler alone republishes the
+    /// live generation.
+    fn publish(&mut self, index: usize, ids: &[u32], dp: &mut impl Dataplane) -> Result<Change, StateError> {
+        let mut change = Change::default();
+        let ring = maglev::build_ring(self.ring_size, &self.ring_members(ids));
         let ring_size = self.ring_size;
-        let Some(vip) = self.vips.get_mut(vip_index) else {
+        let vip = &mut self.vips[index];
+        let flags = vip.scheduler.vip_flags();
+        let ring_changed = vip.live.is_none_or(|live| vip.rings[(live.ring_generation & 1) as usize] != ring);
+        if !ring_changed && vip.live.is_some_and(|live| live.flags == flags) {
             return Ok(change);
+        }
+        let failed = |name: &str, step: Step| {
+            let vip = name.to_owned();
+            move |source| StateError::Dataplane { vip, step, source }
         };
-        let live = vip.generation & 1;
-        if !vip.published || vip.rings[live as usize] != ring {
+        if vip.live.is_none() && vip.stale_stats {
+            dp.reset_vip_stats(vip.vip_id)
+                .map_err(failed(&vip.name, Step::ResetStats { vip_id: vip.vip_id }))?;
+            vip.stale_stats = false;
+        }
+        let target = match vip.live {
             // Before the first publish no packet reads either ring; start at 0.
-            let target = if vip.published { live ^ 1 } else { 0 };
+            None => 0,
+            Some(live) if ring_changed => (live.ring_generation & 1) ^ 1,
+            Some(live) => live.ring_generation & 1,
+        };
+        if ring_changed {
             let base = ring_base(vip.vip_id, target, ring_size);
             let shadow = &mut vip.rings[target as usize];
             // `new` keeps base + slot within the Maglev limit, far below u32::MAX.
@@ -742,42 +1043,48 @@ impl Balancer {
             {
                 // Some slots may have landed: the contents are unknown now.
                 shadow.clear();
-                let step = Step::WriteRing {
-                    generation: target,
-                    slots: writes.len(),
-                };
-                return Err(StateError::Dataplane {
-                    vip: vip.name.clone(),
-                    step,
-                    source,
-                });
+                let step = Step::WriteRing { generation: target, slots: writes.len() };
+                return Err(StateError::Dataplane { vip: vip.name.clone(), step, source });
             }
             *shadow = ring;
-            let info = VipInfo {
-                vip_id: vip.vip_id,
-                ring_size,
-                ring_generation: target,
-                flags: vip.scheduler.vip_flags(),
-            };
-            dp.upsert_vip(vip.key, info)
-                .map_err(|source| StateError::Dataplane {
-                    vip: vip.name.clone(),
-                    step: Step::PublishRing { generation: target },
-                    source,
-                })?;
-            vip.generation = target;
-            vip.published = true;
             change.slots_written += writes.len();
-            change.rings_published += 1;
-            self.count_ring_slots(vip_index);
         }
-
-        // 3. Down only once the live ring no longer names them.
-        for &id in ids.iter().chain(&retired) {
-            change.backends_written +=
-                usize::from(self.write_backend_if(vip_index, id, BACKEND_STATE_DOWN, dp)?);
-        }
+        let info = VipInfo { vip_id: vip.vip_id, ring_size, ring_generation: target, flags };
+        dp.upsert_vip(vip.key, info)
+            .map_err(failed(&vip.name, Step::PublishRing { generation: target }))?;
+        vip.live = Some(info);
+        change.rings_published += 1;
+        self.count_ring_slots(index);
         Ok(change)
+    }
+
+    /// Brings the `VIP_ADDRS` entry of `key`'s address in line with the VIPs
+    /// published there (removed ones whose entry may remain included). Named
+    /// `vip` in errors.
+    fn sync_vip_addr(&mut self, vip: &str, key: &VipKey, dp: &mut impl Dataplane) -> Result<(), StateError> {
+        let addr = vip_addr_key(key);
+        let live = self.vips.iter().filter(|v| v.live.is_some()).map(|v| &v.key);
+        let leaving = self.removing.iter().filter(|r| r.live).map(|r| &r.key);
+        let protos = live
+            .chain(leaving)
+            .filter(|k| vip_addr_key(k) == addr)
+            .fold(0, |protos, k| protos | proto_bit(k.proto));
+        let written = self.vip_addrs.get(&addr).copied().unwrap_or(Some(0));
+        if written == Some(protos) {
+            return Ok(());
+        }
+        self.vip_addrs.insert(addr, None);
+        dp.set_vip_addr(addr, protos).map_err(|source| StateError::Dataplane {
+            vip: vip.to_owned(),
+            step: Step::WriteVipAddr { protos },
+            source,
+        })?;
+        if protos == 0 {
+            self.vip_addrs.remove(&addr);
+        } else {
+            self.vip_addrs.insert(addr, Some(protos));
+        }
+        Ok(())
     }
 
     /// The backends a VIP's ring is built from: its available primaries, or,
@@ -802,10 +1109,10 @@ impl Balancer {
     }
 
     /// Writes backend `id`'s entry if it should hold `state` and may not yet;
-    /// returns whether it wrote.
+    /// returns whether it wrote. Errors name VIP `vip`.
     fn write_backend_if(
         &mut self,
-        vip_index: usize,
+        vip: &str,
         id: u32,
         state: u8,
         dp: &mut impl Dataplane,
@@ -818,13 +1125,8 @@ impl Balancer {
         }
         backend.written_state = None;
         if let Err(source) = dp.set_backend(id, backend_info(backend.address, state)) {
-            let vip = self
-                .vips
-                .get(vip_index)
-                .map(|vip| vip.name.clone())
-                .unwrap_or_default();
             return Err(StateError::Dataplane {
-                vip,
+                vip: vip.to_owned(),
                 step: Step::WriteBackend {
                     backend_id: id,
                     state,
@@ -846,7 +1148,8 @@ impl Balancer {
                 backend.ring_slots = 0;
             }
         }
-        for &id in &vip.rings[(vip.generation & 1) as usize] {
+        let Some(live) = vip.live else { return };
+        for &id in &vip.rings[(live.ring_generation & 1) as usize] {
             if id != BACKEND_ID_NONE
                 && let Some(backend) = self.backends.get_mut(backend_index(id))
             {
@@ -882,6 +1185,11 @@ pub fn vip_key(listen: SocketAddr, protocol: Protocol) -> VipKey {
     }
 }
 
+/// The `VIP_ADDRS` key of a VIP's address.
+pub fn vip_addr_key(key: &VipKey) -> VipAddrKey {
+    VipAddrKey { addr_be: key.addr_be, family: key.family, _pad: [0; 3] }
+}
+
 /// The `BACKENDS` entry for a backend address in `state`
 /// (`BACKEND_STATE_*`), in network byte order like [`vip_key`].
 pub fn backend_info(address: SocketAddr, state: u8) -> BackendInfo {
@@ -908,11 +1216,6 @@ fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
     }
 }
 
-/// Index into `Balancer::vips`; id 0 maps past the end, so it is never found.
-fn vip_index(vip_id: u32) -> usize {
-    (vip_id as usize).wrapping_sub(1)
-}
-
 /// Index into `Balancer::backends`; id 0 maps past the end, so it is never found.
 fn backend_index(backend_id: u32) -> usize {
     (backend_id as usize).wrapping_sub(1)
@@ -924,8 +1227,10 @@ mod tests {
 
     use anyhow::anyhow;
 
+    use lb_common::vip_addr::{VIP_ADDR_TCP, VIP_ADDR_UDP};
+
     use super::*;
-    use crate::config::model::{AgentConfig, BackendConfig, VipConfig, XdpMode};
+    use crate::config::model::{AgentConfig, XdpMode};
 
     const M: u32 = lb_common::limits::DEFAULT_RING_SIZE;
     /// A smaller prime for tests that rebuild rings hundreds of times.
@@ -978,6 +1283,7 @@ mod tests {
                 conntrack_capacity: 1024,
                 ring_size,
                 max_vips: 4,
+                max_vips_set: true,
             },
             vips,
         }
@@ -1012,8 +1318,10 @@ mod tests {
     enum Call {
         UpsertVip { key: VipKey, info: VipInfo },
         RemoveVip { key: VipKey },
+        SetVipAddr { key: VipAddrKey, protos: u32 },
         SetBackend { backend_id: u32, info: BackendInfo },
         WriteSlots { slots: Vec<(u32, u32)> },
+        ResetStats { vip_id: u32 },
     }
 
     /// Records calls and models the maps. After every call it plays a reader:
@@ -1022,8 +1330,11 @@ mod tests {
     struct FakeDataplane {
         calls: Vec<Call>,
         vips: HashMap<VipKey, VipInfo>,
+        vip_addrs: HashMap<VipAddrKey, u32>,
         backends: HashMap<u32, BackendInfo>,
         maglev: Vec<u32>,
+        /// Packets per VIP id, as `VIP_STATS` would count them.
+        vip_stats: HashMap<u32, u64>,
         attempts: usize,
         /// Fail the attempt with this index (counted over the fake's life); a
         /// failing slot write still applies its first half, like a syscall
@@ -1037,8 +1348,10 @@ mod tests {
             FakeDataplane {
                 calls: Vec::new(),
                 vips: HashMap::new(),
+                vip_addrs: HashMap::new(),
                 backends: HashMap::new(),
                 maglev: vec![0; entries as usize],
+                vip_stats: HashMap::new(),
                 attempts: 0,
                 fail_attempt: None,
             }
@@ -1107,8 +1420,34 @@ mod tests {
             if self.attempt() {
                 return Err(anyhow!("injected vip failure"));
             }
-            self.vips.remove(key);
+            assert!(self.vips.remove(key).is_some(), "removed a vip that is not in the map: {key:?}");
             self.calls.push(Call::RemoveVip { key: *key });
+            Ok(())
+        }
+
+        fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), DataplaneError> {
+            if self.attempt() {
+                return Err(anyhow!("injected vip address failure"));
+            }
+            if protos == 0 {
+                self.vip_addrs.remove(&key);
+            } else {
+                self.vip_addrs.insert(key, protos);
+            }
+            self.calls.push(Call::SetVipAddr { key, protos });
+            Ok(())
+        }
+
+        fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
+            assert!(
+                !self.vips.values().any(|info| info.vip_id == vip_id),
+                "reset the counters of vip id {vip_id} while the vip map names it"
+            );
+            if self.attempt() {
+                return Err(anyhow!("injected stats failure"));
+            }
+            self.vip_stats.remove(&vip_id);
+            self.calls.push(Call::ResetStats { vip_id });
             Ok(())
         }
 
@@ -1206,8 +1545,16 @@ mod tests {
         maglev::build_ring(balancer.ring_size(), &members)
     }
 
-    /// The fake's live ring must equal the shadow and what Maglev prescribes.
+    /// The fake's maps must hold exactly the balancer's VIPs, `VIP_ADDRS` as
+    /// `VIPS` implies it, and each live ring must equal the shadow and what
+    /// Maglev prescribes.
     fn assert_consistent(balancer: &Balancer, dp: &FakeDataplane) {
+        let mut running: Vec<(VipKey, u32)> = balancer.vips().map(|v| (vip_key(v.listen, v.protocol), v.vip_id)).collect();
+        let mut mapped: Vec<(VipKey, u32)> = dp.vips.iter().map(|(key, info)| (*key, info.vip_id)).collect();
+        running.sort_by_key(|&(_, id)| id);
+        mapped.sort_by_key(|&(_, id)| id);
+        assert_eq!(mapped, running, "VIPS holds other vips than the balancer runs");
+        assert_eq!(dp.vip_addrs, vip_addrs_of(dp.vips.keys()), "VIP_ADDRS differs from what VIPS holds");
         for vip in balancer.vips() {
             let key = vip_key(vip.listen, vip.protocol);
             let live = dp
@@ -1242,6 +1589,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `VIP_ADDRS` as it must be for `keys` in `VIPS`: per address, a bit per
+    /// protocol with a VIP there.
+    fn vip_addrs_of<'a>(keys: impl Iterator<Item = &'a VipKey>) -> HashMap<VipAddrKey, u32> {
+        let mut addrs = HashMap::new();
+        for key in keys {
+            *addrs.entry(vip_addr_key(key)).or_insert(0) |= proto_bit(key.proto);
+        }
+        addrs
     }
 
     fn fraction_changed(old: &[u32], new: &[u32]) -> f64 {
@@ -1340,10 +1697,11 @@ mod tests {
                 Call::SetBackend { .. } => "backend",
                 Call::WriteSlots { .. } => "slots",
                 Call::UpsertVip { .. } => "vip",
-                Call::RemoveVip { .. } => "remove",
+                Call::SetVipAddr { .. } => "addr",
+                Call::RemoveVip { .. } | Call::ResetStats { .. } => "other",
             })
             .collect();
-        assert_eq!(kinds, ["backend", "backend", "backend", "slots", "vip"]);
+        assert_eq!(kinds, ["backend", "backend", "backend", "slots", "vip", "addr"]);
         for id in 1..=3 {
             let address = addr(&format!("198.18.2.{}:8080", id + 9));
             assert_eq!(
@@ -1753,7 +2111,8 @@ mod tests {
     #[test]
     fn failed_install_is_finished_by_install() {
         let config = config(SMALL_M, vec![equal_vip(3)]);
-        for failing in 0..5 {
+        // Three backends, the slots, the vip, its address.
+        for failing in 0..6 {
             let mut balancer = balancer(&config);
             let mut dp = FakeDataplane::for_config(&config);
             dp.fail_in(failing);
@@ -2138,9 +2497,329 @@ mod tests {
             // A valid action first: it must not be applied either.
             let drain = Action::SetWeight { vip: "web".into(), address: addr("198.18.2.11:8080"), from: 1, to: 0 };
             let result = balancer.apply_reload(&[drain, action.clone()], &mut dp);
-            assert!(matches!(result, Err(StateError::NotRunning { .. })), "{action:?}");
+            assert!(
+                matches!(result, Err(StateError::NotRunning { .. } | StateError::AlreadyRunning { .. })),
+                "{action:?}"
+            );
+            assert!(result.is_err_and(|e| e.changed_nothing()));
         }
         assert_eq!(dp.calls.len(), start);
         assert_eq!(balancer.backend(2).map(|b| b.weight), Some(1));
+    }
+
+    // ---- reloads that add and remove VIPs ----
+
+    /// A VIP named `name` on `listen` with two backends of its own (ports
+    /// `port0`, `port0 + 1` on 198.18.2.10), probed by `kind`.
+    fn own_vip(name: &str, listen: &str, protocol: Protocol, port0: u16, kind: HealthCheckKind) -> VipConfig {
+        let a = format!("198.18.2.10:{port0}");
+        let b = format!("198.18.2.10:{}", port0 + 1);
+        let mut vip = vip_config(name, listen, &[(a.as_str(), 1), (b.as_str(), 1)], kind);
+        vip.protocol = protocol;
+        vip
+    }
+
+    fn with_vips(base: &Config, vips: Vec<VipConfig>) -> Config {
+        Config { vips, ..base.clone() }
+    }
+
+    fn id_of(balancer: &Balancer, name: &str) -> u32 {
+        balancer.vips().find(|v| v.name == name).map(|v| v.vip_id).unwrap_or_else(|| panic!("no vip {name}"))
+    }
+
+    fn kinds(calls: &[Call]) -> Vec<&'static str> {
+        calls
+            .iter()
+            .map(|c| match c {
+                Call::UpsertVip { .. } => "vip",
+                Call::RemoveVip { .. } => "remove",
+                Call::SetVipAddr { .. } => "addr",
+                Call::SetBackend { info, .. } if info.state == BACKEND_STATE_UP => "up",
+                Call::SetBackend { .. } => "down",
+                Call::WriteSlots { .. } => "slots",
+                Call::ResetStats { .. } => "reset",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_added_vip_takes_the_next_id_and_is_published_once_its_ring_is_whole() {
+        let none = HealthCheckKind::None;
+        let old = config(SMALL_M, vec![equal_vip(3)]);
+        let (mut balancer, mut dp) = installed(&old);
+        let new = with_vips(&old, vec![equal_vip(3), own_vip("api", "198.18.0.11:81", Protocol::Tcp, 9000, none)]);
+        let start = dp.calls.len();
+        reload(&mut balancer, &mut dp, &old, &new);
+
+        assert_eq!(id_of(&balancer, "api"), 2);
+        assert_eq!(ids_of(&balancer, 2), [(4, "198.18.2.10:9000".to_owned()), (5, "198.18.2.10:9001".to_owned())]);
+        let calls = dp.calls_since(start);
+        // Never-used rings are zeroed and counters too: nothing to reset.
+        assert_eq!(kinds(calls), ["up", "up", "slots", "vip", "addr"]);
+        let Call::WriteSlots { slots } = &calls[2] else { panic!("{calls:?}") };
+        assert_eq!(slots.len(), SMALL_M as usize, "generation 0 written whole before the vip");
+        assert!(slots.iter().all(|&(i, _)| (ring_base(2, 0, SMALL_M)..ring_base(2, 1, SMALL_M)).contains(&i)));
+        let api = vip_key(addr("198.18.0.11:81"), Protocol::Tcp);
+        assert_eq!(ring_members(&dp, &api), [4, 5]);
+        assert_eq!(calls[4], Call::SetVipAddr { key: vip_addr_key(&api), protos: lb_common::vip_addr::VIP_ADDR_TCP });
+
+        // A checked VIP's backends start unknown: published with an empty
+        // ring, and its checkers decide.
+        let checked = own_vip("db", "198.18.0.11:5432", Protocol::Tcp, 9100, HealthCheckKind::Tcp);
+        let newer = with_vips(&new, [new.vips.clone(), vec![checked]].concat());
+        reload(&mut balancer, &mut dp, &new, &newer);
+        let db = vip_key(addr("198.18.0.11:5432"), Protocol::Tcp);
+        assert_eq!(ring_members(&dp, &db), [BACKEND_ID_NONE]);
+        assert_eq!(balancer.backend(6).map(|b| b.health), Some(Health::Unknown));
+        set(&mut balancer, &mut dp, 7, true);
+        assert_eq!(ring_members(&dp, &db), [7], "the first probe decides");
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn a_removed_vip_leaves_vips_first_then_its_address_then_its_backends() {
+        let none = HealthCheckKind::None;
+        let web = own_vip("web", "198.18.0.10:80", Protocol::Tcp, 8000, none.clone());
+        let web2 = own_vip("web2", "198.18.0.10:81", Protocol::Tcp, 8100, none.clone());
+        let dns = own_vip("dns", "198.18.0.10:53", Protocol::Udp, 8200, none.clone());
+        let other = own_vip("other", "198.18.0.11:53", Protocol::Udp, 8300, none);
+        let old = config(SMALL_M, vec![web.clone(), web2, dns.clone(), other.clone()]);
+        let (mut balancer, mut dp) = installed(&old);
+        let shared = vip_addr_key(&vip_key(addr("198.18.0.10:80"), Protocol::Tcp));
+        assert_eq!(dp.vip_addrs.get(&shared), Some(&(VIP_ADDR_TCP | VIP_ADDR_UDP)));
+
+        // web2 goes; web keeps its address's TCP bit.
+        let new = with_vips(&old, vec![web.clone(), dns, other.clone()]);
+        let start = dp.calls.len();
+        reload(&mut balancer, &mut dp, &old, &new);
+        assert_eq!(kinds(dp.calls_since(start)), ["remove", "down", "down"]);
+        assert_eq!(dp.calls[start], Call::RemoveVip { key: vip_key(addr("198.18.0.10:81"), Protocol::Tcp) });
+        assert!(balancer.is_retired(3) && balancer.is_retired(4));
+        assert!(balancer.backends().all(|b| b.vip_id != 2), "its backends are no longer probed");
+        assert!(balancer.vip(2).is_none());
+
+        // dns goes: the shared address is TCP only now.
+        let newer = with_vips(&old, vec![web.clone(), other]);
+        let start = dp.calls.len();
+        reload(&mut balancer, &mut dp, &new, &newer);
+        assert_eq!(kinds(dp.calls_since(start)), ["remove", "addr", "down", "down"]);
+        assert_eq!(dp.vip_addrs.get(&shared), Some(&VIP_ADDR_TCP));
+
+        // The last VIP on an address takes its entry with it.
+        let last = with_vips(&old, vec![web]);
+        reload(&mut balancer, &mut dp, &newer, &last);
+        assert!(!dp.vip_addrs.contains_key(&vip_addr_key(&vip_key(addr("198.18.0.11:53"), Protocol::Udp))));
+        // Late verdicts for removed backends change nothing.
+        let start = dp.calls.len();
+        assert!(set(&mut balancer, &mut dp, 8, true).is_empty());
+        assert_eq!(dp.calls.len(), start);
+        assert_eq!(balancer.describe_backend(8), "retired backend 198.18.2.10:8301 (id 8)");
+    }
+
+    #[test]
+    fn a_reused_vip_id_starts_with_clean_rings_and_counters() {
+        let none = HealthCheckKind::None;
+        let a = own_vip("a", "198.18.0.10:80", Protocol::Tcp, 8000, none.clone());
+        let b = own_vip("b", "198.18.0.10:81", Protocol::Tcp, 8100, none);
+        let mut old = config(SMALL_M, vec![a.clone(), b]);
+        old.agent.max_vips = 2;
+        let (mut balancer, mut dp) = installed(&old);
+        // b fills both its rings (generation 1 without backend 3, then back)
+        // and counts traffic.
+        set(&mut balancer, &mut dp, 3, false);
+        set(&mut balancer, &mut dp, 3, true);
+        set(&mut balancer, &mut dp, 4, false);
+        dp.vip_stats.insert(2, 1000);
+
+        // c takes b's id, the only one free; its backends are unknown yet.
+        let c = own_vip("c", "198.18.0.12:80", Protocol::Tcp, 8200, HealthCheckKind::Tcp);
+        let new = with_vips(&old, vec![a, c]);
+        let start = dp.calls.len();
+        reload(&mut balancer, &mut dp, &old, &new);
+        assert_eq!(id_of(&balancer, "c"), 2);
+        let calls = dp.calls_since(start);
+        // b shared a's address: VIP_ADDRS changes only for c's. c's backends
+        // are written down (unknown) once its ring is published.
+        assert_eq!(kinds(calls), ["remove", "down", "reset", "slots", "vip", "down", "down", "addr"]);
+        assert_eq!(dp.vip_stats.get(&2), None, "b's counts are not c's");
+        let Call::WriteSlots { slots } = &calls[3] else { panic!("{calls:?}") };
+        assert_eq!(slots.len(), SMALL_M as usize, "every slot of b's ring overwritten, empty ones too");
+        let key = vip_key(addr("198.18.0.12:80"), Protocol::Tcp);
+        assert_eq!(ring_members(&dp, &key), [BACKEND_ID_NONE]);
+
+        // Its first flip rewrites generation 1 whole too: the fake's readers
+        // would see b's (down) backends in any slot left over.
+        set(&mut balancer, &mut dp, 5, true);
+        assert_eq!(ring_members(&dp, &key), [5]);
+        assert_eq!(dp.vips.get(&key).map(|v| v.ring_generation), Some(1));
+        assert!(dp.ring(2, 1, SMALL_M).iter().all(|&id| id == 5));
+        set(&mut balancer, &mut dp, 6, true);
+        assert_eq!(ring_members(&dp, &key), [5, 6]);
+        assert_consistent(&balancer, &dp);
+    }
+
+    #[test]
+    fn a_renamed_vip_takes_over_its_listen_and_its_id() {
+        let old = config(SMALL_M, vec![equal_vip(2)]);
+        let (mut balancer, mut dp) = installed(&old);
+        let mut renamed = equal_vip(2);
+        renamed.name = "www".to_owned();
+        let new = with_vips(&old, vec![renamed]);
+        let start = dp.calls.len();
+        reload(&mut balancer, &mut dp, &old, &new);
+        // Out of the maps first, then in again under the reused id.
+        assert_eq!(
+            kinds(dp.calls_since(start)),
+            ["remove", "addr", "down", "down", "up", "up", "reset", "slots", "vip", "addr"]
+        );
+        assert_eq!(balancer.vips().map(|v| (v.vip_id, v.name)).collect::<Vec<_>>(), [(1, "www")]);
+        assert_eq!(ids_of(&balancer, 1), [(3, "198.18.2.10:8080".to_owned()), (4, "198.18.2.11:8080".to_owned())]);
+    }
+
+    #[test]
+    fn a_new_listen_is_a_new_vip_and_a_new_scheduler_is_not() {
+        let old = config(SMALL_M, vec![equal_vip(2)]);
+        let (mut balancer, mut dp) = installed(&old);
+        let mut sticky = old.clone();
+        sticky.vips[0].scheduler = Scheduler::SourceHash;
+        let start = dp.calls.len();
+        let change = reload(&mut balancer, &mut dp, &old, &sticky);
+        assert_eq!(change, Change { backends_written: 0, slots_written: 0, rings_published: 1 });
+        let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+        assert_eq!(
+            dp.calls_since(start),
+            [Call::UpsertVip {
+                key,
+                info: VipInfo { vip_id: 1, ring_size: SMALL_M, ring_generation: 0, flags: lb_common::vip::VIP_F_SOURCE_HASH }
+            }],
+            "the same ring, republished with the flag"
+        );
+
+        let mut moved = sticky.clone();
+        moved.vips[0].listen = addr("198.18.0.20:80");
+        reload(&mut balancer, &mut dp, &sticky, &moved);
+        assert!(!dp.vips.contains_key(&key));
+        assert_eq!(ids_of(&balancer, 1), [(3, "198.18.2.10:8080".to_owned()), (4, "198.18.2.11:8080".to_owned())]);
+        let moved_key = vip_key(addr("198.18.0.20:80"), Protocol::Tcp);
+        assert_eq!(dp.vips.get(&moved_key).map(|v| v.flags), Some(lb_common::vip::VIP_F_SOURCE_HASH));
+    }
+
+    #[test]
+    fn more_vips_than_max_vips_are_refused_without_writes() {
+        let none = HealthCheckKind::None;
+        let old = config(SMALL_M, vec![equal_vip(2)]);
+        let (mut balancer, mut dp) = installed(&old);
+        let extra: Vec<VipConfig> = (0..4)
+            .map(|i| own_vip(&format!("v{i}"), &format!("198.18.0.11:{}", 80 + i), Protocol::Tcp, 9000 + 2 * i, none.clone()))
+            .collect();
+        // The plan refuses this already, naming agent.max_vips; the balancer
+        // checks again.
+        let actions: Vec<Action> = extra.iter().map(|vip| Action::AddVip { vip: vip.clone() }).collect();
+        let start = dp.calls.len();
+        let result = balancer.apply_reload(&actions, &mut dp);
+        assert!(matches!(result, Err(StateError::TooManyVips { count: 5, max: 4 })), "{result:?}");
+        assert_eq!(
+            result.map_err(|e| e.to_string()).err().as_deref(),
+            Some("5 vips configured, but the maps have room for 4 (agent.max_vips)")
+        );
+        assert_eq!(dp.calls.len(), start);
+        assert_eq!(balancer.vips().len(), 1);
+        // Four fit once web leaves: ids 1 to 4, web's reused.
+        let four = with_vips(&old, extra);
+        reload(&mut balancer, &mut dp, &old, &four);
+        let ids: Vec<(u32, &str)> = balancer.vips().map(|v| (v.vip_id, v.name)).collect();
+        assert_eq!(ids, [(1, "v0"), (2, "v1"), (3, "v2"), (4, "v3")]);
+    }
+
+    #[test]
+    fn a_failed_removal_holds_its_id_back_until_a_retry_finishes_it() {
+        let none = HealthCheckKind::None;
+        let a = own_vip("a", "198.18.0.10:80", Protocol::Tcp, 8000, none.clone());
+        let b = own_vip("b", "198.18.0.11:53", Protocol::Udp, 8100, none.clone());
+        let c = own_vip("c", "198.18.0.12:80", Protocol::Tcp, 8200, none);
+        let mut old = config(SMALL_M, vec![a.clone(), b]);
+        old.agent.max_vips = 2;
+        let new = with_vips(&old, vec![a, c]);
+        let actions = crate::lb::reload::plan(&old, &new).unwrap_or_else(|e| panic!("plan: {e}"));
+        // Removing b and adding c in b's id takes: remove, addr, down, down,
+        // reset, up, up, slots, vip, addr. Fail each in turn.
+        for failing in 0..10 {
+            let (mut balancer, mut dp) = installed(&old);
+            let start = dp.calls.len();
+            dp.fail_in(failing);
+            let result = balancer.apply_reload(&actions, &mut dp);
+            assert!(result.as_ref().is_err_and(|e| !e.changed_nothing()), "call {failing}: {result:?}");
+            if failing == 0 {
+                // b is still in VIPS: nothing may touch the rings of its id.
+                assert_eq!(dp.calls_since(start), []);
+                assert_eq!(balancer.vip(2).map(|v| (v.name, v.ring_generation)), Some(("c", None)));
+                // Nor may a health event of c while the removal still fails
+                // (the fake panics on a write into a ring that VIPS names).
+                dp.fail_in(0);
+                assert!(balancer.set_health(5, true, &mut dp).is_err());
+                assert_eq!(dp.calls_since(start), []);
+                // Once it succeeds, the same event finishes both.
+                set(&mut balancer, &mut dp, 5, true);
+                assert_consistent(&balancer, &dp);
+            }
+            // The fake checked the readers throughout; an empty reload, as
+            // SIGHUP with the same file sends, finishes the job.
+            balancer.apply_reload(&[], &mut dp).unwrap_or_else(|e| panic!("retry after call {failing}: {e}"));
+            assert_consistent(&balancer, &dp);
+            assert!(balancer.install(&mut dp).unwrap_or_else(|e| panic!("{e}")).is_empty(), "call {failing}");
+        }
+    }
+
+    #[test]
+    fn readers_never_see_a_partial_vip_while_reloads_add_and_remove_them() {
+        // Six services over two addresses and both protocols, at most four
+        // running (max_vips); a fixed pseudo-random walk of reloads and
+        // health flips. The fake checks the readers after every call, and
+        // `reload` checks VIPS, VIP_ADDRS and every ring after every step.
+        let services: Vec<VipConfig> = (0..6u16)
+            .map(|i| {
+                let listen = format!("198.18.0.{}:{}", 10 + i % 2, 50 + i);
+                let protocol = if i % 3 == 0 { Protocol::Udp } else { Protocol::Tcp };
+                own_vip(&format!("s{i}"), &listen, protocol, 8000 + 10 * i, HealthCheckKind::Tcp)
+            })
+            .collect();
+        let pick = |mask: u64| -> Vec<VipConfig> {
+            let chosen: Vec<VipConfig> =
+                services.iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, v)| v.clone()).take(4).collect();
+            if chosen.is_empty() { vec![services[0].clone()] } else { chosen }
+        };
+        const RING: u32 = 1021;
+        let mut running = config(RING, pick(0b11));
+        let (mut balancer, mut dp) = installed(&running);
+        let mut seed: u64 = 0x7e10ad;
+        let mut reused = 0;
+        for _ in 0..200 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            if (seed >> 60) & 1 == 0 {
+                let new = with_vips(&running, pick(seed >> 20));
+                let actions = crate::lb::reload::plan(&running, &new).unwrap_or_else(|e| panic!("plan: {e}"));
+                let freed: BTreeSet<u32> = balancer.used_ids.clone();
+                balancer.apply_reload(&actions, &mut dp).unwrap_or_else(|e| panic!("apply: {e}"));
+                for action in &actions {
+                    if let Action::AddVip { vip } = action {
+                        let id = id_of(&balancer, &vip.name);
+                        assert!((1..=4).contains(&id), "vip id {id} beyond max_vips");
+                        assert_eq!(dp.vip_stats.get(&id), None, "{} inherited counts", vip.name);
+                        reused += usize::from(freed.contains(&id));
+                    }
+                }
+                running = new;
+            } else {
+                let live: Vec<u32> = balancer.backends().map(|b| b.backend_id).collect();
+                let id = live[(seed >> 33) as usize % live.len()];
+                set(&mut balancer, &mut dp, id, (seed >> 20) & 1 == 1);
+            }
+            assert_consistent(&balancer, &dp);
+            // Traffic on every live VIP, for the next one to take its id.
+            for info in dp.vips.values() {
+                *dp.vip_stats.entry(info.vip_id).or_insert(0) += 1;
+            }
+        }
+        assert!(reused > 10, "the walk reused only {reused} ids");
     }
 }

@@ -21,6 +21,7 @@ use lb_common::{
     flow::{FlowKey, flow_hash},
     stats::reason,
     vip::{VipInfo, VipKey, ring_base},
+    vip_addr::proto_bit,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -142,9 +143,28 @@ impl Lb {
         }
         self.maps.write_ring_slots(&slots).expect("ring");
         let (port, proto) = if vip_id == 1 { (VIP_TCP_PORT, PROTO_TCP) } else { (VIP_UDP_PORT, PROTO_UDP) };
-        self.maps
-            .upsert_vip(vip_key(port, proto), VipInfo { vip_id, ring_size: RING, ring_generation: generation, flags: 0 })
-            .expect("vip");
+        self.upsert_vip(vip_key(port, proto), VipInfo { vip_id, ring_size: RING, ring_generation: generation, flags: 0 });
+    }
+
+    /// Writes a VIP as the agent's balancer does: its `VIPS` entry, then its
+    /// protocol's bit in its address's `VIP_ADDRS` entry.
+    pub fn upsert_vip(&mut self, key: VipKey, info: VipInfo) {
+        self.maps.upsert_vip(key, info).expect("vip");
+        self.set_vip_addr_bit(&key, true);
+    }
+
+    /// Removes a VIP as the agent's balancer does: its `VIPS` entry, then its
+    /// protocol's bit (these fixtures have one VIP per address and protocol).
+    pub fn remove_vip(&mut self, key: &VipKey) {
+        self.maps.remove_vip(key).expect("remove vip");
+        self.set_vip_addr_bit(key, false);
+    }
+
+    fn set_vip_addr_bit(&mut self, key: &VipKey, present: bool) {
+        let addr = lb::lb::state::vip_addr_key(key);
+        let (protos, bit) = (self.maps.vip_addr_protos(&addr), proto_bit(key.proto));
+        let protos = if present { protos | bit } else { protos & !bit };
+        self.maps.set_vip_addr(addr, protos).expect("vip address");
     }
 
     pub fn run(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
