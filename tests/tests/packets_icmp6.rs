@@ -186,7 +186,7 @@ fn ipv6_packet_too_big_for_a_reply_is_steered_to_the_flows_backend() {
         let expected = icmp6(to_backend, CLIENT_ROUTER, baddr, 63, packet_too_big(1280), &quote(&short_as_sent, 1000));
         lb.assert_out("whole segment quoted", &err, lb.client_if, XDP_REDIRECT, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
         let exceeded = Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded);
-        let err = icmp6((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, exceeded.clone(), &quote(&on_wire, 8));
+        let err = icmp6((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, exceeded, &quote(&on_wire, 8));
         let expected = icmp6(to_backend, CLIENT_ROUTER, baddr, 63, exceeded, &quote(&as_sent, 8));
         lb.assert_out("time exceeded", &err, lb.client_if, XDP_REDIRECT, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
     });
