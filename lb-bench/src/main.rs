@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! lb-bench packet --repeat 1000000 --runs 5      # per-packet cost (BPF_PROG_TEST_RUN)
+//! lb-bench maglev --runs 5                       # Maglev builds and map writes
 //! ```
 //!
 //! Output is one JSON object per line on stdout, each with a `kind`: raw
@@ -13,6 +14,7 @@
 
 mod fixture;
 mod frames;
+mod maglev;
 mod packet;
 
 use std::process::ExitCode;
@@ -33,11 +35,14 @@ enum Command {
     /// restored before every iteration. Builds its links in the current
     /// network namespace, so run it in a fresh one (it refuses the host's).
     Packet(packet::Args),
+    /// Maglev table builds, diffs and the control plane's map writes.
+    Maglev(maglev::Args),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Packet(args) => packet::run(&args),
+        Command::Maglev(args) => maglev::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

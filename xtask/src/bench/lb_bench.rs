@@ -29,17 +29,25 @@ use crate::{
 pub struct Tools {
     /// The measuring tool.
     pub lb_bench: PathBuf,
+    /// The agent.
+    pub lb: PathBuf,
+    /// The testbed's backend server.
+    pub backend: PathBuf,
 }
 
-/// Builds `lb-bench` in release mode.
+/// Builds `lb-bench`, `lb` and `lb-testbed-backend` in one release build.
 ///
 /// # Errors
 /// When cargo fails or does not report one of the binaries.
 pub fn build() -> anyhow::Result<Tools> {
     let mut cmd = cargo::command();
-    cmd.args(["build", "--release", "-p", "lb-bench", "--bins"]);
+    cmd.args(["build", "--release", "-p", "lb-bench", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]);
     let artifacts = cargo::artifacts(cmd)?;
-    Ok(Tools { lb_bench: binary(&artifacts, "lb-bench")? })
+    Ok(Tools {
+        lb_bench: binary(&artifacts, "lb-bench")?,
+        lb: binary(&artifacts, lb_tests::LB_BIN_NAME)?,
+        backend: binary(&artifacts, lb_tests::BACKEND_BIN_NAME)?,
+    })
 }
 
 fn binary(artifacts: &[Artifact], name: &str) -> anyhow::Result<PathBuf> {
@@ -110,4 +118,13 @@ pub fn of_kind<'a>(lines: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'
 /// When it is missing or not a number.
 pub fn number(line: &Value, key: &str) -> anyhow::Result<f64> {
     line[key].as_f64().with_context(|| format!("lb-bench line without a number `{key}`: {line}"))
+}
+
+/// The 1-minute load average now (`/proc/loadavg`): how busy the shared
+/// machine was around a measurement, for the report.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }

@@ -22,6 +22,7 @@ use anyhow::Context as _;
 
 use crate::setup;
 
+mod control;
 mod lb_bench;
 mod packet;
 mod spread;
@@ -90,7 +91,7 @@ fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
     let todo = |title: &str| Report { title: title.to_owned(), body: "Not measured yet.".to_owned() };
     Ok(match section {
         Section::Packet => packet::run(opts)?,
-        Section::Control => todo("Control plane"),
+        Section::Control => control::run(opts)?,
         Section::Memory => todo("Memory"),
         Section::E2e => todo("End to end"),
         Section::Pps => todo("Packets per second"),

@@ -59,10 +59,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let scratch = ScratchNamespace::create("packet").context("creating the packet benchmark's namespace")?;
     let mut cmd = scratch.namespace().command(&tools.lb_bench);
     cmd.args(["packet", "--repeat", &repeat.to_string(), "--runs", &runs.to_string()]);
+    let load_before = lb_bench::load_average();
     let lines = lb_bench::run(cmd, TIMEOUT)?;
+    let load = (load_before, lb_bench::load_average());
     drop(scratch);
     let samples = Samples::from_lines(&lines)?;
-    Ok(Report { title: "Per-packet cost".to_owned(), body: body(&samples, &lines, opts, repeat, runs)? })
+    Ok(Report { title: "Per-packet cost".to_owned(), body: body(&samples, &lines, opts, (repeat, runs), &load)? })
 }
 
 /// One run of one case, as `lb-bench` printed it.
@@ -120,7 +122,8 @@ impl Samples {
     }
 }
 
-fn body(samples: &Samples, lines: &[Value], opts: &Options, repeat: u32, runs: u32) -> anyhow::Result<String> {
+/// The section's text; `load` is the load average before and after the run.
+fn body(samples: &Samples, lines: &[Value], opts: &Options, (repeat, runs): (u32, u32), load: &(String, String)) -> anyhow::Result<String> {
     let mut out = String::new();
     let quick = if opts.quick { " --quick" } else { "" };
     let _ = writeln!(out, "`cargo xtask bench --only packet{quick}`\n");
@@ -137,6 +140,7 @@ fn body(samples: &Samples, lines: &[Value], opts: &Options, repeat: u32, runs: u
     main_table(&mut out, samples)?;
     goals(&mut out, samples)?;
     method(&mut out, samples, lines, &thousands(u64::from(repeat)))?;
+    let _ = writeln!(out, "Load average (1 min) of the shared machine: {} before the run, {} after.\n", load.0, load.1);
     Ok(out)
 }
 
