@@ -5,6 +5,8 @@
 //! ```text
 //! lb-bench packet --repeat 1000000 --runs 5      # per-packet cost (BPF_PROG_TEST_RUN)
 //! lb-bench maglev --runs 5                       # Maglev builds and map writes
+//! lb-bench maps --pid 1234                       # an agent's BPF maps and their memlock
+//! lb-bench fill-flows --pid 1234 --flows 1000000 ...   # tracked flows written into its maps
 //! ```
 //!
 //! Output is one JSON object per line on stdout, each with a `kind`: raw
@@ -15,6 +17,7 @@
 mod fixture;
 mod frames;
 mod maglev;
+mod maps;
 mod packet;
 
 use std::process::ExitCode;
@@ -37,12 +40,18 @@ enum Command {
     Packet(packet::Args),
     /// Maglev table builds, diffs and the control plane's map writes.
     Maglev(maglev::Args),
+    /// The BPF maps a process holds, with the memory the kernel charges for each.
+    Maps(maps::ListArgs),
+    /// Writes tracked flows into a running agent's CONNTRACK and REPLY_NAT.
+    FillFlows(maps::FillArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Packet(args) => packet::run(&args),
         Command::Maglev(args) => maglev::run(&args),
+        Command::Maps(args) => maps::list(&args),
+        Command::FillFlows(args) => maps::fill(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

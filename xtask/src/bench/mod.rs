@@ -24,6 +24,7 @@ use crate::setup;
 
 mod control;
 mod lb_bench;
+mod memory;
 mod packet;
 mod spread;
 
@@ -92,7 +93,7 @@ fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
     Ok(match section {
         Section::Packet => packet::run(opts)?,
         Section::Control => control::run(opts)?,
-        Section::Memory => todo("Memory"),
+        Section::Memory => memory::run(opts)?,
         Section::E2e => todo("End to end"),
         Section::Pps => todo("Packets per second"),
         Section::Failover => todo("Failover"),
