@@ -277,23 +277,21 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
     let rate = Spread::of(windows.iter().map(Window::probes_per_s)).context("no windows")?;
     let _ = writeln!(
         out,
-        "\n### Health checks\n\nThe `lb` agent (release build) with one VIP of {HC_BACKENDS} backends, HTTP checks \
+        "\n### Health checks\n\nThe `lb` agent (release build) with one VIP of {n} backends, HTTP checks \
          (`GET /health`, a new TCP connection each) every {interval} s, timeout {timeout} ms. The backends are one \
          `lb-testbed-backend` in the testbed's switch namespace answering on 0.0.0.0:{HC_PORT} for every address \
          of {HC_RANGE} (routed to it, local there), so every probe crosses the gateway's veth with the XDP program \
-         attached. All {HC_BACKENDS} were up {up:.1} s after the agent served; measured after a further {settle} s, \
+         attached. All {n} were up {up:.1} s after the agent served; measured after a further {settle} s, \
          over {HC_WINDOWS} windows of {w} s: the agent's user + system CPU time from `/proc/<pid>/stat` (all its \
          threads), the probes from the server namespace's TCP passive opens.\n\n\
          | backends | interval | probes per second | agent CPU (% of one core) | CPU per probe (µs) |\n\
          |---|---|---|---|---|\n\
          | {} | {interval} s | {} | {} | {} |\n\n\
-         {still_up} of {HC_BACKENDS} backends were up at the end. Medians of the {HC_WINDOWS} windows with (min–max). \
-         {pace} Load average (1 min) of the shared machine: {} before the windows, {} after. \
+         {still_up} of {n} backends were up at the end. Medians of the {HC_WINDOWS} windows with (min–max). \
+         {pace} Load average (1 min) of the shared machine: {load_before} before the windows, {load_after} after. \
          CPU time is counted in ticks of {tick} ms, small against a window of {w} s. The server, the agent and the \
          kernel's TCP work share the 2 cores; on separate hosts they would not compete, and the cost per probe is \
          the figure to scale from (e.g. 10,000 backends at 1 s would be ten times the probes).\n",
-        load.0,
-        load.1,
         thousands(HC_BACKENDS as u64),
         rate.with(0),
         cpu.with(1),
@@ -305,6 +303,9 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
         w = window.as_secs(),
         tick = 1000 / clock_ticks_per_second().max(1),
         pace = pace(&rate),
+        n = thousands(HC_BACKENDS as u64),
+        load_before = load.0,
+        load_after = load.1,
     );
     Ok(())
 }
