@@ -101,9 +101,10 @@ fn maglev(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Result<()>
     }
     let _ = writeln!(
         out,
-        "\nNoise: build times vary with what the other core runs (±{:.0}% at most in this run); slot and write \
-         counts are exact and the same in every run. On a dedicated core the times would be somewhat lower; the \
-         kernel writes are one `bpf()` syscall per slot, so they scale with syscall cost.\n",
+        "\nNoise: slot and write counts are exact, the same in every run. Times vary with what the other core \
+         runs: the largest half-range of a builder timing in this run is ±{:.0}% of its median, from single slow \
+         runs (the max column); the medians are the figures to compare. The kernel writes are one `bpf()` \
+         syscall per slot, so on another machine they scale with its syscall cost.\n",
         worst_spread(&lines)
     );
     Ok(())
@@ -147,9 +148,10 @@ fn builder_table(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
         let changed = spread_of(runs.iter().copied(), "changed_slots")?.median;
         let slots = spread_of(runs.iter().copied(), "full_slots")?.median;
         let ideal = ring as f64 / backends.max(1) as f64;
+        let shown_ideal = if ideal >= 100.0 { thousands(ideal.round() as u64) } else { format!("{ideal:.1}") };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {ideal:.1} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {shown_ideal} | {:.2} |",
             thousands(ring),
             thousands(backends),
             build.with(1),
@@ -287,7 +289,7 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
          | backends | interval | probes per second | agent CPU (% of one core) | CPU per probe (µs) |\n\
          |---|---|---|---|---|\n\
          | {} | {interval} s | {} | {} | {} |\n\n\
-         {still_up} of {n} backends were up at the end. Medians of the {HC_WINDOWS} windows with (min–max). \
+         {up_at_end} of {n} backends were up at the end. Medians of the {HC_WINDOWS} windows with (min–max). \
          {pace} Load average (1 min) of the shared machine: {load_before} before the windows, {load_after} after. \
          CPU time is counted in ticks of {tick} ms, small against a window of {w} s. The server, the agent and the \
          kernel's TCP work share the 2 cores; on separate hosts they would not compete, and the cost per probe is \
@@ -304,6 +306,7 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
         tick = 1000 / clock_ticks_per_second().max(1),
         pace = pace(&rate),
         n = thousands(HC_BACKENDS as u64),
+        up_at_end = thousands(still_up as u64),
         load_before = load.0,
         load_after = load.1,
     );
@@ -314,12 +317,13 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
 fn pace(rate: &Spread) -> String {
     let configured = HC_BACKENDS as f64 / HC_INTERVAL.as_secs_f64();
     if rate.min >= 0.9 * configured {
-        format!("The probes kept the configured pace ({configured:.0} per second) in every window.")
+        format!("The probes kept the configured pace ({} per second) in every window.", thousands(configured as u64))
     } else {
         format!(
-            "The probes fell short of the configured {configured:.0} per second in at least one window (slowest \
+            "The probes fell short of the configured {} per second in at least one window (slowest \
              {:.0}/s): a slow probe delays that backend's next one, so a starved agent or server probes less; \
              the CPU per probe is the figure that does not depend on the pace.",
+            thousands(configured as u64),
             rate.min
         )
     }
