@@ -304,20 +304,17 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
         .build()
         .context("the testbed")?;
     let _server = start_health_server(&testbed, &tools.backend)?;
-    let mut agent = Agent::start(&testbed, &health_config(&testbed))
+    let agent = Agent::start(&testbed, &health_config(&testbed))
         .context("starting lb with 1,000 backends")?;
-    let up_after = wait_all_up(&mut agent)?;
+    let up_after = wait_all_up(&agent)?;
     thread::sleep(HC_SETTLE);
     let load_before = lb_bench::load_average();
     let windows = (0..HC_WINDOWS)
         .map(|_| measure_window(&agent, testbed.switch(), window))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let load = (load_before, lb_bench::load_average());
-    let still_up = agent
-        .backend_health("hc")?
-        .iter()
-        .filter(|h| *h == "up")
-        .count();
+    let still_up = backends_up(&agent)?;
+    let status_ms = status_latency(&agent)?;
     let cpu = Spread::of(windows.iter().map(Window::cpu_pct)).context("no windows")?;
     let per_probe =
         Spread::of(windows.iter().map(Window::us_per_probe)).context("no probes counted")?;
@@ -335,7 +332,7 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
          |---|---|---|---|---|\n\
          | {} | {interval} s | {} | {} | {} |\n\n\
          {up_at_end} of {n} backends were up at the end. Medians of the {HC_WINDOWS} windows with (min–max). \
-         {pace} Load average (1 min) of the shared machine: {load_before} before the windows, {load_after} after. \
+         {pace} `GET /status` (all {n} backends in it) took {status} ms from the gateway namespace. Load average (1 min) of the shared machine: {load_before} before the windows, {load_after} after. \
          CPU time is counted in ticks of {tick} ms, small against a window of {w} s. The server, the agent and the \
          kernel's TCP work share the 2 cores; on separate hosts they would not compete, and the cost per probe is \
          the figure to scale from (e.g. 10,000 backends at 1 s would be ten times the probes).\n",
@@ -350,6 +347,7 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
         w = window.as_secs(),
         tick = 1000 / clock_ticks_per_second().max(1),
         pace = pace(&rate),
+        status = status_ms.with(1),
         n = thousands(HC_BACKENDS as u64),
         up_at_end = thousands(still_up as u64),
         load_before = load.0,
@@ -457,25 +455,47 @@ fn health_config(testbed: &Testbed) -> String {
     toml
 }
 
-/// Waits until the agent reports every backend up; returns how long it took.
-fn wait_all_up(agent: &mut Agent) -> anyhow::Result<Duration> {
+/// Waits until the agent reports every backend up; returns how long it
+/// took. While the first verdicts come in, each one rebuilds and rewrites
+/// the ring under the lock `/status` also takes, so `/status` may miss the
+/// client's timeout for a while: such errors are retried until the bound.
+fn wait_all_up(agent: &Agent) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
-        let up = agent
-            .backend_health("hc")?
-            .iter()
-            .filter(|h| *h == "up")
-            .count();
-        if up == HC_BACKENDS {
-            return Ok(start.elapsed());
-        }
+        let last = match backends_up(agent) {
+            Ok(up) if up == HC_BACKENDS => return Ok(start.elapsed()),
+            Ok(up) => format!("{up} of {HC_BACKENDS} up"),
+            Err(e) => format!("{e:#}"),
+        };
         ensure!(
             start.elapsed() < HC_UP_TIMEOUT,
-            "only {up} of {HC_BACKENDS} backends up after {HC_UP_TIMEOUT:?}; lb's log:\n{}",
+            "not every backend up after {HC_UP_TIMEOUT:?} (last: {last}); lb's log:\n{}",
             agent.log()
         );
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// How long `GET /status` takes with every backend in it (milliseconds,
+/// three requests).
+fn status_latency(agent: &Agent) -> anyhow::Result<Spread> {
+    let times = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            agent.status()?;
+            Ok(started.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Spread::of(times).context("no /status timings")
+}
+
+/// How many of the VIP's backends the agent reports up.
+fn backends_up(agent: &Agent) -> anyhow::Result<usize> {
+    Ok(agent
+        .backend_health("hc")?
+        .iter()
+        .filter(|h| *h == "up")
+        .count())
 }
 
 /// The agent's CPU time and the probes the server accepted over `length`.
