@@ -30,7 +30,7 @@ use anyhow::{Context as _, bail};
 pub mod agent;
 pub mod testbed;
 
-pub use testbed::{ChildGuard, HttpResponse, Namespace, Spread, Testbed, TestbedBuilder};
+pub use testbed::{ChildGuard, HttpResponse, Namespace, ScratchNamespace, Spread, Testbed, TestbedBuilder};
 
 /// File name of the backend server binary built by this package.
 pub const BACKEND_BIN_NAME: &str = "lb-testbed-backend";

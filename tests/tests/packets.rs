@@ -12,7 +12,6 @@
 
 mod v4;
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use lb::lb::dataplane::Dataplane as _;
 use lb_common::{
@@ -983,38 +982,5 @@ fn the_entry_count_is_refreshed_off_the_callers_thread() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(lb.maps.conntrack().expect("conntrack").evicted, 0);
-    });
-}
-
-/// Not a check: prints the program's size and the kernel-measured cost per
-/// packet of its main paths (median of single runs, so every run starts from
-/// the original frame). `cargo test -p lb-tests --test packets -- --ignored
-/// --nocapture per_packet_cost`.
-#[test]
-#[ignore = "a measurement, not a check"]
-fn per_packet_cost() {
-    with_lb(|lb| {
-        let info = lb.program.xdp().expect("xdp").info().expect("info");
-        println!("program: {} bytes translated ({} insns)", info.size_translated().unwrap_or(0), info.size_translated().unwrap_or(0) / 8);
-        let sport = 40090;
-        let syn = Tcp::client_to_vip(sport).build();
-        lb.run(&syn, lb.client_if);
-        let (baddr, bport) = backend_addr(lb.expected_backend(sport));
-        let ack = with_tcp_flags(&syn, ACK_PSH);
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"" }.build();
-        let not_vip = Tcp { dst: [198, 18, 2, 11], dport: 8080, ..Tcp::client_to_vip(40091) }.build();
-        let cases: [(&str, &[u8], u32); 3] =
-            [("established flow, client -> backend", &ack, lb.client_if), ("reply, backend -> client", &reply, lb.backend_if), ("not a VIP (pass)", &not_vip, lb.client_if)];
-        for (name, frame, ingress) in cases {
-            let mut ns: Vec<u128> = (0..5000)
-                .map(|_| {
-                    let ctx = xdp_md(frame.len() as u32, ingress);
-                    let opts = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), repeat: 1, ..TestRunOptions::default() };
-                    lb.program.xdp().expect("xdp").test_run(opts).expect("run").duration.as_nanos()
-                })
-                .collect();
-            ns.sort_unstable();
-            println!("{name}: median {} ns (p10 {}, p90 {})", ns[ns.len() / 2], ns[ns.len() / 10], ns[ns.len() * 9 / 10]);
-        }
     });
 }

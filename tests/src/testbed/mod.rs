@@ -53,6 +53,7 @@
 pub mod client;
 mod far_client;
 mod netns;
+mod scratch;
 
 use std::{
     fmt::Write as _,
@@ -73,6 +74,7 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 pub use client::{HttpResponse, Spread};
 pub use far_client::{FAR_CLIENT_ADDR, FAR_CLIENT_ADDR6};
 pub use netns::{ChildGuard, Namespace};
+pub use scratch::ScratchNamespace;
 use netns::{Reaper, ip};
 
 /// The virtual IP the load balancer serves; no namespace owns it.
@@ -855,31 +857,8 @@ impl Drop for Testbed {
                 eprintln!("warning: testbed {}: stopping backend: {e:#}", self.id);
             }
         }
-        let me = std::process::id().to_string();
         for ns in self.created.iter().rev() {
-            // Anything still inside would keep the namespace alive unnamed.
-            if let Ok(out) = std::process::Command::new("ip")
-                .args(["netns", "pids", ns.name()])
-                .output()
-            {
-                for pid in String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .filter(|p| *p != me)
-                {
-                    if let Ok(pid) = pid.parse::<libc::pid_t>() {
-                        eprintln!(
-                            "warning: testbed {}: killing leftover pid {pid} in {}",
-                            self.id,
-                            ns.name()
-                        );
-                        // SAFETY: plain kill(2) of a process inside a namespace this testbed made.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
-            }
-            if let Err(e) = ip(&["netns", "del", ns.name()]) {
-                eprintln!("warning: testbed {}: {e:#}", self.id);
-            }
+            netns::remove(ns, &format!("testbed {}", self.id));
         }
         self.created.clear();
         if let Some(mut reaper) = self.reaper.take() {

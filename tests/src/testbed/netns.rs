@@ -248,6 +248,25 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Deletes namespace `ns`, first SIGKILLing (by PID) any process still in
+/// it but this one, since it would keep the namespace alive unnamed.
+/// Problems are printed as warnings naming `owner`: this runs in `Drop`.
+pub(crate) fn remove(ns: &Namespace, owner: &str) {
+    let me = std::process::id().to_string();
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns.name()]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|p| *p != me) {
+            if let Ok(pid) = pid.parse::<libc::pid_t>() {
+                eprintln!("warning: {owner}: killing leftover pid {pid} in {}", ns.name());
+                // SAFETY: plain kill(2) of a process inside a namespace the caller made.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    if let Err(e) = ip(&["netns", "del", ns.name()]) {
+        eprintln!("warning: {owner}: {e:#}");
+    }
+}
+
 /// Runs `ip` with `args`, failing with its stderr.
 pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")

@@ -1,0 +1,114 @@
+//! XDP programs for measuring `lb_xdp` through BPF_PROG_TEST_RUN; never
+//! loaded by the agent, and kept out of `lb-ebpf` so the production object
+//! stays as it is.
+//!
+//! With `repeat`, the kernel runs a program over and over on the same
+//! buffer without restoring it, so once `lb_xdp` has rewritten a frame every
+//! later iteration would measure another path (a rewritten frame is no
+//! longer for the VIP). [`lb_xdp_bench_restore`] copies the original frame
+//! back at the start of each iteration, optionally makes it a new flow, and
+//! tail-calls the program under test. Its own cost is measured by pointing
+//! the tail call at [`lb_xdp_bench_verdict`], which only returns a verdict,
+//! and subtracted; the same program run directly is the floor.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::bpf_xdp_store_bytes,
+    macros::{map, xdp},
+    maps::{Array, ProgramArray},
+    programs::XdpContext,
+};
+use lb_bench_ebpf::{
+    FRAME_MAX, Frame, V4_SRC_ADDR_OFFSET, V4_SRC_PORT_OFFSET, V6_SRC_ADDR_LOW_OFFSET, VARY_V4_SOURCE,
+    VARY_V6_SOURCE, v4_source,
+};
+
+/// 0 → the frame every iteration starts from, and the iteration counter.
+/// Written by `lb-bench` before each run; the counter by the wrapper.
+#[map]
+static FRAME: Array<Frame> = Array::with_max_entries(1, 0);
+
+/// 0 → the program under test: `lb_xdp`, or `lb_xdp_bench_verdict` to
+/// measure the wrapper itself. Written by `lb-bench`.
+#[map]
+static TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Restores the frame, then tail-calls `TARGET[0]`. Returns XDP_ABORTED
+/// only if it could not, which `lb-bench` treats as a failed measurement.
+#[xdp]
+pub fn lb_xdp_bench_restore(ctx: XdpContext) -> u32 {
+    if try_restore(&ctx).is_err() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: the tail call does not return on success; on failure (empty
+    // slot) execution continues here.
+    unsafe { TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// The floor: what an XDP program costs that does nothing but return.
+#[xdp]
+pub fn lb_xdp_bench_verdict(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn try_restore(ctx: &XdpContext) -> Result<(), ()> {
+    let frame = FRAME.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: a valid pointer to the map value, for this one read.
+    let len = unsafe { (*frame).len };
+    // verifier: bound len before passing it as the helper's size.
+    if len == 0 || len > FRAME_MAX as u32 {
+        return Err(());
+    }
+    // SAFETY: the map value holds FRAME_MAX bytes and len <= FRAME_MAX; the
+    // helper checks len against the packet.
+    let bytes = unsafe { core::ptr::addr_of_mut!((*frame).bytes) };
+    // SAFETY: as above; ctx.ctx is the program's own context.
+    if unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, bytes.cast(), len) } != 0 {
+        return Err(());
+    }
+    // SAFETY: one read and one write of the map value's counter. Not atomic:
+    // one test run at a time uses this map.
+    let counter = unsafe { (*frame).counter };
+    unsafe { (*frame).counter = counter.wrapping_add(1) };
+    // SAFETY: one read of the map value.
+    match unsafe { (*frame).vary } {
+        VARY_V4_SOURCE => {
+            let (addr, port) = v4_source(counter);
+            store(ctx, V4_SRC_ADDR_OFFSET, addr.to_be_bytes())?;
+            store(ctx, V4_SRC_PORT_OFFSET, port.to_be_bytes())?;
+        }
+        VARY_V6_SOURCE => store(ctx, V6_SRC_ADDR_LOW_OFFSET, counter.to_be_bytes())?,
+        _ => {}
+    }
+    // The L4 checksum now disagrees with the varied source; `lb_xdp` never
+    // verifies checksums (it updates them incrementally), so it takes the
+    // same path as for a correct one.
+    Ok(())
+}
+
+/// Writes `bytes` at `offset` of the packet, bounds-checked.
+#[inline(always)]
+fn store<const N: usize>(ctx: &XdpContext, offset: usize, bytes: [u8; N]) -> Result<(), ()> {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
+        return Err(());
+    }
+    // SAFETY: within the packet, checked just above.
+    unsafe { ((start + offset) as *mut [u8; N]).write_unaligned(bytes) };
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects the loop, so a reachable panic fails the load.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
