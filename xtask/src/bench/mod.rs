@@ -22,6 +22,11 @@ use anyhow::Context as _;
 
 use crate::setup;
 
+mod baselines;
+mod e2e;
+mod harness;
+mod loadgen;
+
 /// One section's result.
 pub struct Report {
     /// Heading, e.g. "Per-packet cost".
@@ -60,7 +65,6 @@ pub struct Options {
     /// Only this section; all when `None`.
     pub only: Option<Section>,
     /// Fewer repetitions and shorter runs: for trying the harness, not for figures.
-    #[expect(dead_code, reason = "the sections that read it are being written")]
     pub quick: bool,
 }
 
@@ -83,13 +87,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_section(section: Section, _opts: &Options) -> anyhow::Result<Report> {
+fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
     let todo = |title: &str| Report { title: title.to_owned(), body: "Not measured yet.".to_owned() };
     Ok(match section {
         Section::Packet => todo("Per-packet cost"),
         Section::Control => todo("Control plane"),
         Section::Memory => todo("Memory"),
-        Section::E2e => todo("End to end"),
+        Section::E2e => e2e::run(opts.quick)?,
         Section::Pps => todo("Packets per second"),
         Section::Failover => todo("Failover"),
         Section::Disruption => todo("Disruption"),
