@@ -25,7 +25,9 @@ use crate::setup;
 mod baselines;
 mod e2e;
 mod harness;
+mod livegen;
 mod loadgen;
+mod pps;
 
 /// One section's result.
 pub struct Report {
@@ -94,7 +96,7 @@ fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
         Section::Control => todo("Control plane"),
         Section::Memory => todo("Memory"),
         Section::E2e => e2e::run(opts.quick)?,
-        Section::Pps => todo("Packets per second"),
+        Section::Pps => pps::run(opts.quick)?,
         Section::Failover => todo("Failover"),
         Section::Disruption => todo("Disruption"),
     })
