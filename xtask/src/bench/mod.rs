@@ -24,6 +24,7 @@ use crate::setup;
 
 mod baselines;
 mod e2e;
+mod failover;
 mod harness;
 mod livegen;
 mod loadgen;
@@ -97,7 +98,7 @@ fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
         Section::Memory => todo("Memory"),
         Section::E2e => e2e::run(opts.quick)?,
         Section::Pps => pps::run(opts.quick)?,
-        Section::Failover => todo("Failover"),
+        Section::Failover => failover::run(opts.quick)?,
         Section::Disruption => todo("Disruption"),
     })
 }
