@@ -23,6 +23,7 @@ use anyhow::Context as _;
 use crate::setup;
 
 mod baselines;
+mod disruption;
 mod e2e;
 mod failover;
 mod harness;
@@ -99,7 +100,7 @@ fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
         Section::E2e => e2e::run(opts.quick)?,
         Section::Pps => pps::run(opts.quick)?,
         Section::Failover => failover::run(opts.quick)?,
-        Section::Disruption => todo("Disruption"),
+        Section::Disruption => disruption::run(opts.quick)?,
     })
 }
 
