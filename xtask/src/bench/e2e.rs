@@ -236,6 +236,11 @@ fn wrk_millis(value: &str) -> anyhow::Result<f64> {
     Ok(number.parse::<f64>().with_context(|| format!("latency {value:?}"))? * scale)
 }
 
+/// Mean latency (ms) that `rps` implies for [`CONNECTIONS`] closed-loop connections.
+fn little_ms(rps: f64) -> f64 {
+    CONNECTIONS as f64 / rps * 1e3
+}
+
 fn wrk_table(wrk: &[WrkSample], samples: &[Sample], plan: Plan) -> String {
     let mut out = format!(
         "\n### Cross-check with wrk (kept-alive connections, one {} s run each, fresh testbed)\n\n",
@@ -256,12 +261,28 @@ fn wrk_table(wrk: &[WrkSample], samples: &[Sample], plan: Plan) -> String {
                 format!("{:.2}", w.p99_ms),
                 ours(w.balancer, |s| s.rps).show(0),
                 ours(w.balancer, |s| s.p50_ms).show(2),
+                format!("{:.2} / {:.2}", little_ms(w.rps), little_ms(ours(w.balancer, |s| s.rps).median)),
             ]
         })
         .collect();
-    out.push_str(&table(&["setup", "command (client namespace)", "wrk req/s", "wrk p50 ms", "wrk p99 ms", "ours req/s", "ours p50 ms"], &rows));
+    out.push_str(&table(
+        &[
+            "setup",
+            "command (client namespace)",
+            "wrk req/s",
+            "wrk p50 ms",
+            "wrk p99 ms",
+            "ours req/s",
+            "ours p50 ms",
+            "mean by Little's law, wrk / ours, ms",
+        ],
+        &rows,
+    ));
     out.push_str(
-        "\nwrk is not used for the new-connection figures: it starts a request's clock after the TCP handshake \
+        "\nThe last column is connections / req/s, the mean time a request takes from one connection's point of view. \
+         Ours reports about that; wrk less, because after an answer it waits for its next event-loop turn to write the next request \
+         and only then starts that request's clock. \
+         wrk is not used for the new-connection figures: it starts a request's clock after the TCP handshake \
          (`c->start` is set when the request is written), so it would leave out the balancer's new-flow work from the latency.\n",
     );
     out
@@ -286,7 +307,13 @@ fn body(quick: bool, plan: Plan, samples: &[Sample], load_before: &str) -> Strin
     for balancer in Balancer::ALL {
         let commands = samples.iter().find(|s| s.balancer == balancer).map(|s| s.commands.join("; ")).unwrap_or_default();
         let spread = samples.iter().find(|s| s.balancer == balancer).map(|s| s.spread.to_string()).unwrap_or_default();
-        let how = if commands.is_empty() { "nothing on the gateway but routing".to_owned() } else { format!("`{commands}`") };
+        let how = match balancer {
+            Balancer::Direct => "nothing on the gateway but routing".to_owned(),
+            Balancer::Lb => format!(
+                "`{commands}` with the end-to-end tests' config (`lb_tests::agent::config_for`: VIP web over the {BACKENDS} backends, HTTP health checks every 500 ms)"
+            ),
+            _ => format!("`{commands}`"),
+        };
         let _ = writeln!(out, "- {}: {how}; check before the first run: {spread}", balancer.name());
     }
     for mode in Mode::ALL {
@@ -294,6 +321,45 @@ fn body(quick: bool, plan: Plan, samples: &[Sample], load_before: &str) -> Strin
         out.push_str(&mode_table(samples, mode));
     }
     out.push_str(NOTES);
+    if plan.runs > 1 {
+        out.push_str(&noise_line(samples));
+    }
+    out
+}
+
+/// One figure of a sample.
+type Metric = fn(&Sample) -> f64;
+
+/// How noisy each figure was in this run: its spread (max − min) relative
+/// to its median, for each setup, and the median of that over the setups.
+fn noise_line(samples: &[Sample]) -> String {
+    let metrics: [(&str, Metric); 4] = [
+        ("req/s", |s| s.rps),
+        ("p50", |s| s.p50_ms),
+        ("p99", |s| s.p99_ms),
+        ("CPU-µs/req", |s| s.machine_us_per_req),
+    ];
+    let mut out = String::from("- Spread (max − min) / median, the median over the five setups:");
+    for mode in Mode::ALL {
+        let parts: Vec<String> = metrics
+            .iter()
+            .map(|(name, f)| {
+                let spreads: Vec<f64> = Balancer::ALL
+                    .iter()
+                    .map(|&b| {
+                        let v: Vec<f64> = samples.iter().filter(|s| s.mode == mode && s.balancer == b).map(f).collect();
+                        let s = Summary::of(&v);
+                        (s.max - s.min) / s.median
+                    })
+                    .collect();
+                format!("{name} {:.0}%", 100.0 * Summary::of(&spreads).median)
+            })
+            .collect();
+        let label = if mode == Mode::KeepAlive { "kept-alive" } else { "new connection" };
+        let _ = write!(out, " {label}: {};", parts.join(", "));
+    }
+    out.pop();
+    out.push_str(".\n");
     out
 }
 
@@ -328,13 +394,13 @@ fn mode_table(samples: &[Sample], mode: Mode) -> String {
             vec![
                 b.name().to_owned(),
                 pick(|s| s.rps).show(0),
-                format!("{}%", paired(|s, d| 100.0 * s.rps / d.rps).show(0)),
+                paired(|s, d| 100.0 * s.rps / d.rps).show_unit(0, "%"),
                 pick(|s| s.p50_ms).show(2),
                 pick(|s| s.p99_ms).show(2),
                 pick(|s| s.machine_us_per_req).show(1),
                 paired(|s, d| s.machine_us_per_req - d.machine_us_per_req).show(1),
                 pick(|s| s.gateway_us_per_req).show(1),
-                format!("{}%", pick(|s| s.machine_busy_pct).show(0)),
+                pick(|s| s.machine_busy_pct).show_unit(0, "%"),
                 runs.iter().map(|s| s.errors).sum::<u64>().to_string(),
             ]
         })
@@ -344,10 +410,11 @@ fn mode_table(samples: &[Sample], mode: Mode) -> String {
 
 const NOTES: &str = "
 How to read it:
-- *machine CPU-µs/req*: busy CPU time of the whole machine (all cores, `/proc/stat`) during the window, per answered request: client, gateway and backends together. *over direct*: minus the direct path's figure of the same round, i.e. what balancing adds per request (for the proxies that includes their second TCP connection). *gateway processes*: CPU of the processes in the gateway namespace (lb's agent, which only health-checks; HAProxy; nginx's workers) from `/proc/<pid>/stat`; lb's and nftables' data paths run in softirq and never show there.
-- The machine has 2 cores for everything: the client, the gateway and the 3 backends (one thread per connection) compete, so the machine is the bottleneck at about 100% busy, and req/s mostly tracks CPU-µs/req: a balancer that costs more per request leaves fewer cycles to the client and the servers. On separate hosts the client and backends would not steal the gateway's cycles; the gateway's own limit would show, and the gaps between the kernel path and the proxies would widen (a proxy's extra work would then cap the rate instead of sharing it).
-- `/proc/stat` counts the whole machine, other users' work included: runs on a shared machine are noisy, the spread shows how much. Latency tails (p99) are the noisiest figure, req/s and CPU per request the steadiest. The closed-loop client under-reports latency under overload, alike for every setup.
-- With a new connection per request the client's source ports are reused after ~64 000 connections; the backends' TIME_WAIT sockets (they close first) accept the reused port, and the fresh testbed per run keeps this from piling up across runs.
+- *machine CPU-µs/req*: busy CPU time of the whole machine (all cores, `/proc/stat`) during the window, per answered request: client, gateway and backends together. *over direct*: minus the direct path's figure of the same round, i.e. what balancing adds per request (for the proxies that includes their second TCP connection). *gateway processes*: CPU of the processes in the gateway namespace (lb's agent, which only health-checks; HAProxy; nginx's workers) from `/proc/<pid>/stat`; lb's and nftables' data paths run in softirq and never show there. A proxy's figure can exceed its increment over direct: without IRQ time accounting, the softirq work its sends trigger (the packet's way into the backend's socket, across the bridge) is charged to the proxy, work the client's process is charged for on the direct path.
+- The direct path is the ceiling for balancing, not for forwarding: its packets still cross the gateway through the kernel's IP forwarding, while lb's XDP program moves them between the gateway's veths without the gateway's stack (no socket buffer, routing or netfilter there). So lb can match or pass the direct path, and its *over direct* can be negative.
+- The machine has 2 cores for everything: the client, the gateway and the 3 backends (one thread per connection) compete, so the machine is the bottleneck at about 100% busy, and req/s mostly tracks CPU-µs/req: a balancer that costs more per request leaves fewer cycles to the client and the servers. On separate hosts the client and backends would not take the gateway's cycles; the gateway's own limit would show, and a proxy's extra work per request would cap the rate instead of sharing the cores.
+- `/proc/stat` counts the whole machine, other users' work included: on a shared machine the figures are noisy, and the spreads above and the line below show how much. The closed-loop client under-reports latency under overload, alike for every setup.
+- With a new connection per request the client reuses source ports within a run; TIME_WAIT sockets pile up on whichever side closed first, and the fresh testbed per measurement keeps them from carrying over.
 ";
 
 #[cfg(test)]

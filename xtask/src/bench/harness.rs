@@ -252,16 +252,23 @@ impl Summary {
         Self { median, min: v[0], max: v[n - 1] }
     }
 
-    /// `median (min–max)` with `decimals` places; only the median for one run.
+    /// `median (min–max)` with `decimals` places; only the median when the
+    /// range rounds to one value (e.g. a single run).
     pub fn show(&self, decimals: usize) -> String {
+        self.show_unit(decimals, "")
+    }
+
+    /// Like [`Self::show`], with `unit` after each number: `97% (88–108%)`.
+    pub fn show_unit(&self, decimals: usize, unit: &str) -> String {
         if self.median.is_nan() {
             return "–".to_owned();
         }
-        let m = format!("{:.decimals$}", self.median);
-        if (self.max - self.min).abs() < f64::EPSILON {
-            return m;
-        }
-        format!("{m} ({:.decimals$}–{:.decimals$})", self.min, self.max)
+        let (m, lo, hi) = (
+            format!("{:.decimals$}", self.median),
+            format!("{:.decimals$}", self.min),
+            format!("{:.decimals$}", self.max),
+        );
+        if lo == hi { format!("{m}{unit}") } else { format!("{m}{unit} ({lo}–{hi}{unit})") }
     }
 }
 
@@ -297,6 +304,8 @@ mod tests {
         assert_eq!(s.show(1), "2.0 (1.0–3.0)");
         assert_eq!(Summary::of(&[5.0]).show(0), "5");
         assert_eq!(Summary::of(&[]).show(0), "–");
+        assert_eq!(Summary::of(&[0.01, 0.02]).show(1), "0.0");
+        assert_eq!(Summary::of(&[97.0, 88.0, 108.0]).show_unit(0, "%"), "97% (88–108%)");
     }
 
     #[test]
