@@ -100,7 +100,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
         );
         outcomes.push(outcome);
     }
-    Ok(Report { title: "Disruption".to_owned(), body: body(quick, &plan, &outcomes) })
+    Ok(Report { title: "Disruption".to_owned(), body: body(&plan, &outcomes) })
 }
 
 fn with_victim(testbed: &Testbed, lb: &mut Agent, victim: usize, plan: &Plan) -> anyhow::Result<Outcome> {
@@ -206,9 +206,9 @@ fn pct(part: usize, whole: usize) -> String {
     if whole == 0 { "–".to_owned() } else { format!("{:.1}%", 100.0 * part as f64 / whole as f64) }
 }
 
-fn body(quick: bool, plan: &Plan, outcomes: &[Outcome]) -> String {
+fn body(plan: &Plan, outcomes: &[Outcome]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{}\n", harness::command_line("disruption", quick));
+    let _ = writeln!(out, "{}\n", harness::command_line());
     let _ = writeln!(
         out,
         "lb, Maglev (ring size 65537), {BACKENDS} backends of weight 1; each victim's server is killed and restarted once. \

@@ -123,7 +123,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
         println!("bench e2e: wrk cross-check, {}", balancer.name());
         wrk.push(wrk_check(balancer, plan).with_context(|| format!("e2e: wrk on {}", balancer.name()))?);
     }
-    let mut body = body(quick, plan, &samples, &load_before);
+    let mut body = body(plan, &samples, &load_before);
     body.push_str(&wrk_table(&wrk, &samples, plan));
     Ok(Report { title: "End to end".to_owned(), body })
 }
@@ -290,9 +290,9 @@ fn wrk_table(wrk: &[WrkSample], samples: &[Sample], plan: Plan) -> String {
 
 // ------------------------------------------------------------------ report
 
-fn body(quick: bool, plan: Plan, samples: &[Sample], load_before: &str) -> String {
+fn body(plan: Plan, samples: &[Sample], load_before: &str) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{}\n", harness::command_line("e2e", quick));
+    let _ = writeln!(out, "{}\n", harness::command_line());
     let _ = writeln!(
         out,
         "Client: our epoll HTTP/1.1 client (`xtask/src/bench/loadgen.rs`), {CONNECTIONS} connections on {CLIENT_THREADS} threads, \

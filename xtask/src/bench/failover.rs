@@ -107,7 +107,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
             episodes.push(episode);
         }
     }
-    Ok(Report { title: "Failover".to_owned(), body: body(quick, repeats, &episodes) })
+    Ok(Report { title: "Failover".to_owned(), body: body(repeats, &episodes) })
 }
 
 /// Probes while the victim dies and returns, then reads the attempts.
@@ -212,11 +212,11 @@ fn ms(d: Option<Duration>) -> String {
     d.map_or_else(|| "none".to_owned(), |d| format!("{}", d.as_millis()))
 }
 
-fn body(quick: bool, repeats: usize, episodes: &[Episode]) -> String {
+fn body(repeats: usize, episodes: &[Episode]) -> String {
     let bound = CHECK.detection_bound();
     let recovery = CHECK.recovery_bound();
     let mut out = String::new();
-    let _ = writeln!(out, "{}\n", harness::command_line("failover", quick));
+    let _ = writeln!(out, "{}\n", harness::command_line());
     let _ = writeln!(
         out,
         "lb with HTTP health checks every {} ms, timeout {} ms, fall {}, rise {}: bound on failed new connections after a death \

@@ -24,17 +24,22 @@ use crate::build::{self, Profile};
 
 /// Builds `lb` and `lb-testbed-backend` in release (figures of a debug build
 /// mean nothing) once per xtask run, points `LB_BIN` at the agent for
-/// [`lb_tests::agent::Agent`], and returns the backend server's path.
+/// [`lb_tests::agent::Agent`] unless it is set already (as for the tests and
+/// the demo, e.g. to measure another build), and returns the backend
+/// server's path.
 pub fn backend_bin() -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     if let Some(path) = BUILT.get() {
         return Ok(path.clone());
     }
     let bins = build::build(Profile::Release).context("building the release binaries to benchmark")?;
-    // SAFETY: the sections run one after another on the main thread, and
-    // every thread a section starts has ended before it returns, so nothing
-    // reads the environment concurrently.
-    unsafe { std::env::set_var(lb_tests::LB_BIN_ENV, &bins.lb) };
+    match std::env::var_os(lb_tests::LB_BIN_ENV) {
+        Some(lb) => println!("bench: using {}={} instead of the lb just built", lb_tests::LB_BIN_ENV, PathBuf::from(lb).display()),
+        // SAFETY: the sections run one after another on the main thread, and
+        // every thread a section starts has ended before it returns, so
+        // nothing reads the environment concurrently.
+        None => unsafe { std::env::set_var(lb_tests::LB_BIN_ENV, &bins.lb) },
+    }
     Ok(BUILT.get_or_init(|| bins.backend).clone())
 }
 
@@ -47,10 +52,11 @@ pub fn testbed(backends: usize) -> anyhow::Result<Testbed> {
         .context("bringing up a benchmark testbed")
 }
 
-/// The command line that produced a section, for the top of its body.
-pub fn command_line(section: &str, quick: bool) -> String {
-    let quick = if quick { " --quick" } else { "" };
-    format!("Command: `cargo xtask bench --only {section}{quick}`")
+/// The command line that produced the report (this process's arguments,
+/// run as `cargo xtask`), for the top of each section's body.
+pub fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("Command: `cargo xtask {}` (as root)", args.join(" "))
 }
 
 /// One line of load average, to show how busy the shared machine was.

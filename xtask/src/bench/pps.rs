@@ -107,7 +107,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
             samples.push(sample);
         }
     }
-    Ok(Report { title: "Packets per second".to_owned(), body: body(quick, plan, threads, &samples, &load_before) })
+    Ok(Report { title: "Packets per second".to_owned(), body: body(plan, threads, &samples, &load_before) })
 }
 
 /// Where the frames go and what counts them, for one testbed.
@@ -248,9 +248,9 @@ fn sink_config(testbed: &Testbed) -> String {
 
 // ------------------------------------------------------------------ report
 
-fn body(quick: bool, plan: Plan, threads: usize, samples: &[Sample], load_before: &str) -> String {
+fn body(plan: Plan, threads: usize, samples: &[Sample], load_before: &str) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{}\n", harness::command_line("pps", quick));
+    let _ = writeln!(out, "{}\n", harness::command_line());
     let _ = writeln!(
         out,
         "Generator: BPF_PROG_TEST_RUN in live-frame mode of a 26-instruction XDP program that rewrites the headers and returns XDP_TX (`xtask/src/bench/livegen.rs`), \
@@ -297,6 +297,6 @@ const PPS_NOTES: &str = "
 How to read it:
 - *offered*: frames the generator transmitted. *reached the gateway*: rx of the gateway's client-side veth; the rest found its receive ring (256 frames) full and was dropped there, so the generator outran the gateway. *gateway counted*: lb's `redirect_to_backend` verdicts (`/status`), for nftables the tx of the gateway's backend-side veth: what the gateway forwarded. *dropped toward the switch*: the backend-side veth's tx drops, frames the switch's veth had no room for. *arrived at backends*: rx of the backends' veths, summed.
 - *gateway counted* is the gateway's forwarding rate; *arrived at backends* is end to end and also depends on how fast the switch (bridge) and the backends' kernels take packets in, on the same cores. XDP hands the switch bare frames, so the switch's side allocates the socket buffers the kernel path had allocated on the gateway: when the gateway is fast, the switch becomes the limit and drops at its ring.
-- Everything runs in softirq on the same 2 cores: the generator, the gateway, the bridge and the backends' kernels (receive up to the UDP lookup). The gateway's veth has one receive queue, so its work is serialised on one core at a time while the other generates. On separate hosts with multi-queue NICs the gateway would have every core to itself and spread flows over them: figures per core are what carries over, and the gap between XDP (no skb, no conntrack) and the kernel path would stay.
+- Everything runs on the same 2 cores: the generator, the gateway, the bridge and the backends' kernels (receive up to the UDP lookup). The kernel runs the gateway's receive work (its veth's NAPI) on the core whose generator filled the ring, right after each batch, so the generator takes cycles the gateway would have to itself on another host, and the gateway's veth has one receive queue, so its work is serialised on one core at a time. The figures are lower bounds for one core shared with a generator; on separate hosts with multi-queue NICs the gateway would spread flows over all its cores, and the gap between XDP (no socket buffer, no conntrack on the gateway) and the kernel path would remain.
 - Another user's work on the shared cores takes cycles from the generator and the gateway alike; the min–max spread shows how much it varied.
 ";
