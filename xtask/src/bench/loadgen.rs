@@ -144,15 +144,19 @@ impl<'a> Worker<'a> {
         }
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; conns.max(1)];
         let mut last_scan = Instant::now();
-        while Instant::now() < self.window.1 && slots.iter().any(Option::is_some) {
+        while Instant::now() < self.window.1 {
             for k in epoll_wait(&self.epoll, &mut events)? {
                 self.on_ready(&mut slots, k);
             }
             if last_scan.elapsed() >= Duration::from_millis(POLL_TICK_MS as u64) {
                 last_scan = Instant::now();
                 for k in 0..slots.len() {
-                    if slots[k].as_ref().is_some_and(|c| c.deadline <= last_scan) {
-                        self.fail(&mut slots, k);
+                    match &slots[k] {
+                        Some(c) if c.deadline <= last_scan => self.fail(&mut slots, k),
+                        // A connect that failed at once (e.g. no source port
+                        // free) left its slot empty: try again a tick later.
+                        None if self.budget.load(Ordering::Relaxed) > 0 => slots[k] = self.open(k),
+                        _ => {}
                     }
                 }
             }
