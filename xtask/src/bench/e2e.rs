@@ -123,7 +123,8 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
         println!("bench e2e: wrk cross-check, {}", balancer.name());
         wrk.push(wrk_check(balancer, plan).with_context(|| format!("e2e: wrk on {}", balancer.name()))?);
     }
-    let mut body = body(plan, &samples, &load_before);
+    let load = format!("{load_before} before, {} after", harness::load_average());
+    let mut body = body(plan, &samples, &load);
     body.push_str(&wrk_table(&wrk, &samples, plan));
     Ok(Report { title: "End to end".to_owned(), body })
 }
@@ -290,7 +291,7 @@ fn wrk_table(wrk: &[WrkSample], samples: &[Sample], plan: Plan) -> String {
 
 // ------------------------------------------------------------------ report
 
-fn body(plan: Plan, samples: &[Sample], load_before: &str) -> String {
+fn body(plan: Plan, samples: &[Sample], load: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}\n", harness::command_line());
     let _ = writeln!(
@@ -298,7 +299,7 @@ fn body(plan: Plan, samples: &[Sample], load_before: &str) -> String {
         "Client: our epoll HTTP/1.1 client (`xtask/src/bench/loadgen.rs`), {CONNECTIONS} connections on {CLIENT_THREADS} threads, \
          `GET /` of the testbed backends (about 100-byte answers), {} s measured after {:.1} s of warm-up, \
          median of {} round(s) with min–max. Latency is from `connect` for a new connection, from the write for a kept-alive one. \
-         Each measurement on a fresh testbed ({BACKENDS} backends) and a fresh balancer. Load average before: {load_before}.\n",
+         Each measurement on a fresh testbed ({BACKENDS} backends) and a fresh balancer. Load average (1, 5, 15 min) of the shared machine: {load}.\n",
         plan.duration.as_secs(),
         plan.warmup.as_secs_f64(),
         plan.runs

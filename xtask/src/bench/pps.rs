@@ -107,7 +107,8 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
             samples.push(sample);
         }
     }
-    Ok(Report { title: "Packets per second".to_owned(), body: body(plan, threads, &samples, &load_before) })
+    let load = format!("{load_before} before, {} after", harness::load_average());
+    Ok(Report { title: "Packets per second".to_owned(), body: body(plan, threads, &samples, &load) })
 }
 
 /// Where the frames go and what counts them, for one testbed.
@@ -248,7 +249,7 @@ fn sink_config(testbed: &Testbed) -> String {
 
 // ------------------------------------------------------------------ report
 
-fn body(plan: Plan, threads: usize, samples: &[Sample], load_before: &str) -> String {
+fn body(plan: Plan, threads: usize, samples: &[Sample], load: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}\n", harness::command_line());
     let _ = writeln!(
@@ -256,7 +257,7 @@ fn body(plan: Plan, threads: usize, samples: &[Sample], load_before: &str) -> St
         "Generator: BPF_PROG_TEST_RUN in live-frame mode of a 26-instruction XDP program that rewrites the headers and returns XDP_TX (`xtask/src/bench/livegen.rs`), \
          on the client's veth, {threads} thread(s) pinned one per core, {FRAME_LEN}-byte UDP frames to {VIP}:{VIP_UDP_PORT} from {} random source ports, \
          at most {} frames per thread or {} s. Median of {} round(s), min–max; Mpps over the generating time. \
-         lb: `lb run` with a UDP VIP over the backends' port {SINK_PORT}; nftables: `nft -f bench/nftables.nft` (the same mapping). Load average before: {load_before}.\n",
+         lb: `lb run` with a UDP VIP over the backends' port {SINK_PORT}; nftables: `nft -f bench/nftables.nft` (the same mapping). Load average (1, 5, 15 min) of the shared machine: {load}.\n",
         livegen::FLOWS,
         plan.frames_per_thread,
         plan.max_time.as_secs(),
