@@ -123,7 +123,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
         println!("bench e2e: wrk cross-check, {}", balancer.name());
         wrk.push(wrk_check(balancer, plan).with_context(|| format!("e2e: wrk on {}", balancer.name()))?);
     }
-    let load = format!("{load_before} before, {} after", harness::load_average());
+    let load = format!("{load_before} before the section ({} after it, which counts its own threads too)", harness::load_average());
     let mut body = body(plan, &samples, &load);
     body.push_str(&wrk_table(&wrk, &samples, plan));
     Ok(Report { title: "End to end".to_owned(), body })

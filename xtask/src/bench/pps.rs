@@ -107,7 +107,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
             samples.push(sample);
         }
     }
-    let load = format!("{load_before} before, {} after", harness::load_average());
+    let load = format!("{load_before} before the section ({} after it, which counts its own threads too)", harness::load_average());
     Ok(Report { title: "Packets per second".to_owned(), body: body(plan, threads, &samples, &load) })
 }
 
