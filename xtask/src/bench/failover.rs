@@ -99,7 +99,8 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
     for death in [Death::Killed, Death::LinkDown] {
         for k in 0..repeats {
             println!("bench failover: {} {}/{repeats}", death.name(), k + 1);
-            let episode = episode(&testbed, &mut lb, death).with_context(|| format!("failover: {}, repeat {}", death.name(), k + 1))?;
+            let episode = episode(&testbed, &mut lb, death)
+                .with_context(|| format!("failover: {}, repeat {}", death.name(), k + 1))?;
             println!(
                 "  last failure {:?} after death ({} of {} attempts failed), first answer {:?} after return",
                 episode.last_failure, episode.failures, episode.attempts, episode.first_answer
@@ -107,7 +108,10 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
             episodes.push(episode);
         }
     }
-    Ok(Report { title: "Failover".to_owned(), body: body(repeats, &episodes) })
+    Ok(Report {
+        title: "Failover".to_owned(),
+        body: body(repeats, &episodes),
+    })
 }
 
 /// Probes while the victim dies and returns, then reads the attempts.
@@ -138,13 +142,23 @@ fn episode(testbed: &Testbed, lb: &mut Agent, death: Death) -> anyhow::Result<Ep
             Ok((died, agent_down, returned, agent_up))
         })();
         stop.store(true, Ordering::Relaxed);
-        let attempts = prober.join().map_err(|_| anyhow::anyhow!("the prober panicked"))??;
+        let attempts = prober
+            .join()
+            .map_err(|_| anyhow::anyhow!("the prober panicked"))??;
         // Whatever happened, the victim must be back for the next episode.
         if timeline.is_err() {
             let _ = revive(testbed, death);
         }
         let (died, agent_down, returned, agent_up) = timeline?;
-        Ok(analyse(death, &attempts, died, returned, agent_down, agent_up, &testbed.backend_name(VICTIM)))
+        Ok(analyse(
+            death,
+            &attempts,
+            died,
+            returned,
+            agent_down,
+            agent_up,
+            &testbed.backend_name(VICTIM),
+        ))
     })
 }
 
@@ -158,9 +172,12 @@ fn analyse(
     victim: &str,
 ) -> Episode {
     let bound_end = died + CHECK.detection_bound() + SETTLE;
-    let failed_after_death: Vec<&Attempt> =
-        attempts.iter().filter(|a| a.outcome.is_err() && a.start >= died && a.start < bound_end).collect();
-    let stray_failures = attempts.iter().filter(|a| a.outcome.is_err()).count() - failed_after_death.len();
+    let failed_after_death: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.outcome.is_err() && a.start >= died && a.start < bound_end)
+        .collect();
+    let stray_failures =
+        attempts.iter().filter(|a| a.outcome.is_err()).count() - failed_after_death.len();
     let first_answer = attempts
         .iter()
         .filter(|a| a.start >= returned)
@@ -195,7 +212,14 @@ fn revive(testbed: &Testbed, death: Death) -> anyhow::Result<()> {
 /// The victim's switch port down or up: its own veth keeps its addresses
 /// and routes (only the carrier goes), as with a pulled cable.
 fn set_link(testbed: &Testbed, state: &str) -> anyhow::Result<()> {
-    testbed.switch().exec_ok(&["ip", "link", "set", "dev", testbed.switch_port(VICTIM), state])?;
+    testbed.switch().exec_ok(&[
+        "ip",
+        "link",
+        "set",
+        "dev",
+        testbed.switch_port(VICTIM),
+        state,
+    ])?;
     Ok(())
 }
 
