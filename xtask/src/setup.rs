@@ -32,6 +32,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "haproxy",
     "nginx-light",
+    // nginx-light builds the stream module (the bench's layer-4 baseline) as a separate package.
+    "libnginx-mod-stream",
     "iperf3",
     "hping3",
     "iputils-ping",

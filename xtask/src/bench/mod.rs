@@ -22,10 +22,18 @@ use anyhow::Context as _;
 
 use crate::setup;
 
+mod baselines;
 mod control;
+mod disruption;
+mod e2e;
+mod failover;
+mod harness;
 mod lb_bench;
+mod livegen;
+mod loadgen;
 mod memory;
 mod packet;
+mod pps;
 mod spread;
 
 /// One section's result.
@@ -89,15 +97,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 }
 
 fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
-    let todo = |title: &str| Report { title: title.to_owned(), body: "Not measured yet.".to_owned() };
     Ok(match section {
         Section::Packet => packet::run(opts)?,
         Section::Control => control::run(opts)?,
         Section::Memory => memory::run(opts)?,
-        Section::E2e => todo("End to end"),
-        Section::Pps => todo("Packets per second"),
-        Section::Failover => todo("Failover"),
-        Section::Disruption => todo("Disruption"),
+        Section::E2e => e2e::run(opts.quick)?,
+        Section::Pps => pps::run(opts.quick)?,
+        Section::Failover => failover::run(opts.quick)?,
+        Section::Disruption => disruption::run(opts.quick)?,
     })
 }
 
