@@ -30,6 +30,7 @@ use lb::{
 use lb_common::{
     backend::{BACKEND_ID_NONE, BackendInfo},
     vip::{VipInfo, VipKey},
+    vip_addr::VipAddrKey,
 };
 use serde_json::json;
 
@@ -187,7 +188,16 @@ impl Dataplane for Counting {
     fn set_backend(&mut self, _backend_id: u32, _info: BackendInfo) -> Result<(), DataplaneError> {
         Ok(())
     }
+    fn set_addr_filter(&mut self, _slot: u32) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn set_vip_addr(&mut self, _key: VipAddrKey, _protos: u32) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     fn write_ring_slots(&mut self, _slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn reset_vip_stats(&mut self, _vip_id: u32) -> Result<(), DataplaneError> {
         Ok(())
     }
 }
@@ -231,8 +241,17 @@ impl Dataplane for KernelDataplane {
     fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), DataplaneError> {
         self.maps.set_backend(backend_id, info)
     }
+    fn set_addr_filter(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        self.maps.set_addr_filter(slot)
+    }
+    fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), DataplaneError> {
+        self.maps.set_vip_addr(key, protos)
+    }
     fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
         self.maps.write_ring_slots(slots)
+    }
+    fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
+        self.maps.reset_vip_stats(vip_id)
     }
 }
 

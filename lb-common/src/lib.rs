@@ -7,6 +7,7 @@
 //! they appear on the wire.
 #![no_std]
 
+pub mod addr_filter;
 pub mod backend;
 pub mod flow;
 pub mod frag;
@@ -43,6 +44,7 @@ pub mod map_names {
     pub const VERDICTS: &str = "VERDICTS";
     pub const CONNTRACK_EVENTS: &str = "CONNTRACK_EVENTS";
     pub const FRAGS: &str = "FRAGS";
+    pub const ADDR_FILTER: &str = "ADDR_FILTER";
 }
 
 /// Implements `aya::Pod` for the agent's side only; the kernel side has no aya.

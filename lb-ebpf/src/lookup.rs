@@ -2,7 +2,7 @@
 //! which backend its flow is pinned to.
 
 use lb_common::{
-    FAMILY_V4,
+    FAMILY_V4, addr_filter,
     backend::{BACKEND_STATE_UP, BackendInfo},
     flow::{FlowKey, ReplyNat},
     stats::reason,
@@ -13,10 +13,27 @@ use crate::{
     Verdict,
     conntrack::{self, Pinned},
     maglev,
-    maps::{BACKENDS, REPLY_NAT, VIPS},
+    maps::{ADDR_FILTER, BACKENDS, REPLY_NAT, VIPS},
     parse::{L4, Packet},
     stats,
 };
+
+/// Whether the packet could be to a VIP or from a backend: false when the
+/// address filter has neither address (see `lb_common::addr_filter`), and
+/// the packet can pass without a map lookup.
+#[inline(always)]
+pub fn may_be_ours(src_be: &[u32; 4], dst_be: &[u32; 4]) -> bool {
+    let set = |addr: &[u32; 4]| ADDR_FILTER.get(addr_filter::slot(addr)).is_some_and(|&v| v != 0);
+    set(dst_be) || set(src_be)
+}
+
+/// Whether the IPv4 packet could be ours (see [`may_be_ours`]).
+#[inline(always)]
+pub fn may_be_ours_v4(pkt: &Packet) -> bool {
+    // SAFETY: pkt.ip was bounds checked in parse_ipv4.
+    let (saddr, daddr) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be) };
+    may_be_ours(&[saddr, 0, 0, 0], &[daddr, 0, 0, 0])
+}
 
 /// The VIP this packet is addressed to, if any.
 #[inline(always)]

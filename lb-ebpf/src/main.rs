@@ -104,6 +104,9 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         Err(_) if v4.is_fragment() => return Err(frag::verdict(&v4)),
         Err(v) => return Err(v),
     };
+    if !lookup::may_be_ours_v4(&pkt) {
+        return Err(if pkt.first_fragment { frag::verdict(&v4) } else { Verdict::pass(reason::PASS_NOT_VIP) });
+    }
     if let Some(vip) = lookup::vip(&pkt) {
         return to_backend(ctx, &pkt, &vip);
     }

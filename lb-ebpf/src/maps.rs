@@ -8,6 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
+    addr_filter,
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
     frag::{FragKey, FragState},
@@ -16,6 +17,11 @@ use lb_common::{
     vip::{VipInfo, VipKey},
     vip_addr::{VipAddrInfo, VipAddrKey},
 };
+
+/// `addr_filter::slot(address)` → 1 if some VIP or backend address has
+/// that slot (see `lb_common::addr_filter`). Written by the agent.
+#[map]
+pub static ADDR_FILTER: Array<u8> = Array::with_max_entries(addr_filter::SLOTS, 0);
 
 /// VipKey → VipInfo. Written by the agent.
 #[map]

@@ -47,6 +47,11 @@ pub fn process(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
         return Err(icmp6::process(ctx, &v6));
     }
     let pkt = parse6::transport(&v6)?;
+    // SAFETY: bounds checked in ipv6_header.
+    let (saddr, daddr) = unsafe { ((*v6.ip).saddr_be, (*v6.ip).daddr_be) };
+    if !lookup::may_be_ours(&saddr, &daddr) {
+        return Ok(Verdict::pass(reason::PASS_NOT_VIP));
+    }
     if let Some(vip) = vip(&pkt) {
         return to_backend(ctx, &pkt, &vip);
     }

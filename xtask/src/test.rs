@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the project's whole test run.
 //!
 //! 1. Unit tests of the default members (`lb-common`, `lb-userspace`,
-//!    `xtask`); `lb-ebpf` cannot build for the host and `lb-tests` needs root.
+//!    `xtask`) and of `lb-bench`; `lb-ebpf` cannot build for the host and
+//!    `lb-tests` needs root.
 //! 2. Build `lb` and `lb-testbed-backend`, and the `lb-tests` test
 //!    executables without running them (their paths come from cargo's JSON).
 //! 3. Run each `lb-tests` executable as root, with `LB_BIN` and
@@ -59,7 +60,7 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     setup::ensure(true)?;
     let mut report = Report::default();
 
-    announce(1, "unit tests of lb-common, lb-userspace and xtask");
+    announce(1, "unit tests of lb-common, lb-userspace, xtask and lb-bench");
     let started = Instant::now();
     match unit_tests(opts) {
         Ok((tally, status)) => report.add("unit tests", tally, status),
@@ -113,6 +114,10 @@ fn unit_tests(opts: &Options) -> anyhow::Result<(Tally, ExitStatus)> {
         "lb-userspace",
         "-p",
         "xtask",
+        // Outside the default members, and run only by `cargo xtask bench`:
+        // testing it here keeps it building as the crates it uses change.
+        "-p",
+        "lb-bench",
     ])
     .args(opts.profile.cargo_args());
     if std::io::stderr().is_terminal() {

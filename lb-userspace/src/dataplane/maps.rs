@@ -27,6 +27,7 @@ use crate::lb::dataplane::Dataplane;
 pub struct Maps {
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_addrs: HashMap<MapData, VipAddrKey, VipAddrInfo>,
+    addr_filter: Array<MapData, u8>,
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
@@ -107,6 +108,7 @@ impl Maps {
         Self {
             vips: typed!(ebpf, map_names::VIPS),
             vip_addrs: typed!(ebpf, map_names::VIP_ADDRS),
+            addr_filter: typed!(ebpf, map_names::ADDR_FILTER),
             backends: typed!(ebpf, map_names::BACKENDS),
             maglev: typed!(ebpf, map_names::MAGLEV),
             conntrack: typed!(ebpf, map_names::CONNTRACK),
@@ -308,6 +310,13 @@ impl Dataplane for Maps {
         self.vips
             .remove(key)
             .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "remove", source })?;
+        Ok(())
+    }
+
+    fn set_addr_filter(&mut self, slot: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
+        self.addr_filter
+            .set(slot, 1, 0)
+            .map_err(|source| DataplaneError::Map { name: map_names::ADDR_FILTER, op: "write", source })?;
         Ok(())
     }
 

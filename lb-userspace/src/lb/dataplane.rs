@@ -23,6 +23,9 @@ pub trait Dataplane {
     /// Writes which protocols have a VIP on an address (`VIP_ADDR_*` bits of
     /// `VIP_ADDRS`); 0 removes the address's entry, if it has one.
     fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), DataplaneError>;
+    /// Sets `ADDR_FILTER[slot]`: some VIP or backend address has the slot
+    /// (`lb_common::addr_filter`). Slots are never cleared while the agent runs.
+    fn set_addr_filter(&mut self, slot: u32) -> Result<(), DataplaneError>;
     /// Writes the backend array entry for `backend_id` (1..MAX_BACKENDS).
     fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), DataplaneError>;
     /// Writes Maglev slots: `(index into the MAGLEV array, backend id)` pairs.

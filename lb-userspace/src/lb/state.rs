@@ -4,7 +4,10 @@
 //! [`Balancer`] turns a validated [`Config`] into dense ids (VIP `n` is the
 //! `n`-th `[[vip]]`, backend ids count (VIP, backend) pairs in file order) and
 //! keeps, per VIP, a shadow copy of both Maglev rings as last written. A change
-//! is published in three steps, always in this order:
+//! is published in three steps, always in this order, after a step 0 that
+//! sets the `ADDR_FILTER` slots of the VIP's and its backends' addresses
+//! (`lb_common::addr_filter`; without them the data path would pass their
+//! packets untouched before any lookup):
 //!
 //! 1. Backends that may take new flows are written `UP`, before any ring can
 //!    name them: the kernel drops a new flow whose slot names a backend that
@@ -91,7 +94,7 @@ use std::{
 };
 
 use lb_common::{
-    FAMILY_V4, FAMILY_V6,
+    FAMILY_V4, FAMILY_V6, addr_filter,
     backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP},
     vip::{VipInfo, VipKey, ring_base},
@@ -192,6 +195,8 @@ pub enum Step {
     RemoveVip { vip_id: u32 },
     /// Writing the `VIP_ADDRS` entry of the VIP's address.
     WriteVipAddr { protos: u32 },
+    /// Setting an `ADDR_FILTER` slot of the VIP's or a backend's address.
+    WriteAddrFilter { slot: u32 },
 }
 
 impl fmt::Display for Step {
@@ -212,6 +217,7 @@ impl fmt::Display for Step {
             Step::ResetStats { vip_id } => write!(f, "reset the counters of reused vip id {vip_id}"),
             Step::RemoveVip { vip_id } => write!(f, "remove vip id {vip_id} from the vip map"),
             Step::WriteVipAddr { protos } => write!(f, "write protocols {protos:#x} of its address"),
+            Step::WriteAddrFilter { slot } => write!(f, "set address filter slot {slot}"),
         }
     }
 }
@@ -348,6 +354,8 @@ pub struct Balancer {
     /// What `VIP_ADDRS` holds per address, as last written: `Some(protos)`,
     /// or `None` when unknown after a failed write. No entry: none written.
     vip_addrs: HashMap<VipAddrKey, Option<u32>>,
+    /// `ADDR_FILTER` slots written; only ever grows.
+    filter_slots: BTreeSet<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -526,6 +534,7 @@ impl Balancer {
             removing: Vec::new(),
             used_ids: BTreeSet::new(),
             vip_addrs: HashMap::new(),
+            filter_slots: BTreeSet::new(),
         };
         // All ids are free, so VIP n takes id n.
         for vip in &config.vips {
@@ -981,6 +990,10 @@ impl Balancer {
         vip.unsynced = true;
         let (name, key, ids, retired) = (vip.name.clone(), vip.key, vip.backend_ids.clone(), vip.retired.clone());
 
+        // 0. In the address filter before anything names them, or the
+        // data path would pass their packets untouched.
+        self.mark_addresses(&name, &key, &ids, dp)?;
+
         // 1. Up before any ring names them.
         for &id in &ids {
             change.backends_written += usize::from(self.write_backend_if(&name, id, BACKEND_STATE_UP, dp)?);
@@ -998,6 +1011,26 @@ impl Balancer {
             vip.unsynced = false;
         }
         Ok(change)
+    }
+
+    /// Step 0 of the module docs: sets the `ADDR_FILTER` slots of the VIP's
+    /// address and of its backends' addresses that are not set yet.
+    fn mark_addresses(&mut self, vip: &str, key: &VipKey, ids: &[u32], dp: &mut impl Dataplane) -> Result<(), StateError> {
+        let backends = ids.iter().filter_map(|&id| self.backends.get(backend_index(id)));
+        let slots: Vec<u32> = std::iter::once(key.addr_be)
+            .chain(backends.map(|b| addr_words(b.address.ip()).0))
+            .map(|addr| addr_filter::slot(&addr))
+            .filter(|slot| !self.filter_slots.contains(slot))
+            .collect();
+        for slot in slots {
+            dp.set_addr_filter(slot).map_err(|source| StateError::Dataplane {
+                vip: vip.to_owned(),
+                step: Step::WriteAddrFilter { slot },
+                source,
+            })?;
+            self.filter_slots.insert(slot);
+        }
+        Ok(())
     }
 
     /// Step 2 of the module docs for the VIP at `index` with backends `ids`:
@@ -1223,7 +1256,11 @@ fn backend_index(backend_id: u32) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, path::PathBuf, time::Duration};
+    use std::{
+        collections::{BTreeSet, HashMap},
+        path::PathBuf,
+        time::Duration,
+    };
 
     use anyhow::anyhow;
 
@@ -1335,6 +1372,8 @@ mod tests {
         maglev: Vec<u32>,
         /// Packets per VIP id, as `VIP_STATS` would count them.
         vip_stats: HashMap<u32, u64>,
+        /// `ADDR_FILTER` slots set.
+        filter: BTreeSet<u32>,
         attempts: usize,
         /// Fail the attempt with this index (counted over the fake's life); a
         /// failing slot write still applies its first half, like a syscall
@@ -1352,6 +1391,7 @@ mod tests {
                 backends: HashMap::new(),
                 maglev: vec![0; entries as usize],
                 vip_stats: HashMap::new(),
+                filter: BTreeSet::new(),
                 attempts: 0,
                 fail_attempt: None,
             }
@@ -1381,6 +1421,12 @@ mod tests {
 
         fn check_readers(&self) {
             for (key, info) in &self.vips {
+                assert!(
+                    self.filter.contains(&addr_filter::slot(&key.addr_be)),
+                    "after call {}: vip {} published before its address is in the filter",
+                    self.calls.len(),
+                    info.vip_id
+                );
                 let ring = self
                     .live_ring(key)
                     .unwrap_or_else(|| panic!("vip {} ring out of the array", info.vip_id));
@@ -1388,7 +1434,15 @@ mod tests {
                     if id == BACKEND_ID_NONE {
                         continue;
                     }
-                    let state = self.backends.get(&id).map(|b| b.state);
+                    let backend = self.backends.get(&id);
+                    if let Some(b) = backend {
+                        assert!(
+                            self.filter.contains(&addr_filter::slot(&b.addr_be)),
+                            "after call {}: backend {id} in a live ring before its address is in the filter",
+                            self.calls.len()
+                        );
+                    }
+                    let state = backend.map(|b| b.state);
                     assert_eq!(
                         state,
                         Some(BACKEND_STATE_UP),
@@ -1422,6 +1476,13 @@ mod tests {
             }
             assert!(self.vips.remove(key).is_some(), "removed a vip that is not in the map: {key:?}");
             self.calls.push(Call::RemoveVip { key: *key });
+            Ok(())
+        }
+
+        fn set_addr_filter(&mut self, slot: u32) -> Result<(), DataplaneError> {
+            // Not a call the sequence tests count: the invariant that matters
+            // (published addresses have their slot) is checked by check_readers.
+            self.filter.insert(slot);
             Ok(())
         }
 

@@ -125,6 +125,9 @@ impl Lb {
                 .expect("backend");
         }
         let mut lb = Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
+        for id in 1..=6 {
+            lb.mark_address(words(backend_addr(id).0));
+        }
         lb.set_ring(1, 0, [1, 2, 3]);
         lb.set_ring(2, 0, [4, 5, 6]);
         lb
@@ -149,8 +152,15 @@ impl Lb {
     /// Writes a VIP as the agent's balancer does: its `VIPS` entry, then its
     /// protocol's bit in its address's `VIP_ADDRS` entry.
     pub fn upsert_vip(&mut self, key: VipKey, info: VipInfo) {
+        self.mark_address(key.addr_be);
         self.maps.upsert_vip(key, info).expect("vip");
         self.set_vip_addr_bit(&key, true);
+    }
+
+    /// Sets the address filter slot of `addr_be`, as the agent's balancer
+    /// does for every VIP and backend address before it names them.
+    pub fn mark_address(&mut self, addr_be: [u32; 4]) {
+        self.maps.set_addr_filter(lb_common::addr_filter::slot(&addr_be)).expect("address filter");
     }
 
     /// Removes a VIP as the agent's balancer does: its `VIPS` entry, then its
