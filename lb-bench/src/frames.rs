@@ -76,6 +76,15 @@ impl Family {
     pub fn not_a_vip(self) -> IpAddr {
         self.backend(1)
     }
+
+    /// An address that is neither a VIP nor a backend: most of what a
+    /// gateway forwards.
+    pub fn other_host(self) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::new(198, 18, 5, 5).into(),
+            Family::V6 => Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 5).into(),
+        }
+    }
 }
 
 /// The MAC of backend `addr` of `family`, as its neighbour entry has it.

@@ -158,12 +158,14 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
     let udp_frame = frames::udp(CLIENT_MAC, GW_CLIENT_MAC, udp)?;
     open_flow(lb, &udp_frame, lb.client_if)?;
     let direct = Tuple { src: client, dst: family.not_a_vip(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
+    let other = Tuple { src: client, dst: family.other_host(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let case = |name, frame, ingress, expect| Case { name, family, frame, ingress, vary: VARY_NONE, expect };
     Ok(vec![
         case("tcp_established", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, tcp, Segment::Data)?, lb.client_if, TO_BACKEND),
         case("tcp_reply", frames::tcp(backend_mac, GW_BACKEND_MAC, reply, Segment::Data)?, lb.backend_if, TO_CLIENT),
         case("udp_tracked", udp_frame, lb.client_if, TO_BACKEND),
         case("not_vip_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, direct, Segment::Data)?, lb.client_if, PASSED),
+        case("other_host_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, other, Segment::Data)?, lb.client_if, PASSED),
     ])
 }
 
