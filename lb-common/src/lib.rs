@@ -45,6 +45,7 @@ pub mod map_names {
     pub const CONNTRACK_EVENTS: &str = "CONNTRACK_EVENTS";
     pub const FRAGS: &str = "FRAGS";
     pub const ADDR_FILTER: &str = "ADDR_FILTER";
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
 }
 
 /// Implements `aya::Pod` for the agent's side only; the kernel side has no aya.

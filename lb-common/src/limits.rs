@@ -39,3 +39,11 @@ pub const REPLY_BURST: u64 = 100;
 /// kernel's overhead): their first pieces balanced, their later pieces still
 /// to come. LRU, so a burst of fragments only ages out old datagrams.
 pub const FRAG_TRACK_CAPACITY: u32 = 16384;
+
+/// Destinations whose next hop each CPU caches (`NEXT_HOPS`, per-CPU LRU,
+/// about 80 bytes an entry per CPU): backends and the clients' next hops.
+pub const NEXT_HOP_CAPACITY: u32 = 65536;
+
+/// How long a cached next hop is used before the FIB is asked again, in ns:
+/// a route or neighbour change takes at most this long to reach the fast path.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;

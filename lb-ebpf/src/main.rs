@@ -22,6 +22,7 @@ mod icmp6;
 mod lookup;
 mod maglev;
 mod maps;
+mod nexthop;
 mod parse;
 mod parse6;
 mod reply;
@@ -129,7 +130,8 @@ fn to_backend(
     let l4 = parse::l4_checked(ctx, pkt)?;
     parse::check_ttl(pkt)?;
     let flow = lookup::flow_key(pkt, &l4);
-    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns()) {
+    let now = conntrack::now_ns();
+    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, now) {
         Ok(picked) => picked,
         // No backend up: tell the client at once rather than let it time out.
         Err(v) if v.reason == reason::DROP_NO_BACKEND => return Err(respond::no_backend(ctx, pkt, &l4)),
@@ -143,7 +145,7 @@ fn to_backend(
     // SAFETY: bounds checked in parse_ipv4. A "fragmentation needed" for the
     // client comes from the address it sent to: the VIP.
     let vip_addr = unsafe { (*pkt.ip).daddr_be };
-    Ok(rewrite::translate_and_forward(ctx, pkt, &l4, Side::Destination, addr, port, vip_addr, reason::REDIRECT_TO_BACKEND))
+    Ok(rewrite::translate_and_forward(ctx, pkt, &l4, Side::Destination, addr, port, vip_addr, reason::REDIRECT_TO_BACKEND, now))
 }
 
 #[cfg(not(test))]

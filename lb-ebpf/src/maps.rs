@@ -5,14 +5,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     addr_filter,
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
     frag::{FragKey, FragState},
-    limits::{DEFAULT_CONNTRACK_CAPACITY, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS},
+    limits::{DEFAULT_CONNTRACK_CAPACITY, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY},
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
     vip_addr::{VipAddrInfo, VipAddrKey},
@@ -83,3 +83,46 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::CO
 /// (see `respond::allow_reply`). Written here only.
 #[map]
 pub static REPLY_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Key of `NEXT_HOPS`: a destination, as seen from one ingress interface.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NextHopKey {
+    /// Destination address, network byte order; IPv4 in word 0.
+    pub dst_be: [u32; 4],
+    pub ifindex: u32,
+}
+
+/// Value of `NEXT_HOPS`: what the FIB answered, and when.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    /// Egress device.
+    pub ifindex: u32,
+    /// The route's MTU, in bytes.
+    pub mtu: u16,
+    pub _pad: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_ns` when asked.
+    pub refreshed_ns: u64,
+}
+
+/// Destination and ingress interface → next hop, per CPU (see `nexthop`).
+/// Written here only; the agent never reads it.
+#[map]
+pub static NEXT_HOPS: LruPerCpuHashMap<NextHopKey, NextHop> = LruPerCpuHashMap::with_max_entries(NEXT_HOP_CAPACITY, 0);
+
+/// The scratch slot `nexthop::lookup` talks to its call through, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NextHopScratch {
+    pub query: crate::nexthop::Query,
+    pub hop: NextHop,
+    pub key: NextHopKey,
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
+}
+
+/// One `NextHopScratch` per CPU. Written here only.
+#[map]
+pub static NEXT_HOP_SCRATCH: PerCpuArray<NextHopScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -11,7 +11,8 @@ use crate::{Verdict, conntrack, frag, lookup, parse, parse::Packet, rewrite::{se
 pub fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdict, Verdict> {
     let l4 = parse::l4_checked(ctx, pkt)?;
     parse::check_ttl(pkt)?;
-    conntrack::reply_seen(&lookup::flow_key(pkt, &l4), nat, &l4, conntrack::now_ns())?;
+    let now = conntrack::now_ns();
+    conntrack::reply_seen(&lookup::flow_key(pkt, &l4), nat, &l4, now)?;
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
     let vip_addr = nat.vip_addr_be[0];
     if pkt.first_fragment {
@@ -27,5 +28,6 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdi
         nat.vip_port_be,
         vip_addr,
         reason::REDIRECT_TO_CLIENT,
+        now,
     ))
 }

@@ -1,32 +1,24 @@
 //! Packet rewriting: NAT of addresses and ports with checksum fix-ups, then
 //! MACs and TTL for the next hop, and the redirect.
 //!
-//! The next hop is asked of the kernel's FIB *before* anything is written,
+//! The next hop (`nexthop`: the kernel's FIB, cached per CPU for a second)
+//! is looked up *before* anything is written,
 //! with the addresses the packet will carry: a packet that cannot go on
 //! (larger than the next hop's MTU with don't-fragment set) is then still as
 //! it arrived, and the client or backend that sent it is told with an ICMP
 //! "fragmentation needed" quoting it (`respond::frag_needed`), as a router
 //! would, so path MTU discovery works through the gateway.
 
-use core::mem::size_of;
-
-use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup as FibParams, xdp_action,
-    },
-    helpers::{bpf_fib_lookup, bpf_redirect},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use lb_common::stats::reason;
 
 use crate::{
-    Verdict, csum,
+    Verdict, conntrack, csum,
+    maps::NextHop,
+    nexthop::{self, Hop, Query},
     parse::{EthHdr, Ipv4Hdr, L4, Packet},
     respond,
 };
-
-const AF_INET: u8 = 2;
 /// Don't-fragment, network byte order.
 const IP_DF_BE: u16 = 0x4000u16.to_be();
 
@@ -37,18 +29,6 @@ pub enum Side {
     Destination,
     /// Backend → client becomes VIP → client.
     Source,
-}
-
-/// What the FIB says about a packet's next hop.
-pub enum Fib {
-    /// Found: egress device and MACs are in the params.
-    Ready,
-    /// Route found, neighbour not resolved yet.
-    NoNeigh,
-    /// Larger than the route's MTU, which it carries.
-    TooBig(u16),
-    /// No route, or another failure.
-    Failed,
 }
 
 /// Rewrites one end of a TCP/UDP packet to `addr`:`port` and sends it to
@@ -70,24 +50,46 @@ pub fn translate_and_forward(
     port_be: u16,
     icmp_from_be: u32,
     redirect_reason: u32,
+    now: u64,
 ) -> Verdict {
     // SAFETY: pkt.ip was bounds checked in parse_ipv4.
     let (saddr, daddr, frag_off_be) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ip).frag_off_be) };
     let (src, dst) = if side == Side::Destination { (saddr, addr_be) } else { (addr_be, daddr) };
-    // SAFETY: FibParams is plain old data; all-zero is a valid start.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    let hop = lookup(ctx, &mut fib, pkt.ip, src, dst);
-    if let Fib::TooBig(mtu) = hop
+    let hop = nexthop::lookup(ctx, query(pkt.ip, src, dst), now);
+    if let Hop::TooBig(mtu) = hop
         && frag_off_be & IP_DF_BE != 0
     {
         return respond::frag_needed(ctx, pkt, icmp_from_be, mtu);
     }
     nat(pkt, l4, side, addr_be, port_be);
+    finish(pkt.eth, pkt.ip, &hop, redirect_reason)
+}
+
+/// Sends a rewritten packet the way `hop` says, or hands it to the kernel.
+#[inline(always)]
+fn finish(eth: *mut EthHdr, ip: *mut Ipv4Hdr, hop: &Hop, redirect_reason: u32) -> Verdict {
     match hop {
-        Fib::Ready => send(pkt.eth, pkt.ip, &fib, redirect_reason),
-        Fib::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
-        Fib::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
-        Fib::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
+        // SAFETY: the scratch slot holds this packet's answer.
+        Hop::Ready(next) => send(eth, ip, unsafe { &**next }, redirect_reason),
+        Hop::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
+        Hop::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
+        Hop::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
+    }
+}
+
+/// What the FIB needs of the IPv4 packet at `ip`, once it goes from
+/// `src_be` to `dst_be`.
+#[inline(always)]
+fn query(ip: *const Ipv4Hdr, src_be: u32, dst_be: u32) -> Query {
+    // SAFETY: ip was bounds checked in parse_ipv4.
+    let (proto, tos, tot_len_be) = unsafe { ((*ip).proto, (*ip).tos, (*ip).tot_len_be) };
+    Query {
+        src_be: [src_be, 0, 0, 0],
+        dst_be: [dst_be, 0, 0, 0],
+        tos_or_flowinfo_be: u32::from(tos),
+        tot_len: u16::from_be(tot_len_be),
+        l4_protocol: proto,
+        ipv6: 0,
     }
 }
 
@@ -97,14 +99,8 @@ pub fn translate_and_forward(
 pub fn forward(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, redirect_reason: u32) -> Verdict {
     // SAFETY: ip was bounds checked in parse_ipv4.
     let (src, dst) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
-    // SAFETY: FibParams is plain old data; all-zero is a valid start.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    match lookup(ctx, &mut fib, ip, src, dst) {
-        Fib::Ready => send(eth, ip, &fib, redirect_reason),
-        Fib::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
-        Fib::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
-        Fib::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
-    }
+    let hop = nexthop::lookup(ctx, query(ip, src, dst), conntrack::now_ns());
+    finish(eth, ip, &hop, redirect_reason)
 }
 
 /// Rewrites the source or destination address of an IPv4 header, with its
@@ -166,55 +162,19 @@ unsafe fn fix_l4_check(pkt: &Packet, l4: &L4, old_addr: u32, new_addr: u32, old_
     unsafe { *check = sum };
 }
 
-/// Asks the kernel's FIB for the next hop of the IPv4 packet at `ip` as it
-/// will be once it goes from `src_be` to `dst_be`, looked up from the
-/// interface it came in on. The FIB checks the route's MTU against the
-/// packet's total length.
+/// Sends a (rewritten) IPv4 packet to `hop`: the TTL drops by one, as at
+/// any router, and the MACs become the hop's. `redirect_reason` is counted
+/// on success.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, fib: &mut FibParams, ip: *const Ipv4Hdr, src_be: u32, dst_be: u32) -> Fib {
-    // SAFETY: ip was bounds checked in parse_ipv4.
-    unsafe {
-        fib.family = AF_INET;
-        fib.l4_protocol = (*ip).proto;
-        fib.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len_be);
-        fib.__bindgen_anon_2.tos = (*ip).tos;
-        fib.__bindgen_anon_3.ipv4_src = src_be;
-        fib.__bindgen_anon_4.ipv4_dst = dst_be;
-    }
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: fib is a valid, writable bpf_fib_lookup for the helper.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibParams>() as i32, 0) };
-    fib_result(rc, fib)
-}
-
-/// What `bpf_fib_lookup`'s return code `rc` means, for either family.
-#[inline(always)]
-pub fn fib_result(rc: i64, fib: &FibParams) -> Fib {
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        Fib::Ready
-    } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        Fib::NoNeigh
-    } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        // SAFETY: the helper wrote the MTU over tot_len.
-        Fib::TooBig(unsafe { fib.__bindgen_anon_1.mtu_result })
-    } else {
-        Fib::Failed
-    }
-}
-
-/// Sends a (rewritten) IPv4 packet to the next hop `fib` names: the TTL
-/// drops by one, as at any router, and the MACs become the hop's.
-/// `redirect_reason` is counted on success.
-#[inline(always)]
-pub fn send(eth: *mut EthHdr, ip: *mut Ipv4Hdr, fib: &FibParams, redirect_reason: u32) -> Verdict {
+pub fn send(eth: *mut EthHdr, ip: *mut Ipv4Hdr, hop: &NextHop, redirect_reason: u32) -> Verdict {
     decrement_ttl(ip);
     // SAFETY: eth was bounds checked in parse_l2.
     unsafe {
-        (*eth).dst = fib.dmac;
-        (*eth).src = fib.smac;
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
     }
     // SAFETY: plain helper call; flags 0.
-    let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
     if action == xdp_action::XDP_REDIRECT {
         Verdict { action, reason: redirect_reason }
     } else {

@@ -11,13 +11,7 @@
 //! too big (IPv6 routers never fragment). Backends must be IPv6 too; a
 //! VIP's IPv4 backend is refused (`drop_bad_backend`).
 
-use core::mem::size_of;
-
-use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_redirect},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use lb_common::{
     FAMILY_V6, PROTO_UDP,
     flow::{FlowKey, ReplyNat},
@@ -31,11 +25,12 @@ use crate::{
     parse::{self, EthHdr, L2, L4},
     parse6::{self, IPV6_HLEN, Ipv6Hdr, PROTO_ICMPV6, Packet6},
     respond6,
-    rewrite::{self, Fib, Side},
+    maps::NextHop,
+    nexthop::{self, Hop, Query},
+    rewrite::Side,
     stats,
 };
 
-const AF_INET6: u8 = 10;
 /// Traffic class and flow label of the first header word, network byte order.
 const IPV6_FLOWINFO_MASK_BE: u32 = 0x0fff_ffffu32.to_be();
 
@@ -95,7 +90,8 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
     let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
     parse6::check_hop_limit(pkt)?;
     let flow = tuple(pkt);
-    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, conntrack::now_ns()) {
+    let now = conntrack::now_ns();
+    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, now) {
         Ok(picked) => picked,
         // No backend up: tell the client at once rather than let it time out.
         Err(v) if v.reason == reason::DROP_NO_BACKEND => return Err(respond6::no_backend(ctx, pkt, &l4)),
@@ -106,7 +102,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
     }
     stats::count_traffic(vip.vip_id, backend_id, ctx);
     // A "packet too big" for the client comes from the address it sent to.
-    Ok(translate_and_forward(ctx, pkt, &l4, Side::Destination, backend.addr_be, backend.port_be, flow.dst_be, reason::REDIRECT_TO_BACKEND))
+    Ok(translate_and_forward(ctx, pkt, &l4, Side::Destination, backend.addr_be, backend.port_be, flow.dst_be, reason::REDIRECT_TO_BACKEND, now))
 }
 
 /// Backend → client: the source becomes the VIP again.
@@ -114,10 +110,11 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
 fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat) -> Result<Verdict, Verdict> {
     let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
     parse6::check_hop_limit(pkt)?;
-    conntrack::reply_seen(&tuple(pkt), nat, &l4, conntrack::now_ns())?;
+    let now = conntrack::now_ns();
+    conntrack::reply_seen(&tuple(pkt), nat, &l4, now)?;
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
     let vip = nat.vip_addr_be;
-    Ok(translate_and_forward(ctx, pkt, &l4, Side::Source, vip, nat.vip_port_be, vip, reason::REDIRECT_TO_CLIENT))
+    Ok(translate_and_forward(ctx, pkt, &l4, Side::Source, vip, nat.vip_port_be, vip, reason::REDIRECT_TO_CLIENT, now))
 }
 
 /// Rewrites one end of the packet to `addr`:`port` and sends it to its next
@@ -134,21 +131,44 @@ fn translate_and_forward(
     port_be: u16,
     icmp_from_be: [u32; 4],
     redirect_reason: u32,
+    now: u64,
 ) -> Verdict {
     // SAFETY: pkt.ip was bounds checked in parse6.
     let (saddr, daddr) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be) };
     let (src, dst) = if side == Side::Destination { (saddr, addr_be) } else { (addr_be, daddr) };
-    // SAFETY: FibParams is plain old data; all-zero is a valid start.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    let hop = lookup(ctx, &mut fib, pkt.ip, src, dst);
-    if let Fib::TooBig(mtu) = hop {
+    let hop = nexthop::lookup(ctx, query(pkt.ip, src, dst), now);
+    if let Hop::TooBig(mtu) = hop {
         return respond6::packet_too_big(ctx, pkt, icmp_from_be, mtu);
     }
     nat(pkt, l4, side, addr_be, port_be);
+    finish(pkt.eth, pkt.ip, &hop, redirect_reason)
+}
+
+/// Sends a rewritten packet the way `hop` says, or hands it to the kernel.
+#[inline(always)]
+fn finish(eth: *mut EthHdr, ip: *mut Ipv6Hdr, hop: &Hop, redirect_reason: u32) -> Verdict {
     match hop {
-        Fib::Ready => send(pkt.eth, pkt.ip, &fib, redirect_reason),
-        Fib::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
-        _ => Verdict::pass(reason::PASS_FIB_FAILED),
+        // SAFETY: the scratch slot holds this packet's answer.
+        Hop::Ready(next) => send(eth, ip, unsafe { &**next }, redirect_reason),
+        Hop::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
+        Hop::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
+        Hop::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
+    }
+}
+
+/// What the FIB needs of the IPv6 packet at `ip`, once it goes from `src`
+/// to `dst`.
+#[inline(always)]
+fn query(ip: *const Ipv6Hdr, src: [u32; 4], dst: [u32; 4]) -> Query {
+    // SAFETY: ip was bounds checked in parse6.
+    let (next_header, payload_len_be, vtc_flow_be) = unsafe { ((*ip).next_header, (*ip).payload_len_be, (*ip).vtc_flow_be) };
+    Query {
+        src_be: src,
+        dst_be: dst,
+        tos_or_flowinfo_be: vtc_flow_be & IPV6_FLOWINFO_MASK_BE,
+        tot_len: (IPV6_HLEN + u16::from_be(payload_len_be) as usize) as u16,
+        l4_protocol: next_header,
+        ipv6: 1,
     }
 }
 
@@ -189,38 +209,17 @@ unsafe fn fix_l4_check(pkt: &Packet6, l4: &L4, old: [u32; 4], new: [u32; 4], old
     unsafe { *check = sum };
 }
 
-/// Asks the kernel's FIB for the next hop of the IPv6 packet at `ip` once it
-/// goes from `src` to `dst`, from the interface it came in on; the FIB
-/// checks the route's MTU against its length.
+/// Sends a (rewritten) IPv6 packet to `hop`; the hop limit drops by one.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, fib: &mut FibParams, ip: *const Ipv6Hdr, src: [u32; 4], dst: [u32; 4]) -> Fib {
-    // SAFETY: ip was bounds checked in parse6.
-    unsafe {
-        fib.family = AF_INET6;
-        fib.l4_protocol = (*ip).next_header;
-        fib.__bindgen_anon_1.tot_len = (IPV6_HLEN + u16::from_be((*ip).payload_len_be) as usize) as u16;
-        fib.__bindgen_anon_2.flowinfo = (*ip).vtc_flow_be & IPV6_FLOWINFO_MASK_BE;
-        fib.__bindgen_anon_3.ipv6_src = src;
-        fib.__bindgen_anon_4.ipv6_dst = dst;
-    }
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: fib is a valid, writable bpf_fib_lookup for the helper.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), fib, size_of::<FibParams>() as i32, 0) };
-    rewrite::fib_result(rc, fib)
-}
-
-/// Sends a (rewritten) IPv6 packet to the next hop `fib` names; the hop
-/// limit drops by one.
-#[inline(always)]
-pub fn send(eth: *mut EthHdr, ip: *mut Ipv6Hdr, fib: &FibParams, redirect_reason: u32) -> Verdict {
+pub fn send(eth: *mut EthHdr, ip: *mut Ipv6Hdr, hop: &NextHop, redirect_reason: u32) -> Verdict {
     // SAFETY: ip and eth were bounds checked in parse6; hop limit checked > 1.
     unsafe {
         (*ip).hop_limit -= 1;
-        (*eth).dst = fib.dmac;
-        (*eth).src = fib.smac;
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
     }
     // SAFETY: plain helper call; flags 0.
-    let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
     if action == xdp_action::XDP_REDIRECT {
         Verdict { action, reason: redirect_reason }
     } else {
@@ -234,12 +233,6 @@ pub fn send(eth: *mut EthHdr, ip: *mut Ipv6Hdr, fib: &FibParams, redirect_reason
 pub fn forward(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv6Hdr, redirect_reason: u32) -> Verdict {
     // SAFETY: ip was bounds checked in parse6.
     let (src, dst) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
-    // SAFETY: FibParams is plain old data; all-zero is a valid start.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    match lookup(ctx, &mut fib, ip, src, dst) {
-        Fib::Ready => send(eth, ip, &fib, redirect_reason),
-        Fib::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
-        Fib::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
-        Fib::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
-    }
+    let hop = nexthop::lookup(ctx, query(ip, src, dst), conntrack::now_ns());
+    finish(eth, ip, &hop, redirect_reason)
 }
