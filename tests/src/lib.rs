@@ -28,6 +28,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 pub mod agent;
+pub mod scenarios;
 pub mod testbed;
 
 pub use testbed::{ChildGuard, HttpResponse, Namespace, ScratchNamespace, Spread, Testbed, TestbedBuilder};

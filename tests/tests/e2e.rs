@@ -4,13 +4,13 @@
 
 use std::{
     collections::BTreeSet,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
+    testbed::client,
     Spread, Testbed,
     agent::{self, Agent, HealthCheck},
-    testbed::client::HttpConn,
 };
 
 const BACKENDS: usize = 3;
@@ -97,60 +97,7 @@ fn new_connections_spread_across_all_backends() {
 fn dead_backend_gets_no_new_connections_and_comes_back() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
-    let check = HealthCheck::default();
-
-    // An established connection to a backend that stays healthy must survive.
-    let vip = testbed.vip_http();
-    let mut kept = testbed
-        .client()
-        .enter(|| HttpConn::connect(vip))
-        .expect("entering the client namespace")
-        .expect("connecting to the VIP");
-    let kept_backend = kept.get("/", true).expect("first request").backend().expect("backend name");
-    let victim = if kept_backend == testbed.backend_name(2) { 3 } else { 2 };
-    let victim_name = testbed.backend_name(victim);
-
-    testbed.stop_backend(victim).expect("stopping a backend");
-    let killed = Instant::now();
-    let bound = check.detection_bound() + Duration::from_secs(1);
-
-    // New connections until the bound has passed: failures (resets from the
-    // dead backend's kernel) may happen only within the bound.
-    let mut last_failure = None;
-    let mut answered = BTreeSet::new();
-    while killed.elapsed() < bound + Duration::from_secs(1) {
-        for result in testbed.client_requests(vip, 10, true) {
-            match result {
-                Ok(name) => {
-                    assert_ne!(name, victim_name, "a dead backend cannot answer");
-                    answered.insert(name);
-                }
-                Err(_) => last_failure = Some(killed.elapsed()),
-            }
-        }
-    }
-    if let Some(at) = last_failure {
-        assert!(at <= bound, "a new connection failed {at:?} after the kill; bound {bound:?}\n{}", agent.log());
-    }
-    assert_eq!(answered.len(), BACKENDS - 1, "the others keep answering: {answered:?}");
-    let mut want = ["up"; BACKENDS];
-    want[victim - 1] = "down";
-    agent.wait_health("web", &want, Duration::ZERO).expect("marked down by now");
-
-    let after = spread_of(&testbed, 150);
-    assert_eq!(after.ok(), 150, "all new connections served: {after:?}");
-    assert_eq!(after.count(&victim_name), 0, "{after:?}");
-    let same = kept.get("/", true).expect("the kept connection still works");
-    assert_eq!(same.backend().as_deref(), Some(kept_backend.as_str()), "it did not move");
-
-    testbed.start_backend(victim).expect("restarting the backend");
-    let took = agent
-        .wait_health("web", &["up"; BACKENDS], check.recovery_bound() + Duration::from_secs(1))
-        .expect("back up after rise successes");
-    eprintln!("backend {victim} up again {took:?} after its restart");
-    let back = spread_of(&testbed, 150);
-    assert_eq!(back.ok(), 150, "{back:?}");
-    assert!(back.count(&victim_name) >= 20, "it takes new connections again: {back:?}");
+    lb_tests::scenarios::dead_backend_gets_no_new_connections_and_comes_back(&mut agent, &testbed, "web", testbed.vip_http());
 }
 
 #[test]
@@ -275,7 +222,7 @@ fn no_backend_up_is_answered_by_the_gateway() {
         .client()
         .enter(|| {
             (0..3)
-                .map(|_| (refused_tcp(vip_tcp), refused_udp(vip_udp)))
+                .map(|_| (client::refused_tcp(vip_tcp), client::refused_udp(vip_udp)))
                 .collect::<Vec<_>>()
         })
         .expect("entering the client namespace");
@@ -293,34 +240,5 @@ fn no_backend_up_is_answered_by_the_gateway() {
         let sent = verdict(&status, reason);
         assert!(sent >= 3, "{what}: the program sent {sent} replies for 3 tries ({reason}): {status}");
         assert!(results.iter().all(|r| r.is_ok()), "{what}: not refused within 1 s: {results:?}");
-    }
-}
-
-/// How long a TCP connect to `addr` took to be refused, or what happened instead.
-fn refused_tcp(addr: std::net::SocketAddr) -> Result<Duration, String> {
-    let started = Instant::now();
-    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Ok(_) => Err("connected".to_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
-        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
-    }
-}
-
-/// How long a UDP datagram to `addr` took to be refused (ICMP port
-/// unreachable on a connected socket), or what happened instead.
-fn refused_udp(addr: std::net::SocketAddr) -> Result<Duration, String> {
-    let started = Instant::now();
-    let result = (|| {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect(addr)?;
-        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-        socket.send(b"anyone?")?;
-        let mut buf = [0u8; 64];
-        socket.recv(&mut buf).map(|_| ())
-    })();
-    match result {
-        Ok(()) => Err("answered".to_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
-        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
     }
 }

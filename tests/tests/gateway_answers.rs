@@ -5,12 +5,10 @@
 //! are in `e2e.rs`; every answer is checked byte for byte in the packet
 //! fixtures.) Needs root.
 
-use std::{
-    net::{SocketAddr, TcpStream, UdpSocket},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use lb_tests::{
+    testbed::client,
     Testbed,
     agent::{self, Agent, ECHO6, HealthCheck, WEB6},
 };
@@ -54,7 +52,7 @@ fn with_every_backend_down_ipv6_clients_are_refused_and_nothing_reaches_a_backen
     }
     let (tcp, udp) = (testbed.vip6_http(), testbed.vip6_udp());
     let before = (agent.verdict("tx_rst_no_backend"), agent.verdict("tx_icmp_unreachable_no_backend"));
-    let tries = testbed.client().enter(move || (0..3).map(|_| (refused_tcp(tcp), refused_udp(udp))).collect::<Vec<_>>()).expect("client");
+    let tries = testbed.client().enter(move || (0..3).map(|_| (client::refused_tcp(tcp), client::refused_udp(udp))).collect::<Vec<_>>()).expect("client");
     let sent = (agent.verdict("tx_rst_no_backend") - before.0, agent.verdict("tx_icmp_unreachable_no_backend") - before.1);
     for (tcp, udp) in &tries {
         assert!(!matches!(tcp, Err(e) if e == "connected"), "tcp connected with no backend up: {tries:?}");
@@ -64,30 +62,3 @@ fn with_every_backend_down_ipv6_clients_are_refused_and_nothing_reaches_a_backen
     assert!(tries.iter().all(|(t, u)| t.is_ok() && u.is_ok()), "not refused within 1 s: {tries:?}");
     println!("refused: {tries:?}");
 }
-
-fn refused_tcp(addr: SocketAddr) -> Result<Duration, String> {
-    let started = Instant::now();
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Ok(_) => Err("connected".to_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
-        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
-    }
-}
-
-fn refused_udp(addr: SocketAddr) -> Result<Duration, String> {
-    let started = Instant::now();
-    let result = (|| {
-        let socket = UdpSocket::bind("[::]:0")?;
-        socket.connect(addr)?;
-        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-        socket.send(b"anyone?")?;
-        let mut buf = [0u8; 64];
-        socket.recv(&mut buf).map(|_| ())
-    })();
-    match result {
-        Ok(()) => Err("answered".to_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
-        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
-    }
-}
-

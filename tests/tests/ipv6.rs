@@ -9,13 +9,12 @@
 
 use std::{
     collections::BTreeSet,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
     Spread, Testbed,
     agent::{self, Agent, ECHO6, HealthCheck, WEB6},
-    testbed::client::HttpConn,
 };
 
 const BACKENDS: usize = 3;
@@ -164,58 +163,5 @@ fn ipv6_udp_flow_stays_on_one_backend() {
 fn ipv6_dead_backend_gets_no_new_connections_and_comes_back() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
-    let check = HealthCheck::default();
-
-    // An established IPv6 connection to a backend that stays healthy must survive.
-    let vip = testbed.vip6_http();
-    let mut kept = testbed
-        .client()
-        .enter(|| HttpConn::connect(vip))
-        .expect("entering the client namespace")
-        .expect("connecting to the IPv6 VIP");
-    let kept_backend = kept.get("/", true).expect("first request").backend().expect("backend name");
-    let victim = if kept_backend == testbed.backend_name(2) { 3 } else { 2 };
-    let victim_name = testbed.backend_name(victim);
-
-    testbed.stop_backend(victim).expect("stopping a backend");
-    let killed = Instant::now();
-    let bound = check.detection_bound() + Duration::from_secs(1);
-
-    // New connections until the bound has passed: failures (resets from the
-    // dead backend's kernel) may happen only within the bound.
-    let mut last_failure = None;
-    let mut answered = BTreeSet::new();
-    while killed.elapsed() < bound + Duration::from_secs(1) {
-        for result in testbed.client_requests(vip, 10, true) {
-            match result {
-                Ok(name) => {
-                    assert_ne!(name, victim_name, "a dead backend cannot answer");
-                    answered.insert(name);
-                }
-                Err(_) => last_failure = Some(killed.elapsed()),
-            }
-        }
-    }
-    if let Some(at) = last_failure {
-        assert!(at <= bound, "a new IPv6 connection failed {at:?} after the kill; bound {bound:?}\n{}", agent.log());
-    }
-    assert_eq!(answered.len(), BACKENDS - 1, "the others keep answering: {answered:?}");
-    let mut want = ["up"; BACKENDS];
-    want[victim - 1] = "down";
-    agent.wait_health(WEB6, &want, Duration::ZERO).expect("marked down by now");
-
-    let after = spread6(&testbed, 150);
-    assert_eq!(after.ok(), 150, "all new IPv6 connections served: {after:?}");
-    assert_eq!(after.count(&victim_name), 0, "{after:?}");
-    let same = kept.get("/", true).expect("the kept connection still works");
-    assert_eq!(same.backend().as_deref(), Some(kept_backend.as_str()), "it did not move");
-
-    testbed.start_backend(victim).expect("restarting the backend");
-    let took = agent
-        .wait_health(WEB6, &["up"; BACKENDS], check.recovery_bound() + Duration::from_secs(1))
-        .expect("back up after rise successes over IPv6");
-    eprintln!("backend {victim} up again over IPv6 {took:?} after its restart");
-    let back = spread6(&testbed, 150);
-    assert_eq!(back.ok(), 150, "{back:?}");
-    assert!(back.count(&victim_name) >= 20, "it takes new IPv6 connections again: {back:?}");
+    lb_tests::scenarios::dead_backend_gets_no_new_connections_and_comes_back(&mut agent, &testbed, WEB6, testbed.vip6_http());
 }

@@ -370,6 +370,45 @@ impl fmt::Display for Spread {
     }
 }
 
+/// How long a TCP connect to `addr` took to be refused (a RST), or what
+/// happened instead: `"connected"`, or the error and when. Waits at most 1 s.
+///
+/// # Errors
+///
+/// As described: anything but a refusal within the second.
+pub fn refused_tcp(addr: SocketAddr) -> Result<Duration, String> {
+    let started = Instant::now();
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(_) => Err("connected".to_owned()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
+        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
+    }
+}
+
+/// How long a UDP datagram to `addr` took to be refused (ICMP port
+/// unreachable, seen on a connected socket), or what happened instead:
+/// `"answered"`, or the error and when. Waits at most 1 s.
+///
+/// # Errors
+///
+/// As described: anything but a refusal within the second.
+pub fn refused_udp(addr: SocketAddr) -> Result<Duration, String> {
+    let started = Instant::now();
+    let result = (|| {
+        let socket = UdpSocket::bind(SocketAddr::new(unspecified_like(addr.ip()), 0))?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        socket.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf).map(|_| ())
+    })();
+    match result {
+        Ok(()) => Err("answered".to_owned()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
+        Err(e) => Err(format!("{e} after {:?}", started.elapsed())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,3 +435,4 @@ mod tests {
         assert_eq!(spread.to_string(), "b1=2 b2=1 errors=1 (first: boom)");
     }
 }
+
