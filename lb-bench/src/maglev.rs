@@ -29,6 +29,8 @@ use lb::{
 };
 use lb_common::{
     backend::{BACKEND_ID_NONE, BackendInfo},
+    flow::ReplyNat,
+    guard::ServiceKey,
     vip::{VipInfo, VipKey},
     vip_addr::VipAddrKey,
 };
@@ -200,6 +202,12 @@ impl Dataplane for Counting {
     fn reset_vip_stats(&mut self, _vip_id: u32) -> Result<(), DataplaneError> {
         Ok(())
     }
+    fn set_addr_roles(&mut self, _key: VipAddrKey, _roles: u32) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn set_backend_service(&mut self, _key: ServiceKey, _nat: ReplyNat) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl Reset for Counting {
@@ -252,6 +260,12 @@ impl Dataplane for KernelDataplane {
     }
     fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
         self.maps.reset_vip_stats(vip_id)
+    }
+    fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), DataplaneError> {
+        self.maps.set_addr_roles(key, roles)
+    }
+    fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError> {
+        self.maps.set_backend_service(key, nat)
     }
 }
 

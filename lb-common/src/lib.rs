@@ -11,6 +11,7 @@ pub mod addr_filter;
 pub mod backend;
 pub mod flow;
 pub mod frag;
+pub mod guard;
 pub mod limits;
 pub mod sched;
 pub mod stats;
@@ -46,6 +47,10 @@ pub mod map_names {
     pub const FRAGS: &str = "FRAGS";
     pub const ADDR_FILTER: &str = "ADDR_FILTER";
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
+    pub const ADDR_ROLES: &str = "ADDR_ROLES";
+    pub const BACKEND_SERVICES: &str = "BACKEND_SERVICES";
+    pub const DIRECT_FLOWS: &str = "DIRECT_FLOWS";
+    pub const REPLY_BUCKETS: &str = "REPLY_BUCKETS";
 }
 
 /// Implements `aya::Pod` for the agent's side only; the kernel side has no aya.

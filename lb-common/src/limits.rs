@@ -26,14 +26,36 @@ pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 1 << 20;
 /// ring_size`), 4 bytes each: 1 GiB, far above any sane configuration.
 pub const MAX_MAGLEV_ENTRIES: u64 = 1 << 28;
 
-/// Replies the gateway sends on its own (no-backend RSTs and ICMP port
-/// unreachables, ICMP echo replies for VIP addresses) share one token bucket
-/// per CPU: it refills at this many replies per second...
+/// Replies the gateway sends on its own when a VIP has no backend up (TCP
+/// RSTs and ICMP port unreachables) refill their token bucket, per CPU, at
+/// this many replies per second...
 pub const REPLY_RATE_PER_SEC: u64 = 100;
-
-/// ...and holds at most this many, so a burst after a quiet spell may reach
+/// ...and hold at most this many, so a burst after a quiet spell may reach
 /// it. Over the limit the packet is dropped and counted.
 pub const REPLY_BURST: u64 = 100;
+
+/// The gateway's own answers, by kind: each kind has its own token bucket
+/// per CPU (`REPLY_BUCKETS`), so one kind can never use up another's budget
+/// (a ping flood must not starve path-MTU discovery).
+pub mod reply_bucket {
+    /// RST or ICMP port unreachable from a VIP with no backend up.
+    pub const NO_BACKEND: u32 = 0;
+    /// RST or ICMP port unreachable from a VIP address, to a port or
+    /// protocol no VIP of that address serves.
+    pub const NO_SERVICE: u32 = 1;
+    /// ICMP echo replies for VIP addresses.
+    pub const ECHO: u32 = 2;
+    /// ICMP fragmentation needed / packet too big for packets of balanced
+    /// flows. Over its limit the packet goes to the kernel (which has its
+    /// own ICMP rate limits), never silently dropped.
+    pub const FRAG_NEEDED: u32 = 3;
+    /// Number of buckets; the size of `REPLY_BUCKETS`.
+    pub const COUNT: u32 = 4;
+    /// Refill rate of each bucket, in replies per second, by kind.
+    pub const RATE_PER_SEC: [u64; COUNT as usize] = [super::REPLY_RATE_PER_SEC, 100, 100, 1000];
+    /// Most replies each bucket holds, by kind.
+    pub const BURST: [u64; COUNT as usize] = [super::REPLY_BURST, 100, 100, 1000];
+}
 
 /// Fragmented datagrams tracked at once (`FRAGS`, 80 bytes an entry plus the
 /// kernel's overhead): their first pieces balanced, their later pieces still
@@ -43,6 +65,16 @@ pub const FRAG_TRACK_CAPACITY: u32 = 16384;
 /// Destinations whose next hop each CPU caches (`NEXT_HOPS`, per-CPU LRU,
 /// about 80 bytes an entry per CPU): backends and the clients' next hops.
 pub const NEXT_HOP_CAPACITY: u32 = 65536;
+/// Entries in `ADDR_ROLES`: every backend address, plus the gateway's own
+/// addresses (up to 1024).
+pub const ADDR_ROLES_CAPACITY: u32 = MAX_BACKENDS + 1024;
+/// Entries in `BACKEND_SERVICES`: one per backend address, port and
+/// protocol, which a backend id never outnumbers.
+pub const BACKEND_SERVICES_CAPACITY: u32 = MAX_BACKENDS;
+/// Flows that reach a backend's service directly, not through a VIP, tracked
+/// at once (`DIRECT_FLOWS`, LRU, 48 bytes an entry plus the kernel's
+/// overhead). Such flows are rare: operators and monitoring, not clients.
+pub const DIRECT_FLOW_CAPACITY: u32 = 65536;
 
 /// How long a cached next hop is used before the FIB is asked again, in ns:
 /// a route or neighbour change takes at most this long to reach the fast path.

@@ -94,19 +94,21 @@ pub mod reason {
     /// destination unreachable, port unreachable (type 3 code 3) from the
     /// VIP, quoting the IP header and the first 8 bytes (sent back out the device it came in on).
     pub const TX_ICMP_UNREACHABLE_NO_BACKEND: u32 = 19;
-    /// A no-backend reply (RST or ICMP unreachable) over the per-CPU reply
-    /// rate limit (`limits::REPLY_RATE_PER_SEC`): dropped instead.
+    /// A no-backend reply (RST or ICMP unreachable) over its per-CPU rate
+    /// limit (`limits::REPLY_RATE_PER_SEC`): dropped instead.
     pub const DROP_NO_BACKEND_RATE_LIMITED: u32 = 20;
     /// ICMP echo request to a VIP address: answered by the gateway itself
     /// with an echo reply (sent back out the device it came in on).
     pub const TX_ICMP_ECHO_REPLY: u32 = 21;
-    /// ICMP echo request to a VIP address over the per-CPU reply rate limit
-    /// (the same bucket as the no-backend replies): dropped.
+    /// ICMP echo request to a VIP address over the echo replies' per-CPU
+    /// rate limit (`limits::reply_bucket::ECHO`): dropped.
     pub const DROP_ICMP_ECHO_RATE_LIMITED: u32 = 22;
-    /// IPv6 to an address some VIP has, whose next header is neither TCP,
-    /// UDP nor ICMPv6 (an extension header: hop-by-hop, routing, fragment,
-    /// destination options, ...): passed untouched, never balanced.
-    pub const PASS_IPV6_EXT_HEADER: u32 = 23;
+    /// IPv6 to an address some VIP has (and the gateway does not), whose
+    /// next header is neither TCP, UDP nor ICMPv6 (an extension header:
+    /// hop-by-hop, routing, fragment, destination options, ...): dropped,
+    /// never balanced. Passed on, the gateway would route it back the way
+    /// it came (it does not own the VIP address).
+    pub const DROP_IPV6_EXT_HEADER: u32 = 23;
     /// A TCP/UDP packet of a balanced flow larger than its next hop's MTU,
     /// with don't-fragment clear: rewritten and handed to the kernel, which
     /// fragments it (XDP cannot).
@@ -116,9 +118,12 @@ pub mod reason {
     /// or packet too big (IPv6) carrying that MTU, so its sender's path MTU
     /// discovery works through the gateway (sent back out the device it came in on).
     pub const TX_ICMP_FRAG_NEEDED: u32 = 25;
-    /// ICMP fragmentation needed / packet too big over the per-CPU reply
-    /// rate limit: the packet is dropped instead.
-    pub const DROP_FRAG_NEEDED_RATE_LIMITED: u32 = 26;
+    /// A packet that would get ICMP fragmentation needed / packet too big,
+    /// over that answer's per-CPU rate limit (`limits::reply_bucket`):
+    /// rewritten and handed to the kernel, which answers it under its own
+    /// ICMP rate limits. Never silently dropped, or path MTU discovery
+    /// would stall.
+    pub const PASS_FRAG_NEEDED_RATE_LIMITED: u32 = 26;
     /// An ICMP error (destination unreachable, fragmentation needed, time
     /// exceeded, parameter problem) to a VIP about a packet of a balanced
     /// flow: steered to the flow's backend, the outer destination and the
@@ -135,8 +140,47 @@ pub mod reason {
     /// A later fragment (offset ≠ 0) of a datagram whose first fragment was
     /// balanced: its address rewritten like the first's, sent the same way.
     pub const REDIRECT_FRAGMENT: u32 = 30;
+    /// A packet to a VIP, with no flow yet, from one of the gateway's own
+    /// addresses or a backend's (see `lb_common::guard`): dropped. It never
+    /// creates balancing state, so nobody can plant reply translations for
+    /// the gateway's own connections (its health probes) or a backend's.
+    pub const DROP_SPOOFED_SOURCE: u32 = 31;
+    /// A new flow to a VIP whose replies would carry the same 5-tuple as a
+    /// live direct flow to that backend's service (`lb_common::guard`):
+    /// dropped, so the direct flow's replies stay untranslated.
+    pub const DROP_FLOW_COLLISION: u32 = 32;
+    /// A packet of a flow that reaches a backend's service directly through
+    /// the gateway, not through a VIP, either direction: passed untouched
+    /// (and tracked, so its replies are never translated).
+    pub const PASS_DIRECT_FLOW: u32 = 33;
+    /// A backend's packet from its service port to one of the gateway's own
+    /// addresses (the agent's health probes): passed untranslated.
+    pub const PASS_LOCAL_DESTINATION: u32 = 34;
+    /// A packet to a VIP whose backend's next hop is the gateway itself (a
+    /// backend with one of the gateway's addresses): dropped, never
+    /// rewritten.
+    pub const DROP_LOCAL_NEXT_HOP: u32 = 35;
+    /// A TCP segment to a VIP address on a port no TCP VIP of that address
+    /// serves: answered with a RST from that address (rate-limited). Passed
+    /// on, the gateway, which does not own the address, would route it back
+    /// the way it came.
+    pub const TX_RST_NO_SERVICE: u32 = 36;
+    /// A UDP datagram to a VIP address on a port no UDP VIP of that address
+    /// serves: answered with ICMP port unreachable (rate-limited).
+    pub const TX_ICMP_UNREACHABLE_NO_SERVICE: u32 = 37;
+    /// Another packet to a VIP address that no VIP of the address serves
+    /// (another protocol, a RST, a segment too short for its ports, an ICMP
+    /// message other than echo request or a translatable error): dropped.
+    pub const DROP_NO_SERVICE: u32 = 38;
+    /// A RST or port unreachable for a VIP address's unserved port, over
+    /// its per-CPU rate limit: dropped.
+    pub const DROP_NO_SERVICE_RATE_LIMITED: u32 = 39;
+    /// A backend's reply whose flow has no per-flow reply state (evicted,
+    /// or never written on this gateway), translated from the backend's
+    /// service entry (`BACKEND_SERVICES`) and sent to the client.
+    pub const REDIRECT_TO_CLIENT_STATELESS: u32 = 40;
     /// Number of reasons; the size of `VERDICTS`.
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 41;
 
     /// Names for metrics, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -163,14 +207,24 @@ pub mod reason {
         "drop_no_backend_rate_limited",
         "tx_icmp_echo_reply",
         "drop_icmp_echo_rate_limited",
-        "pass_ipv6_ext_header",
+        "drop_ipv6_ext_header",
         "pass_too_big",
         "tx_icmp_frag_needed",
-        "drop_frag_needed_rate_limited",
+        "pass_frag_needed_rate_limited",
         "redirect_icmp_error_to_backend",
         "redirect_icmp_error_to_client",
         "drop_icmp_error_no_flow",
         "redirect_fragment",
+        "drop_spoofed_source",
+        "drop_flow_collision",
+        "pass_direct_flow",
+        "pass_local_destination",
+        "drop_local_next_hop",
+        "tx_rst_no_service",
+        "tx_icmp_unreachable_no_service",
+        "drop_no_service",
+        "drop_no_service_rate_limited",
+        "redirect_to_client_stateless",
     ];
 }
 

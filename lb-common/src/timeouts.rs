@@ -61,6 +61,13 @@ pub fn is_expired(state: &FlowState, proto: u8, now_ns: u64) -> bool {
     idle_ns(state, now_ns) > idle_timeout_ns(proto, state.flags)
 }
 
+/// Whether a direct flow (`crate::guard::DirectFlow`) of `proto` has been
+/// idle past its timeout; the same rules as the connection table's.
+#[inline(always)]
+pub fn direct_is_expired(flow: &crate::guard::DirectFlow, proto: u8, now_ns: u64) -> bool {
+    now_ns.saturating_sub(flow.last_seen_ns) > idle_timeout_ns(proto, flow.flags)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

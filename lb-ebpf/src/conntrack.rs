@@ -87,14 +87,15 @@ pub fn touch(state: *mut FlowState, l4: &L4, now: u64) -> bool {
 #[inline(always)]
 pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, l4: &L4, now: u64, previous: &Pinned) {
     let state = FlowState { backend_id, vip_id, last_seen_ns: now, flags: flags_of(l4), _pad: 0 };
-    if CONNTRACK.insert(flow, state, 0).is_ok() {
+    if CONNTRACK.insert(flow, &state, 0).is_ok() {
         match previous {
             Pinned::None => stats::count_conntrack_event(conntrack_event::INSERTED),
             Pinned::Ended(event) => stats::count_conntrack_event(*event),
             Pinned::Live(_) => {}
         }
     }
-    let _ = REPLY_NAT.insert(reply_key(flow, backend), reply_nat(flow, vip_id, backend_id), 0);
+    let (key, nat) = (reply_key(flow, backend), reply_nat(flow, vip_id, backend_id));
+    let _ = REPLY_NAT.insert(&key, &nat, 0);
 }
 
 /// Puts the flow's `REPLY_NAT` entry back if LRU evicted it. Called when an
@@ -105,17 +106,22 @@ pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, 
 pub fn keep_reply_nat(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo) {
     let key = reply_key(flow, backend);
     // SAFETY: only tested for presence.
-    if unsafe { REPLY_NAT.get(key) }.is_none() {
-        let _ = REPLY_NAT.insert(key, reply_nat(flow, vip_id, backend_id), 0);
+    if unsafe { REPLY_NAT.get(&key) }.is_none() {
+        let nat = reply_nat(flow, vip_id, backend_id);
+        let _ = REPLY_NAT.insert(&key, &nat, 0);
     }
 }
 
 /// A backend's packet `reply` of the flow `nat` translates: refreshes the
 /// client → VIP entry (an expired one too: the flow is evidently alive on
-/// this backend), or puts it back if LRU evicted it. If the flow is pinned
-/// to another backend now, the reply is stale and dropped.
+/// this backend), or, if `restore`, puts it back if LRU evicted it. If the
+/// flow is pinned to another backend now, the reply is stale and dropped.
+///
+/// A reply translated without per-flow state (`guard::Reply::Stateless`)
+/// does not restore: its destination may be the gateway itself (the
+/// answer to a health probe), which must never get balancing state.
 #[inline(always)]
-pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64) -> Result<(), Verdict> {
+pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64, restore: bool) -> Result<(), Verdict> {
     let flow = FlowKey {
         src_be: reply.dst_be,
         dst_be: nat.vip_addr_be,
@@ -125,12 +131,15 @@ pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64) -> Result<
         family: reply.family,
         _pad: [0; 2],
     };
-    if let Some(state) = CONNTRACK.get_ptr_mut(flow) {
+    if let Some(state) = CONNTRACK.get_ptr_mut(&flow) {
         // SAFETY: a valid map value.
         if unsafe { (*state).backend_id } != nat.backend_id {
             return Err(Verdict::drop(reason::DROP_STALE_REPLY));
         }
         touch(state, l4, now);
+        return Ok(());
+    }
+    if !restore {
         return Ok(());
     }
     let state = FlowState {
@@ -141,7 +150,7 @@ pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64) -> Result<
         _pad: 0,
     };
     // NOEXIST: a client packet pinning the flow meanwhile wins.
-    if CONNTRACK.insert(flow, state, u64::from(BPF_NOEXIST)).is_ok() {
+    if CONNTRACK.insert(&flow, &state, u64::from(BPF_NOEXIST)).is_ok() {
         stats::count_conntrack_event(conntrack_event::INSERTED);
         stats::count_conntrack_event(conntrack_event::RESTORED);
     }
@@ -150,7 +159,7 @@ pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64) -> Result<
 
 /// The key replies of `flow` carry once it goes to `backend`.
 #[inline(always)]
-fn reply_key(flow: &FlowKey, backend: &BackendInfo) -> FlowKey {
+pub fn reply_key(flow: &FlowKey, backend: &BackendInfo) -> FlowKey {
     FlowKey {
         src_be: backend.addr_be,
         dst_be: flow.src_be,

@@ -90,7 +90,7 @@ pub fn verdict(v4: &Ipv4) -> Verdict {
     let (daddr, proto) = unsafe { ((*v4.ip).daddr_be, (*v4.ip).proto) };
     let key = VipAddrKey { addr_be: [daddr, 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
     // SAFETY: the value is copied out at once.
-    let protos = unsafe { VIP_ADDRS.get(key) }.map_or(0, |info| info.protos);
+    let protos = unsafe { VIP_ADDRS.get(&key) }.map_or(0, |info| info.protos);
     if protos & proto_bit(proto) != 0 {
         Verdict::drop(reason::DROP_FRAGMENT)
     } else {

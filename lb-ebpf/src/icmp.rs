@@ -35,8 +35,8 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, csum,
-    maps::{BACKENDS, CONNTRACK, REPLY_NAT, VIP_ADDRS},
+    Verdict, csum, guard,
+    maps::{BACKENDS, CONNTRACK, VIP_ADDRS},
     parse::{Ipv4, Ipv4Hdr, ptr_at},
     respond, rewrite, stats,
 };
@@ -186,14 +186,7 @@ fn flow_of_reply(quoted: &FlowKey) -> Option<(u32, u32, BackendInfo)> {
 /// backend (otherwise the error is stale, and dropped).
 #[inline(always)]
 fn flow_of_request(quoted: &FlowKey) -> Result<Option<ReplyNat>, Verdict> {
-    // SAFETY: the value is copied out at once.
-    let Some(nat) = (unsafe { REPLY_NAT.get(quoted.reversed()) }).copied() else { return Ok(None) };
-    let flow = FlowKey { dst_be: nat.vip_addr_be, dst_port_be: nat.vip_port_be, ..*quoted };
-    // SAFETY: the value is copied out at once.
-    match unsafe { CONNTRACK.get(flow) } {
-        Some(state) if state.backend_id != nat.backend_id => Err(Verdict::drop(reason::DROP_STALE_REPLY)),
-        _ => Ok(Some(nat)),
-    }
+    guard::quoted_request(quoted)
 }
 
 /// Rewrites one end of the quoted packet, with the quoted IP and TCP/UDP
@@ -237,7 +230,7 @@ fn rewrite_quote(q: &Quote, icmp_check: *mut u16, side: rewrite::Side, new_addr:
 fn no_flow(daddr: u32) -> Verdict {
     let key = VipAddrKey { addr_be: [daddr, 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
     // SAFETY: only tested for presence.
-    if unsafe { VIP_ADDRS.get(key) }.is_some() {
+    if unsafe { VIP_ADDRS.get(&key) }.is_some() {
         Verdict::drop(reason::DROP_ICMP_ERROR_NO_FLOW)
     } else {
         Verdict::pass(reason::PASS_NOT_VIP)

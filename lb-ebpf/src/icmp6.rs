@@ -20,8 +20,8 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, csum,
-    maps::{BACKENDS, CONNTRACK, REPLY_NAT},
+    Verdict, csum, guard, lookup,
+    maps::{BACKENDS, CONNTRACK},
     parse::ptr_at,
     parse6::{IPV6_HLEN, Ipv6, Ipv6Hdr, is_vip_addr},
     respond6,
@@ -33,6 +33,9 @@ const ICMP6_HLEN: usize = 8;
 /// Error types: destination unreachable, packet too big, time exceeded,
 /// parameter problem (RFC 4443); informational ones start at 128.
 const ICMP6_ERROR_MAX: u8 = 4;
+/// Router solicitation through redirect (RFC 4861): neighbour discovery.
+const ICMP6_ND_FIRST: u8 = 133;
+const ICMP6_ND_LAST: u8 = 137;
 
 /// Verdict for an ICMPv6 packet.
 #[inline(always)]
@@ -40,10 +43,16 @@ pub fn process(ctx: &XdpContext, v6: &Ipv6) -> Verdict {
     // SAFETY: bounds checked in ipv6_header.
     let (daddr, hop_limit) = unsafe { ((*v6.ip).daddr_be, (*v6.ip).hop_limit) };
     let icmp_off = v6.l3_off + IPV6_HLEN;
-    let Some(hdr) = v6.l4_head.filter(|_| v6.payload_len >= ICMP6_HLEN) else {
-        let to_vip = is_vip_addr(daddr);
-        return Verdict::pass(if to_vip { reason::PASS_SHORT_L4 } else { reason::PASS_NOT_VIP });
+    // Not answered and not balanced, to a VIP address the gateway does not
+    // own: dropped, since passed on it would be routed back the way it came.
+    let unserved = || {
+        if lookup::refuses_unserved(daddr, FAMILY_V6) {
+            Verdict::drop(reason::DROP_NO_SERVICE)
+        } else {
+            Verdict::pass(reason::PASS_NOT_VIP)
+        }
     };
+    let Some(hdr) = v6.l4_head.filter(|_| v6.payload_len >= ICMP6_HLEN) else { return unserved() };
     // SAFETY: bounds checked by ptr_at.
     let icmp_type = unsafe { (*hdr)[0] }.to_ne_bytes()[0];
     if respond6::is_echo_request(icmp_type) {
@@ -52,8 +61,12 @@ pub fn process(ctx: &XdpContext, v6: &Ipv6) -> Verdict {
         }
         return respond6::echo(ctx, v6, hdr);
     }
-    if icmp_type == 0 || icmp_type > ICMP6_ERROR_MAX {
+    if (ICMP6_ND_FIRST..=ICMP6_ND_LAST).contains(&icmp_type) {
+        // Neighbour discovery is the kernel's, whoever it names.
         return Verdict::pass(reason::PASS_NOT_VIP);
+    }
+    if icmp_type == 0 || icmp_type > ICMP6_ERROR_MAX {
+        return unserved();
     }
     if hop_limit <= 1 {
         return Verdict::pass(reason::PASS_TTL_EXPIRED);
@@ -150,14 +163,7 @@ fn flow_of_reply(quoted: &FlowKey) -> Option<(u32, u32, BackendInfo)> {
 /// flow is still pinned to that backend.
 #[inline(always)]
 fn flow_of_request(quoted: &FlowKey) -> Result<Option<ReplyNat>, Verdict> {
-    // SAFETY: the value is copied out at once.
-    let Some(nat) = (unsafe { REPLY_NAT.get(quoted.reversed()) }).copied() else { return Ok(None) };
-    let flow = FlowKey { dst_be: nat.vip_addr_be, dst_port_be: nat.vip_port_be, ..*quoted };
-    // SAFETY: the value is copied out at once.
-    match unsafe { CONNTRACK.get(flow) } {
-        Some(state) if state.backend_id != nat.backend_id => Err(Verdict::drop(reason::DROP_STALE_REPLY)),
-        _ => Ok(Some(nat)),
-    }
+    guard::quoted_request(quoted)
 }
 
 /// Rewrites one end of the quoted packet, with its TCP/UDP checksum and the

@@ -4,16 +4,17 @@
 use lb_common::{
     FAMILY_V4, addr_filter,
     backend::{BACKEND_STATE_UP, BackendInfo},
-    flow::{FlowKey, ReplyNat},
+    flow::FlowKey,
     stats::reason,
     vip::{VipInfo, VipKey},
+    vip_addr::VipAddrKey,
 };
 
 use crate::{
     Verdict,
     conntrack::{self, Pinned},
-    maglev,
-    maps::{ADDR_FILTER, BACKENDS, REPLY_NAT, VIPS},
+    guard, maglev,
+    maps::{ADDR_FILTER, BACKENDS, VIP_ADDRS, VIPS},
     parse::{L4, Packet},
     stats,
 };
@@ -25,6 +26,27 @@ use crate::{
 pub fn may_be_ours(src_be: &[u32; 4], dst_be: &[u32; 4]) -> bool {
     let set = |addr: &[u32; 4]| ADDR_FILTER.get(addr_filter::slot(addr)).is_some_and(|&v| v != 0);
     set(dst_be) || set(src_be)
+}
+
+/// Whether some VIP listens on `addr_be` (any port or protocol).
+#[inline(always)]
+pub fn is_vip_addr(addr_be: [u32; 4], family: u8) -> bool {
+    if !ADDR_FILTER.get(addr_filter::slot(&addr_be)).is_some_and(|&v| v != 0) {
+        return false;
+    }
+    let key = VipAddrKey { addr_be, family, _pad: [0; 3] };
+    // SAFETY: only tested for presence.
+    unsafe { VIP_ADDRS.get(&key) }.is_some()
+}
+
+/// Whether a packet to `daddr_be` that no VIP serves (no VIP has its port
+/// or protocol) must be answered or dropped here: it is to a VIP address
+/// the gateway does not own itself. Passed on, the gateway would route it
+/// back out by its default route, to the router that sent it, and round
+/// again until its TTL ran out.
+#[inline(always)]
+pub fn refuses_unserved(daddr_be: [u32; 4], family: u8) -> bool {
+    is_vip_addr(daddr_be, family) && !guard::is_local(daddr_be, family)
 }
 
 /// Whether the IPv4 packet could be ours (see [`may_be_ours`]).
@@ -52,7 +74,7 @@ pub fn flow_key(pkt: &Packet, _l4: &L4) -> FlowKey {
 }
 
 #[inline(always)]
-fn packet_tuple(pkt: &Packet) -> FlowKey {
+pub fn packet_tuple(pkt: &Packet) -> FlowKey {
     // SAFETY: pkt.ip and pkt.ports were bounds checked in parse_ipv4.
     let (saddr, daddr, sport, dport) = unsafe {
         ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ports).src_be, (*pkt.ports).dst_be)
@@ -68,18 +90,13 @@ fn packet_tuple(pkt: &Packet) -> FlowKey {
     }
 }
 
-/// The reply translation for a backend → client packet of a balanced flow.
-#[inline(always)]
-pub fn reply_nat(pkt: &Packet) -> Option<ReplyNat> {
-    let key = packet_tuple(pkt);
-    // SAFETY: the value is copied out at once.
-    unsafe { REPLY_NAT.get(&key) }.copied()
-}
 
 /// The backend for a client → VIP flow: its pinned one while the entry
 /// holds (see `conntrack::pinned`) and that backend is up, otherwise a fresh
 /// Maglev pick, which is then pinned (with its reply translation) for the
-/// rest of the flow.
+/// rest of the flow. A flow is never opened from the gateway's own or a
+/// backend's address, nor when its replies would collide with a direct
+/// flow's (`guard`).
 #[inline(always)]
 pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Result<(u32, BackendInfo), Verdict> {
     let pinned = conntrack::pinned(flow, l4, now);
@@ -104,6 +121,7 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
     if backend_id == 0 || backend.state != BACKEND_STATE_UP {
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
+    guard::check_new_flow(flow, &backend, now)?;
     conntrack::pin(flow, vip.vip_id, backend_id, &backend, l4, now, &pinned);
     // Rescheduled: the flow was live, on a backend that is down.
     stats::count_new_flow(vip.vip_id, backend_id, matches!(pinned, Pinned::Live(_)));

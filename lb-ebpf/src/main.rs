@@ -16,7 +16,9 @@
 
 mod conntrack;
 mod csum;
+mod forward;
 mod frag;
+mod guard;
 mod icmp;
 mod icmp6;
 mod lookup;
@@ -33,7 +35,7 @@ mod stats;
 mod v6;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
-use lb_common::stats::reason;
+use lb_common::{FAMILY_V4, stats::reason};
 
 use crate::{parse::Packet, rewrite::Side};
 
@@ -65,6 +67,18 @@ impl Verdict {
     /// redirect flushes the peer's queue at once. Native drivers with XDP
     /// support send redirected frames as well; these replies are
     /// rate-limited, so the longer path costs nothing that matters.
+    /// One scalar, for returning from a BPF-to-BPF call: a struct would be
+    /// returned through memory.
+    #[inline(always)]
+    pub fn pack(self) -> u64 {
+        (u64::from(self.action) << 32) | u64::from(self.reason)
+    }
+
+    #[inline(always)]
+    pub fn unpack(packed: u64) -> Self {
+        Self { action: (packed >> 32) as u32, reason: packed as u32 }
+    }
+
     #[inline(always)]
     pub fn send_back(ctx: &XdpContext, reason: u32) -> Self {
         // SAFETY: plain helper call; flags 0.
@@ -75,35 +89,123 @@ impl Verdict {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let verdict = match try_lb_xdp(&ctx) {
-        Ok(v) | Err(v) => v,
-    };
+    let mut verdict = Verdict::unpack(dispatch(&ctx));
+    if verdict.action == forward::ACTION_FORWARD {
+        verdict = Verdict::unpack(forward::stage(ctx.ctx));
+    }
     stats::count_verdict(verdict.reason);
     verdict.action
 }
 
+/// Which stage a frame goes to: IPv4 or IPv6, ICMP or the rest.
+///
+/// verifier: each stage is a BPF-to-BPF call of its own, taking only
+/// scalars (the context pointer and the network header's offset; each
+/// stage parses its header again, a few instructions), so each has its own
+/// stack frame. Inlined together, their temporaries shared one frame, which
+/// with `nexthop::lookup_call`'s outgrew the 512 bytes BPF allows
+/// ("combined stack size of 3 calls is 544", kernel 6.18). A struct passed
+/// by reference would have to live in the caller's frame, so none is.
 #[inline(always)]
-fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let l2 = parse::parse_l2(ctx)?;
-    if l2.is_ipv6() {
-        return v6::process(ctx, &l2);
+fn dispatch(ctx: &XdpContext) -> u64 {
+    let l2 = match parse::parse_l2(ctx) {
+        Ok(l2) => l2,
+        Err(v) => return v.pack(),
+    };
+    // verifier: the mask keeps the offset visibly small (14, 18 or 22).
+    let l3_off = l2.l3_off & 0x1f;
+    let (proto_off, icmp) = if l2.is_ipv6() { (6, parse6::PROTO_ICMPV6) } else { (9, lb_common::PROTO_ICMP) };
+    // A header too short for its protocol byte is the stages' to judge.
+    let proto = parse::ptr_at::<u8>(ctx, l3_off + proto_off).map(|p| {
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *p }
+    });
+    match (l2.is_ipv6(), proto == Some(icmp)) {
+        (true, true) => icmp6_stage(ctx.ctx, l3_off),
+        (true, false) => v6_stage(ctx.ctx, l3_off),
+        (false, true) => icmp_stage(ctx.ctx, l3_off),
+        (false, false) => v4_stage(ctx.ctx, l3_off),
     }
-    let v4 = parse::parse_ipv4(ctx, &l2)?;
+}
+
+/// The frame's Ethernet header and tags again, in a stage: `l3_off` is what
+/// [`dispatch`] found.
+#[inline(always)]
+fn l2_again(ctx: &XdpContext, l3_off: usize) -> Result<parse::L2, Verdict> {
+    let l2 = parse::parse_l2(ctx)?;
+    // The same frame parses the same way; this only tells the verifier.
+    Ok(parse::L2 { l3_off: l3_off & 0x1f, ..l2 })
+}
+
+/// IPv4 TCP, UDP and other protocols (a stage; see [`dispatch`]).
+#[inline(never)]
+fn v4_stage(raw: *mut aya_ebpf::bindings::xdp_md, l3_off: usize) -> u64 {
+    let ctx = XdpContext::new(raw);
+    let verdict = l2_again(&ctx, l3_off).and_then(|l2| try_v4(&ctx, &l2));
+    match verdict {
+        Ok(v) | Err(v) => v.pack(),
+    }
+}
+
+/// IPv4 ICMP (a stage; see [`dispatch`]).
+#[inline(never)]
+fn icmp_stage(raw: *mut aya_ebpf::bindings::xdp_md, l3_off: usize) -> u64 {
+    let ctx = XdpContext::new(raw);
+    let verdict = l2_again(&ctx, l3_off).and_then(|l2| {
+        let v4 = parse::parse_ipv4(&ctx, &l2)?;
+        if v4.is_later_fragment() {
+            return Err(frag::follow(&ctx, &v4));
+        }
+        if v4.is_fragment() {
+            return Err(frag::verdict(&v4));
+        }
+        Err(icmp::process(&ctx, &v4))
+    });
+    match verdict {
+        Ok(v) | Err(v) => v.pack(),
+    }
+}
+
+/// IPv6 TCP, UDP and other next headers (a stage; see [`dispatch`]).
+#[inline(never)]
+fn v6_stage(raw: *mut aya_ebpf::bindings::xdp_md, l3_off: usize) -> u64 {
+    let ctx = XdpContext::new(raw);
+    match l2_again(&ctx, l3_off).and_then(|l2| v6::process(&ctx, &l2)) {
+        Ok(v) | Err(v) => v.pack(),
+    }
+}
+
+/// ICMPv6 (a stage; see [`dispatch`]).
+#[inline(never)]
+fn icmp6_stage(raw: *mut aya_ebpf::bindings::xdp_md, l3_off: usize) -> u64 {
+    let ctx = XdpContext::new(raw);
+    match l2_again(&ctx, l3_off).and_then(|l2| v6::process_icmp(&ctx, &l2)) {
+        Ok(v) | Err(v) => v.pack(),
+    }
+}
+
+#[inline(always)]
+fn try_v4(ctx: &XdpContext, l2: &parse::L2) -> Result<Verdict, Verdict> {
+    let v4 = parse::parse_ipv4(ctx, l2)?;
     if v4.is_later_fragment() {
         return Err(frag::follow(ctx, &v4));
     }
     // SAFETY: bounds checked in parse_ipv4.
     if unsafe { (*v4.ip).proto } == lb_common::PROTO_ICMP {
-        if v4.is_fragment() {
-            return Err(frag::verdict(&v4));
-        }
-        return Err(icmp::process(ctx, &v4));
+        // Not what `dispatch` saw: not ours to judge.
+        return Err(Verdict::pass(reason::PASS_MALFORMED_IP));
     }
     let pkt = match parse::transport(ctx, &v4) {
         Ok(pkt) => pkt,
         // A first fragment too short for its ports cannot be placed.
         Err(_) if v4.is_fragment() => return Err(frag::verdict(&v4)),
-        Err(v) => return Err(v),
+        // Another protocol, or too short for ports: no VIP serves it.
+        Err(v) => {
+            // SAFETY: bounds checked in parse_ipv4.
+            let daddr = unsafe { (*v4.ip).daddr_be };
+            let refused = lookup::refuses_unserved([daddr, 0, 0, 0], FAMILY_V4);
+            return Err(if refused { Verdict::drop(reason::DROP_NO_SERVICE) } else { v });
+        }
     };
     if !lookup::may_be_ours_v4(&pkt) {
         return Err(if pkt.first_fragment { frag::verdict(&v4) } else { Verdict::pass(reason::PASS_NOT_VIP) });
@@ -111,13 +213,15 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if let Some(vip) = lookup::vip(&pkt) {
         return to_backend(ctx, &pkt, &vip);
     }
-    if let Some(nat) = lookup::reply_nat(&pkt) {
-        return reply::to_client(ctx, &pkt, &nat);
+    let key = lookup::packet_tuple(&pkt);
+    if let Some(verdict) = reply::route(ctx, &pkt, guard::reply(&key)) {
+        return verdict;
     }
     if pkt.first_fragment {
         return Err(frag::verdict(&v4));
     }
-    Ok(Verdict::pass(reason::PASS_NOT_VIP))
+    // A direct flow's packet, one to a VIP address's unserved port, or another host's.
+    Ok(forward::unmatched_v4(ctx, &pkt))
 }
 
 /// Client → VIP: pin the flow, rewrite the destination to the backend, send it on.
@@ -134,18 +238,26 @@ fn to_backend(
     let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, now) {
         Ok(picked) => picked,
         // No backend up: tell the client at once rather than let it time out.
-        Err(v) if v.reason == reason::DROP_NO_BACKEND => return Err(respond::no_backend(ctx, pkt, &l4)),
+        Err(v) if v.reason == reason::DROP_NO_BACKEND => {
+            return Err(forward::refuse_v4(ctx, pkt, &l4, forward::REFUSE_NO_BACKEND));
+        }
         Err(v) => return Err(v),
     };
-    stats::count_traffic(vip.vip_id, backend_id, ctx);
-    let (addr, port) = (backend.addr_be[0], backend.port_be);
     if pkt.first_fragment {
-        frag::remember(pkt, Side::Destination, addr, vip.vip_id, backend_id);
+        frag::remember(pkt, Side::Destination, backend.addr_be[0], vip.vip_id, backend_id);
     }
-    // SAFETY: bounds checked in parse_ipv4. A "fragmentation needed" for the
-    // client comes from the address it sent to: the VIP.
-    let vip_addr = unsafe { (*pkt.ip).daddr_be };
-    Ok(rewrite::translate_and_forward(ctx, pkt, &l4, Side::Destination, addr, port, vip_addr, reason::REDIRECT_TO_BACKEND, now))
+    let decision = forward::Decision {
+        side: Side::Destination,
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        // A "fragmentation needed" for the client comes from the address it sent to: the VIP.
+        icmp_from_be: flow.dst_be,
+        redirect_reason: reason::REDIRECT_TO_BACKEND,
+        vip_id: vip.vip_id,
+        backend_id,
+        now,
+    };
+    Ok(forward::plan_v4(ctx, pkt, &l4, &decision))
 }
 
 #[cfg(not(test))]

@@ -12,7 +12,11 @@ use lb_common::{
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
     frag::{FragKey, FragState},
-    limits::{DEFAULT_CONNTRACK_CAPACITY, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY},
+    guard::{AddrRoles, DirectFlow, ServiceKey},
+    limits::{
+        ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, DEFAULT_CONNTRACK_CAPACITY, DIRECT_FLOW_CAPACITY,
+        FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY, reply_bucket,
+    },
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
     vip_addr::{VipAddrInfo, VipAddrKey},
@@ -79,10 +83,28 @@ pub static CONNTRACK_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(co
 #[map]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
 
-/// The reply rate limiter, per CPU: `[credit_ns, last_ns]` of a token bucket
-/// (see `respond::allow_reply`). Written here only.
+/// The rate limiters of the gateway's own answers, per CPU, one per kind
+/// (`lb_common::limits::reply_bucket`): `[credit_ns, last_ns]` of a token
+/// bucket (see `respond::allow_reply`). Written here only.
 #[map]
-pub static REPLY_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static REPLY_BUCKETS: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(reply_bucket::COUNT, 0);
+
+/// Address → `ADDR_ROLE_*` bits: the gateway's own addresses and every
+/// backend's (see `lb_common::guard`). Written by the agent.
+#[map]
+pub static ADDR_ROLES: HashMap<VipAddrKey, AddrRoles> = HashMap::with_max_entries(ADDR_ROLES_CAPACITY, 0);
+
+/// A backend's service (address, port, protocol) → the VIP its replies come
+/// from, for replies without per-flow state (see `lb_common::guard`).
+/// Written by the agent.
+#[map]
+pub static BACKEND_SERVICES: HashMap<ServiceKey, ReplyNat> = HashMap::with_max_entries(BACKEND_SERVICES_CAPACITY, 0);
+
+/// Backend → client 5-tuple of a flow that reached a backend's service
+/// directly, not through a VIP → when its client last sent. Written here
+/// only; LRU.
+#[map]
+pub static DIRECT_FLOWS: LruHashMap<FlowKey, DirectFlow> = LruHashMap::with_max_entries(DIRECT_FLOW_CAPACITY, 0);
 
 /// Key of `NEXT_HOPS`: a destination, as seen from one ingress interface.
 #[repr(C)]
@@ -91,6 +113,9 @@ pub struct NextHopKey {
     /// Destination address, network byte order; IPv4 in word 0.
     pub dst_be: [u32; 4],
     pub ifindex: u32,
+    /// 1 for IPv6: an IPv6 address whose last 96 bits are zero must not
+    /// share an entry with the IPv4 address in its first 32.
+    pub ipv6: u32,
 }
 
 /// Value of `NEXT_HOPS`: what the FIB answered, and when.
@@ -122,6 +147,11 @@ pub struct NextHopScratch {
     pub key: NextHopKey,
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
 }
+
+/// What the forward stage does with the packet, per CPU (see `forward`).
+/// Written here only.
+#[map]
+pub static FORWARD_PLAN: PerCpuArray<crate::forward::Plan> = PerCpuArray::with_max_entries(1, 0);
 
 /// One `NextHopScratch` per CPU. Written here only.
 #[map]

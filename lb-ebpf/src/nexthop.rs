@@ -17,7 +17,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup as FibParams,
     },
     helpers::bpf_fib_lookup,
@@ -30,17 +30,41 @@ use crate::maps::{NEXT_HOP_SCRATCH, NEXT_HOPS, NextHop, NextHopKey, NextHopScrat
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// What a lookup found.
+/// What a lookup found; the answer itself is in the [`Answer`] that comes
+/// with it.
+///
+/// verifier: without payloads. With `Ready(*const NextHop)` and
+/// `TooBig(u16)`, the payload's register was undefined in the other
+/// variants, LLVM copied it anyway, and the verifier refuses to read an
+/// uninitialised register ("R2 !read_ok", kernel 6.18).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hop {
-    /// Send it: egress device and MACs, in this CPU's scratch slot (valid
-    /// until the next lookup on this CPU, i.e. for this packet).
-    Ready(*const NextHop),
+    /// Send it: egress device and MACs are in the answer.
+    Ready,
     /// Route found, neighbour not resolved yet.
     NoNeigh,
-    /// Larger than the route's MTU, which it carries.
-    TooBig(u16),
+    /// Larger than the route's MTU, which the answer carries.
+    TooBig,
+    /// Not forwarded: the destination is the gateway itself (a local
+    /// address), or a broadcast. Such a packet must never be rewritten.
+    Local,
     /// No route, or another failure.
     Failed,
+}
+
+/// This CPU's scratch slot's answer to the lookup: valid until the next
+/// lookup on this CPU, i.e. for this packet. Always a valid pointer (the
+/// slot's), even when the lookup failed.
+#[derive(Clone, Copy)]
+pub struct Answer(*const NextHop);
+
+impl Answer {
+    /// The next hop (for `Hop::Ready`) or the route's MTU (for `Hop::TooBig`).
+    #[inline(always)]
+    pub fn get(&self) -> &NextHop {
+        // SAFETY: a per-CPU map value, alive for the program's run.
+        unsafe { &*self.0 }
+    }
 }
 
 /// A packet to route: what the FIB needs of it.
@@ -59,28 +83,31 @@ pub struct Query {
     pub ipv6: u8,
 }
 
-/// The next hop of `q`, from this CPU's cache while fresh, else from the FIB.
+/// The next hop of `q`, from this CPU's cache while fresh, else from the
+/// FIB; `None` only if the scratch slot is missing (never: an array).
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, q: Query, now: u64) -> Hop {
-    let Some(scratch) = NEXT_HOP_SCRATCH.get_ptr_mut(0) else { return Hop::Failed };
+pub fn lookup(ctx: &XdpContext, q: Query, now: u64) -> Option<(Hop, Answer)> {
+    let scratch = NEXT_HOP_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
     unsafe { (*scratch).query = q };
     let code = lookup_call(ctx, scratch, now);
     // SAFETY: as above; the callee filled `hop`.
-    let hop = unsafe { core::ptr::addr_of!((*scratch).hop) };
-    match code {
-        READY => Hop::Ready(hop),
+    let answer = Answer(unsafe { core::ptr::addr_of!((*scratch).hop) });
+    let hop = match code {
+        READY => Hop::Ready,
         NO_NEIGH => Hop::NoNeigh,
-        // SAFETY: as above.
-        TOO_BIG => Hop::TooBig(unsafe { (*hop).mtu }),
+        TOO_BIG => Hop::TooBig,
+        LOCAL => Hop::Local,
         _ => Hop::Failed,
-    }
+    };
+    Some((hop, answer))
 }
 
 const READY: u32 = 0;
 const NO_NEIGH: u32 = 1;
 const TOO_BIG: u32 = 2;
 const FAILED: u32 = 3;
+const LOCAL: u32 = 4;
 
 /// [`lookup`] as a BPF-to-BPF call, on this CPU's scratch slot: reads its
 /// `query`, writes its `hop` (for `TOO_BIG`, only the MTU), returns which.
@@ -99,7 +126,7 @@ fn lookup_call(ctx: &XdpContext, scratch: *mut NextHopScratch, now: u64) -> u32 
     // SAFETY: this CPU's slot, valid for the call; the fields are disjoint.
     let (q, out, key, fib) =
         unsafe { (&(*scratch).query, &mut (*scratch).hop, &mut (*scratch).key, &mut (*scratch).fib) };
-    *key = NextHopKey { dst_be: q.dst_be, ifindex: ctx.ingress_ifindex() as u32 };
+    *key = NextHopKey { dst_be: q.dst_be, ifindex: ctx.ingress_ifindex() as u32, ipv6: u32::from(q.ipv6) };
     if let Some(cached) = NEXT_HOPS.get_ptr_mut(&*key) {
         // SAFETY: a valid per-CPU map value.
         let cached = unsafe { &*cached };
@@ -164,6 +191,8 @@ fn ask_fib(ctx: &XdpContext, q: &Query, tot_len: u16, fib: &mut FibParams, out: 
         NO_NEIGH
     } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         TOO_BIG
+    } else if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        LOCAL
     } else {
         FAILED
     }

@@ -268,10 +268,25 @@ pub fn transport(ctx: &XdpContext, v4: &Ipv4) -> Result<Packet, Verdict> {
 
 /// The L4 header of a packet we are about to rewrite, fully validated.
 pub struct L4 {
-    /// The checksum field; `None` for UDP sent without a checksum.
-    pub check: Option<*mut u16>,
+    /// The checksum field, to be updated only when `has_check`.
+    ///
+    /// verifier: a plain pointer, not an `Option`. The payload of a `None`
+    /// is undefined, LLVM spills it all the same when the value crosses a
+    /// call, and the verifier refuses to read an uninitialised register
+    /// ("R5 !read_ok", kernel 6.18).
+    pub check: *mut u16,
+    /// False for UDP sent without a checksum (0).
+    pub has_check: bool,
     /// TCP flags (`TCP_*`); 0 for UDP.
     pub tcp_flags: u8,
+}
+
+impl L4 {
+    /// The checksum field, if there is a checksum to update.
+    #[inline(always)]
+    pub fn check(&self) -> Option<*mut u16> {
+        if self.has_check { Some(self.check) } else { None }
+    }
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -306,7 +321,7 @@ pub fn l4_checked_at(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize, 
         let check = (hdr as usize + TCP_CHECK_OFF) as *mut u16;
         // SAFETY: bounds checked by ptr_at; byte 13 holds the flags.
         let tcp_flags = unsafe { (*hdr)[13] };
-        Ok(L4 { check: Some(check), tcp_flags })
+        Ok(L4 { check, has_check: true, tcp_flags })
     } else {
         let hdr: *mut [u16; 4] = ptr_at(ctx, l4_off).ok_or(malformed)?;
         // SAFETY: bounds checked by ptr_at; word 2 is the UDP length.
@@ -317,7 +332,7 @@ pub fn l4_checked_at(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize, 
         let check = (hdr as usize + UDP_CHECK_OFF) as *mut u16;
         // SAFETY: bounds checked by ptr_at (the whole 8-byte header).
         let zero = unsafe { *check } == 0;
-        Ok(L4 { check: if zero { None } else { Some(check) }, tcp_flags: 0 })
+        Ok(L4 { check, has_check: !zero, tcp_flags: 0 })
     }
 }
 

@@ -3,8 +3,9 @@
 //! Only a fixed 40-byte header followed directly by TCP or UDP is balanced
 //! (ICMPv6 right after it goes to `icmp6`). Extension headers are not
 //! walked: a packet whose next header is anything else and whose destination
-//! is a VIP address is passed untouched (`pass_ipv6_ext_header`); to other
-//! addresses, `pass_not_vip`.
+//! is a VIP address (not the gateway's own) is dropped
+//! (`drop_ipv6_ext_header`, or `drop_no_service` for another protocol);
+//! to other addresses it passes (`pass_not_vip`).
 
 use core::mem::size_of;
 
@@ -12,7 +13,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V6, PROTO_TCP, PROTO_UDP, stats::reason, vip_addr::VipAddrKey};
 
 use crate::{
-    Verdict,
+    Verdict, lookup,
     maps::VIP_ADDRS,
     parse::{EthHdr, L2, Ports, opaque_data_end, ptr_at},
 };
@@ -95,20 +96,34 @@ pub fn ipv6_header(ctx: &XdpContext, l2: &L2) -> Result<Ipv6, Verdict> {
 pub fn transport(v6: &Ipv6) -> Result<Packet6, Verdict> {
     let proto = v6.next_header;
     let l4_off = v6.l3_off + IPV6_HLEN;
+    // SAFETY: bounds checked in ipv6_header.
+    let daddr = unsafe { (*v6.ip).daddr_be };
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        // SAFETY: bounds checked in ipv6_header.
-        let daddr = unsafe { (*v6.ip).daddr_be };
-        if is_vip_addr(daddr) {
-            return Err(Verdict::pass(reason::PASS_IPV6_EXT_HEADER));
+        if !lookup::refuses_unserved(daddr, FAMILY_V6) {
+            return Err(Verdict::pass(reason::PASS_NOT_VIP));
         }
-        return Err(Verdict::pass(reason::PASS_NOT_VIP));
+        let why = if is_extension_header(proto) { reason::DROP_IPV6_EXT_HEADER } else { reason::DROP_NO_SERVICE };
+        return Err(Verdict::drop(why));
     }
-    let short = Verdict::pass(reason::PASS_SHORT_L4);
-    let ports: *mut Ports = v6.l4_head.ok_or(short)?.cast();
+    let short = || {
+        if lookup::refuses_unserved(daddr, FAMILY_V6) {
+            Verdict::drop(reason::DROP_NO_SERVICE)
+        } else {
+            Verdict::pass(reason::PASS_SHORT_L4)
+        }
+    };
+    let ports: *mut Ports = v6.l4_head.ok_or_else(short)?.cast();
     if v6.payload_len < size_of::<Ports>() {
-        return Err(short);
+        return Err(short());
     }
     Ok(Packet6 { eth: v6.eth, ip: v6.ip, ports, l3_off: v6.l3_off, l4_off, l4_len: v6.payload_len, proto })
+}
+
+/// Whether `next_header` is an IPv6 extension header (RFC 8200 section 4,
+/// and AH and Mobility, which chain the same way).
+#[inline(always)]
+fn is_extension_header(next_header: u8) -> bool {
+    matches!(next_header, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
 }
 
 /// Whether some VIP listens on the IPv6 address `addr_be`.
@@ -116,7 +131,7 @@ pub fn transport(v6: &Ipv6) -> Result<Packet6, Verdict> {
 pub fn is_vip_addr(addr_be: [u32; 4]) -> bool {
     let key = VipAddrKey { addr_be, family: FAMILY_V6, _pad: [0; 3] };
     // SAFETY: only tested for presence.
-    unsafe { VIP_ADDRS.get(key) }.is_some()
+    unsafe { VIP_ADDRS.get(&key) }.is_some()
 }
 
 /// Hop limit ≤ 1: left to the kernel, which answers ICMPv6 time exceeded.

@@ -14,8 +14,13 @@
 //!   don't-fragment set, gets ICMP fragmentation needed (type 3 code 4) with
 //!   the hop's MTU (RFC 1191), from the VIP, quoting it like an unreachable.
 //!
-//! All of them share one token bucket per CPU (`limits::REPLY_RATE_PER_SEC`,
-//! `limits::REPLY_BURST`); over it the packet is dropped and counted.
+//! - a TCP segment or UDP datagram to a VIP address on a port no VIP of
+//!   that address serves gets a RST or port unreachable like the above.
+//!
+//! Each kind has its own token bucket per CPU (`limits::reply_bucket`), so
+//! pings cannot starve path MTU discovery; over it the packet is dropped
+//! and counted, except a packet too big for its next hop, which then goes
+//! to the kernel (rewritten), whose own ICMP rate limits apply.
 //! Rebuilt replies carry TTL 64, IP id 0 and don't-fragment; checksums of rebuilt headers are
 //! computed from scratch; the echo reply keeps its IP header but for the
 //! swapped addresses and TTL 64, its checksums updated incrementally.
@@ -26,21 +31,18 @@ use aya_ebpf::{
 };
 use lb_common::{
     FAMILY_V4, PROTO_ICMP, PROTO_TCP,
-    limits::{REPLY_BURST, REPLY_RATE_PER_SEC},
+    limits::reply_bucket,
     stats::reason,
     vip_addr::VipAddrKey,
 };
 
 use crate::{
-    Verdict, conntrack, csum,
-    maps::{REPLY_BUCKET, VIP_ADDRS},
+    Verdict, conntrack, csum, guard,
+    maps::{REPLY_BUCKETS, VIP_ADDRS},
     parse::{EthHdr, Ipv4, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
 };
 
 pub(crate) const REPLY_TTL: u8 = 64;
-/// Bucket credit one reply costs, in nanoseconds of refill.
-const NS_PER_REPLY: u64 = 1_000_000_000 / REPLY_RATE_PER_SEC;
-const BUCKET_CAP_NS: u64 = NS_PER_REPLY * REPLY_BURST;
 /// ICMP header plus the new IP header an unreachable puts before the quote.
 const ICMP_ERR_HDRS: usize = 28;
 /// Largest quote: a 60-byte IP header and 8 bytes, in 16-bit words.
@@ -56,22 +58,27 @@ pub(crate) fn w(b0: u8, b1: u8) -> u16 {
     u16::from_ne_bytes([b0, b1])
 }
 
-/// Takes one reply's worth of credit from this CPU's bucket; false when
-/// there is not enough. Credit refills with elapsed time, capped at the burst.
+/// Takes one reply's worth of credit from this CPU's bucket for `kind`
+/// (`reply_bucket::*`); false when there is not enough. Credit refills with
+/// elapsed time, capped at the kind's burst.
 #[inline(always)]
-pub(crate) fn allow_reply() -> bool {
-    let Some(bucket) = REPLY_BUCKET.get_ptr_mut(0) else { return false };
+pub(crate) fn allow_reply(kind: u32) -> bool {
+    // verifier: bound the index before using it (kind is a constant at every call site).
+    let kind = kind.min(reply_bucket::COUNT - 1);
+    let ns_per_reply = 1_000_000_000 / reply_bucket::RATE_PER_SEC[kind as usize];
+    let cap_ns = ns_per_reply * reply_bucket::BURST[kind as usize];
+    let Some(bucket) = REPLY_BUCKETS.get_ptr_mut(kind) else { return false };
     let now = conntrack::now_ns();
     // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
     unsafe {
         let [credit, last] = &mut *bucket;
-        let refilled = credit.saturating_add(now.saturating_sub(*last)).min(BUCKET_CAP_NS);
+        let refilled = credit.saturating_add(now.saturating_sub(*last)).min(cap_ns);
         *last = now;
-        if refilled < NS_PER_REPLY {
+        if refilled < ns_per_reply {
             *credit = refilled;
             return false;
         }
-        *credit = refilled - NS_PER_REPLY;
+        *credit = refilled - ns_per_reply;
     }
     true
 }
@@ -126,17 +133,53 @@ fn ip_header(tot_len: u16, frag_be: u16, proto: u8, saddr: u32, daddr: u32) -> [
     h
 }
 
-/// The answer to a packet for a VIP with no backend up.
+/// Why the gateway refuses a TCP segment or UDP datagram itself, and the
+/// reasons and rate limit that go with it.
+#[derive(Clone, Copy)]
+pub struct Refusal {
+    /// `reply_bucket::*`.
+    pub bucket: u32,
+    /// Not answered (a RST, or the answer could not be built).
+    pub dropped: u32,
+    pub rate_limited: u32,
+    pub rst_sent: u32,
+    pub unreachable_sent: u32,
+}
+
+/// A VIP with no backend up.
+pub const NO_BACKEND: Refusal = Refusal {
+    bucket: reply_bucket::NO_BACKEND,
+    dropped: reason::DROP_NO_BACKEND,
+    rate_limited: reason::DROP_NO_BACKEND_RATE_LIMITED,
+    rst_sent: reason::TX_RST_NO_BACKEND,
+    unreachable_sent: reason::TX_ICMP_UNREACHABLE_NO_BACKEND,
+};
+
+/// A VIP address, on a port or protocol none of its VIPs serves.
+pub const NO_SERVICE: Refusal = Refusal {
+    bucket: reply_bucket::NO_SERVICE,
+    dropped: reason::DROP_NO_SERVICE,
+    rate_limited: reason::DROP_NO_SERVICE_RATE_LIMITED,
+    rst_sent: reason::TX_RST_NO_SERVICE,
+    unreachable_sent: reason::TX_ICMP_UNREACHABLE_NO_SERVICE,
+};
+
+/// Answers a TCP segment with a RST, a UDP datagram with ICMP port
+/// unreachable, within `why`'s rate limit; a RST is never answered.
 #[inline(always)]
-pub fn no_backend(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Verdict {
-    let not_answered = Verdict::drop(reason::DROP_NO_BACKEND);
+pub fn refuse(ctx: &XdpContext, pkt: &Packet, l4: &L4, why: &Refusal) -> Verdict {
+    let not_answered = Verdict::drop(why.dropped);
     if pkt.proto == PROTO_TCP && l4.tcp_flags & TCP_RST != 0 {
         return not_answered;
     }
-    if !allow_reply() {
-        return Verdict::drop(reason::DROP_NO_BACKEND_RATE_LIMITED);
+    if !allow_reply(why.bucket) {
+        return Verdict::drop(why.rate_limited);
     }
-    let sent = if pkt.proto == PROTO_TCP { tcp_rst(ctx, pkt, l4) } else { port_unreachable(ctx, pkt) };
+    let sent = if pkt.proto == PROTO_TCP {
+        tcp_rst(ctx, pkt, l4, why.rst_sent)
+    } else {
+        port_unreachable(ctx, pkt, why.unreachable_sent)
+    };
     sent.unwrap_or(not_answered)
 }
 
@@ -162,7 +205,7 @@ pub(crate) fn rst_header(t: &[u16; 10], flags: u8, l4_len: usize) -> [u16; 10] {
 
 /// Rewrites a TCP segment into the RST that answers it.
 #[inline(always)]
-fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Option<Verdict> {
+fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4, sent: u32) -> Option<Verdict> {
     // verifier: the masks keep offsets visibly small (14, 18 or 22; ≤ 82).
     let l3_off = pkt.l3_off & 0x1f;
     let tcp: *mut [u16; 10] = ptr_at(ctx, pkt.l4_off & 0x7f)?;
@@ -181,26 +224,24 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4) -> Option<Verdict> {
     let out: *mut [[u16; 10]; 2] = ptr_at(ctx, l3_off)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *out = [ip, th] };
-    Some(Verdict::send_back(ctx, reason::TX_RST_NO_BACKEND))
+    Some(Verdict::send_back(ctx, sent))
 }
 
 /// Turns a UDP datagram into the ICMP port unreachable that answers it.
 #[inline(always)]
-fn port_unreachable(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
+fn port_unreachable(ctx: &XdpContext, pkt: &Packet, sent: u32) -> Option<Verdict> {
     // SAFETY: pkt.ip bounds checked in parse_ipv4.
     let vip = unsafe { (*pkt.ip).daddr_be };
-    icmp_error(ctx, pkt, w(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), 0, vip, reason::TX_ICMP_UNREACHABLE_NO_BACKEND)
+    icmp_error(ctx, pkt, w(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), 0, vip, sent)
 }
 
 /// The answer to a packet too big for its next hop (`mtu` bytes) that may
 /// not be fragmented: ICMP destination unreachable, fragmentation needed
 /// (type 3 code 4) with the next-hop MTU (RFC 1191), from `from_be`, sent
-/// back the way the packet came. Rate-limited like every reply.
+/// back the way the packet came. The caller has taken the credit
+/// (`allow_reply(reply_bucket::FRAG_NEEDED)`).
 #[inline(always)]
 pub fn frag_needed(ctx: &XdpContext, pkt: &Packet, from_be: u32, mtu: u16) -> Verdict {
-    if !allow_reply() {
-        return Verdict::drop(reason::DROP_FRAG_NEEDED_RATE_LIMITED);
-    }
     let code = w(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED);
     icmp_error(ctx, pkt, code, mtu, from_be, reason::TX_ICMP_FRAG_NEEDED)
         // Could not be built (no headroom): the kernel gets it as it came.
@@ -256,9 +297,11 @@ fn icmp_error(ctx: &XdpContext, pkt: &Packet, type_code: u16, mtu: u16, from_be:
     Some(Verdict::send_back(ctx, sent))
 }
 
-/// An ICMP packet: an echo request to a VIP address is answered in place
-/// (type 8 → 0, addresses and MACs swapped, fresh TTL); anything else is
-/// passed untouched.
+/// An ICMP packet that is not an error of a balanced flow: an echo request
+/// to a VIP address is answered in place (type 8 → 0, addresses and MACs
+/// swapped, fresh TTL); any other to a VIP address the gateway does not own
+/// is dropped (passed on, it would be routed back the way it came);
+/// anything else is passed untouched.
 #[inline(always)]
 pub fn echo(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
     let not_ours = Verdict::pass(reason::PASS_NOT_VIP);
@@ -266,20 +309,24 @@ pub fn echo(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
     let (saddr, daddr, ttl) = unsafe { ((*v4.ip).saddr_be, (*v4.ip).daddr_be, (*v4.ip).ttl) };
     let key = VipAddrKey { addr_be: [daddr, 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
     // SAFETY: the value is copied out at once.
-    if unsafe { VIP_ADDRS.get(key) }.is_none_or(|info| info.protos == 0) {
+    if unsafe { VIP_ADDRS.get(&key) }.is_none_or(|info| info.protos == 0) {
         return not_ours;
     }
-    let short = Verdict::pass(reason::PASS_SHORT_L4);
+    let unserved = if guard::is_local([daddr, 0, 0, 0], FAMILY_V4) {
+        not_ours
+    } else {
+        Verdict::drop(reason::DROP_NO_SERVICE)
+    };
     if v4.tot_len - v4.ihl_bytes < 8 {
-        return short;
+        return unserved;
     }
-    let Some(icmp) = ptr_at::<[u16; 4]>(ctx, v4.l3_off + (v4.ihl_bytes & 0x3c)) else { return short };
+    let Some(icmp) = ptr_at::<[u16; 4]>(ctx, v4.l3_off + (v4.ihl_bytes & 0x3c)) else { return unserved };
     // SAFETY: bounds checked by ptr_at.
     let type_code = unsafe { (*icmp)[0] };
     if type_code.to_ne_bytes()[0] != ICMP_ECHO_REQUEST {
-        return not_ours;
+        return unserved;
     }
-    if !allow_reply() {
+    if !allow_reply(reply_bucket::ECHO) {
         return Verdict::drop(reason::DROP_ICMP_ECHO_RATE_LIMITED);
     }
     let (dst_mac, src_mac) = macs(v4.eth);

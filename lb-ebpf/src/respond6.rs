@@ -14,16 +14,16 @@
 //! 8 bytes: what a receiver needs to find its socket (the ports, and TCP's
 //! sequence number). RFC 4443 asks for as much as fits in 1280 bytes; the
 //! shorter quote keeps the reply a fixed size the verifier can prove.
-//! All share `respond`'s per-CPU token bucket.
+//! Each kind has `respond`'s per-CPU token bucket of its kind.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{PROTO_TCP, stats::reason};
+use lb_common::{PROTO_TCP, limits::reply_bucket, stats::reason};
 
 use crate::{
     Verdict, csum,
     parse::{L4, TCP_RST, ptr_at},
     parse6::{IPV6_HLEN, Ipv6, Ipv6Hdr, PROTO_ICMPV6, Packet6},
-    respond::{REPLY_TTL, allow_reply, macs, rst_header, truncate, w, write_macs},
+    respond::{REPLY_TTL, Refusal, allow_reply, macs, rst_header, truncate, w, write_macs},
 };
 
 /// New IPv6 header and ICMPv6 header put before a quote.
@@ -38,34 +38,33 @@ const ICMP6_ECHO_REPLY: u8 = 129;
 /// Version 6, traffic class and flow label 0, as stored.
 const VTC_FLOW_BE: u32 = 0x6000_0000u32.to_be();
 
-/// The answer to a packet for an IPv6 VIP with no backend up.
+/// The IPv6 twin of `respond::refuse`: a RST for TCP, ICMPv6 port
+/// unreachable for UDP, within `why`'s rate limit.
 #[inline(always)]
-pub fn no_backend(ctx: &XdpContext, pkt: &Packet6, l4: &L4) -> Verdict {
-    let not_answered = Verdict::drop(reason::DROP_NO_BACKEND);
+pub fn refuse(ctx: &XdpContext, pkt: &Packet6, l4: &L4, why: &Refusal) -> Verdict {
+    let not_answered = Verdict::drop(why.dropped);
     if pkt.proto == PROTO_TCP && l4.tcp_flags & TCP_RST != 0 {
         return not_answered;
     }
-    if !allow_reply() {
-        return Verdict::drop(reason::DROP_NO_BACKEND_RATE_LIMITED);
+    if !allow_reply(why.bucket) {
+        return Verdict::drop(why.rate_limited);
     }
     let sent = if pkt.proto == PROTO_TCP {
-        tcp_rst(ctx, pkt, l4)
+        tcp_rst(ctx, pkt, l4, why.rst_sent)
     } else {
         // SAFETY: pkt.ip bounds checked in parse6.
         let vip = unsafe { (*pkt.ip).daddr_be };
         let code = w(ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH);
-        icmp6_error(ctx, pkt, code, 0, vip, reason::TX_ICMP_UNREACHABLE_NO_BACKEND)
+        icmp6_error(ctx, pkt, code, 0, vip, why.unreachable_sent)
     };
     sent.unwrap_or(not_answered)
 }
 
 /// The answer to a packet too big for its next hop (`mtu` bytes): ICMPv6
-/// packet too big from `from_be`, sent back the way the packet came.
+/// packet too big from `from_be`, sent back the way the packet came. The
+/// caller has taken the credit (`allow_reply(reply_bucket::FRAG_NEEDED)`).
 #[inline(always)]
 pub fn packet_too_big(ctx: &XdpContext, pkt: &Packet6, from_be: [u32; 4], mtu: u16) -> Verdict {
-    if !allow_reply() {
-        return Verdict::drop(reason::DROP_FRAG_NEEDED_RATE_LIMITED);
-    }
     let code = w(ICMP6_PACKET_TOO_BIG, 0);
     icmp6_error(ctx, pkt, code, u32::from(mtu), from_be, reason::TX_ICMP_FRAG_NEEDED)
         // Could not be built (no headroom): the kernel gets it as it came.
@@ -75,7 +74,7 @@ pub fn packet_too_big(ctx: &XdpContext, pkt: &Packet6, from_be: [u32; 4], mtu: u
 /// Rewrites a TCP segment into the RST that answers it (see
 /// `respond::tcp_rst` for the sequence numbers).
 #[inline(always)]
-fn tcp_rst(ctx: &XdpContext, pkt: &Packet6, l4: &L4) -> Option<Verdict> {
+fn tcp_rst(ctx: &XdpContext, pkt: &Packet6, l4: &L4, sent: u32) -> Option<Verdict> {
     // verifier: the mask keeps the offset visibly small (14, 18 or 22).
     let l3_off = pkt.l3_off & 0x1f;
     let tcp: *mut [u16; 10] = ptr_at(ctx, l3_off + IPV6_HLEN)?;
@@ -95,7 +94,7 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet6, l4: &L4) -> Option<Verdict> {
         write_header(ip, 20, PROTO_TCP, daddr, saddr);
         *out = th;
     }
-    Some(Verdict::send_back(ctx, reason::TX_RST_NO_BACKEND))
+    Some(Verdict::send_back(ctx, sent))
 }
 
 /// Turns a packet into an ICMPv6 error about it (`type_code`, and the
@@ -127,16 +126,21 @@ fn icmp6_error(
     unsafe { *to = *from };
     write_macs(ctx, dst_mac, src_mac)?;
 
-    let quote: *mut [u16; QUOTE_WORDS] = ptr_at(ctx, l3_off + ICMP6_ERR_HDRS)?;
+    // verifier: one bounds check for the new headers and the quote, and
+    // every pointer derived from it. With a check of its own for each, LLVM
+    // dropped the headers' checks as implied by the quote's, which the
+    // verifier cannot follow ("R9 offset is outside of the packet").
+    let all: *mut [u16; ICMP6_ERR_HDRS / 2 + QUOTE_WORDS] = ptr_at(ctx, l3_off)?;
+    let quote = (all as usize + ICMP6_ERR_HDRS) as *const [u16; QUOTE_WORDS];
+    let ip = all as *mut Ipv6Hdr;
+    let icmp = (all as usize + IPV6_HLEN) as *mut [u16; 4];
     let len = (8 + QUOTE_WORDS * 2) as u16;
     let rest_be = rest.to_be();
     let mut sum = pseudo_header(from_be, saddr, len, PROTO_ICMPV6) + u32::from(type_code);
     sum = csum::add32(sum, rest_be);
-    // SAFETY: bounds checked by ptr_at.
+    // SAFETY: inside the range checked by ptr_at.
     sum = csum::add_words(sum, unsafe { &*quote });
-    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
-    let icmp: *mut [u16; 4] = ptr_at(ctx, l3_off + IPV6_HLEN)?;
-    // SAFETY: bounds checked by ptr_at.
+    // SAFETY: inside the range checked by ptr_at.
     unsafe {
         write_header(ip, len, PROTO_ICMPV6, from_be, saddr);
         *icmp = [type_code, csum::finish(sum), rest_be as u16, (rest_be >> 16) as u16];
@@ -149,7 +153,7 @@ fn icmp6_error(
 /// addresses leaves the pseudo-header's sum as it was.
 #[inline(always)]
 pub fn echo(ctx: &XdpContext, v6: &Ipv6, icmp: *mut [u16; 4]) -> Verdict {
-    if !allow_reply() {
+    if !allow_reply(reply_bucket::ECHO) {
         return Verdict::drop(reason::DROP_ICMP_ECHO_RATE_LIMITED);
     }
     let (dst_mac, src_mac) = macs(v6.eth);

@@ -10,12 +10,12 @@
 //! would, so path MTU discovery works through the gateway.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
-use lb_common::stats::reason;
+use lb_common::{limits::reply_bucket, stats::reason};
 
 use crate::{
     Verdict, conntrack, csum,
     maps::NextHop,
-    nexthop::{self, Hop, Query},
+    nexthop::{self, Answer, Hop, Query},
     parse::{EthHdr, Ipv4Hdr, L4, Packet},
     respond,
 };
@@ -40,6 +40,11 @@ pub enum Side {
 /// the kernel rewritten: it resolves the neighbour (ARP) and forwards it
 /// itself; later packets take the fast path. Too big without
 /// don't-fragment: rewritten and handed to the kernel, which fragments it.
+/// Too big with don't-fragment and over the rate limit of "fragmentation
+/// needed": rewritten and handed to the kernel, which answers it.
+///
+/// A packet whose next hop would be the gateway itself is never rewritten
+/// ([`local_next_hop`]).
 #[inline(always)]
 pub fn translate_and_forward(
     ctx: &XdpContext,
@@ -55,24 +60,47 @@ pub fn translate_and_forward(
     // SAFETY: pkt.ip was bounds checked in parse_ipv4.
     let (saddr, daddr, frag_off_be) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ip).frag_off_be) };
     let (src, dst) = if side == Side::Destination { (saddr, addr_be) } else { (addr_be, daddr) };
-    let hop = nexthop::lookup(ctx, query(pkt.ip, src, dst), now);
-    if let Hop::TooBig(mtu) = hop
-        && frag_off_be & IP_DF_BE != 0
-    {
-        return respond::frag_needed(ctx, pkt, icmp_from_be, mtu);
+    let Some((hop, answer)) = nexthop::lookup(ctx, query(pkt.ip, src, dst), now) else {
+        return Verdict::pass(reason::PASS_FIB_FAILED);
+    };
+    match hop {
+        Hop::Local => return local_next_hop(side),
+        Hop::TooBig if frag_off_be & IP_DF_BE != 0 => {
+            if respond::allow_reply(reply_bucket::FRAG_NEEDED) {
+                return respond::frag_needed(ctx, pkt, icmp_from_be, answer.get().mtu);
+            }
+            nat(pkt, l4, side, addr_be, port_be);
+            return Verdict::pass(reason::PASS_FRAG_NEEDED_RATE_LIMITED);
+        }
+        _ => {}
     }
     nat(pkt, l4, side, addr_be, port_be);
-    finish(pkt.eth, pkt.ip, &hop, redirect_reason)
+    finish(pkt.eth, pkt.ip, hop, answer, redirect_reason)
+}
+
+/// A packet whose translated destination is the gateway itself. A reply
+/// (`Side::Source`) to one of the gateway's own addresses is the answer to
+/// the gateway's own connection to a backend (a health probe): it goes to
+/// the kernel untranslated, to the socket that is waiting for it. A packet
+/// to a VIP whose backend is the gateway is dropped: passed as it came, the
+/// gateway would route it back out (it does not own the VIP address).
+#[inline(always)]
+pub fn local_next_hop(side: Side) -> Verdict {
+    if side == Side::Destination {
+        Verdict::drop(reason::DROP_LOCAL_NEXT_HOP)
+    } else {
+        Verdict::pass(reason::PASS_LOCAL_DESTINATION)
+    }
 }
 
 /// Sends a rewritten packet the way `hop` says, or hands it to the kernel.
 #[inline(always)]
-fn finish(eth: *mut EthHdr, ip: *mut Ipv4Hdr, hop: &Hop, redirect_reason: u32) -> Verdict {
+fn finish(eth: *mut EthHdr, ip: *mut Ipv4Hdr, hop: Hop, answer: Answer, redirect_reason: u32) -> Verdict {
     match hop {
-        // SAFETY: the scratch slot holds this packet's answer.
-        Hop::Ready(next) => send(eth, ip, unsafe { &**next }, redirect_reason),
+        Hop::Ready => send(eth, ip, answer.get(), redirect_reason),
         Hop::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
-        Hop::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
+        Hop::TooBig => Verdict::pass(reason::PASS_TOO_BIG),
+        Hop::Local => Verdict::pass(reason::PASS_LOCAL_DESTINATION),
         Hop::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
     }
 }
@@ -99,8 +127,10 @@ fn query(ip: *const Ipv4Hdr, src_be: u32, dst_be: u32) -> Query {
 pub fn forward(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, redirect_reason: u32) -> Verdict {
     // SAFETY: ip was bounds checked in parse_ipv4.
     let (src, dst) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
-    let hop = nexthop::lookup(ctx, query(ip, src, dst), conntrack::now_ns());
-    finish(eth, ip, &hop, redirect_reason)
+    match nexthop::lookup(ctx, query(ip, src, dst), conntrack::now_ns()) {
+        Some((hop, answer)) => finish(eth, ip, hop, answer, redirect_reason),
+        None => Verdict::pass(reason::PASS_FIB_FAILED),
+    }
 }
 
 /// Rewrites the source or destination address of an IPv4 header, with its
@@ -150,7 +180,7 @@ fn nat(pkt: &Packet, l4: &L4, side: Side, new_addr: u32, new_port: u16) {
 /// `l4.check` must point inside the packet (checked by `l4_checked`).
 #[inline(always)]
 unsafe fn fix_l4_check(pkt: &Packet, l4: &L4, old_addr: u32, new_addr: u32, old_port: u16, new_port: u16) {
-    let Some(check) = l4.check else { return };
+    let Some(check) = l4.check() else { return };
     // SAFETY: the caller guarantees check is in bounds.
     let mut sum = unsafe { *check };
     sum = csum::replace32(sum, old_addr, new_addr);

@@ -14,21 +14,23 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use lb_common::{
     FAMILY_V6, PROTO_UDP,
+    limits::reply_bucket,
     flow::{FlowKey, ReplyNat},
     stats::reason,
     vip::{VipInfo, VipKey},
 };
 
 use crate::{
-    Verdict, conntrack, csum, icmp6, lookup,
-    maps::{REPLY_NAT, VIPS},
+    Verdict, conntrack, csum, forward,
+    guard::{self, Reply},
+    icmp6, lookup,
+    maps::VIPS,
     parse::{self, EthHdr, L2, L4},
     parse6::{self, IPV6_HLEN, Ipv6Hdr, PROTO_ICMPV6, Packet6},
-    respond6,
+    respond, respond6,
     maps::NextHop,
-    nexthop::{self, Hop, Query},
-    rewrite::Side,
-    stats,
+    nexthop::{self, Answer, Hop, Query},
+    rewrite::{self, Side},
 };
 
 /// Traffic class and flow label of the first header word, network byte order.
@@ -39,7 +41,8 @@ const IPV6_FLOWINFO_MASK_BE: u32 = 0x0fff_ffffu32.to_be();
 pub fn process(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
     let v6 = parse6::ipv6_header(ctx, l2)?;
     if v6.next_header == PROTO_ICMPV6 {
-        return Err(icmp6::process(ctx, &v6));
+        // Not what the dispatcher saw: not ours to judge.
+        return Err(Verdict::pass(reason::PASS_MALFORMED_IP));
     }
     let pkt = parse6::transport(&v6)?;
     // SAFETY: bounds checked in ipv6_header.
@@ -48,13 +51,32 @@ pub fn process(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
         return Ok(Verdict::pass(reason::PASS_NOT_VIP));
     }
     if let Some(vip) = vip(&pkt) {
-        return to_backend(ctx, &pkt, &vip);
+        return match to_backend(ctx, &pkt, &vip) {
+            // No backend up: tell the client at once rather than let it time out.
+            Err(v) if v.reason == reason::DROP_NO_BACKEND => {
+                let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
+                Err(forward::refuse_v6(ctx, &pkt, &l4, forward::REFUSE_NO_BACKEND))
+            }
+            other => other,
+        };
     }
-    // SAFETY: the value is copied out at once.
-    if let Some(nat) = unsafe { REPLY_NAT.get(&tuple(&pkt)) }.copied() {
-        return to_client(ctx, &pkt, &nat);
+    match guard::reply(&tuple(&pkt)) {
+        Reply::Stateful(nat) => to_client(ctx, &pkt, &nat, true),
+        Reply::Stateless(nat) => to_client(ctx, &pkt, &nat, false),
+        Reply::Direct => Ok(Verdict::pass(reason::PASS_DIRECT_FLOW)),
+        // A direct flow's packet, one to a VIP address's unserved port, or another host's.
+        Reply::NotOurs => Ok(forward::unmatched_v6(ctx, &pkt)),
     }
-    Ok(Verdict::pass(reason::PASS_NOT_VIP))
+}
+
+/// An ICMPv6 frame.
+#[inline(always)]
+pub fn process_icmp(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
+    let v6 = parse6::ipv6_header(ctx, l2)?;
+    if v6.next_header != PROTO_ICMPV6 {
+        return Err(Verdict::pass(reason::PASS_MALFORMED_IP));
+    }
+    Err(icmp6::process(ctx, &v6))
 }
 
 #[inline(always)]
@@ -68,7 +90,7 @@ fn vip(pkt: &Packet6) -> Option<VipInfo> {
 
 /// The packet's 5-tuple, in its own direction.
 #[inline(always)]
-fn tuple(pkt: &Packet6) -> FlowKey {
+pub fn tuple(pkt: &Packet6) -> FlowKey {
     // SAFETY: pkt.ip and pkt.ports were bounds checked in parse6.
     let (saddr, daddr, sport, dport) = unsafe {
         ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ports).src_be, (*pkt.ports).dst_be)
@@ -94,27 +116,45 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
     let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, now) {
         Ok(picked) => picked,
         // No backend up: tell the client at once rather than let it time out.
-        Err(v) if v.reason == reason::DROP_NO_BACKEND => return Err(respond6::no_backend(ctx, pkt, &l4)),
         Err(v) => return Err(v),
     };
     if backend.family != FAMILY_V6 {
         return Err(Verdict::drop(reason::DROP_BAD_BACKEND));
     }
-    stats::count_traffic(vip.vip_id, backend_id, ctx);
-    // A "packet too big" for the client comes from the address it sent to.
-    Ok(translate_and_forward(ctx, pkt, &l4, Side::Destination, backend.addr_be, backend.port_be, flow.dst_be, reason::REDIRECT_TO_BACKEND, now))
+    let decision = forward::Decision {
+        side: Side::Destination,
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        // A "packet too big" for the client comes from the address it sent to.
+        icmp_from_be: flow.dst_be,
+        redirect_reason: reason::REDIRECT_TO_BACKEND,
+        vip_id: vip.vip_id,
+        backend_id,
+        now,
+    };
+    Ok(forward::plan_v6(ctx, pkt, &l4, &decision))
 }
 
-/// Backend → client: the source becomes the VIP again.
+/// Backend → client: the source becomes the VIP again (see `reply`).
 #[inline(always)]
-fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat) -> Result<Verdict, Verdict> {
+fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat, stateful: bool) -> Result<Verdict, Verdict> {
     let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
     parse6::check_hop_limit(pkt)?;
     let now = conntrack::now_ns();
-    conntrack::reply_seen(&tuple(pkt), nat, &l4, now)?;
-    stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
+    conntrack::reply_seen(&tuple(pkt), nat, &l4, now, stateful)?;
     let vip = nat.vip_addr_be;
-    Ok(translate_and_forward(ctx, pkt, &l4, Side::Source, vip, nat.vip_port_be, vip, reason::REDIRECT_TO_CLIENT, now))
+    let sent = if stateful { reason::REDIRECT_TO_CLIENT } else { reason::REDIRECT_TO_CLIENT_STATELESS };
+    let decision = forward::Decision {
+        side: Side::Source,
+        addr_be: vip,
+        port_be: nat.vip_port_be,
+        icmp_from_be: vip,
+        redirect_reason: sent,
+        vip_id: nat.vip_id,
+        backend_id: nat.backend_id,
+        now,
+    };
+    Ok(forward::plan_v6(ctx, pkt, &l4, &decision))
 }
 
 /// Rewrites one end of the packet to `addr`:`port` and sends it to its next
@@ -122,7 +162,7 @@ fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat) -> Result<Verdict,
 /// never fragment: a packet too big for the next hop is answered with ICMPv6
 /// packet too big from `icmp_from` (it stays as it came).
 #[inline(always)]
-fn translate_and_forward(
+pub fn translate_and_forward(
     ctx: &XdpContext,
     pkt: &Packet6,
     l4: &L4,
@@ -136,22 +176,32 @@ fn translate_and_forward(
     // SAFETY: pkt.ip was bounds checked in parse6.
     let (saddr, daddr) = unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be) };
     let (src, dst) = if side == Side::Destination { (saddr, addr_be) } else { (addr_be, daddr) };
-    let hop = nexthop::lookup(ctx, query(pkt.ip, src, dst), now);
-    if let Hop::TooBig(mtu) = hop {
-        return respond6::packet_too_big(ctx, pkt, icmp_from_be, mtu);
+    let Some((hop, answer)) = nexthop::lookup(ctx, query(pkt.ip, src, dst), now) else {
+        return Verdict::pass(reason::PASS_FIB_FAILED);
+    };
+    match hop {
+        Hop::Local => return rewrite::local_next_hop(side),
+        Hop::TooBig => {
+            if respond::allow_reply(reply_bucket::FRAG_NEEDED) {
+                return respond6::packet_too_big(ctx, pkt, icmp_from_be, answer.get().mtu);
+            }
+            nat(pkt, l4, side, addr_be, port_be);
+            return Verdict::pass(reason::PASS_FRAG_NEEDED_RATE_LIMITED);
+        }
+        _ => {}
     }
     nat(pkt, l4, side, addr_be, port_be);
-    finish(pkt.eth, pkt.ip, &hop, redirect_reason)
+    finish(pkt.eth, pkt.ip, hop, answer, redirect_reason)
 }
 
 /// Sends a rewritten packet the way `hop` says, or hands it to the kernel.
 #[inline(always)]
-fn finish(eth: *mut EthHdr, ip: *mut Ipv6Hdr, hop: &Hop, redirect_reason: u32) -> Verdict {
+fn finish(eth: *mut EthHdr, ip: *mut Ipv6Hdr, hop: Hop, answer: Answer, redirect_reason: u32) -> Verdict {
     match hop {
-        // SAFETY: the scratch slot holds this packet's answer.
-        Hop::Ready(next) => send(eth, ip, unsafe { &**next }, redirect_reason),
+        Hop::Ready => send(eth, ip, answer.get(), redirect_reason),
         Hop::NoNeigh => Verdict::pass(reason::PASS_NO_NEIGH),
-        Hop::TooBig(_) => Verdict::pass(reason::PASS_TOO_BIG),
+        Hop::TooBig => Verdict::pass(reason::PASS_TOO_BIG),
+        Hop::Local => Verdict::pass(reason::PASS_LOCAL_DESTINATION),
         Hop::Failed => Verdict::pass(reason::PASS_FIB_FAILED),
     }
 }
@@ -198,7 +248,7 @@ fn nat(pkt: &Packet6, l4: &L4, side: Side, new_addr: [u32; 4], new_port: u16) {
 /// `l4.check` must point inside the packet (checked by `l4_checked_at`).
 #[inline(always)]
 unsafe fn fix_l4_check(pkt: &Packet6, l4: &L4, old: [u32; 4], new: [u32; 4], old_port: u16, new_port: u16) {
-    let Some(check) = l4.check else { return };
+    let Some(check) = l4.check() else { return };
     // SAFETY: the caller guarantees check is in bounds.
     let mut sum = csum::replace128(unsafe { *check }, old, new);
     sum = csum::replace16(sum, old_port, new_port);
@@ -233,6 +283,8 @@ pub fn send(eth: *mut EthHdr, ip: *mut Ipv6Hdr, hop: &NextHop, redirect_reason: 
 pub fn forward(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv6Hdr, redirect_reason: u32) -> Verdict {
     // SAFETY: ip was bounds checked in parse6.
     let (src, dst) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
-    let hop = nexthop::lookup(ctx, query(ip, src, dst), conntrack::now_ns());
-    finish(eth, ip, &hop, redirect_reason)
+    match nexthop::lookup(ctx, query(ip, src, dst), conntrack::now_ns()) {
+        Some((hop, answer)) => finish(eth, ip, hop, answer, redirect_reason),
+        None => Verdict::pass(reason::PASS_FIB_FAILED),
+    }
 }

@@ -18,6 +18,7 @@ use crate::{
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     dataplane::{LoadOptions, Maps, Program},
     health::{self, HealthEvent},
+    host,
     lb::{
         reload,
         state::{Balancer, Health, VipView},
@@ -48,6 +49,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut maps = program.maps()?;
     let mut balancer = Balancer::new(&config).context("sizing the maps for the config")?;
     balancer.install(&mut maps).context("filling the maps")?;
+    let local = host::local_addresses().context("reading the gateway's own addresses")?;
+    balancer.set_local_addresses(local, &mut maps).context("marking the gateway's own addresses")?;
     let checkers = Checkers::of(&balancer);
 
     let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new() }));
@@ -71,9 +74,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut config = config;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut local_refresh = tokio::time::interval(host::LOCAL_ADDRESS_REFRESH);
     loop {
         tokio::select! {
             Some(event) = rx.recv() => apply_health(&state, event),
+            _ = local_refresh.tick() => refresh_local_addresses(&state),
             _ = sighup.recv() => {
                 if let Some(new) = reload_config(&config, &state) {
                     config = new;
@@ -92,6 +97,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     program.detach_all();
     Ok(())
+}
+
+/// Marks the gateway's addresses again, for those added or removed since.
+/// A failure is logged and retried at the next tick.
+fn refresh_local_addresses(state: &Mutex<AgentState>) {
+    let addrs = match host::local_addresses() {
+        Ok(addrs) => addrs,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the gateway's own addresses; retrying");
+            return;
+        }
+    };
+    let Ok(mut guard) = state.lock() else { return };
+    let AgentState { balancer, maps, .. } = &mut *guard;
+    if let Err(error) = balancer.set_local_addresses(addrs, maps) {
+        tracing::warn!(error = %anyhow::Error::from(error), "cannot mark the gateway's own addresses; retrying");
+    }
 }
 
 /// What to probe: every backend of every VIP, by the id the balancer gave it.

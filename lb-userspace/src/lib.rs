@@ -13,5 +13,6 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod host;
 pub mod lb;
 pub mod metrics;

@@ -127,20 +127,108 @@ fn udp_with_and_without_checksum_is_rewritten_both_ways() {
 #[test]
 fn non_vip_traffic_passes_untouched() {
     with_lb(|lb| {
-        let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("tcp to a backend address directly", Tcp { dst: [198, 18, 2, 11], dport: 8080, ..Tcp::client_to_vip(40003) }.build()),
-            ("tcp to the VIP address on another port", Tcp { dport: 443, ..Tcp::client_to_vip(40004) }.build()),
-            ("udp to the VIP's tcp port", udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 5000, VIP_TCP_PORT, b"x")),
-            ("health-check reply: backend to the gateway", Tcp { src: [198, 18, 2, 11], dst: [198, 18, 2, 1], sport: 8080, dport: 45000, syn: false, ..Tcp::client_to_vip(0) }.build()),
-            ("arp", arp_request()),
+        let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+            ("tcp to a backend address directly", Tcp { dst: [198, 18, 2, 11], dport: 8080, ..Tcp::client_to_vip(40003) }.build(), reason::PASS_DIRECT_FLOW),
+            ("tcp to a backend address, another port", Tcp { dst: [198, 18, 2, 11], dport: 22, ..Tcp::client_to_vip(40003) }.build(), reason::PASS_NOT_VIP),
+            ("tcp to another host", Tcp { dst: [198, 18, 3, 3], ..Tcp::client_to_vip(40003) }.build(), reason::PASS_NOT_VIP),
+            ("health-check reply: backend to the gateway", Tcp { src: [198, 18, 2, 11], dst: [198, 18, 2, 1], sport: 8080, dport: 45000, syn: false, ..Tcp::client_to_vip(0) }.build(), reason::PASS_LOCAL_DESTINATION),
+            ("arp", arp_request(), reason::PASS_NOT_IPV4),
         ];
-        for (name, frame) in &cases {
-            let (v, out) = lb.run(frame, lb.client_if);
-            assert_eq!(v, XDP_PASS, "{name}");
-            assert_frame(&out, frame);
+        for (name, frame, why) in &cases {
+            lb.assert_passed_untouched(name, frame, *why);
         }
-        assert_eq!(lb.verdict_count(reason::PASS_NOT_VIP), 4);
-        assert_eq!(lb.verdict_count(reason::PASS_NOT_IPV4), 1);
+    });
+}
+
+/// Issue 15, item 4: traffic to a VIP address that no VIP of that address
+/// serves is answered or dropped here, never routed on (the gateway does
+/// not own the address and would send it back the way it came).
+#[test]
+fn traffic_to_a_vip_address_that_no_vip_serves_is_refused_here() {
+    with_lb(|lb| {
+        let tcp = Tcp { dport: 443, ..Tcp::client_to_vip(40004) }.build();
+        lb.assert_answered("tcp to the VIP address on another port", &tcp, &rst_from(443, 40004, 0, Some(1001)), reason::TX_RST_NO_SERVICE);
+        let datagram = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 5000, VIP_TCP_PORT, b"x");
+        lb.assert_answered("udp to the VIP's tcp port", &datagram, &port_unreachable(&datagram), reason::TX_ICMP_UNREACHABLE_NO_SERVICE);
+        let client_if = lb.client_if;
+        let mut rst_in = Tcp { dport: 443, ..Tcp::client_to_vip(40005) }.build();
+        rst_in[14 + 20 + 13] = 0x04;
+        lb.assert_dropped("a RST to an unserved port is not answered", &rst_in, client_if, reason::DROP_NO_SERVICE);
+        let mut gre = Tcp { dport: 443, ..Tcp::client_to_vip(40006) }.build();
+        gre[14 + 9] = 47;
+        lb.assert_dropped("another protocol to the VIP address", &gre, client_if, reason::DROP_NO_SERVICE);
+        let mut timestamp = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, true);
+        timestamp[14 + 20] = 13;
+        lb.assert_dropped("an ICMP timestamp request to the VIP address", &timestamp, client_if, reason::DROP_NO_SERVICE);
+        assert_eq!(lb.maps.tracked_flows(), 0, "a refused packet pinned a flow");
+    });
+}
+
+/// Issue 15, item 1: a packet to a VIP from the gateway's own address or a
+/// backend's never creates balancing state, so nobody can plant reply
+/// translations for the gateway's health probes.
+#[test]
+fn packets_to_a_vip_from_the_gateways_or_a_backends_address_are_dropped() {
+    with_lb(|lb| {
+        let client_if = lb.client_if;
+        for (name, src) in [("the gateway's backend-side address", [198, 18, 2, 1]), ("the gateway's client-side address", [198, 18, 1, 1]), ("a backend's address", [198, 18, 2, 12])] {
+            for syn in [true, false] {
+                let spoofed = Tcp { src, syn, ..Tcp::client_to_vip(45000) }.build();
+                lb.assert_dropped(name, &spoofed, client_if, reason::DROP_SPOOFED_SOURCE);
+            }
+        }
+        assert_eq!(lb.maps.tracked_flows(), 0, "a spoofed packet pinned a flow");
+        // The agent's probe from the gateway to a backend gets its answer untranslated.
+        let answer = Tcp { src: [198, 18, 2, 11], dst: [198, 18, 2, 1], sport: 8080, dport: 45000, syn: false, ..Tcp::client_to_vip(0) }.build();
+        lb.assert_passed_untouched("a probe's answer", &answer, reason::PASS_LOCAL_DESTINATION);
+    });
+}
+
+/// Issue 15, item 3: a backend's reply whose flow has no reply state (LRU
+/// evicted it, or an agent restart lost it) still leaves with the VIP as its
+/// source, never with the backend's own address.
+#[test]
+fn a_reply_without_reply_state_is_translated_from_its_backends_service() {
+    with_lb(|lb| {
+        let sport = 40100;
+        let backend = lb.expected_backend(sport);
+        let (baddr, bport) = backend_addr(backend);
+        // No packet of the flow was seen here: no state at all.
+        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"line 7\n" };
+        let backend_if = lb.backend_if;
+        let out = lb.assert_redirected_as(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT_STATELESS);
+        let expected = Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, ttl: 63, ..reply };
+        assert_frame(&out, &expected.build());
+        assert_checksums_valid(&out);
+        assert_eq!(lb.maps.tracked_flows(), 0, "a stateless reply opened a flow");
+    });
+}
+
+/// A direct flow to a backend's service (an operator's curl) keeps its
+/// replies untranslated, and a new balanced flow that would share its
+/// replies' 5-tuple is refused; a balanced flow wins over a later direct one.
+#[test]
+fn direct_flows_to_a_backend_keep_their_replies_untranslated() {
+    with_lb(|lb| {
+        let (client_if, backend_if) = (lb.client_if, lb.backend_if);
+        let sport = 40200;
+        let backend = lb.expected_backend(sport);
+        let (baddr, bport) = backend_addr(backend);
+        let direct = Tcp { dst: baddr, dport: bport, ..Tcp::client_to_vip(sport) }.build();
+        lb.assert_passed_untouched("direct SYN", &direct, reason::PASS_DIRECT_FLOW);
+        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"" }.build();
+        let (action, out, counted) = lb.run_counted(&reply, backend_if);
+        assert_eq!((action, counted), (XDP_PASS, reason::NAMES[reason::PASS_DIRECT_FLOW as usize]), "direct reply");
+        assert_frame(&out, &reply);
+        let balanced = Tcp::client_to_vip(sport).build();
+        lb.assert_dropped("a VIP flow colliding with the direct one", &balanced, client_if, reason::DROP_FLOW_COLLISION);
+        // A balanced flow first: a direct packet on its 5-tuple is refused.
+        let sport = 40201;
+        let backend = lb.expected_backend(sport);
+        let (baddr, bport) = backend_addr(backend);
+        lb.assert_redirected_as(&Tcp::client_to_vip(sport).build(), client_if, reason::REDIRECT_TO_BACKEND);
+        let direct = Tcp { dst: baddr, dport: bport, ..Tcp::client_to_vip(sport) }.build();
+        lb.assert_dropped("a direct packet colliding with a balanced flow", &direct, client_if, reason::DROP_FLOW_COLLISION);
     });
 }
 
@@ -179,7 +267,12 @@ fn flow_on_a_down_backend_is_rescheduled() {
 /// The RST the gateway answers a segment with: from the VIP, no options, no
 /// payload, window 0, TTL 64.
 fn rst(sport: u16, seq: u32, ack: Option<u32>) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(GW_CLIENT_MAC, CLIENT_MAC).ipv4(VIP, CLIENT, 64).tcp(VIP_TCP_PORT, sport, seq, 0).rst();
+    rst_from(VIP_TCP_PORT, sport, seq, ack)
+}
+
+/// The RST a VIP address's `port` sends back.
+fn rst_from(port: u16, sport: u16, seq: u32, ack: Option<u32>) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(GW_CLIENT_MAC, CLIENT_MAC).ipv4(VIP, CLIENT, 64).tcp(port, sport, seq, 0).rst();
     let b = match ack {
         Some(ack) => b.ack(ack),
         None => b,
@@ -286,13 +379,15 @@ fn icmp_echo_to_a_vip_address_is_answered_and_others_pass() {
         let other = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, [198, 18, 2, 11], 64, true);
         lb.assert_passed_untouched("echo to a backend", &other, reason::PASS_NOT_VIP);
         let not_request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, false);
-        lb.assert_passed_untouched("echo reply to the VIP", &not_request, reason::PASS_NOT_VIP);
+        // Other ICMP to a VIP address is not routed on (issue 15, item 4).
+        let client_if = lb.client_if;
+        lb.assert_dropped("echo reply to the VIP", &not_request, client_if, reason::DROP_NO_SERVICE);
         let mut short = request[..14 + 20 + 4].to_vec();
         short[16..18].copy_from_slice(&24u16.to_be_bytes());
         let (mut header, _) = etherparse::Ipv4Header::from_slice(&short[14..]).expect("ipv4");
         header.header_checksum = header.calc_header_checksum();
         short[24..26].copy_from_slice(&header.header_checksum.to_be_bytes());
-        lb.assert_passed_untouched("icmp shorter than its header", &short, reason::PASS_SHORT_L4);
+        lb.assert_dropped("icmp shorter than its header", &short, client_if, reason::DROP_NO_SERVICE);
         // A VIP address stops answering once its VIPs are gone.
         lb.remove_vip(&vip_key(VIP_TCP_PORT, PROTO_TCP));
         lb.remove_vip(&vip_key(VIP_UDP_PORT, PROTO_UDP));
@@ -333,13 +428,9 @@ fn replies_are_rate_limited_per_cpu() {
         let refilled = (start.elapsed().as_secs_f64() * REPLY_RATE_PER_SEC as f64).ceil() as u64;
         assert!(answered >= REPLY_BURST && answered <= REPLY_BURST + refilled, "{answered} replies before the limit ({refilled} refilled)");
         assert!(answered < limit, "never limited");
-        // Echo replies draw on the same, now empty, bucket.
+        // Echo replies have a bucket of their own (issue 15, item 5).
         let request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, true);
-        let limited = (0..5).any(|_| {
-            let (action, _, counted) = lb.run_counted(&request, lb.client_if);
-            action == XDP_DROP && counted == reason::NAMES[reason::DROP_ICMP_ECHO_RATE_LIMITED as usize]
-        });
-        assert!(limited, "echo replies are not limited by the same bucket");
+        lb.assert_answered("echo after the no-backend bucket ran dry", &request, &echo(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 64, false), reason::TX_ICMP_ECHO_REPLY);
         // A second later the bucket has refilled.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let udp_req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50003, VIP_UDP_PORT, b"q");
@@ -414,12 +505,15 @@ fn malformed_ipv4_headers_pass_untouched_each_with_its_reason() {
             ("ihl 15, header longer than the datagram", ihl15, reason::PASS_BAD_TOTAL_LENGTH),
             ("total length beyond the frame", with_total_length(&good, 55), reason::PASS_TRUNCATED_IP),
             ("options cut off by the frame's end", with_options[..14 + 22].to_vec(), reason::PASS_TRUNCATED_IP),
-            ("tcp segment of 2 bytes, vip port in the padding", padded, reason::PASS_SHORT_L4),
-            ("udp segment of 3 bytes", with_total_length(&good_udp[..14 + 23], 23), reason::PASS_SHORT_L4),
         ];
         for (name, frame, why) in &cases {
             lb.assert_passed_untouched(name, frame, *why);
         }
+        // Too short for its ports, to a VIP address: not passed on (issue 15, item 4).
+        let client_if = lb.client_if;
+        lb.assert_dropped("tcp segment of 2 bytes, vip port in the padding", &padded, client_if, reason::DROP_NO_SERVICE);
+        let short_udp = with_total_length(&good_udp[..14 + 23], 23);
+        lb.assert_dropped("udp segment of 3 bytes", &short_udp, client_if, reason::DROP_NO_SERVICE);
         assert_eq!(lb.maps.tracked_flows(), 0, "a malformed packet pinned a flow");
     });
 }

@@ -279,6 +279,51 @@ fn a_request_too_big_for_the_backends_path_gets_fragmentation_needed() {
     });
 }
 
+/// Issue 15, item 5: pings must not starve path MTU discovery. Each kind of
+/// answer has its own budget, and when "fragmentation needed" runs out of
+/// its own, the packet goes to the kernel (rewritten), never silently dropped.
+#[test]
+fn pings_do_not_starve_fragmentation_needed() {
+    with_lb(|lb| {
+        // One CPU, so every run meets the same per-CPU buckets.
+        // SAFETY: a zeroed cpu_set_t is valid; affects only this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "sched_setaffinity");
+        }
+        lb.set_ring(1, 1, [3]);
+        for host in 0..150u16 {
+            let src = [198, 18, 1, 100 + (host % 100) as u8];
+            let request = PacketBuilder::ethernet2(CLIENT_MAC, GW_CLIENT_MAC).ipv4(src, VIP, 64).icmpv4_echo_request(host, 1);
+            let mut frame = Vec::new();
+            request.write(&mut frame, b"ping").expect("echo request");
+            lb.run(&frame, lb.client_if);
+        }
+        assert!(lb.verdict_count(reason::DROP_ICMP_ECHO_RATE_LIMITED) > 0, "150 pings did not reach the echo limit");
+        for sport in 40150..40153 {
+            let big = Tcp { syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(sport) }.build();
+            let answer = icmp_error((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, frag_needed(NARROW_BACKEND_MTU), &quote(&big, 8));
+            lb.assert_answered("too big after a ping flood", &big, &answer, reason::TX_ICMP_FRAG_NEEDED);
+        }
+        // Past its own budget, the kernel gets it rewritten and answers it itself.
+        let mut passed = 0;
+        for sport in 41000..43000u16 {
+            let big = Tcp { syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(sport) }.build();
+            let (action, out, counted) = lb.run_counted(&big, lb.client_if);
+            if counted == "pass_frag_needed_rate_limited" {
+                assert_eq!(action, XDP_PASS);
+                assert_eq!(sent_to(&out), 3, "passed rewritten, to its backend");
+                passed += 1;
+                break;
+            }
+            assert_eq!(counted, "tx_icmp_frag_needed");
+        }
+        assert_eq!(passed, 1, "fragmentation needed was never limited");
+        assert_eq!(lb.verdict_count(reason::DROP_NO_BACKEND_RATE_LIMITED), 0);
+    });
+}
+
 #[test]
 fn a_reply_too_big_for_the_clients_path_gets_fragmentation_needed_from_the_vip() {
     with_lb(|lb| {

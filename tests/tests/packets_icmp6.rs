@@ -115,7 +115,12 @@ fn ipv6_echo_to_a_vip_address_is_answered() {
         lb.assert_out("echo", &ping(VIP), lb.client_if, XDP_REDIRECT, &reply, reason::TX_ICMP_ECHO_REPLY);
         let mut short = ping(VIP)[..14 + 40 + 4].to_vec();
         short[18..20].copy_from_slice(&4u16.to_be_bytes());
-        lb.assert_passed_untouched("icmpv6 shorter than its header", &short, reason::PASS_SHORT_L4);
+        // Not routed on from a VIP address (issue 15, item 4).
+        let client_if = lb.client_if;
+        lb.assert_dropped("icmpv6 shorter than its header", &short, client_if, reason::DROP_NO_SERVICE);
+        let mut echo_reply = ping(VIP);
+        echo_reply[14 + 40] = 129;
+        lb.assert_dropped("an echo reply to the VIP address", &echo_reply, client_if, reason::DROP_NO_SERVICE);
     });
 }
 

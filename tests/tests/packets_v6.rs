@@ -97,30 +97,50 @@ fn ipv6_udp_is_rewritten_both_ways() {
 #[test]
 fn ipv6_non_vip_traffic_passes_untouched() {
     with_lb(|lb| {
-        let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("tcp to a backend address directly", Tcp { dst: addr(2, 0x11), dport: 8080, ..Tcp::client_to_vip(40003) }.build()),
-            ("tcp to the VIP address on another port", Tcp { dport: 443, ..Tcp::client_to_vip(40004) }.build()),
-            ("udp to the VIP's tcp port", udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 5000, VIP_TCP_PORT, b"x")),
-            ("icmpv6 echo to a backend address", ping(addr(2, 0x11))),
-            ("hop-by-hop header to another address", with_hop_by_hop(&Tcp { dst: addr(2, 0x11), ..Tcp::client_to_vip(40005) }.build())),
+        let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+            ("tcp to a backend address directly", Tcp { dst: addr(2, 0x11), dport: 8080, ..Tcp::client_to_vip(40003) }.build(), reason::PASS_DIRECT_FLOW),
+            ("icmpv6 echo to a backend address", ping(addr(2, 0x11)), reason::PASS_NOT_VIP),
+            ("hop-by-hop header to another address", with_hop_by_hop(&Tcp { dst: addr(2, 0x11), ..Tcp::client_to_vip(40005) }.build()), reason::PASS_NOT_VIP),
         ];
-        for (name, frame) in &cases {
-            lb.assert_passed_untouched(name, frame, reason::PASS_NOT_VIP);
+        for (name, frame, why) in &cases {
+            lb.assert_passed_untouched(name, frame, *why);
         }
     });
 }
 
+/// Issue 15, items 1 and 4 for IPv6: unserved ports of a VIP address are
+/// refused here; the gateway's and backends' addresses open no flows.
 #[test]
-fn ipv6_extension_headers_to_a_vip_pass_untouched_with_their_counter() {
+fn ipv6_unserved_vip_ports_are_refused_and_spoofed_sources_dropped() {
     with_lb(|lb| {
+        let client_if = lb.client_if;
+        let (action, _, counted) = lb.run_counted(&Tcp { dport: 443, ..Tcp::client_to_vip(40004) }.build(), client_if);
+        assert_eq!((action, counted), (XDP_REDIRECT, reason::NAMES[reason::TX_RST_NO_SERVICE as usize]));
+        let datagram = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 5000, VIP_TCP_PORT, b"x");
+        let (action, _, counted) = lb.run_counted(&datagram, client_if);
+        assert_eq!((action, counted), (XDP_REDIRECT, reason::NAMES[reason::TX_ICMP_UNREACHABLE_NO_SERVICE as usize]));
+        for src in [addr(2, 1), addr(1, 1), addr(2, 0x12)] {
+            let spoofed = Tcp { src, ..Tcp::client_to_vip(45000) }.build();
+            lb.assert_dropped("spoofed source", &spoofed, client_if, reason::DROP_SPOOFED_SOURCE);
+        }
+        assert!(lb.maps.flow(&flow(addr(2, 1), VIP, 45000, VIP_TCP_PORT, PROTO_TCP)).is_none(), "no flow pinned");
+    });
+}
+
+/// Passed on, the gateway (which does not own the VIP) would route them back
+/// the way they came (issue 15, item 4).
+#[test]
+fn ipv6_extension_headers_to_a_vip_are_dropped_with_their_counter() {
+    with_lb(|lb| {
+        let client_if = lb.client_if;
         let tcp = with_hop_by_hop(&Tcp::client_to_vip(40006).build());
-        lb.assert_passed_untouched("hop-by-hop, then TCP", &tcp, reason::PASS_IPV6_EXT_HEADER);
+        lb.assert_dropped("hop-by-hop, then TCP", &tcp, client_if, reason::DROP_IPV6_EXT_HEADER);
         let udp = with_hop_by_hop(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50001, VIP_UDP_PORT, b"q"));
-        lb.assert_passed_untouched("hop-by-hop, then UDP", &udp, reason::PASS_IPV6_EXT_HEADER);
+        lb.assert_dropped("hop-by-hop, then UDP", &udp, client_if, reason::DROP_IPV6_EXT_HEADER);
         // A fragment header (44) is an extension header too.
         let mut frag = tcp.clone();
         frag[14 + 6] = 44;
-        lb.assert_passed_untouched("fragment header", &frag, reason::PASS_IPV6_EXT_HEADER);
+        lb.assert_dropped("fragment header", &frag, client_if, reason::DROP_IPV6_EXT_HEADER);
         assert!(lb.maps.flow(&flow(CLIENT, VIP, 40006, VIP_TCP_PORT, PROTO_TCP)).is_none(), "no flow pinned");
     });
 }

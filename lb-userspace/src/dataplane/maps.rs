@@ -14,6 +14,7 @@ use aya::{
 use lb_common::{
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
+    guard::{AddrRoles, ServiceKey},
     map_names,
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
@@ -32,6 +33,8 @@ pub struct Maps {
     maglev: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     reply_nat: HashMap<MapData, FlowKey, ReplyNat>,
+    addr_roles: HashMap<MapData, VipAddrKey, AddrRoles>,
+    backend_services: HashMap<MapData, ServiceKey, ReplyNat>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     verdicts: PerCpuArray<MapData, u64>,
@@ -113,6 +116,8 @@ impl Maps {
             maglev: typed!(ebpf, map_names::MAGLEV),
             conntrack: typed!(ebpf, map_names::CONNTRACK),
             reply_nat: typed!(ebpf, map_names::REPLY_NAT),
+            addr_roles: typed!(ebpf, map_names::ADDR_ROLES),
+            backend_services: typed!(ebpf, map_names::BACKEND_SERVICES),
             vip_stats: typed!(ebpf, map_names::VIP_STATS),
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             verdicts: typed!(ebpf, map_names::VERDICTS),
@@ -355,6 +360,27 @@ impl Dataplane for Maps {
         let cpus = self.vip_stats.get(&vip_id, 0).map_err(error)?.len();
         let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| error(MapError::from(e)))?;
         self.vip_stats.set(vip_id, zeros, 0).map_err(error)?;
+        Ok(())
+    }
+
+    fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
+        let result = if roles != 0 {
+            self.addr_roles.insert(key, AddrRoles { roles }, 0)
+        } else {
+            match self.addr_roles.remove(&key) {
+                // No entry to remove: removing it again after a failed write is no error.
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                other => other,
+            }
+        };
+        result.map_err(|source| DataplaneError::Map { name: map_names::ADDR_ROLES, op: "write", source })?;
+        Ok(())
+    }
+
+    fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), crate::lb::dataplane::DataplaneError> {
+        self.backend_services
+            .insert(key, nat, 0)
+            .map_err(|source| DataplaneError::Map { name: map_names::BACKEND_SERVICES, op: "write", source })?;
         Ok(())
     }
 }

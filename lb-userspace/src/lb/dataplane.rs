@@ -6,6 +6,8 @@
 
 use lb_common::{
     backend::BackendInfo,
+    flow::ReplyNat,
+    guard::ServiceKey,
     vip::{VipInfo, VipKey},
     vip_addr::VipAddrKey,
 };
@@ -32,4 +34,9 @@ pub trait Dataplane {
     fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError>;
     /// Zeroes `VIP_STATS[vip_id]` on every CPU, before a reused id is published.
     fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError>;
+    /// Writes the `ADDR_ROLE_*` bits of an address (`ADDR_ROLES`); 0 removes
+    /// the address's entry, if it has one.
+    fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), DataplaneError>;
+    /// Writes which VIP a backend's service answers for (`BACKEND_SERVICES`).
+    fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError>;
 }

@@ -96,6 +96,8 @@ use std::{
 use lb_common::{
     FAMILY_V4, FAMILY_V6, addr_filter,
     backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
+    flow::ReplyNat,
+    guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP},
     vip::{VipInfo, VipKey, ring_base},
     vip_addr::{VipAddrKey, proto_bit},
@@ -197,6 +199,10 @@ pub enum Step {
     WriteVipAddr { protos: u32 },
     /// Setting an `ADDR_FILTER` slot of the VIP's or a backend's address.
     WriteAddrFilter { slot: u32 },
+    /// Writing the `ADDR_ROLES` entry of a backend's or the gateway's address.
+    WriteAddrRoles { roles: u32 },
+    /// Writing the `BACKEND_SERVICES` entry of a backend.
+    WriteBackendService { backend_id: u32 },
 }
 
 impl fmt::Display for Step {
@@ -218,6 +224,10 @@ impl fmt::Display for Step {
             Step::RemoveVip { vip_id } => write!(f, "remove vip id {vip_id} from the vip map"),
             Step::WriteVipAddr { protos } => write!(f, "write protocols {protos:#x} of its address"),
             Step::WriteAddrFilter { slot } => write!(f, "set address filter slot {slot}"),
+            Step::WriteAddrRoles { roles } => write!(f, "write address roles {roles:#x}"),
+            Step::WriteBackendService { backend_id } => {
+                write!(f, "write the service entry of backend {backend_id}")
+            }
         }
     }
 }
@@ -356,6 +366,16 @@ pub struct Balancer {
     vip_addrs: HashMap<VipAddrKey, Option<u32>>,
     /// `ADDR_FILTER` slots written; only ever grows.
     filter_slots: BTreeSet<u32>,
+    /// Every backend address ever installed: each has the
+    /// `ADDR_ROLE_BACKEND` bit in `ADDR_ROLES`. Only ever grows, like the
+    /// filter: a removed backend's last replies still find their way.
+    backend_addrs: HashSet<VipAddrKey>,
+    /// The gateway's own addresses, as last given to
+    /// [`Balancer::set_local_addresses`]: each has `ADDR_ROLE_LOCAL`.
+    local_addrs: HashSet<VipAddrKey>,
+    /// What `ADDR_ROLES` holds per address, as last written; no entry when
+    /// none was written or a write failed.
+    roles_written: HashMap<VipAddrKey, u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -414,6 +434,9 @@ struct Backend {
     ring_slots: u32,
     /// Removed by a reload: down for good, ignored by health events.
     retired: bool,
+    /// Its `BACKEND_SERVICES` entry is written (it is never removed: a
+    /// retired backend's late replies are still translated).
+    service_written: bool,
 }
 
 impl Backend {
@@ -429,6 +452,7 @@ impl Backend {
             written_state: None,
             ring_slots: 0,
             retired: false,
+            service_written: false,
         }
     }
 
@@ -535,12 +559,54 @@ impl Balancer {
             used_ids: BTreeSet::new(),
             vip_addrs: HashMap::new(),
             filter_slots: BTreeSet::new(),
+            backend_addrs: HashSet::new(),
+            local_addrs: HashSet::new(),
+            roles_written: HashMap::new(),
         };
         // All ids are free, so VIP n takes id n.
         for vip in &config.vips {
             balancer.add_vip(vip);
         }
         Ok(balancer)
+    }
+
+    /// Tells the data path which addresses are the gateway's own (its
+    /// interfaces'), so that packets from them never open a balanced flow
+    /// (`lb_common::guard`). Writes only the differences from the last call;
+    /// the agent calls it at start and whenever the addresses may have
+    /// changed.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::Dataplane`] naming the write that failed; calling again
+    /// retries what is left.
+    pub fn set_local_addresses(
+        &mut self,
+        addrs: impl IntoIterator<Item = IpAddr>,
+        dp: &mut impl Dataplane,
+    ) -> Result<(), StateError> {
+        let wanted: HashSet<VipAddrKey> = addrs
+            .into_iter()
+            .map(|ip| {
+                let (addr_be, family) = addr_words(ip);
+                VipAddrKey { addr_be, family, _pad: [0; 3] }
+            })
+            .collect();
+        let changed: Vec<VipAddrKey> = wanted.symmetric_difference(&self.local_addrs).copied().collect();
+        self.local_addrs = wanted;
+        for key in changed.into_iter().chain(self.unwritten_roles()) {
+            self.write_roles(key, dp).map_err(|(roles, source)| StateError::Dataplane {
+                vip: "(the gateway's own addresses)".to_owned(),
+                step: Step::WriteAddrRoles { roles },
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Addresses whose `ADDR_ROLES` entry a failed write left unknown.
+    fn unwritten_roles(&self) -> Vec<VipAddrKey> {
+        self.local_addrs.iter().filter(|key| !self.roles_written.contains_key(key)).copied().collect()
     }
 
     /// Writes everything into freshly loaded maps: every backend entry (`DOWN`
@@ -1014,8 +1080,15 @@ impl Balancer {
     }
 
     /// Step 0 of the module docs: sets the `ADDR_FILTER` slots of the VIP's
-    /// address and of its backends' addresses that are not set yet.
+    /// address and of its backends' addresses that are not set yet, marks
+    /// the backends' addresses in `ADDR_ROLES` and writes their
+    /// `BACKEND_SERVICES` entries (`lb_common::guard`), so that the data
+    /// path knows a backend's replies before any flow goes to it.
     fn mark_addresses(&mut self, vip: &str, key: &VipKey, ids: &[u32], dp: &mut impl Dataplane) -> Result<(), StateError> {
+        let failed = |step: Step| {
+            let vip = vip.to_owned();
+            move |source| StateError::Dataplane { vip, step, source }
+        };
         let backends = ids.iter().filter_map(|&id| self.backends.get(backend_index(id)));
         let slots: Vec<u32> = std::iter::once(key.addr_be)
             .chain(backends.map(|b| addr_words(b.address.ip()).0))
@@ -1023,13 +1096,46 @@ impl Balancer {
             .filter(|slot| !self.filter_slots.contains(slot))
             .collect();
         for slot in slots {
-            dp.set_addr_filter(slot).map_err(|source| StateError::Dataplane {
-                vip: vip.to_owned(),
-                step: Step::WriteAddrFilter { slot },
-                source,
-            })?;
+            dp.set_addr_filter(slot).map_err(failed(Step::WriteAddrFilter { slot }))?;
             self.filter_slots.insert(slot);
         }
+        for &id in ids {
+            let Some(backend) = self.backends.get(backend_index(id)) else { continue };
+            let (address, backend_vip_id, service_written) = (backend.address, backend.vip_id, backend.service_written);
+            let (addr_be, family) = addr_words(address.ip());
+            let addr_key = VipAddrKey { addr_be, family, _pad: [0; 3] };
+            self.backend_addrs.insert(addr_key);
+            self.write_roles(addr_key, dp).map_err(|(roles, source)| failed(Step::WriteAddrRoles { roles })(source))?;
+            if service_written {
+                continue;
+            }
+            let service = ServiceKey { addr_be, port_be: address.port().to_be(), proto: key.proto, family };
+            let nat = ReplyNat {
+                vip_addr_be: key.addr_be,
+                vip_port_be: key.port_be,
+                _pad: 0,
+                vip_id: backend_vip_id,
+                backend_id: id,
+            };
+            dp.set_backend_service(service, nat).map_err(failed(Step::WriteBackendService { backend_id: id }))?;
+            if let Some(backend) = self.backend_mut(id) {
+                backend.service_written = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the `ADDR_ROLES` entry of `key` if it differs from what the
+    /// entry must hold; on failure, the roles it tried to write.
+    fn write_roles(&mut self, key: VipAddrKey, dp: &mut impl Dataplane) -> Result<(), (u32, DataplaneError)> {
+        let roles = u32::from(self.local_addrs.contains(&key)) * ADDR_ROLE_LOCAL
+            | u32::from(self.backend_addrs.contains(&key)) * ADDR_ROLE_BACKEND;
+        if self.roles_written.get(&key) == Some(&roles) {
+            return Ok(());
+        }
+        self.roles_written.remove(&key);
+        dp.set_addr_roles(key, roles).map_err(|source| (roles, source))?;
+        self.roles_written.insert(key, roles);
         Ok(())
     }
 
@@ -1374,6 +1480,10 @@ mod tests {
         vip_stats: HashMap<u32, u64>,
         /// `ADDR_FILTER` slots set.
         filter: BTreeSet<u32>,
+        /// `ADDR_ROLES` as written.
+        roles: HashMap<VipAddrKey, u32>,
+        /// `BACKEND_SERVICES` as written.
+        services: HashMap<ServiceKey, ReplyNat>,
         attempts: usize,
         /// Fail the attempt with this index (counted over the fake's life); a
         /// failing slot write still applies its first half, like a syscall
@@ -1392,6 +1502,8 @@ mod tests {
                 maglev: vec![0; entries as usize],
                 vip_stats: HashMap::new(),
                 filter: BTreeSet::new(),
+                roles: HashMap::new(),
+                services: HashMap::new(),
                 attempts: 0,
                 fail_attempt: None,
             }
@@ -1441,6 +1553,18 @@ mod tests {
                             "after call {}: backend {id} in a live ring before its address is in the filter",
                             self.calls.len()
                         );
+                        let addr = VipAddrKey { addr_be: b.addr_be, family: b.family, _pad: [0; 3] };
+                        assert!(
+                            self.roles.get(&addr).is_some_and(|r| r & ADDR_ROLE_BACKEND != 0),
+                            "after call {}: backend {id} in a live ring before its address has the backend role",
+                            self.calls.len()
+                        );
+                        let service = ServiceKey { addr_be: b.addr_be, port_be: b.port_be, proto: key.proto, family: b.family };
+                        assert!(
+                            self.services.get(&service).is_some_and(|nat| nat.backend_id == id && nat.vip_addr_be == key.addr_be),
+                            "after call {}: backend {id} in a live ring before its service entry names it",
+                            self.calls.len()
+                        );
                     }
                     let state = backend.map(|b| b.state);
                     assert_eq!(
@@ -1483,6 +1607,21 @@ mod tests {
             // Not a call the sequence tests count: the invariant that matters
             // (published addresses have their slot) is checked by check_readers.
             self.filter.insert(slot);
+            Ok(())
+        }
+
+        fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), DataplaneError> {
+            // Not counted either; check_readers checks the invariant.
+            if roles == 0 {
+                self.roles.remove(&key);
+            } else {
+                self.roles.insert(key, roles);
+            }
+            Ok(())
+        }
+
+        fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError> {
+            self.services.insert(key, nat);
             Ok(())
         }
 
@@ -2064,10 +2203,11 @@ mod tests {
                     &[("198.18.2.10:80", 1), ("198.18.2.11:80", 1)],
                     HealthCheckKind::None,
                 ),
+                // A backend serves one VIP on an address, port and protocol.
                 vip_config(
                     "b",
                     "198.18.0.10:81",
-                    &[("198.18.2.10:80", 1), ("198.18.2.11:80", 1)],
+                    &[("198.18.2.10:81", 1), ("198.18.2.11:81", 1)],
                     HealthCheckKind::None,
                 ),
             ],
@@ -2420,6 +2560,10 @@ mod tests {
         let mut sticky = equal_vip(3);
         sticky.name = "sticky".to_owned();
         sticky.listen = addr("198.18.0.10:81");
+        // A backend serves one VIP on an address, port and protocol.
+        for backend in &mut sticky.backends {
+            backend.address.set_port(8081);
+        }
         sticky.scheduler = Scheduler::SourceHash;
         let config = config(SMALL_M, vec![equal_vip(3), sticky]);
         let (mut balancer, mut dp) = installed(&config);

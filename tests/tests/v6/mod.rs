@@ -18,10 +18,11 @@ pub use fixture::{FixtureNs, assert_frame, hex, ifindex, mac_str, sh, test_run, 
 use lb_common::{
     FAMILY_V6, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UP, BackendInfo},
-    flow::{FlowKey, flow_hash},
+    flow::{FlowKey, ReplyNat, flow_hash},
+    guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
     stats::reason,
     vip::{VipInfo, VipKey, ring_base},
-    vip_addr::proto_bit,
+    vip_addr::{VipAddrKey, proto_bit},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -128,9 +129,29 @@ impl Lb {
         for id in 1..=6 {
             lb.mark_address(words(backend_addr(id).0));
         }
+        lb.install_guard();
         lb.set_ring(1, 0, [1, 2, 3]);
         lb.set_ring(2, 0, [4, 5, 6]);
         lb
+    }
+
+    /// Writes what the agent's balancer writes for the data path's guards
+    /// (`lb_common::guard`): each backend's service and address role, and
+    /// the gateway's own addresses.
+    pub fn install_guard(&mut self) {
+        for id in 1..=6 {
+            let (a, port) = backend_addr(id);
+            let (vip_id, vip_port, proto) = if id <= 3 { (1, VIP_TCP_PORT, PROTO_TCP) } else { (2, VIP_UDP_PORT, PROTO_UDP) };
+            let service = ServiceKey { addr_be: words(a), port_be: port.to_be(), proto, family: FAMILY_V6 };
+            let nat = ReplyNat { vip_addr_be: words(VIP), vip_port_be: vip_port.to_be(), _pad: 0, vip_id, backend_id: id };
+            self.maps.set_backend_service(service, nat).expect("backend service");
+            let key = VipAddrKey { addr_be: words(a), family: FAMILY_V6, _pad: [0; 3] };
+            self.maps.set_addr_roles(key, ADDR_ROLE_BACKEND).expect("backend role");
+        }
+        for gw in [addr(1, 1), addr(2, 1)] {
+            let key = VipAddrKey { addr_be: words(gw), family: FAMILY_V6, _pad: [0; 3] };
+            self.maps.set_addr_roles(key, ADDR_ROLE_LOCAL).expect("local role");
+        }
     }
 
     pub fn set_ring(&mut self, vip_id: u32, generation: u32, ids: impl AsRef<[u32]>) {
@@ -201,6 +222,13 @@ impl Lb {
         let (action, out, counted) = self.run_counted(frame, self.client_if);
         assert_eq!((action, counted), (XDP_PASS, reason::NAMES[expected_reason as usize]), "{name}");
         assert!(out == frame, "{name}: frame changed\n  out: {}\n  in:  {}", hex(&out), hex(frame));
+    }
+
+    /// The frame is dropped, counted as `expected_reason`.
+    #[track_caller]
+    pub fn assert_dropped(&mut self, name: &str, frame: &[u8], ingress: u32, expected_reason: u32) {
+        let (action, _, counted) = self.run_counted(frame, ingress);
+        assert_eq!((action, counted), (XDP_DROP, reason::NAMES[expected_reason as usize]), "{name}");
     }
 
     /// The backend the ring assigns a client → TCP VIP flow.
