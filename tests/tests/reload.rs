@@ -11,6 +11,7 @@ use std::{
 use lb_tests::{
     ChildGuard, Spread, Testbed,
     agent::{Agent, HealthCheck, config_for},
+    testbed::BACKEND_HTTP_PORT,
     testbed::client::HttpConn,
 };
 
@@ -165,6 +166,13 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     let line = log.lines().find(|l| l.contains("agent.admin_listen")).unwrap_or_default();
     assert!(line.contains("needs a restart") && line.contains(&file), "{line}");
 
+    // Valid alone, but web2 shares web's backends (address, port, protocol):
+    // refused as a whole, naming both VIPs, until replies are keyed by VIP.
+    reload(&agent, &format!("{}{}", with_weight(&config, address, 0), web2_section(&testbed, BACKEND_HTTP_PORT)));
+    let log = wait_log(&agent, "(web2).backend[1].address");
+    let line = log.lines().find(|l| l.contains("(web2).backend[1].address")).unwrap_or_default();
+    assert!(line.contains("reload refused") && line.contains(&file), "{line}");
+    assert!(line.contains("vip[3] (web2).backend[1].address: tcp") && line.contains("is also a backend of vip[1] (web)"), "{line}");
 
     assert_eq!(web_backends(&agent), before, "/status unchanged");
     assert!(!log.contains("reload: vip"), "nothing applied:\n{log}");
