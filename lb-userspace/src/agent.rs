@@ -63,9 +63,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%interface, ?mode, "attached");
     }
 
-    let (tx, mut rx) = mpsc::channel(1024);
-    let mut running = Running { checkers: HashMap::new() };
-    running.follow(checkers, &tx);
+    let mut health = HealthChecks::new();
+    health.follow(checkers);
     tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
 
     let mut config = config;
@@ -73,13 +72,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
-            Some(event) = rx.recv() => apply_health(&state, event),
+            Some(event) = health.next() => apply_health(&state, event),
             _ = sighup.recv() => {
                 if let Some(new) = reload_config(&config, &state) {
                     config = new;
                     let wanted = state.lock().map(|guard| Checkers::of(&guard.balancer));
                     if let Ok(wanted) = wanted {
-                        running.follow(wanted, &tx);
+                        health.follow(wanted);
                     }
                 }
             }
@@ -87,9 +86,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
     }
-    for (_, (_, _, checker)) in running.checkers {
-        checker.abort();
-    }
+    health.stop_all();
     program.detach_all();
     Ok(())
 }
@@ -113,29 +110,79 @@ impl Checkers {
     }
 }
 
-/// The checkers running, by backend id, with what each probes.
-struct Running {
-    checkers: HashMap<u32, (SocketAddr, HealthCheckConfig, tokio::task::JoinHandle<()>)>,
+/// Health events queued for the agent loop before a checker's send waits.
+const EVENT_QUEUE: usize = 1024;
+
+/// The checkers running, by backend id, and the channel they report on.
+///
+/// Each checker gets a generation of its own, never reused. A checker a
+/// reload stops (its backend removed, its check changed, or switched to
+/// `type = "none"`) may already have queued events; [`HealthChecks::next`]
+/// drops those, so a stale "down" cannot undo what the reload decided when
+/// no checker is left to correct it.
+struct HealthChecks {
+    checkers: HashMap<u32, RunningChecker>,
+    next_generation: u64,
+    tx: mpsc::Sender<HealthEvent<u32>>,
+    rx: mpsc::Receiver<HealthEvent<u32>>,
 }
 
-impl Running {
+/// One checker task and what it probes.
+struct RunningChecker {
+    address: SocketAddr,
+    check: HealthCheckConfig,
+    generation: u64,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl HealthChecks {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        HealthChecks { checkers: HashMap::new(), next_generation: 1, tx, rx }
+    }
+
     /// Makes the running checkers match `wanted`: stops those whose backend
     /// is gone or whose probe changed, starts the missing ones.
-    fn follow(&mut self, wanted: Checkers, tx: &mpsc::Sender<HealthEvent<u32>>) {
+    fn follow(&mut self, wanted: Checkers) {
         let wanted: HashMap<u32, (SocketAddr, HealthCheckConfig)> =
             wanted.0.into_iter().map(|(id, address, check)| (id, (address, check))).collect();
-        self.checkers.retain(|id, (address, check, handle)| {
-            let keep = wanted.get(id).is_some_and(|(a, c)| a == address && c == check);
+        self.checkers.retain(|id, running| {
+            let keep = wanted.get(id).is_some_and(|(a, c)| *a == running.address && *c == running.check);
             if !keep {
-                handle.abort();
+                running.handle.abort();
             }
             keep
         });
         for (id, (address, check)) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.checkers.entry(id) {
-                let handle = health::spawn_checker(address, check.clone(), id, tx.clone());
-                slot.insert((address, check, handle));
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                let handle = health::spawn_checker(address, check.clone(), id, generation, self.tx.clone());
+                slot.insert(RunningChecker { address, check, generation, handle });
             }
+        }
+    }
+
+    /// The next event of a checker still running; events of stopped ones
+    /// are dropped. Cancel-safe, for `select!`.
+    async fn next(&mut self) -> Option<HealthEvent<u32>> {
+        loop {
+            let event = self.rx.recv().await?;
+            if self.is_current(&event) {
+                return Some(event);
+            }
+            tracing::debug!(backend_id = event.key, generation = event.generation, "dropping a stopped checker's event");
+        }
+    }
+
+    /// Whether `event` comes from the checker now running for its backend.
+    fn is_current(&self, event: &HealthEvent<u32>) -> bool {
+        self.checkers.get(&event.key).is_some_and(|running| running.generation == event.generation)
+    }
+
+    fn stop_all(self) {
+        for running in self.checkers.into_values() {
+            running.handle.abort();
         }
     }
 }
@@ -267,5 +314,79 @@ fn health_name(health: Health) -> &'static str {
         Health::Up => "up",
         Health::Down => "down",
         Health::Unknown => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::{net::TcpListener, time::timeout};
+
+    use super::*;
+
+    /// A bound on every wait, so a broken filter fails rather than hangs.
+    const WAIT: Duration = Duration::from_secs(3);
+
+    /// An address where nothing listens: a TCP probe of it fails at once.
+    async fn refusing_address() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().expect("local_addr")
+    }
+
+    fn tcp_check(interval_ms: u64) -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_millis(interval_ms),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+            port: None,
+        }
+    }
+
+    /// Waits until the checkers have queued at least one event the agent
+    /// has not read yet: a verdict in flight when a reload comes.
+    async fn wait_queued(health: &HealthChecks) {
+        let deadline = Instant::now() + WAIT;
+        while health.rx.is_empty() {
+            assert!(Instant::now() < deadline, "no event queued within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_down_event_queued_before_a_switch_to_none_is_dropped() {
+        let address = refusing_address().await;
+        let mut health = HealthChecks::new();
+        // A long interval: after the first probe the checker sends nothing
+        // more for the rest of the test.
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        wait_queued(&health).await;
+        // The reload sets `type = "none"`: Checkers::of lists no checker for
+        // the backend, and the balancer brings it up. The queued "down" must
+        // not undo that: no checker is left to bring it back.
+        health.follow(Checkers(Vec::new()));
+        let next = timeout(Duration::from_millis(300), health.next()).await;
+        assert!(next.is_err(), "an event of the stopped checker got through: {next:?}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_check_gets_a_new_generation_and_only_its_events_count() {
+        let address = refusing_address().await;
+        let mut health = HealthChecks::new();
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        wait_queued(&health).await;
+        let first = health.checkers.get(&1).map(|c| c.generation);
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        let second = health.checkers.get(&1).map(|c| c.generation);
+        assert!(first.is_some() && second.is_some() && first != second, "{first:?} then {second:?}");
+        let event = timeout(WAIT, health.next()).await.expect("the new checker reports").expect("channel open");
+        assert_eq!((event.key, Some(event.generation)), (1, second), "only the new checker's event: {event:?}");
+        assert!(event.transition.as_ref().is_some_and(|t| !t.up), "its first probe decides: {event:?}");
+        // Unchanged checks keep their checker and its generation.
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        assert_eq!(health.checkers.get(&1).map(|c| c.generation), second);
+        health.stop_all();
     }
 }

@@ -44,6 +44,11 @@ pub struct Transition {
 pub struct HealthEvent<K> {
     /// The key the checker was spawned with (the agent's backend id).
     pub key: K,
+    /// The generation the checker was spawned with. A checker stopped by a
+    /// reload may already have queued events; the agent gives each checker a
+    /// new generation and drops events of any other, so a stale "down"
+    /// cannot override what the reload decided.
+    pub generation: u64,
     /// `Some` only when this probe changed the verdict.
     pub transition: Option<Transition>,
     /// `"ok"` or the failure reason, e.g. "connect: Connection refused (os error 111)".
@@ -58,7 +63,7 @@ pub const CHECK_OK: &str = "ok";
 pub const MAX_STAGGER: Duration = Duration::from_secs(1);
 
 /// Spawns a task that probes `address` every `config.interval` and sends a
-/// [`HealthEvent`] after every probe.
+/// [`HealthEvent`] after every probe, tagged with `key` and `generation`.
 ///
 /// The first probe runs after a small deterministic stagger (see
 /// [`stagger`]); its result decides the verdict at once (see [`Tracker`]).
@@ -66,28 +71,40 @@ pub const MAX_STAGGER: Duration = Duration::from_secs(1);
 ///
 /// With [`HealthCheckKind::None`] (which the agent never spawns) it sends a
 /// single "up" event and ends, since there is nothing to probe.
-pub fn spawn_checker<K: Clone + Send + 'static>(
+pub fn spawn_checker<K: Clone + Send + Sync + 'static>(
     address: SocketAddr,
     config: HealthCheckConfig,
     key: K,
+    generation: u64,
     events: mpsc::Sender<HealthEvent<K>>,
 ) -> JoinHandle<()> {
+    let reporter = Reporter { key, generation, events };
     tokio::spawn(async move {
         if matches!(config.kind, HealthCheckKind::None) {
-            report_always_up(key, &events).await;
+            report_always_up(&reporter).await;
         } else {
-            check_forever(address, &config, key, &events).await;
+            check_forever(address, &config, &reporter).await;
         }
     })
 }
 
-/// The checker loop; returns only when the receiver is gone.
-async fn check_forever<K: Clone>(
-    address: SocketAddr,
-    config: &HealthCheckConfig,
+/// Where a checker's events go, and what they are tagged with.
+struct Reporter<K> {
     key: K,
-    events: &mpsc::Sender<HealthEvent<K>>,
-) {
+    generation: u64,
+    events: mpsc::Sender<HealthEvent<K>>,
+}
+
+impl<K: Clone> Reporter<K> {
+    /// Sends one event; `false` when the receiver is gone.
+    async fn send(&self, transition: Option<Transition>, last_check: String) -> bool {
+        let event = HealthEvent { key: self.key.clone(), generation: self.generation, transition, last_check };
+        self.events.send(event).await.is_ok()
+    }
+}
+
+/// The checker loop; returns only when the receiver is gone.
+async fn check_forever<K: Clone>(address: SocketAddr, config: &HealthCheckConfig, reporter: &Reporter<K>) {
     let period = config.interval.max(Duration::from_millis(1));
     let start = Instant::now() + stagger(address, period);
     let mut ticks = tokio::time::interval_at(start, period);
@@ -97,33 +114,32 @@ async fn check_forever<K: Clone>(
     let mut tracker = Tracker::new(config.rise, config.fall);
     loop {
         ticks.tick().await;
-        let event = probe_once(address, config, &mut tracker, key.clone()).await;
-        if events.send(event).await.is_err() {
+        let (transition, last_check) = probe_once(address, config, &mut tracker).await;
+        if !reporter.send(transition, last_check).await {
             tracing::debug!(%address, "health event receiver closed; checker stopping");
             return;
         }
     }
 }
 
-/// Runs one probe and feeds it to `tracker`.
-async fn probe_once<K>(
+/// Runs one probe and feeds it to `tracker`: the transition, if any, and
+/// what `last_check` says.
+async fn probe_once(
     address: SocketAddr,
     config: &HealthCheckConfig,
     tracker: &mut Tracker,
-    key: K,
-) -> HealthEvent<K> {
+) -> (Option<Transition>, String) {
     let result = probe::run(address, &config.kind, config.timeout).await;
     let last_check = result.as_ref().map_or_else(ToString::to_string, |()| CHECK_OK.to_owned());
     let transition = tracker.record(result.is_ok(), &last_check);
     tracing::debug!(%address, check = %last_check, verdict = ?tracker.verdict(), "health probe");
-    HealthEvent { key, transition, last_check }
+    (transition, last_check)
 }
 
 /// The [`HealthCheckKind::None`] checker: one "up" event, then done.
-async fn report_always_up<K>(key: K, events: &mpsc::Sender<HealthEvent<K>>) {
+async fn report_always_up<K: Clone>(reporter: &Reporter<K>) {
     let transition = Transition { up: true, reason: "no health check configured".to_owned() };
-    let event = HealthEvent { key, transition: Some(transition), last_check: CHECK_OK.to_owned() };
-    if events.send(event).await.is_err() {
+    if !reporter.send(Some(transition), CHECK_OK.to_owned()).await {
         tracing::debug!("health event receiver closed before the first event");
     }
 }
@@ -201,7 +217,7 @@ mod tests {
         let mut quiet = Vec::new();
         loop {
             let event = timeout(WAIT, rx.recv()).await.expect("an event in time").expect("channel open");
-            assert_eq!(event.key, "backend-a");
+            assert_eq!((event.key, event.generation), ("backend-a", 7), "tagged as spawned");
             match event.transition {
                 Some(transition) => return (transition, quiet),
                 None => quiet.push(event.last_check),
@@ -214,7 +230,7 @@ mod tests {
         let (set_status, status) = watch::channel(200);
         let address = switchable_server(status).await;
         let (tx, mut rx) = mpsc::channel(16);
-        let checker = spawn_checker(address, http_config(50, 2, 2), "backend-a", tx);
+        let checker = spawn_checker(address, http_config(50, 2, 2), "backend-a", 7, tx);
 
         let (first, before) = next_transition(&mut rx).await;
         assert_eq!(first, Transition { up: true, reason: "first check: ok".to_owned() });
@@ -242,7 +258,7 @@ mod tests {
         let address = switchable_server(status).await;
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
-        let checker = spawn_checker(address, http_config(50, 1, 1), "backend-a", tx);
+        let checker = spawn_checker(address, http_config(50, 1, 1), "backend-a", 7, tx);
         timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
     }
 
@@ -254,7 +270,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let mut config = http_config(50, 3, 3);
         config.kind = HealthCheckKind::Tcp;
-        let checker = spawn_checker(address, config, "backend-a", tx);
+        let checker = spawn_checker(address, config, "backend-a", 7, tx);
         let (transition, before) = next_transition(&mut rx).await;
         assert!(before.is_empty());
         assert!(!transition.up);
@@ -268,7 +284,7 @@ mod tests {
         let mut config = http_config(50, 2, 2);
         config.kind = HealthCheckKind::None;
         let unroutable: SocketAddr = "192.0.2.1:9".parse().expect("address");
-        let checker = spawn_checker(unroutable, config, "backend-a", tx);
+        let checker = spawn_checker(unroutable, config, "backend-a", 7, tx);
         let (transition, _) = next_transition(&mut rx).await;
         assert!(transition.up);
         timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
