@@ -51,7 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let checkers = Checkers::of(&balancer);
 
     let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new() }));
-    let _admin = api::serve(config.agent.admin_listen, state.clone()).await?;
+    let _admin = api::serve(config.agent.admin_listen, api::Limits::DEFAULT, state.clone()).await?;
 
     let mode = match config.agent.xdp_mode {
         XdpMode::Native => aya::programs::XdpMode::Driver,
