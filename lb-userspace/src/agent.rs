@@ -14,10 +14,11 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Status, StatusSource, status::{BackendStatus, ConntrackStatus, Traffic, VerdictCount, VipStatus}},
+    api::{self, Status, StatusSource, status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus}},
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     dataplane::{LoadOptions, Maps, Program},
-    health::{self, HealthEvent},
+    descriptors,
+    health::{self, HealthEvent, ProbePool},
     lb::{
         reload,
         state::{Balancer, Health, VipView},
@@ -30,6 +31,8 @@ struct AgentState {
     maps: Maps,
     /// Last health check outcome per backend id, for `/status`.
     last_checks: HashMap<u32, String>,
+    /// The checkers' shared probe slots, for their counters in `/status`.
+    probes: ProbePool,
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then detaches. SIGHUP reloads the
@@ -39,6 +42,7 @@ struct AgentState {
 /// When the program cannot be loaded or attached, or the admin address
 /// cannot be bound; nothing stays attached in that case.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let fd_limit = raise_descriptor_limit();
     let mut program = Program::load(&LoadOptions {
         ring_size: config.agent.ring_size,
         max_vips: config.agent.max_vips,
@@ -50,8 +54,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     balancer.install(&mut maps).context("filling the maps")?;
     let checkers = Checkers::of(&balancer);
 
-    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new() }));
-    let _admin = api::serve(config.agent.admin_listen, api::Limits::DEFAULT, state.clone()).await?;
+    let budget = descriptor_budget(fd_limit);
+    let probes = ProbePool::new(budget.probes);
+    let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
+    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes: probes.clone() }));
+    let _admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
 
     let mode = match config.agent.xdp_mode {
         XdpMode::Native => aya::programs::XdpMode::Driver,
@@ -63,7 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%interface, ?mode, "attached");
     }
 
-    let mut health = HealthChecks::new();
+    let mut health = HealthChecks::new(probes);
     health.follow(checkers);
     tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
 
@@ -89,6 +96,48 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     health.stop_all();
     program.detach_all();
     Ok(())
+}
+
+/// Raises the soft descriptor limit to the hard one (logging both) and
+/// returns the soft limit in force; on failure logs it and keeps going with
+/// what there is, since the budget below adapts to it.
+fn raise_descriptor_limit() -> u64 {
+    match descriptors::raise_nofile_limit() {
+        Ok((before, after)) => {
+            tracing::info!(
+                before = before.soft,
+                after = after.soft,
+                hard = after.hard,
+                "RLIMIT_NOFILE: soft limit raised to the hard limit"
+            );
+            after.soft
+        }
+        Err(error) => {
+            let soft = descriptors::NofileLimit::current().map_or(1024, |limit| limit.soft);
+            tracing::warn!(%error, soft, "RLIMIT_NOFILE: cannot raise the soft limit; keeping it");
+            soft
+        }
+    }
+}
+
+/// Splits `limit` between what is open now (the program, its maps, the
+/// runtime), the admin server and the health probes, and logs the split.
+fn descriptor_budget(limit: u64) -> descriptors::Budget {
+    let in_use = descriptors::open_now().unwrap_or_else(|error| {
+        // Unlikely (no /proc); guess high so the reserve errs on the safe side.
+        tracing::warn!(%error, "cannot count open descriptors; assuming 256");
+        256
+    });
+    let budget = descriptors::Budget::split(limit, in_use, api::Limits::DEFAULT.max_connections);
+    tracing::info!(
+        limit,
+        in_use,
+        reserved = budget.reserved,
+        admin_connections = budget.admin_connections,
+        probes_in_flight = budget.probes,
+        "descriptor budget"
+    );
+    budget
 }
 
 /// What to probe: every backend of every VIP, by the id the balancer gave it.
@@ -123,6 +172,8 @@ const EVENT_QUEUE: usize = 1024;
 struct HealthChecks {
     checkers: HashMap<u32, RunningChecker>,
     next_generation: u64,
+    /// Shared by every checker: bounds the probes in flight.
+    probes: ProbePool,
     tx: mpsc::Sender<HealthEvent<u32>>,
     rx: mpsc::Receiver<HealthEvent<u32>>,
 }
@@ -136,9 +187,9 @@ struct RunningChecker {
 }
 
 impl HealthChecks {
-    fn new() -> Self {
+    fn new(probes: ProbePool) -> Self {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        HealthChecks { checkers: HashMap::new(), next_generation: 1, tx, rx }
+        HealthChecks { checkers: HashMap::new(), next_generation: 1, probes, tx, rx }
     }
 
     /// Makes the running checkers match `wanted`: stops those whose backend
@@ -157,7 +208,8 @@ impl HealthChecks {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.checkers.entry(id) {
                 let generation = self.next_generation;
                 self.next_generation += 1;
-                let handle = health::spawn_checker(address, check.clone(), id, generation, self.tx.clone());
+                let handle =
+                    health::spawn_checker(address, check.clone(), id, generation, self.probes.clone(), self.tx.clone());
                 slot.insert(RunningChecker { address, check, generation, handle });
             }
         }
@@ -207,7 +259,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
         }
     };
     let Ok(mut guard) = state.lock() else { return None };
-    let AgentState { balancer, maps, last_checks } = &mut *guard;
+    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
         Err(error) if error.changed_nothing() => {
@@ -229,7 +281,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
-    let AgentState { balancer, maps, last_checks } = &mut *guard;
+    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
     if balancer.is_retired(event.key) {
         // Sent before a reload removed its backend and stopped its checker.
         return;
@@ -265,7 +317,11 @@ impl StatusSource for AgentState {
             })
             .unwrap_or_default();
         let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
-        Status { vips, verdicts, conntrack }
+        let health_checks = HealthChecksStatus {
+            probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
+            local_errors: self.probes.local_errors(),
+        };
+        Status { vips, verdicts, conntrack, health_checks }
     }
 }
 
@@ -358,7 +414,7 @@ mod tests {
     #[tokio::test]
     async fn a_down_event_queued_before_a_switch_to_none_is_dropped() {
         let address = refusing_address().await;
-        let mut health = HealthChecks::new();
+        let mut health = HealthChecks::new(ProbePool::new(8));
         // A long interval: after the first probe the checker sends nothing
         // more for the rest of the test.
         health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
@@ -374,7 +430,7 @@ mod tests {
     #[tokio::test]
     async fn a_changed_check_gets_a_new_generation_and_only_its_events_count() {
         let address = refusing_address().await;
-        let mut health = HealthChecks::new();
+        let mut health = HealthChecks::new(ProbePool::new(8));
         health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
         wait_queued(&health).await;
         let first = health.checkers.get(&1).map(|c| c.generation);
