@@ -14,10 +14,11 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Status, StatusSource, status::{BackendStatus, ConntrackStatus, Traffic, VerdictCount, VipStatus}},
+    api::{self, Status, StatusSource, status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus}},
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     dataplane::{LoadOptions, Maps, Program},
-    health::{self, HealthEvent},
+    descriptors,
+    health::{self, HealthEvent, ProbePool},
     host,
     lb::{
         reload,
@@ -31,6 +32,8 @@ struct AgentState {
     maps: Maps,
     /// Last health check outcome per backend id, for `/status`.
     last_checks: HashMap<u32, String>,
+    /// The checkers' shared probe slots, for their counters in `/status`.
+    probes: ProbePool,
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then detaches. SIGHUP reloads the
@@ -40,6 +43,7 @@ struct AgentState {
 /// When the program cannot be loaded or attached, or the admin address
 /// cannot be bound; nothing stays attached in that case.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let fd_limit = raise_descriptor_limit();
     let mut program = Program::load(&LoadOptions {
         ring_size: config.agent.ring_size,
         max_vips: config.agent.max_vips,
@@ -53,8 +57,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     balancer.set_local_addresses(local, &mut maps).context("marking the gateway's own addresses")?;
     let checkers = Checkers::of(&balancer);
 
-    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new() }));
-    let _admin = api::serve(config.agent.admin_listen, state.clone()).await?;
+    let budget = descriptor_budget(fd_limit);
+    let probes = ProbePool::new(budget.probes);
+    let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
+    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes: probes.clone() }));
+    let _admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
 
     let mode = match config.agent.xdp_mode {
         XdpMode::Native => aya::programs::XdpMode::Driver,
@@ -66,9 +73,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%interface, ?mode, "attached");
     }
 
-    let (tx, mut rx) = mpsc::channel(1024);
-    let mut running = Running { checkers: HashMap::new() };
-    running.follow(checkers, &tx);
+    let mut health = HealthChecks::new(probes);
+    health.follow(checkers);
     tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
 
     let mut config = config;
@@ -77,14 +83,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut local_refresh = tokio::time::interval(host::LOCAL_ADDRESS_REFRESH);
     loop {
         tokio::select! {
-            Some(event) = rx.recv() => apply_health(&state, event),
+            Some(event) = health.next() => apply_health(&state, event),
             _ = local_refresh.tick() => refresh_local_addresses(&state),
             _ = sighup.recv() => {
                 if let Some(new) = reload_config(&config, &state) {
                     config = new;
                     let wanted = state.lock().map(|guard| Checkers::of(&guard.balancer));
                     if let Ok(wanted) = wanted {
-                        running.follow(wanted, &tx);
+                        health.follow(wanted);
                     }
                 }
             }
@@ -92,9 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
     }
-    for (_, (_, _, checker)) in running.checkers {
-        checker.abort();
-    }
+    health.stop_all();
     program.detach_all();
     Ok(())
 }
@@ -116,6 +120,48 @@ fn refresh_local_addresses(state: &Mutex<AgentState>) {
     }
 }
 
+/// Raises the soft descriptor limit to the hard one (logging both) and
+/// returns the soft limit in force; on failure logs it and keeps going with
+/// what there is, since the budget below adapts to it.
+fn raise_descriptor_limit() -> u64 {
+    match descriptors::raise_nofile_limit() {
+        Ok((before, after)) => {
+            tracing::info!(
+                before = before.soft,
+                after = after.soft,
+                hard = after.hard,
+                "RLIMIT_NOFILE: soft limit raised to the hard limit"
+            );
+            after.soft
+        }
+        Err(error) => {
+            let soft = descriptors::NofileLimit::current().map_or(1024, |limit| limit.soft);
+            tracing::warn!(%error, soft, "RLIMIT_NOFILE: cannot raise the soft limit; keeping it");
+            soft
+        }
+    }
+}
+
+/// Splits `limit` between what is open now (the program, its maps, the
+/// runtime), the admin server and the health probes, and logs the split.
+fn descriptor_budget(limit: u64) -> descriptors::Budget {
+    let in_use = descriptors::open_now().unwrap_or_else(|error| {
+        // Unlikely (no /proc); guess high so the reserve errs on the safe side.
+        tracing::warn!(%error, "cannot count open descriptors; assuming 256");
+        256
+    });
+    let budget = descriptors::Budget::split(limit, in_use, api::Limits::DEFAULT.max_connections);
+    tracing::info!(
+        limit,
+        in_use,
+        reserved = budget.reserved,
+        admin_connections = budget.admin_connections,
+        probes_in_flight = budget.probes,
+        "descriptor budget"
+    );
+    budget
+}
+
 /// What to probe: every backend of every VIP, by the id the balancer gave it.
 /// Taken before the balancer moves behind the lock, so no probe holds it.
 struct Checkers(Vec<(u32, SocketAddr, HealthCheckConfig)>);
@@ -135,29 +181,82 @@ impl Checkers {
     }
 }
 
-/// The checkers running, by backend id, with what each probes.
-struct Running {
-    checkers: HashMap<u32, (SocketAddr, HealthCheckConfig, tokio::task::JoinHandle<()>)>,
+/// Health events queued for the agent loop before a checker's send waits.
+const EVENT_QUEUE: usize = 1024;
+
+/// The checkers running, by backend id, and the channel they report on.
+///
+/// Each checker gets a generation of its own, never reused. A checker a
+/// reload stops (its backend removed, its check changed, or switched to
+/// `type = "none"`) may already have queued events; [`HealthChecks::next`]
+/// drops those, so a stale "down" cannot undo what the reload decided when
+/// no checker is left to correct it.
+struct HealthChecks {
+    checkers: HashMap<u32, RunningChecker>,
+    next_generation: u64,
+    /// Shared by every checker: bounds the probes in flight.
+    probes: ProbePool,
+    tx: mpsc::Sender<HealthEvent<u32>>,
+    rx: mpsc::Receiver<HealthEvent<u32>>,
 }
 
-impl Running {
+/// One checker task and what it probes.
+struct RunningChecker {
+    address: SocketAddr,
+    check: HealthCheckConfig,
+    generation: u64,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl HealthChecks {
+    fn new(probes: ProbePool) -> Self {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        HealthChecks { checkers: HashMap::new(), next_generation: 1, probes, tx, rx }
+    }
+
     /// Makes the running checkers match `wanted`: stops those whose backend
     /// is gone or whose probe changed, starts the missing ones.
-    fn follow(&mut self, wanted: Checkers, tx: &mpsc::Sender<HealthEvent<u32>>) {
+    fn follow(&mut self, wanted: Checkers) {
         let wanted: HashMap<u32, (SocketAddr, HealthCheckConfig)> =
             wanted.0.into_iter().map(|(id, address, check)| (id, (address, check))).collect();
-        self.checkers.retain(|id, (address, check, handle)| {
-            let keep = wanted.get(id).is_some_and(|(a, c)| a == address && c == check);
+        self.checkers.retain(|id, running| {
+            let keep = wanted.get(id).is_some_and(|(a, c)| *a == running.address && *c == running.check);
             if !keep {
-                handle.abort();
+                running.handle.abort();
             }
             keep
         });
         for (id, (address, check)) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.checkers.entry(id) {
-                let handle = health::spawn_checker(address, check.clone(), id, tx.clone());
-                slot.insert((address, check, handle));
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                let handle =
+                    health::spawn_checker(address, check.clone(), id, generation, self.probes.clone(), self.tx.clone());
+                slot.insert(RunningChecker { address, check, generation, handle });
             }
+        }
+    }
+
+    /// The next event of a checker still running; events of stopped ones
+    /// are dropped. Cancel-safe, for `select!`.
+    async fn next(&mut self) -> Option<HealthEvent<u32>> {
+        loop {
+            let event = self.rx.recv().await?;
+            if self.is_current(&event) {
+                return Some(event);
+            }
+            tracing::debug!(backend_id = event.key, generation = event.generation, "dropping a stopped checker's event");
+        }
+    }
+
+    /// Whether `event` comes from the checker now running for its backend.
+    fn is_current(&self, event: &HealthEvent<u32>) -> bool {
+        self.checkers.get(&event.key).is_some_and(|running| running.generation == event.generation)
+    }
+
+    fn stop_all(self) {
+        for running in self.checkers.into_values() {
+            running.handle.abort();
         }
     }
 }
@@ -182,7 +281,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
         }
     };
     let Ok(mut guard) = state.lock() else { return None };
-    let AgentState { balancer, maps, last_checks } = &mut *guard;
+    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
         Err(error) if error.changed_nothing() => {
@@ -204,7 +303,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
-    let AgentState { balancer, maps, last_checks } = &mut *guard;
+    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
     if balancer.is_retired(event.key) {
         // Sent before a reload removed its backend and stopped its checker.
         return;
@@ -240,7 +339,11 @@ impl StatusSource for AgentState {
             })
             .unwrap_or_default();
         let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
-        Status { vips, verdicts, conntrack }
+        let health_checks = HealthChecksStatus {
+            probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
+            local_errors: self.probes.local_errors(),
+        };
+        Status { vips, verdicts, conntrack, health_checks }
     }
 }
 
@@ -289,5 +392,79 @@ fn health_name(health: Health) -> &'static str {
         Health::Up => "up",
         Health::Down => "down",
         Health::Unknown => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::{net::TcpListener, time::timeout};
+
+    use super::*;
+
+    /// A bound on every wait, so a broken filter fails rather than hangs.
+    const WAIT: Duration = Duration::from_secs(3);
+
+    /// An address where nothing listens: a TCP probe of it fails at once.
+    async fn refusing_address() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().expect("local_addr")
+    }
+
+    fn tcp_check(interval_ms: u64) -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_millis(interval_ms),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+            port: None,
+        }
+    }
+
+    /// Waits until the checkers have queued at least one event the agent
+    /// has not read yet: a verdict in flight when a reload comes.
+    async fn wait_queued(health: &HealthChecks) {
+        let deadline = Instant::now() + WAIT;
+        while health.rx.is_empty() {
+            assert!(Instant::now() < deadline, "no event queued within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_down_event_queued_before_a_switch_to_none_is_dropped() {
+        let address = refusing_address().await;
+        let mut health = HealthChecks::new(ProbePool::new(8));
+        // A long interval: after the first probe the checker sends nothing
+        // more for the rest of the test.
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        wait_queued(&health).await;
+        // The reload sets `type = "none"`: Checkers::of lists no checker for
+        // the backend, and the balancer brings it up. The queued "down" must
+        // not undo that: no checker is left to bring it back.
+        health.follow(Checkers(Vec::new()));
+        let next = timeout(Duration::from_millis(300), health.next()).await;
+        assert!(next.is_err(), "an event of the stopped checker got through: {next:?}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_check_gets_a_new_generation_and_only_its_events_count() {
+        let address = refusing_address().await;
+        let mut health = HealthChecks::new(ProbePool::new(8));
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        wait_queued(&health).await;
+        let first = health.checkers.get(&1).map(|c| c.generation);
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        let second = health.checkers.get(&1).map(|c| c.generation);
+        assert!(first.is_some() && second.is_some() && first != second, "{first:?} then {second:?}");
+        let event = timeout(WAIT, health.next()).await.expect("the new checker reports").expect("channel open");
+        assert_eq!((event.key, Some(event.generation)), (1, second), "only the new checker's event: {event:?}");
+        assert!(event.transition.as_ref().is_some_and(|t| !t.up), "its first probe decides: {event:?}");
+        // Unchanged checks keep their checker and its generation.
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        assert_eq!(health.checkers.get(&1).map(|c| c.generation), second);
+        health.stop_all();
     }
 }

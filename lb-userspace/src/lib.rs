@@ -4,6 +4,8 @@
 //! - [`lb`]: the control plane's decisions (Maglev rings, ids, health), kernel-free.
 //! - [`dataplane`]: loading and attaching the XDP program, and its maps.
 //! - [`health`]: HTTP and TCP probes with rise/fall thresholds.
+//! - [`descriptors`]: the file descriptor limit, raised and split so probes
+//!   always have sockets.
 //! - [`api`] and [`metrics`]: `/status` and `/metrics`.
 //! - [`agent`] and [`cli`]: `lb run` and the other subcommands.
 
@@ -12,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod descriptors;
 pub mod health;
 pub mod host;
 pub mod lb;

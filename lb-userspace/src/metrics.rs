@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::api::status::{ConntrackStatus, Status, Traffic};
+use crate::api::status::{ConntrackStatus, HealthChecksStatus, Status, Traffic};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -72,6 +72,7 @@ pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
         verdicts.get_or_create(&vec![("reason", c.reason.clone())]).inc_by(c.packets);
     }
     register_conntrack(&mut registry, &status.conntrack);
+    register_health_checks(&mut registry, &status.health_checks);
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)
@@ -105,6 +106,20 @@ fn register_conntrack(registry: &mut Registry, c: &ConntrackStatus) {
     for (event, value) in [("inserted", c.inserted), ("expired", c.expired), ("reopened", c.reopened), ("restored", c.restored)] {
         events.get_or_create(&vec![("event", event.to_owned())]).inc_by(value);
     }
+}
+
+/// The checkers' shared probe slots and the probes that could not run.
+fn register_health_checks(registry: &mut Registry, h: &HealthChecksStatus) {
+    let slots = Gauge::<i64>::default();
+    slots.set(i64::try_from(h.probe_slots).unwrap_or(i64::MAX));
+    registry.register("health_probe_slots", "Health probes that may be in flight at once", slots);
+    let local = Counter::<u64>::default();
+    local.inc_by(h.local_errors);
+    registry.register(
+        "health_probe_local_errors",
+        "Health probes that could not run on this host (no descriptor or buffer); never counted against a backend",
+        local,
+    );
 }
 
 #[cfg(test)]
@@ -141,6 +156,7 @@ mod tests {
                 restored: 1,
                 evicted: 4,
             },
+            health_checks: HealthChecksStatus { probe_slots: 690, local_errors: 6 },
         };
         let text = render(&status).expect("render");
         for line in [
@@ -155,6 +171,8 @@ mod tests {
             "lb_conntrack_evictions_total 4",
             "lb_conntrack_events_total{event=\"expired\"} 2",
             "lb_conntrack_events_total{event=\"inserted\"} 9",
+            "lb_health_probe_slots 690",
+            "lb_health_probe_local_errors_total 6",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -9,8 +9,9 @@ use std::{
 };
 
 use lb_tests::{
-    Spread, Testbed,
+    ChildGuard, Spread, Testbed,
     agent::{Agent, HealthCheck, config_for},
+    testbed::BACKEND_HTTP_PORT,
     testbed::client::HttpConn,
 };
 
@@ -165,6 +166,14 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     let line = log.lines().find(|l| l.contains("agent.admin_listen")).unwrap_or_default();
     assert!(line.contains("needs a restart") && line.contains(&file), "{line}");
 
+    // Valid alone, but web2 shares web's backends (address, port, protocol):
+    // refused as a whole, naming both VIPs, until replies are keyed by VIP.
+    reload(&agent, &format!("{}{}", with_weight(&config, address, 0), web2_section(&testbed, BACKEND_HTTP_PORT)));
+    let log = wait_log(&agent, "(web2).backend[1].address");
+    let line = log.lines().find(|l| l.contains("(web2).backend[1].address")).unwrap_or_default();
+    assert!(line.contains("reload refused") && line.contains(&file), "{line}");
+    assert!(line.contains("vip[3] (web2).backend[1].address: tcp") && line.contains("is also a backend of vip[1] (web)"), "{line}");
+
     assert_eq!(web_backends(&agent), before, "/status unchanged");
     assert!(!log.contains("reload: vip"), "nothing applied:\n{log}");
     let got = spread(&testbed, 30);
@@ -206,10 +215,23 @@ fn sighup_removes_and_adds_backends_of_a_vip() {
 
 /// Port of the second TCP VIP the VIP tests add, on the testbed's VIP address.
 const WEB2_PORT: u16 = 81;
+/// Port of web2's backends: a second HTTP server on backends 1 and 2, since
+/// two VIPs may not share a backend (address, port and protocol).
+const WEB2_BACKEND_PORT: u16 = 8082;
+
+/// Starts web2's backend servers (see [`WEB2_BACKEND_PORT`]); they stop
+/// when the guards drop.
+fn web2_servers(testbed: &Testbed) -> Vec<ChildGuard> {
+    [1, 2]
+        .into_iter()
+        .map(|i| testbed.start_second_server(i, WEB2_BACKEND_PORT, WEB2_BACKEND_PORT + 1).expect("a web2 server"))
+        .collect()
+}
 
 /// `[[vip]]` web2: TCP on the VIP address, port [`WEB2_PORT`], over backends
-/// 1 and 2 only (so its answers tell it apart from web), HTTP-checked.
-fn web2_section(testbed: &Testbed) -> String {
+/// 1 and 2 only (so its answers tell it apart from web), HTTP-checked, on
+/// `backend_port`.
+fn web2_section(testbed: &Testbed, backend_port: u16) -> String {
     let listen = SocketAddr::new(testbed.vip_http().ip(), WEB2_PORT);
     let check = HealthCheck::default();
     let mut section = format!(
@@ -221,7 +243,8 @@ fn web2_section(testbed: &Testbed) -> String {
         check.fall
     );
     for i in [1, 2] {
-        section.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\nweight = 1\n\n", testbed.backend_http(i)));
+        let address = SocketAddr::new(testbed.backend_addr(i).into(), backend_port);
+        section.push_str(&format!("[[vip.backend]]\naddress = \"{address}\"\nweight = 1\n\n"));
     }
     section
 }
@@ -265,7 +288,8 @@ fn sighup_adds_and_removes_a_vip_while_another_keeps_its_flows() {
         assert_eq!(same.as_deref(), Some(x.as_str()), "{when}: the existing flow stays on {x}");
     };
 
-    reload(&agent, &format!("{config}{}", web2_section(&testbed)));
+    let _web2_servers = web2_servers(&testbed);
+    reload(&agent, &format!("{config}{}", web2_section(&testbed, WEB2_BACKEND_PORT)));
     wait_log(&agent, &format!("reload: vip web2 added ({web2} tcp, maglev, 2 backends)"));
     agent.wait_health("web2", &["up", "up"], Duration::from_secs(10)).expect("web2 backends up");
     still_on_x("after adding web2");

@@ -14,8 +14,14 @@ use std::{
 use lb_tests::{
     Spread, Testbed,
     agent::{ADMIN, Agent, HealthCheck},
-    testbed::{VIP, client::HttpConn},
+    testbed::{BACKEND_HTTP_PORT, VIP, client::HttpConn},
 };
+
+/// Where a test's second VIP finds its backends: a second HTTP server on
+/// each backend host ([`Testbed::start_second_server`]).
+const SECOND_HTTP_PORT: u16 = 8082;
+/// That second server's UDP port, unused here.
+const SECOND_UDP_PORT: u16 = 8083;
 
 /// One `[[vip.backend]]`: testbed backend `index` (1-based) and its settings.
 #[derive(Clone, Copy)]
@@ -43,6 +49,10 @@ impl Backend {
 struct Vip {
     name: &'static str,
     port: u16,
+    /// The port of its backends' HTTP servers: the testbed's own, or a
+    /// second server's ([`SECOND_HTTP_PORT`]), since two VIPs may not share
+    /// a backend.
+    backend_port: u16,
     /// `None`: the key is left out, so the default applies.
     scheduler: Option<&'static str>,
     backends: Vec<Backend>,
@@ -81,7 +91,7 @@ fn config(testbed: &Testbed, check: HealthCheck, vips: &[Vip]) -> String {
             let _ = writeln!(
                 toml,
                 "[[vip.backend]]\naddress = \"{}\"\nweight = {}\nbackup = {}\n",
-                testbed.backend_http(b.index),
+                SocketAddr::new(testbed.backend_addr(b.index).into(), vip.backend_port),
                 b.weight,
                 b.backup
             );
@@ -134,9 +144,12 @@ fn source_hash_sends_one_client_to_one_backend() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let all = || (1..=3).map(Backend::primary).collect::<Vec<_>>();
+    let _second_servers: Vec<_> = (1..=3)
+        .map(|i| testbed.start_second_server(i, SECOND_HTTP_PORT, SECOND_UDP_PORT).expect("a second server"))
+        .collect();
     let vips = [
-        Vip { name: "spread", port: 80, scheduler: None, backends: all() },
-        Vip { name: "sticky", port: 81, scheduler: Some("source-hash"), backends: all() },
+        Vip { name: "spread", port: 80, backend_port: SECOND_HTTP_PORT, scheduler: None, backends: all() },
+        Vip { name: "sticky", port: 81, backend_port: BACKEND_HTTP_PORT, scheduler: Some("source-hash"), backends: all() },
     ];
     let check = HealthCheck::default();
     let mut agent = running(&testbed, check, &vips);
@@ -175,6 +188,7 @@ fn backup_takes_over_when_the_primaries_die_and_hands_back() {
     let vips = [Vip {
         name: "web",
         port: 80,
+        backend_port: BACKEND_HTTP_PORT,
         scheduler: None,
         backends: vec![Backend::primary(1), Backend::primary(2), Backend::backup(3)],
     }];
@@ -236,6 +250,7 @@ fn weight_zero_takes_no_new_connections_but_stays_up() {
     let vips = [Vip {
         name: "web",
         port: 80,
+        backend_port: BACKEND_HTTP_PORT,
         scheduler: None,
         backends: vec![Backend::primary(1), Backend::weight(2, 0), Backend::primary(3)],
     }];

@@ -1,5 +1,7 @@
-//! The admin HTTP server: `/status` (JSON) and `/metrics` (Prometheus text).
+//! The admin HTTP server: `/status` (JSON) and `/metrics` (Prometheus text),
+//! served within [`Limits`] (see [`server`]).
 
+pub mod server;
 pub mod status;
 
 use std::{
@@ -10,6 +12,7 @@ use std::{
 use anyhow::Context as _;
 use axum::{Json, Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
 
+pub use server::Limits;
 pub use status::Status;
 
 /// Produces a fresh snapshot for each request.
@@ -20,11 +23,11 @@ pub trait StatusSource: Send + 'static {
 
 type Shared = Arc<Mutex<dyn StatusSource>>;
 
-/// Serves the admin API on `listen` until the task is dropped.
+/// Serves the admin API on `listen`, within `limits`, until the task is dropped.
 ///
 /// # Errors
 /// When `listen` cannot be bound (in use, or not a local address).
-pub async fn serve(listen: SocketAddr, source: Shared) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(listen: SocketAddr, limits: Limits, source: Shared) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the admin server to {listen} (agent.admin_listen)"))?;
@@ -33,11 +36,7 @@ pub async fn serve(listen: SocketAddr, source: Shared) -> anyhow::Result<tokio::
         .route("/metrics", get(metrics))
         .route("/", get(|| async { "lb: see /status and /metrics\n" }))
         .with_state(source);
-    Ok(tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "admin server stopped");
-        }
-    }))
+    Ok(tokio::spawn(server::accept_loop(listener, app, limits)))
 }
 
 fn snapshot(source: &Shared) -> Result<Status, StatusCode> {

@@ -12,6 +12,19 @@ pub struct Status {
     /// The connection table. Absent from older agents' answers.
     #[serde(default)]
     pub conntrack: ConntrackStatus,
+    /// The health checkers as a whole. Absent from older agents' answers.
+    #[serde(default)]
+    pub health_checks: HealthChecksStatus,
+}
+
+/// The health checkers as a whole.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct HealthChecksStatus {
+    /// Probes that may be in flight at once (from the descriptor budget).
+    pub probe_slots: u64,
+    /// Probes that could not run for a local reason (no descriptor, no
+    /// buffer), since the agent started. None counted against a backend.
+    pub local_errors: u64,
 }
 
 /// The connection table: occupancy, and what happened to its entries since

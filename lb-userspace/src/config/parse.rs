@@ -2,7 +2,7 @@
 //! rules between keys. Every check names its key; the first problem wins.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet, hash_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::Path,
     time::Duration,
@@ -68,6 +68,7 @@ pub fn config(table: Table, source: &Path) -> Result<Config> {
     }
     let vips = vip_sections.into_iter().map(vip).collect::<Result<Vec<_>>>()?;
     check_unique_vips(&vips)?;
+    check_backend_services(&vips)?;
     let agent = agent.resolve(vips.len())?;
     check_backend_count(&vips)?;
     check_ring_fits_backends(agent.ring_size, &vips)?;
@@ -306,14 +307,21 @@ fn check_service_ip(ip: IpAddr) -> std::result::Result<(), String> {
 }
 
 fn ipv4_unusable(ip: Ipv4Addr) -> Option<&'static str> {
+    let first = ip.octets()[0];
     if ip.is_unspecified() {
         Some("the unspecified address")
+    } else if first == 0 {
+        // RFC 1122 3.2.1.3: "this host on this network", a source only.
+        Some("in 0.0.0.0/8 (\"this network\", never a destination)")
     } else if ip.is_loopback() {
         Some("a loopback address")
     } else if ip.is_multicast() {
         Some("a multicast address")
     } else if ip.is_broadcast() {
         Some("the broadcast address")
+    } else if first >= 240 {
+        // RFC 1112 4: reserved; kernels and routers drop it.
+        Some("in 240.0.0.0/4 (reserved, not routed)")
     } else {
         None
     }
@@ -331,6 +339,10 @@ fn ipv6_unusable(ip: Ipv6Addr) -> Option<&'static str> {
     } else if ip.to_ipv4_mapped().is_some() {
         // On the wire such a flow is IPv4; the data path would never see this address.
         Some("IPv4-mapped (write the IPv4 address itself)")
+    } else if ip.to_ipv4().is_some() {
+        // `::a.b.c.d` (RFC 4291 2.5.5.1, deprecated): unspecified and
+        // loopback are caught above; the rest means an IPv4 host.
+        Some("IPv4-compatible, a deprecated form (write the IPv4 address itself)")
     } else {
         None
     }
@@ -455,7 +467,7 @@ fn check_unique_vips(vips: &[VipConfig]) -> Result<()> {
     let mut names = HashSet::new();
     let mut services = HashSet::new();
     for (i, vip) in vips.iter().enumerate() {
-        let path = format!("vip[{}] ({})", i + 1, vip.name);
+        let path = vip_path(i, vip);
         if !names.insert(vip.name.as_str()) {
             return Err(Problem::new(format!("{path}.name"), format!("{:?} is used by an earlier VIP", vip.name)));
         }
@@ -467,6 +479,89 @@ fn check_unique_vips(vips: &[VipConfig]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A service the data path tells apart: address, port and protocol.
+type Service = (SocketAddr, Protocol);
+
+/// Refuses backends the data path cannot serve, across VIPs:
+///
+/// - a backend that is a VIP's own `listen` (same protocol): the balanced
+///   packet would be balanced again, so it loops, whether the VIP is the
+///   backend's own or another that backs it in turn;
+/// - a backend on a VIP's address, on any port: the data path answers for
+///   a VIP address itself (a port or protocol no VIP serves is refused with
+///   a RST or port unreachable), so nothing reaches a backend there;
+/// - one backend (address, port, protocol) under two VIPs: a backend's reply
+///   is matched to its flow by backend and client alone, without the VIP, so
+///   a client on a fixed source port that uses both VIPs gets one VIP's
+///   replies from the other's address. Allowed again once replies are keyed
+///   with the VIP too.
+fn check_backend_services(vips: &[VipConfig]) -> Result<()> {
+    let listeners: HashMap<Service, usize> =
+        vips.iter().enumerate().map(|(i, vip)| ((vip.listen, vip.protocol), i)).collect();
+    let vip_ips: HashMap<IpAddr, usize> = vips.iter().enumerate().map(|(i, vip)| (vip.listen.ip(), i)).collect();
+    let mut owners: HashMap<Service, usize> = HashMap::new();
+    for (i, vip) in vips.iter().enumerate() {
+        for (j, backend) in vip.backends.iter().enumerate() {
+            let key = format!("{}.backend[{}].address", vip_path(i, vip), j + 1);
+            let service = (backend.address, vip.protocol);
+            if let Some(&target) = listeners.get(&service) {
+                return Err(Problem::new(key, backend_is_a_vip(service, i, target, vips)));
+            }
+            if let Some(&target) = vip_ips.get(&backend.address.ip()) {
+                return Err(Problem::new(
+                    key,
+                    format!(
+                        "{} is the address of {}; a backend cannot live on a VIP's address (the gateway answers \
+                         for every port of it)",
+                        backend.address.ip(),
+                        vip_path(target, &vips[target])
+                    ),
+                ));
+            }
+            match owners.entry(service) {
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                }
+                // Backends are unique within a VIP, so `first` is another one.
+                Entry::Occupied(first) => {
+                    let first = *first.get();
+                    return Err(Problem::new(
+                        key,
+                        format!(
+                            "{} {} is also a backend of {}; two VIPs cannot share a backend's address, port and \
+                             protocol: its replies are matched to their flow without the VIP, so one VIP's \
+                             replies could leave from the other's address",
+                            service.1.as_str(),
+                            service.0,
+                            vip_path(first, &vips[first])
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why backend `service` of VIP `vip` cannot be VIP `target`'s listen address.
+fn backend_is_a_vip(service: Service, vip: usize, target: usize, vips: &[VipConfig]) -> String {
+    let (address, protocol) = (service.0, service.1.as_str());
+    if vip == target {
+        format!("{protocol} {address} is this VIP's own listen address; a VIP cannot be its own backend (a loop)")
+    } else {
+        format!(
+            "{protocol} {address} is the listen address of {}; a backend cannot be a VIP (its packets would \
+             be balanced again, and two VIPs backing each other loop)",
+            vip_path(target, &vips[target])
+        )
+    }
+}
+
+/// `vip[N] (NAME)`, as keys name a VIP.
+fn vip_path(index: usize, vip: &VipConfig) -> String {
+    format!("vip[{}] ({})", index + 1, vip.name)
 }
 
 fn check_backend_count(vips: &[VipConfig]) -> Result<()> {
@@ -483,7 +578,7 @@ fn check_ring_fits_backends(ring_size: u32, vips: &[VipConfig]) -> Result<()> {
     for (i, vip) in vips.iter().enumerate() {
         if vip.backends.len() >= ring_size as usize {
             return Err(Problem::new(
-                format!("vip[{}] ({}).backend", i + 1, vip.name),
+                format!("{}.backend", vip_path(i, vip)),
                 format!("{} backends do not fit agent.ring_size {ring_size}", vip.backends.len()),
             ));
         }

@@ -325,8 +325,8 @@ fn capacity_limits_are_checked_before_the_balancer_sees_them() {
     let mut many_vips = String::from("[agent]\ninterfaces = [\"eth0\"]\nmax_vips = 1024\nring_size = 65521\n");
     for i in 0..1024 {
         many_vips.push_str(&format!(
-            "[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.1:{}\"\n[[vip.backend]]\naddress = \"198.18.2.1:80\"\n",
-            i + 1
+            "[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.1:{port}\"\n[[vip.backend]]\naddress = \"198.18.2.1:{port}\"\n",
+            port = i + 1
         ));
     }
     let config = parse(&many_vips).expect("1024 VIPs fit");
@@ -366,8 +366,8 @@ fn default_max_vips_leaves_room_and_grows_with_the_vips() {
     let mut text = String::from("[agent]\ninterfaces = [\"eth0\"]\n");
     for i in 0..20 {
         text.push_str(&format!(
-            "[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.1:{}\"\n[[vip.backend]]\naddress = \"198.18.2.1:80\"\n",
-            i + 1
+            "[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.1:{port}\"\n[[vip.backend]]\naddress = \"198.18.2.1:{port}\"\n",
+            port = i + 1
         ));
     }
     let config = parse(&text).expect("20 VIPs with the default ring fit");
@@ -490,4 +490,110 @@ fn http_host_must_bracket_an_ipv6_literal() {
     rejects(&with_check("host = \"2001:db8::1\""), key, "\"2001:db8::1\" is an IPv6 address; a Host header needs brackets: \"[2001:db8::1]\"");
     let bracketed = parse(&with_check("host = \"[2001:db8::1]\"")).expect("valid");
     assert!(matches!(&bracketed.vips[0].health_check.kind, HealthCheckKind::Http { host: Some(h), .. } if h == "[2001:db8::1]"));
+}
+
+/// One VIP for [`services`]: name, listen, protocol, backend addresses.
+type VipSpec<'a> = (&'a str, &'a str, &'a str, &'a [&'a str]);
+
+/// A config of `vips`, unchecked (`type = "none"`, so UDP VIPs need no probe
+/// port).
+fn services(vips: &[VipSpec<'_>]) -> String {
+    let mut text = String::from("[agent]\ninterfaces = [\"eth0\"]\n");
+    for (name, listen, protocol, backends) in vips {
+        text.push_str(&format!(
+            "\n[[vip]]\nname = \"{name}\"\nlisten = \"{listen}\"\nprotocol = \"{protocol}\"\n[vip.health_check]\ntype = \"none\"\n"
+        ));
+        for backend in *backends {
+            text.push_str(&format!("[[vip.backend]]\naddress = \"{backend}\"\n"));
+        }
+    }
+    text
+}
+
+#[test]
+fn backends_that_loop_collide_or_cannot_be_reached_are_refused() {
+    let cases: &[(&str, &[VipSpec<'_>], &str, &str)] = &[
+        (
+            "two udp VIPs sharing a backend",
+            &[("a", "198.18.0.100:5353", "udp", &["198.18.2.11:8081"]), ("b", "198.18.0.101:5353", "udp", &["198.18.2.12:8081", "198.18.2.11:8081"])],
+            "vip[2] (b).backend[2].address",
+            "udp 198.18.2.11:8081 is also a backend of vip[1] (a); two VIPs cannot share a backend",
+        ),
+        (
+            "two tcp VIPs sharing an IPv6 backend",
+            &[("a", "[2001:db8::100]:80", "tcp", &["[2001:db8:2::11]:8080"]), ("b", "[2001:db8::100]:81", "tcp", &["[2001:db8:2:0::11]:8080"])],
+            "vip[2] (b).backend[1].address",
+            "tcp [2001:db8:2::11]:8080 is also a backend of vip[1] (a)",
+        ),
+        (
+            "a backend equal to its own VIP",
+            &[("web", "198.18.0.100:80", "tcp", &["198.18.2.11:8080", "198.18.0.100:80"])],
+            "vip[1] (web).backend[2].address",
+            "tcp 198.18.0.100:80 is this VIP's own listen address; a VIP cannot be its own backend (a loop)",
+        ),
+        (
+            "two VIPs backing each other",
+            &[("a", "198.18.0.100:80", "tcp", &["198.18.0.101:80"]), ("b", "198.18.0.101:80", "tcp", &["198.18.0.100:80"])],
+            "vip[1] (a).backend[1].address",
+            "tcp 198.18.0.101:80 is the listen address of vip[2] (b); a backend cannot be a VIP",
+        ),
+        (
+            "a backend that is a later VIP",
+            &[("a", "[2001:db8::100]:53", "udp", &["[2001:db8::101]:53"]), ("b", "[2001:db8::101]:53", "udp", &["[2001:db8:2::11]:53"])],
+            "vip[1] (a).backend[1].address",
+            "udp [2001:db8::101]:53 is the listen address of vip[2] (b)",
+        ),
+        (
+            "a backend on a VIP's address and port, of the other protocol",
+            &[("a", "198.18.0.100:53", "tcp", &["198.18.2.11:53"]), ("b", "198.18.0.101:53", "udp", &["198.18.0.100:53"])],
+            "vip[2] (b).backend[1].address",
+            "198.18.0.100 is the address of vip[1] (a); a backend cannot live on a VIP's address",
+        ),
+        (
+            "a backend on its own VIP's address, another port",
+            &[("web", "[2001:db8::100]:80", "tcp", &["[2001:db8::100]:8080"])],
+            "vip[1] (web).backend[1].address",
+            "2001:db8::100 is the address of vip[1] (web)",
+        ),
+        ("a VIP in 0.0.0.0/8", &[("web", "0.1.2.3:80", "tcp", &["198.18.2.11:8080"])], "vip[1] (web).listen", "0.1.2.3 is in 0.0.0.0/8"),
+        ("a backend in 0.0.0.0/8", &[("web", "198.18.0.100:80", "tcp", &["0.0.0.11:8080"])], "vip[1] (web).backend[1].address", "0.0.0.11 is in 0.0.0.0/8"),
+        ("a VIP in 240.0.0.0/4", &[("web", "240.0.0.1:80", "tcp", &["198.18.2.11:8080"])], "vip[1] (web).listen", "240.0.0.1 is in 240.0.0.0/4"),
+        ("a backend in 240.0.0.0/4", &[("web", "198.18.0.100:80", "tcp", &["255.255.255.254:8080"])], "vip[1] (web).backend[1].address", "255.255.255.254 is in 240.0.0.0/4"),
+        ("a broadcast backend", &[("web", "198.18.0.100:80", "tcp", &["255.255.255.255:8080"])], "vip[1] (web).backend[1].address", "255.255.255.255 is the broadcast address"),
+        ("a multicast backend", &[("web", "198.18.0.100:80", "udp", &["239.255.255.250:1900"])], "vip[1] (web).backend[1].address", "239.255.255.250 is a multicast address"),
+        ("an IPv6 multicast VIP", &[("web", "[ff0e::1]:80", "tcp", &["[2001:db8:2::11]:8080"])], "vip[1] (web).listen", "ff0e::1 is a multicast address"),
+        ("an IPv6 multicast backend", &[("web", "[2001:db8::100]:80", "tcp", &["[ff02::1]:8080"])], "vip[1] (web).backend[1].address", "ff02::1 is a multicast address"),
+        ("an unspecified IPv6 backend", &[("web", "[2001:db8::100]:80", "tcp", &["[::]:8080"])], "vip[1] (web).backend[1].address", ":: is the unspecified address"),
+        ("an unspecified IPv4 backend", &[("web", "198.18.0.100:80", "tcp", &["0.0.0.0:8080"])], "vip[1] (web).backend[1].address", "0.0.0.0 is the unspecified address"),
+        ("an IPv4-compatible VIP", &[("web", "[::198.18.0.100]:80", "tcp", &["[2001:db8:2::11]:8080"])], "vip[1] (web).listen", "IPv4-compatible, a deprecated form (write the IPv4 address itself)"),
+        ("an IPv4-compatible backend", &[("web", "[2001:db8::100]:80", "tcp", &["[::198.18.2.11]:8080"])], "vip[1] (web).backend[1].address", "IPv4-compatible"),
+        ("an IPv4-mapped backend", &[("web", "[2001:db8::100]:80", "tcp", &["[::ffff:198.18.2.11]:8080"])], "vip[1] (web).backend[1].address", "IPv4-mapped (write the IPv4 address itself)"),
+    ];
+    for (what, vips, key, reason) in cases {
+        let e = error(&services(vips));
+        let prefix = format!("{FILE}: {key}: ");
+        assert!(e.starts_with(&prefix) && e.contains(reason), "{what}: {e:?} is not {prefix}...{reason}...");
+        assert!(!e.contains('\n'), "{what}: one line: {e:?}");
+    }
+}
+
+#[test]
+fn backends_may_be_shared_across_protocols_and_sit_beside_a_vip() {
+    let accepted: &[(&str, &[VipSpec<'_>])] = &[
+        ("a tcp and a udp VIP on one backend address and port", &[
+            ("dns-tcp", "198.18.0.100:53", "tcp", &["198.18.2.11:53"]),
+            ("dns-udp", "198.18.0.100:53", "udp", &["198.18.2.11:53"]),
+        ]),
+        ("two VIPs on one backend host, on different ports", &[
+            ("a", "198.18.0.100:80", "tcp", &["198.18.2.11:8080"]),
+            ("b", "198.18.0.101:80", "tcp", &["198.18.2.11:8081"]),
+        ]),
+        ("the edges of the refused IPv4 ranges", &[
+            ("a", "1.0.0.0:80", "tcp", &["223.255.255.254:8080", "1.0.0.1:8080"]),
+        ]),
+    ];
+    for (what, vips) in accepted {
+        let config = parse(&services(vips)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(Balancer::new(&config).is_ok(), "{what}");
+    }
 }

@@ -14,11 +14,15 @@ pub mod thresholds;
 use std::{
     hash::{DefaultHasher, Hash as _, Hasher as _},
     net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use tokio::{
-    sync::mpsc,
+    sync::{Semaphore, SemaphorePermit, mpsc},
     task::JoinHandle,
     time::{Instant, MissedTickBehavior},
 };
@@ -44,6 +48,11 @@ pub struct Transition {
 pub struct HealthEvent<K> {
     /// The key the checker was spawned with (the agent's backend id).
     pub key: K,
+    /// The generation the checker was spawned with. A checker stopped by a
+    /// reload may already have queued events; the agent gives each checker a
+    /// new generation and drops events of any other, so a stale "down"
+    /// cannot override what the reload decided.
+    pub generation: u64,
     /// `Some` only when this probe changed the verdict.
     pub transition: Option<Transition>,
     /// `"ok"` or the failure reason, e.g. "connect: Connection refused (os error 111)".
@@ -57,73 +66,151 @@ pub const CHECK_OK: &str = "ok";
 /// spawned at once spread over a second rather than probing in one burst.
 pub const MAX_STAGGER: Duration = Duration::from_secs(1);
 
-/// Spawns a task that probes `address` every `config.interval` and sends a
-/// [`HealthEvent`] after every probe.
+/// What every checker shares: a cap on probes in flight, and a count of
+/// probes that could not run.
+///
+/// Each probe holds one socket, so the cap (from the descriptor budget, see
+/// `crate::descriptors`) keeps thousands of backends that never answer
+/// from taking every descriptor, and probes never compete with anything
+/// else for theirs. A probe waits for a slot before its timeout starts:
+/// waiting delays it, but never fails it.
+#[derive(Clone, Debug)]
+pub struct ProbePool {
+    slots: Arc<Semaphore>,
+    capacity: usize,
+    local_errors: Arc<AtomicU64>,
+}
+
+impl ProbePool {
+    /// A pool of `capacity` probes in flight (at least 1).
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
+        ProbePool { slots: Arc::new(Semaphore::new(capacity)), capacity, local_errors: Arc::default() }
+    }
+
+    /// Probes that may be in flight at once.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Probes that could not run for a local reason (no descriptor, no
+    /// buffer) since the agent started; none of them counted against a backend.
+    #[must_use]
+    pub fn local_errors(&self) -> u64 {
+        self.local_errors.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a slot; the probe holds it until it ends. The semaphore is
+    /// never closed, so this always gets one.
+    async fn slot(&self) -> Option<SemaphorePermit<'_>> {
+        self.slots.acquire().await.ok()
+    }
+}
+
+/// Spawns a task that probes `address` every `config.interval`, in a slot
+/// of `pool`, and sends a [`HealthEvent`] after every probe, tagged with
+/// `key` and `generation`.
 ///
 /// The first probe runs after a small deterministic stagger (see
 /// [`stagger`]); its result decides the verdict at once (see [`Tracker`]).
-/// The task runs until aborted or until `events` is closed.
+/// A probe that fails locally ([`ProbeFailure::is_local`]) is reported in
+/// `last_check`, counted in `pool`, and moves no streak. The task runs
+/// until aborted or until `events` is closed.
 ///
 /// With [`HealthCheckKind::None`] (which the agent never spawns) it sends a
 /// single "up" event and ends, since there is nothing to probe.
-pub fn spawn_checker<K: Clone + Send + 'static>(
+pub fn spawn_checker<K: Clone + Send + Sync + 'static>(
     address: SocketAddr,
     config: HealthCheckConfig,
     key: K,
+    generation: u64,
+    pool: ProbePool,
     events: mpsc::Sender<HealthEvent<K>>,
 ) -> JoinHandle<()> {
+    let reporter = Reporter { key, generation, events };
     tokio::spawn(async move {
         if matches!(config.kind, HealthCheckKind::None) {
-            report_always_up(key, &events).await;
+            report_always_up(&reporter).await;
         } else {
-            check_forever(address, &config, key, &events).await;
+            check_forever(address, &config, &pool, &reporter).await;
         }
     })
+}
+
+/// Where a checker's events go, and what they are tagged with.
+struct Reporter<K> {
+    key: K,
+    generation: u64,
+    events: mpsc::Sender<HealthEvent<K>>,
+}
+
+impl<K: Clone> Reporter<K> {
+    /// Sends one event; `false` when the receiver is gone.
+    async fn send(&self, transition: Option<Transition>, last_check: String) -> bool {
+        let event = HealthEvent { key: self.key.clone(), generation: self.generation, transition, last_check };
+        self.events.send(event).await.is_ok()
+    }
 }
 
 /// The checker loop; returns only when the receiver is gone.
 async fn check_forever<K: Clone>(
     address: SocketAddr,
     config: &HealthCheckConfig,
-    key: K,
-    events: &mpsc::Sender<HealthEvent<K>>,
+    pool: &ProbePool,
+    reporter: &Reporter<K>,
 ) {
     let period = config.interval.max(Duration::from_millis(1));
     let start = Instant::now() + stagger(address, period);
     let mut ticks = tokio::time::interval_at(start, period);
-    // A slow probe (or a full channel) pushes the schedule back instead of
-    // firing a burst of catch-up probes.
+    // A slow probe (or a full channel, or a wait for a slot) pushes the
+    // schedule back instead of firing a burst of catch-up probes.
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut tracker = Tracker::new(config.rise, config.fall);
+    let mut local_streak = false;
     loop {
         ticks.tick().await;
-        let event = probe_once(address, config, &mut tracker, key.clone()).await;
-        if events.send(event).await.is_err() {
+        let result = probe_in_slot(address, config, pool).await;
+        let last_check = result.as_ref().map_or_else(ToString::to_string, |()| CHECK_OK.to_owned());
+        let transition = judge(&mut tracker, &result, &last_check);
+        let local = result.as_ref().is_err_and(ProbeFailure::is_local);
+        if local {
+            pool.local_errors.fetch_add(1, Ordering::Relaxed);
+            // Once per streak: in a shortage every checker hits it at once.
+            if !local_streak {
+                tracing::warn!(%address, check = %last_check, "health probe could not run; not counted against the backend");
+            }
+        }
+        local_streak = local;
+        tracing::debug!(%address, check = %last_check, verdict = ?tracker.verdict(), "health probe");
+        if !reporter.send(transition, last_check).await {
             tracing::debug!(%address, "health event receiver closed; checker stopping");
             return;
         }
     }
 }
 
-/// Runs one probe and feeds it to `tracker`.
-async fn probe_once<K>(
-    address: SocketAddr,
-    config: &HealthCheckConfig,
-    tracker: &mut Tracker,
-    key: K,
-) -> HealthEvent<K> {
-    let result = probe::run(address, &config.kind, config.timeout).await;
-    let last_check = result.as_ref().map_or_else(ToString::to_string, |()| CHECK_OK.to_owned());
-    let transition = tracker.record(result.is_ok(), &last_check);
-    tracing::debug!(%address, check = %last_check, verdict = ?tracker.verdict(), "health probe");
-    HealthEvent { key, transition, last_check }
+/// Feeds a probe's result to `tracker` and returns the transition, if any.
+/// A local failure says nothing about the backend: it moves no streak, so
+/// it can neither take an up backend down nor break a down one's rise.
+fn judge(tracker: &mut Tracker, result: &Result<(), ProbeFailure>, last_check: &str) -> Option<Transition> {
+    match result {
+        Err(failure) if failure.is_local() => None,
+        _ => tracker.record(result.is_ok(), last_check),
+    }
+}
+
+/// Runs one probe once `pool` has a slot for it; the timeout starts then.
+async fn probe_in_slot(address: SocketAddr, config: &HealthCheckConfig, pool: &ProbePool) -> Result<(), ProbeFailure> {
+    let _slot = pool.slot().await;
+    probe::run(address, &config.kind, config.timeout).await
 }
 
 /// The [`HealthCheckKind::None`] checker: one "up" event, then done.
-async fn report_always_up<K>(key: K, events: &mpsc::Sender<HealthEvent<K>>) {
+async fn report_always_up<K: Clone>(reporter: &Reporter<K>) {
     let transition = Transition { up: true, reason: "no health check configured".to_owned() };
-    let event = HealthEvent { key, transition: Some(transition), last_check: CHECK_OK.to_owned() };
-    if events.send(event).await.is_err() {
+    if !reporter.send(Some(transition), CHECK_OK.to_owned()).await {
         tracing::debug!("health event receiver closed before the first event");
     }
 }
@@ -201,7 +288,7 @@ mod tests {
         let mut quiet = Vec::new();
         loop {
             let event = timeout(WAIT, rx.recv()).await.expect("an event in time").expect("channel open");
-            assert_eq!(event.key, "backend-a");
+            assert_eq!((event.key, event.generation), ("backend-a", 7), "tagged as spawned");
             match event.transition {
                 Some(transition) => return (transition, quiet),
                 None => quiet.push(event.last_check),
@@ -214,7 +301,7 @@ mod tests {
         let (set_status, status) = watch::channel(200);
         let address = switchable_server(status).await;
         let (tx, mut rx) = mpsc::channel(16);
-        let checker = spawn_checker(address, http_config(50, 2, 2), "backend-a", tx);
+        let checker = spawn_checker(address, http_config(50, 2, 2), "backend-a", 7, ProbePool::new(4), tx);
 
         let (first, before) = next_transition(&mut rx).await;
         assert_eq!(first, Transition { up: true, reason: "first check: ok".to_owned() });
@@ -242,7 +329,7 @@ mod tests {
         let address = switchable_server(status).await;
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
-        let checker = spawn_checker(address, http_config(50, 1, 1), "backend-a", tx);
+        let checker = spawn_checker(address, http_config(50, 1, 1), "backend-a", 7, ProbePool::new(4), tx);
         timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
     }
 
@@ -254,7 +341,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let mut config = http_config(50, 3, 3);
         config.kind = HealthCheckKind::Tcp;
-        let checker = spawn_checker(address, config, "backend-a", tx);
+        let checker = spawn_checker(address, config, "backend-a", 7, ProbePool::new(4), tx);
         let (transition, before) = next_transition(&mut rx).await;
         assert!(before.is_empty());
         assert!(!transition.up);
@@ -268,11 +355,75 @@ mod tests {
         let mut config = http_config(50, 2, 2);
         config.kind = HealthCheckKind::None;
         let unroutable: SocketAddr = "192.0.2.1:9".parse().expect("address");
-        let checker = spawn_checker(unroutable, config, "backend-a", tx);
+        let checker = spawn_checker(unroutable, config, "backend-a", 7, ProbePool::new(4), tx);
         let (transition, _) = next_transition(&mut rx).await;
         assert!(transition.up);
         timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
         assert!(rx.recv().await.is_none(), "exactly one event");
+    }
+
+    fn emfile() -> ProbeFailure {
+        ProbeFailure::Local { step: "socket", error: std::io::Error::from_raw_os_error(libc::EMFILE) }
+    }
+
+    #[test]
+    fn local_failures_move_no_streak() {
+        let refused = || ProbeFailure::Connect(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        let mut tracker = Tracker::new(2, 2);
+        assert!(judge(&mut tracker, &Ok(()), CHECK_OK).is_some_and(|t| t.up));
+        // However many, local failures never take an up backend down...
+        for _ in 0..10 {
+            assert_eq!(judge(&mut tracker, &Err(emfile()), "local"), None);
+        }
+        assert_eq!(tracker.verdict(), Verdict::Up);
+        // ...nor break the streak of real failures around them.
+        assert_eq!(judge(&mut tracker, &Err(refused()), "refused"), None);
+        assert_eq!(judge(&mut tracker, &Err(emfile()), "local"), None);
+        assert!(judge(&mut tracker, &Err(refused()), "refused").is_some_and(|t| !t.up));
+        // A first probe that fails locally decides nothing.
+        let mut fresh = Tracker::new(2, 2);
+        assert_eq!(judge(&mut fresh, &Err(emfile()), "local"), None);
+        assert_eq!(fresh.verdict(), Verdict::Unknown);
+    }
+
+    #[test]
+    fn local_failures_say_so() {
+        assert!(emfile().is_local());
+        assert_eq!(emfile().to_string(), "local error, not the backend's: socket: Too many open files (os error 24)");
+    }
+
+    #[tokio::test]
+    async fn the_pool_caps_probes_in_flight() {
+        // A server that accepts and never answers: each HTTP probe holds its
+        // slot until its timeout.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local_addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let pool = ProbePool::new(2);
+        let mut config = http_config(1_000, 1, 1);
+        config.timeout = Duration::from_millis(200);
+        let probes: Vec<_> = (0..6)
+            .map(|_| {
+                let (pool, config) = (pool.clone(), config.clone());
+                tokio::spawn(async move { probe_in_slot(address, &config, &pool).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(pool.slots.available_permits(), 0, "two in flight, the rest wait");
+        let started = std::time::Instant::now();
+        for probe in probes {
+            let result = timeout(WAIT, probe).await.expect("in time").expect("no panic");
+            // Waiting for a slot is not part of the timeout: each times out
+            // on its own 200 ms, not while it waited.
+            assert_eq!(result.map_err(|e| e.to_string()), Err("timed out after 200ms".to_owned()));
+        }
+        assert!(started.elapsed() >= Duration::from_millis(450), "three rounds of two: {:?}", started.elapsed());
+        assert_eq!(pool.slots.available_permits(), 2);
     }
 
     #[test]

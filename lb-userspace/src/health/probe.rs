@@ -10,7 +10,7 @@ use std::{fmt, net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 
 use crate::config::model::{HealthCheckKind, StatusRange};
@@ -29,6 +29,16 @@ pub enum ProbeFailure {
     /// The TCP connection was refused, unreachable, reset, ...
     #[error("connect: {0}")]
     Connect(#[source] std::io::Error),
+    /// The gateway could not run the probe: no descriptor or buffer for its
+    /// socket (EMFILE, ENFILE, ENOBUFS, ENOMEM). Says nothing about the
+    /// backend, so it never counts against it (see [`ProbeFailure::is_local`]).
+    #[error("local error, not the backend's: {step}: {error}")]
+    Local {
+        /// `socket` or `connect`.
+        step: &'static str,
+        #[source]
+        error: std::io::Error,
+    },
     /// Writing the HTTP request failed.
     #[error("send request: {0}")]
     Send(#[source] std::io::Error),
@@ -52,6 +62,20 @@ pub enum ProbeFailure {
     /// sending a split request).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+}
+
+impl ProbeFailure {
+    /// Whether the probe failed on this host rather than at the backend:
+    /// such a result must not move the backend's rise/fall streaks.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ProbeFailure::Local { .. })
+    }
+}
+
+/// Errors of `socket()` and `connect()` that mean this host ran out of
+/// something (descriptors, buffers, memory), not that the backend failed.
+fn is_local_shortage(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// Runs one probe of `kind` against `address`, bounded as a whole by
@@ -79,9 +103,20 @@ async fn attempt(address: SocketAddr, kind: &HealthCheckKind) -> Result<(), Prob
     }
 }
 
-/// Opens the connection; dropping the stream closes it right away.
+/// Opens the connection; dropping the stream closes it right away. The
+/// socket is made apart from the connect, so a shortage of descriptors is
+/// told from a backend that refuses.
 async fn connect(address: SocketAddr) -> Result<TcpStream, ProbeFailure> {
-    TcpStream::connect(address).await.map_err(ProbeFailure::Connect)
+    let socket = if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+    // Any other socket() error (EAFNOSUPPORT, ...) means this host cannot
+    // probe the backend at all, which is as good as the backend failing.
+    let socket = socket.map_err(|error| classify("socket", error))?;
+    socket.connect(address).await.map_err(|error| classify("connect", error))
+}
+
+/// A failure of `step`: local if this host ran short, else the backend's.
+fn classify(step: &'static str, error: std::io::Error) -> ProbeFailure {
+    if is_local_shortage(&error) { ProbeFailure::Local { step, error } } else { ProbeFailure::Connect(error) }
 }
 
 /// GET `path`, read the status line, compare its code with `expect`. The
@@ -406,6 +441,18 @@ mod tests {
         for (path, host) in cases {
             let error = request(path, host, address).expect_err("must be rejected");
             assert!(matches!(error, ProbeFailure::InvalidRequest(_)), "{path:?} {host:?}: {error:?}");
+        }
+    }
+
+    #[test]
+    fn shortages_on_this_host_are_local_errors() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let failure = classify("socket", std::io::Error::from_raw_os_error(errno));
+            assert!(failure.is_local(), "{errno}: {failure:?}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ENETUNREACH, libc::EINVAL] {
+            let failure = classify("connect", std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(failure, ProbeFailure::Connect(_)), "{errno}: {failure:?}");
         }
     }
 

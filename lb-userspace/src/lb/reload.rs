@@ -354,7 +354,7 @@ address = "198.18.2.11:8081"
             .collect()
     }
 
-    const MORE: &str = "\n[[vip]]\nname = \"more\"\nlisten = \"198.18.0.100:81\"\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n";
+    const MORE: &str = "\n[[vip]]\nname = \"more\"\nlisten = \"198.18.0.100:81\"\n[[vip.backend]]\naddress = \"198.18.2.13:8080\"\n";
 
     #[test]
     fn vips_added_and_removed_are_planned() {
@@ -404,7 +404,7 @@ address = "198.18.2.11:8081"
     fn more_vips_than_the_running_max_vips_need_a_restart() {
         // BASE leaves max_vips to its default, 16: room for 16 VIPs.
         let many: String = (0..15)
-            .map(|i| format!("\n[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.101:{}\"\n[[vip.backend]]\naddress = \"198.18.2.11:80\"\n", i + 1))
+            .map(|i| format!("\n[[vip]]\nname = \"v{i}\"\nlisten = \"198.18.0.101:{port}\"\n[[vip.backend]]\naddress = \"198.18.2.11:{port}\"\n", port = i + 1))
             .collect();
         let seventeen = format!("{BASE}{many}");
         let refusal = plan_for(&seventeen).err();

@@ -664,6 +664,28 @@ impl Testbed {
         Ok(())
     }
 
+    /// Starts a second server in backend `i`'s namespace, named like the
+    /// first (`b{i}`) but on `http_port` and `udp_port`, and waits until it
+    /// listens. Two VIPs of one protocol may not share a backend (address,
+    /// port and protocol: the agent refuses it), so a test that balances two
+    /// VIPs over the same hosts gives the second VIP these ports. It runs
+    /// until the returned guard drops; [`Self::stop_backend`] leaves it alone.
+    ///
+    /// # Errors
+    ///
+    /// When `i` is out of range or the server does not come up within 5 s.
+    pub fn start_second_server(&self, i: usize, http_port: u16, udp_port: u16) -> anyhow::Result<ChildGuard> {
+        let backend = self.try_backend(i)?;
+        let name = format!("b{i}");
+        let http = SocketAddr::from((Ipv6Addr::UNSPECIFIED, http_port)).to_string();
+        let udp = SocketAddr::from((Ipv6Addr::UNSPECIFIED, udp_port)).to_string();
+        let mut cmd = backend.ns.command(&self.backend_bin);
+        cmd.args(["--name", &name, "--http", &http, "--udp", &udp]).stdout(Stdio::piped());
+        let mut child = ChildGuard::spawn(cmd, format!("second server {name} on {http} ({})", self.backend_bin.display()))?;
+        wait_listening(&mut child).with_context(|| format!("starting a second server in backend {name}"))?;
+        Ok(child)
+    }
+
     /// Kills backend `i`'s server (SIGKILL, by PID) and waits for it, as if
     /// the backend died: its connections get resets, its ports refuse.
     /// Restart it with [`Self::start_backend`] (health is back to ok then).
