@@ -321,7 +321,13 @@ fn serve_http(stream: TcpStream, server: &Server) -> io::Result<()> {
 enum Body<'a> {
     Text(&'a str),
     Filler(u64),
+    /// `lines` lines of [`DRIP_LINE_LEN`] bytes, one every `every`: a
+    /// server that writes first and the client only acknowledges.
+    Drip { lines: u64, every: Duration },
 }
+
+/// `line NN\n`.
+const DRIP_LINE_LEN: u64 = 8;
 
 fn handle(req: &Request, server: &Server, w: &mut TcpStream, keep_alive: bool) -> io::Result<()> {
     let head_only = match req.method.as_str() {
@@ -380,6 +386,31 @@ fn handle(req: &Request, server: &Server, w: &mut TcpStream, keep_alive: bool) -
                 head_only,
             )
         }
+        "/drip" => {
+            let arg = |name: &str| {
+                query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok())
+            };
+            match (arg("lines"), arg("every_ms")) {
+                (Some(lines), Some(every_ms)) => respond(
+                    w,
+                    200,
+                    "OK",
+                    &backend_header,
+                    Body::Drip { lines: lines.min(99), every: Duration::from_millis(every_ms.min(10_000)) },
+                    keep_alive,
+                    head_only,
+                ),
+                _ => respond(
+                    w,
+                    400,
+                    "Bad Request",
+                    &backend_header,
+                    Body::Text("need lines=N&every_ms=M\n"),
+                    keep_alive,
+                    head_only,
+                ),
+            }
+        }
         "/big" => {
             let bytes = query
                 .split('&')
@@ -433,6 +464,7 @@ fn respond(
     let len = match body {
         Body::Text(t) => t.len() as u64,
         Body::Filler(n) => n,
+        Body::Drip { lines, .. } => lines * DRIP_LINE_LEN,
     };
     let mut head = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Length: {len}\r\nContent-Type: text/plain\r\n"
@@ -458,6 +490,17 @@ fn respond(
                 // k <= FILLER.len(), so the cast cannot truncate.
                 w.write_all(&FILLER[..k as usize])?;
                 n -= k;
+            }
+            Ok(())
+        }
+        Body::Drip { lines, every } => {
+            w.write_all(head.as_bytes())?;
+            for i in 1..=lines {
+                w.write_all(format!("line {i:02}\n").as_bytes())?;
+                w.flush()?;
+                if i < lines {
+                    std::thread::sleep(every);
+                }
             }
             Ok(())
         }

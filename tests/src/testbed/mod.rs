@@ -53,6 +53,7 @@
 pub mod client;
 mod far_client;
 mod netns;
+pub mod raw;
 mod scratch;
 
 use std::{
