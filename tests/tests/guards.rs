@@ -80,13 +80,15 @@ fn a_server_first_connection_survives_its_reply_state_being_evicted() {
             client.enter(|| testbed::client::http_get(vip, &format!("/drip?lines={lines}&every_ms=1000")))
         })
     };
-    // Three sprays between the lines, each several times the table's size.
-    for round in 0..3u8 {
+    // Three sprays between the lines, each 20 times the table's size: the
+    // kernel's LRU gives a recently used entry a second chance, so one
+    // table's worth is not always enough to evict it.
+    for round in 0..3u16 {
         thread::sleep(Duration::from_millis(if round == 0 { 1500 } else { 3000 }));
-        let spray: Vec<Vec<u8>> = (0..5000u16)
+        let spray: Vec<Vec<u8>> = (0..20_000u16)
             .map(|i| {
-                let src = Ipv4Addr::new(198, 18, 1, 150 + (i % 10) as u8);
-                raw::tcp((src, 20000 + i + u16::from(round) * 5000), (vip_v4(vip), vip.port()), raw::SYN, 64)
+                let src = Ipv4Addr::new(198, 18, 1, 150 + (i % 20) as u8);
+                raw::tcp((src, 10_000 + i / 20 + round * 1000), (vip_v4(vip), vip.port()), raw::SYN, 64)
             })
             .collect();
         raw::send(testbed.client(), &spray).expect("spraying");
@@ -94,10 +96,12 @@ fn a_server_first_connection_survives_its_reply_state_being_evicted() {
     let response = reader.join().expect("reader thread").expect("client namespace").expect("the dripping connection");
     let text = response.text();
     assert_eq!(text.lines().count(), lines, "lines received: {text:?}");
-    assert!(
-        agent.verdict("redirect_to_client_stateless") > 0,
-        "no reply went without its state: the sprays did not evict it, so this test proves nothing"
-    );
+    // A sanity check that the sprays evicted reply state at all (the SYN-ACKs
+    // to spoofed clients count here too). That the dripping flow lost its own
+    // was seen by disabling the stateless path: the connection was reset.
+    let stateless = agent.verdict("redirect_to_client_stateless");
+    eprintln!("replies translated without their state: {stateless}");
+    assert!(stateless > 0, "no reply went without its state: the sprays evicted nothing, so this test proves nothing");
     assert!(agent.stop().expect("stopping lb"), "lb did not exit cleanly");
 }
 
