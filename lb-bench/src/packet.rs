@@ -69,6 +69,7 @@ struct Expect {
 const TO_BACKEND: Expect = Expect { action: XDP_REDIRECT, reason: reason::REDIRECT_TO_BACKEND, new_flow: false };
 const TO_CLIENT: Expect = Expect { action: XDP_REDIRECT, reason: reason::REDIRECT_TO_CLIENT, new_flow: false };
 const PASSED: Expect = Expect { action: XDP_PASS, reason: reason::PASS_NOT_VIP, new_flow: false };
+const DIRECT: Expect = Expect { action: XDP_PASS, reason: reason::PASS_DIRECT_FLOW, new_flow: false };
 const NEW_FLOW: Expect = Expect { action: XDP_REDIRECT, reason: reason::REDIRECT_TO_BACKEND, new_flow: true };
 
 /// The `packet` subcommand.
@@ -157,6 +158,9 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
     let udp = Tuple { src: client, dst: vip, sport: CLIENT_PORT + 1, dport: VIP_UDP_PORT };
     let udp_frame = frames::udp(CLIENT_MAC, GW_CLIENT_MAC, udp)?;
     open_flow(lb, &udp_frame, lb.client_if)?;
+    // To a backend's address, but not its service port: not ours.
+    let not_vip = Tuple { src: client, dst: family.not_a_vip(), sport: CLIENT_PORT + 2, dport: 22 };
+    // To a backend's service directly, not through a VIP: a direct flow, tracked.
     let direct = Tuple { src: client, dst: family.not_a_vip(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let other = Tuple { src: client, dst: family.other_host(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let case = |name, frame, ingress, expect| Case { name, family, frame, ingress, vary: VARY_NONE, expect };
@@ -164,7 +168,8 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
         case("tcp_established", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, tcp, Segment::Data)?, lb.client_if, TO_BACKEND),
         case("tcp_reply", frames::tcp(backend_mac, GW_BACKEND_MAC, reply, Segment::Data)?, lb.backend_if, TO_CLIENT),
         case("udp_tracked", udp_frame, lb.client_if, TO_BACKEND),
-        case("not_vip_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, direct, Segment::Data)?, lb.client_if, PASSED),
+        case("not_vip_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, not_vip, Segment::Data)?, lb.client_if, PASSED),
+        case("direct_flow_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, direct, Segment::Data)?, lb.client_if, DIRECT),
         case("other_host_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, other, Segment::Data)?, lb.client_if, PASSED),
     ])
 }

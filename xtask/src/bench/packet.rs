@@ -37,7 +37,7 @@ struct Row {
     katran_ns: Option<f64>,
 }
 
-const ROWS: [Row; 7] = [
+const ROWS: [Row; 8] = [
     Row {
         case: "tcp_syn_new_flow",
         label: "TCP SYN, new flow (table not full)",
@@ -76,7 +76,13 @@ const ROWS: [Row; 7] = [
     },
     Row {
         case: "not_vip_pass",
-        label: "Not for a VIP, but to a backend's address (passed)",
+        label: "Not for a VIP, but to a backend's address, another port (passed)",
+        goal_ns: None,
+        katran_ns: None,
+    },
+    Row {
+        case: "direct_flow_pass",
+        label: "Straight to a backend's service, not through a VIP (tracked, passed)",
         goal_ns: None,
         katran_ns: None,
     },
