@@ -160,8 +160,11 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
     open_flow(lb, &udp_frame, lb.client_if)?;
     // To a backend's address, but not its service port: not ours.
     let not_vip = Tuple { src: client, dst: family.not_a_vip(), sport: CLIENT_PORT + 2, dport: 22 };
-    // To a backend's service directly, not through a VIP: a direct flow, tracked.
-    let direct = Tuple { src: client, dst: family.not_a_vip(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
+    // To a backend's service directly, not through a VIP: a direct flow,
+    // tracked. Not the tracked flow's backend: for a while after a direct
+    // flow, a backend's replies take the pipeline, not the fast path.
+    let other_backend = (1..=frames::BACKENDS).map(|i| family.backend(i)).find(|&a| a != backend).context("a second backend")?;
+    let direct = Tuple { src: client, dst: other_backend, sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let other = Tuple { src: client, dst: family.other_host(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let case = |name, frame, ingress, expect| Case { name, family, frame, ingress, vary: VARY_NONE, expect };
     Ok(vec![

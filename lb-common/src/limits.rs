@@ -76,6 +76,11 @@ pub const BACKEND_SERVICES_CAPACITY: u32 = MAX_BACKENDS;
 /// overhead). Such flows are rare: operators and monitoring, not clients.
 pub const DIRECT_FLOW_CAPACITY: u32 = 65536;
 
+/// Slots of the fast path's cache of clients' next hops (`HOPS_BY_CLIENT`,
+/// per CPU, about 64 bytes a slot): a slot holds the last client that hashed
+/// to it. Clients usually sit behind a few routers, but each address has a
+/// slot of its own; a collision only sends a reply through the pipeline.
+pub const CLIENT_HOP_SLOTS: u32 = 4096;
 /// How long a cached next hop is used before the FIB is asked again, in ns:
 /// a route or neighbour change takes at most this long to reach the fast path.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;

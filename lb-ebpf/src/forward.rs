@@ -24,9 +24,12 @@ use lb_common::stats::reason;
 
 use lb_common::flow::FlowKey;
 
+use aya_ebpf::bindings::xdp_action;
+
 use crate::{
     Verdict, conntrack, guard, lookup,
-    maps::FORWARD_PLAN,
+    maps::{FORWARD_PLAN, HOPS_BY_BACKEND, HOPS_BY_CLIENT},
+    nexthop,
     parse::{self, L4, Packet, Ports},
     parse6::{Ipv6Hdr, Packet6},
     respond, respond6,
@@ -206,7 +209,51 @@ pub fn stage(raw: *mut xdp_md) -> u64 {
     if verdict.reason != reason::PASS_LOCAL_DESTINATION && verdict.reason != reason::DROP_LOCAL_NEXT_HOP {
         stats::count_traffic(p.vip_id, p.backend_id, &ctx);
     }
+    if verdict.action == xdp_action::XDP_REDIRECT {
+        remember_hop(raw);
+    }
     verdict.pack()
+}
+
+/// Keeps the next hop this packet went to for the fast path (`fast`): by
+/// backend for a packet to one, by client for a reply. Reads this CPU's
+/// plan and next-hop answer, which nothing has replaced since.
+///
+/// verifier: a call of its own, copying map value to map value; inlined,
+/// its copies took stack the forward stage's chain has no room for.
+#[inline(never)]
+fn remember_hop(raw: *mut xdp_md) {
+    let ctx = XdpContext::new(raw);
+    let Some(plan) = FORWARD_PLAN.get_ptr(0) else { return };
+    // SAFETY: this CPU's slot.
+    let p = unsafe { &*plan };
+    let Some(hop) = nexthop::last_answer_ptr() else { return };
+    if p.source == 0 {
+        if let Some(slot) = HOPS_BY_BACKEND.get_ptr_mut(p.backend_id) {
+            // SAFETY: this CPU's slots, distinct maps.
+            unsafe { *slot = *hop };
+        }
+        return;
+    }
+    // The client is the destination the reply was sent to.
+    let l3_off = usize::from(p.l3_off) & 0x1f;
+    let client = if p.ipv6 != 0 {
+        let Some(ip) = parse::ptr_at::<Ipv6Hdr>(&ctx, l3_off) else { return };
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { (*ip).daddr_be }
+    } else {
+        let Some(ip) = parse::ptr_at::<parse::Ipv4Hdr>(&ctx, l3_off) else { return };
+        // SAFETY: bounds checked by ptr_at.
+        [unsafe { (*ip).daddr_be }, 0, 0, 0]
+    };
+    if let Some(slot) = HOPS_BY_CLIENT.get_ptr_mut(nexthop::client_slot(&client)) {
+        // SAFETY: this CPU's slots, distinct maps.
+        unsafe {
+            (*slot).dst_be = client;
+            (*slot).ipv6 = u32::from(p.ipv6);
+            (*slot).hop = *hop;
+        }
+    }
 }
 
 /// The L4 header of the plan, found again.

@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     Verdict,
-    maps::{ADDR_ROLES, BACKEND_SERVICES, CONNTRACK, DIRECT_FLOWS, REPLY_NAT},
+    maps::{ADDR_ROLES, BACKEND_SERVICES, CONNTRACK, DIRECT_FLOWS, DIRECT_SEEN, REPLY_NAT},
     parse::{L4, TCP_FIN, TCP_RST},
 };
 
@@ -179,6 +179,11 @@ fn direct_call(flow: &FlowKey, closing: u32, now: u64) -> u32 {
         && !lb_common::timeouts::is_expired(&state, flow.proto, now)
     {
         return reason::DROP_FLOW_COLLISION;
+    }
+    // The fast path leaves this backend's replies to the pipeline from now on.
+    if let Some(seen) = DIRECT_SEEN.get_ptr_mut(svc.backend_id) {
+        // SAFETY: a valid map value; a concurrent write stores the same kind of value.
+        unsafe { *seen = now };
     }
     let reply_key = flow.reversed();
     if let Some(entry) = DIRECT_FLOWS.get_ptr_mut(&reply_key) {

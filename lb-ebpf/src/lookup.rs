@@ -28,6 +28,12 @@ pub fn may_be_ours(src_be: &[u32; 4], dst_be: &[u32; 4]) -> bool {
     set(dst_be) || set(src_be)
 }
 
+/// Whether the address filter has the IPv4 address `addr_be`'s slot.
+#[inline(always)]
+pub fn filter_has(addr_be: u32) -> bool {
+    ADDR_FILTER.get(addr_filter::slot(&[addr_be, 0, 0, 0])).is_some_and(|&v| v != 0)
+}
+
 /// Whether some VIP listens on `addr_be` (any port or protocol).
 #[inline(always)]
 pub fn is_vip_addr(addr_be: [u32; 4], family: u8) -> bool {

@@ -16,6 +16,7 @@
 
 mod conntrack;
 mod csum;
+mod fast;
 mod forward;
 mod frag;
 mod guard;
@@ -89,7 +90,18 @@ impl Verdict {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let mut verdict = Verdict::unpack(dispatch(&ctx));
+    // Untagged IPv4 and IPv6 try the fast path first (see `fast`).
+    let ether_type = parse::ptr_at::<parse::EthHdr>(&ctx, 0).map(|eth| {
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { (*eth).ether_type_be }
+    });
+    let fast = match ether_type {
+        Some(fast::ETH_P_IPV4_BE) => fast::stage_v4(ctx.ctx),
+        Some(fast::ETH_P_IPV6_BE) => fast::stage_v6(ctx.ctx),
+        _ => fast::FALLBACK,
+    };
+    let packed = if fast == fast::FALLBACK { dispatch(&ctx) } else { fast };
+    let mut verdict = Verdict::unpack(packed);
     if verdict.action == forward::ACTION_FORWARD {
         verdict = Verdict::unpack(forward::stage(ctx.ctx));
     }

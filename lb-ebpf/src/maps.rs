@@ -14,7 +14,7 @@ use lb_common::{
     frag::{FragKey, FragState},
     guard::{AddrRoles, DirectFlow, ServiceKey},
     limits::{
-        ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, DEFAULT_CONNTRACK_CAPACITY, DIRECT_FLOW_CAPACITY,
+        ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, CLIENT_HOP_SLOTS, DEFAULT_CONNTRACK_CAPACITY, DIRECT_FLOW_CAPACITY,
         FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY, reply_bucket,
     },
     stats::{Counters, conntrack_event, reason},
@@ -147,6 +147,35 @@ pub struct NextHopScratch {
     pub key: NextHopKey,
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
 }
+
+/// Backend id → when a direct flow to its service last passed
+/// (`bpf_ktime_get_ns`; 0: never). The fast path leaves replies of a backend
+/// with a recent one to the pipeline (see `fast`). Written here only.
+#[map]
+pub static DIRECT_SEEN: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Backend id → the next hop to it, per CPU, as the pipeline last learned
+/// it (see `fast`). Written here only.
+#[map]
+pub static HOPS_BY_BACKEND: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// A client's next hop, cached by the fast path's reply direction.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ClientHop {
+    /// The client's address (IPv4 in word 0), to tell slots' owners apart.
+    pub dst_be: [u32; 4],
+    /// 1 for IPv6.
+    pub ipv6: u32,
+    pub _pad: u32,
+    pub hop: NextHop,
+}
+
+/// `nexthop::client_slot(client)` → the client's next hop, per CPU, as the
+/// pipeline last learned it; a slot holds the last client that hashed to
+/// it (see `fast`). Written here only.
+#[map]
+pub static HOPS_BY_CLIENT: PerCpuArray<ClientHop> = PerCpuArray::with_max_entries(CLIENT_HOP_SLOTS, 0);
 
 /// What the forward stage does with the packet, per CPU (see `forward`).
 /// Written here only.

@@ -27,6 +27,21 @@ use lb_common::limits::NEXT_HOP_TTL_NS;
 
 use crate::maps::{NEXT_HOP_SCRATCH, NEXT_HOPS, NextHop, NextHopKey, NextHopScratch};
 
+/// The slot of `HOPS_BY_CLIENT` a client's address takes.
+#[inline(always)]
+pub fn client_slot(dst_be: &[u32; 4]) -> u32 {
+    // The address filter's hash, narrowed to the cache's size (a power of two).
+    lb_common::addr_filter::slot(dst_be) & (lb_common::limits::CLIENT_HOP_SLOTS - 1)
+}
+
+/// This CPU's answer to its last lookup (see [`Answer`]).
+#[inline(always)]
+pub fn last_answer_ptr() -> Option<*const NextHop> {
+    let scratch = NEXT_HOP_SCRATCH.get_ptr(0)?;
+    // SAFETY: this CPU's slot, valid for the program's run.
+    Some(unsafe { core::ptr::addr_of!((*scratch).hop) })
+}
+
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 

@@ -155,7 +155,7 @@ pub fn set_address(ip: *mut Ipv4Hdr, side: Side, new_addr: u32) {
 
 /// Rewrites one end's address and port, with both checksums.
 #[inline(always)]
-fn nat(pkt: &Packet, l4: &L4, side: Side, new_addr: u32, new_port: u16) {
+pub fn nat(pkt: &Packet, l4: &L4, side: Side, new_addr: u32, new_port: u16) {
     // SAFETY: pkt.ip and pkt.ports were bounds checked in parse_ipv4.
     unsafe {
         let (old_addr, old_port) = if side == Side::Destination {

@@ -224,7 +224,7 @@ fn query(ip: *const Ipv6Hdr, src: [u32; 4], dst: [u32; 4]) -> Query {
 
 /// Rewrites one end's address and port, with the L4 checksum.
 #[inline(always)]
-fn nat(pkt: &Packet6, l4: &L4, side: Side, new_addr: [u32; 4], new_port: u16) {
+pub fn nat(pkt: &Packet6, l4: &L4, side: Side, new_addr: [u32; 4], new_port: u16) {
     // SAFETY: pkt.ip and pkt.ports were bounds checked in parse6.
     unsafe {
         let (old_addr, old_port) = if side == Side::Destination {

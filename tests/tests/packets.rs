@@ -1078,3 +1078,38 @@ fn the_entry_count_is_refreshed_off_the_callers_thread() {
         assert_eq!(lb.maps.conntrack().expect("conntrack").evicted, 0);
     });
 }
+
+/// Issue 10: an established flow's packets and their replies take the fast
+/// path, which reads the connection table and arrays but not the VIP map
+/// (packets) or the reply state (replies): with the VIP map's id and the
+/// backend's service entry changed under it, the traffic is counted under
+/// the ids the fast path read, and leaves byte for byte as before.
+#[test]
+fn established_packets_and_replies_take_the_fast_path() {
+    with_lb(|lb| {
+        use lb::lb::dataplane::Dataplane as _;
+        let sport = 40300;
+        lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
+        let id = lb.expected_backend(sport);
+        let (baddr, bport) = backend_addr(id);
+        let data = Tcp { syn: false, payload: b"data", ..Tcp::client_to_vip(sport) };
+        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"answer" };
+        // The pipeline's way, which fills the fast path's next-hop caches.
+        let (client_if, backend_if) = (lb.client_if, lb.backend_if);
+        let to_backend = lb.assert_redirected_as(&data.build(), client_if, reason::REDIRECT_TO_BACKEND);
+        let to_client = lb.assert_redirected_as(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT);
+        // Ids only the pipeline reads (the VIP map's) or only the fast path
+        // reads (the backend's service entry) now differ.
+        lb.maps
+            .upsert_vip(vip_key(VIP_TCP_PORT, PROTO_TCP), lb_common::vip::VipInfo { vip_id: 2, ring_size: RING, ring_generation: 0, flags: 0 })
+            .expect("vip");
+        let service = lb_common::guard::ServiceKey { addr_be: [u32::from_ne_bytes(baddr), 0, 0, 0], port_be: bport.to_be(), proto: PROTO_TCP, family: lb_common::FAMILY_V4 };
+        let nat = lb_common::flow::ReplyNat { vip_addr_be: [u32::from_ne_bytes(VIP), 0, 0, 0], vip_port_be: VIP_TCP_PORT.to_be(), _pad: 0, vip_id: 2, backend_id: id };
+        lb.maps.set_backend_service(service, nat).expect("service");
+        let (before1, before2) = (lb.maps.vip_counters(1).expect("vip 1").packets, lb.maps.vip_counters(2).expect("vip 2").packets);
+        assert_frame(&lb.assert_redirected_as(&data.build(), client_if, reason::REDIRECT_TO_BACKEND), &to_backend);
+        assert_eq!(lb.maps.vip_counters(1).expect("vip 1").packets, before1 + 1, "the packet was not counted from its flow's entry");
+        assert_frame(&lb.assert_redirected_as(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT), &to_client);
+        assert_eq!(lb.maps.vip_counters(2).expect("vip 2").packets, before2 + 1, "the reply was not counted from its backend's service");
+    });
+}

@@ -194,3 +194,31 @@ fn ipv6_vlan_tagged_frames_are_balanced_with_their_tag_kept() {
         lb.assert_passed_untouched("tagged, hop limit 1", &expired, reason::PASS_TTL_EXPIRED);
     });
 }
+
+/// The IPv6 twin of `packets::established_packets_and_replies_take_the_fast_path`.
+#[test]
+fn ipv6_established_packets_and_replies_take_the_fast_path() {
+    with_lb(|lb| {
+        use lb::lb::dataplane::Dataplane as _;
+        let sport = 40300;
+        lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
+        let id = lb.expected_backend(sport);
+        let (baddr, bport) = backend_addr(id);
+        let data = Tcp { syn: false, payload: b"data", ..Tcp::client_to_vip(sport) };
+        let reply = Tcp { src_mac: backend_mac(baddr[15]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, hop_limit: 64, syn: false, payload: b"answer" };
+        let (client_if, backend_if) = (lb.client_if, lb.backend_if);
+        let to_backend = lb.assert_redirected(&data.build(), client_if, reason::REDIRECT_TO_BACKEND);
+        let to_client = lb.assert_redirected(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT);
+        lb.maps
+            .upsert_vip(vip_key(VIP_TCP_PORT, PROTO_TCP), lb_common::vip::VipInfo { vip_id: 2, ring_size: RING, ring_generation: 0, flags: 0 })
+            .expect("vip");
+        let service = lb_common::guard::ServiceKey { addr_be: words(baddr), port_be: bport.to_be(), proto: PROTO_TCP, family: lb_common::FAMILY_V6 };
+        let nat = lb_common::flow::ReplyNat { vip_addr_be: words(VIP), vip_port_be: VIP_TCP_PORT.to_be(), _pad: 0, vip_id: 2, backend_id: id };
+        lb.maps.set_backend_service(service, nat).expect("service");
+        let (before1, before2) = (lb.maps.vip_counters(1).expect("vip 1").packets, lb.maps.vip_counters(2).expect("vip 2").packets);
+        assert_frame(&lb.assert_redirected(&data.build(), client_if, reason::REDIRECT_TO_BACKEND), &to_backend);
+        assert_eq!(lb.maps.vip_counters(1).expect("vip 1").packets, before1 + 1, "the packet was not counted from its flow's entry");
+        assert_frame(&lb.assert_redirected(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT), &to_client);
+        assert_eq!(lb.maps.vip_counters(2).expect("vip 2").packets, before2 + 1, "the reply was not counted from its backend's service");
+    });
+}
