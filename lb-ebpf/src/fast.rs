@@ -30,12 +30,12 @@ use lb_common::{
     guard::ServiceKey,
     limits::NEXT_HOP_TTL_NS,
     stats::reason,
-    timeouts::{TCP_ESTABLISHED_NS, is_expired},
+    timeouts::is_expired,
 };
 
 use crate::{
-    Verdict, conntrack,
-    maps::{BACKEND_SERVICES, BACKENDS, CONNTRACK, DIRECT_SEEN, HOPS_BY_BACKEND, HOPS_BY_CLIENT, NextHop},
+    Verdict, conntrack, guard,
+    maps::{BACKEND_SERVICES, BACKENDS, CONNTRACK, HOPS_BY_BACKEND, HOPS_BY_CLIENT, NextHop},
     nexthop::client_slot,
     parse::{EthHdr, Ipv4Hdr, L4, Packet, Ports, TCP_SYN, opaque_data_end, ptr_at},
     parse6::{IPV6_HLEN, Ipv6Hdr, Packet6},
@@ -293,8 +293,7 @@ fn to_client<F: Family>(ctx: &XdpContext, pkt: &F::Packet, l4: &L4, key: &FlowKe
     let nat: ReplyNat = unsafe { BACKEND_SERVICES.get(&service) }.copied()?;
     // A direct flow to this backend within a connection's lifetime: its
     // replies may be untranslated; the pipeline tells them apart.
-    let direct_seen = DIRECT_SEEN.get(nat.backend_id)?;
-    if *direct_seen != 0 && now.saturating_sub(*direct_seen) <= TCP_ESTABLISHED_NS {
+    if guard::direct_seen_lately(nat.backend_id, now) {
         return None;
     }
     // The flow pinned to another backend (a stale reply), or not at all: the

@@ -8,7 +8,7 @@ use lb_common::{
     flow::{FLOW_F_CLOSING, FlowKey, ReplyNat},
     guard::{ADDR_ROLE_LOCAL, DirectFlow, ServiceKey},
     stats::reason,
-    timeouts::{TOUCH_INTERVAL_NS, direct_is_expired},
+    timeouts::{TCP_ESTABLISHED_NS, TOUCH_INTERVAL_NS, direct_is_expired},
     vip_addr::VipAddrKey,
 };
 
@@ -38,8 +38,8 @@ pub fn is_local(addr_be: [u32; 4], family: u8) -> bool {
 /// its replies would look like those of a live direct flow (so the direct
 /// flow's replies stay untranslated).
 #[inline(always)]
-pub fn check_new_flow(flow: &FlowKey, backend: &BackendInfo, now: u64) -> Result<(), Verdict> {
-    match new_flow_call(flow, backend, now) {
+pub fn check_new_flow(flow: &FlowKey, backend_id: u32, backend: &BackendInfo, now: u64) -> Result<(), Verdict> {
+    match new_flow_call(flow, backend_id, backend, now) {
         0 => Ok(()),
         why => Err(Verdict::drop(why)),
     }
@@ -51,14 +51,23 @@ pub fn check_new_flow(flow: &FlowKey, backend: &BackendInfo, now: u64) -> Result
 /// which has little room left under the 512-byte stack limit it shares
 /// with `nexthop::lookup_call` (new flows only, so the call costs little).
 #[inline(never)]
-fn new_flow_call(flow: &FlowKey, backend: &BackendInfo, now: u64) -> u32 {
+fn new_flow_call(flow: &FlowKey, backend_id: u32, backend: &BackendInfo, now: u64) -> u32 {
     if roles(flow.src_be, flow.family) != 0 {
         return reason::DROP_SPOOFED_SOURCE;
     }
-    if direct_is_live(&crate::conntrack::reply_key(flow, backend), now) {
+    // Only a backend with a direct flow lately can have one to collide with
+    // (its service serves this one VIP, so its id is this backend's).
+    if direct_seen_lately(backend_id, now) && direct_is_live(&crate::conntrack::reply_key(flow, backend), now) {
         return reason::DROP_FLOW_COLLISION;
     }
     0
+}
+
+/// Whether a direct flow to backend `backend_id`'s service passed within the
+/// longest idle timeout a flow has (so one may still be live).
+#[inline(always)]
+pub fn direct_seen_lately(backend_id: u32, now: u64) -> bool {
+    DIRECT_SEEN.get(backend_id).is_some_and(|&seen| seen != 0 && now.saturating_sub(seen) <= TCP_ESTABLISHED_NS)
 }
 
 /// The VIP a backend's service (`addr`:`port`, `proto`) answers for.

@@ -127,7 +127,7 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
     if backend_id == 0 || backend.state != BACKEND_STATE_UP {
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
-    guard::check_new_flow(flow, &backend, now)?;
+    guard::check_new_flow(flow, backend_id, &backend, now)?;
     conntrack::pin(flow, vip.vip_id, backend_id, &backend, l4, now, &pinned);
     // Rescheduled: the flow was live, on a backend that is down.
     stats::count_new_flow(vip.vip_id, backend_id, matches!(pinned, Pinned::Live(_)));
