@@ -13,7 +13,7 @@ use aya::{
 use lb::{
     config::Config,
     dataplane::{LoadOptions, Maps, Program},
-    lb::state::Balancer,
+    control::state::Balancer,
 };
 use lb_bench_ebpf::{FRAME_MAX, Frame};
 use lb_common::{

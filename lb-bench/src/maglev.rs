@@ -21,7 +21,7 @@ use anyhow::{Context as _, ensure};
 use lb::{
     config::Config,
     dataplane::{LoadOptions, Maps, Program},
-    lb::{
+    control::{
         dataplane::{Dataplane, DataplaneError},
         maglev::{self, MaglevBackend},
         state::{Balancer, Change, StateError},

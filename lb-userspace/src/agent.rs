@@ -20,8 +20,8 @@ use crate::{
     descriptors,
     health::{self, HealthEvent, ProbePool},
     host,
-    lb::{
-        reload,
+    control::{
+        plan,
         state::{Balancer, Health, VipView},
     },
 };
@@ -37,7 +37,7 @@ struct AgentState {
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then detaches. SIGHUP reloads the
-/// config file (see [`reload`]).
+/// config file (see [`plan`]).
 ///
 /// # Errors
 /// When the program cannot be loaded or attached, or the admin address
@@ -273,7 +273,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
             return None;
         }
     };
-    let actions = match reload::plan(running, &new) {
+    let actions = match plan::reload(running, &new) {
         Ok(actions) => actions,
         Err(refusal) => {
             tracing::error!("reload refused, keeping the running config: {refusal}");
@@ -298,7 +298,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
     last_checks.retain(|id, _| live.contains(id));
     tracing::info!(changes = actions.len(), vips = balancer.vips().len(), "reload: done");
-    Some(reload::as_running(running, new))
+    Some(plan::as_running(running, new))
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
@@ -363,7 +363,7 @@ impl AgentState {
             .collect();
         // Summed over its backends, not read from VIP_STATS: a reused VIP id's
         // slot may still count replies of the removed VIP's flows, while
-        // backend ids are never reused (see `lb::state`, "Reloads").
+        // backend ids are never reused (see `control::state`, "Reloads").
         let mut traffic = Traffic::default();
         for b in &backends {
             traffic += b.traffic;

@@ -21,7 +21,7 @@ use super::{
     },
     table::Section,
 };
-use crate::lb::maglev::is_prime;
+use crate::control::maglev::is_prime;
 
 type Result<T> = std::result::Result<T, Problem>;
 

@@ -1,7 +1,7 @@
 use std::{path::Path, time::Duration};
 
 use super::*;
-use crate::lb::state::Balancer;
+use crate::control::state::Balancer;
 
 const FILE: &str = "test.toml";
 

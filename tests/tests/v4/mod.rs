@@ -8,7 +8,7 @@
 use etherparse::{LaxSlicedPacket, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, VlanSlice};
 use lb::{
     dataplane::{LoadOptions, Maps, Program},
-    lb::dataplane::Dataplane as _,
+    control::dataplane::Dataplane as _,
 };
 #[path = "../common/fixture.rs"]
 mod fixture;
@@ -179,7 +179,7 @@ impl Lb {
     }
 
     fn set_vip_addr_bit(&mut self, key: &VipKey, present: bool) {
-        let addr = lb::lb::state::vip_addr_key(key);
+        let addr = lb::control::state::vip_addr_key(key);
         let (protos, bit) = (self.maps.vip_addr_protos(&addr), proto_bit(key.proto));
         let protos = if present { protos | bit } else { protos & !bit };
         self.maps.set_vip_addr(addr, protos).expect("vip address");

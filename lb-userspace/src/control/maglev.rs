@@ -137,7 +137,7 @@ pub fn ring_diff(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {
 }
 
 /// Whether `n` is prime. Ring sizes must be, for Maglev's balance; config
-/// validation and [`crate::lb::state::Balancer`] check with this.
+/// validation and [`crate::control::state::Balancer`] check with this.
 pub fn is_prime(n: u32) -> bool {
     if n < 4 {
         return n >= 2;
@@ -486,7 +486,7 @@ mod tests {
     }
 
     /// Timing for the report: `cargo test --release -p lb-userspace --lib
-    /// lb::maglev::tests::timing -- --ignored --nocapture`.
+    /// control::maglev::tests::timing -- --ignored --nocapture`.
     #[test]
     #[ignore = "timing, not a check; run by hand in release"]
     fn timing() {

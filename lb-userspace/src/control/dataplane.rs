@@ -1,6 +1,6 @@
 //! The boundary between control logic and the kernel maps.
 //!
-//! `lb::state` decides what the maps must hold and calls this trait; the real
+//! `control::state` decides what the maps must hold and calls this trait; the real
 //! implementation (`crate::dataplane::Maps`) writes BPF maps, and tests use a
 //! fake that records the calls, so the logic is tested without root.
 

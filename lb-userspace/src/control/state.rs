@@ -53,7 +53,7 @@
 //! # Reloads
 //!
 //! A config reload ([`Balancer::apply_reload`], planned by
-//! [`crate::lb::reload`]) is built the same way: check, record the new desired
+//! [`crate::control::plan`]) is built the same way: check, record the new desired
 //! state, then sync each VIP it touched. Backend ids stay stable across
 //! reloads: a backend removed by one is retired (written `DOWN`, so flows
 //! pinned to it are rescheduled) and its id is never handed out again; an
@@ -105,10 +105,10 @@ use lb_common::{
 
 use crate::{
     config::model::{BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, VipConfig},
-    lb::{
+    control::{
         dataplane::{Dataplane, DataplaneError},
         maglev::{self, MaglevBackend},
-        reload::Action,
+        plan::Action,
     },
 };
 
@@ -333,8 +333,8 @@ pub struct BackendView {
 /// # Examples
 ///
 /// ```no_run
-/// # fn demo(config: &lb::config::model::Config, maps: &mut impl lb::lb::dataplane::Dataplane) -> anyhow::Result<()> {
-/// use lb::lb::state::Balancer;
+/// # fn demo(config: &lb::config::model::Config, maps: &mut impl lb::control::dataplane::Dataplane) -> anyhow::Result<()> {
+/// use lb::control::state::Balancer;
 ///
 /// let mut balancer = Balancer::new(config)?;
 /// balancer.install(maps)?;
@@ -684,7 +684,7 @@ impl Balancer {
         self.sync_vip(vip_id, dp)
     }
 
-    /// Applies a config reload's actions (see [`crate::lb::reload`]) and
+    /// Applies a config reload's actions (see [`crate::control::plan`]) and
     /// brings the dataplane in line: first the removed VIPs leave it, then
     /// one sync per VIP touched, so the module docs' order holds for every
     /// change: added backends are written before a ring names them, removed
@@ -2620,7 +2620,7 @@ mod tests {
     // ---- config reload ----
 
     fn reload(balancer: &mut Balancer, dp: &mut FakeDataplane, old: &Config, new: &Config) -> Change {
-        let actions = crate::lb::reload::plan(old, new).unwrap_or_else(|e| panic!("plan: {e}"));
+        let actions = crate::control::plan::reload(old, new).unwrap_or_else(|e| panic!("plan: {e}"));
         let change = balancer.apply_reload(&actions, dp).unwrap_or_else(|e| panic!("apply: {e}"));
         assert_consistent(balancer, dp);
         change
@@ -2980,7 +2980,7 @@ mod tests {
         let mut old = config(SMALL_M, vec![a.clone(), b]);
         old.agent.max_vips = 2;
         let new = with_vips(&old, vec![a, c]);
-        let actions = crate::lb::reload::plan(&old, &new).unwrap_or_else(|e| panic!("plan: {e}"));
+        let actions = crate::control::plan::reload(&old, &new).unwrap_or_else(|e| panic!("plan: {e}"));
         // Removing b and adding c in b's id takes: remove, addr, down, down,
         // reset, up, up, slots, vip, addr. Fail each in turn.
         for failing in 0..10 {
@@ -3037,7 +3037,7 @@ mod tests {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             if (seed >> 60) & 1 == 0 {
                 let new = with_vips(&running, pick(seed >> 20));
-                let actions = crate::lb::reload::plan(&running, &new).unwrap_or_else(|e| panic!("plan: {e}"));
+                let actions = crate::control::plan::reload(&running, &new).unwrap_or_else(|e| panic!("plan: {e}"));
                 let freed: BTreeSet<u32> = balancer.used_ids.clone();
                 balancer.apply_reload(&actions, &mut dp).unwrap_or_else(|e| panic!("apply: {e}"));
                 for action in &actions {

@@ -8,7 +8,7 @@
 //! Applied in place (VIPs are matched by `name`, backends by `address`):
 //! - VIPs added to the file: each gets the lowest free VIP id (which also
 //!   selects its two Maglev rings, so ids stay within `agent.max_vips`), and
-//!   is published once its ring is written (see [`crate::lb::state`]);
+//!   is published once its ring is written (see [`crate::control::state`]);
 //! - VIPs removed from the file: their `VIPS` entry goes first, so their
 //!   packets pass to the kernel, then their backends are retired and their
 //!   id is freed for a later VIP;
@@ -124,7 +124,7 @@ pub struct Refusal {
 /// # Errors
 ///
 /// A [`Refusal`] naming the `[agent]` key.
-pub fn plan(running: &Config, new: &Config) -> Result<Vec<Action>, Refusal> {
+pub fn reload(running: &Config, new: &Config) -> Result<Vec<Action>, Refusal> {
     let refuse = |key: String, reason: String| Refusal { file: new.source.clone(), key, reason };
     if let Some(key) = changed_agent_key(&running.agent, &new.agent) {
         return Err(refuse(format!("agent.{key}"), "changed; changing it needs a restart".to_owned()));
@@ -258,7 +258,7 @@ address = "198.18.2.11:8081"
     }
 
     fn plan_for(new: &str) -> Result<Vec<Action>, Refusal> {
-        plan(&load(BASE), &load(new))
+        reload(&load(BASE), &load(new))
     }
 
     fn refused_key(new: &str) -> String {
@@ -425,7 +425,7 @@ address = "198.18.2.11:8081"
         let running = load(&format!("{BASE}{many}{MORE}").replacen("[agent]", "[agent]\nmax_vips = 20", 1));
         let small = load(BASE);
         assert_eq!(small.agent.max_vips, 16);
-        assert!(plan(&running, &small).is_ok());
+        assert!(reload(&running, &small).is_ok());
         assert_eq!(as_running(&running, small).agent.max_vips, 20);
         // Setting it explicitly to what runs is no change; to anything else is.
         let explicit = BASE.replacen("[agent]", "[agent]\nmax_vips = 16", 1);
@@ -443,14 +443,14 @@ address = "198.18.2.11:8081"
         let respelled = web6
             .replace("[2001:db8:2::11]", "[2001:0db8:0002:0000:0000:0000:0000:0011]")
             .replace("\"[2001:db8:2::12]:8080\"", "\"[2001:db8:2:0::12]:8080\"\nweight = 0");
-        let actions = plan(&old, &load(&format!("{BASE}{respelled}"))).unwrap_or_else(|e| panic!("{e}"));
+        let actions = reload(&old, &load(&format!("{BASE}{respelled}"))).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             actions,
             vec![Action::SetWeight { vip: "web6".into(), address: addr("[2001:db8:2::12]:8080"), from: 1, to: 0 }]
         );
         assert_eq!(actions[0].to_string(), "vip web6 backend [2001:db8:2::12]:8080 weight 1 -> 0");
         let moved = web6.replacen("[2001:db8::100]:80", "[2001:db8::101]:80", 1);
-        let actions = plan(&old, &load(&format!("{BASE}{moved}"))).unwrap_or_else(|e| panic!("{e}"));
+        let actions = reload(&old, &load(&format!("{BASE}{moved}"))).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(vip_changes(&actions), ["-web6", "+web6"]);
     }
 
