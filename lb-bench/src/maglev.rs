@@ -20,9 +20,8 @@ use std::{path::Path, time::Instant};
 use anyhow::{Context as _, ensure};
 use lb::{
     config::Config,
-    dataplane::{LoadOptions, Maps, Program},
+    dataplane::{Dataplane, DataplaneError, LoadOptions, Maps, Program},
     control::{
-        dataplane::{Dataplane, DataplaneError},
         maglev::{self, MaglevBackend},
         state::{Balancer, Change, StateError},
     },

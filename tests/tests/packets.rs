@@ -13,7 +13,7 @@
 mod v4;
 
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
-use lb::control::dataplane::Dataplane as _;
+use lb::dataplane::Dataplane as _;
 use lb_common::{
     FAMILY_V4, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_DOWN, BACKEND_STATE_UP},

@@ -3,9 +3,8 @@
 //! [`plan`] turns a config reload into actions; [`state::Balancer`] owns ids,
 //! health and the shadow rings and applies those actions; [`maglev`] builds
 //! rings and their diffs; everything reaches the kernel through the
-//! [`dataplane::Dataplane`] trait, so all of it is tested without root.
+//! [`crate::dataplane::Dataplane`] trait, so all of it is tested without root.
 
-pub mod dataplane;
 pub mod maglev;
 pub mod plan;
 pub mod state;

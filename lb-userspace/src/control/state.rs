@@ -106,10 +106,10 @@ use lb_common::{
 use crate::{
     config::model::{BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, VipConfig},
     control::{
-        dataplane::{Dataplane, DataplaneError},
         maglev::{self, MaglevBackend},
         plan::Action,
     },
+    dataplane::{Dataplane, DataplaneError},
 };
 
 /// What the agent believes about a backend.
@@ -333,7 +333,7 @@ pub struct BackendView {
 /// # Examples
 ///
 /// ```no_run
-/// # fn demo(config: &lb::config::model::Config, maps: &mut impl lb::control::dataplane::Dataplane) -> anyhow::Result<()> {
+/// # fn demo(config: &lb::config::model::Config, maps: &mut impl lb::dataplane::Dataplane) -> anyhow::Result<()> {
 /// use lb::control::state::Balancer;
 ///
 /// let mut balancer = Balancer::new(config)?;
@@ -1368,9 +1368,10 @@ mod tests {
         time::Duration,
     };
 
-    use anyhow::anyhow;
-
-    use lb_common::vip_addr::{VIP_ADDR_TCP, VIP_ADDR_UDP};
+    use lb_common::{
+        map_names,
+        vip_addr::{VIP_ADDR_TCP, VIP_ADDR_UDP},
+    };
 
     use super::*;
     use crate::config::model::{AgentConfig, XdpMode};
@@ -1586,7 +1587,7 @@ mod tests {
     impl Dataplane for FakeDataplane {
         fn upsert_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DataplaneError> {
             if self.attempt() {
-                return Err(anyhow!("injected vip failure"));
+                return Err(DataplaneError::injected(map_names::VIPS, "insert"));
             }
             self.vips.insert(key, info);
             self.calls.push(Call::UpsertVip { key, info });
@@ -1596,7 +1597,7 @@ mod tests {
 
         fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
             if self.attempt() {
-                return Err(anyhow!("injected vip failure"));
+                return Err(DataplaneError::injected(map_names::VIPS, "remove"));
             }
             assert!(self.vips.remove(key).is_some(), "removed a vip that is not in the map: {key:?}");
             self.calls.push(Call::RemoveVip { key: *key });
@@ -1627,7 +1628,7 @@ mod tests {
 
         fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), DataplaneError> {
             if self.attempt() {
-                return Err(anyhow!("injected vip address failure"));
+                return Err(DataplaneError::injected(map_names::VIP_ADDRS, "write"));
             }
             if protos == 0 {
                 self.vip_addrs.remove(&key);
@@ -1644,7 +1645,7 @@ mod tests {
                 "reset the counters of vip id {vip_id} while the vip map names it"
             );
             if self.attempt() {
-                return Err(anyhow!("injected stats failure"));
+                return Err(DataplaneError::injected(map_names::VIP_STATS, "reset"));
             }
             self.vip_stats.remove(&vip_id);
             self.calls.push(Call::ResetStats { vip_id });
@@ -1661,7 +1662,7 @@ mod tests {
                 "backend id {backend_id} out of range"
             );
             if self.attempt() {
-                return Err(anyhow!("injected backend failure"));
+                return Err(DataplaneError::injected(map_names::BACKENDS, "write"));
             }
             self.backends.insert(backend_id, info);
             self.calls.push(Call::SetBackend { backend_id, info });
@@ -1690,7 +1691,7 @@ mod tests {
                 self.maglev[index as usize] = id;
             }
             if failing {
-                return Err(anyhow!("injected slot failure"));
+                return Err(DataplaneError::injected(map_names::MAGLEV, "write"));
             }
             self.calls.push(Call::WriteSlots {
                 slots: slots.to_vec(),

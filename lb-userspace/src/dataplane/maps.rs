@@ -21,8 +21,7 @@ use lb_common::{
     vip_addr::{VipAddrInfo, VipAddrKey},
 };
 
-use super::DataplaneError;
-use crate::control::dataplane::Dataplane;
+use super::{Dataplane, DataplaneError};
 
 /// The program's maps, taken out of the loaded object.
 pub struct Maps {
@@ -304,28 +303,25 @@ fn sum_counters(
 }
 
 impl Dataplane for Maps {
-    fn upsert_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn upsert_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DataplaneError> {
         self.vips
             .insert(key, info, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "insert", source })?;
-        Ok(())
+            .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "insert", source })
     }
 
-    fn remove_vip(&mut self, key: &VipKey) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
         self.vips
             .remove(key)
-            .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "remove", source })?;
-        Ok(())
+            .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "remove", source })
     }
 
-    fn set_addr_filter(&mut self, slot: u32) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn set_addr_filter(&mut self, slot: u32) -> Result<(), DataplaneError> {
         self.addr_filter
             .set(slot, 1, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::ADDR_FILTER, op: "write", source })?;
-        Ok(())
+            .map_err(|source| DataplaneError::Map { name: map_names::ADDR_FILTER, op: "write", source })
     }
 
-    fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), DataplaneError> {
         let result = if protos != 0 {
             self.vip_addrs.insert(key, VipAddrInfo { protos }, 0)
         } else if self.vip_addr_protos(&key) != 0 {
@@ -334,18 +330,16 @@ impl Dataplane for Maps {
             // No entry to remove: removing it again after a failed write is no error.
             Ok(())
         };
-        result.map_err(|source| DataplaneError::Map { name: map_names::VIP_ADDRS, op: "write", source })?;
-        Ok(())
+        result.map_err(|source| DataplaneError::Map { name: map_names::VIP_ADDRS, op: "write", source })
     }
 
-    fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), DataplaneError> {
         self.backends
             .set(backend_id, info, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::BACKENDS, op: "write", source })?;
-        Ok(())
+            .map_err(|source| DataplaneError::Map { name: map_names::BACKENDS, op: "write", source })
     }
 
-    fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
         for &(index, backend_id) in slots {
             self.maglev
                 .set(index, backend_id, 0)
@@ -354,7 +348,7 @@ impl Dataplane for Maps {
         Ok(())
     }
 
-    fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
         let error = |source| DataplaneError::Map { name: map_names::VIP_STATS, op: "reset", source };
         // One value per possible CPU, which is what a read returns.
         let cpus = self.vip_stats.get(&vip_id, 0).map_err(error)?.len();
@@ -363,7 +357,7 @@ impl Dataplane for Maps {
         Ok(())
     }
 
-    fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), DataplaneError> {
         let result = if roles != 0 {
             self.addr_roles.insert(key, AddrRoles { roles }, 0)
         } else {
@@ -373,14 +367,12 @@ impl Dataplane for Maps {
                 other => other,
             }
         };
-        result.map_err(|source| DataplaneError::Map { name: map_names::ADDR_ROLES, op: "write", source })?;
-        Ok(())
+        result.map_err(|source| DataplaneError::Map { name: map_names::ADDR_ROLES, op: "write", source })
     }
 
-    fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), crate::control::dataplane::DataplaneError> {
+    fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError> {
         self.backend_services
             .insert(key, nat, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::BACKEND_SERVICES, op: "write", source })?;
-        Ok(())
+            .map_err(|source| DataplaneError::Map { name: map_names::BACKEND_SERVICES, op: "write", source })
     }
 }

@@ -6,10 +6,7 @@
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
 use etherparse::{LaxSlicedPacket, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, VlanSlice};
-use lb::{
-    dataplane::{LoadOptions, Maps, Program},
-    control::dataplane::Dataplane as _,
-};
+use lb::dataplane::{Dataplane as _, LoadOptions, Maps, Program};
 #[path = "../common/fixture.rs"]
 mod fixture;
 #[allow(unused_imports, reason = "each test binary uses a different part of the harness")]

@@ -7,10 +7,7 @@
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use lb::{
-    dataplane::{LoadOptions, Maps, Program},
-    control::dataplane::Dataplane as _,
-};
+use lb::dataplane::{Dataplane as _, LoadOptions, Maps, Program};
 #[path = "../common/fixture.rs"]
 mod fixture;
 #[allow(unused_imports, reason = "each test binary uses a different part of the harness")]
