@@ -4,9 +4,13 @@
 //! refuses to compile a type with hidden padding), and its size is asserted, so
 //! the two sides cannot silently disagree about a layout. Addresses and ports
 //! carry their byte order in their names: `_be` fields hold the bytes exactly as
-//! they appear on the wire.
+//! they appear on the wire. With the `user` feature, each type also has a
+//! constructor from std's address types (see [`addr`] for the encoding), the
+//! one place the agent, the tests and the benchmarks build them.
 #![no_std]
 
+#[cfg(feature = "user")]
+pub mod addr;
 pub mod addr_filter;
 pub mod backend;
 pub mod flow;

@@ -15,7 +15,7 @@ mod v4;
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use lb::dataplane::Dataplane as _;
 use lb_common::{
-    FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_DOWN, BACKEND_STATE_UP},
     flow::{FLOW_F_CLOSING, FlowKey, FlowState},
     limits::{REPLY_BURST, REPLY_RATE_PER_SEC},
@@ -715,11 +715,11 @@ fn the_fragment_rule_follows_vips_as_they_come_and_go() {
         // address and protocol, as they carry no port.
         let udp_frag = |dst: [u8; 4]| with_frag_field(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, dst, 64, 50050, 53, b"piece"), 185);
         let tcp_frag = |dst: [u8; 4]| with_frag_field(&Tcp { dst, dport: 53, ..Tcp::client_to_vip(40050) }.build(), 185);
-        let addr_key = |addr: [u8; 4]| VipAddrKey { addr_be: [u32::from_ne_bytes(addr), 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
+        let addr_key = |addr: [u8; 4]| VipAddrKey::new(addr.into());
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(VIP)), VIP_ADDR_TCP | VIP_ADDR_UDP);
 
         // A UDP-only VIP on a second address: only UDP fragments to it are ours.
-        let dns = VipKey { addr_be: [u32::from_ne_bytes(other_vip), 0, 0, 0], port_be: 53u16.to_be(), proto: PROTO_UDP, family: FAMILY_V4 };
+        let dns = VipKey::new((other_vip, 53).into(), PROTO_UDP);
         lb.upsert_vip(dns, VipInfo { vip_id: 3, ring_size: RING, ring_generation: 0, flags: 0 });
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(other_vip)), VIP_ADDR_UDP);
         lb.assert_dropped("udp fragment to the udp-only VIP address", &udp_frag(other_vip), lb.client_if, reason::DROP_FRAGMENT);

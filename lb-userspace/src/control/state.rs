@@ -94,7 +94,7 @@ use std::{
 };
 
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, addr_filter,
+    addr, addr_filter,
     backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
     flow::ReplyNat,
     guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
@@ -498,7 +498,7 @@ impl Vip {
             protocol: config.protocol,
             scheduler: config.scheduler,
             health_check: config.health_check.clone(),
-            key: vip_key(config.listen, config.protocol),
+            key: VipKey::new(config.listen, config.protocol.number()),
             backend_ids,
             retired: Vec::new(),
             live: None,
@@ -587,10 +587,7 @@ impl Balancer {
     ) -> Result<(), StateError> {
         let wanted: HashSet<VipAddrKey> = addrs
             .into_iter()
-            .map(|ip| {
-                let (addr_be, family) = addr_words(ip);
-                VipAddrKey { addr_be, family, _pad: [0; 3] }
-            })
+            .map(VipAddrKey::new)
             .collect();
         let changed: Vec<VipAddrKey> = wanted.symmetric_difference(&self.local_addrs).copied().collect();
         self.local_addrs = wanted;
@@ -745,7 +742,7 @@ impl Balancer {
                     removed.insert(name);
                 }
                 Action::AddVip { vip } => {
-                    let key = vip_key(vip.listen, vip.protocol);
+                    let key = VipKey::new(vip.listen, vip.protocol.number());
                     let taken = self.vips.iter().any(|v| v.key == key && !removed.contains(v.name.as_str()))
                         || added.iter().any(|&(_, k)| k == key);
                     if taken {
@@ -1091,7 +1088,7 @@ impl Balancer {
         };
         let backends = ids.iter().filter_map(|&id| self.backends.get(backend_index(id)));
         let slots: Vec<u32> = std::iter::once(key.addr_be)
-            .chain(backends.map(|b| addr_words(b.address.ip()).0))
+            .chain(backends.map(|b| addr::words(b.address.ip())))
             .map(|addr| addr_filter::slot(&addr))
             .filter(|slot| !self.filter_slots.contains(slot))
             .collect();
@@ -1102,21 +1099,14 @@ impl Balancer {
         for &id in ids {
             let Some(backend) = self.backends.get(backend_index(id)) else { continue };
             let (address, backend_vip_id, service_written) = (backend.address, backend.vip_id, backend.service_written);
-            let (addr_be, family) = addr_words(address.ip());
-            let addr_key = VipAddrKey { addr_be, family, _pad: [0; 3] };
+            let addr_key = VipAddrKey::new(address.ip());
             self.backend_addrs.insert(addr_key);
             self.write_roles(addr_key, dp).map_err(|(roles, source)| failed(Step::WriteAddrRoles { roles })(source))?;
             if service_written {
                 continue;
             }
-            let service = ServiceKey { addr_be, port_be: address.port().to_be(), proto: key.proto, family };
-            let nat = ReplyNat {
-                vip_addr_be: key.addr_be,
-                vip_port_be: key.port_be,
-                _pad: 0,
-                vip_id: backend_vip_id,
-                backend_id: id,
-            };
+            let service = ServiceKey::new(address, key.proto);
+            let nat = ReplyNat::new(key, backend_vip_id, id);
             dp.set_backend_service(service, nat).map_err(failed(Step::WriteBackendService { backend_id: id }))?;
             if let Some(backend) = self.backend_mut(id) {
                 backend.service_written = true;
@@ -1201,12 +1191,12 @@ impl Balancer {
     /// published there (removed ones whose entry may remain included). Named
     /// `vip` in errors.
     fn sync_vip_addr(&mut self, vip: &str, key: &VipKey, dp: &mut impl Dataplane) -> Result<(), StateError> {
-        let addr = vip_addr_key(key);
+        let addr = key.addr_key();
         let live = self.vips.iter().filter(|v| v.live.is_some()).map(|v| &v.key);
         let leaving = self.removing.iter().filter(|r| r.live).map(|r| &r.key);
         let protos = live
             .chain(leaving)
-            .filter(|k| vip_addr_key(k) == addr)
+            .filter(|k| k.addr_key() == addr)
             .fold(0, |protos, k| protos | proto_bit(k.proto));
         let written = self.vip_addrs.get(&addr).copied().unwrap_or(Some(0));
         if written == Some(protos) {
@@ -1263,7 +1253,7 @@ impl Balancer {
             return Ok(false);
         }
         backend.written_state = None;
-        if let Err(source) = dp.set_backend(id, backend_info(backend.address, state)) {
+        if let Err(source) = dp.set_backend(id, BackendInfo::new(backend.address, state)) {
             return Err(StateError::Dataplane {
                 vip: vip.to_owned(),
                 step: Step::WriteBackend {
@@ -1312,49 +1302,6 @@ impl Backend {
     }
 }
 
-/// The `VIPS` key for a listen address: address and port in network byte
-/// order (the bytes as on the wire), IPv4 in word 0.
-pub fn vip_key(listen: SocketAddr, protocol: Protocol) -> VipKey {
-    let (addr_be, family) = addr_words(listen.ip());
-    VipKey {
-        addr_be,
-        port_be: listen.port().to_be(),
-        proto: protocol.number(),
-        family,
-    }
-}
-
-/// The `VIP_ADDRS` key of a VIP's address.
-pub fn vip_addr_key(key: &VipKey) -> VipAddrKey {
-    VipAddrKey { addr_be: key.addr_be, family: key.family, _pad: [0; 3] }
-}
-
-/// The `BACKENDS` entry for a backend address in `state`
-/// (`BACKEND_STATE_*`), in network byte order like [`vip_key`].
-pub fn backend_info(address: SocketAddr, state: u8) -> BackendInfo {
-    let (addr_be, family) = addr_words(address.ip());
-    BackendInfo {
-        addr_be,
-        port_be: address.port().to_be(),
-        family,
-        state,
-    }
-}
-
-/// Address words as the kernel compares them: each word holds four wire bytes
-/// in memory order, hence `from_ne_bytes`.
-fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
-    match ip {
-        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word =
-                |i: usize| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
-            ([word(0), word(1), word(2), word(3)], FAMILY_V6)
-        }
-    }
-}
-
 /// Index into `Balancer::backends`; id 0 maps past the end, so it is never found.
 fn backend_index(backend_id: u32) -> usize {
     (backend_id as usize).wrapping_sub(1)
@@ -1369,7 +1316,7 @@ mod tests {
     };
 
     use lb_common::{
-        map_names,
+        FAMILY_V4, FAMILY_V6, map_names,
         vip_addr::{VIP_ADDR_TCP, VIP_ADDR_UDP},
     };
 
@@ -1377,6 +1324,14 @@ mod tests {
     use crate::config::model::{AgentConfig, XdpMode};
 
     const M: u32 = lb_common::limits::DEFAULT_RING_SIZE;
+
+    fn vip_key(listen: SocketAddr, protocol: Protocol) -> VipKey {
+        VipKey::new(listen, protocol.number())
+    }
+
+    fn backend_info(address: SocketAddr, state: u8) -> BackendInfo {
+        BackendInfo::new(address, state)
+    }
     /// A smaller prime for tests that rebuild rings hundreds of times.
     const SMALL_M: u32 = 4099;
 
@@ -1797,7 +1752,7 @@ mod tests {
     fn vip_addrs_of<'a>(keys: impl Iterator<Item = &'a VipKey>) -> HashMap<VipAddrKey, u32> {
         let mut addrs = HashMap::new();
         for key in keys {
-            *addrs.entry(vip_addr_key(key)).or_insert(0) |= proto_bit(key.proto);
+            *addrs.entry(key.addr_key()).or_insert(0) |= proto_bit(key.proto);
         }
         addrs
     }
@@ -2587,10 +2542,7 @@ mod tests {
     fn local_addresses_are_marked_and_unmarked_and_keep_a_backends_role() {
         let config = config(SMALL_M, vec![equal_vip(2)]);
         let (mut balancer, mut dp) = installed(&config);
-        let key = |ip: &str| {
-            let (addr_be, family) = addr_words(ip.parse().expect("ip"));
-            VipAddrKey { addr_be, family, _pad: [0; 3] }
-        };
+        let key = |ip: &str| VipAddrKey::new(ip.parse().expect("ip"));
         // The backends' addresses have their role from the install on.
         assert_eq!(dp.roles.get(&key("198.18.2.10")), Some(&ADDR_ROLE_BACKEND));
         // A gateway address that is also a backend's (odd, but the roles add up).
@@ -2611,8 +2563,7 @@ mod tests {
         let config = config(SMALL_M, vec![equal_vip(3)]);
         let (_balancer, dp) = installed(&config);
         for (i, id) in (1..=3u32).enumerate() {
-            let (addr_be, family) = addr_words(format!("198.18.2.{}", 10 + i).parse().expect("ip"));
-            let service = ServiceKey { addr_be, port_be: 8080u16.to_be(), proto: lb_common::PROTO_TCP, family };
+            let service = ServiceKey::new(addr(&format!("198.18.2.{}:8080", 10 + i)), lb_common::PROTO_TCP);
             let nat = dp.services.get(&service).unwrap_or_else(|| panic!("no service entry for backend {id}"));
             assert_eq!((nat.backend_id, nat.vip_id, u16::from_be(nat.vip_port_be)), (id, 1, 80));
         }
@@ -2802,7 +2753,7 @@ mod tests {
         assert!(slots.iter().all(|&(i, _)| (ring_base(2, 0, SMALL_M)..ring_base(2, 1, SMALL_M)).contains(&i)));
         let api = vip_key(addr("198.18.0.11:81"), Protocol::Tcp);
         assert_eq!(ring_members(&dp, &api), [4, 5]);
-        assert_eq!(calls[4], Call::SetVipAddr { key: vip_addr_key(&api), protos: lb_common::vip_addr::VIP_ADDR_TCP });
+        assert_eq!(calls[4], Call::SetVipAddr { key: api.addr_key(), protos: lb_common::vip_addr::VIP_ADDR_TCP });
 
         // A checked VIP's backends start unknown: published with an empty
         // ring, and its checkers decide.
@@ -2826,7 +2777,7 @@ mod tests {
         let other = own_vip("other", "198.18.0.11:53", Protocol::Udp, 8300, none);
         let old = config(SMALL_M, vec![web.clone(), web2, dns.clone(), other.clone()]);
         let (mut balancer, mut dp) = installed(&old);
-        let shared = vip_addr_key(&vip_key(addr("198.18.0.10:80"), Protocol::Tcp));
+        let shared = vip_key(addr("198.18.0.10:80"), Protocol::Tcp).addr_key();
         assert_eq!(dp.vip_addrs.get(&shared), Some(&(VIP_ADDR_TCP | VIP_ADDR_UDP)));
 
         // web2 goes; web keeps its address's TCP bit.
@@ -2849,7 +2800,7 @@ mod tests {
         // The last VIP on an address takes its entry with it.
         let last = with_vips(&old, vec![web]);
         reload(&mut balancer, &mut dp, &newer, &last);
-        assert!(!dp.vip_addrs.contains_key(&vip_addr_key(&vip_key(addr("198.18.0.11:53"), Protocol::Udp))));
+        assert!(!dp.vip_addrs.contains_key(&vip_key(addr("198.18.0.11:53"), Protocol::Udp).addr_key()));
         // Late verdicts for removed backends change nothing.
         let start = dp.calls.len();
         assert!(set(&mut balancer, &mut dp, 8, true).is_empty());

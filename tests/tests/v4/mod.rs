@@ -12,7 +12,7 @@ mod fixture;
 #[allow(unused_imports, reason = "each test binary uses a different part of the harness")]
 pub use fixture::{FixtureNs, assert_frame, hex, ifindex, mac_str, sh, test_run, test_run_counted, xdp_md};
 use lb_common::{
-    FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UP, BackendInfo},
     flow::{FlowKey, ReplyNat, flow_hash},
     guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
@@ -95,7 +95,7 @@ pub struct Lb {
 }
 
 pub fn vip_key(port: u16, proto: u8) -> VipKey {
-    VipKey { addr_be: [u32::from_ne_bytes(VIP), 0, 0, 0], port_be: port.to_be(), proto, family: FAMILY_V4 }
+    VipKey::new((VIP, port).into(), proto)
 }
 
 impl Lb {
@@ -124,14 +124,14 @@ impl Lb {
         for id in 1..=6 {
             let (a, port) = backend_addr(id);
             let (vip_id, vip_port, proto) = if id <= 3 { (1, VIP_TCP_PORT, PROTO_TCP) } else { (2, VIP_UDP_PORT, PROTO_UDP) };
-            let service = ServiceKey { addr_be: [u32::from_ne_bytes(a), 0, 0, 0], port_be: port.to_be(), proto, family: FAMILY_V4 };
-            let nat = ReplyNat { vip_addr_be: [u32::from_ne_bytes(VIP), 0, 0, 0], vip_port_be: vip_port.to_be(), _pad: 0, vip_id, backend_id: id };
+            let service = ServiceKey::new((a, port).into(), proto);
+            let nat = ReplyNat::new(&vip_key(vip_port, proto), vip_id, id);
             self.maps.set_backend_service(service, nat).expect("backend service");
-            let key = VipAddrKey { addr_be: [u32::from_ne_bytes(a), 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
+            let key = VipAddrKey::new(a.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_BACKEND).expect("backend role");
         }
         for gw in [[198, 18, 1, 1], [198, 18, 2, 1]] {
-            let key = VipAddrKey { addr_be: [u32::from_ne_bytes(gw), 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
+            let key = VipAddrKey::new(gw.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_LOCAL).expect("local role");
         }
     }
@@ -176,7 +176,7 @@ impl Lb {
     }
 
     fn set_vip_addr_bit(&mut self, key: &VipKey, present: bool) {
-        let addr = lb::control::state::vip_addr_key(key);
+        let addr = key.addr_key();
         let (protos, bit) = (self.maps.vip_addr_protos(&addr), proto_bit(key.proto));
         let protos = if present { protos | bit } else { protos & !bit };
         self.maps.set_vip_addr(addr, protos).expect("vip address");
@@ -228,19 +228,11 @@ impl Lb {
 }
 
 pub fn backend_info(addr: [u8; 4], port: u16, state: u8) -> BackendInfo {
-    BackendInfo { addr_be: [u32::from_ne_bytes(addr), 0, 0, 0], port_be: port.to_be(), family: FAMILY_V4, state }
+    BackendInfo::new((addr, port).into(), state)
 }
 
 pub fn flow(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src_be: [u32::from_ne_bytes(src), 0, 0, 0],
-        dst_be: [u32::from_ne_bytes(dst), 0, 0, 0],
-        src_port_be: sport.to_be(),
-        dst_port_be: dport.to_be(),
-        proto,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    }
+    FlowKey::new((src, sport).into(), (dst, dport).into(), proto)
 }
 
 // ---------------------------------------------------------------- frames

@@ -13,7 +13,7 @@ mod fixture;
 #[allow(unused_imports, reason = "each test binary uses a different part of the harness")]
 pub use fixture::{FixtureNs, assert_frame, hex, ifindex, mac_str, sh, test_run, test_run_counted, xdp_md};
 use lb_common::{
-    FAMILY_V6, PROTO_TCP, PROTO_UDP,
+    PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UP, BackendInfo},
     flow::{FlowKey, ReplyNat, flow_hash},
     guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
@@ -61,11 +61,7 @@ pub fn backend_addr(id: u32) -> ([u8; 16], u16) {
 }
 
 pub fn words(a: [u8; 16]) -> [u32; 4] {
-    let mut w = [0u32; 4];
-    for (i, chunk) in a.chunks_exact(4).enumerate() {
-        w[i] = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
-    }
-    w
+    lb_common::addr::words(a.into())
 }
 
 // ---------------------------------------------------------------- harness
@@ -109,7 +105,7 @@ pub struct Lb {
 }
 
 pub fn vip_key(port: u16, proto: u8) -> VipKey {
-    VipKey { addr_be: words(VIP), port_be: port.to_be(), proto, family: FAMILY_V6 }
+    VipKey::new((VIP, port).into(), proto)
 }
 
 impl Lb {
@@ -119,8 +115,7 @@ impl Lb {
         let mut maps = program.maps().expect("maps");
         for id in 1..=6 {
             let (a, port) = backend_addr(id);
-            maps.set_backend(id, BackendInfo { addr_be: words(a), port_be: port.to_be(), family: FAMILY_V6, state: BACKEND_STATE_UP })
-                .expect("backend");
+            maps.set_backend(id, BackendInfo::new((a, port).into(), BACKEND_STATE_UP)).expect("backend");
         }
         let mut lb = Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
         for id in 1..=6 {
@@ -139,14 +134,14 @@ impl Lb {
         for id in 1..=6 {
             let (a, port) = backend_addr(id);
             let (vip_id, vip_port, proto) = if id <= 3 { (1, VIP_TCP_PORT, PROTO_TCP) } else { (2, VIP_UDP_PORT, PROTO_UDP) };
-            let service = ServiceKey { addr_be: words(a), port_be: port.to_be(), proto, family: FAMILY_V6 };
-            let nat = ReplyNat { vip_addr_be: words(VIP), vip_port_be: vip_port.to_be(), _pad: 0, vip_id, backend_id: id };
+            let service = ServiceKey::new((a, port).into(), proto);
+            let nat = ReplyNat::new(&vip_key(vip_port, proto), vip_id, id);
             self.maps.set_backend_service(service, nat).expect("backend service");
-            let key = VipAddrKey { addr_be: words(a), family: FAMILY_V6, _pad: [0; 3] };
+            let key = VipAddrKey::new(a.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_BACKEND).expect("backend role");
         }
         for gw in [addr(1, 1), addr(2, 1)] {
-            let key = VipAddrKey { addr_be: words(gw), family: FAMILY_V6, _pad: [0; 3] };
+            let key = VipAddrKey::new(gw.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_LOCAL).expect("local role");
         }
     }
@@ -189,7 +184,7 @@ impl Lb {
     }
 
     fn set_vip_addr_bit(&mut self, key: &VipKey, present: bool) {
-        let addr = lb::control::state::vip_addr_key(key);
+        let addr = key.addr_key();
         let (protos, bit) = (self.maps.vip_addr_protos(&addr), proto_bit(key.proto));
         let protos = if present { protos | bit } else { protos & !bit };
         self.maps.set_vip_addr(addr, protos).expect("vip address");
@@ -235,15 +230,7 @@ impl Lb {
 }
 
 pub fn flow(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src_be: words(src),
-        dst_be: words(dst),
-        src_port_be: sport.to_be(),
-        dst_port_be: dport.to_be(),
-        proto,
-        family: FAMILY_V6,
-        _pad: [0; 2],
-    }
+    FlowKey::new((src, sport).into(), (dst, dport).into(), proto)
 }
 
 // ---------------------------------------------------------------- frames
