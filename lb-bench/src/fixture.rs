@@ -13,7 +13,7 @@ use aya::{
 use lb::{
     config::Config,
     dataplane::{LoadOptions, Maps, Program},
-    control::state::Balancer,
+    control::balancer::Balancer,
 };
 use lb_bench_ebpf::{FRAME_MAX, Frame};
 use lb_common::{

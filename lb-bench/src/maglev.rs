@@ -23,7 +23,7 @@ use lb::{
     dataplane::{Dataplane, DataplaneError, LoadOptions, Maps, Program},
     control::{
         maglev::{self, MaglevBackend},
-        state::{Balancer, Change, StateError},
+        balancer::{Balancer, Change, StateError},
     },
 };
 use lb_common::{

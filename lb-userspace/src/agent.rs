@@ -22,7 +22,7 @@ use crate::{
     host,
     control::{
         plan,
-        state::{Balancer, Health, VipView},
+        balancer::{Balancer, Health, VipView},
     },
 };
 
@@ -363,7 +363,7 @@ impl AgentState {
             .collect();
         // Summed over its backends, not read from VIP_STATS: a reused VIP id's
         // slot may still count replies of the removed VIP's flows, while
-        // backend ids are never reused (see `control::state`, "Reloads").
+        // backend ids are never reused (see `control::balancer::apply`).
         let mut traffic = Traffic::default();
         for b in &backends {
             traffic += b.traffic;

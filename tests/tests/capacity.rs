@@ -13,7 +13,7 @@ use std::{fmt::Write as _, path::Path};
 use lb::{
     config::Config,
     dataplane::{LoadOptions, Program},
-    control::state::Balancer,
+    control::balancer::Balancer,
 };
 use lb_common::limits::{MAX_BACKENDS, MAX_VIPS};
 use v4::*;

@@ -1,7 +1,7 @@
 use std::{path::Path, time::Duration};
 
 use super::*;
-use crate::control::state::Balancer;
+use crate::control::balancer::Balancer;
 
 const FILE: &str = "test.toml";
 

@@ -137,7 +137,7 @@ pub fn ring_diff(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {
 }
 
 /// Whether `n` is prime. Ring sizes must be, for Maglev's balance; config
-/// validation and [`crate::control::state::Balancer`] check with this.
+/// validation and [`crate::control::balancer::Balancer`] check with this.
 pub fn is_prime(n: u32) -> bool {
     if n < 4 {
         return n >= 2;

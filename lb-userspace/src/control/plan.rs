@@ -8,7 +8,7 @@
 //! Applied in place (VIPs are matched by `name`, backends by `address`):
 //! - VIPs added to the file: each gets the lowest free VIP id (which also
 //!   selects its two Maglev rings, so ids stay within `agent.max_vips`), and
-//!   is published once its ring is written (see [`crate::control::state`]);
+//!   is published once its ring is written (see [`crate::control::balancer`]);
 //! - VIPs removed from the file: their `VIPS` entry goes first, so their
 //!   packets pass to the kernel, then their backends are retired and their
 //!   id is freed for a later VIP;

@@ -100,8 +100,8 @@ pub enum DataplaneError {
 impl DataplaneError {
     /// A map write that failed, as a fake dataplane reports the failures it
     /// was told to inject: the same variant a real failed write gives.
-    #[cfg(test)]
-    pub(crate) fn injected(name: &'static str, op: &'static str) -> Self {
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn injected(name: &'static str, op: &'static str) -> Self {
         let io_error = std::io::Error::other("injected failure");
         let source = aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_elem", io_error });
         DataplaneError::Map { name, op, source }

@@ -92,7 +92,7 @@ fn maglev(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Result<()>
     let _ = writeln!(
         out,
         "### Maglev tables\n\nOne VIP with N equal backends, ring size M; the agent's own builder \
-         (`lb::control::maglev::build_ring`, `ring_diff`) and control plane (`lb::control::state::Balancer`). Times are \
+         (`lb::control::maglev::build_ring`, `ring_diff`) and control plane (`lb::control::balancer::Balancer`). Times are \
          wall-clock medians of {runs} runs with (min–max), in milliseconds, on one core.\n"
     );
     builder_table(out, &lines)?;
