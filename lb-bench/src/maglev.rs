@@ -21,6 +21,7 @@ use anyhow::{Context as _, ensure};
 use lb::{
     config::Config,
     dataplane::{Dataplane, DataplaneError, LoadOptions, Maps, Program},
+    health::Health,
     control::{
         maglev::{self, MaglevBackend},
         balancer::{Balancer, Change, StateError},
@@ -135,9 +136,9 @@ fn control_plane<D: Reset>(config: &Config, dp: &mut D, dataplane: &'static str,
     let (first, second) = (u32::try_from(backends / 2)?.max(1), u32::try_from(backends / 3)?.max(1));
     let at = Step { dataplane, ring: config.agent.ring_size, backends, run };
     at.timed("install", dp, |dp| balancer.install(dp))?;
-    at.timed("first_down", dp, |dp| balancer.set_health(first, false, dp))?;
-    at.timed("back_up", dp, |dp| balancer.set_health(first, true, dp))?;
-    at.timed("later_down", dp, |dp| balancer.set_health(second, false, dp))?;
+    at.timed("first_down", dp, |dp| balancer.set_health(first, Health::Down, dp))?;
+    at.timed("back_up", dp, |dp| balancer.set_health(first, Health::Up, dp))?;
+    at.timed("later_down", dp, |dp| balancer.set_health(second, Health::Down, dp))?;
     Ok(())
 }
 

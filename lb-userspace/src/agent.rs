@@ -22,7 +22,7 @@ use crate::{
     host,
     control::{
         plan,
-        balancer::{Balancer, Health, VipView},
+        balancer::{Balancer, VipView},
     },
 };
 
@@ -310,11 +310,11 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     }
     last_checks.insert(event.key, event.last_check.clone());
     let Some(transition) = event.transition else { return };
-    let up = transition.up;
+    let health = transition.health;
     let name = balancer.describe_backend(event.key);
-    match balancer.set_health(event.key, up, maps) {
+    match balancer.set_health(event.key, health, maps) {
         Ok(change) => {
-            if up {
+            if health.is_up() {
                 tracing::info!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend up");
             } else {
                 tracing::warn!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend down");
@@ -356,7 +356,7 @@ impl AgentState {
                 address: b.address.to_string(),
                 weight: b.weight,
                 backup: b.backup,
-                health: health_name(b.health).to_owned(),
+                health: b.health.as_str().to_owned(),
                 last_check: self.last_checks.get(&b.backend_id).cloned(),
                 traffic: self.backend_counters(b.backend_id),
             })
@@ -384,14 +384,6 @@ impl AgentState {
 
     fn backend_counters(&self, backend_id: u32) -> Traffic {
         self.maps.backend_counters(backend_id).map(Traffic::from).unwrap_or_default()
-    }
-}
-
-fn health_name(health: Health) -> &'static str {
-    match health {
-        Health::Up => "up",
-        Health::Down => "down",
-        Health::Unknown => "unknown",
     }
 }
 
@@ -461,7 +453,7 @@ mod tests {
         assert!(first.is_some() && second.is_some() && first != second, "{first:?} then {second:?}");
         let event = timeout(WAIT, health.next()).await.expect("the new checker reports").expect("channel open");
         assert_eq!((event.key, Some(event.generation)), (1, second), "only the new checker's event: {event:?}");
-        assert!(event.transition.as_ref().is_some_and(|t| !t.up), "its first probe decides: {event:?}");
+        assert!(event.transition.as_ref().is_some_and(|t| !t.health.is_up()), "its first probe decides: {event:?}");
         // Unchanged checks keep their checker and its generation.
         health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
         assert_eq!(health.checkers.get(&1).map(|c| c.generation), second);

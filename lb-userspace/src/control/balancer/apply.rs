@@ -36,13 +36,14 @@ use std::{
 use lb_common::{backend::BACKEND_STATE_DOWN, limits::MAX_BACKENDS, vip::VipKey};
 
 use super::{
-    Balancer, Change, Health, StateError, Step,
+    Balancer, Change, StateError, Step,
     records::{Backend, Removal, Vip, backend_index},
 };
 use crate::{
     config::model::{BackendConfig, HealthCheckConfig, HealthCheckKind, VipConfig},
     control::plan::Action,
     dataplane::Dataplane,
+    health::Health,
 };
 
 impl Balancer {

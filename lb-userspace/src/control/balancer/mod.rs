@@ -6,8 +6,8 @@
 //! keeps, per VIP, a shadow copy of both Maglev rings as last written. Its
 //! public operations are here; the rest is split along the seams:
 //!
-//! - `types`: what callers see ([`VipView`], [`BackendView`], [`Health`],
-//!   [`Change`]) and the errors ([`StateError`], [`Step`]);
+//! - `types`: what callers see ([`VipView`], [`BackendView`], [`Change`])
+//!   and the errors ([`StateError`], [`Step`]);
 //! - `records`: what the balancer keeps per VIP and per backend;
 //! - `publish`: the publish protocol, which writes one VIP's desired state
 //!   into the maps in an order no packet can see half-done (its module docs
@@ -60,11 +60,12 @@ use lb_common::{
 };
 
 use self::records::{Backend, Removal, Vip, backend_index};
-pub use self::types::{BackendView, Change, Health, StateError, Step, VipView};
+pub use self::types::{BackendView, Change, StateError, Step, VipView};
 use crate::{
     config::model::Config,
     control::{maglev, plan::Action},
     dataplane::Dataplane,
+    health::Health,
 };
 
 /// The control plane's state for one validated config.
@@ -73,12 +74,12 @@ use crate::{
 ///
 /// ```no_run
 /// # fn demo(config: &lb::config::model::Config, maps: &mut impl lb::dataplane::Dataplane) -> anyhow::Result<()> {
-/// use lb::control::balancer::Balancer;
+/// use lb::{control::balancer::Balancer, health::Health};
 ///
 /// let mut balancer = Balancer::new(config)?;
 /// balancer.install(maps)?;
 /// // Later, from the health checker:
-/// let change = balancer.set_health(3, false, maps)?;
+/// let change = balancer.set_health(3, Health::Down, maps)?;
 /// println!("{} ring slots rewritten", change.slots_written);
 /// # Ok(())
 /// # }
@@ -250,7 +251,7 @@ impl Balancer {
     pub fn set_health(
         &mut self,
         backend_id: u32,
-        up: bool,
+        health: Health,
         dp: &mut impl Dataplane,
     ) -> Result<Change, StateError> {
         let backend = self
@@ -260,7 +261,7 @@ impl Balancer {
             // A late verdict from a checker stopped by a reload.
             return Ok(Change::default());
         }
-        backend.health = if up { Health::Up } else { Health::Down };
+        backend.health = health;
         let vip_id = backend.vip_id;
         self.sync_vip(vip_id, dp)
     }

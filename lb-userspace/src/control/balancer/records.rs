@@ -4,12 +4,15 @@
 use std::net::SocketAddr;
 
 use lb_common::{
-    backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP},
+    backend::BACKEND_ID_NONE,
     vip::{VipInfo, VipKey},
 };
 
-use super::{BackendView, Health};
-use crate::config::model::{BackendConfig, HealthCheckConfig, Protocol, Scheduler, VipConfig};
+use super::BackendView;
+use crate::{
+    config::model::{BackendConfig, HealthCheckConfig, Protocol, Scheduler, VipConfig},
+    health::Health,
+};
 
 /// A VIP: its config, its backends, and what `VIPS` and its two rings hold.
 #[derive(Clone, Debug)]
@@ -95,11 +98,7 @@ impl Backend {
     /// The state `BACKENDS` must hold. Weight 0 is still `UP`: such a backend
     /// is drained (no new flows) but keeps its existing ones.
     pub(super) fn wanted_state(&self) -> u8 {
-        if self.health.is_up() {
-            BACKEND_STATE_UP
-        } else {
-            BACKEND_STATE_DOWN
-        }
+        self.health.backend_state()
     }
 
     /// Whether it may take new flows: up, with weight.

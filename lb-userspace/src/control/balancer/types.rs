@@ -3,55 +3,11 @@
 
 use std::{fmt, net::SocketAddr, ops::AddAssign};
 
-use lb_common::backend::BACKEND_STATE_UP;
-
 use crate::{
-    config::model::{HealthCheckConfig, HealthCheckKind, Protocol, Scheduler},
+    config::model::{HealthCheckConfig, Protocol, Scheduler},
     dataplane::DataplaneError,
+    health::Health,
 };
-
-/// What the agent believes about a backend.
-///
-/// `Unknown` is the state before the first verdict of the health checks; it
-/// counts as not up, so a freshly started agent sends no flows to a backend
-/// it has not seen answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Health {
-    Up,
-    Down,
-    Unknown,
-}
-
-impl Health {
-    /// Whether the backend may take new flows (if it has weight).
-    pub fn is_up(self) -> bool {
-        self == Health::Up
-    }
-
-    /// Lowercase name for logs, metrics labels and the status API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Up => "up",
-            Health::Down => "down",
-            Health::Unknown => "unknown",
-        }
-    }
-
-    /// Where a backend of a VIP probed with `kind` starts: up when nothing
-    /// probes it, unknown until its first probe otherwise.
-    pub(super) fn initial(kind: &HealthCheckKind) -> Self {
-        match kind {
-            HealthCheckKind::None => Health::Up,
-            HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
-        }
-    }
-}
-
-impl fmt::Display for Health {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What [`Balancer::install`](super::Balancer::install) or [`Balancer::set_health`](super::Balancer::set_health) wrote, for logs,
 /// metrics and benchmarks of update cost.
@@ -107,12 +63,7 @@ impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Step::WriteBackend { backend_id, state } => {
-                let state = if state == BACKEND_STATE_UP {
-                    "up"
-                } else {
-                    "down"
-                };
-                write!(f, "write backend {backend_id} as {state}")
+                write!(f, "write backend {backend_id} as {}", Health::of_backend_state(state))
             }
             Step::WriteRing { generation, slots } => {
                 write!(f, "write {slots} slots of ring generation {generation}")

@@ -267,7 +267,7 @@ fn unknown_backend_is_refused_without_writes() {
     let (mut balancer, mut dp) = installed(&config);
     let start = dp.calls.len();
     for id in [0, 3, u32::MAX] {
-        let result = balancer.set_health(id, true, &mut dp);
+        let result = balancer.set_health(id, Health::Up, &mut dp);
         assert!(
             matches!(result, Err(StateError::UnknownBackend { backend_id }) if backend_id == id)
         );
@@ -302,7 +302,7 @@ fn failed_writes_are_finished_by_a_retry() {
             }
             let id = if up { 2 } else { 4 };
             dp.fail_in(failing);
-            let error = balancer.set_health(id, up, &mut dp);
+            let error = balancer.set_health(id, health(up), &mut dp);
             assert!(
                 matches!(error, Err(StateError::Dataplane { .. })),
                 "call {failing} of {id}→{up} did not fail"

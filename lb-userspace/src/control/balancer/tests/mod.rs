@@ -26,11 +26,12 @@ use lb_common::{
 };
 
 use super::{
-    Balancer, Change, Health, StateError,
+    Balancer, Change, StateError,
     testing::{Call, FakeDataplane},
 };
 use crate::{
     config::model::{AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, VipConfig, XdpMode},
+    health::Health,
     control::{
         maglev::{self, MaglevBackend},
         plan::Action,
@@ -132,9 +133,14 @@ fn installed(config: &Config) -> (Balancer, FakeDataplane) {
     (balancer, dp)
 }
 
+/// The verdict a health check sends: up or down.
+fn health(up: bool) -> Health {
+    if up { Health::Up } else { Health::Down }
+}
+
 fn set(balancer: &mut Balancer, dp: &mut FakeDataplane, backend_id: u32, up: bool) -> Change {
     balancer
-        .set_health(backend_id, up, dp)
+        .set_health(backend_id, health(up), dp)
         .unwrap_or_else(|e| panic!("set_health({backend_id}, {up}): {e}"))
 }
 

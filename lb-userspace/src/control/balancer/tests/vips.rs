@@ -247,7 +247,7 @@ fn a_failed_removal_holds_its_id_back_until_a_retry_finishes_it() {
             // Nor may a health event of c while the removal still fails
             // (the fake panics on a write into a ring that VIPS names).
             dp.fail_in(0);
-            assert!(balancer.set_health(5, true, &mut dp).is_err());
+            assert!(balancer.set_health(5, Health::Up, &mut dp).is_err());
             assert_eq!(dp.calls_since(start), []);
             // Once it succeeds, the same event finishes both.
             set(&mut balancer, &mut dp, 5, true);
