@@ -167,7 +167,7 @@ impl L2 {
 /// Parses Ethernet through up to two VLAN tags.
 #[inline(always)]
 pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Verdict> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_NOT_IPV4))?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_NOT_IP))?;
     let (l3_off, ether_type_be) = skip_vlan_tags(ctx, eth)?;
     Ok(L2 { eth, l3_off, ether_type_be })
 }
@@ -181,7 +181,7 @@ pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Verdict> {
 #[inline(always)]
 pub fn parse_ipv4(ctx: &XdpContext, l2: &L2) -> Result<Ipv4, Verdict> {
     if l2.ether_type_be != ETH_P_IPV4_BE {
-        return Err(Verdict::pass(reason::PASS_NOT_IPV4));
+        return Err(Verdict::pass(reason::PASS_NOT_IP));
     }
     ipv4_header(ctx, l2.eth, l2.l3_off)
 }
@@ -192,25 +192,25 @@ pub fn parse_ipv4(ctx: &XdpContext, l2: &L2) -> Result<Ipv4, Verdict> {
 /// so a tagged packet leaves with its tags.
 #[inline(always)]
 fn skip_vlan_tags(ctx: &XdpContext, eth: *mut EthHdr) -> Result<(usize, u16), Verdict> {
-    let not_ipv4 = Verdict::pass(reason::PASS_NOT_IPV4);
+    let not_ip = Verdict::pass(reason::PASS_NOT_IP);
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type_be };
     let mut off = ETH_HLEN;
     // Unrolled, not a loop: at most two tags, each a fixed offset.
     if ether_type == ETH_P_8021AD_BE || ether_type == ETH_P_8021Q_BE {
-        let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ipv4)?;
+        let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ip)?;
         // SAFETY: bounds checked by ptr_at.
         ether_type = unsafe { (*tag).ether_type_be };
         off += VLAN_HLEN;
         if ether_type == ETH_P_8021Q_BE {
-            let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ipv4)?;
+            let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ip)?;
             // SAFETY: bounds checked by ptr_at.
             ether_type = unsafe { (*tag).ether_type_be };
             off += VLAN_HLEN;
         }
     }
     if ether_type != ETH_P_IPV4_BE && ether_type != ETH_P_IPV6_BE {
-        return Err(not_ipv4);
+        return Err(not_ip);
     }
     Ok((off, ether_type))
 }

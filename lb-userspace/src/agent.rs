@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use lb_common::stats::reason;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -331,10 +332,14 @@ impl StatusSource for AgentState {
             .maps
             .verdicts()
             .map(|counts| {
-                lb_common::stats::reason::NAMES
-                    .iter()
+                let reasons = reason::NAMES.iter().zip(reason::HELP);
+                reasons
                     .zip(counts)
-                    .map(|(reason, packets)| VerdictCount { reason: (*reason).to_owned(), packets })
+                    .map(|((reason, help), packets)| VerdictCount {
+                        reason: (*reason).to_owned(),
+                        packets,
+                        help: help.to_owned(),
+                    })
                     .collect()
             })
             .unwrap_or_default();

@@ -146,7 +146,7 @@ mod tests {
                     traffic: Traffic { packets: 7, bytes: 700, new_flows: 1, rescheduled_flows: 0 },
                 }],
             }],
-            verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3 }],
+            verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3, help: String::new() }],
             conntrack: ConntrackStatus {
                 entries: 5,
                 capacity: 1024,

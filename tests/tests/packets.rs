@@ -132,7 +132,7 @@ fn non_vip_traffic_passes_untouched() {
             ("tcp to a backend address, another port", Tcp { dst: [198, 18, 2, 11], dport: 22, ..Tcp::client_to_vip(40003) }.build(), reason::PASS_NOT_VIP),
             ("tcp to another host", Tcp { dst: [198, 18, 3, 3], ..Tcp::client_to_vip(40003) }.build(), reason::PASS_NOT_VIP),
             ("health-check reply: backend to the gateway", Tcp { src: [198, 18, 2, 11], dst: [198, 18, 2, 1], sport: 8080, dport: 45000, syn: false, ..Tcp::client_to_vip(0) }.build(), reason::PASS_LOCAL_DESTINATION),
-            ("arp", arp_request(), reason::PASS_NOT_IPV4),
+            ("arp", arp_request(), reason::PASS_NOT_IP),
         ];
         for (name, frame, why) in &cases {
             lb.assert_passed_untouched(name, frame, *why);
@@ -778,11 +778,11 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
         let mut bad_ihl = Tcp::client_to_vip(40061).build();
         bad_ihl[14] = 0x43;
         lb.assert_passed_untouched("tagged, ihl 3", &with_vlan_tags(&bad_ihl, &tag), reason::PASS_BAD_IHL);
-        lb.assert_passed_untouched("tagged arp", &with_vlan_tags(&arp_request(), &tag), reason::PASS_NOT_IPV4);
+        lb.assert_passed_untouched("tagged arp", &with_vlan_tags(&arp_request(), &tag), reason::PASS_NOT_IP);
         let three = [(TPID_8021AD, 10), (TPID_8021Q, 20), (TPID_8021Q, 30)];
-        lb.assert_passed_untouched("three tags", &with_vlan_tags(&Tcp::client_to_vip(40062).build(), &three), reason::PASS_NOT_IPV4);
+        lb.assert_passed_untouched("three tags", &with_vlan_tags(&Tcp::client_to_vip(40062).build(), &three), reason::PASS_NOT_IP);
         let cut = with_vlan_tags(&Tcp::client_to_vip(40063).build(), &qinq)[..20].to_vec();
-        lb.assert_passed_untouched("frame ends inside the inner tag", &cut, reason::PASS_NOT_IPV4);
+        lb.assert_passed_untouched("frame ends inside the inner tag", &cut, reason::PASS_NOT_IP);
         let mut fragment = with_vlan_tags(&Tcp::client_to_vip(40064).build(), &tag);
         fragment[25] = 0x10;
         lb.assert_dropped("tagged later fragment to the VIP", &fragment, lb.client_if, reason::DROP_FRAGMENT);
