@@ -15,7 +15,6 @@
 #![no_main]
 
 mod conntrack;
-mod csum;
 mod forward;
 mod frag;
 mod guard;
@@ -35,7 +34,8 @@ mod stats;
 mod v6;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
-use lb_common::{FAMILY_V4, stats::reason};
+// `csum`: checksum arithmetic lives in lb-common, where it is tested on the host.
+use lb_common::{FAMILY_V4, csum, stats::reason};
 
 use crate::{parse::Packet, rewrite::Side};
 

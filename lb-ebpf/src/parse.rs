@@ -289,10 +289,7 @@ impl L4 {
     }
 }
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use lb_common::tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Validates the whole TCP or UDP header of a packet we own, and locates its
 /// checksum. A malformed header on a balanced flow is dropped, never

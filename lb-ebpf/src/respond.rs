@@ -39,7 +39,7 @@ use lb_common::{
 use crate::{
     Verdict, conntrack, csum, guard,
     maps::{REPLY_BUCKETS, VIP_ADDRS},
-    parse::{EthHdr, Ipv4, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+    parse::{EthHdr, Ipv4, L4, Packet, TCP_RST, ptr_at},
 };
 
 pub(crate) const REPLY_TTL: u8 = 64;
@@ -52,11 +52,8 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 
-/// A 16-bit word as stored, from its two bytes in wire order.
-#[inline(always)]
-pub(crate) fn w(b0: u8, b1: u8) -> u16 {
-    u16::from_ne_bytes([b0, b1])
-}
+// The RST header arithmetic lives in lb-common, where it is tested on the host.
+pub(crate) use lb_common::tcp::{rst_header, word as w};
 
 /// Takes one reply's worth of credit from this CPU's bucket for `kind`
 /// (`reply_bucket::*`); false when there is not enough. Credit refills with
@@ -181,26 +178,6 @@ pub fn refuse(ctx: &XdpContext, pkt: &Packet, l4: &L4, why: &Refusal) -> Verdict
         port_unreachable(ctx, pkt, why.unreachable_sent)
     };
     sent.unwrap_or(not_answered)
-}
-
-/// The TCP header of the RST that answers the segment whose header is `t`
-/// (`flags` its flags, `l4_len` its length), checksum still 0: ports
-/// swapped; if the segment has ACK, `seq` = its ack; otherwise RST+ACK with
-/// `seq` 0 and `ack` = its seq + its length, SYN and FIN counting one.
-#[inline(always)]
-pub(crate) fn rst_header(t: &[u16; 10], flags: u8, l4_len: usize) -> [u16; 10] {
-    let doff_bytes = ((u16::from_be(t[6]) >> 12) as usize) * 4;
-    let (seq_hi, seq_lo, ack_hi, ack_lo, rst_flags) = if flags & TCP_ACK != 0 {
-        (t[4], t[5], 0, 0, TCP_RST)
-    } else {
-        let seq = (u32::from(u16::from_be(t[2])) << 16) | u32::from(u16::from_be(t[3]));
-        let seg_len = l4_len.saturating_sub(doff_bytes) as u32
-            + u32::from(flags & TCP_SYN != 0)
-            + u32::from(flags & TCP_FIN != 0);
-        let ack = seq.wrapping_add(seg_len);
-        (0, 0, ((ack >> 16) as u16).to_be(), (ack as u16).to_be(), TCP_RST | TCP_ACK)
-    };
-    [t[1], t[0], seq_hi, seq_lo, ack_hi, ack_lo, w(0x50, rst_flags), 0, 0, 0]
 }
 
 /// Rewrites a TCP segment into the RST that answers it.
