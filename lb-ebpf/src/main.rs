@@ -36,6 +36,8 @@ mod v6;
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
 // `csum`: checksum arithmetic lives in lb-common, where it is tested on the host.
 use lb_common::{FAMILY_V4, csum, stats::reason};
+// The panic handler: a reachable panic fails the load, never the data path.
+use lb_ebpf_panic as _;
 
 use crate::{parse::Packet, rewrite::Side};
 
@@ -261,13 +263,6 @@ fn to_backend(
 }
 
 #[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects the loop, so a reachable panic fails the load
-    // rather than the data path.
-    loop {}
-}
-
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
