@@ -97,8 +97,10 @@ fn find_bin(name: &str, var: &str, build_hint: &str) -> anyhow::Result<PathBuf> 
 }
 
 /// Reports a test as skipped, with the reason, and returns; call it then
-/// `return` from the test. Writes straight to stderr, past libtest's output
-/// capture, so `cargo xtask test` sees the marker and counts it.
+/// `return` from the test, e.g. when the kernel lacks a feature. Writes
+/// straight to stderr, past libtest's output capture, so `cargo xtask test`
+/// sees the marker and counts it. (Root-only tests are `#[ignore]`d
+/// instead: see [`require_root!`].)
 ///
 /// ```no_run
 /// if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -112,14 +114,21 @@ pub fn skip(reason: &str) {
     let _ = writeln!(stderr, "{SKIP_MARKER} {test}: {reason}");
 }
 
-/// Skips the calling test (with a printed reason, see [`skip`]) unless the
-/// process is root.
+/// Fails the calling test unless the process is root.
+///
+/// Every test that needs root is also marked
+/// `#[ignore = "needs root: `cargo xtask test` runs it"]`, so plain
+/// `cargo test -p lb-tests` reports it as ignored, never as passed, and
+/// `cargo xtask test` runs it as root with `--include-ignored`. This catches
+/// one run anyway without root, with the reason, rather than letting it
+/// pass having tested nothing.
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !$crate::is_root() {
-            return $crate::skip("needs root for namespaces and XDP");
-        }
+        assert!(
+            $crate::is_root(),
+            "needs root for namespaces and XDP: run it through `cargo xtask test` (or as root with --include-ignored)"
+        );
     };
 }
 

@@ -48,10 +48,9 @@ fn config_text() -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_thousand_vips_and_four_thousand_backends_are_installed_and_balanced() {
-    if !lb_tests::is_root() {
-        return lb_tests::skip("needs root for BPF_PROG_TEST_RUN");
-    }
+    lb_tests::require_root!();
     let config = Config::parse(&config_text(), Path::new("capacity.toml")).expect("the config is valid");
     let vips = config.vips.len();
     let backends: usize = config.vips.iter().map(|v| v.backends.len()).sum();

@@ -194,6 +194,7 @@ fn idle_admin_connections_leave_backends_up(hard: u64) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn idle_admin_connections_under_a_soft_limit_of_1024_leave_backends_up() {
     lb_tests::require_root!();
     // The agent raises its soft limit to this hard one.
@@ -201,6 +202,7 @@ fn idle_admin_connections_under_a_soft_limit_of_1024_leave_backends_up() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn idle_admin_connections_under_a_hard_limit_of_1024_leave_backends_up() {
     lb_tests::require_root!();
     // Nothing to raise: the admin server's cap alone must leave probes room.
@@ -251,6 +253,7 @@ fn blackholed_vips(testbed: &Testbed, check: HealthCheck) -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn thousands_of_blackholed_backends_leave_the_healthy_ones_up() {
     lb_tests::require_root!();
     let testbed = Testbed::new(2).expect("building the testbed");

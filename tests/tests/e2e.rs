@@ -59,6 +59,7 @@ fn counter(status: &serde_json::Value, vip: &str, backend: usize, field: &str) -
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn new_connections_spread_across_all_backends() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -94,6 +95,7 @@ fn new_connections_spread_across_all_backends() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn dead_backend_gets_no_new_connections_and_comes_back() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
@@ -101,6 +103,7 @@ fn dead_backend_gets_no_new_connections_and_comes_back() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_flow_stays_on_one_backend() {
     lb_tests::require_root!();
     let (_agent, testbed) = running();
@@ -122,6 +125,7 @@ fn udp_flow_stays_on_one_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn non_vip_traffic_crosses_untouched() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -145,6 +149,7 @@ fn verdict(status: &serde_json::Value, reason: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn health_checks_work_while_attached_and_stop_detaches() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
@@ -171,6 +176,7 @@ fn health_checks_work_while_attached_and_stop_detaches() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn bad_config_is_refused_and_attaches_nothing() {
     lb_tests::require_root!();
     let testbed = Testbed::new(1).expect("building the testbed");
@@ -200,6 +206,7 @@ fn bad_config_is_refused_and_attaches_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn no_backend_up_is_answered_by_the_gateway() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();

@@ -25,6 +25,7 @@ fn running() -> (Agent, Testbed) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn vip_addresses_answer_pings_over_both_families() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -40,6 +41,7 @@ fn vip_addresses_answer_pings_over_both_families() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn with_every_backend_down_ipv6_clients_are_refused_and_nothing_reaches_a_backend() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();

@@ -70,6 +70,7 @@ fn fetch_big(testbed: &Testbed, ns: &Namespace, vip: SocketAddr) -> Duration {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn large_responses_arrive_when_the_gateways_own_route_to_the_client_is_narrower() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -90,6 +91,7 @@ fn large_responses_arrive_when_the_gateways_own_route_to_the_client_is_narrower(
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn large_responses_arrive_when_a_router_past_the_gateway_has_a_narrower_hop() {
     lb_tests::require_root!();
     let (agent, mut testbed) = running();
@@ -105,6 +107,7 @@ fn large_responses_arrive_when_a_router_past_the_gateway_has_a_narrower_hop() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_port_unreachable_from_a_backend_reaches_the_client_as_connection_refused() {
     lb_tests::require_root!();
     let (agent, testbed) = running();

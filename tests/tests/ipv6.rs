@@ -67,6 +67,7 @@ fn index_of(testbed: &Testbed, name: &str) -> usize {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_connections_spread_across_all_backends() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -128,6 +129,7 @@ fn lb_status_output(testbed: &Testbed) -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_udp_flow_stays_on_one_backend() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -160,6 +162,7 @@ fn ipv6_udp_flow_stays_on_one_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_dead_backend_gets_no_new_connections_and_comes_back() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();

@@ -29,6 +29,7 @@ use v4::*;
 // ---------------------------------------------------------------- cases
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
     with_lb(|lb| {
         let sport = 40000;
@@ -51,6 +52,7 @@ fn tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn established_flow_keeps_its_backend_when_the_ring_changes() {
     with_lb(|lb| {
         let sport = 40001;
@@ -77,6 +79,7 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn reply_from_backend_leaves_with_the_vip_as_source() {
     with_lb(|lb| {
         let sport = 40002;
@@ -95,6 +98,7 @@ fn reply_from_backend_leaves_with_the_vip_as_source() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_with_and_without_checksum_is_rewritten_both_ways() {
     with_lb(|lb| {
         let sport = 50000;
@@ -125,6 +129,7 @@ fn udp_with_and_without_checksum_is_rewritten_both_ways() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn non_vip_traffic_passes_untouched() {
     with_lb(|lb| {
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
@@ -144,6 +149,7 @@ fn non_vip_traffic_passes_untouched() {
 /// serves is answered or dropped here, never routed on (the gateway does
 /// not own the address and would send it back the way it came).
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn traffic_to_a_vip_address_that_no_vip_serves_is_refused_here() {
     with_lb(|lb| {
         let tcp = Tcp { dport: 443, ..Tcp::client_to_vip(40004) }.build();
@@ -168,6 +174,7 @@ fn traffic_to_a_vip_address_that_no_vip_serves_is_refused_here() {
 /// backend's never creates balancing state, so nobody can plant reply
 /// translations for the gateway's health probes.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn packets_to_a_vip_from_the_gateways_or_a_backends_address_are_dropped() {
     with_lb(|lb| {
         let client_if = lb.client_if;
@@ -188,6 +195,7 @@ fn packets_to_a_vip_from_the_gateways_or_a_backends_address_are_dropped() {
 /// evicted it, or an agent restart lost it) still leaves with the VIP as its
 /// source, never with the backend's own address.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_reply_without_reply_state_is_translated_from_its_backends_service() {
     with_lb(|lb| {
         let sport = 40100;
@@ -208,6 +216,7 @@ fn a_reply_without_reply_state_is_translated_from_its_backends_service() {
 /// replies untranslated, and a new balanced flow that would share its
 /// replies' 5-tuple is refused; a balanced flow wins over a later direct one.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn direct_flows_to_a_backend_keep_their_replies_untranslated() {
     with_lb(|lb| {
         let (client_if, backend_if) = (lb.client_if, lb.backend_if);
@@ -245,6 +254,7 @@ fn arp_request() -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn flow_on_a_down_backend_is_rescheduled() {
     with_lb(|lb| {
         let sport = 40005;
@@ -283,6 +293,7 @@ fn rst_from(port: u16, sport: u16, seq: u32, ack: Option<u32>) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn tcp_to_a_vip_with_no_backend_up_is_answered_with_a_rst() {
     with_lb(|lb| {
         lb.set_ring(1, 1, []);
@@ -331,6 +342,7 @@ fn port_unreachable(datagram: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_to_a_vip_with_no_backend_up_is_answered_with_port_unreachable() {
     with_lb(|lb| {
         lb.set_ring(2, 1, []);
@@ -363,6 +375,7 @@ fn echo(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8,
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn icmp_echo_to_a_vip_address_is_answered_and_others_pass() {
     with_lb(|lb| {
         let request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 50, true);
@@ -406,6 +419,7 @@ fn pin_to_one_cpu() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn replies_are_rate_limited_per_cpu() {
     with_lb(|lb| {
         pin_to_one_cpu();
@@ -440,6 +454,7 @@ fn replies_are_rate_limited_per_cpu() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn malformed_and_expiring_packets_follow_their_rules() {
     with_lb(|lb| {
         let good = Tcp::client_to_vip(40007).build();
@@ -477,6 +492,7 @@ fn with_total_length(frame: &[u8], tot_len: u16) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn malformed_ipv4_headers_pass_untouched_each_with_its_reason() {
     with_lb(|lb| {
         let good = Tcp::client_to_vip(40020).build();
@@ -519,6 +535,7 @@ fn malformed_ipv4_headers_pass_untouched_each_with_its_reason() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn malformed_tcp_and_udp_headers_to_a_vip_are_dropped() {
     with_lb(|lb| {
         let tcp = Tcp::client_to_vip(40021).build();
@@ -560,6 +577,7 @@ fn malformed_tcp_and_udp_headers_to_a_vip_are_dropped() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv4_options_are_kept_and_skipped() {
     with_lb(|lb| {
         let sport = 40009;
@@ -576,6 +594,7 @@ fn ipv4_options_are_kept_and_skipped() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv4_options_of_the_largest_size_are_kept_both_ways() {
     with_lb(|lb| {
         // IHL 15: 40 bytes of options (a record-route option with room for
@@ -641,6 +660,7 @@ fn with_ip_id(frame: &[u8], id: u16) -> Vec<u8> {
 static DATAGRAM: [u8; 1000] = [7; 1000];
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn later_fragments_follow_their_first_piece_both_ways() {
     with_lb(|lb| {
         // A 1008-byte UDP datagram in two pieces: 520 bytes (the UDP header
@@ -679,6 +699,7 @@ fn later_fragments_follow_their_first_piece_both_ways() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn fragments_that_cannot_be_placed_are_dropped_at_a_vip_and_others_pass() {
     with_lb(|lb| {
         let udp_req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50041, VIP_UDP_PORT, &[7; 64]);
@@ -708,6 +729,7 @@ fn fragments_that_cannot_be_placed_are_dropped_at_a_vip_and_others_pass() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn the_fragment_rule_follows_vips_as_they_come_and_go() {
     with_lb(|lb| {
         let other_vip = [198, 18, 0, 101];
@@ -739,6 +761,7 @@ fn the_fragment_rule_follows_vips_as_they_come_and_go() {
 
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
     with_lb(|lb| {
         // One 802.1Q tag, both directions.
@@ -790,6 +813,7 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn backend_without_neighbour_entry_goes_to_the_kernel_rewritten() {
     with_lb(|lb| {
         // Backend id 1 moved to .14, which has no neighbour entry yet.
@@ -867,6 +891,7 @@ fn other_than(id: u32) -> u32 {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn idle_flows_expire_after_their_protocols_timeout() {
     with_lb(|lb| {
         let udp_key = flow(CLIENT, VIP, 50070, VIP_UDP_PORT, PROTO_UDP);
@@ -908,6 +933,7 @@ fn idle_flows_expire_after_their_protocols_timeout() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
     with_lb(|lb| {
         let sport = 40071;
@@ -953,6 +979,7 @@ fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn active_flows_rewrite_their_entry_at_most_once_a_second() {
     with_lb(|lb| {
         let sport = 40073;
@@ -978,6 +1005,7 @@ fn active_flows_rewrite_their_entry_at_most_once_a_second() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn replies_keep_their_flow_alive_and_both_tables_stay_in_step() {
     with_lb(|lb| {
         let sport = 50074;
@@ -1042,6 +1070,7 @@ fn replies_keep_their_flow_alive_and_both_tables_stay_in_step() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn occupancy_and_evictions_are_counted() {
     with_lb(|lb| {
         // 1500 flows through a table with room for 1024 (Lb::new).
@@ -1059,6 +1088,7 @@ fn occupancy_and_evictions_are_counted() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn the_entry_count_is_refreshed_off_the_callers_thread() {
     with_lb(|lb| {
         assert_eq!(lb.maps.conntrack().expect("conntrack").entries, 0, "the first count is taken at once");

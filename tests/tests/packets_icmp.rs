@@ -114,6 +114,7 @@ fn tcp_reply(src: [u8; 4], sport: u16, dport: u16, payload: &'static [u8]) -> Tc
 // ---------------------------------------------------------------- errors to the VIP: steered to the backend
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn fragmentation_needed_for_a_reply_is_steered_to_the_flows_backend() {
     with_lb(|lb| {
         let sport = 40100;
@@ -149,6 +150,7 @@ fn fragmentation_needed_for_a_reply_is_steered_to_the_flows_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn an_error_about_a_udp_reply_translates_its_udp_checksum() {
     with_lb(|lb| {
         let sport = 50100;
@@ -171,6 +173,7 @@ fn an_error_about_a_udp_reply_translates_its_udp_checksum() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn errors_to_a_vip_about_no_balanced_flow_are_dropped_and_others_pass() {
     with_lb(|lb| {
         let sport = 40110;
@@ -210,6 +213,7 @@ fn errors_to_a_vip_about_no_balanced_flow_are_dropped_and_others_pass() {
 // ---------------------------------------------------------------- errors to a client: reverse-translated
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
     with_lb(|lb| {
         let sport = 50110;
@@ -238,6 +242,7 @@ fn port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn an_error_about_a_flow_that_moved_on_is_dropped() {
     with_lb(|lb| {
         let sport = 50120;
@@ -256,6 +261,7 @@ fn an_error_about_a_flow_that_moved_on_is_dropped() {
 // ---------------------------------------------------------------- too big for the next hop
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_request_too_big_for_the_backends_path_gets_fragmentation_needed() {
     with_lb(|lb| {
         lb.set_ring(1, 1, [3]);
@@ -283,6 +289,7 @@ fn a_request_too_big_for_the_backends_path_gets_fragmentation_needed() {
 /// answer has its own budget, and when "fragmentation needed" runs out of
 /// its own, the packet goes to the kernel (rewritten), never silently dropped.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn pings_do_not_starve_fragmentation_needed() {
     with_lb(|lb| {
         // One CPU, so every run meets the same per-CPU buckets.
@@ -325,6 +332,7 @@ fn pings_do_not_starve_fragmentation_needed() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_reply_too_big_for_the_clients_path_gets_fragmentation_needed_from_the_vip() {
     with_lb(|lb| {
         let sport = 40140;

@@ -104,6 +104,7 @@ fn tcp_reply(src: [u8; 16], sport: u16, dport: u16, payload: &'static [u8]) -> T
 // ---------------------------------------------------------------- the gateway's own answers
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_echo_to_a_vip_address_is_answered() {
     with_lb(|lb| {
         let mut reply = Vec::new();
@@ -125,6 +126,7 @@ fn ipv6_echo_to_a_vip_address_is_answered() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_with_no_backend_up_tcp_gets_a_rst_and_udp_port_unreachable() {
     with_lb(|lb| {
         lb.set_ring(1, 1, []);
@@ -145,6 +147,7 @@ fn ipv6_with_no_backend_up_tcp_gets_a_rst_and_udp_port_unreachable() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_packets_too_big_for_the_next_hop_get_packet_too_big() {
     with_lb(|lb| {
         lb.set_ring(1, 1, [3]);
@@ -172,6 +175,7 @@ fn ipv6_packets_too_big_for_the_next_hop_get_packet_too_big() {
 // ---------------------------------------------------------------- errors of balanced flows
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_packet_too_big_for_a_reply_is_steered_to_the_flows_backend() {
     with_lb(|lb| {
         let sport = 40220;
@@ -198,6 +202,7 @@ fn ipv6_packet_too_big_for_a_reply_is_steered_to_the_flows_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
     with_lb(|lb| {
         let sport = 50220;
@@ -223,6 +228,7 @@ fn ipv6_port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_errors_naming_no_balanced_flow_are_dropped_at_a_vip_and_pass_elsewhere() {
     with_lb(|lb| {
         let on_wire = tcp_reply(VIP, VIP_TCP_PORT, 40240, b"x").build();

@@ -96,6 +96,7 @@ fn spread(testbed: &Testbed, n: usize) -> Spread {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -138,6 +139,7 @@ fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -182,6 +184,7 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_removes_and_adds_backends_of_a_vip() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -267,6 +270,7 @@ fn assert_not_balanced(testbed: &Testbed, addr: SocketAddr, when: &str) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_adds_and_removes_a_vip_while_another_keeps_its_flows() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");

@@ -140,6 +140,7 @@ fn scheduler_of(agent: &Agent, vip: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn source_hash_sends_one_client_to_one_backend() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -182,6 +183,7 @@ fn source_hash_sends_one_client_to_one_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn backup_takes_over_when_the_primaries_die_and_hands_back() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -244,6 +246,7 @@ fn backup_takes_over_when_the_primaries_die_and_hands_back() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn weight_zero_takes_no_new_connections_but_stays_up() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");

@@ -24,18 +24,10 @@ fn netns_list() -> Vec<String> {
         .collect()
 }
 
-/// Skips the test (with a printed reason) unless root.
-macro_rules! require_root {
-    () => {
-        if !lb_tests::is_root() {
-            return lb_tests::skip("needs root for network namespaces");
-        }
-    };
-}
-
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn backends_answer_through_the_gateway_and_everything_is_removed() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
     let names: Vec<String> = testbed
         .namespaces()
@@ -129,8 +121,9 @@ fn backends_answer_through_the_gateway_and_everything_is_removed() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn backends_answer_over_ipv6_through_the_gateway() {
-    require_root!();
+    lb_tests::require_root!();
     let testbed = Testbed::new(2).expect("building the testbed");
     // nodad and accept_dad=0: nothing may wait for duplicate address detection.
     for ns in testbed.namespaces() {
@@ -183,8 +176,9 @@ fn backends_answer_over_ipv6_through_the_gateway() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn parallel_testbeds_do_not_collide() {
-    require_root!();
+    lb_tests::require_root!();
     let ids: Vec<String> = thread::scope(|s| {
         let handles: Vec<_> = (0..3)
             .map(|_| {
@@ -224,8 +218,9 @@ fn parallel_testbeds_do_not_collide() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn failed_construction_removes_what_it_made() {
-    require_root!();
+    lb_tests::require_root!();
     // `false` starts and exits at once, so the first backend never listens:
     // the failure comes after every namespace and link exists.
     let err = Testbed::builder()

@@ -6,7 +6,9 @@
 //! 2. Build `lb` and `lb-testbed-backend`, and the `lb-tests` test
 //!    executables without running them (their paths come from cargo's JSON).
 //! 3. Run each `lb-tests` executable as root, with `LB_BIN` and
-//!    `LB_TESTBED_BACKEND_BIN` pointing at what step 2 built.
+//!    `LB_TESTBED_BACKEND_BIN` pointing at what step 2 built, and with
+//!    `--include-ignored`: its root-only tests are `#[ignore]`d so that
+//!    plain `cargo test` reports them as ignored rather than passed.
 //!
 //! Output streams through; libtest's summary lines are counted, and lines
 //! with [`lb_tests::SKIP_MARKER`] are counted as skipped tests (libtest
@@ -173,6 +175,7 @@ fn run_lb_test(
     println!("\n--> {} ({})", label(artifact), exe.display());
     let mut cmd = Command::new(exe);
     cmd.arg(TEST_THREADS)
+        .arg("--include-ignored")
         .args(opts.filter.as_deref())
         .current_dir(package_dir)
         .env(lb_tests::LB_BIN_ENV, absolute(&bins.lb)?)

@@ -301,6 +301,7 @@ pub fn assert_checksums_valid(frame: &[u8]) {
 }
 
 pub fn with_lb(f: impl FnOnce(&mut Lb) + Send + 'static) {
+    lb_tests::require_root!();
     let ns = Netns::new();
     ns.run(move || {
         let mut lb = Lb::new();
