@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn a_sum_from_scratch_is_the_reference_checksum() {
-        let mut rng = Rng(0x5eed_c5);
+        let mut rng = Rng(0x005e_edc5);
         for _ in 0..CASES {
             let len = 2 * (rng.next() % 40) as usize;
             let bytes = rng.field(len);
@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn updates_agree_with_recomputing_from_scratch() {
-        let mut rng = Rng(0xc0ff_ee);
+        let mut rng = Rng(0x00c0_ffee);
         for case in 0..CASES {
             // A packet of 8..88 words with a field of 2, 4 or 16 bytes at an
             // even offset, changed to another value.
@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn updates_match_etherparse_for_a_rewritten_packet() {
         use etherparse::{Ipv4Header, TcpHeader};
-        let mut rng = Rng(0xba11_0c);
+        let mut rng = Rng(0x00ba_110c);
         for _ in 0..2_000 {
             let len = (rng.next() % 64) as usize;
             let payload = rng.bytes(len);

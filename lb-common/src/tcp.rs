@@ -62,7 +62,7 @@ mod tests {
     /// independent parser: what the RST must say for the segment it answers.
     #[test]
     fn the_rst_answers_any_segment_as_rfc_793_says() {
-        let mut state: u64 = 0x7c9_5eed;
+        let mut state: u64 = 0x07c9_5eed;
         let mut next = || {
             state ^= state << 13;
             state ^= state >> 7;

@@ -113,11 +113,8 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
     parse6::check_hop_limit(pkt)?;
     let flow = tuple(pkt);
     let now = conntrack::now_ns();
-    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, now) {
-        Ok(picked) => picked,
-        // No backend up: tell the client at once rather than let it time out.
-        Err(v) => return Err(v),
-    };
+    // No backend up: tell the client at once rather than let it time out.
+    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip, &l4, now)?;
     if backend.family != FAMILY_V6 {
         return Err(Verdict::drop(reason::DROP_BAD_BACKEND));
     }

@@ -204,8 +204,6 @@ impl Lb {
         assert!(out == frame, "{name}: frame changed\n  out: {}\n  in:  {}", hex(&out), hex(frame));
     }
 
-    /// The frame is dropped, counted as `reason`.
-    #[track_caller]
     /// The frame is redirected, counted as `expected_reason`; returns it.
     #[track_caller]
     pub fn assert_redirected_as(&mut self, frame: &[u8], ingress: u32, expected_reason: u32) -> Vec<u8> {
@@ -214,6 +212,7 @@ impl Lb {
         out
     }
 
+    /// The frame is dropped, counted as `expected_reason`.
     #[track_caller]
     pub fn assert_dropped(&mut self, name: &str, frame: &[u8], ingress: u32, expected_reason: u32) {
         let (action, _, counted) = self.run_counted(frame, ingress);

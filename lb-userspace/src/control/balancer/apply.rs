@@ -245,7 +245,7 @@ impl Balancer {
                 dp.remove_vip(&key).map_err(|source| StateError::Dataplane {
                     vip: name.clone(),
                     step: Step::RemoveVip { vip_id },
-                    source,
+                    source: Box::new(source),
                 })?;
                 if let Some(removal) = self.removing.first_mut() {
                     removal.live = false;

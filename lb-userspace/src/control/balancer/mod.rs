@@ -204,7 +204,7 @@ impl Balancer {
             self.write_roles(key, dp).map_err(|(roles, source)| StateError::Dataplane {
                 vip: "(the gateway's own addresses)".to_owned(),
                 step: Step::WriteAddrRoles { roles },
-                source,
+                source: Box::new(source),
             })?;
         }
         Ok(())

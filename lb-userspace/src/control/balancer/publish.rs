@@ -99,7 +99,7 @@ impl Balancer {
     pub(super) fn mark_addresses(&mut self, vip: &str, key: &VipKey, ids: &[u32], dp: &mut impl Dataplane) -> Result<(), StateError> {
         let failed = |step: Step| {
             let vip = vip.to_owned();
-            move |source| StateError::Dataplane { vip, step, source }
+            move |source| StateError::Dataplane { vip, step, source: Box::new(source) }
         };
         let backends = ids.iter().filter_map(|&id| self.backends.get(backend_index(id)));
         let slots: Vec<u32> = std::iter::once(key.addr_be)
@@ -133,8 +133,8 @@ impl Balancer {
     /// Writes the `ADDR_ROLES` entry of `key` if it differs from what the
     /// entry must hold; on failure, the roles it tried to write.
     pub(super) fn write_roles(&mut self, key: VipAddrKey, dp: &mut impl Dataplane) -> Result<(), (u32, DataplaneError)> {
-        let roles = u32::from(self.local_addrs.contains(&key)) * ADDR_ROLE_LOCAL
-            | u32::from(self.backend_addrs.contains(&key)) * ADDR_ROLE_BACKEND;
+        let roles = (u32::from(self.local_addrs.contains(&key)) * ADDR_ROLE_LOCAL)
+            | (u32::from(self.backend_addrs.contains(&key)) * ADDR_ROLE_BACKEND);
         if self.roles_written.get(&key) == Some(&roles) {
             return Ok(());
         }
@@ -161,7 +161,7 @@ impl Balancer {
         }
         let failed = |name: &str, step: Step| {
             let vip = name.to_owned();
-            move |source| StateError::Dataplane { vip, step, source }
+            move |source| StateError::Dataplane { vip, step, source: Box::new(source) }
         };
         if vip.live.is_none() && vip.stale_stats {
             dp.reset_vip_stats(vip.vip_id)
@@ -188,7 +188,7 @@ impl Balancer {
                 // Some slots may have landed: the contents are unknown now.
                 shadow.clear();
                 let step = Step::WriteRing { generation: target, slots: writes.len() };
-                return Err(StateError::Dataplane { vip: vip.name.clone(), step, source });
+                return Err(StateError::Dataplane { vip: vip.name.clone(), step, source: Box::new(source) });
             }
             *shadow = ring;
             change.slots_written += writes.len();
@@ -221,7 +221,7 @@ impl Balancer {
         dp.set_vip_addr(addr, protos).map_err(|source| StateError::Dataplane {
             vip: vip.to_owned(),
             step: Step::WriteVipAddr { protos },
-            source,
+            source: Box::new(source),
         })?;
         if protos == 0 {
             self.vip_addrs.remove(&addr);
@@ -276,7 +276,7 @@ impl Balancer {
                     backend_id: id,
                     state,
                 },
-                source,
+                source: Box::new(source),
             });
         }
         backend.written_state = Some(state);

@@ -124,8 +124,9 @@ pub enum StateError {
     Dataplane {
         vip: String,
         step: Step,
+        // Boxed: it is large, and every Result of the balancer would carry its size.
         #[source]
-        source: DataplaneError,
+        source: Box<DataplaneError>,
     },
 }
 
