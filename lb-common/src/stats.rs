@@ -147,7 +147,7 @@ pub mod reason {
         /// destination unreachable, port unreachable (type 3 code 3) from the
         /// VIP, quoting the IP header and the first 8 bytes (sent back out the device it came in on).
         TX_ICMP_UNREACHABLE_NO_BACKEND = 19 => "tx_icmp_unreachable_no_backend",
-        /// A no-backend reply (RST or ICMP unreachable) over its per-CPU rate
+        /// A no-backend answer (RST or ICMP unreachable) over its per-CPU rate
         /// limit (`limits::REPLY_RATE_PER_SEC`): dropped instead.
         DROP_NO_BACKEND_RATE_LIMITED = 20 => "drop_no_backend_rate_limited",
         /// ICMP echo request to a VIP address: answered by the gateway itself

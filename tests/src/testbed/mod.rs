@@ -337,7 +337,7 @@ impl Testbed {
         }
 
         // NAPI (via GRO) on the receivers of redirected frames; no partial
-        // checksums from senders (see the module docs and NOTES.md).
+        // checksums from senders (see the module docs).
         self.client
             .exec_ok(&["ethtool", "-K", &self.client_if, "tx", "off", "gro", "on"])?;
         self.gateway

@@ -7,7 +7,8 @@
 //! so no conntrack, NAT or TIME_WAIT state carries over. The setups take
 //! turns inside each round (all five with keep-alive, then all five with a
 //! new connection each, then the next round), so slow drift of the machine
-//! (NOTES.md: the direct figure drifts 15-20% over minutes) hits them alike;
+//! (the direct figure alone drifts 15-20% over minutes on these machines)
+//! hits them alike;
 //! the ratios to the direct path are taken within a round.
 //!
 //! CPU: the kernel-path balancers do their work in softirq, which belongs to
@@ -33,9 +34,9 @@ use super::{
     loadgen::{self, Load, Mark},
 };
 
-/// Backends behind every balancer (as in NOTES.md's measurements).
+/// Backends behind every balancer.
 const BACKENDS: usize = 3;
-/// Concurrent connections and client threads (wrk -t2 -c64 in NOTES.md).
+/// Concurrent connections and client threads, as `wrk -t2 -c64` would use.
 const CONNECTIONS: usize = 64;
 const CLIENT_THREADS: usize = 2;
 /// A request not answered within this counts as an error.

@@ -4,7 +4,7 @@
 //!
 //! Every measurement gets a fresh [`Testbed`]: new namespaces have no
 //! conntrack or NAT state, no TIME_WAIT sockets and no cached timestamps left
-//! from the previous run (see NOTES.md, "clear leftover connections"), which
+//! from the previous run (leftovers distort the next run's figures), which
 //! is simpler and more thorough than `ss -K` plus `conntrack -F` (and the
 //! `conntrack` tool is not installed).
 

@@ -1,14 +1,15 @@
 //! A packet generator: BPF_PROG_TEST_RUN in live-frame mode
 //! (`BPF_F_TEST_XDP_LIVE_FRAMES`, kernel 5.18+) of a tiny XDP program that
-//! returns `XDP_TX`, which is what xdp-trafficgen does (Debian's build of it
-//! fails on this kernel, NOTES.md).
+//! returns `XDP_TX`, which is what xdp-trafficgen does (Debian's xdp-tools
+//! 1.3.1 fails on kernel 6.18: it needs the BTF of a tracepoint newer
+//! kernels removed).
 //!
 //! In live-frame mode the kernel runs the program on a frame as if it had
 //! arrived on `ingress_ifindex`, and turns `XDP_TX` into a redirect out of
 //! that same device (net/bpf/test_run.c, `xdp_test_run_batch`): on the
 //! client's veth the frames go to its peer, the gateway's client-side veth,
 //! through the peer's NAPI (which it has with an XDP program attached or GRO
-//! on, NOTES.md). No socket, no skb on the sending side: a few tens of
+//! on; without it a redirected frame silently vanishes). No socket, no skb on the sending side: a few tens of
 //! nanoseconds per frame, so the gateway is the bottleneck.
 //!
 //! The program writes the frame's headers from a template compiled into its
