@@ -21,9 +21,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_bench_ebpf::{
-    FRAME_MAX, Frame, V4_SRC_ADDR_OFFSET, V4_SRC_PORT_OFFSET, V6_SRC_ADDR_LOW_OFFSET, VARY_V4_SOURCE,
-    VARY_V6_SOURCE, v4_source,
+    FRAME_MAX, Frame, V4_SRC_ADDR_OFFSET, V4_SRC_PORT_OFFSET, V6_SRC_ADDR_LOW_OFFSET, VARY_V4_SOURCE, VARY_V6_SOURCE,
+    v4_source,
 };
+// The panic handler: a reachable panic fails the load.
+use lb_ebpf_panic as _;
 
 /// 0 → the frame every iteration starts from, and the iteration counter.
 /// Written by `lb-bench` before each run; the counter by the wrapper.
@@ -103,12 +105,6 @@ fn store<const N: usize>(ctx: &XdpContext, offset: usize, bytes: [u8; N]) -> Res
 }
 
 #[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects the loop, so a reachable panic fails the load.
-    loop {}
-}
-
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

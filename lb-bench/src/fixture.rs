@@ -12,8 +12,8 @@ use aya::{
 };
 use lb::{
     config::Config,
+    control::balancer::Balancer,
     dataplane::{LoadOptions, Maps, Program},
-    lb::state::Balancer,
 };
 use lb_bench_ebpf::{FRAME_MAX, Frame};
 use lb_common::{
@@ -21,7 +21,10 @@ use lb_common::{
     map_names,
 };
 
-use crate::frames::{BACKEND_TCP_PORT, BACKEND_UDP_PORT, BACKENDS, CLIENT_MAC, Family, GW_BACKEND_MAC, GW_CLIENT_MAC, VIP_TCP_PORT, VIP_UDP_PORT, backend_mac};
+use crate::frames::{
+    BACKEND_TCP_PORT, BACKEND_UDP_PORT, BACKENDS, CLIENT_MAC, Family, GW_BACKEND_MAC, GW_CLIENT_MAC, VIP_TCP_PORT,
+    VIP_UDP_PORT, backend_mac,
+};
 
 /// The gateway's client-side link (requests arrive here).
 pub const CLIENT_IF: &str = "lbb-c";
@@ -74,10 +77,30 @@ pub fn set_up_links() -> anyhow::Result<()> {
         ip(&["addr", "add", addr, "dev", dev, "nodad"])?;
     }
     for family in Family::ALL {
-        ip(&["neigh", "add", &family.client().to_string(), "lladdr", &mac_str(CLIENT_MAC), "dev", CLIENT_IF, "nud", "permanent"])?;
+        ip(&[
+            "neigh",
+            "add",
+            &family.client().to_string(),
+            "lladdr",
+            &mac_str(CLIENT_MAC),
+            "dev",
+            CLIENT_IF,
+            "nud",
+            "permanent",
+        ])?;
         for i in 1..=BACKENDS {
             let addr = family.backend(i).to_string();
-            ip(&["neigh", "add", &addr, "lladdr", &mac_str(backend_mac(10 + i)), "dev", BACKEND_IF, "nud", "permanent"])?;
+            ip(&[
+                "neigh",
+                "add",
+                &addr,
+                "lladdr",
+                &mac_str(backend_mac(10 + i)),
+                "dev",
+                BACKEND_IF,
+                "nud",
+                "permanent",
+            ])?;
         }
     }
     Ok(())
@@ -143,7 +166,9 @@ fn config_text(conntrack_capacity: u32) -> String {
         "[agent]\ninterfaces = [\"{CLIENT_IF}\", \"{BACKEND_IF}\"]\nconntrack_capacity = {conntrack_capacity}\n"
     );
     for family in Family::ALL {
-        for (proto, vip_port, backend_port) in [("tcp", VIP_TCP_PORT, BACKEND_TCP_PORT), ("udp", VIP_UDP_PORT, BACKEND_UDP_PORT)] {
+        for (proto, vip_port, backend_port) in
+            [("tcp", VIP_TCP_PORT, BACKEND_TCP_PORT), ("udp", VIP_UDP_PORT, BACKEND_UDP_PORT)]
+        {
             let vip = std::net::SocketAddr::new(family.vip(), vip_port);
             text.push_str(&format!(
                 "\n[[vip]]\nname = \"{proto}-{}\"\nlisten = \"{vip}\"\nprotocol = \"{proto}\"\n[vip.health_check]\ntype = \"none\"\n",
@@ -174,7 +199,8 @@ impl Lb {
     /// When the config is refused, the verifier rejects the program, or a
     /// map write fails.
     pub fn load(conntrack_capacity: u32) -> anyhow::Result<Self> {
-        let config = Config::parse(&config_text(conntrack_capacity), Path::new("lb-bench.toml")).context("the benchmark's config")?;
+        let config = Config::parse(&config_text(conntrack_capacity), Path::new("lb-bench.toml"))
+            .context("the benchmark's config")?;
         let mut program = Program::load(&LoadOptions {
             ring_size: config.agent.ring_size,
             max_vips: config.agent.max_vips,
@@ -195,7 +221,12 @@ impl Lb {
     pub fn run_once(&mut self, frame: &[u8], ingress: u32) -> anyhow::Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
         let ctx = xdp_md(frame.len(), ingress)?;
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::default() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
         let result = self.program.xdp()?.test_run(opts).context("test run of lb_xdp")?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
@@ -292,7 +323,11 @@ impl Wrapper {
     /// # Errors
     /// When the frame is too long or the map write fails.
     pub fn set_frame(&mut self, bytes: &[u8], vary: u32) -> anyhow::Result<()> {
-        ensure!(!bytes.is_empty() && bytes.len() <= FRAME_MAX, "frame of {} bytes does not fit the wrapper", bytes.len());
+        ensure!(
+            !bytes.is_empty() && bytes.len() <= FRAME_MAX,
+            "frame of {} bytes does not fit the wrapper",
+            bytes.len()
+        );
         let raw = self.frame.get(&0, 0)?;
         let mut frame: Frame = bytemuck::pod_read_unaligned(&raw);
         frame.len = u32::try_from(bytes.len())?;

@@ -5,7 +5,7 @@
 //! - `maglev_builder`: `maglev::build_ring` over all backends (a full
 //!   build), then the rebuild without one backend and `ring_diff` against
 //!   the first (its changed slots are the writes a minimal update needs);
-//! - `maglev_control`: the control plane (`state::Balancer`) from a fresh
+//! - `maglev_control`: the control plane (`balancer::Balancer`) from a fresh
 //!   start, against a counting dataplane and against the real kernel maps:
 //!   `install`, the first backend going down, it coming back, and then
 //!   another backend going down. The Balancer double-buffers each ring, so
@@ -20,12 +20,12 @@ use std::{path::Path, time::Instant};
 use anyhow::{Context as _, ensure};
 use lb::{
     config::Config,
-    dataplane::{LoadOptions, Maps, Program},
-    lb::{
-        dataplane::{Dataplane, DataplaneError},
+    control::{
+        balancer::{Balancer, Change, StateError},
         maglev::{self, MaglevBackend},
-        state::{Balancer, Change, StateError},
     },
+    dataplane::{Dataplane, DataplaneError, LoadOptions, Maps, Program},
+    health::Health,
 };
 use lb_common::{
     backend::{BACKEND_ID_NONE, BackendInfo},
@@ -63,12 +63,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             let keys = backend_keys(count);
             let config = balancer_config(ring, &keys);
             if let Err(refusal) = &config {
-                emit(&json!({ "kind": "maglev_refused", "ring": ring, "backends": count, "reason": format!("{refusal:#}") }));
+                emit(
+                    &json!({ "kind": "maglev_refused", "ring": ring, "backends": count, "reason": format!("{refusal:#}") }),
+                );
             }
             for run in 0..args.runs {
                 builder(ring, &keys, run);
                 if let Ok(config) = &config {
-                    control_plane(config, &mut Counting, "counting", run)?;
+                    control_plane(config, &mut Counting::default(), "counting", run)?;
                     control_plane(config, &mut kernel.maps, "kernel", run)?;
                 }
             }
@@ -103,8 +105,7 @@ fn builder(ring: u32, keys: &[String], run: u32) {
     let all: Vec<MaglevBackend<'_>> =
         (1u32..).zip(keys).map(|(id, key)| MaglevBackend { id, key, weight: 1 }).collect();
     let gone = all.len() / 2;
-    let fewer: Vec<MaglevBackend<'_>> =
-        all.iter().enumerate().filter(|&(i, _)| i != gone).map(|(_, b)| *b).collect();
+    let fewer: Vec<MaglevBackend<'_>> = all.iter().enumerate().filter(|&(i, _)| i != gone).map(|(_, b)| *b).collect();
 
     let started = Instant::now();
     let full = maglev::build_ring(ring, &all);
@@ -135,10 +136,10 @@ fn control_plane<D: Reset>(config: &Config, dp: &mut D, dataplane: &'static str,
     // Backend ids count from 1 in config order.
     let (first, second) = (u32::try_from(backends / 2)?.max(1), u32::try_from(backends / 3)?.max(1));
     let at = Step { dataplane, ring: config.agent.ring_size, backends, run };
-    at.timed("install", || balancer.install(dp))?;
-    at.timed("first_down", || balancer.set_health(first, false, dp))?;
-    at.timed("back_up", || balancer.set_health(first, true, dp))?;
-    at.timed("later_down", || balancer.set_health(second, false, dp))?;
+    at.timed("install", dp, |dp| balancer.install(dp))?;
+    at.timed("first_down", dp, |dp| balancer.set_health(first, Health::Down, dp))?;
+    at.timed("back_up", dp, |dp| balancer.set_health(first, Health::Up, dp))?;
+    at.timed("later_down", dp, |dp| balancer.set_health(second, Health::Down, dp))?;
     Ok(())
 }
 
@@ -151,10 +152,20 @@ struct Step {
 }
 
 impl Step {
-    fn timed(&self, step: &str, apply: impl FnOnce() -> Result<Change, StateError>) -> anyhow::Result<()> {
+    /// Runs and times one step; where `dp` counts its writes, they must be
+    /// what the balancer reports it wrote.
+    fn timed<D: Reset>(
+        &self,
+        step: &str,
+        dp: &mut D,
+        apply: impl FnOnce(&mut D) -> Result<Change, StateError>,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
-        let change = apply().with_context(|| format!("{step} with {} backends", self.backends))?;
+        let change = apply(dp).with_context(|| format!("{step} with {} backends", self.backends))?;
         let ns = started.elapsed().as_nanos();
+        if let Some(counted) = dp.take_counted() {
+            ensure!(counted == change, "{step}: the balancer reports {change:?}, the dataplane counted {counted:?}");
+        }
         emit(&json!({
             "kind": "maglev_control",
             "dataplane": self.dataplane,
@@ -175,19 +186,29 @@ impl Step {
 /// run starts as the agent does.
 trait Reset: Dataplane {
     fn reset(&mut self) -> anyhow::Result<()>;
+
+    /// What it counted since the last call, if it counts.
+    fn take_counted(&mut self) -> Option<Change> {
+        None
+    }
 }
 
-/// Accepts every write and keeps nothing: the control plane's own CPU time.
-struct Counting;
+/// Counts the writes that cost (backend entries, ring slots, VIP
+/// publishes) and keeps nothing: the control plane's own CPU time, and a
+/// check of what it reports writing.
+#[derive(Default)]
+struct Counting(Change);
 
 impl Dataplane for Counting {
     fn upsert_vip(&mut self, _key: VipKey, _info: VipInfo) -> Result<(), DataplaneError> {
+        self.0.rings_published += 1;
         Ok(())
     }
     fn remove_vip(&mut self, _key: &VipKey) -> Result<(), DataplaneError> {
         Ok(())
     }
     fn set_backend(&mut self, _backend_id: u32, _info: BackendInfo) -> Result<(), DataplaneError> {
+        self.0.backends_written += 1;
         Ok(())
     }
     fn set_addr_filter(&mut self, _slot: u32) -> Result<(), DataplaneError> {
@@ -196,7 +217,8 @@ impl Dataplane for Counting {
     fn set_vip_addr(&mut self, _key: VipAddrKey, _protos: u32) -> Result<(), DataplaneError> {
         Ok(())
     }
-    fn write_ring_slots(&mut self, _slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
+    fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        self.0.slots_written += slots.len();
         Ok(())
     }
     fn reset_vip_stats(&mut self, _vip_id: u32) -> Result<(), DataplaneError> {
@@ -212,7 +234,12 @@ impl Dataplane for Counting {
 
 impl Reset for Counting {
     fn reset(&mut self) -> anyhow::Result<()> {
+        self.0 = Change::default();
         Ok(())
+    }
+
+    fn take_counted(&mut self) -> Option<Change> {
+        Some(std::mem::take(&mut self.0))
     }
 }
 
@@ -276,5 +303,30 @@ impl Reset for KernelDataplane {
         let zeros: Vec<(u32, u32)> = (0..2 * self.ring).map(|slot| (slot, BACKEND_ID_NONE)).collect();
         self.maps.write_ring_slots(&zeros)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb::control::balancer::testing::FakeDataplane;
+
+    use super::*;
+
+    impl Reset for FakeDataplane {
+        /// Each run gets a fresh fake instead.
+        fn reset(&mut self) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The measured steps are what the agent does: the shared fake checks
+    /// the readers' invariant after every write, and the counting dataplane
+    /// sees exactly the writes the balancer reports.
+    #[test]
+    fn the_control_plane_steps_are_valid_and_counted() {
+        let keys = backend_keys(10);
+        let config = balancer_config(4099, &keys).expect("a valid config");
+        control_plane(&config, &mut FakeDataplane::for_config(&config), "fake", 0).expect("against the fake");
+        control_plane(&config, &mut Counting::default(), "counting", 0).expect("counted");
     }
 }

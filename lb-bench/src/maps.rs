@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Instant,
 };
 
@@ -17,9 +17,10 @@ use anyhow::{Context as _, bail, ensure};
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use lb_bench_ebpf::v4_source;
 use lb_common::{
-    FAMILY_V4, PROTO_TCP,
+    PROTO_TCP,
     flow::{FlowKey, FlowState, ReplyNat},
     map_names,
+    vip::VipKey,
 };
 use serde_json::json;
 
@@ -143,13 +144,7 @@ pub fn fill(args: &FillArgs) -> anyhow::Result<()> {
         conntrack.insert(forward, state, 0).context("writing CONNTRACK")?;
         let IpAddr::V4(backend_addr) = backend.ip() else { bail!("--backend must be IPv4") };
         let reply = flow_key(u32::from(backend_addr), backend.port(), client, client_port);
-        let nat = ReplyNat {
-            vip_addr_be: [u32::from(vip).to_be(), 0, 0, 0],
-            vip_port_be: args.vip.port().to_be(),
-            _pad: 0,
-            vip_id: args.vip_id,
-            backend_id,
-        };
+        let nat = ReplyNat::new(&VipKey::new(args.vip, PROTO_TCP), args.vip_id, backend_id);
         reply_nat.insert(reply, nat, 0).context("writing REPLY_NAT")?;
     }
     emit(&json!({ "kind": "filled", "flows": args.flows, "seconds": started.elapsed().as_secs_f64() }));
@@ -176,15 +171,7 @@ fn connection_table_ids(pid: u32) -> anyhow::Result<(u32, u32)> {
 /// A TCP IPv4 flow key; addresses and ports in host order here, stored in
 /// network order as the program reads them off the wire.
 fn flow_key(src: u32, sport: u16, dst: u32, dport: u16) -> FlowKey {
-    FlowKey {
-        src_be: [src.to_be(), 0, 0, 0],
-        dst_be: [dst.to_be(), 0, 0, 0],
-        src_port_be: sport.to_be(),
-        dst_port_be: dport.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    }
+    FlowKey::new((Ipv4Addr::from(src), sport).into(), (Ipv4Addr::from(dst), dport).into(), PROTO_TCP)
 }
 
 /// CLOCK_MONOTONIC now, the clock `bpf_ktime_get_ns` reads: the flows look

@@ -137,7 +137,8 @@ fn new_flows_full_table(wrapper: &mut Wrapper, args: &Args) -> anyhow::Result<()
     let sample = wrapper.run_wrapped(&fill.frame, fill.ingress, inserts).context("filling the table")?;
     expect_verdict("lb_xdp filling the table", sample, XDP_REDIRECT)?;
     emit_table(&mut lb, NAME, Family::V4, "before", args.capacity)?;
-    let cases = Family::ALL.into_iter().map(|family| new_flow_case(&lb, family, NAME)).collect::<anyhow::Result<Vec<_>>>()?;
+    let cases =
+        Family::ALL.into_iter().map(|family| new_flow_case(&lb, family, NAME)).collect::<anyhow::Result<Vec<_>>>()?;
     for run in 0..args.runs {
         for case in &cases {
             measure(wrapper, &mut lb, case, args.repeat, run)?;
@@ -154,7 +155,8 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
     let tcp = Tuple { src: client, dst: vip, sport: CLIENT_PORT, dport: VIP_TCP_PORT };
     let backend = open_flow(lb, &frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, tcp, Segment::Syn)?, lb.client_if)?;
     let reply = Tuple { src: backend, dst: client, sport: BACKEND_TCP_PORT, dport: CLIENT_PORT };
-    let backend_mac = frames::backend_mac_of(family, backend).with_context(|| format!("{backend} is not a benchmark backend"))?;
+    let backend_mac =
+        frames::backend_mac_of(family, backend).with_context(|| format!("{backend} is not a benchmark backend"))?;
     let udp = Tuple { src: client, dst: vip, sport: CLIENT_PORT + 1, dport: VIP_UDP_PORT };
     let udp_frame = frames::udp(CLIENT_MAC, GW_CLIENT_MAC, udp)?;
     open_flow(lb, &udp_frame, lb.client_if)?;
@@ -163,7 +165,8 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
     // To a backend's service directly, not through a VIP: a direct flow,
     // tracked. Not the tracked flow's backend: for a while after a direct
     // flow, a backend's replies take the pipeline, not the fast path.
-    let other_backend = (1..=frames::BACKENDS).map(|i| family.backend(i)).find(|&a| a != backend).context("a second backend")?;
+    let other_backend =
+        (1..=frames::BACKENDS).map(|i| family.backend(i)).find(|&a| a != backend).context("a second backend")?;
     let direct = Tuple { src: client, dst: other_backend, sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let other = Tuple { src: client, dst: family.other_host(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let case = |name, frame, ingress, expect| Case { name, family, frame, ingress, vary: VARY_NONE, expect };
@@ -238,7 +241,11 @@ fn measure(wrapper: &mut Wrapper, lb: &mut Lb, case: &Case, repeat: u32, run: u3
 /// For a frame the program passes untouched it is valid, and checks the
 /// wrapper's subtraction; for a frame it rewrites it shows the trap: after
 /// the first iteration the rewritten frame takes another path.
-fn run_plain(lb: &mut Lb, case: &Case, repeat: u32) -> anyhow::Result<(Sample, serde_json::Map<String, serde_json::Value>)> {
+fn run_plain(
+    lb: &mut Lb,
+    case: &Case,
+    repeat: u32,
+) -> anyhow::Result<(Sample, serde_json::Map<String, serde_json::Value>)> {
     let before = Counts::read(lb)?;
     let plain = lb.run_repeated(&case.frame, case.ingress, repeat)?;
     let after = Counts::read(lb)?;
@@ -284,7 +291,10 @@ impl Counts {
         }
         let inserts = self.inserted - before.inserted;
         let want = if expect.new_flow { repeat } else { 0 };
-        ensure!(inserts == want, "{inserts} connection-table inserts, expected {want}: not every iteration took the case's path");
+        ensure!(
+            inserts == want,
+            "{inserts} connection-table inserts, expected {want}: not every iteration took the case's path"
+        );
         Ok(())
     }
 }

@@ -29,4 +29,18 @@ pub struct BackendInfo {
 }
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 20);
 
+#[cfg(feature = "user")]
+impl BackendInfo {
+    /// The entry of a backend at `address` in `state` (`BACKEND_STATE_*`).
+    #[must_use]
+    pub fn new(address: core::net::SocketAddr, state: u8) -> Self {
+        BackendInfo {
+            addr_be: crate::addr::words(address.ip()),
+            port_be: address.port().to_be(),
+            family: crate::addr::family(address.ip()),
+            state,
+        }
+    }
+}
+
 crate::user_pod!(BackendInfo);

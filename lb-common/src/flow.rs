@@ -81,6 +81,34 @@ impl FlowKey {
     }
 }
 
+#[cfg(feature = "user")]
+impl FlowKey {
+    /// The key of a packet from `src` to `dst` of IP protocol `proto`; both
+    /// addresses of one family (the family is `src`'s).
+    #[must_use]
+    pub fn new(src: core::net::SocketAddr, dst: core::net::SocketAddr, proto: u8) -> Self {
+        FlowKey {
+            src_be: crate::addr::words(src.ip()),
+            dst_be: crate::addr::words(dst.ip()),
+            src_port_be: src.port().to_be(),
+            dst_port_be: dst.port().to_be(),
+            proto,
+            family: crate::addr::family(src.ip()),
+            _pad: [0; 2],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+impl ReplyNat {
+    /// A reply translation to the address and port of VIP `vip` (id
+    /// `vip_id`), counted under `backend_id`.
+    #[must_use]
+    pub fn new(vip: &crate::vip::VipKey, vip_id: u32, backend_id: u32) -> Self {
+        ReplyNat { vip_addr_be: vip.addr_be, vip_port_be: vip.port_be, _pad: 0, vip_id, backend_id }
+    }
+}
+
 crate::user_pod!(FlowKey, FlowState, ReplyNat);
 
 /// The flow hash that picks a Maglev slot: `flow_hash(key) % ring_size`.

@@ -67,4 +67,18 @@ pub struct DirectFlow {
 }
 const _: () = assert!(core::mem::size_of::<DirectFlow>() == 16);
 
+#[cfg(feature = "user")]
+impl ServiceKey {
+    /// The key of a backend's service at `address` for IP protocol `proto`.
+    #[must_use]
+    pub fn new(address: core::net::SocketAddr, proto: u8) -> Self {
+        ServiceKey {
+            addr_be: crate::addr::words(address.ip()),
+            port_be: address.port().to_be(),
+            proto,
+            family: crate::addr::family(address.ip()),
+        }
+    }
+}
+
 crate::user_pod!(AddrRoles, ServiceKey, DirectFlow);

@@ -4,17 +4,26 @@
 //! refuses to compile a type with hidden padding), and its size is asserted, so
 //! the two sides cannot silently disagree about a layout. Addresses and ports
 //! carry their byte order in their names: `_be` fields hold the bytes exactly as
-//! they appear on the wire.
+//! they appear on the wire. With the `user` feature, each type also has a
+//! constructor from std's address types (see [`addr`] for the encoding), the
+//! one place the agent, the tests and the benchmarks build them.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
+#[cfg(feature = "user")]
+pub mod addr;
 pub mod addr_filter;
 pub mod backend;
+pub mod csum;
 pub mod flow;
 pub mod frag;
 pub mod guard;
 pub mod limits;
 pub mod sched;
 pub mod stats;
+pub mod tcp;
 pub mod timeouts;
 pub mod vip;
 pub mod vip_addr;
@@ -31,26 +40,66 @@ pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
 
-/// Names of the maps, shared so the agent finds what the program declares:
-/// each const is the symbol name of a map in `lb-ebpf/src/maps.rs`.
+/// Names of the maps: each const is the name of a `#[map]` static of the
+/// program (`lb-ebpf/src/`), spelled once: its value is its own name, and a
+/// test checks that the program declares exactly [`ALL`](map_names::ALL).
 pub mod map_names {
-    pub const VIPS: &str = "VIPS";
-    pub const VIP_ADDRS: &str = "VIP_ADDRS";
-    pub const BACKENDS: &str = "BACKENDS";
-    pub const MAGLEV: &str = "MAGLEV";
-    pub const CONNTRACK: &str = "CONNTRACK";
-    pub const REPLY_NAT: &str = "REPLY_NAT";
-    pub const VIP_STATS: &str = "VIP_STATS";
-    pub const BACKEND_STATS: &str = "BACKEND_STATS";
-    pub const VERDICTS: &str = "VERDICTS";
-    pub const CONNTRACK_EVENTS: &str = "CONNTRACK_EVENTS";
-    pub const FRAGS: &str = "FRAGS";
-    pub const ADDR_FILTER: &str = "ADDR_FILTER";
-    pub const NEXT_HOPS: &str = "NEXT_HOPS";
-    pub const ADDR_ROLES: &str = "ADDR_ROLES";
-    pub const BACKEND_SERVICES: &str = "BACKEND_SERVICES";
-    pub const DIRECT_FLOWS: &str = "DIRECT_FLOWS";
-    pub const REPLY_BUCKETS: &str = "REPLY_BUCKETS";
+    /// Declares each name as a const whose value is its identifier, and `ALL`.
+    macro_rules! map_names {
+        ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
+            $($(#[doc = $doc])+ pub const $name: &str = stringify!($name);)+
+
+            /// Every map the program declares.
+            pub const ALL: &[&str] = &[$($name),+];
+        };
+    }
+
+    map_names! {
+        /// VIPs (`VipKey` → `VipInfo`); the agent writes it.
+        VIPS,
+        /// Protocols with a VIP per address (`VipAddrKey` → `VipAddrInfo`); the agent writes it.
+        VIP_ADDRS,
+        /// Backends by id (`BackendInfo`); the agent writes it.
+        BACKENDS,
+        /// The Maglev rings, two per VIP (slot → backend id); the agent writes it.
+        MAGLEV,
+        /// Client → VIP flows (`FlowKey` → `FlowState`); the program writes it.
+        CONNTRACK,
+        /// Reply translations (`FlowKey` → `ReplyNat`); the program writes it.
+        REPLY_NAT,
+        /// Traffic per VIP id (`Counters`, per CPU); the program writes it.
+        VIP_STATS,
+        /// Traffic per backend id (`Counters`, per CPU); the program writes it.
+        BACKEND_STATS,
+        /// Packets per verdict reason (per CPU); the program writes it.
+        VERDICTS,
+        /// Connection-table events (per CPU); the program writes it.
+        CONNTRACK_EVENTS,
+        /// Fragmented datagrams (`FragKey` → `FragState`); the program writes it.
+        FRAGS,
+        /// The address filter (slot → set); the agent writes it.
+        ADDR_FILTER,
+        /// Next hops per destination (per CPU); the program's own cache.
+        NEXT_HOPS,
+        /// Address roles (`VipAddrKey` → `AddrRoles`); the agent writes it.
+        ADDR_ROLES,
+        /// Backends' services (`ServiceKey` → `ReplyNat`); the agent writes it.
+        BACKEND_SERVICES,
+        /// Flows straight to a backend's service (`FlowKey` → `DirectFlow`); the program writes it.
+        DIRECT_FLOWS,
+        /// Token buckets of the gateway's own answers (per CPU); the program's own.
+        REPLY_BUCKETS,
+        /// The forward stage's plan (per CPU); the program's own scratch.
+        FORWARD_PLAN,
+        /// The next-hop lookup's scratch (per CPU); the program's own.
+        NEXT_HOP_SCRATCH,
+        /// When a direct flow to each backend id last passed; the program's own.
+        DIRECT_SEEN,
+        /// The fast path's next hops by backend id (per CPU); the program's own.
+        HOPS_BY_BACKEND,
+        /// The fast path's next hops of clients (per CPU); the program's own.
+        HOPS_BY_CLIENT,
+    }
 }
 
 /// Implements `aya::Pod` for the agent's side only; the kernel side has no aya.
@@ -65,3 +114,42 @@ macro_rules! user_pod {
     };
 }
 pub(crate) use user_pod;
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, path::Path, string::String, vec::Vec};
+
+    use super::map_names;
+
+    /// The `#[map]` statics of the program, from its sources.
+    fn declared_maps(dir: &Path, found: &mut Vec<String>) {
+        for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                declared_maps(&path, found);
+                continue;
+            }
+            let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mut lines = text.lines().map(str::trim);
+            while let Some(line) = lines.next() {
+                if !line.starts_with("#[map") {
+                    continue;
+                }
+                let item = lines.find(|l| !l.starts_with("#[")).unwrap_or_default();
+                let name = item.trim_start_matches("pub ").trim_start_matches("static ").split(':').next();
+                found.push(name.unwrap_or_default().into());
+            }
+        }
+    }
+
+    #[test]
+    fn the_program_declares_exactly_the_named_maps() {
+        let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lb-ebpf/src");
+        let mut declared = Vec::new();
+        declared_maps(&sources, &mut declared);
+        declared.sort();
+        let mut named: Vec<String> = map_names::ALL.iter().map(|&n| n.into()).collect();
+        named.sort();
+        assert_eq!(declared, named, "lb-ebpf's #[map] statics and lb_common::map_names differ");
+    }
+}

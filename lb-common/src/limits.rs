@@ -26,9 +26,9 @@ pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 1 << 20;
 /// ring_size`), 4 bytes each: 1 GiB, far above any sane configuration.
 pub const MAX_MAGLEV_ENTRIES: u64 = 1 << 28;
 
-/// Replies the gateway sends on its own when a VIP has no backend up (TCP
+/// Answers the gateway sends on its own when a VIP has no backend up (TCP
 /// RSTs and ICMP port unreachables) refill their token bucket, per CPU, at
-/// this many replies per second...
+/// this many answers per second...
 pub const REPLY_RATE_PER_SEC: u64 = 100;
 /// ...and hold at most this many, so a burst after a quiet spell may reach
 /// it. Over the limit the packet is dropped and counted.
@@ -36,7 +36,9 @@ pub const REPLY_BURST: u64 = 100;
 
 /// The gateway's own answers, by kind: each kind has its own token bucket
 /// per CPU (`REPLY_BUCKETS`), so one kind can never use up another's budget
-/// (a ping flood must not starve path-MTU discovery).
+/// (a ping flood must not starve path-MTU discovery). ("Answers": what the
+/// gateway builds itself; a "reply" is a backend's packet, translated on its
+/// way back. The `REPLY_*` names here predate that split.)
 pub mod reply_bucket {
     /// RST or ICMP port unreachable from a VIP with no backend up.
     pub const NO_BACKEND: u32 = 0;
@@ -51,9 +53,9 @@ pub mod reply_bucket {
     pub const FRAG_NEEDED: u32 = 3;
     /// Number of buckets; the size of `REPLY_BUCKETS`.
     pub const COUNT: u32 = 4;
-    /// Refill rate of each bucket, in replies per second, by kind.
+    /// Refill rate of each bucket, in answers per second, by kind.
     pub const RATE_PER_SEC: [u64; COUNT as usize] = [super::REPLY_RATE_PER_SEC, 100, 100, 1000];
-    /// Most replies each bucket holds, by kind.
+    /// Most answers each bucket holds, by kind.
     pub const BURST: [u64; COUNT as usize] = [super::REPLY_BURST, 100, 100, 1000];
 }
 

@@ -18,11 +18,7 @@ use crate::{
 /// The hash whose `% ring_size` is the Maglev slot of a new flow of `vip`.
 #[inline(always)]
 pub fn slot_hash(vip: &VipInfo, flow: &FlowKey) -> u32 {
-    if vip.flags & VIP_F_SOURCE_HASH != 0 {
-        source_hash(flow)
-    } else {
-        flow_hash(flow)
-    }
+    if vip.flags & VIP_F_SOURCE_HASH != 0 { source_hash(flow) } else { flow_hash(flow) }
 }
 
 /// Hash of the flow's source (client) address and family only.

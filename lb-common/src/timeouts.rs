@@ -22,7 +22,10 @@
 //! - TCP after FIN or RST (either direction) has a short timeout, and a SYN
 //!   without ACK on such a flow starts a new one at once (`reopened`).
 
-use crate::{PROTO_TCP, flow::{FLOW_F_CLOSING, FlowState}};
+use crate::{
+    PROTO_TCP,
+    flow::{FLOW_F_CLOSING, FlowState},
+};
 
 const SECOND_NS: u64 = 1_000_000_000;
 

@@ -56,11 +56,29 @@ impl VipInfo {
 /// Index in `MAGLEV` of slot 0 of ring `generation` of VIP `vip_id`.
 #[inline(always)]
 pub fn ring_base(vip_id: u32, generation: u32, ring_size: u32) -> u32 {
-    let rings_before = vip_id
-        .wrapping_sub(1)
-        .wrapping_mul(crate::limits::RINGS_PER_VIP)
-        .wrapping_add(generation & 1);
+    let rings_before = vip_id.wrapping_sub(1).wrapping_mul(crate::limits::RINGS_PER_VIP).wrapping_add(generation & 1);
     rings_before.wrapping_mul(ring_size)
+}
+
+#[cfg(feature = "user")]
+impl VipKey {
+    /// The key of the VIP listening on `listen` for IP protocol `proto`
+    /// (`PROTO_TCP` or `PROTO_UDP`).
+    #[must_use]
+    pub fn new(listen: core::net::SocketAddr, proto: u8) -> Self {
+        VipKey {
+            addr_be: crate::addr::words(listen.ip()),
+            port_be: listen.port().to_be(),
+            proto,
+            family: crate::addr::family(listen.ip()),
+        }
+    }
+
+    /// The `VIP_ADDRS` key of its address.
+    #[must_use]
+    pub fn addr_key(&self) -> crate::vip_addr::VipAddrKey {
+        crate::vip_addr::VipAddrKey { addr_be: self.addr_be, family: self.family, _pad: [0; 3] }
+    }
 }
 
 crate::user_pod!(VipKey, VipInfo);

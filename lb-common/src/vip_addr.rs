@@ -44,4 +44,13 @@ pub const fn proto_bit(proto: u8) -> u32 {
     }
 }
 
+#[cfg(feature = "user")]
+impl VipAddrKey {
+    /// The key of an address (also the key of `ADDR_ROLES`).
+    #[must_use]
+    pub fn new(ip: core::net::IpAddr) -> Self {
+        VipAddrKey { addr_be: crate::addr::words(ip), family: crate::addr::family(ip), _pad: [0; 3] }
+    }
+}
+
 crate::user_pod!(VipAddrKey, VipAddrInfo);

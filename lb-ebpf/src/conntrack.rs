@@ -142,13 +142,8 @@ pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64, restore: b
     if !restore {
         return Ok(());
     }
-    let state = FlowState {
-        backend_id: nat.backend_id,
-        vip_id: nat.vip_id,
-        last_seen_ns: now,
-        flags: flags_of(l4),
-        _pad: 0,
-    };
+    let state =
+        FlowState { backend_id: nat.backend_id, vip_id: nat.vip_id, last_seen_ns: now, flags: flags_of(l4), _pad: 0 };
     // NOEXIST: a client packet pinning the flow meanwhile wins.
     if CONNTRACK.insert(&flow, &state, u64::from(BPF_NOEXIST)).is_ok() {
         stats::count_conntrack_event(conntrack_event::INSERTED);

@@ -51,6 +51,9 @@ const ETH_HLEN: usize = 14;
 pub const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 
+/// A parsed packet: `(packet, source, destination, L4 length)`.
+type Parsed<P> = (P, [u32; 4], [u32; 4], usize);
+
 /// What the fast path needs of an address family.
 trait Family {
     const FAMILY: u8;
@@ -60,7 +63,7 @@ trait Family {
     /// The plain header after the Ethernet header, checked: `(packet,
     /// source, destination, L4 length)`, or `None` for anything the
     /// pipeline must see.
-    fn parse(ctx: &XdpContext, eth: *mut EthHdr) -> Option<(Self::Packet, [u32; 4], [u32; 4], usize)>;
+    fn parse(ctx: &XdpContext, eth: *mut EthHdr) -> Option<Parsed<Self::Packet>>;
     fn proto(pkt: &Self::Packet) -> u8;
     fn ports(pkt: &Self::Packet) -> *mut Ports;
     /// Whether the address filter has the address's slot.
@@ -79,7 +82,7 @@ impl Family for V4 {
     type Packet = Packet;
 
     #[inline(always)]
-    fn parse(ctx: &XdpContext, eth: *mut EthHdr) -> Option<(Packet, [u32; 4], [u32; 4], usize)> {
+    fn parse(ctx: &XdpContext, eth: *mut EthHdr) -> Option<Parsed<Packet>> {
         /// Version 4, IHL 5: no options.
         const VERSION_IHL_PLAIN: u8 = 0x45;
         /// More-fragments flag and fragment offset, network byte order.
@@ -87,7 +90,15 @@ impl Family for V4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
         // SAFETY: bounds checked by ptr_at.
         let (version_ihl, proto, frag_off_be, ttl, tot_len_be, saddr, daddr) = unsafe {
-            ((*ip).version_ihl, (*ip).proto, (*ip).frag_off_be, (*ip).ttl, (*ip).tot_len_be, (*ip).saddr_be, (*ip).daddr_be)
+            (
+                (*ip).version_ihl,
+                (*ip).proto,
+                (*ip).frag_off_be,
+                (*ip).ttl,
+                (*ip).tot_len_be,
+                (*ip).saddr_be,
+                (*ip).daddr_be,
+            )
         };
         // ICMP (errors quote balanced flows), options, fragments, expiring
         // TTLs: the pipeline's.
@@ -103,7 +114,8 @@ impl Family for V4 {
         }
         let l4_off = ETH_HLEN + 20;
         let ports = ptr_at(ctx, l4_off)?;
-        let pkt = Packet { eth, ip, ports, l3_off: ETH_HLEN, l4_off, l4_len: tot_len - 20, proto, first_fragment: false };
+        let pkt =
+            Packet { eth, ip, ports, l3_off: ETH_HLEN, l4_off, l4_len: tot_len - 20, proto, first_fragment: false };
         Some((pkt, [saddr, 0, 0, 0], [daddr, 0, 0, 0], tot_len - 20))
     }
 
@@ -138,11 +150,18 @@ impl Family for V6 {
     type Packet = Packet6;
 
     #[inline(always)]
-    fn parse(ctx: &XdpContext, eth: *mut EthHdr) -> Option<(Packet6, [u32; 4], [u32; 4], usize)> {
+    fn parse(ctx: &XdpContext, eth: *mut EthHdr) -> Option<Parsed<Packet6>> {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN)?;
         // SAFETY: bounds checked by ptr_at.
         let (vtc_flow_be, payload_len_be, proto, hop_limit, saddr, daddr) = unsafe {
-            ((*ip).vtc_flow_be, (*ip).payload_len_be, (*ip).next_header, (*ip).hop_limit, (*ip).saddr_be, (*ip).daddr_be)
+            (
+                (*ip).vtc_flow_be,
+                (*ip).payload_len_be,
+                (*ip).next_header,
+                (*ip).hop_limit,
+                (*ip).saddr_be,
+                (*ip).daddr_be,
+            )
         };
         // ICMPv6, extension headers, expiring hop limits: the pipeline's.
         if u32::from_be(vtc_flow_be) >> 28 != 6 || hop_limit <= 1 || (proto != PROTO_TCP && proto != PROTO_UDP) {
@@ -218,7 +237,15 @@ fn try_fast<F: Family>(ctx: &XdpContext) -> Option<Verdict> {
     let ports = F::ports(&pkt);
     // SAFETY: bounds checked when the packet was parsed.
     let (sport, dport) = unsafe { ((*ports).src_be, (*ports).dst_be) };
-    let key = FlowKey { src_be: saddr, dst_be: daddr, src_port_be: sport, dst_port_be: dport, proto, family: F::FAMILY, _pad: [0; 2] };
+    let key = FlowKey {
+        src_be: saddr,
+        dst_be: daddr,
+        src_port_be: sport,
+        dst_port_be: dport,
+        proto,
+        family: F::FAMILY,
+        _pad: [0; 2],
+    };
     let tot_len = l4_len + if F::FAMILY == FAMILY_V6 { IPV6_HLEN } else { 20 };
     let now = conntrack::now_ns();
     if to_vip && let Some(verdict) = to_backend::<F>(ctx, &pkt, &l4, &key, tot_len, now) {
@@ -261,7 +288,14 @@ fn l4(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize) -> Option<L4> {
 
 /// A packet of a pinned flow to a VIP: rewritten to its backend.
 #[inline(always)]
-fn to_backend<F: Family>(ctx: &XdpContext, pkt: &F::Packet, l4: &L4, key: &FlowKey, tot_len: usize, now: u64) -> Option<Verdict> {
+fn to_backend<F: Family>(
+    ctx: &XdpContext,
+    pkt: &F::Packet,
+    l4: &L4,
+    key: &FlowKey,
+    tot_len: usize,
+    now: u64,
+) -> Option<Verdict> {
     if l4.tcp_flags & TCP_SYN != 0 {
         return None;
     }
@@ -287,7 +321,14 @@ fn to_backend<F: Family>(ctx: &XdpContext, pkt: &F::Packet, l4: &L4, key: &FlowK
 
 /// A backend's reply from its service: translated to the VIP it serves.
 #[inline(always)]
-fn to_client<F: Family>(ctx: &XdpContext, pkt: &F::Packet, l4: &L4, key: &FlowKey, tot_len: usize, now: u64) -> Option<Verdict> {
+fn to_client<F: Family>(
+    ctx: &XdpContext,
+    pkt: &F::Packet,
+    l4: &L4,
+    key: &FlowKey,
+    tot_len: usize,
+    now: u64,
+) -> Option<Verdict> {
     let service = ServiceKey { addr_be: key.src_be, port_be: key.src_port_be, proto: key.proto, family: F::FAMILY };
     // SAFETY: the value is copied out at once.
     let nat: ReplyNat = unsafe { BACKEND_SERVICES.get(&service) }.copied()?;

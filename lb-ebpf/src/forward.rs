@@ -279,7 +279,8 @@ fn refusal(p: &Plan) -> &'static respond::Refusal {
 /// their L4 header judged.
 #[inline(always)]
 fn unmatched(ctx: &XdpContext, p: &Plan, key: FlowKey, refuse_no_service: impl FnOnce(&L4) -> Verdict) -> Verdict {
-    let l4 = parse::l4_checked_at(ctx, p.proto, usize::from(p.l4_off) & 0x7f, usize::from(p.l4_len), p.first_fragment != 0);
+    let l4 =
+        parse::l4_checked_at(ctx, p.proto, usize::from(p.l4_off) & 0x7f, usize::from(p.l4_len), p.first_fragment != 0);
     if lookup::may_be_ours(&[0; 4], &key.dst_be)
         && let Ok(l4) = &l4
         && let Some(verdict) = guard::direct(&key, l4, conntrack::now_ns())
@@ -315,7 +316,9 @@ fn forward_v4(ctx: &XdpContext, p: &Plan) -> Option<Verdict> {
         first_fragment: p.first_fragment != 0,
     };
     if p.kind == UNMATCHED {
-        return Some(unmatched(ctx, p, lookup::packet_tuple(&pkt), |l4| respond::refuse(ctx, &pkt, l4, &respond::NO_SERVICE)));
+        return Some(unmatched(ctx, p, lookup::packet_tuple(&pkt), |l4| {
+            respond::refuse(ctx, &pkt, l4, &respond::NO_SERVICE)
+        }));
     }
     let l4 = l4_of(ctx, p)?;
     if p.kind != FORWARD {

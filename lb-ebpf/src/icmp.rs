@@ -100,7 +100,13 @@ impl Quote {
 }
 
 #[inline(always)]
-fn error(ctx: &XdpContext, v4: &Ipv4, icmp_check: *mut u16, icmp_off: usize, icmp_len: usize) -> Result<Verdict, Verdict> {
+fn error(
+    ctx: &XdpContext,
+    v4: &Ipv4,
+    icmp_check: *mut u16,
+    icmp_off: usize,
+    icmp_len: usize,
+) -> Result<Verdict, Verdict> {
     // SAFETY: bounds checked in parse_ipv4.
     let (outer_saddr, outer_daddr, ttl) = unsafe { ((*v4.ip).saddr_be, (*v4.ip).daddr_be, (*v4.ip).ttl) };
     let Some(q) = quote(ctx, icmp_off, icmp_len) else { return Err(no_flow(outer_daddr)) };

@@ -143,7 +143,15 @@ fn quote(ctx: &XdpContext, v6: &Ipv6, icmp_off: usize) -> Option<Quote> {
 fn tuple(q: &Quote) -> FlowKey {
     // SAFETY: bounds checked in `quote`.
     let (saddr, daddr, [sport, dport]) = unsafe { ((*q.ip).saddr_be, (*q.ip).daddr_be, *q.ports) };
-    FlowKey { src_be: saddr, dst_be: daddr, src_port_be: sport, dst_port_be: dport, proto: q.proto, family: FAMILY_V6, _pad: [0; 2] }
+    FlowKey {
+        src_be: saddr,
+        dst_be: daddr,
+        src_port_be: sport,
+        dst_port_be: dport,
+        proto: q.proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    }
 }
 
 /// For a quoted VIP → client packet: the flow's ids and backend.

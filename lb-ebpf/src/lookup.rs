@@ -82,9 +82,8 @@ pub fn flow_key(pkt: &Packet, _l4: &L4) -> FlowKey {
 #[inline(always)]
 pub fn packet_tuple(pkt: &Packet) -> FlowKey {
     // SAFETY: pkt.ip and pkt.ports were bounds checked in parse_ipv4.
-    let (saddr, daddr, sport, dport) = unsafe {
-        ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ports).src_be, (*pkt.ports).dst_be)
-    };
+    let (saddr, daddr, sport, dport) =
+        unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ports).src_be, (*pkt.ports).dst_be) };
     FlowKey {
         src_be: [saddr, 0, 0, 0],
         dst_be: [daddr, 0, 0, 0],
@@ -95,7 +94,6 @@ pub fn packet_tuple(pkt: &Packet) -> FlowKey {
         _pad: [0; 2],
     }
 }
-
 
 /// The backend for a client → VIP flow: its pinned one while the entry
 /// holds (see `conntrack::pinned`) and that backend is up, otherwise a fresh

@@ -1,4 +1,4 @@
-//! Maglev lookup: the agent builds the rings (lb-userspace `lb/maglev.rs`);
+//! Maglev lookup: the agent builds the rings (lb-userspace `control/maglev.rs`);
 //! the data path only indexes them.
 
 use lb_common::{flow::FlowKey, sched::slot_hash, vip::VipInfo};

@@ -14,8 +14,8 @@ use lb_common::{
     frag::{FragKey, FragState},
     guard::{AddrRoles, DirectFlow, ServiceKey},
     limits::{
-        ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, CLIENT_HOP_SLOTS, DEFAULT_CONNTRACK_CAPACITY, DIRECT_FLOW_CAPACITY,
-        FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY, reply_bucket,
+        ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, CLIENT_HOP_SLOTS, DEFAULT_CONNTRACK_CAPACITY,
+        DIRECT_FLOW_CAPACITY, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY, reply_bucket,
     },
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
@@ -50,16 +50,14 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
 /// expires (see `lb_common::timeouts`) and about once a second while active;
 /// LRU, so flows that never return make room.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
 
 /// Backend → client 5-tuple → the VIP the reply must come from. Written here
 /// together with `CONNTRACK`, and put back by an active flow if evicted; it
 /// holds no clock of its own: a reply is translated only while the flow's
 /// `CONNTRACK` entry names the same backend.
 #[map]
-pub static REPLY_NAT: LruHashMap<FlowKey, ReplyNat> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
+pub static REPLY_NAT: LruHashMap<FlowKey, ReplyNat> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
 
 /// A fragmented datagram whose first piece was balanced → how its later
 /// pieces are rewritten (see `lb_common::frag`). Written here only.

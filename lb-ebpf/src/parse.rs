@@ -167,7 +167,7 @@ impl L2 {
 /// Parses Ethernet through up to two VLAN tags.
 #[inline(always)]
 pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Verdict> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_NOT_IPV4))?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(reason::PASS_NOT_IP))?;
     let (l3_off, ether_type_be) = skip_vlan_tags(ctx, eth)?;
     Ok(L2 { eth, l3_off, ether_type_be })
 }
@@ -181,7 +181,7 @@ pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Verdict> {
 #[inline(always)]
 pub fn parse_ipv4(ctx: &XdpContext, l2: &L2) -> Result<Ipv4, Verdict> {
     if l2.ether_type_be != ETH_P_IPV4_BE {
-        return Err(Verdict::pass(reason::PASS_NOT_IPV4));
+        return Err(Verdict::pass(reason::PASS_NOT_IP));
     }
     ipv4_header(ctx, l2.eth, l2.l3_off)
 }
@@ -192,25 +192,25 @@ pub fn parse_ipv4(ctx: &XdpContext, l2: &L2) -> Result<Ipv4, Verdict> {
 /// so a tagged packet leaves with its tags.
 #[inline(always)]
 fn skip_vlan_tags(ctx: &XdpContext, eth: *mut EthHdr) -> Result<(usize, u16), Verdict> {
-    let not_ipv4 = Verdict::pass(reason::PASS_NOT_IPV4);
+    let not_ip = Verdict::pass(reason::PASS_NOT_IP);
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type_be };
     let mut off = ETH_HLEN;
     // Unrolled, not a loop: at most two tags, each a fixed offset.
     if ether_type == ETH_P_8021AD_BE || ether_type == ETH_P_8021Q_BE {
-        let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ipv4)?;
+        let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ip)?;
         // SAFETY: bounds checked by ptr_at.
         ether_type = unsafe { (*tag).ether_type_be };
         off += VLAN_HLEN;
         if ether_type == ETH_P_8021Q_BE {
-            let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ipv4)?;
+            let tag: *mut VlanHdr = ptr_at(ctx, off).ok_or(not_ip)?;
             // SAFETY: bounds checked by ptr_at.
             ether_type = unsafe { (*tag).ether_type_be };
             off += VLAN_HLEN;
         }
     }
     if ether_type != ETH_P_IPV4_BE && ether_type != ETH_P_IPV6_BE {
-        return Err(not_ipv4);
+        return Err(not_ip);
     }
     Ok((off, ether_type))
 }
@@ -289,10 +289,7 @@ impl L4 {
     }
 }
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use lb_common::tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Validates the whole TCP or UDP header of a packet we own, and locates its
 /// checksum. A malformed header on a balanced flow is dropped, never
@@ -306,7 +303,13 @@ pub fn l4_checked(ctx: &XdpContext, pkt: &Packet) -> Result<L4, Verdict> {
 /// IPv6 path uses it too). In a first fragment the UDP length covers the
 /// whole datagram, beyond this piece; the header itself must still be here.
 #[inline(always)]
-pub fn l4_checked_at(ctx: &XdpContext, proto: u8, l4_off: usize, l4_len: usize, first_fragment: bool) -> Result<L4, Verdict> {
+pub fn l4_checked_at(
+    ctx: &XdpContext,
+    proto: u8,
+    l4_off: usize,
+    l4_len: usize,
+    first_fragment: bool,
+) -> Result<L4, Verdict> {
     let malformed = Verdict::drop(reason::DROP_MALFORMED_L4);
     if proto == PROTO_TCP {
         if l4_len < TCP_HDR_LEN {

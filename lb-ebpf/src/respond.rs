@@ -29,17 +29,12 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{
-    FAMILY_V4, PROTO_ICMP, PROTO_TCP,
-    limits::reply_bucket,
-    stats::reason,
-    vip_addr::VipAddrKey,
-};
+use lb_common::{FAMILY_V4, PROTO_ICMP, PROTO_TCP, limits::reply_bucket, stats::reason, vip_addr::VipAddrKey};
 
 use crate::{
     Verdict, conntrack, csum, guard,
     maps::{REPLY_BUCKETS, VIP_ADDRS},
-    parse::{EthHdr, Ipv4, L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+    parse::{EthHdr, Ipv4, L4, Packet, TCP_RST, ptr_at},
 };
 
 pub(crate) const REPLY_TTL: u8 = 64;
@@ -52,11 +47,8 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 
-/// A 16-bit word as stored, from its two bytes in wire order.
-#[inline(always)]
-pub(crate) fn w(b0: u8, b1: u8) -> u16 {
-    u16::from_ne_bytes([b0, b1])
-}
+// The RST header arithmetic lives in lb-common, where it is tested on the host.
+pub(crate) use lb_common::tcp::{rst_header, word as w};
 
 /// Takes one reply's worth of credit from this CPU's bucket for `kind`
 /// (`reply_bucket::*`); false when there is not enough. Credit refills with
@@ -183,26 +175,6 @@ pub fn refuse(ctx: &XdpContext, pkt: &Packet, l4: &L4, why: &Refusal) -> Verdict
     sent.unwrap_or(not_answered)
 }
 
-/// The TCP header of the RST that answers the segment whose header is `t`
-/// (`flags` its flags, `l4_len` its length), checksum still 0: ports
-/// swapped; if the segment has ACK, `seq` = its ack; otherwise RST+ACK with
-/// `seq` 0 and `ack` = its seq + its length, SYN and FIN counting one.
-#[inline(always)]
-pub(crate) fn rst_header(t: &[u16; 10], flags: u8, l4_len: usize) -> [u16; 10] {
-    let doff_bytes = ((u16::from_be(t[6]) >> 12) as usize) * 4;
-    let (seq_hi, seq_lo, ack_hi, ack_lo, rst_flags) = if flags & TCP_ACK != 0 {
-        (t[4], t[5], 0, 0, TCP_RST)
-    } else {
-        let seq = (u32::from(u16::from_be(t[2])) << 16) | u32::from(u16::from_be(t[3]));
-        let seg_len = l4_len.saturating_sub(doff_bytes) as u32
-            + u32::from(flags & TCP_SYN != 0)
-            + u32::from(flags & TCP_FIN != 0);
-        let ack = seq.wrapping_add(seg_len);
-        (0, 0, ((ack >> 16) as u16).to_be(), (ack as u16).to_be(), TCP_RST | TCP_ACK)
-    };
-    [t[1], t[0], seq_hi, seq_lo, ack_hi, ack_lo, w(0x50, rst_flags), 0, 0, 0]
-}
-
 /// Rewrites a TCP segment into the RST that answers it.
 #[inline(always)]
 fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4, sent: u32) -> Option<Verdict> {
@@ -219,7 +191,8 @@ fn tcp_rst(ctx: &XdpContext, pkt: &Packet, l4: &L4, sent: u32) -> Option<Verdict
     // The reply goes from the VIP (the segment's destination) back to its source.
     let ip = ip_header(40, 0x4000u16.to_be(), PROTO_TCP, daddr, saddr);
     let mut th = th;
-    let pseudo = csum::add32(csum::add32(0, daddr), saddr) + u32::from(u16::from(PROTO_TCP).to_be()) + u32::from(20u16.to_be());
+    let pseudo =
+        csum::add32(csum::add32(0, daddr), saddr) + u32::from(u16::from(PROTO_TCP).to_be()) + u32::from(20u16.to_be());
     th[8] = csum::finish(csum::add_words(pseudo, &th));
     let out: *mut [[u16; 10]; 2] = ptr_at(ctx, l3_off)?;
     // SAFETY: bounds checked by ptr_at.
@@ -312,11 +285,8 @@ pub fn echo(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
     if unsafe { VIP_ADDRS.get(&key) }.is_none_or(|info| info.protos == 0) {
         return not_ours;
     }
-    let unserved = if guard::is_local([daddr, 0, 0, 0], FAMILY_V4) {
-        not_ours
-    } else {
-        Verdict::drop(reason::DROP_NO_SERVICE)
-    };
+    let unserved =
+        if guard::is_local([daddr, 0, 0, 0], FAMILY_V4) { not_ours } else { Verdict::drop(reason::DROP_NO_SERVICE) };
     if v4.tot_len - v4.ihl_bytes < 8 {
         return unserved;
     }

@@ -14,8 +14,8 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use lb_common::{
     FAMILY_V6, PROTO_UDP,
-    limits::reply_bucket,
     flow::{FlowKey, ReplyNat},
+    limits::reply_bucket,
     stats::reason,
     vip::{VipInfo, VipKey},
 };
@@ -24,12 +24,12 @@ use crate::{
     Verdict, conntrack, csum, forward,
     guard::{self, Reply},
     icmp6, lookup,
+    maps::NextHop,
     maps::VIPS,
+    nexthop::{self, Answer, Hop, Query},
     parse::{self, EthHdr, L2, L4},
     parse6::{self, IPV6_HLEN, Ipv6Hdr, PROTO_ICMPV6, Packet6},
     respond, respond6,
-    maps::NextHop,
-    nexthop::{self, Answer, Hop, Query},
     rewrite::{self, Side},
 };
 
@@ -92,9 +92,8 @@ fn vip(pkt: &Packet6) -> Option<VipInfo> {
 #[inline(always)]
 pub fn tuple(pkt: &Packet6) -> FlowKey {
     // SAFETY: pkt.ip and pkt.ports were bounds checked in parse6.
-    let (saddr, daddr, sport, dport) = unsafe {
-        ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ports).src_be, (*pkt.ports).dst_be)
-    };
+    let (saddr, daddr, sport, dport) =
+        unsafe { ((*pkt.ip).saddr_be, (*pkt.ip).daddr_be, (*pkt.ports).src_be, (*pkt.ports).dst_be) };
     FlowKey {
         src_be: saddr,
         dst_be: daddr,
@@ -113,11 +112,8 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
     parse6::check_hop_limit(pkt)?;
     let flow = tuple(pkt);
     let now = conntrack::now_ns();
-    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, now) {
-        Ok(picked) => picked,
-        // No backend up: tell the client at once rather than let it time out.
-        Err(v) => return Err(v),
-    };
+    // No backend up: tell the client at once rather than let it time out.
+    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip, &l4, now)?;
     if backend.family != FAMILY_V6 {
         return Err(Verdict::drop(reason::DROP_BAD_BACKEND));
     }
@@ -211,7 +207,8 @@ fn finish(eth: *mut EthHdr, ip: *mut Ipv6Hdr, hop: Hop, answer: Answer, redirect
 #[inline(always)]
 fn query(ip: *const Ipv6Hdr, src: [u32; 4], dst: [u32; 4]) -> Query {
     // SAFETY: ip was bounds checked in parse6.
-    let (next_header, payload_len_be, vtc_flow_be) = unsafe { ((*ip).next_header, (*ip).payload_len_be, (*ip).vtc_flow_be) };
+    let (next_header, payload_len_be, vtc_flow_be) =
+        unsafe { ((*ip).next_header, (*ip).payload_len_be, (*ip).vtc_flow_be) };
     Query {
         src_be: src,
         dst_be: dst,

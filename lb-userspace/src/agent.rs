@@ -8,22 +8,26 @@ use std::{
 };
 
 use anyhow::Context as _;
+use lb_common::stats::reason;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
 use crate::{
-    api::{self, Status, StatusSource, status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus}},
+    api::{
+        self, Status, StatusSource,
+        status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus},
+    },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
+    control::{
+        balancer::{Balancer, VipView},
+        plan,
+    },
     dataplane::{LoadOptions, Maps, Program},
     descriptors,
     health::{self, HealthEvent, ProbePool},
     host,
-    lb::{
-        reload,
-        state::{Balancer, Health, VipView},
-    },
 };
 
 /// What the admin API reads and the health loop writes.
@@ -37,7 +41,7 @@ struct AgentState {
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then detaches. SIGHUP reloads the
-/// config file (see [`reload`]).
+/// config file (see [`plan`]).
 ///
 /// # Errors
 /// When the program cannot be loaded or attached, or the admin address
@@ -60,7 +64,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let budget = descriptor_budget(fd_limit);
     let probes = ProbePool::new(budget.probes);
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
-    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes: probes.clone() }));
+    let state =
+        Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes: probes.clone() }));
     let _admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
 
     let mode = match config.agent.xdp_mode {
@@ -245,7 +250,11 @@ impl HealthChecks {
             if self.is_current(&event) {
                 return Some(event);
             }
-            tracing::debug!(backend_id = event.key, generation = event.generation, "dropping a stopped checker's event");
+            tracing::debug!(
+                backend_id = event.key,
+                generation = event.generation,
+                "dropping a stopped checker's event"
+            );
         }
     }
 
@@ -273,7 +282,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
             return None;
         }
     };
-    let actions = match reload::plan(running, &new) {
+    let actions = match plan::reload(running, &new) {
         Ok(actions) => actions,
         Err(refusal) => {
             tracing::error!("reload refused, keeping the running config: {refusal}");
@@ -298,7 +307,7 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> 
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
     last_checks.retain(|id, _| live.contains(id));
     tracing::info!(changes = actions.len(), vips = balancer.vips().len(), "reload: done");
-    Some(reload::as_running(running, new))
+    Some(plan::as_running(running, new))
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
@@ -310,11 +319,11 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     }
     last_checks.insert(event.key, event.last_check.clone());
     let Some(transition) = event.transition else { return };
-    let up = transition.up;
+    let health = transition.health;
     let name = balancer.describe_backend(event.key);
-    match balancer.set_health(event.key, up, maps) {
+    match balancer.set_health(event.key, health, maps) {
         Ok(change) => {
-            if up {
+            if health.is_up() {
                 tracing::info!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend up");
             } else {
                 tracing::warn!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend down");
@@ -331,10 +340,14 @@ impl StatusSource for AgentState {
             .maps
             .verdicts()
             .map(|counts| {
-                lb_common::stats::reason::NAMES
-                    .iter()
+                let reasons = reason::NAMES.iter().zip(reason::HELP);
+                reasons
                     .zip(counts)
-                    .map(|(reason, packets)| VerdictCount { reason: (*reason).to_owned(), packets })
+                    .map(|((reason, help), packets)| VerdictCount {
+                        reason: (*reason).to_owned(),
+                        packets,
+                        help: help.to_owned(),
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -356,14 +369,14 @@ impl AgentState {
                 address: b.address.to_string(),
                 weight: b.weight,
                 backup: b.backup,
-                health: health_name(b.health).to_owned(),
+                health: b.health.as_str().to_owned(),
                 last_check: self.last_checks.get(&b.backend_id).cloned(),
                 traffic: self.backend_counters(b.backend_id),
             })
             .collect();
         // Summed over its backends, not read from VIP_STATS: a reused VIP id's
         // slot may still count replies of the removed VIP's flows, while
-        // backend ids are never reused (see `lb::state`, "Reloads").
+        // backend ids are never reused (see `control::balancer::apply`).
         let mut traffic = Traffic::default();
         for b in &backends {
             traffic += b.traffic;
@@ -384,14 +397,6 @@ impl AgentState {
 
     fn backend_counters(&self, backend_id: u32) -> Traffic {
         self.maps.backend_counters(backend_id).map(Traffic::from).unwrap_or_default()
-    }
-}
-
-fn health_name(health: Health) -> &'static str {
-    match health {
-        Health::Up => "up",
-        Health::Down => "down",
-        Health::Unknown => "unknown",
     }
 }
 
@@ -461,7 +466,7 @@ mod tests {
         assert!(first.is_some() && second.is_some() && first != second, "{first:?} then {second:?}");
         let event = timeout(WAIT, health.next()).await.expect("the new checker reports").expect("channel open");
         assert_eq!((event.key, Some(event.generation)), (1, second), "only the new checker's event: {event:?}");
-        assert!(event.transition.as_ref().is_some_and(|t| !t.up), "its first probe decides: {event:?}");
+        assert!(event.transition.as_ref().is_some_and(|t| !t.health.is_up()), "its first probe decides: {event:?}");
         // Unchanged checks keep their checker and its generation.
         health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
         assert_eq!(health.checkers.get(&1).map(|c| c.generation), second);

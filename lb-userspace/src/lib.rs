@@ -1,7 +1,7 @@
 //! The lb agent library: everything `lb` does, testable without the binary.
 //!
 //! - [`config`]: the TOML file, parsed and validated.
-//! - [`lb`]: the control plane's decisions (Maglev rings, ids, health), kernel-free.
+//! - [`control`]: the control plane's decisions (Maglev rings, ids, health), kernel-free.
 //! - [`dataplane`]: loading and attaching the XDP program, and its maps.
 //! - [`health`]: HTTP and TCP probes with rise/fall thresholds.
 //! - [`descriptors`]: the file descriptor limit, raised and split so probes
@@ -13,9 +13,9 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod descriptors;
 pub mod health;
 pub mod host;
-pub mod lb;
 pub mod metrics;

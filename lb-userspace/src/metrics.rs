@@ -90,7 +90,11 @@ fn register_conntrack(registry: &mut Registry, c: &ConntrackStatus) {
         c.inc_by(value);
         c
     };
-    registry.register("conntrack_entries", "Entries in the connection table (walked every few seconds)", gauge(c.entries));
+    registry.register(
+        "conntrack_entries",
+        "Entries in the connection table (walked every few seconds)",
+        gauge(c.entries),
+    );
     registry.register("conntrack_capacity", "Entries the connection table has room for", gauge(c.capacity));
     registry.register(
         "conntrack_evictions",
@@ -103,7 +107,9 @@ fn register_conntrack(registry: &mut Registry, c: &ConntrackStatus) {
         "Connection-table events: inserted, expired, reopened (SYN after FIN/RST), restored (by a reply)",
         events.clone(),
     );
-    for (event, value) in [("inserted", c.inserted), ("expired", c.expired), ("reopened", c.reopened), ("restored", c.restored)] {
+    for (event, value) in
+        [("inserted", c.inserted), ("expired", c.expired), ("reopened", c.reopened), ("restored", c.restored)]
+    {
         events.get_or_create(&vec![("event", event.to_owned())]).inc_by(value);
     }
 }
@@ -146,7 +152,7 @@ mod tests {
                     traffic: Traffic { packets: 7, bytes: 700, new_flows: 1, rescheduled_flows: 0 },
                 }],
             }],
-            verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3 }],
+            verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3, help: String::new() }],
             conntrack: ConntrackStatus {
                 entries: 5,
                 capacity: 1024,

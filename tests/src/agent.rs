@@ -34,12 +34,7 @@ pub struct HealthCheck {
 impl Default for HealthCheck {
     /// Fast enough for tests and the demo, slow enough for a loaded 2-core machine.
     fn default() -> Self {
-        HealthCheck {
-            interval: Duration::from_millis(500),
-            timeout: Duration::from_millis(300),
-            rise: 2,
-            fall: 2,
-        }
+        HealthCheck { interval: Duration::from_millis(500), timeout: Duration::from_millis(300), rise: 2, fall: 2 }
     }
 }
 
@@ -147,7 +142,12 @@ impl Vip {
 fn push_vip(toml: &mut String, testbed: &Testbed, check: HealthCheck, vip: Vip) {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let protocol = if vip.is_udp() { "udp" } else { "tcp" };
-    let _ = writeln!(toml, "[[vip]]\nname = \"{}\"\nlisten = \"{}\"\nprotocol = \"{protocol}\"\n", vip.name(), vip.listen(testbed));
+    let _ = writeln!(
+        toml,
+        "[[vip]]\nname = \"{}\"\nlisten = \"{}\"\nprotocol = \"{protocol}\"\n",
+        vip.name(),
+        vip.listen(testbed)
+    );
     let _ = writeln!(
         toml,
         "[vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"{}\"\ntimeout = \"{}\"\nrise = {}\nfall = {}",
@@ -204,12 +204,7 @@ impl Agent {
         fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
         let log = fs::File::create(dir.join("lb.log")).context("creating the agent's log")?;
         let mut cmd = testbed.gateway().command(&lb);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .env("LB_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.arg("run").arg("--config").arg(&config_path).env("LB_LOG", "info").stdout(Stdio::null()).stderr(log);
         configure(&mut cmd);
         let process = ChildGuard::spawn(cmd, format!("lb run in {}", testbed.gateway().name()))?;
         let mut agent = Agent { process, gateway: testbed.gateway().clone(), dir };
@@ -381,9 +376,5 @@ impl Drop for Agent {
 
 fn health_of(status: &Value, vip: &str) -> Option<Vec<String>> {
     let vip = status["vips"].as_array()?.iter().find(|v| v["name"] == vip)?;
-    vip["backends"]
-        .as_array()?
-        .iter()
-        .map(|b| b["health"].as_str().map(str::to_owned))
-        .collect()
+    vip["backends"].as_array()?.iter().map(|b| b["health"].as_str().map(str::to_owned)).collect()
 }

@@ -50,11 +50,7 @@ pub const SKIP_MARKER: &str = "lb-tests: SKIPPED";
 ///
 /// When the variable is unset and no such file is next to the executable.
 pub fn backend_bin() -> anyhow::Result<PathBuf> {
-    find_bin(
-        BACKEND_BIN_NAME,
-        BACKEND_BIN_ENV,
-        "cargo build -p lb-tests --bin lb-testbed-backend",
-    )
+    find_bin(BACKEND_BIN_NAME, BACKEND_BIN_ENV, "cargo build -p lb-tests --bin lb-testbed-backend")
 }
 
 /// Path of the `lb` agent binary (see the crate docs for the order).
@@ -63,11 +59,7 @@ pub fn backend_bin() -> anyhow::Result<PathBuf> {
 ///
 /// When the variable is unset and no such file is next to the executable.
 pub fn lb_bin() -> anyhow::Result<PathBuf> {
-    find_bin(
-        LB_BIN_NAME,
-        LB_BIN_ENV,
-        "cargo build -p lb-userspace --bin lb",
-    )
+    find_bin(LB_BIN_NAME, LB_BIN_ENV, "cargo build -p lb-userspace --bin lb")
 }
 
 fn find_bin(name: &str, var: &str, build_hint: &str) -> anyhow::Result<PathBuf> {
@@ -79,14 +71,8 @@ fn find_bin(name: &str, var: &str, build_hint: &str) -> anyhow::Result<PathBuf> 
         return Ok(path);
     }
     let exe = env::current_exe().context("finding the current executable")?;
-    let dir = exe
-        .parent()
-        .context("current executable has no directory")?;
-    let candidates: Vec<PathBuf> = [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(name))
-        .collect();
+    let dir = exe.parent().context("current executable has no directory")?;
+    let candidates: Vec<PathBuf> = [Some(dir), dir.parent()].into_iter().flatten().map(|d| d.join(name)).collect();
     candidates.iter().find(|p| is_executable(p)).cloned().with_context(|| {
         let looked: Vec<_> = candidates.iter().map(|p| p.display().to_string()).collect();
         format!(
@@ -97,8 +83,10 @@ fn find_bin(name: &str, var: &str, build_hint: &str) -> anyhow::Result<PathBuf> 
 }
 
 /// Reports a test as skipped, with the reason, and returns; call it then
-/// `return` from the test. Writes straight to stderr, past libtest's output
-/// capture, so `cargo xtask test` sees the marker and counts it.
+/// `return` from the test, e.g. when the kernel lacks a feature. Writes
+/// straight to stderr, past libtest's output capture, so `cargo xtask test`
+/// sees the marker and counts it. (Root-only tests are `#[ignore]`d
+/// instead: see [`require_root!`].)
 ///
 /// ```no_run
 /// if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -112,14 +100,21 @@ pub fn skip(reason: &str) {
     let _ = writeln!(stderr, "{SKIP_MARKER} {test}: {reason}");
 }
 
-/// Skips the calling test (with a printed reason, see [`skip`]) unless the
-/// process is root.
+/// Fails the calling test unless the process is root.
+///
+/// Every test that needs root is also marked
+/// `#[ignore = "needs root: `cargo xtask test` runs it"]`, so plain
+/// `cargo test -p lb-tests` reports it as ignored, never as passed, and
+/// `cargo xtask test` runs it as root with `--include-ignored`. This catches
+/// one run anyway without root, with the reason, rather than letting it
+/// pass having tested nothing.
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !$crate::is_root() {
-            return $crate::skip("needs root for namespaces and XDP");
-        }
+        assert!(
+            $crate::is_root(),
+            "needs root for namespaces and XDP: run it through `cargo xtask test` (or as root with --include-ignored)"
+        );
     };
 }
 
@@ -137,15 +132,12 @@ pub fn is_root() -> bool {
 /// When the effective uid is not 0.
 pub fn require_root() -> anyhow::Result<()> {
     if !is_root() {
-        bail!(
-            "this needs root (network namespaces); run it through `cargo xtask test` or under sudo -E"
-        );
+        bail!("this needs root (network namespaces); run it through `cargo xtask test` or under sudo -E");
     }
     Ok(())
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -23,7 +23,12 @@ use crate::{
 /// # Panics
 ///
 /// On any of those not holding.
-pub fn dead_backend_gets_no_new_connections_and_comes_back(agent: &mut Agent, testbed: &Testbed, vip: &str, addr: SocketAddr) {
+pub fn dead_backend_gets_no_new_connections_and_comes_back(
+    agent: &mut Agent,
+    testbed: &Testbed,
+    vip: &str,
+    addr: SocketAddr,
+) {
     let check = HealthCheck::default();
     let backends = testbed.backend_count();
     let spread = |n| Spread::of(&testbed.client_requests(addr, n, true));
@@ -58,7 +63,11 @@ pub fn dead_backend_gets_no_new_connections_and_comes_back(agent: &mut Agent, te
         }
     }
     if let Some(at) = last_failure {
-        assert!(at <= bound, "a new connection to {addr} failed {at:?} after the kill; bound {bound:?}\n{}", agent.log());
+        assert!(
+            at <= bound,
+            "a new connection to {addr} failed {at:?} after the kill; bound {bound:?}\n{}",
+            agent.log()
+        );
     }
     assert_eq!(answered.len(), backends - 1, "the others keep answering: {answered:?}");
     let mut want = vec!["up"; backends];

@@ -12,8 +12,8 @@ use std::{fmt::Write as _, path::Path};
 
 use lb::{
     config::Config,
+    control::balancer::Balancer,
     dataplane::{LoadOptions, Program},
-    lb::state::Balancer,
 };
 use lb_common::limits::{MAX_BACKENDS, MAX_VIPS};
 use v4::*;
@@ -39,7 +39,10 @@ fn config_text() -> String {
     );
     for i in 0..ADDRESSES * PORTS.len() {
         let ([a, b, c, d], port) = vip(i);
-        let _ = writeln!(toml, "\n[[vip]]\nname = \"v{i}\"\nlisten = \"{a}.{b}.{c}.{d}:{port}\"\n[vip.health_check]\ntype = \"none\"");
+        let _ = writeln!(
+            toml,
+            "\n[[vip]]\nname = \"v{i}\"\nlisten = \"{a}.{b}.{c}.{d}:{port}\"\n[vip.health_check]\ntype = \"none\""
+        );
         for host in 11..11 + BACKENDS_PER_VIP {
             let _ = writeln!(toml, "[[vip.backend]]\naddress = \"198.18.2.{host}:{}\"", backend_port(i));
         }
@@ -48,10 +51,9 @@ fn config_text() -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_thousand_vips_and_four_thousand_backends_are_installed_and_balanced() {
-    if !lb_tests::is_root() {
-        return lb_tests::skip("needs root for BPF_PROG_TEST_RUN");
-    }
+    lb_tests::require_root!();
     let config = Config::parse(&config_text(), Path::new("capacity.toml")).expect("the config is valid");
     let vips = config.vips.len();
     let backends: usize = config.vips.iter().map(|v| v.backends.len()).sum();
@@ -64,7 +66,8 @@ fn a_thousand_vips_and_four_thousand_backends_are_installed_and_balanced() {
         let mut maps = program.maps().expect("maps");
         let mut balancer = Balancer::new(&config).expect("balancer");
         balancer.install(&mut maps).expect("install");
-        let mut lb = Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
+        let mut lb =
+            Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
         for i in (0..vips).step_by(37).chain([vips - 1]) {
             let (addr, port) = vip(i);
             let syn = Tcp { dst: addr, dport: port, ..Tcp::client_to_vip(40000) }.build();
@@ -72,7 +75,10 @@ fn a_thousand_vips_and_four_thousand_backends_are_installed_and_balanced() {
             assert!(action == XDP_REDIRECT || action == XDP_PASS, "vip {i}: action {action}");
             let (dst, dport) = (&out[30..34], u16::from_be_bytes([out[36], out[37]]));
             assert_eq!(dport, backend_port(i), "vip {i} went to another VIP's backend");
-            assert!((11..11 + BACKENDS_PER_VIP as u8).contains(&dst[3]) && dst[..3] == [198, 18, 2], "vip {i}: {dst:?}");
+            assert!(
+                (11..11 + BACKENDS_PER_VIP as u8).contains(&dst[3]) && dst[..3] == [198, 18, 2],
+                "vip {i}: {dst:?}"
+            );
             assert_checksums_valid(&out);
         }
     });

@@ -194,6 +194,7 @@ fn idle_admin_connections_leave_backends_up(hard: u64) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn idle_admin_connections_under_a_soft_limit_of_1024_leave_backends_up() {
     lb_tests::require_root!();
     // The agent raises its soft limit to this hard one.
@@ -201,6 +202,7 @@ fn idle_admin_connections_under_a_soft_limit_of_1024_leave_backends_up() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn idle_admin_connections_under_a_hard_limit_of_1024_leave_backends_up() {
     lb_tests::require_root!();
     // Nothing to raise: the admin server's cap alone must leave probes room.
@@ -251,18 +253,14 @@ fn blackholed_vips(testbed: &Testbed, check: HealthCheck) -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn thousands_of_blackholed_backends_leave_the_healthy_ones_up() {
     lb_tests::require_root!();
     let testbed = Testbed::new(2).expect("building the testbed");
     route_to_a_blackhole(&testbed);
     // Each blackholed probe holds a socket for 800 ms of every second: about
     // 1,600 at once, past the limit, unless probes in flight are bounded.
-    let check = HealthCheck {
-        interval: Duration::from_secs(1),
-        timeout: Duration::from_millis(800),
-        rise: 2,
-        fall: 2,
-    };
+    let check = HealthCheck { interval: Duration::from_secs(1), timeout: Duration::from_millis(800), rise: 2, fall: 2 };
     // web over the two healthy backends, then the dark VIPs; small rings,
     // room for them all.
     let mut config = config_for(&testbed, check).replacen("[agent]\n", "[agent]\nring_size = 1021\nmax_vips = 64\n", 1);
@@ -278,7 +276,12 @@ fn thousands_of_blackholed_backends_leave_the_healthy_ones_up() {
         if health_of(&status, "web") == ["up", "up"] && dark_down == BLACKHOLED_PER_VIP {
             break;
         }
-        assert!(Instant::now() < deadline, "not settled: web {:?}, dark0 {dark_down} down; log:\n{}", health_of(&status, "web"), agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "not settled: web {:?}, dark0 {dark_down} down; log:\n{}",
+            health_of(&status, "web"),
+            agent.log()
+        );
         thread::sleep(Duration::from_millis(200));
     }
     let window = check.detection_bound() * 3;
@@ -292,5 +295,9 @@ fn thousands_of_blackholed_backends_leave_the_healthy_ones_up() {
     }
     // And it was the cap that held, not luck: no probe ran short.
     let status = status_when_served(&agent);
-    assert_eq!(status["health_checks"]["local_errors"], 0, "probes ran out of descriptors: {}", status["health_checks"]);
+    assert_eq!(
+        status["health_checks"]["local_errors"], 0,
+        "probes ran out of descriptors: {}",
+        status["health_checks"]
+    );
 }

@@ -2,15 +2,12 @@
 //! gateway of a namespace testbed, real HTTP and UDP backends, real traffic.
 //! Needs root. Each test builds its own testbed, so they run in parallel.
 
-use std::{
-    collections::BTreeSet,
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use lb_tests::{
-    testbed::client,
     Spread, Testbed,
     agent::{self, Agent, HealthCheck},
+    testbed::client,
 };
 
 const BACKENDS: usize = 3;
@@ -21,12 +18,8 @@ fn running() -> (Agent, Testbed) {
     let check = HealthCheck::default();
     let mut agent = Agent::start(&testbed, &agent::config_for(&testbed, check)).expect("starting lb");
     let all_up = ["up"; BACKENDS];
-    agent
-        .wait_health("web", &all_up, Duration::from_secs(10))
-        .expect("web backends up");
-    agent
-        .wait_health("echo", &all_up, Duration::from_secs(10))
-        .expect("echo backends up");
+    agent.wait_health("web", &all_up, Duration::from_secs(10)).expect("web backends up");
+    agent.wait_health("echo", &all_up, Duration::from_secs(10)).expect("echo backends up");
     // The agent is dropped first: it detaches before the testbed goes.
     (agent, testbed)
 }
@@ -37,10 +30,7 @@ fn spread_of(testbed: &Testbed, n: usize) -> Spread {
 
 /// Names of the interfaces in the gateway namespace that have an XDP program.
 fn xdp_attached(testbed: &Testbed) -> Vec<String> {
-    let out = testbed
-        .gateway()
-        .exec_ok(&["ip", "-o", "link", "show"])
-        .expect("ip link show in the gateway");
+    let out = testbed.gateway().exec_ok(&["ip", "-o", "link", "show"]).expect("ip link show in the gateway");
     out.lines()
         .filter(|l| l.contains(" xdp") || l.contains("prog/xdp"))
         .filter_map(|l| l.split(':').nth(1))
@@ -59,14 +49,11 @@ fn counter(status: &serde_json::Value, vip: &str, backend: usize, field: &str) -
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn new_connections_spread_across_all_backends() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
-    assert_eq!(
-        xdp_attached(&testbed).len(),
-        2,
-        "both gateway interfaces carry the program"
-    );
+    assert_eq!(xdp_attached(&testbed).len(), 2, "both gateway interfaces carry the program");
 
     let spread = spread_of(&testbed, 300);
     assert_eq!(spread.ok(), 300, "every request answered: {spread:?}");
@@ -84,23 +71,27 @@ fn new_connections_spread_across_all_backends() {
     }
     let metrics = agent.metrics().expect("/metrics");
     for i in 1..=BACKENDS {
-        let line = format!(
-            "lb_backend_up{{vip=\"web\",backend=\"{}\"}} 1",
-            testbed.backend_http(i)
-        );
+        let line = format!("lb_backend_up{{vip=\"web\",backend=\"{}\"}} 1", testbed.backend_http(i));
         assert!(metrics.contains(&line), "missing {line} in:\n{metrics}");
     }
     assert!(metrics.contains("lb_packets_total{vip=\"web\""), "no per-VIP packets in:\n{metrics}");
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn dead_backend_gets_no_new_connections_and_comes_back() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
-    lb_tests::scenarios::dead_backend_gets_no_new_connections_and_comes_back(&mut agent, &testbed, "web", testbed.vip_http());
+    lb_tests::scenarios::dead_backend_gets_no_new_connections_and_comes_back(
+        &mut agent,
+        &testbed,
+        "web",
+        testbed.vip_http(),
+    );
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_flow_stays_on_one_backend() {
     lb_tests::require_root!();
     let (_agent, testbed) = running();
@@ -122,6 +113,7 @@ fn udp_flow_stays_on_one_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn non_vip_traffic_crosses_untouched() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -147,6 +139,7 @@ fn verdict(status: &serde_json::Value, reason: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn health_checks_work_while_attached_and_stop_detaches() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
@@ -173,6 +166,7 @@ fn health_checks_work_while_attached_and_stop_detaches() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn bad_config_is_refused_and_attaches_nothing() {
     lb_tests::require_root!();
     let testbed = Testbed::new(1).expect("building the testbed");
@@ -185,13 +179,7 @@ fn bad_config_is_refused_and_attaches_nothing() {
 
     let lb = lb_tests::lb_bin().expect("lb binary");
     for sub in ["check", "run"] {
-        let out = testbed
-            .gateway()
-            .command(&lb)
-            .args([sub, "--config"])
-            .arg(&path)
-            .output()
-            .expect("running lb");
+        let out = testbed.gateway().command(&lb).args([sub, "--config"]).arg(&path).output().expect("running lb");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "lb {sub} accepted a bad config");
         assert!(stderr.contains(&path.display().to_string()), "names the file: {stderr}");
@@ -202,6 +190,7 @@ fn bad_config_is_refused_and_attaches_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn no_backend_up_is_answered_by_the_gateway() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
@@ -222,11 +211,7 @@ fn no_backend_up_is_answered_by_the_gateway() {
     // reaches a backend.
     let tries = testbed
         .client()
-        .enter(|| {
-            (0..3)
-                .map(|_| (client::refused_tcp(vip_tcp), client::refused_udp(vip_udp)))
-                .collect::<Vec<_>>()
-        })
+        .enter(|| (0..3).map(|_| (client::refused_tcp(vip_tcp), client::refused_udp(vip_udp))).collect::<Vec<_>>())
         .expect("entering the client namespace");
     let status = agent.status().expect("/status");
     for (what, results, reason) in [

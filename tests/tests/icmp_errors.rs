@@ -70,6 +70,7 @@ fn fetch_big(testbed: &Testbed, ns: &Namespace, vip: SocketAddr) -> Duration {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn large_responses_arrive_when_the_gateways_own_route_to_the_client_is_narrower() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -90,11 +91,14 @@ fn large_responses_arrive_when_the_gateways_own_route_to_the_client_is_narrower(
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn large_responses_arrive_when_a_router_past_the_gateway_has_a_narrower_hop() {
     lb_tests::require_root!();
     let (agent, mut testbed) = running();
     let far = testbed.add_far_client(NARROW_MTU).expect("far client");
-    for (vip, far_addr) in [(testbed.vip_http(), FAR_CLIENT_ADDR.to_string()), (testbed.vip6_http(), FAR_CLIENT_ADDR6.to_string())] {
+    for (vip, far_addr) in
+        [(testbed.vip_http(), FAR_CLIENT_ADDR.to_string()), (testbed.vip6_http(), FAR_CLIENT_ADDR6.to_string())]
+    {
         let before = agent.verdict("redirect_icmp_error_to_backend");
         let took = fetch_big(&testbed, &far, vip);
         let steered = agent.verdict("redirect_icmp_error_to_backend") - before;
@@ -105,10 +109,14 @@ fn large_responses_arrive_when_a_router_past_the_gateway_has_a_narrower_hop() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_port_unreachable_from_a_backend_reaches_the_client_as_connection_refused() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
-    for vip in [SocketAddr::new(testbed.vip_http().ip(), CLOSED_UDP_PORT), SocketAddr::new(testbed.vip6_http().ip(), CLOSED_UDP_PORT)] {
+    for vip in [
+        SocketAddr::new(testbed.vip_http().ip(), CLOSED_UDP_PORT),
+        SocketAddr::new(testbed.vip6_http().ip(), CLOSED_UDP_PORT),
+    ] {
         let before = agent.verdict("redirect_icmp_error_to_client");
         let outcome = testbed.client().enter(move || connected_udp_exchange(vip)).expect("entering the client");
         match outcome {
@@ -123,7 +131,8 @@ fn udp_port_unreachable_from_a_backend_reaches_the_client_as_connection_refused(
 /// for an answer: the kernel reports a matching ICMP port unreachable as
 /// ECONNREFUSED on a connected socket.
 fn connected_udp_exchange(vip: SocketAddr) -> io::Result<usize> {
-    let local: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.map_err(io::Error::other)?;
+    let local: SocketAddr =
+        if vip.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.map_err(io::Error::other)?;
     let socket = UdpSocket::bind(local)?;
     socket.connect(vip)?;
     socket.set_read_timeout(Some(Duration::from_secs(3)))?;

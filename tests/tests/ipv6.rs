@@ -7,10 +7,7 @@
 //! answer through it was balanced by the XDP program; the answers name the
 //! backend that served them.
 
-use std::{
-    collections::BTreeSet,
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use lb_tests::{
     Spread, Testbed,
@@ -61,12 +58,11 @@ fn new_flows(status: &serde_json::Value, vip: &str) -> u64 {
 
 /// The 1-based index of the backend called `name`.
 fn index_of(testbed: &Testbed, name: &str) -> usize {
-    (1..=BACKENDS)
-        .find(|&i| testbed.backend_name(i) == name)
-        .unwrap_or_else(|| panic!("no backend named {name}"))
+    (1..=BACKENDS).find(|&i| testbed.backend_name(i) == name).unwrap_or_else(|| panic!("no backend named {name}"))
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_connections_spread_across_all_backends() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -128,6 +124,7 @@ fn lb_status_output(testbed: &Testbed) -> String {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_udp_flow_stays_on_one_backend() {
     lb_tests::require_root!();
     let (agent, testbed) = running();
@@ -160,8 +157,14 @@ fn ipv6_udp_flow_stays_on_one_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_dead_backend_gets_no_new_connections_and_comes_back() {
     lb_tests::require_root!();
     let (mut agent, testbed) = running();
-    lb_tests::scenarios::dead_backend_gets_no_new_connections_and_comes_back(&mut agent, &testbed, WEB6, testbed.vip6_http());
+    lb_tests::scenarios::dead_backend_gets_no_new_connections_and_comes_back(
+        &mut agent,
+        &testbed,
+        WEB6,
+        testbed.vip6_http(),
+    );
 }

@@ -13,9 +13,9 @@
 mod v4;
 
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
-use lb::lb::dataplane::Dataplane as _;
+use lb::dataplane::Dataplane as _;
 use lb_common::{
-    FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_DOWN, BACKEND_STATE_UP},
     flow::{FLOW_F_CLOSING, FlowKey, FlowState},
     limits::{REPLY_BURST, REPLY_RATE_PER_SEC},
@@ -29,6 +29,7 @@ use v4::*;
 // ---------------------------------------------------------------- cases
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
     with_lb(|lb| {
         let sport = 40000;
@@ -36,7 +37,14 @@ fn tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
         let (baddr, bport) = backend_addr(id);
         let (verdict, out) = lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
         assert_eq!(verdict, XDP_REDIRECT);
-        let expected = Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[3]), dst: baddr, dport: bport, ttl: 63, ..Tcp::client_to_vip(sport) };
+        let expected = Tcp {
+            src_mac: GW_BACKEND_MAC,
+            dst_mac: backend_mac(baddr[3]),
+            dst: baddr,
+            dport: bport,
+            ttl: 63,
+            ..Tcp::client_to_vip(sport)
+        };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         let state = lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP)).expect("flow tracked");
@@ -51,6 +59,7 @@ fn tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn established_flow_keeps_its_backend_when_the_ring_changes() {
     with_lb(|lb| {
         let sport = 40001;
@@ -64,7 +73,8 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() {
         let (v, out) = lb.run(&data.build(), lb.client_if);
         assert_eq!(v, XDP_REDIRECT);
         let (baddr, bport) = backend_addr(first);
-        let expected = Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[3]), dst: baddr, dport: bport, ttl: 63, ..data };
+        let expected =
+            Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[3]), dst: baddr, dport: bport, ttl: 63, ..data };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         // A new flow now avoids the removed backend.
@@ -77,16 +87,28 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn reply_from_backend_leaves_with_the_vip_as_source() {
     with_lb(|lb| {
         let sport = 40002;
         lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
         let id = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(id);
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"HTTP/1.1 200 OK\r\n\r\n" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[3]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            ttl: 64,
+            syn: false,
+            payload: b"HTTP/1.1 200 OK\r\n\r\n",
+        };
         let (v, out) = lb.run(&reply.build(), lb.backend_if);
         assert_eq!(v, XDP_REDIRECT);
-        let expected = Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, ttl: 63, ..reply };
+        let expected =
+            Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, ttl: 63, ..reply };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         assert_eq!(lb.verdict_count(reason::REDIRECT_TO_CLIENT), 1);
@@ -95,6 +117,7 @@ fn reply_from_backend_leaves_with_the_vip_as_source() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_with_and_without_checksum_is_rewritten_both_ways() {
     with_lb(|lb| {
         let sport = 50000;
@@ -125,14 +148,39 @@ fn udp_with_and_without_checksum_is_rewritten_both_ways() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn non_vip_traffic_passes_untouched() {
     with_lb(|lb| {
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-            ("tcp to a backend address directly", Tcp { dst: [198, 18, 2, 11], dport: 8080, ..Tcp::client_to_vip(40003) }.build(), reason::PASS_DIRECT_FLOW),
-            ("tcp to a backend address, another port", Tcp { dst: [198, 18, 2, 11], dport: 22, ..Tcp::client_to_vip(40003) }.build(), reason::PASS_NOT_VIP),
-            ("tcp to another host", Tcp { dst: [198, 18, 3, 3], ..Tcp::client_to_vip(40003) }.build(), reason::PASS_NOT_VIP),
-            ("health-check reply: backend to the gateway", Tcp { src: [198, 18, 2, 11], dst: [198, 18, 2, 1], sport: 8080, dport: 45000, syn: false, ..Tcp::client_to_vip(0) }.build(), reason::PASS_LOCAL_DESTINATION),
-            ("arp", arp_request(), reason::PASS_NOT_IPV4),
+            (
+                "tcp to a backend address directly",
+                Tcp { dst: [198, 18, 2, 11], dport: 8080, ..Tcp::client_to_vip(40003) }.build(),
+                reason::PASS_DIRECT_FLOW,
+            ),
+            (
+                "tcp to a backend address, another port",
+                Tcp { dst: [198, 18, 2, 11], dport: 22, ..Tcp::client_to_vip(40003) }.build(),
+                reason::PASS_NOT_VIP,
+            ),
+            (
+                "tcp to another host",
+                Tcp { dst: [198, 18, 3, 3], ..Tcp::client_to_vip(40003) }.build(),
+                reason::PASS_NOT_VIP,
+            ),
+            (
+                "health-check reply: backend to the gateway",
+                Tcp {
+                    src: [198, 18, 2, 11],
+                    dst: [198, 18, 2, 1],
+                    sport: 8080,
+                    dport: 45000,
+                    syn: false,
+                    ..Tcp::client_to_vip(0)
+                }
+                .build(),
+                reason::PASS_LOCAL_DESTINATION,
+            ),
+            ("arp", arp_request(), reason::PASS_NOT_IP),
         ];
         for (name, frame, why) in &cases {
             lb.assert_passed_untouched(name, frame, *why);
@@ -144,12 +192,23 @@ fn non_vip_traffic_passes_untouched() {
 /// serves is answered or dropped here, never routed on (the gateway does
 /// not own the address and would send it back the way it came).
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn traffic_to_a_vip_address_that_no_vip_serves_is_refused_here() {
     with_lb(|lb| {
         let tcp = Tcp { dport: 443, ..Tcp::client_to_vip(40004) }.build();
-        lb.assert_answered("tcp to the VIP address on another port", &tcp, &rst_from(443, 40004, 0, Some(1001)), reason::TX_RST_NO_SERVICE);
+        lb.assert_answered(
+            "tcp to the VIP address on another port",
+            &tcp,
+            &rst_from(443, 40004, 0, Some(1001)),
+            reason::TX_RST_NO_SERVICE,
+        );
         let datagram = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 5000, VIP_TCP_PORT, b"x");
-        lb.assert_answered("udp to the VIP's tcp port", &datagram, &port_unreachable(&datagram), reason::TX_ICMP_UNREACHABLE_NO_SERVICE);
+        lb.assert_answered(
+            "udp to the VIP's tcp port",
+            &datagram,
+            &port_unreachable(&datagram),
+            reason::TX_ICMP_UNREACHABLE_NO_SERVICE,
+        );
         let client_if = lb.client_if;
         let mut rst_in = Tcp { dport: 443, ..Tcp::client_to_vip(40005) }.build();
         rst_in[14 + 20 + 13] = 0x04;
@@ -159,7 +218,12 @@ fn traffic_to_a_vip_address_that_no_vip_serves_is_refused_here() {
         lb.assert_dropped("another protocol to the VIP address", &gre, client_if, reason::DROP_NO_SERVICE);
         let mut timestamp = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, true);
         timestamp[14 + 20] = 13;
-        lb.assert_dropped("an ICMP timestamp request to the VIP address", &timestamp, client_if, reason::DROP_NO_SERVICE);
+        lb.assert_dropped(
+            "an ICMP timestamp request to the VIP address",
+            &timestamp,
+            client_if,
+            reason::DROP_NO_SERVICE,
+        );
         assert_eq!(lb.maps.tracked_flows(), 0, "a refused packet pinned a flow");
     });
 }
@@ -168,10 +232,15 @@ fn traffic_to_a_vip_address_that_no_vip_serves_is_refused_here() {
 /// backend's never creates balancing state, so nobody can plant reply
 /// translations for the gateway's health probes.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn packets_to_a_vip_from_the_gateways_or_a_backends_address_are_dropped() {
     with_lb(|lb| {
         let client_if = lb.client_if;
-        for (name, src) in [("the gateway's backend-side address", [198, 18, 2, 1]), ("the gateway's client-side address", [198, 18, 1, 1]), ("a backend's address", [198, 18, 2, 12])] {
+        for (name, src) in [
+            ("the gateway's backend-side address", [198, 18, 2, 1]),
+            ("the gateway's client-side address", [198, 18, 1, 1]),
+            ("a backend's address", [198, 18, 2, 12]),
+        ] {
             for syn in [true, false] {
                 let spoofed = Tcp { src, syn, ..Tcp::client_to_vip(45000) }.build();
                 lb.assert_dropped(name, &spoofed, client_if, reason::DROP_SPOOFED_SOURCE);
@@ -179,7 +248,15 @@ fn packets_to_a_vip_from_the_gateways_or_a_backends_address_are_dropped() {
         }
         assert_eq!(lb.maps.tracked_flows(), 0, "a spoofed packet pinned a flow");
         // The agent's probe from the gateway to a backend gets its answer untranslated.
-        let answer = Tcp { src: [198, 18, 2, 11], dst: [198, 18, 2, 1], sport: 8080, dport: 45000, syn: false, ..Tcp::client_to_vip(0) }.build();
+        let answer = Tcp {
+            src: [198, 18, 2, 11],
+            dst: [198, 18, 2, 1],
+            sport: 8080,
+            dport: 45000,
+            syn: false,
+            ..Tcp::client_to_vip(0)
+        }
+        .build();
         lb.assert_passed_untouched("a probe's answer", &answer, reason::PASS_LOCAL_DESTINATION);
     });
 }
@@ -188,16 +265,28 @@ fn packets_to_a_vip_from_the_gateways_or_a_backends_address_are_dropped() {
 /// evicted it, or an agent restart lost it) still leaves with the VIP as its
 /// source, never with the backend's own address.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_reply_without_reply_state_is_translated_from_its_backends_service() {
     with_lb(|lb| {
         let sport = 40100;
         let backend = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(backend);
         // No packet of the flow was seen here: no state at all.
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"line 7\n" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[3]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            ttl: 64,
+            syn: false,
+            payload: b"line 7\n",
+        };
         let backend_if = lb.backend_if;
         let out = lb.assert_redirected_as(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT_STATELESS);
-        let expected = Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, ttl: 63, ..reply };
+        let expected =
+            Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, ttl: 63, ..reply };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         assert_eq!(lb.maps.tracked_flows(), 0, "a stateless reply opened a flow");
@@ -208,6 +297,7 @@ fn a_reply_without_reply_state_is_translated_from_its_backends_service() {
 /// replies untranslated, and a new balanced flow that would share its
 /// replies' 5-tuple is refused; a balanced flow wins over a later direct one.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn direct_flows_to_a_backend_keep_their_replies_untranslated() {
     with_lb(|lb| {
         let (client_if, backend_if) = (lb.client_if, lb.backend_if);
@@ -216,19 +306,40 @@ fn direct_flows_to_a_backend_keep_their_replies_untranslated() {
         let (baddr, bport) = backend_addr(backend);
         let direct = Tcp { dst: baddr, dport: bport, ..Tcp::client_to_vip(sport) }.build();
         lb.assert_passed_untouched("direct SYN", &direct, reason::PASS_DIRECT_FLOW);
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"" }.build();
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[3]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            ttl: 64,
+            syn: false,
+            payload: b"",
+        }
+        .build();
         let (action, out, counted) = lb.run_counted(&reply, backend_if);
         assert_eq!((action, counted), (XDP_PASS, reason::NAMES[reason::PASS_DIRECT_FLOW as usize]), "direct reply");
         assert_frame(&out, &reply);
         let balanced = Tcp::client_to_vip(sport).build();
-        lb.assert_dropped("a VIP flow colliding with the direct one", &balanced, client_if, reason::DROP_FLOW_COLLISION);
+        lb.assert_dropped(
+            "a VIP flow colliding with the direct one",
+            &balanced,
+            client_if,
+            reason::DROP_FLOW_COLLISION,
+        );
         // A balanced flow first: a direct packet on its 5-tuple is refused.
         let sport = 40201;
         let backend = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(backend);
         lb.assert_redirected_as(&Tcp::client_to_vip(sport).build(), client_if, reason::REDIRECT_TO_BACKEND);
         let direct = Tcp { dst: baddr, dport: bport, ..Tcp::client_to_vip(sport) }.build();
-        lb.assert_dropped("a direct packet colliding with a balanced flow", &direct, client_if, reason::DROP_FLOW_COLLISION);
+        lb.assert_dropped(
+            "a direct packet colliding with a balanced flow",
+            &direct,
+            client_if,
+            reason::DROP_FLOW_COLLISION,
+        );
     });
 }
 
@@ -245,6 +356,7 @@ fn arp_request() -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn flow_on_a_down_backend_is_rescheduled() {
     with_lb(|lb| {
         let sport = 40005;
@@ -283,6 +395,7 @@ fn rst_from(port: u16, sport: u16, seq: u32, ack: Option<u32>) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn tcp_to_a_vip_with_no_backend_up_is_answered_with_a_rst() {
     with_lb(|lb| {
         lb.set_ring(1, 1, []);
@@ -294,13 +407,23 @@ fn tcp_to_a_vip_with_no_backend_up_is_answered_with_a_rst() {
         lb.assert_answered("data", &data, &rst(40007, 2000, None), reason::TX_RST_NO_BACKEND);
         // A SYN carrying data (TFO-like) and FIN: both count in the ack.
         let syn_fin = with_tcp_flags(&Tcp { payload: b"hello", ..Tcp::client_to_vip(40008) }.build(), 0x03);
-        lb.assert_answered("syn+fin with 5 bytes", &syn_fin, &rst(40008, 0, Some(1000 + 5 + 2)), reason::TX_RST_NO_BACKEND);
+        lb.assert_answered(
+            "syn+fin with 5 bytes",
+            &syn_fin,
+            &rst(40008, 0, Some(1000 + 5 + 2)),
+            reason::TX_RST_NO_BACKEND,
+        );
         // IP options are not echoed; VLAN tags are kept.
         let opts = with_ip_options(&Tcp::client_to_vip(40009).build(), &[1, 1, 1, 0, 0x94, 4, 0, 0]);
         lb.assert_answered("ip options", &opts, &rst(40009, 0, Some(1001)), reason::TX_RST_NO_BACKEND);
         let tags = [(0x88a8, 100), (0x8100, 200)];
         let tagged = with_vlan_tags(&Tcp::client_to_vip(40010).build(), &tags);
-        lb.assert_answered("qinq", &tagged, &with_vlan_tags(&rst(40010, 0, Some(1001)), &tags), reason::TX_RST_NO_BACKEND);
+        lb.assert_answered(
+            "qinq",
+            &tagged,
+            &with_vlan_tags(&rst(40010, 0, Some(1001)), &tags),
+            reason::TX_RST_NO_BACKEND,
+        );
         // A RST is never answered.
         let reset = with_tcp_flags(&Tcp { syn: false, ..Tcp::client_to_vip(40011) }.build(), 0x04);
         lb.assert_dropped("rst", &reset, lb.client_if, reason::DROP_NO_BACKEND);
@@ -331,6 +454,7 @@ fn port_unreachable(datagram: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn udp_to_a_vip_with_no_backend_up_is_answered_with_port_unreachable() {
     with_lb(|lb| {
         lb.set_ring(2, 1, []);
@@ -339,7 +463,12 @@ fn udp_to_a_vip_with_no_backend_up_is_answered_with_port_unreachable() {
         // Without a checksum, and with the shortest datagram: still quoted whole.
         let mut bare = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50002, VIP_UDP_PORT, b"");
         bare[40..42].copy_from_slice(&[0, 0]);
-        lb.assert_answered("empty, no checksum", &bare, &port_unreachable(&bare), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        lb.assert_answered(
+            "empty, no checksum",
+            &bare,
+            &port_unreachable(&bare),
+            reason::TX_ICMP_UNREACHABLE_NO_BACKEND,
+        );
         // IP options are quoted with the header (RFC 792: the whole header).
         let opts = with_ip_options(&req, &[0x94, 4, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0]);
         lb.assert_answered("ip options", &opts, &port_unreachable(&opts), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
@@ -350,7 +479,12 @@ fn udp_to_a_vip_with_no_backend_up_is_answered_with_port_unreachable() {
         // VLAN tags are kept.
         let tags = [(0x8100, 300)];
         let tagged = with_vlan_tags(&req, &tags);
-        lb.assert_answered("tagged", &tagged, &with_vlan_tags(&port_unreachable(&req), &tags), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        lb.assert_answered(
+            "tagged",
+            &tagged,
+            &with_vlan_tags(&port_unreachable(&req), &tags),
+            reason::TX_ICMP_UNREACHABLE_NO_BACKEND,
+        );
     });
 }
 
@@ -363,13 +497,19 @@ fn echo(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8,
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn icmp_echo_to_a_vip_address_is_answered_and_others_pass() {
     with_lb(|lb| {
         let request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 50, true);
         let reply = echo(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 64, false);
         lb.assert_answered("echo to the VIP", &request, &reply, reason::TX_ICMP_ECHO_REPLY);
         let tags = [(0x8100, 5)];
-        lb.assert_answered("tagged", &with_vlan_tags(&request, &tags), &with_vlan_tags(&reply, &tags), reason::TX_ICMP_ECHO_REPLY);
+        lb.assert_answered(
+            "tagged",
+            &with_vlan_tags(&request, &tags),
+            &with_vlan_tags(&reply, &tags),
+            reason::TX_ICMP_ECHO_REPLY,
+        );
         // Answered whether or not its VIPs have a backend up.
         lb.set_ring(1, 1, []);
         lb.set_ring(2, 1, []);
@@ -406,6 +546,7 @@ fn pin_to_one_cpu() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn replies_are_rate_limited_per_cpu() {
     with_lb(|lb| {
         pin_to_one_cpu();
@@ -426,20 +567,34 @@ fn replies_are_rate_limited_per_cpu() {
         }
         // The full burst, plus what refilled while the test ran (at most).
         let refilled = (start.elapsed().as_secs_f64() * REPLY_RATE_PER_SEC as f64).ceil() as u64;
-        assert!(answered >= REPLY_BURST && answered <= REPLY_BURST + refilled, "{answered} replies before the limit ({refilled} refilled)");
+        assert!(
+            answered >= REPLY_BURST && answered <= REPLY_BURST + refilled,
+            "{answered} replies before the limit ({refilled} refilled)"
+        );
         assert!(answered < limit, "never limited");
         // Echo replies have a bucket of their own (issue 15, item 5).
         let request = echo(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, true);
-        lb.assert_answered("echo after the no-backend bucket ran dry", &request, &echo(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 64, false), reason::TX_ICMP_ECHO_REPLY);
+        lb.assert_answered(
+            "echo after the no-backend bucket ran dry",
+            &request,
+            &echo(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 64, false),
+            reason::TX_ICMP_ECHO_REPLY,
+        );
         // A second later the bucket has refilled.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let udp_req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50003, VIP_UDP_PORT, b"q");
         lb.set_ring(2, 1, []);
-        lb.assert_answered("after refill", &udp_req, &port_unreachable(&udp_req), reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
+        lb.assert_answered(
+            "after refill",
+            &udp_req,
+            &port_unreachable(&udp_req),
+            reason::TX_ICMP_UNREACHABLE_NO_BACKEND,
+        );
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn malformed_and_expiring_packets_follow_their_rules() {
     with_lb(|lb| {
         let good = Tcp::client_to_vip(40007).build();
@@ -477,6 +632,7 @@ fn with_total_length(frame: &[u8], tot_len: u16) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn malformed_ipv4_headers_pass_untouched_each_with_its_reason() {
     with_lb(|lb| {
         let good = Tcp::client_to_vip(40020).build();
@@ -511,7 +667,12 @@ fn malformed_ipv4_headers_pass_untouched_each_with_its_reason() {
         }
         // Too short for its ports, to a VIP address: not passed on (issue 15, item 4).
         let client_if = lb.client_if;
-        lb.assert_dropped("tcp segment of 2 bytes, vip port in the padding", &padded, client_if, reason::DROP_NO_SERVICE);
+        lb.assert_dropped(
+            "tcp segment of 2 bytes, vip port in the padding",
+            &padded,
+            client_if,
+            reason::DROP_NO_SERVICE,
+        );
         let short_udp = with_total_length(&good_udp[..14 + 23], 23);
         lb.assert_dropped("udp segment of 3 bytes", &short_udp, client_if, reason::DROP_NO_SERVICE);
         assert_eq!(lb.maps.tracked_flows(), 0, "a malformed packet pinned a flow");
@@ -519,6 +680,7 @@ fn malformed_ipv4_headers_pass_untouched_each_with_its_reason() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn malformed_tcp_and_udp_headers_to_a_vip_are_dropped() {
     with_lb(|lb| {
         let tcp = Tcp::client_to_vip(40021).build();
@@ -552,7 +714,17 @@ fn malformed_tcp_and_udp_headers_to_a_vip_are_dropped() {
         let sport = 40022;
         lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
         let (baddr, bport) = backend_addr(lb.expected_backend(sport));
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[3]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            ttl: 64,
+            syn: false,
+            payload: b"",
+        };
         let mut bad_reply = reply.build();
         bad_reply[46] = 0x30;
         lb.assert_dropped("reply with tcp data offset 3", &bad_reply, lb.backend_if, reason::DROP_MALFORMED_L4);
@@ -560,6 +732,7 @@ fn malformed_tcp_and_udp_headers_to_a_vip_are_dropped() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv4_options_are_kept_and_skipped() {
     with_lb(|lb| {
         let sport = 40009;
@@ -569,13 +742,25 @@ fn ipv4_options_are_kept_and_skipped() {
         let input = with_ip_options(&Tcp::client_to_vip(sport).build(), &options);
         let (v, out) = lb.run(&input, lb.client_if);
         assert_eq!(v, XDP_REDIRECT);
-        let expected = with_ip_options(&Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[3]), dst: baddr, dport: bport, ttl: 63, ..Tcp::client_to_vip(sport) }.build(), &options);
+        let expected = with_ip_options(
+            &Tcp {
+                src_mac: GW_BACKEND_MAC,
+                dst_mac: backend_mac(baddr[3]),
+                dst: baddr,
+                dport: bport,
+                ttl: 63,
+                ..Tcp::client_to_vip(sport)
+            }
+            .build(),
+            &options,
+        );
         assert_frame(&out, &expected);
         assert_checksums_valid(&out);
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv4_options_of_the_largest_size_are_kept_both_ways() {
     with_lb(|lb| {
         // IHL 15: 40 bytes of options (a record-route option with room for
@@ -584,19 +769,27 @@ fn ipv4_options_of_the_largest_size_are_kept_both_ways() {
         options.resize(39, 0);
         options.push(0);
         let sport = 50030;
-        let req = with_ip_options(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, sport, VIP_UDP_PORT, b"query"), &options);
+        let req =
+            with_ip_options(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, sport, VIP_UDP_PORT, b"query"), &options);
         let (v, out, counted) = lb.run_counted(&req, lb.client_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_backend"));
         let state = lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_UDP_PORT, PROTO_UDP)).expect("udp flow tracked");
         let (baddr, bport) = backend_addr(state.backend_id);
-        let expected = with_ip_options(&udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, b"query"), &options);
+        let expected = with_ip_options(
+            &udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, b"query"),
+            &options,
+        );
         assert_frame(&out, &expected);
         assert_checksums_valid(&out);
 
-        let reply = with_ip_options(&udp(backend_mac(baddr[3]), GW_BACKEND_MAC, baddr, CLIENT, 64, bport, sport, b"answer"), &options);
+        let reply = with_ip_options(
+            &udp(backend_mac(baddr[3]), GW_BACKEND_MAC, baddr, CLIENT, 64, bport, sport, b"answer"),
+            &options,
+        );
         let (v, out, counted) = lb.run_counted(&reply, lb.backend_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_client"));
-        let expected = with_ip_options(&udp(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 63, VIP_UDP_PORT, sport, b"answer"), &options);
+        let expected =
+            with_ip_options(&udp(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 63, VIP_UDP_PORT, sport, b"answer"), &options);
         assert_frame(&out, &expected);
         assert_checksums_valid(&out);
     });
@@ -641,12 +834,14 @@ fn with_ip_id(frame: &[u8], id: u16) -> Vec<u8> {
 static DATAGRAM: [u8; 1000] = [7; 1000];
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn later_fragments_follow_their_first_piece_both_ways() {
     with_lb(|lb| {
         // A 1008-byte UDP datagram in two pieces: 520 bytes (the UDP header
         // and 512 of payload), then the other 488.
         let sport = 50040;
-        let whole = with_ip_id(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, sport, VIP_UDP_PORT, &DATAGRAM), 0x1234);
+        let whole =
+            with_ip_id(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, sport, VIP_UDP_PORT, &DATAGRAM), 0x1234);
         let (first, rest) = (fragment(&whole, 0, 520, false), fragment(&whole, 520, 488, true));
         let (v, out, counted) = lb.run_counted(&first, lb.client_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_backend"), "first piece");
@@ -654,7 +849,8 @@ fn later_fragments_follow_their_first_piece_both_ways() {
         let (baddr, bport) = backend_addr(id);
         // Expected: the datagram as if sent whole to the backend (its UDP
         // checksum computed from scratch over all of it), cut the same way.
-        let translated = with_ip_id(&udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, &DATAGRAM), 0x1234);
+        let translated =
+            with_ip_id(&udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, &DATAGRAM), 0x1234);
         assert_frame(&out, &fragment(&translated, 0, 520, false));
         let (v, out, counted) = lb.run_counted(&rest, lb.client_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_fragment"), "second piece");
@@ -663,11 +859,18 @@ fn later_fragments_follow_their_first_piece_both_ways() {
 
         // Another datagram's later piece, or one whose first piece is still
         // to come: cannot be placed, and is not the kernel's to deliver.
-        lb.assert_dropped("later piece of an unknown datagram", &with_ip_id(&rest, 0x1235), lb.client_if, reason::DROP_FRAGMENT);
+        lb.assert_dropped(
+            "later piece of an unknown datagram",
+            &with_ip_id(&rest, 0x1235),
+            lb.client_if,
+            reason::DROP_FRAGMENT,
+        );
 
         // The backend's fragmented answer leaves from the VIP, both pieces.
-        let answer = with_ip_id(&udp(backend_mac(baddr[3]), GW_BACKEND_MAC, baddr, CLIENT, 64, bport, sport, &DATAGRAM), 0x4321);
-        let to_client = with_ip_id(&udp(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 63, VIP_UDP_PORT, sport, &DATAGRAM), 0x4321);
+        let answer =
+            with_ip_id(&udp(backend_mac(baddr[3]), GW_BACKEND_MAC, baddr, CLIENT, 64, bport, sport, &DATAGRAM), 0x4321);
+        let to_client =
+            with_ip_id(&udp(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 63, VIP_UDP_PORT, sport, &DATAGRAM), 0x4321);
         let (v, out, counted) = lb.run_counted(&fragment(&answer, 0, 520, false), lb.backend_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_client"), "first piece of the answer");
         assert_frame(&out, &fragment(&to_client, 0, 520, false));
@@ -679,6 +882,7 @@ fn later_fragments_follow_their_first_piece_both_ways() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn fragments_that_cannot_be_placed_are_dropped_at_a_vip_and_others_pass() {
     with_lb(|lb| {
         let udp_req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50041, VIP_UDP_PORT, &[7; 64]);
@@ -696,8 +900,16 @@ fn fragments_that_cannot_be_placed_are_dropped_at_a_vip_and_others_pass() {
         for (name, frame) in &drops {
             lb.assert_dropped(name, frame, lb.client_if, reason::DROP_FRAGMENT);
         }
-        lb.assert_passed_untouched("udp piece to a backend address", &with_frag_field(&udp_to_backend, MF), reason::PASS_FRAGMENT);
-        lb.assert_passed_untouched("later udp piece to a backend address", &with_frag_field(&udp_to_backend, 185), reason::PASS_FRAGMENT);
+        lb.assert_passed_untouched(
+            "udp piece to a backend address",
+            &with_frag_field(&udp_to_backend, MF),
+            reason::PASS_FRAGMENT,
+        );
+        lb.assert_passed_untouched(
+            "later udp piece to a backend address",
+            &with_frag_field(&udp_to_backend, 185),
+            reason::PASS_FRAGMENT,
+        );
         lb.assert_passed_untouched("icmp fragment to the VIP address", &icmp_to_vip, reason::PASS_FRAGMENT);
         assert_eq!(lb.maps.tracked_flows(), 0, "a fragment pinned a flow");
 
@@ -708,22 +920,34 @@ fn fragments_that_cannot_be_placed_are_dropped_at_a_vip_and_others_pass() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn the_fragment_rule_follows_vips_as_they_come_and_go() {
     with_lb(|lb| {
         let other_vip = [198, 18, 0, 101];
         // Later pieces (offset 1480), whose first was not seen: judged by
         // address and protocol, as they carry no port.
-        let udp_frag = |dst: [u8; 4]| with_frag_field(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, dst, 64, 50050, 53, b"piece"), 185);
-        let tcp_frag = |dst: [u8; 4]| with_frag_field(&Tcp { dst, dport: 53, ..Tcp::client_to_vip(40050) }.build(), 185);
-        let addr_key = |addr: [u8; 4]| VipAddrKey { addr_be: [u32::from_ne_bytes(addr), 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
+        let udp_frag =
+            |dst: [u8; 4]| with_frag_field(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, dst, 64, 50050, 53, b"piece"), 185);
+        let tcp_frag =
+            |dst: [u8; 4]| with_frag_field(&Tcp { dst, dport: 53, ..Tcp::client_to_vip(40050) }.build(), 185);
+        let addr_key = |addr: [u8; 4]| VipAddrKey::new(addr.into());
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(VIP)), VIP_ADDR_TCP | VIP_ADDR_UDP);
 
         // A UDP-only VIP on a second address: only UDP fragments to it are ours.
-        let dns = VipKey { addr_be: [u32::from_ne_bytes(other_vip), 0, 0, 0], port_be: 53u16.to_be(), proto: PROTO_UDP, family: FAMILY_V4 };
+        let dns = VipKey::new((other_vip, 53).into(), PROTO_UDP);
         lb.upsert_vip(dns, VipInfo { vip_id: 3, ring_size: RING, ring_generation: 0, flags: 0 });
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(other_vip)), VIP_ADDR_UDP);
-        lb.assert_dropped("udp fragment to the udp-only VIP address", &udp_frag(other_vip), lb.client_if, reason::DROP_FRAGMENT);
-        lb.assert_passed_untouched("tcp fragment to the udp-only VIP address", &tcp_frag(other_vip), reason::PASS_FRAGMENT);
+        lb.assert_dropped(
+            "udp fragment to the udp-only VIP address",
+            &udp_frag(other_vip),
+            lb.client_if,
+            reason::DROP_FRAGMENT,
+        );
+        lb.assert_passed_untouched(
+            "tcp fragment to the udp-only VIP address",
+            &tcp_frag(other_vip),
+            reason::PASS_FRAGMENT,
+        );
 
         // The UDP VIP on the first address goes: its UDP fragments pass, TCP ones stay ours.
         lb.remove_vip(&vip_key(VIP_UDP_PORT, PROTO_UDP));
@@ -733,12 +957,16 @@ fn the_fragment_rule_follows_vips_as_they_come_and_go() {
 
         lb.remove_vip(&dns);
         assert_eq!(lb.maps.vip_addr_protos(&addr_key(other_vip)), 0);
-        lb.assert_passed_untouched("udp fragment after the last VIP on the address left", &udp_frag(other_vip), reason::PASS_FRAGMENT);
+        lb.assert_passed_untouched(
+            "udp fragment after the last VIP on the address left",
+            &udp_frag(other_vip),
+            reason::PASS_FRAGMENT,
+        );
     });
 }
 
-
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
     with_lb(|lb| {
         // One 802.1Q tag, both directions.
@@ -748,15 +976,33 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
         let (baddr, bport) = backend_addr(id);
         let (v, out, counted) = lb.run_counted(&with_vlan_tags(&Tcp::client_to_vip(sport).build(), &tag), lb.client_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_backend"), "tagged syn");
-        let expected = Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[3]), dst: baddr, dport: bport, ttl: 63, ..Tcp::client_to_vip(sport) };
+        let expected = Tcp {
+            src_mac: GW_BACKEND_MAC,
+            dst_mac: backend_mac(baddr[3]),
+            dst: baddr,
+            dport: bport,
+            ttl: 63,
+            ..Tcp::client_to_vip(sport)
+        };
         assert_frame(&out, &with_vlan_tags(&expected.build(), &tag));
         assert_checksums_valid(&out);
         assert_eq!(lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP)).map(|s| s.backend_id), Some(id));
 
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"ok" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[3]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            ttl: 64,
+            syn: false,
+            payload: b"ok",
+        };
         let (v, out, counted) = lb.run_counted(&with_vlan_tags(&reply.build(), &tag), lb.backend_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_client"), "tagged reply");
-        let expected = Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, ttl: 63, ..reply };
+        let expected =
+            Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, ttl: 63, ..reply };
         assert_frame(&out, &with_vlan_tags(&expected.build(), &tag));
         assert_checksums_valid(&out);
 
@@ -765,12 +1011,16 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
         let mut options = vec![1; 39];
         options.push(0);
         let sport = 50060;
-        let req = with_ip_options(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, sport, VIP_UDP_PORT, b"query"), &options);
+        let req =
+            with_ip_options(&udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, sport, VIP_UDP_PORT, b"query"), &options);
         let (v, out, counted) = lb.run_counted(&with_vlan_tags(&req, &qinq), lb.client_if);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_backend"), "qinq udp");
         let state = lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_UDP_PORT, PROTO_UDP)).expect("qinq flow tracked");
         let (baddr, bport) = backend_addr(state.backend_id);
-        let expected = with_ip_options(&udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, b"query"), &options);
+        let expected = with_ip_options(
+            &udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, b"query"),
+            &options,
+        );
         assert_frame(&out, &with_vlan_tags(&expected, &qinq));
         assert_checksums_valid(&out);
 
@@ -778,11 +1028,15 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
         let mut bad_ihl = Tcp::client_to_vip(40061).build();
         bad_ihl[14] = 0x43;
         lb.assert_passed_untouched("tagged, ihl 3", &with_vlan_tags(&bad_ihl, &tag), reason::PASS_BAD_IHL);
-        lb.assert_passed_untouched("tagged arp", &with_vlan_tags(&arp_request(), &tag), reason::PASS_NOT_IPV4);
+        lb.assert_passed_untouched("tagged arp", &with_vlan_tags(&arp_request(), &tag), reason::PASS_NOT_IP);
         let three = [(TPID_8021AD, 10), (TPID_8021Q, 20), (TPID_8021Q, 30)];
-        lb.assert_passed_untouched("three tags", &with_vlan_tags(&Tcp::client_to_vip(40062).build(), &three), reason::PASS_NOT_IPV4);
+        lb.assert_passed_untouched(
+            "three tags",
+            &with_vlan_tags(&Tcp::client_to_vip(40062).build(), &three),
+            reason::PASS_NOT_IP,
+        );
         let cut = with_vlan_tags(&Tcp::client_to_vip(40063).build(), &qinq)[..20].to_vec();
-        lb.assert_passed_untouched("frame ends inside the inner tag", &cut, reason::PASS_NOT_IPV4);
+        lb.assert_passed_untouched("frame ends inside the inner tag", &cut, reason::PASS_NOT_IP);
         let mut fragment = with_vlan_tags(&Tcp::client_to_vip(40064).build(), &tag);
         fragment[25] = 0x10;
         lb.assert_dropped("tagged later fragment to the VIP", &fragment, lb.client_if, reason::DROP_FRAGMENT);
@@ -790,6 +1044,7 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn backend_without_neighbour_entry_goes_to_the_kernel_rewritten() {
     with_lb(|lb| {
         // Backend id 1 moved to .14, which has no neighbour entry yet.
@@ -823,7 +1078,9 @@ const SECOND: u64 = 1_000_000_000;
 fn sent_to(out: &[u8]) -> u32 {
     let port = u16::from_be_bytes([out[36], out[37]]);
     let first = if port == 8080 { 1 } else { 4 };
-    (first..first + 3).find(|&id| backend_addr(id).0 == out[30..34]).unwrap_or_else(|| panic!("not sent to a backend: {}", hex(out)))
+    (first..first + 3)
+        .find(|&id| backend_addr(id).0 == out[30..34])
+        .unwrap_or_else(|| panic!("not sent to a backend: {}", hex(out)))
 }
 
 /// Sets the TCP flags of an untagged frame and recomputes its checksum.
@@ -831,7 +1088,9 @@ fn with_tcp_flags(frame: &[u8], flags: u8) -> Vec<u8> {
     let mut f = frame.to_vec();
     f[47] = flags;
     let sliced = SlicedPacket::from_ethernet(&f).expect("tcp frame parses");
-    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (&sliced.net, &sliced.transport) else { panic!("not tcp/ipv4") };
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (&sliced.net, &sliced.transport) else {
+        panic!("not tcp/ipv4")
+    };
     let check = tcp.to_header().calc_checksum_ipv4(&ip.header().to_header(), tcp.payload()).expect("tcp csum");
     f[50..52].copy_from_slice(&check.to_be_bytes());
     f
@@ -867,6 +1126,7 @@ fn other_than(id: u32) -> u32 {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn idle_flows_expire_after_their_protocols_timeout() {
     with_lb(|lb| {
         let udp_key = flow(CLIENT, VIP, 50070, VIP_UDP_PORT, PROTO_UDP);
@@ -901,13 +1161,17 @@ fn idle_flows_expire_after_their_protocols_timeout() {
             assert_eq!(lb.conntrack_event(conntrack_event::EXPIRED), expired + 1, "{name}: counted as expired");
             let now = lb.maps.flow(&key).expect("pinned again");
             assert_eq!((now.backend_id, now.flags), (picked, 0), "{name}: pinned afresh");
-            assert!(now.last_seen_ns >= before && now.last_seen_ns <= monotonic_ns(), "{name}: last_seen is the re-pick's time");
+            assert!(
+                now.last_seen_ns >= before && now.last_seen_ns <= monotonic_ns(),
+                "{name}: last_seen is the re-pick's time"
+            );
         }
         assert_eq!(lb.verdict_count(reason::DROP_STALE_REPLY), 0);
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
     with_lb(|lb| {
         let sport = 40071;
@@ -928,7 +1192,17 @@ fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
         let key2 = flow(CLIENT, VIP, sport2, VIP_TCP_PORT, PROTO_TCP);
         let (_, out) = lb.run(&Tcp::client_to_vip(sport2).build(), lb.client_if);
         let (baddr, bport) = backend_addr(sent_to(&out));
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport2, ttl: 64, syn: false, payload: b"" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[3]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport2,
+            ttl: 64,
+            syn: false,
+            payload: b"",
+        };
         let (v, _) = lb.run(&with_tcp_flags(&reply.build(), RST), lb.backend_if);
         assert_eq!(v, XDP_REDIRECT);
         assert_eq!(lb.maps.flow(&key2).expect("pinned").flags, FLOW_F_CLOSING, "backend RST");
@@ -953,6 +1227,7 @@ fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn active_flows_rewrite_their_entry_at_most_once_a_second() {
     with_lb(|lb| {
         let sport = 40073;
@@ -963,7 +1238,11 @@ fn active_flows_rewrite_their_entry_at_most_once_a_second() {
 
         let recent = monotonic_ns() - SECOND / 2;
         lb.send_pinned(&key, state(id, 1, recent, 0), &ack);
-        assert_eq!(lb.maps.flow(&key).expect("pinned").last_seen_ns, recent, "touched half a second ago: not rewritten");
+        assert_eq!(
+            lb.maps.flow(&key).expect("pinned").last_seen_ns,
+            recent,
+            "touched half a second ago: not rewritten"
+        );
 
         let before = monotonic_ns();
         lb.send_pinned(&key, state(id, 1, before - 3 * SECOND / 2, 0), &ack);
@@ -978,6 +1257,7 @@ fn active_flows_rewrite_their_entry_at_most_once_a_second() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn replies_keep_their_flow_alive_and_both_tables_stay_in_step() {
     with_lb(|lb| {
         let sport = 50074;
@@ -1002,11 +1282,18 @@ fn replies_keep_their_flow_alive_and_both_tables_stay_in_step() {
             let (v, counted, out) = send_reply(lb);
             assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_client"), "reply after {idle} ns idle");
             assert_frame(&out, &reply_out);
-            assert!(lb.maps.flow(&key).expect("pinned").last_seen_ns >= before, "reply after {idle} ns idle refreshed the flow");
+            assert!(
+                lb.maps.flow(&key).expect("pinned").last_seen_ns >= before,
+                "reply after {idle} ns idle refreshed the flow"
+            );
         }
         let expired = lb.conntrack_event(conntrack_event::EXPIRED);
         let (_, out) = lb.run(&req, lb.client_if);
-        assert_eq!((sent_to(&out), lb.conntrack_event(conntrack_event::EXPIRED)), (id, expired), "revived, not expired");
+        assert_eq!(
+            (sent_to(&out), lb.conntrack_event(conntrack_event::EXPIRED)),
+            (id, expired),
+            "revived, not expired"
+        );
 
         // The flow now pinned elsewhere (it moved, or expired and was
         // balanced anew): the old backend's packets are dropped untranslated.
@@ -1015,7 +1302,8 @@ fn replies_keep_their_flow_alive_and_both_tables_stay_in_step() {
 
         // LRU evicted the client → VIP entry: a reply puts it back.
         lb.maps.remove_flow(&key);
-        let (inserted, restored) = (lb.conntrack_event(conntrack_event::INSERTED), lb.conntrack_event(conntrack_event::RESTORED));
+        let (inserted, restored) =
+            (lb.conntrack_event(conntrack_event::INSERTED), lb.conntrack_event(conntrack_event::RESTORED));
         let (v, counted, _) = send_reply(lb);
         assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_client"), "reply with its request entry evicted");
         let back = lb.maps.flow(&key).expect("restored");
@@ -1042,6 +1330,7 @@ fn replies_keep_their_flow_alive_and_both_tables_stay_in_step() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn occupancy_and_evictions_are_counted() {
     with_lb(|lb| {
         // 1500 flows through a table with room for 1024 (Lb::new).
@@ -1059,6 +1348,7 @@ fn occupancy_and_evictions_are_counted() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn the_entry_count_is_refreshed_off_the_callers_thread() {
     with_lb(|lb| {
         assert_eq!(lb.maps.conntrack().expect("conntrack").entries, 0, "the first count is taken at once");
@@ -1066,7 +1356,11 @@ fn the_entry_count_is_refreshed_off_the_callers_thread() {
             lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
         }
         let ct = lb.maps.conntrack().expect("conntrack");
-        assert_eq!((ct.entries, ct.events[conntrack_event::INSERTED as usize]), (0, 10), "then it is reused while fresh");
+        assert_eq!(
+            (ct.entries, ct.events[conntrack_event::INSERTED as usize]),
+            (0, 10),
+            "then it is reused while fresh"
+        );
         assert_eq!(ct.evicted, 0, "flows inserted since the count are no evictions");
         lb.maps.set_occupancy_max_age(std::time::Duration::ZERO);
         // A stale count is still answered at once; the new one arrives from the background.
@@ -1085,15 +1379,26 @@ fn the_entry_count_is_refreshed_off_the_callers_thread() {
 /// backend's service entry changed under it, the traffic is counted under
 /// the ids the fast path read, and leaves byte for byte as before.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn established_packets_and_replies_take_the_fast_path() {
     with_lb(|lb| {
-        use lb::lb::dataplane::Dataplane as _;
+        use lb::dataplane::Dataplane as _;
         let sport = 40300;
         lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
         let id = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(id);
         let data = Tcp { syn: false, payload: b"data", ..Tcp::client_to_vip(sport) };
-        let reply = Tcp { src_mac: backend_mac(baddr[3]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, ttl: 64, syn: false, payload: b"answer" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[3]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            ttl: 64,
+            syn: false,
+            payload: b"answer",
+        };
         // The pipeline's way, which fills the fast path's next-hop caches.
         let (client_if, backend_if) = (lb.client_if, lb.backend_if);
         let to_backend = lb.assert_redirected_as(&data.build(), client_if, reason::REDIRECT_TO_BACKEND);
@@ -1101,15 +1406,38 @@ fn established_packets_and_replies_take_the_fast_path() {
         // Ids only the pipeline reads (the VIP map's) or only the fast path
         // reads (the backend's service entry) now differ.
         lb.maps
-            .upsert_vip(vip_key(VIP_TCP_PORT, PROTO_TCP), lb_common::vip::VipInfo { vip_id: 2, ring_size: RING, ring_generation: 0, flags: 0 })
+            .upsert_vip(
+                vip_key(VIP_TCP_PORT, PROTO_TCP),
+                lb_common::vip::VipInfo { vip_id: 2, ring_size: RING, ring_generation: 0, flags: 0 },
+            )
             .expect("vip");
-        let service = lb_common::guard::ServiceKey { addr_be: [u32::from_ne_bytes(baddr), 0, 0, 0], port_be: bport.to_be(), proto: PROTO_TCP, family: lb_common::FAMILY_V4 };
-        let nat = lb_common::flow::ReplyNat { vip_addr_be: [u32::from_ne_bytes(VIP), 0, 0, 0], vip_port_be: VIP_TCP_PORT.to_be(), _pad: 0, vip_id: 2, backend_id: id };
+        let service = lb_common::guard::ServiceKey {
+            addr_be: [u32::from_ne_bytes(baddr), 0, 0, 0],
+            port_be: bport.to_be(),
+            proto: PROTO_TCP,
+            family: lb_common::FAMILY_V4,
+        };
+        let nat = lb_common::flow::ReplyNat {
+            vip_addr_be: [u32::from_ne_bytes(VIP), 0, 0, 0],
+            vip_port_be: VIP_TCP_PORT.to_be(),
+            _pad: 0,
+            vip_id: 2,
+            backend_id: id,
+        };
         lb.maps.set_backend_service(service, nat).expect("service");
-        let (before1, before2) = (lb.maps.vip_counters(1).expect("vip 1").packets, lb.maps.vip_counters(2).expect("vip 2").packets);
+        let (before1, before2) =
+            (lb.maps.vip_counters(1).expect("vip 1").packets, lb.maps.vip_counters(2).expect("vip 2").packets);
         assert_frame(&lb.assert_redirected_as(&data.build(), client_if, reason::REDIRECT_TO_BACKEND), &to_backend);
-        assert_eq!(lb.maps.vip_counters(1).expect("vip 1").packets, before1 + 1, "the packet was not counted from its flow's entry");
+        assert_eq!(
+            lb.maps.vip_counters(1).expect("vip 1").packets,
+            before1 + 1,
+            "the packet was not counted from its flow's entry"
+        );
         assert_frame(&lb.assert_redirected_as(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT), &to_client);
-        assert_eq!(lb.maps.vip_counters(2).expect("vip 2").packets, before2 + 1, "the reply was not counted from its backend's service");
+        assert_eq!(
+            lb.maps.vip_counters(2).expect("vip 2").packets,
+            before2 + 1,
+            "the reply was not counted from its backend's service"
+        );
     });
 }

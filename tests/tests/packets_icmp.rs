@@ -33,7 +33,14 @@ fn port_unreachable() -> Icmpv4Type {
 }
 
 /// An ICMP error frame quoting `quote`.
-fn icmp_error(macs: ([u8; 6], [u8; 6]), src: [u8; 4], dst: [u8; 4], ttl: u8, kind: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+fn icmp_error(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    kind: Icmpv4Type,
+    quote: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(macs.0, macs.1)
         .ipv4(src, dst, ttl)
@@ -114,6 +121,7 @@ fn tcp_reply(src: [u8; 4], sport: u16, dport: u16, payload: &'static [u8]) -> Tc
 // ---------------------------------------------------------------- errors to the VIP: steered to the backend
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn fragmentation_needed_for_a_reply_is_steered_to_the_flows_backend() {
     with_lb(|lb| {
         let sport = 40100;
@@ -123,32 +131,77 @@ fn fragmentation_needed_for_a_reply_is_steered_to_the_flows_backend() {
         let as_sent = tcp_reply(baddr, bport, sport, &PAYLOAD[..1300]).build();
         let to_backend = (GW_BACKEND_MAC, backend_mac(baddr[3]));
         for extra in [8, 20, 28] {
-            let err = icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, frag_needed(1280), &quote(&on_wire, extra));
+            let err = icmp_error(
+                (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+                CLIENT_ROUTER,
+                VIP,
+                64,
+                frag_needed(1280),
+                &quote(&on_wire, extra),
+            );
             let expected = icmp_error(to_backend, CLIENT_ROUTER, baddr, 63, frag_needed(1280), &quote(&as_sent, extra));
-            lb.assert_redirected(&format!("quote of ip header + {extra}"), &err, lb.client_if, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+            lb.assert_redirected(
+                &format!("quote of ip header + {extra}"),
+                &err,
+                lb.client_if,
+                &expected,
+                reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+            );
         }
         // A segment quoted whole: its TCP checksum is translated too, and
         // checked from scratch.
         let short_on_wire = tcp_reply(VIP, VIP_TCP_PORT, sport, b"HTTP/1.1 200 OK\r\n").build();
         let short_as_sent = tcp_reply(baddr, bport, sport, b"HTTP/1.1 200 OK\r\n").build();
-        let err = icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, frag_needed(1280), &quote(&short_on_wire, 1000));
-        let expected = icmp_error(to_backend, CLIENT_ROUTER, baddr, 63, frag_needed(1280), &quote(&short_as_sent, 1000));
-        lb.assert_redirected("whole segment quoted", &err, lb.client_if, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+        let err = icmp_error(
+            (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+            CLIENT_ROUTER,
+            VIP,
+            64,
+            frag_needed(1280),
+            &quote(&short_on_wire, 1000),
+        );
+        let expected =
+            icmp_error(to_backend, CLIENT_ROUTER, baddr, 63, frag_needed(1280), &quote(&short_as_sent, 1000));
+        lb.assert_redirected(
+            "whole segment quoted",
+            &err,
+            lb.client_if,
+            &expected,
+            reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+        );
         // Time exceeded and host unreachable take the same way.
         let kinds = [
             Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
             Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Host),
         ];
         for kind in kinds {
-            let err = icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, kind.clone(), &quote(&on_wire, 8));
+            let err = icmp_error(
+                (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+                CLIENT_ROUTER,
+                VIP,
+                64,
+                kind.clone(),
+                &quote(&on_wire, 8),
+            );
             let expected = icmp_error(to_backend, CLIENT_ROUTER, baddr, 63, kind.clone(), &quote(&as_sent, 8));
-            lb.assert_redirected(&format!("{kind:?}"), &err, lb.client_if, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+            lb.assert_redirected(
+                &format!("{kind:?}"),
+                &err,
+                lb.client_if,
+                &expected,
+                reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+            );
         }
-        assert_eq!(lb.maps.backend_counters(id).expect("counters").packets, 1 + 6, "errors count as the flow's traffic");
+        assert_eq!(
+            lb.maps.backend_counters(id).expect("counters").packets,
+            1 + 6,
+            "errors count as the flow's traffic"
+        );
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn an_error_about_a_udp_reply_translates_its_udp_checksum() {
     with_lb(|lb| {
         let sport = 50100;
@@ -156,26 +209,68 @@ fn an_error_about_a_udp_reply_translates_its_udp_checksum() {
         let (baddr, bport) = backend_addr(id);
         let on_wire = udp(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 63, VIP_UDP_PORT, sport, &PAYLOAD[..1300]);
         let as_sent = udp(GW_CLIENT_MAC, CLIENT_MAC, baddr, CLIENT, 63, bport, sport, &PAYLOAD[..1300]);
-        let err = icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, frag_needed(1280), &quote(&on_wire, 8));
-        let expected = icmp_error((GW_BACKEND_MAC, backend_mac(baddr[3])), CLIENT_ROUTER, baddr, 63, frag_needed(1280), &quote(&as_sent, 8));
-        lb.assert_redirected("udp, 8 bytes quoted", &err, lb.client_if, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+        let err = icmp_error(
+            (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+            CLIENT_ROUTER,
+            VIP,
+            64,
+            frag_needed(1280),
+            &quote(&on_wire, 8),
+        );
+        let expected = icmp_error(
+            (GW_BACKEND_MAC, backend_mac(baddr[3])),
+            CLIENT_ROUTER,
+            baddr,
+            63,
+            frag_needed(1280),
+            &quote(&as_sent, 8),
+        );
+        lb.assert_redirected(
+            "udp, 8 bytes quoted",
+            &err,
+            lb.client_if,
+            &expected,
+            reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+        );
         // Without a checksum (0): stays 0.
         let mut bare_on_wire = udp(GW_CLIENT_MAC, CLIENT_MAC, VIP, CLIENT, 63, VIP_UDP_PORT, sport, b"answer");
         bare_on_wire[40..42].copy_from_slice(&[0, 0]);
         let mut bare_as_sent = udp(GW_CLIENT_MAC, CLIENT_MAC, baddr, CLIENT, 63, bport, sport, b"answer");
         bare_as_sent[40..42].copy_from_slice(&[0, 0]);
-        let err = icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, frag_needed(1280), &quote(&bare_on_wire, 8));
-        let expected = icmp_error((GW_BACKEND_MAC, backend_mac(baddr[3])), CLIENT_ROUTER, baddr, 63, frag_needed(1280), &quote(&bare_as_sent, 8));
-        lb.assert_redirected("udp without checksum", &err, lb.client_if, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+        let err = icmp_error(
+            (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+            CLIENT_ROUTER,
+            VIP,
+            64,
+            frag_needed(1280),
+            &quote(&bare_on_wire, 8),
+        );
+        let expected = icmp_error(
+            (GW_BACKEND_MAC, backend_mac(baddr[3])),
+            CLIENT_ROUTER,
+            baddr,
+            63,
+            frag_needed(1280),
+            &quote(&bare_as_sent, 8),
+        );
+        lb.assert_redirected(
+            "udp without checksum",
+            &err,
+            lb.client_if,
+            &expected,
+            reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+        );
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn errors_to_a_vip_about_no_balanced_flow_are_dropped_and_others_pass() {
     with_lb(|lb| {
         let sport = 40110;
         let on_wire = tcp_reply(VIP, VIP_TCP_PORT, sport, &PAYLOAD[..100]).build();
-        let err = |q: &[u8]| icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, frag_needed(1280), q);
+        let err =
+            |q: &[u8]| icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, frag_needed(1280), q);
         lb.assert_dropped("no such flow", &err(&quote(&on_wire, 8)), lb.client_if, reason::DROP_ICMP_ERROR_NO_FLOW);
         lb.open_tcp(sport);
         // Shorter than RFC 792's IP header + 8 bytes: cannot name the flow.
@@ -185,24 +280,55 @@ fn errors_to_a_vip_about_no_balanced_flow_are_dropped_and_others_pass() {
         lb.assert_dropped("quoted ihl < 5", &err(&bad_ihl), lb.client_if, reason::DROP_ICMP_ERROR_NO_FLOW);
         let mut later_fragment = quote(&on_wire, 8);
         later_fragment[6..8].copy_from_slice(&0x0010u16.to_be_bytes());
-        lb.assert_dropped("quoted non-first fragment", &err(&later_fragment), lb.client_if, reason::DROP_ICMP_ERROR_NO_FLOW);
+        lb.assert_dropped(
+            "quoted non-first fragment",
+            &err(&later_fragment),
+            lb.client_if,
+            reason::DROP_ICMP_ERROR_NO_FLOW,
+        );
         // Addressed to the VIP but quoting a packet from elsewhere.
         let other = tcp_reply([198, 18, 0, 101], VIP_TCP_PORT, sport, b"x").build();
-        lb.assert_dropped("quote not from the VIP", &err(&quote(&other, 8)), lb.client_if, reason::DROP_ICMP_ERROR_NO_FLOW);
+        lb.assert_dropped(
+            "quote not from the VIP",
+            &err(&quote(&other, 8)),
+            lb.client_if,
+            reason::DROP_ICMP_ERROR_NO_FLOW,
+        );
         // Errors about other traffic through the gateway are not ours.
         let routed = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, [198, 18, 2, 50], 63, 1234, 53, b"q");
-        let for_client = icmp_error((BACKEND_ROUTER_MAC, GW_BACKEND_MAC), BACKEND_ROUTER, CLIENT, 64, port_unreachable(), &quote(&routed, 8));
+        let for_client = icmp_error(
+            (BACKEND_ROUTER_MAC, GW_BACKEND_MAC),
+            BACKEND_ROUTER,
+            CLIENT,
+            64,
+            port_unreachable(),
+            &quote(&routed, 8),
+        );
         let (action, out, counted) = lb.run_counted(&for_client, lb.backend_if);
         assert_eq!((action, counted), (XDP_PASS, "pass_not_vip"));
         assert_frame(&out, &for_client);
         // The flow's state is not touched by errors.
         let key = flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP);
         let before = lb.maps.flow(&key).expect("flow");
-        let ok = icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, frag_needed(1280), &quote(&on_wire, 8));
+        let ok = icmp_error(
+            (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+            CLIENT_ROUTER,
+            VIP,
+            64,
+            frag_needed(1280),
+            &quote(&on_wire, 8),
+        );
         assert_eq!(lb.run(&ok, lb.client_if).0, XDP_REDIRECT);
         assert_eq!(lb.maps.flow(&key).expect("flow"), before, "flow entry changed");
         // TTL 1: left to the kernel (time exceeded), untouched.
-        let ttl1 = icmp_error((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 1, frag_needed(1280), &quote(&on_wire, 8));
+        let ttl1 = icmp_error(
+            (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+            CLIENT_ROUTER,
+            VIP,
+            1,
+            frag_needed(1280),
+            &quote(&on_wire, 8),
+        );
         lb.assert_passed_untouched("ttl 1", &ttl1, reason::PASS_TTL_EXPIRED);
     });
 }
@@ -210,6 +336,7 @@ fn errors_to_a_vip_about_no_balanced_flow_are_dropped_and_others_pass() {
 // ---------------------------------------------------------------- errors to a client: reverse-translated
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
     with_lb(|lb| {
         let sport = 50110;
@@ -220,9 +347,22 @@ fn port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
         let sent = udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, VIP, 63, sport, VIP_UDP_PORT, b"query");
         let to_client = (GW_CLIENT_MAC, CLIENT_MAC);
         for extra in [8, 1000] {
-            let err = icmp_error((backend_mac(baddr[3]), GW_BACKEND_MAC), baddr, CLIENT, 64, port_unreachable(), &quote(&received, extra));
+            let err = icmp_error(
+                (backend_mac(baddr[3]), GW_BACKEND_MAC),
+                baddr,
+                CLIENT,
+                64,
+                port_unreachable(),
+                &quote(&received, extra),
+            );
             let expected = icmp_error(to_client, VIP, CLIENT, 63, port_unreachable(), &quote(&sent, extra));
-            lb.assert_redirected(&format!("quote of ip header + {extra}"), &err, lb.backend_if, &expected, reason::REDIRECT_ICMP_ERROR_TO_CLIENT);
+            lb.assert_redirected(
+                &format!("quote of ip header + {extra}"),
+                &err,
+                lb.backend_if,
+                &expected,
+                reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
+            );
         }
         // From a router between gateway and backend: the outer source stays.
         let tcp_sport = 40120;
@@ -231,13 +371,27 @@ fn port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
         let received = Tcp { dst: taddr, dport: tport, ttl: 63, ..Tcp::client_to_vip(tcp_sport) }.build();
         let sent = Tcp { ttl: 63, ..Tcp::client_to_vip(tcp_sport) }.build();
         let exceeded = Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit);
-        let err = icmp_error((BACKEND_ROUTER_MAC, GW_BACKEND_MAC), BACKEND_ROUTER, CLIENT, 64, exceeded.clone(), &quote(&received, 1000));
+        let err = icmp_error(
+            (BACKEND_ROUTER_MAC, GW_BACKEND_MAC),
+            BACKEND_ROUTER,
+            CLIENT,
+            64,
+            exceeded.clone(),
+            &quote(&received, 1000),
+        );
         let expected = icmp_error(to_client, BACKEND_ROUTER, CLIENT, 63, exceeded, &quote(&sent, 1000));
-        lb.assert_redirected("time exceeded from a router", &err, lb.backend_if, &expected, reason::REDIRECT_ICMP_ERROR_TO_CLIENT);
+        lb.assert_redirected(
+            "time exceeded from a router",
+            &err,
+            lb.backend_if,
+            &expected,
+            reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
+        );
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn an_error_about_a_flow_that_moved_on_is_dropped() {
     with_lb(|lb| {
         let sport = 50120;
@@ -248,7 +402,14 @@ fn an_error_about_a_flow_that_moved_on_is_dropped() {
         let state = lb.maps.flow(&key).expect("flow");
         lb.maps.set_flow(&key, FlowState { backend_id: moved, ..state }).expect("move the flow");
         let received = udp(GW_BACKEND_MAC, backend_mac(baddr[3]), CLIENT, baddr, 63, sport, bport, b"query");
-        let err = icmp_error((backend_mac(baddr[3]), GW_BACKEND_MAC), baddr, CLIENT, 64, port_unreachable(), &quote(&received, 8));
+        let err = icmp_error(
+            (backend_mac(baddr[3]), GW_BACKEND_MAC),
+            baddr,
+            CLIENT,
+            64,
+            port_unreachable(),
+            &quote(&received, 8),
+        );
         lb.assert_dropped("stale", &err, lb.backend_if, reason::DROP_STALE_REPLY);
     });
 }
@@ -256,13 +417,15 @@ fn an_error_about_a_flow_that_moved_on_is_dropped() {
 // ---------------------------------------------------------------- too big for the next hop
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_request_too_big_for_the_backends_path_gets_fragmentation_needed() {
     with_lb(|lb| {
         lb.set_ring(1, 1, [3]);
         let sport = 40130;
         // 20 + 20 + 1400 bytes, over backend 3's 1400-byte path, DF set.
         let big = Tcp { syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(sport) }.build();
-        let answer = icmp_error((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, frag_needed(NARROW_BACKEND_MTU), &quote(&big, 8));
+        let answer =
+            icmp_error((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, frag_needed(NARROW_BACKEND_MTU), &quote(&big, 8));
         lb.assert_answered("df set", &big, &answer, reason::TX_ICMP_FRAG_NEEDED);
         // One that fits goes through, on the same flow.
         let fits = Tcp { syn: false, payload: &PAYLOAD[..1360], ..Tcp::client_to_vip(sport) }.build();
@@ -273,7 +436,8 @@ fn a_request_too_big_for_the_backends_path_gets_fragmentation_needed() {
         let no_df = with_ip_flags(&big, 0);
         let (action, out, counted) = lb.run_counted(&no_df, lb.client_if);
         assert_eq!((action, counted), (XDP_PASS, "pass_too_big"));
-        let rewritten = Tcp { dst: baddr, dport: bport, syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(sport) }.build();
+        let rewritten =
+            Tcp { dst: baddr, dport: bport, syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(sport) }.build();
         assert_frame(&out, &with_ip_flags(&rewritten, 0));
         assert_checksums_valid(&out);
     });
@@ -283,6 +447,7 @@ fn a_request_too_big_for_the_backends_path_gets_fragmentation_needed() {
 /// answer has its own budget, and when "fragmentation needed" runs out of
 /// its own, the packet goes to the kernel (rewritten), never silently dropped.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn pings_do_not_starve_fragmentation_needed() {
     with_lb(|lb| {
         // One CPU, so every run meets the same per-CPU buckets.
@@ -295,7 +460,8 @@ fn pings_do_not_starve_fragmentation_needed() {
         lb.set_ring(1, 1, [3]);
         for host in 0..150u16 {
             let src = [198, 18, 1, 100 + (host % 100) as u8];
-            let request = PacketBuilder::ethernet2(CLIENT_MAC, GW_CLIENT_MAC).ipv4(src, VIP, 64).icmpv4_echo_request(host, 1);
+            let request =
+                PacketBuilder::ethernet2(CLIENT_MAC, GW_CLIENT_MAC).ipv4(src, VIP, 64).icmpv4_echo_request(host, 1);
             let mut frame = Vec::new();
             request.write(&mut frame, b"ping").expect("echo request");
             lb.run(&frame, lb.client_if);
@@ -303,7 +469,14 @@ fn pings_do_not_starve_fragmentation_needed() {
         assert!(lb.verdict_count(reason::DROP_ICMP_ECHO_RATE_LIMITED) > 0, "150 pings did not reach the echo limit");
         for sport in 40150..40153 {
             let big = Tcp { syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(sport) }.build();
-            let answer = icmp_error((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, frag_needed(NARROW_BACKEND_MTU), &quote(&big, 8));
+            let answer = icmp_error(
+                (GW_CLIENT_MAC, CLIENT_MAC),
+                VIP,
+                CLIENT,
+                64,
+                frag_needed(NARROW_BACKEND_MTU),
+                &quote(&big, 8),
+            );
             lb.assert_answered("too big after a ping flood", &big, &answer, reason::TX_ICMP_FRAG_NEEDED);
         }
         // Past its own budget, the kernel gets it rewritten and answers it
@@ -327,6 +500,7 @@ fn pings_do_not_starve_fragmentation_needed() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_reply_too_big_for_the_clients_path_gets_fragmentation_needed_from_the_vip() {
     with_lb(|lb| {
         let sport = 40140;
@@ -346,7 +520,14 @@ fn a_reply_too_big_for_the_clients_path_gets_fragmentation_needed_from_the_vip()
             payload: &PAYLOAD[..len],
         };
         let big = reply(1300).build();
-        let answer = icmp_error((GW_BACKEND_MAC, backend_mac(baddr[3])), VIP, baddr, 64, frag_needed(NARROW_CLIENT_MTU), &quote(&big, 8));
+        let answer = icmp_error(
+            (GW_BACKEND_MAC, backend_mac(baddr[3])),
+            VIP,
+            baddr,
+            64,
+            frag_needed(NARROW_CLIENT_MTU),
+            &quote(&big, 8),
+        );
         let (action, out, counted) = lb.run_counted(&big, lb.backend_if);
         assert_eq!((action, counted), (XDP_REDIRECT, "tx_icmp_frag_needed"));
         assert_frame(&out, &answer);

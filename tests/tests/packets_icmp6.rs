@@ -31,7 +31,14 @@ fn port_unreachable() -> Icmpv6Type {
     Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
 }
 
-fn icmp6(macs: ([u8; 6], [u8; 6]), src: [u8; 16], dst: [u8; 16], hop_limit: u8, kind: Icmpv6Type, quote: &[u8]) -> Vec<u8> {
+fn icmp6(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 16],
+    dst: [u8; 16],
+    hop_limit: u8,
+    kind: Icmpv6Type,
+    quote: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(macs.0, macs.1)
         .ipv6(src, dst, hop_limit)
@@ -75,12 +82,22 @@ impl Lb {
     /// Runs `frame` in on `ingress`: its action, bytes as `expected`, all
     /// checksums valid, counted once as `expected_reason`.
     #[track_caller]
-    fn assert_out(&mut self, name: &str, frame: &[u8], ingress: u32, action: u32, expected: &[u8], expected_reason: u32) {
+    fn assert_out(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress: u32,
+        action: u32,
+        expected: &[u8],
+        expected_reason: u32,
+    ) {
         let (got, out, counted) = self.run_counted(frame, ingress);
         assert_eq!((got, counted), (action, reason::NAMES[expected_reason as usize]), "{name}");
         assert_frame(&out, expected);
         assert_checksums_valid(&out);
-        if matches!(SlicedPacket::from_ethernet(&out).map(|s| s.transport), Ok(Some(TransportSlice::Icmpv6(_)))) && expected_reason != reason::TX_ICMP_ECHO_REPLY {
+        if matches!(SlicedPacket::from_ethernet(&out).map(|s| s.transport), Ok(Some(TransportSlice::Icmpv6(_))))
+            && expected_reason != reason::TX_ICMP_ECHO_REPLY
+        {
             assert_quote_checksum_valid(&out);
         }
     }
@@ -98,12 +115,23 @@ impl Lb {
 }
 
 fn tcp_reply(src: [u8; 16], sport: u16, dport: u16, payload: &'static [u8]) -> Tcp {
-    Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src, dst: CLIENT, hop_limit: 63, sport, dport, syn: false, payload }
+    Tcp {
+        src_mac: GW_CLIENT_MAC,
+        dst_mac: CLIENT_MAC,
+        src,
+        dst: CLIENT,
+        hop_limit: 63,
+        sport,
+        dport,
+        syn: false,
+        payload,
+    }
 }
 
 // ---------------------------------------------------------------- the gateway's own answers
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_echo_to_a_vip_address_is_answered() {
     with_lb(|lb| {
         let mut reply = Vec::new();
@@ -125,6 +153,7 @@ fn ipv6_echo_to_a_vip_address_is_answered() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_with_no_backend_up_tcp_gets_a_rst_and_udp_port_unreachable() {
     with_lb(|lb| {
         lb.set_ring(1, 1, []);
@@ -137,7 +166,14 @@ fn ipv6_with_no_backend_up_tcp_gets_a_rst_and_udp_port_unreachable() {
             .ack(1001)
             .write(&mut rst, b"")
             .expect("build rst");
-        lb.assert_out("syn", &Tcp::client_to_vip(40200).build(), lb.client_if, XDP_REDIRECT, &rst, reason::TX_RST_NO_BACKEND);
+        lb.assert_out(
+            "syn",
+            &Tcp::client_to_vip(40200).build(),
+            lb.client_if,
+            XDP_REDIRECT,
+            &rst,
+            reason::TX_RST_NO_BACKEND,
+        );
         let req = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, VIP, 64, 50200, VIP_UDP_PORT, b"a query of some length");
         let answer = icmp6((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, port_unreachable(), &quote(&req, 8));
         lb.assert_out("udp", &req, lb.client_if, XDP_REDIRECT, &answer, reason::TX_ICMP_UNREACHABLE_NO_BACKEND);
@@ -145,12 +181,27 @@ fn ipv6_with_no_backend_up_tcp_gets_a_rst_and_udp_port_unreachable() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_packets_too_big_for_the_next_hop_get_packet_too_big() {
     with_lb(|lb| {
         lb.set_ring(1, 1, [3]);
         let big = Tcp { syn: false, payload: &PAYLOAD, ..Tcp::client_to_vip(40210) }.build();
-        let answer = icmp6((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 64, packet_too_big(NARROW_BACKEND_MTU.into()), &quote(&big, 8));
-        lb.assert_out("request over the backend's path", &big, lb.client_if, XDP_REDIRECT, &answer, reason::TX_ICMP_FRAG_NEEDED);
+        let answer = icmp6(
+            (GW_CLIENT_MAC, CLIENT_MAC),
+            VIP,
+            CLIENT,
+            64,
+            packet_too_big(NARROW_BACKEND_MTU.into()),
+            &quote(&big, 8),
+        );
+        lb.assert_out(
+            "request over the backend's path",
+            &big,
+            lb.client_if,
+            XDP_REDIRECT,
+            &answer,
+            reason::TX_ICMP_FRAG_NEEDED,
+        );
         let fits = Tcp { syn: false, payload: &PAYLOAD[..1340], ..Tcp::client_to_vip(40210) }.build();
         assert_eq!(lb.run(&fits, lb.client_if).0, XDP_REDIRECT);
 
@@ -159,12 +210,36 @@ fn ipv6_packets_too_big_for_the_next_hop_get_packet_too_big() {
         assert_eq!(lb.run(&syn, lb.client_if).0, XDP_REDIRECT);
         let (baddr, bport) = backend_addr(3);
         let reply = |len: usize| {
-            Tcp { src_mac: backend_mac(baddr[15]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: NARROW_CLIENT, hop_limit: 64, sport: bport, dport: sport, syn: false, payload: &PAYLOAD[..len] }
-                .build()
+            Tcp {
+                src_mac: backend_mac(baddr[15]),
+                dst_mac: GW_BACKEND_MAC,
+                src: baddr,
+                dst: NARROW_CLIENT,
+                hop_limit: 64,
+                sport: bport,
+                dport: sport,
+                syn: false,
+                payload: &PAYLOAD[..len],
+            }
+            .build()
         };
         let big = reply(1300);
-        let answer = icmp6((GW_BACKEND_MAC, backend_mac(baddr[15])), VIP, baddr, 64, packet_too_big(NARROW_CLIENT_MTU.into()), &quote(&big, 8));
-        lb.assert_out("reply over the client's path", &big, lb.backend_if, XDP_REDIRECT, &answer, reason::TX_ICMP_FRAG_NEEDED);
+        let answer = icmp6(
+            (GW_BACKEND_MAC, backend_mac(baddr[15])),
+            VIP,
+            baddr,
+            64,
+            packet_too_big(NARROW_CLIENT_MTU.into()),
+            &quote(&big, 8),
+        );
+        lb.assert_out(
+            "reply over the client's path",
+            &big,
+            lb.backend_if,
+            XDP_REDIRECT,
+            &answer,
+            reason::TX_ICMP_FRAG_NEEDED,
+        );
         assert_eq!(lb.run(&reply(1220), lb.backend_if).0, XDP_REDIRECT);
     });
 }
@@ -172,6 +247,7 @@ fn ipv6_packets_too_big_for_the_next_hop_get_packet_too_big() {
 // ---------------------------------------------------------------- errors of balanced flows
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_packet_too_big_for_a_reply_is_steered_to_the_flows_backend() {
     with_lb(|lb| {
         let sport = 40220;
@@ -181,23 +257,59 @@ fn ipv6_packet_too_big_for_a_reply_is_steered_to_the_flows_backend() {
         let on_wire = tcp_reply(VIP, VIP_TCP_PORT, sport, &PAYLOAD[..1300]).build();
         let as_sent = tcp_reply(baddr, bport, sport, &PAYLOAD[..1300]).build();
         for extra in [8, 20, 1000] {
-            let err = icmp6((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, packet_too_big(1280), &quote(&on_wire, extra));
+            let err = icmp6(
+                (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+                CLIENT_ROUTER,
+                VIP,
+                64,
+                packet_too_big(1280),
+                &quote(&on_wire, extra),
+            );
             let expected = icmp6(to_backend, CLIENT_ROUTER, baddr, 63, packet_too_big(1280), &quote(&as_sent, extra));
-            lb.assert_out(&format!("quote + {extra}"), &err, lb.client_if, XDP_REDIRECT, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+            lb.assert_out(
+                &format!("quote + {extra}"),
+                &err,
+                lb.client_if,
+                XDP_REDIRECT,
+                &expected,
+                reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+            );
         }
         let short_on_wire = tcp_reply(VIP, VIP_TCP_PORT, sport, b"HTTP/1.1 200 OK\r\n").build();
         let short_as_sent = tcp_reply(baddr, bport, sport, b"HTTP/1.1 200 OK\r\n").build();
-        let err = icmp6((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, packet_too_big(1280), &quote(&short_on_wire, 1000));
+        let err = icmp6(
+            (CLIENT_ROUTER_MAC, GW_CLIENT_MAC),
+            CLIENT_ROUTER,
+            VIP,
+            64,
+            packet_too_big(1280),
+            &quote(&short_on_wire, 1000),
+        );
         let expected = icmp6(to_backend, CLIENT_ROUTER, baddr, 63, packet_too_big(1280), &quote(&short_as_sent, 1000));
-        lb.assert_out("whole segment quoted", &err, lb.client_if, XDP_REDIRECT, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+        lb.assert_out(
+            "whole segment quoted",
+            &err,
+            lb.client_if,
+            XDP_REDIRECT,
+            &expected,
+            reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+        );
         let exceeded = Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded);
         let err = icmp6((CLIENT_ROUTER_MAC, GW_CLIENT_MAC), CLIENT_ROUTER, VIP, 64, exceeded, &quote(&on_wire, 8));
         let expected = icmp6(to_backend, CLIENT_ROUTER, baddr, 63, exceeded, &quote(&as_sent, 8));
-        lb.assert_out("time exceeded", &err, lb.client_if, XDP_REDIRECT, &expected, reason::REDIRECT_ICMP_ERROR_TO_BACKEND);
+        lb.assert_out(
+            "time exceeded",
+            &err,
+            lb.client_if,
+            XDP_REDIRECT,
+            &expected,
+            reason::REDIRECT_ICMP_ERROR_TO_BACKEND,
+        );
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
     with_lb(|lb| {
         let sport = 50220;
@@ -206,9 +318,24 @@ fn ipv6_port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
         let received = udp(GW_BACKEND_MAC, backend_mac(baddr[15]), CLIENT, baddr, 63, sport, bport, b"query");
         let sent = udp(GW_BACKEND_MAC, backend_mac(baddr[15]), CLIENT, VIP, 63, sport, VIP_UDP_PORT, b"query");
         for extra in [8, 1000] {
-            let err = icmp6((backend_mac(baddr[15]), GW_BACKEND_MAC), baddr, CLIENT, 64, port_unreachable(), &quote(&received, extra));
-            let expected = icmp6((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 63, port_unreachable(), &quote(&sent, extra));
-            lb.assert_out(&format!("quote + {extra}"), &err, lb.backend_if, XDP_REDIRECT, &expected, reason::REDIRECT_ICMP_ERROR_TO_CLIENT);
+            let err = icmp6(
+                (backend_mac(baddr[15]), GW_BACKEND_MAC),
+                baddr,
+                CLIENT,
+                64,
+                port_unreachable(),
+                &quote(&received, extra),
+            );
+            let expected =
+                icmp6((GW_CLIENT_MAC, CLIENT_MAC), VIP, CLIENT, 63, port_unreachable(), &quote(&sent, extra));
+            lb.assert_out(
+                &format!("quote + {extra}"),
+                &err,
+                lb.backend_if,
+                XDP_REDIRECT,
+                &expected,
+                reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
+            );
         }
         // From a router on the backends' side: its own address stays.
         let tcp_sport = 40230;
@@ -216,13 +343,29 @@ fn ipv6_port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
         let (taddr, tport) = backend_addr(tid);
         let received = Tcp { dst: taddr, dport: tport, hop_limit: 63, ..Tcp::client_to_vip(tcp_sport) }.build();
         let sent = Tcp { hop_limit: 63, ..Tcp::client_to_vip(tcp_sport) }.build();
-        let err = icmp6((BACKEND_ROUTER_MAC, GW_BACKEND_MAC), BACKEND_ROUTER, CLIENT, 64, packet_too_big(1280), &quote(&received, 8));
-        let expected = icmp6((GW_CLIENT_MAC, CLIENT_MAC), BACKEND_ROUTER, CLIENT, 63, packet_too_big(1280), &quote(&sent, 8));
-        lb.assert_out("from a router", &err, lb.backend_if, XDP_REDIRECT, &expected, reason::REDIRECT_ICMP_ERROR_TO_CLIENT);
+        let err = icmp6(
+            (BACKEND_ROUTER_MAC, GW_BACKEND_MAC),
+            BACKEND_ROUTER,
+            CLIENT,
+            64,
+            packet_too_big(1280),
+            &quote(&received, 8),
+        );
+        let expected =
+            icmp6((GW_CLIENT_MAC, CLIENT_MAC), BACKEND_ROUTER, CLIENT, 63, packet_too_big(1280), &quote(&sent, 8));
+        lb.assert_out(
+            "from a router",
+            &err,
+            lb.backend_if,
+            XDP_REDIRECT,
+            &expected,
+            reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
+        );
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_errors_naming_no_balanced_flow_are_dropped_at_a_vip_and_pass_elsewhere() {
     with_lb(|lb| {
         let on_wire = tcp_reply(VIP, VIP_TCP_PORT, 40240, b"x").build();
@@ -233,7 +376,14 @@ fn ipv6_errors_naming_no_balanced_flow_are_dropped_at_a_vip_and_pass_elsewhere()
         let (action, _, counted) = lb.run_counted(&err(&quote(&on_wire, 4)), lb.client_if);
         assert_eq!((action, counted), (XDP_DROP, "drop_icmp_error_no_flow"), "quote too short");
         let routed = udp(CLIENT_MAC, GW_CLIENT_MAC, CLIENT, addr(2, 0x50), 63, 1234, 53, b"q");
-        let other = icmp6((BACKEND_ROUTER_MAC, GW_BACKEND_MAC), BACKEND_ROUTER, CLIENT, 64, port_unreachable(), &quote(&routed, 8));
+        let other = icmp6(
+            (BACKEND_ROUTER_MAC, GW_BACKEND_MAC),
+            BACKEND_ROUTER,
+            CLIENT,
+            64,
+            port_unreachable(),
+            &quote(&routed, 8),
+        );
         let (action, out, counted) = lb.run_counted(&other, lb.backend_if);
         assert_eq!((action, counted), (XDP_PASS, "pass_not_vip"), "other traffic");
         assert_frame(&out, &other);

@@ -19,13 +19,21 @@ use v6::*;
 // ---------------------------------------------------------------- cases
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
     with_lb(|lb| {
         let sport = 40000;
         let id = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(id);
         let out = lb.assert_redirected(&Tcp::client_to_vip(sport).build(), lb.client_if, reason::REDIRECT_TO_BACKEND);
-        let expected = Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[15]), dst: baddr, dport: bport, hop_limit: 63, ..Tcp::client_to_vip(sport) };
+        let expected = Tcp {
+            src_mac: GW_BACKEND_MAC,
+            dst_mac: backend_mac(baddr[15]),
+            dst: baddr,
+            dport: bport,
+            hop_limit: 63,
+            ..Tcp::client_to_vip(sport)
+        };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         let state = lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP)).expect("flow tracked");
@@ -38,6 +46,7 @@ fn ipv6_tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_established_flow_keeps_its_backend_when_the_ring_changes() {
     with_lb(|lb| {
         let sport = 40001;
@@ -48,27 +57,47 @@ fn ipv6_established_flow_keeps_its_backend_when_the_ring_changes() {
         let data = Tcp { syn: false, payload: b"GET / HTTP/1.1\r\n\r\n", ..Tcp::client_to_vip(sport) };
         let out = lb.assert_redirected(&data.build(), lb.client_if, reason::REDIRECT_TO_BACKEND);
         let (baddr, bport) = backend_addr(first);
-        let expected = Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[15]), dst: baddr, dport: bport, hop_limit: 63, ..data };
+        let expected = Tcp {
+            src_mac: GW_BACKEND_MAC,
+            dst_mac: backend_mac(baddr[15]),
+            dst: baddr,
+            dport: bport,
+            hop_limit: 63,
+            ..data
+        };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         // A new flow avoids the removed backend.
         for sport in 41000..41020 {
-            let out = lb.assert_redirected(&Tcp::client_to_vip(sport).build(), lb.client_if, reason::REDIRECT_TO_BACKEND);
+            let out =
+                lb.assert_redirected(&Tcp::client_to_vip(sport).build(), lb.client_if, reason::REDIRECT_TO_BACKEND);
             assert_ne!(&out[38..54], &baddr, "new flow went to the removed backend");
         }
     });
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_reply_from_backend_leaves_with_the_vip_as_source() {
     with_lb(|lb| {
         let sport = 40002;
         lb.assert_redirected(&Tcp::client_to_vip(sport).build(), lb.client_if, reason::REDIRECT_TO_BACKEND);
         let id = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(id);
-        let reply = Tcp { src_mac: backend_mac(baddr[15]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, hop_limit: 64, syn: false, payload: b"HTTP/1.1 200 OK\r\n\r\n" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[15]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            hop_limit: 64,
+            syn: false,
+            payload: b"HTTP/1.1 200 OK\r\n\r\n",
+        };
         let out = lb.assert_redirected(&reply.build(), lb.backend_if, reason::REDIRECT_TO_CLIENT);
-        let expected = Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, hop_limit: 63, ..reply };
+        let expected =
+            Tcp { src_mac: GW_CLIENT_MAC, dst_mac: CLIENT_MAC, src: VIP, sport: VIP_TCP_PORT, hop_limit: 63, ..reply };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         assert_eq!(lb.maps.backend_counters(id).expect("counters").packets, 2);
@@ -76,6 +105,7 @@ fn ipv6_reply_from_backend_leaves_with_the_vip_as_source() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_udp_is_rewritten_both_ways() {
     with_lb(|lb| {
         let sport = 50000;
@@ -95,12 +125,21 @@ fn ipv6_udp_is_rewritten_both_ways() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_non_vip_traffic_passes_untouched() {
     with_lb(|lb| {
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-            ("tcp to a backend address directly", Tcp { dst: addr(2, 0x11), dport: 8080, ..Tcp::client_to_vip(40003) }.build(), reason::PASS_DIRECT_FLOW),
+            (
+                "tcp to a backend address directly",
+                Tcp { dst: addr(2, 0x11), dport: 8080, ..Tcp::client_to_vip(40003) }.build(),
+                reason::PASS_DIRECT_FLOW,
+            ),
             ("icmpv6 echo to a backend address", ping(addr(2, 0x11)), reason::PASS_NOT_VIP),
-            ("hop-by-hop header to another address", with_hop_by_hop(&Tcp { dst: addr(2, 0x11), ..Tcp::client_to_vip(40005) }.build()), reason::PASS_NOT_VIP),
+            (
+                "hop-by-hop header to another address",
+                with_hop_by_hop(&Tcp { dst: addr(2, 0x11), ..Tcp::client_to_vip(40005) }.build()),
+                reason::PASS_NOT_VIP,
+            ),
         ];
         for (name, frame, why) in &cases {
             lb.assert_passed_untouched(name, frame, *why);
@@ -111,6 +150,7 @@ fn ipv6_non_vip_traffic_passes_untouched() {
 /// Issue 15, items 1 and 4 for IPv6: unserved ports of a VIP address are
 /// refused here; the gateway's and backends' addresses open no flows.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_unserved_vip_ports_are_refused_and_spoofed_sources_dropped() {
     with_lb(|lb| {
         let client_if = lb.client_if;
@@ -130,6 +170,7 @@ fn ipv6_unserved_vip_ports_are_refused_and_spoofed_sources_dropped() {
 /// Passed on, the gateway (which does not own the VIP) would route them back
 /// the way they came (issue 15, item 4).
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_extension_headers_to_a_vip_are_dropped_with_their_counter() {
     with_lb(|lb| {
         let client_if = lb.client_if;
@@ -146,6 +187,7 @@ fn ipv6_extension_headers_to_a_vip_are_dropped_with_their_counter() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_hop_limit_and_malformed_headers_follow_their_rules() {
     with_lb(|lb| {
         for hop_limit in [0, 1] {
@@ -155,7 +197,17 @@ fn ipv6_hop_limit_and_malformed_headers_follow_their_rules() {
         let sport = 40008;
         let (baddr, bport) = backend_addr(lb.expected_backend(sport));
         lb.assert_redirected(&Tcp::client_to_vip(sport).build(), lb.client_if, reason::REDIRECT_TO_BACKEND);
-        let reply = Tcp { src_mac: backend_mac(baddr[15]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, hop_limit: 1, syn: false, payload: b"" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[15]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            hop_limit: 1,
+            syn: false,
+            payload: b"",
+        };
         let frame = reply.build();
         let (action, out, counted) = lb.run_counted(&frame, lb.backend_if);
         assert_eq!((action, counted), (XDP_PASS, "pass_ttl_expired"), "reply with hop limit 1");
@@ -182,13 +234,21 @@ fn with_vlan_tag(frame: &[u8], vid: u16) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_vlan_tagged_frames_are_balanced_with_their_tag_kept() {
     with_lb(|lb| {
         let sport = 40010;
         let (baddr, bport) = backend_addr(lb.expected_backend(sport));
         let syn = with_vlan_tag(&Tcp::client_to_vip(sport).build(), 42);
         let out = lb.assert_redirected(&syn, lb.client_if, reason::REDIRECT_TO_BACKEND);
-        let expected = Tcp { src_mac: GW_BACKEND_MAC, dst_mac: backend_mac(baddr[15]), dst: baddr, dport: bport, hop_limit: 63, ..Tcp::client_to_vip(sport) };
+        let expected = Tcp {
+            src_mac: GW_BACKEND_MAC,
+            dst_mac: backend_mac(baddr[15]),
+            dst: baddr,
+            dport: bport,
+            hop_limit: 63,
+            ..Tcp::client_to_vip(sport)
+        };
         assert_frame(&out, &with_vlan_tag(&expected.build(), 42));
         let expired = with_vlan_tag(&Tcp { hop_limit: 1, ..Tcp::client_to_vip(sport) }.build(), 42);
         lb.assert_passed_untouched("tagged, hop limit 1", &expired, reason::PASS_TTL_EXPIRED);
@@ -197,28 +257,62 @@ fn ipv6_vlan_tagged_frames_are_balanced_with_their_tag_kept() {
 
 /// The IPv6 twin of `packets::established_packets_and_replies_take_the_fast_path`.
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_established_packets_and_replies_take_the_fast_path() {
     with_lb(|lb| {
-        use lb::lb::dataplane::Dataplane as _;
+        use lb::dataplane::Dataplane as _;
         let sport = 40300;
         lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
         let id = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(id);
         let data = Tcp { syn: false, payload: b"data", ..Tcp::client_to_vip(sport) };
-        let reply = Tcp { src_mac: backend_mac(baddr[15]), dst_mac: GW_BACKEND_MAC, src: baddr, dst: CLIENT, sport: bport, dport: sport, hop_limit: 64, syn: false, payload: b"answer" };
+        let reply = Tcp {
+            src_mac: backend_mac(baddr[15]),
+            dst_mac: GW_BACKEND_MAC,
+            src: baddr,
+            dst: CLIENT,
+            sport: bport,
+            dport: sport,
+            hop_limit: 64,
+            syn: false,
+            payload: b"answer",
+        };
         let (client_if, backend_if) = (lb.client_if, lb.backend_if);
         let to_backend = lb.assert_redirected(&data.build(), client_if, reason::REDIRECT_TO_BACKEND);
         let to_client = lb.assert_redirected(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT);
         lb.maps
-            .upsert_vip(vip_key(VIP_TCP_PORT, PROTO_TCP), lb_common::vip::VipInfo { vip_id: 2, ring_size: RING, ring_generation: 0, flags: 0 })
+            .upsert_vip(
+                vip_key(VIP_TCP_PORT, PROTO_TCP),
+                lb_common::vip::VipInfo { vip_id: 2, ring_size: RING, ring_generation: 0, flags: 0 },
+            )
             .expect("vip");
-        let service = lb_common::guard::ServiceKey { addr_be: words(baddr), port_be: bport.to_be(), proto: PROTO_TCP, family: lb_common::FAMILY_V6 };
-        let nat = lb_common::flow::ReplyNat { vip_addr_be: words(VIP), vip_port_be: VIP_TCP_PORT.to_be(), _pad: 0, vip_id: 2, backend_id: id };
+        let service = lb_common::guard::ServiceKey {
+            addr_be: words(baddr),
+            port_be: bport.to_be(),
+            proto: PROTO_TCP,
+            family: lb_common::FAMILY_V6,
+        };
+        let nat = lb_common::flow::ReplyNat {
+            vip_addr_be: words(VIP),
+            vip_port_be: VIP_TCP_PORT.to_be(),
+            _pad: 0,
+            vip_id: 2,
+            backend_id: id,
+        };
         lb.maps.set_backend_service(service, nat).expect("service");
-        let (before1, before2) = (lb.maps.vip_counters(1).expect("vip 1").packets, lb.maps.vip_counters(2).expect("vip 2").packets);
+        let (before1, before2) =
+            (lb.maps.vip_counters(1).expect("vip 1").packets, lb.maps.vip_counters(2).expect("vip 2").packets);
         assert_frame(&lb.assert_redirected(&data.build(), client_if, reason::REDIRECT_TO_BACKEND), &to_backend);
-        assert_eq!(lb.maps.vip_counters(1).expect("vip 1").packets, before1 + 1, "the packet was not counted from its flow's entry");
+        assert_eq!(
+            lb.maps.vip_counters(1).expect("vip 1").packets,
+            before1 + 1,
+            "the packet was not counted from its flow's entry"
+        );
         assert_frame(&lb.assert_redirected(&reply.build(), backend_if, reason::REDIRECT_TO_CLIENT), &to_client);
-        assert_eq!(lb.maps.vip_counters(2).expect("vip 2").packets, before2 + 1, "the reply was not counted from its backend's service");
+        assert_eq!(
+            lb.maps.vip_counters(2).expect("vip 2").packets,
+            before2 + 1,
+            "the reply was not counted from its backend's service"
+        );
     });
 }

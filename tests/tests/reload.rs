@@ -96,6 +96,7 @@ fn spread(testbed: &Testbed, n: usize) -> Spread {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -138,6 +139,7 @@ fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -158,8 +160,11 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
 
     // Valid, but it changes a key that needs a restart: refused as a whole,
     // the drain alongside it included.
-    let restart_only =
-        with_weight(&config, address, 0).replacen("admin_listen = \"127.0.0.1:9100\"", "admin_listen = \"127.0.0.1:9101\"", 1);
+    let restart_only = with_weight(&config, address, 0).replacen(
+        "admin_listen = \"127.0.0.1:9100\"",
+        "admin_listen = \"127.0.0.1:9101\"",
+        1,
+    );
     assert_ne!(restart_only, with_weight(&config, address, 0), "admin_listen is in the config");
     reload(&agent, &restart_only);
     let log = wait_log(&agent, "agent.admin_listen");
@@ -172,7 +177,10 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     let log = wait_log(&agent, "(web2).backend[1].address");
     let line = log.lines().find(|l| l.contains("(web2).backend[1].address")).unwrap_or_default();
     assert!(line.contains("reload refused") && line.contains(&file), "{line}");
-    assert!(line.contains("vip[3] (web2).backend[1].address: tcp") && line.contains("is also a backend of vip[1] (web)"), "{line}");
+    assert!(
+        line.contains("vip[3] (web2).backend[1].address: tcp") && line.contains("is also a backend of vip[1] (web)"),
+        "{line}"
+    );
 
     assert_eq!(web_backends(&agent), before, "/status unchanged");
     assert!(!log.contains("reload: vip"), "nothing applied:\n{log}");
@@ -182,6 +190,7 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_removes_and_adds_backends_of_a_vip() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");
@@ -267,6 +276,7 @@ fn assert_not_balanced(testbed: &Testbed, addr: SocketAddr, when: &str) {
 }
 
 #[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
 fn sighup_adds_and_removes_a_vip_while_another_keeps_its_flows() {
     lb_tests::require_root!();
     let testbed = Testbed::new(3).expect("building the testbed");

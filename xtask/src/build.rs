@@ -57,13 +57,9 @@ pub fn run(profile: Profile) -> anyhow::Result<()> {
 /// Builds `lb` (with its eBPF object) and `lb-testbed-backend` in one cargo
 /// run, and returns their paths as cargo reports them.
 pub fn build(profile: Profile) -> anyhow::Result<Binaries> {
-    println!(
-        "build: lb (with the eBPF program) and {}",
-        lb_tests::BACKEND_BIN_NAME
-    );
+    println!("build: lb (with the eBPF program) and {}", lb_tests::BACKEND_BIN_NAME);
     let mut cmd = cargo::command();
-    cmd.args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])
-        .args(profile.cargo_args());
+    cmd.args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]).args(profile.cargo_args());
     let artifacts = cargo::artifacts(cmd)?;
     Ok(Binaries {
         lb: binary(&artifacts, lb_tests::LB_BIN_NAME)?,

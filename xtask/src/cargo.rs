@@ -49,11 +49,7 @@ impl Artifact {
         let target = &message["target"];
         Some(Self {
             name: target["name"].as_str()?.to_owned(),
-            kinds: target["kind"]
-                .as_array()?
-                .iter()
-                .filter_map(|k| k.as_str().map(str::to_owned))
-                .collect(),
+            kinds: target["kind"].as_array()?.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect(),
             test: message["profile"]["test"].as_bool().unwrap_or(false),
             executable: message["executable"].as_str().map(PathBuf::from),
             manifest_path: PathBuf::from(message["manifest_path"].as_str()?),
@@ -96,9 +92,7 @@ pub fn artifacts(mut cmd: Command) -> anyhow::Result<Vec<Artifact>> {
             artifacts.push(artifact);
         }
     }
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for `{shown}`"))?;
+    let status = child.wait().with_context(|| format!("waiting for `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed ({status})");
     }
@@ -116,17 +110,13 @@ mod tests {
         let artifact = Artifact::from_message(&message).expect("an artifact");
         assert_eq!(artifact.name, "packets");
         assert!(artifact.is("test") && artifact.test);
-        assert_eq!(
-            artifact.executable,
-            Some(PathBuf::from("/w/target/debug/deps/packets-0123"))
-        );
+        assert_eq!(artifact.executable, Some(PathBuf::from("/w/target/debug/deps/packets-0123")));
         assert_eq!(artifact.manifest_path, PathBuf::from("/w/tests/Cargo.toml"));
     }
 
     #[test]
     fn ignores_other_messages() {
-        let message: Value =
-            serde_json::from_str(r#"{"reason":"build-finished","success":true}"#).expect("json");
+        let message: Value = serde_json::from_str(r#"{"reason":"build-finished","success":true}"#).expect("json");
         assert_eq!(Artifact::from_message(&message), None);
     }
 }

@@ -57,20 +57,16 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The `demo` subcommand.
 pub fn run() -> anyhow::Result<()> {
     if !lb_tests::is_root() {
-        bail!(
-            "cargo xtask demo needs root (network namespaces, XDP): rerun as root, e.g. `sudo -E cargo xtask demo`"
-        );
+        bail!("cargo xtask demo needs root (network namespaces, XDP): rerun as root, e.g. `sudo -E cargo xtask demo`");
     }
     setup::ensure(true)?;
     let bins = build::build(Profile::Debug)?;
     // `Agent::start` runs `lb_tests::lb_bin()`: LB_BIN if set (as for the
     // tests, e.g. a release build), otherwise the lb just built.
     match std::env::var_os(lb_tests::LB_BIN_ENV) {
-        Some(lb) => println!(
-            "demo: using {}={} instead of the lb just built",
-            lb_tests::LB_BIN_ENV,
-            Path::new(&lb).display()
-        ),
+        Some(lb) => {
+            println!("demo: using {}={} instead of the lb just built", lb_tests::LB_BIN_ENV, Path::new(&lb).display())
+        }
         // SAFETY: xtask has started no threads, so nothing reads the
         // environment concurrently.
         None => unsafe { std::env::set_var(lb_tests::LB_BIN_ENV, &bins.lb) },
@@ -90,25 +86,16 @@ fn story(backend_bin: &Path) -> anyhow::Result<()> {
     let mut problems = Vec::new();
 
     headline("1. A testbed: a client, a gateway and 3 backends, each in its own network namespace");
-    let testbed = Testbed::builder()
-        .backends(BACKENDS)
-        .backend_bin(backend_bin)
-        .build()
-        .context("bringing up the testbed")?;
+    let testbed =
+        Testbed::builder().backends(BACKENDS).backend_bin(backend_bin).build().context("bringing up the testbed")?;
     print_indented(&testbed.describe());
     check_interrupted()?;
 
     headline("2. Without a balancer the gateway only routes: backend b1 answers directly");
     let spread = http_requests(&testbed, testbed.backend_http(1), 10)?;
-    say(&format!(
-        "10 requests to {}: {spread}",
-        testbed.backend_http(1)
-    ));
+    say(&format!("10 requests to {}: {spread}", testbed.backend_http(1)));
 
-    headline(&format!(
-        "3. lb starts in the gateway namespace, serving {}",
-        testbed.vip_http()
-    ));
+    headline(&format!("3. lb starts in the gateway namespace, serving {}", testbed.vip_http()));
     let config = agent::config_for(&testbed, check);
     say("config:");
     print_indented(&config);
@@ -127,19 +114,14 @@ fn story(backend_bin: &Path) -> anyhow::Result<()> {
     let waited = wait_all_up(&mut lb)?;
     say(&format!("all {BACKENDS} backends up after {waited:.1?}"));
 
-    headline(&format!(
-        "4. {REQUESTS} requests to the VIP, each on a new connection"
-    ));
+    headline(&format!("4. {REQUESTS} requests to the VIP, each on a new connection"));
     let spread = http_requests(&testbed, testbed.vip_http(), REQUESTS)?;
     print_spread(&testbed, &spread, REQUESTS);
     if (1..=BACKENDS).any(|i| spread.count(&testbed.backend_name(i)) == 0) {
         problems.push(format!("with all backends up, some got nothing: {spread}"));
     }
     let udp = udp_requests(&testbed, 30)?;
-    say(&format!(
-        "and 30 UDP datagrams to {} (new source port each): {udp}",
-        testbed.vip_udp()
-    ));
+    say(&format!("and 30 UDP datagrams to {} (new source port each): {udp}", testbed.vip_udp()));
 
     headline(&format!("5. Backend {} dies", testbed.backend_name(VICTIM)));
     testbed.stop_backend(VICTIM)?;
@@ -156,19 +138,13 @@ fn story(backend_bin: &Path) -> anyhow::Result<()> {
     if spread.count(&victim) == 0 {
         say(&format!("{victim} got nothing, as it should"));
     } else {
-        problems.push(format!(
-            "{victim} was down but still got {} requests",
-            spread.count(&victim)
-        ));
+        problems.push(format!("{victim} was down but still got {} requests", spread.count(&victim)));
     }
 
     headline(&format!("6. Backend {victim} comes back"));
     testbed.start_backend(VICTIM)?;
     let waited = wait_all_up(&mut lb)?;
-    say(&format!(
-        "{victim} is up again after {waited:.1?} ({} good checks)",
-        check.rise
-    ));
+    say(&format!("{victim} is up again after {waited:.1?} ({} good checks)", check.rise));
     let spread = http_requests(&testbed, testbed.vip_http(), REQUESTS)?;
     print_spread(&testbed, &spread, REQUESTS);
     if spread.count(&victim) == 0 {
@@ -186,10 +162,7 @@ fn story(backend_bin: &Path) -> anyhow::Result<()> {
     say("namespaces deleted");
 
     if !problems.is_empty() {
-        bail!(
-            "the demo ran, but not as it should:\n  {}",
-            problems.join("\n  ")
-        );
+        bail!("the demo ran, but not as it should:\n  {}", problems.join("\n  "));
     }
     println!("\ndemo: done");
     Ok(())
@@ -203,22 +176,14 @@ fn wait_all_up(lb: &mut Agent) -> anyhow::Result<Duration> {
 /// `b1 up, b2 down, b3 up` or why not.
 fn health_line(lb: &Agent, vip: &str) -> String {
     match lb.backend_health(vip) {
-        Ok(health) => health
-            .iter()
-            .enumerate()
-            .map(|(k, h)| format!("b{} {h}", k + 1))
-            .collect::<Vec<_>>()
-            .join(", "),
+        Ok(health) => health.iter().enumerate().map(|(k, h)| format!("b{} {h}", k + 1)).collect::<Vec<_>>().join(", "),
         Err(e) => format!("unknown ({e:#})"),
     }
 }
 
 /// The lines of Prometheus text `metrics` for [`SHOWN_METRICS`], sorted.
 fn shown_metrics(metrics: &str) -> String {
-    let mut lines: Vec<&str> = metrics
-        .lines()
-        .filter(|l| SHOWN_METRICS.iter().any(|m| l.starts_with(m)))
-        .collect();
+    let mut lines: Vec<&str> = metrics.lines().filter(|l| SHOWN_METRICS.iter().any(|m| l.starts_with(m))).collect();
     lines.sort_unstable();
     lines.join("\n")
 }
@@ -271,9 +236,7 @@ fn print_spread(testbed: &Testbed, spread: &Spread, sent: usize) {
 }
 
 fn spread_table(testbed: &Testbed, spread: &Spread, sent: usize) -> String {
-    let names: Vec<String> = (1..=testbed.backend_count())
-        .map(|i| testbed.backend_name(i))
-        .collect();
+    let names: Vec<String> = (1..=testbed.backend_count()).map(|i| testbed.backend_name(i)).collect();
     format_spread(&names, spread, sent)
 }
 
@@ -285,11 +248,7 @@ fn format_spread(names: &[String], spread: &Spread, sent: usize) -> String {
         let count = spread.count(name);
         let share = (count * 100).checked_div(sent).unwrap_or(0);
         let bar = (count * BAR_WIDTH).checked_div(sent).unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "     {name:<8} {count:>7} {share:>4}%  {}",
-            "█".repeat(bar)
-        );
+        let _ = writeln!(out, "     {name:<8} {count:>7} {share:>4}%  {}", "█".repeat(bar));
     }
     if spread.errors > 0 {
         let _ = writeln!(
@@ -337,9 +296,7 @@ fn pause(d: Duration) -> anyhow::Result<()> {
     let until = Instant::now() + d;
     while Instant::now() < until {
         check_interrupted()?;
-        thread::sleep(
-            Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
-        );
+        thread::sleep(Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())));
     }
     Ok(())
 }
@@ -350,12 +307,7 @@ mod tests {
 
     #[test]
     fn spread_table_has_a_row_per_backend_and_bars() {
-        let results = vec![
-            Ok("b1".to_owned()),
-            Ok("b1".to_owned()),
-            Ok("b3".to_owned()),
-            Ok("b3".to_owned()),
-        ];
+        let results = vec![Ok("b1".to_owned()), Ok("b1".to_owned()), Ok("b3".to_owned()), Ok("b3".to_owned())];
         let spread = Spread::of(&results);
         let names: Vec<String> = ["b1", "b2", "b3"].iter().map(|s| (*s).to_owned()).collect();
         let table = format_spread(&names, &spread, 4);

@@ -67,10 +67,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::run(&setup::Options::from_env()).map(|()| true),
         Command::Build { release } => build::run(build::Profile::from_flag(release)).map(|()| true),
-        Command::Test { release, filter } => test::run(&test::Options {
-            profile: build::Profile::from_flag(release),
-            filter,
-        }),
+        Command::Test { release, filter } => {
+            test::run(&test::Options { profile: build::Profile::from_flag(release), filter })
+        }
         Command::Demo => demo::run().map(|()| true),
         Command::Bench { only, quick } => bench::run(&bench::Options { only, quick }).map(|()| true),
     };

@@ -61,11 +61,7 @@ pub struct Options {
 impl Options {
     /// Default locations, unless [`BPF_LINKER_ROOT_ENV`] is set.
     pub fn from_env() -> Self {
-        Self {
-            bpf_linker_root: env::var_os(BPF_LINKER_ROOT_ENV)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
-        }
+        Self { bpf_linker_root: env::var_os(BPF_LINKER_ROOT_ENV).filter(|v| !v.is_empty()).map(PathBuf::from) }
     }
 
     /// The `bpf-linker` that builds will use, if there is one: under the
@@ -162,9 +158,7 @@ fn missing_toolchain(opts: &Options) -> Vec<String> {
 
 fn require_rustup() -> anyhow::Result<()> {
     if !succeeds("rustup", &["--version"]) {
-        bail!(
-            "rustup not found; install it first: curl https://sh.rustup.rs | sh -s -- -y --profile minimal"
-        );
+        bail!("rustup not found; install it first: curl https://sh.rustup.rs | sh -s -- -y --profile minimal");
     }
     Ok(())
 }
@@ -195,16 +189,8 @@ fn ensure_nightly() -> anyhow::Result<()> {
 }
 
 fn has_rust_src() -> anyhow::Result<bool> {
-    let list = output_ok(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))?;
-    Ok(list
-        .lines()
-        .any(|l| l.trim() == "rust-src" || l.trim().starts_with("rust-src-")))
+    let list = output_ok(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    Ok(list.lines().any(|l| l.trim() == "rust-src" || l.trim().starts_with("rust-src-")))
 }
 
 fn ensure_rust_src() -> anyhow::Result<()> {
@@ -230,12 +216,9 @@ struct NightlyLlvm {
 impl NightlyLlvm {
     fn detect() -> anyhow::Result<Self> {
         let version = output_ok(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
-        let major = parse_llvm_major(&version).with_context(|| {
-            format!("no `LLVM version:` line in nightly `rustc -vV`:\n{version}")
-        })?;
-        let sysroot = output_ok(
-            Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]),
-        )?;
+        let major = parse_llvm_major(&version)
+            .with_context(|| format!("no `LLVM version:` line in nightly `rustc -vV`:\n{version}"))?;
+        let sysroot = output_ok(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
         let lib_dir = Path::new(sysroot.trim()).join("lib");
         let lib = find_libllvm(&lib_dir)?;
         Ok(Self { major, lib })
@@ -243,10 +226,7 @@ impl NightlyLlvm {
 
     /// The file name bpf-linker records as its `DT_NEEDED` entry.
     fn file_name(&self) -> String {
-        self.lib
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
+        self.lib.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
 
     /// What the stamp file holds for a bpf-linker built against this LLVM.
@@ -275,10 +255,7 @@ fn find_libllvm(lib_dir: &Path) -> anyhow::Result<PathBuf> {
         .map(|e| e.path())
         .collect();
     found.sort();
-    found
-        .into_iter()
-        .next()
-        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))
+    found.into_iter().next().with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))
 }
 
 /// The state of the installed bpf-linker.
@@ -377,19 +354,14 @@ fn install_bpf_linker(opts: &Options, llvm: &NightlyLlvm) -> anyhow::Result<()> 
     }
     println!("$ {}", util::display(&cmd));
     run_ok(&mut cmd)?;
-    let bin = opts
-        .bpf_linker_bin()
-        .context("bpf-linker installed, but not found in PATH or cargo's bin directory")?;
+    let bin = opts.bpf_linker_bin().context("bpf-linker installed, but not found in PATH or cargo's bin directory")?;
     output_ok(Command::new(&bin).arg("--version"))
         .with_context(|| format!("the new {} does not run", bin.display()))?;
     if opts.bpf_linker_root.is_none() && util::which("bpf-linker").is_none() {
         println!(
             "setup: warning: {} is not in PATH; add {} to PATH (e.g. `. ~/.cargo/env`)",
             bin.display(),
-            bin.parent()
-                .map(Path::display)
-                .map(|d| d.to_string())
-                .unwrap_or_default()
+            bin.parent().map(Path::display).map(|d| d.to_string()).unwrap_or_default()
         );
     }
     write_stamp(&opts.stamp_path()?, llvm)
@@ -426,11 +398,7 @@ fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
         .output()
         .context("running dpkg-query (setup supports Debian only)")?;
     let installed = installed_packages(&String::from_utf8_lossy(&out.stdout));
-    Ok(DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(*p))
-        .collect())
+    Ok(DEBIAN_PACKAGES.iter().copied().filter(|p| !installed.contains(*p)).collect())
 }
 
 /// Package names whose status is `install ok installed`, from
@@ -447,10 +415,7 @@ fn installed_packages(dpkg_output: &str) -> BTreeSet<String> {
 fn ensure_packages() -> anyhow::Result<()> {
     let missing = missing_packages()?;
     if missing.is_empty() {
-        println!(
-            "setup: Debian packages ({}): present",
-            DEBIAN_PACKAGES.join(" ")
-        );
+        println!("setup: Debian packages ({}): present", DEBIAN_PACKAGES.join(" "));
         return Ok(());
     }
     if !lb_tests::is_root() {
@@ -459,17 +424,11 @@ fn ensure_packages() -> anyhow::Result<()> {
             missing.join(" ")
         );
     }
-    println!(
-        "setup: Debian packages: installing {}...",
-        missing.join(" ")
-    );
+    println!("setup: Debian packages: installing {}...", missing.join(" "));
     install_packages(&missing)?;
     let still = missing_packages()?;
     if !still.is_empty() {
-        bail!(
-            "apt-get finished but {} are still not installed",
-            still.join(" ")
-        );
+        bail!("apt-get finished but {} are still not installed", still.join(" "));
     }
     println!("setup: Debian packages: installed");
     Ok(())
@@ -483,11 +442,7 @@ fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
     {
         let _policy = PolicyRcd::deny_starts()?;
         run_ok(apt_get().arg("update"))?;
-        run_ok(
-            apt_get()
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(packages),
-        )?;
+        run_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(packages))?;
     }
     stop_new_daemons(&before);
     Ok(())
@@ -512,22 +467,14 @@ impl PolicyRcd {
     fn deny_starts() -> anyhow::Result<Self> {
         let path = PathBuf::from(Self::PATH);
         if path.symlink_metadata().is_ok() {
-            println!(
-                "setup: {} exists already; leaving it as it is",
-                path.display()
-            );
+            println!("setup: {} exists already; leaving it as it is", path.display());
             return Ok(Self { created: None });
         }
-        fs::write(
-            &path,
-            "#!/bin/sh\n# Written by cargo xtask setup during apt-get install.\nexit 101\n",
-        )
-        .with_context(|| format!("writing {}", path.display()))?;
+        fs::write(&path, "#!/bin/sh\n# Written by cargo xtask setup during apt-get install.\nexit 101\n")
+            .with_context(|| format!("writing {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("making {} executable", path.display()))?;
-        Ok(Self {
-            created: Some(path),
-        })
+        Ok(Self { created: Some(path) })
     }
 }
 
@@ -555,8 +502,7 @@ fn daemon_pids() -> BTreeSet<i32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            DAEMONS.contains(&comm.trim())
-                && fs::read_link(format!("/proc/{pid}/ns/net")).ok() == own_netns
+            DAEMONS.contains(&comm.trim()) && fs::read_link(format!("/proc/{pid}/ns/net")).ok() == own_netns
         })
         .collect()
 }
@@ -570,10 +516,7 @@ fn stop_new_daemons(before: &BTreeSet<i32>) {
     }
     for &pid in &started {
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        println!(
-            "setup: stopping {} (pid {pid}), started by the install",
-            comm.trim()
-        );
+        println!("setup: stopping {} (pid {pid}), started by the install", comm.trim());
         // SAFETY: plain kill(2) of a PID that appeared during our install.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
@@ -611,9 +554,7 @@ mod tests {
 
     #[test]
     fn nightly_channel_but_not_dated_nightlies() {
-        assert!(lists_nightly(
-            "stable-x86_64-unknown-linux-gnu (active, default)\nnightly-x86_64-unknown-linux-gnu\n"
-        ));
+        assert!(lists_nightly("stable-x86_64-unknown-linux-gnu (active, default)\nnightly-x86_64-unknown-linux-gnu\n"));
         assert!(!lists_nightly(
             "stable-x86_64-unknown-linux-gnu (default)\nnightly-2026-05-19-x86_64-unknown-linux-gnu\n"
         ));
@@ -629,13 +570,7 @@ mod tests {
 
     #[test]
     fn stamp_names_major_and_library() {
-        let llvm = NightlyLlvm {
-            major: 22,
-            lib: PathBuf::from("/t/lib/libLLVM.so.22.1-rust-1.97.0-nightly"),
-        };
-        assert_eq!(
-            llvm.stamp(),
-            "llvm-major=22\nlibllvm=libLLVM.so.22.1-rust-1.97.0-nightly\n"
-        );
+        let llvm = NightlyLlvm { major: 22, lib: PathBuf::from("/t/lib/libLLVM.so.22.1-rust-1.97.0-nightly") };
+        assert_eq!(llvm.stamp(), "llvm-major=22\nlibllvm=libLLVM.so.22.1-rust-1.97.0-nightly\n");
     }
 }

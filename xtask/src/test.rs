@@ -6,7 +6,9 @@
 //! 2. Build `lb` and `lb-testbed-backend`, and the `lb-tests` test
 //!    executables without running them (their paths come from cargo's JSON).
 //! 3. Run each `lb-tests` executable as root, with `LB_BIN` and
-//!    `LB_TESTBED_BACKEND_BIN` pointing at what step 2 built.
+//!    `LB_TESTBED_BACKEND_BIN` pointing at what step 2 built, and with
+//!    `--include-ignored`: its root-only tests are `#[ignore]`d so that
+//!    plain `cargo test` reports them as ignored rather than passed.
 //!
 //! Output streams through; libtest's summary lines are counted, and lines
 //! with [`lb_tests::SKIP_MARKER`] are counted as skipped tests (libtest
@@ -68,13 +70,9 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     }
     took(started);
 
-    announce(
-        2,
-        "building lb, lb-testbed-backend and the lb-tests test executables",
-    );
+    announce(2, "building lb, lb-testbed-backend and the lb-tests test executables");
     let started = Instant::now();
-    let built =
-        build::build(opts.profile).and_then(|bins| Ok((bins, lb_tests_executables(opts.profile)?)));
+    let built = build::build(opts.profile).and_then(|bins| Ok((bins, lb_tests_executables(opts.profile)?)));
     took(started);
     match built {
         Err(e) => report.step_failed(format!("build: {e:#}")),
@@ -134,12 +132,9 @@ fn unit_tests(opts: &Options) -> anyhow::Result<(Tally, ExitStatus)> {
 /// binary, and the integration tests) without running them.
 fn lb_tests_executables(profile: Profile) -> anyhow::Result<Vec<Artifact>> {
     let mut cmd = cargo::command();
-    cmd.args(["test", "-p", "lb-tests", "--no-run"])
-        .args(profile.cargo_args());
-    let mut executables: Vec<Artifact> = cargo::artifacts(cmd)?
-        .into_iter()
-        .filter(|a| a.test && a.executable.is_some())
-        .collect();
+    cmd.args(["test", "-p", "lb-tests", "--no-run"]).args(profile.cargo_args());
+    let mut executables: Vec<Artifact> =
+        cargo::artifacts(cmd)?.into_iter().filter(|a| a.test && a.executable.is_some()).collect();
     // Quick unit tests first, then the integration tests, by name.
     executables.sort_by_key(|a| (a.is("test"), a.name.clone()));
     executables.dedup();
@@ -160,19 +155,13 @@ fn label(artifact: &Artifact) -> String {
 
 /// Runs one `lb-tests` executable the way `cargo test` would (in the
 /// package's directory), plus the binaries it needs.
-fn run_lb_test(
-    artifact: &Artifact,
-    bins: &Binaries,
-    opts: &Options,
-) -> anyhow::Result<(Tally, ExitStatus)> {
-    let exe = artifact
-        .executable
-        .as_deref()
-        .context("not an executable")?;
+fn run_lb_test(artifact: &Artifact, bins: &Binaries, opts: &Options) -> anyhow::Result<(Tally, ExitStatus)> {
+    let exe = artifact.executable.as_deref().context("not an executable")?;
     let package_dir = artifact.manifest_path.parent().unwrap_or(Path::new("."));
     println!("\n--> {} ({})", label(artifact), exe.display());
     let mut cmd = Command::new(exe);
     cmd.arg(TEST_THREADS)
+        .arg("--include-ignored")
         .args(opts.filter.as_deref())
         .current_dir(package_dir)
         .env(lb_tests::LB_BIN_ENV, absolute(&bins.lb)?)
@@ -235,22 +224,13 @@ fn run_counting(mut cmd: Command) -> anyhow::Result<(Tally, ExitStatus)> {
             Some((_, at)) if at.elapsed() > DRAIN_GRACE => break,
             Some(_) => {}
             None => {
-                if let Some(status) = child
-                    .try_wait()
-                    .with_context(|| format!("waiting for `{shown}`"))?
-                {
+                if let Some(status) = child.try_wait().with_context(|| format!("waiting for `{shown}`"))? {
                     exited = Some((status, Instant::now()));
                 } else if Instant::now() >= deadline {
-                    eprintln!(
-                        "xtask test: `{shown}` still running after {RUN_TIMEOUT:?}; killing it"
-                    );
+                    eprintln!("xtask test: `{shown}` still running after {RUN_TIMEOUT:?}; killing it");
                     let _ = child.kill();
-                    let status = child
-                        .wait()
-                        .with_context(|| format!("waiting for `{shown}`"))?;
-                    tally
-                        .failures
-                        .push(format!("(timed out after {RUN_TIMEOUT:?}) {shown}"));
+                    let status = child.wait().with_context(|| format!("waiting for `{shown}`"))?;
+                    tally.failures.push(format!("(timed out after {RUN_TIMEOUT:?}) {shown}"));
                     exited = Some((status, Instant::now()));
                 }
             }
@@ -261,11 +241,7 @@ fn run_counting(mut cmd: Command) -> anyhow::Result<(Tally, ExitStatus)> {
 }
 
 /// Sends each line of `reader` (lossily decoded, without the newline) to `tx`.
-fn spawn_reader(
-    reader: impl Read + Send + 'static,
-    stream: Stream,
-    tx: mpsc::Sender<(Stream, String)>,
-) {
+fn spawn_reader(reader: impl Read + Send + 'static, stream: Stream, tx: mpsc::Sender<(Stream, String)>) {
     thread::spawn(move || {
         let mut reader = BufReader::new(reader);
         let mut buf = Vec::new();
@@ -308,10 +284,7 @@ impl Tally {
         let trimmed = line.trim();
         if let Some(summary) = trimmed.strip_prefix("test result: ") {
             self.summary(summary);
-        } else if let Some(name) = trimmed
-            .strip_prefix("test ")
-            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
-        {
+        } else if let Some(name) = trimmed.strip_prefix("test ").and_then(|rest| rest.strip_suffix(" ... FAILED")) {
             self.failures.push(name.to_owned());
         }
     }
@@ -340,11 +313,7 @@ impl Tally {
     /// skipped; ignored tests did not run either and count as skipped.
     fn totals(&self) -> (u64, u64, u64) {
         let skipped = u64::try_from(self.skipped.len()).unwrap_or(u64::MAX);
-        (
-            self.passed.saturating_sub(skipped),
-            self.failed,
-            skipped.saturating_add(self.ignored),
-        )
+        (self.passed.saturating_sub(skipped), self.failed, skipped.saturating_add(self.ignored))
     }
 }
 
@@ -360,8 +329,7 @@ impl Report {
         // A failing test already explains a non-zero exit; otherwise (a
         // crash, a compile error, a timeout) the step itself failed.
         if !status.success() && tally.failed == 0 {
-            self.failed_steps
-                .push(format!("{what}: exited with {status}"));
+            self.failed_steps.push(format!("{what}: exited with {status}"));
         }
         self.parts.push((what.to_owned(), tally));
     }

@@ -18,10 +18,8 @@ pub fn workspace_root() -> PathBuf {
 
 /// A one-line rendering of `cmd` for progress lines and errors.
 pub fn display(cmd: &Command) -> String {
-    let mut parts: Vec<String> = cmd
-        .get_envs()
-        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
-        .collect();
+    let mut parts: Vec<String> =
+        cmd.get_envs().filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy()))).collect();
     parts.push(cmd.get_program().to_string_lossy().into_owned());
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
@@ -30,9 +28,7 @@ pub fn display(cmd: &Command) -> String {
 /// Runs `cmd` with inherited stdio and fails unless it exits 0.
 pub fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = display(cmd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting `{shown}`"))?;
+    let status = cmd.status().with_context(|| format!("starting `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed ({status})");
     }
@@ -43,16 +39,9 @@ pub fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
 /// and returns stdout.
 pub fn output_ok(cmd: &mut Command) -> anyhow::Result<String> {
     let shown = display(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting `{shown}`"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting `{shown}`"))?;
     if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{shown}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -71,24 +60,18 @@ pub fn succeeds(program: impl AsRef<OsStr>, args: &[&str]) -> bool {
 /// The first executable file called `name` in `PATH`, like `which`.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
+    env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
 }
 
 /// Whether `path` is a regular file with an execute bit.
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The home directory, from `HOME`.
 pub fn home() -> anyhow::Result<PathBuf> {
-    env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .context("HOME is not set")
+    env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from).context("HOME is not set")
 }
 
 /// `12.3 s` or `2 min 05 s`, for phase timings.

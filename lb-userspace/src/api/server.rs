@@ -203,9 +203,8 @@ mod tests {
     async fn server(limits: Limits) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("local_addr");
-        let app = Router::new()
-            .route("/", get(|| async { "ok" }))
-            .route("/big", get(|| async { vec![b'x'; 16 << 20] }));
+        let app =
+            Router::new().route("/", get(|| async { "ok" })).route("/big", get(|| async { vec![b'x'; 16 << 20] }));
         tokio::spawn(accept_loop(listener, app, limits));
         address
     }

@@ -129,4 +129,8 @@ impl std::ops::AddAssign for Traffic {
 pub struct VerdictCount {
     pub reason: String,
     pub packets: u64,
+    /// What the reason means (`lb_common::stats::reason::HELP`). Absent from
+    /// older agents' answers.
+    #[serde(default)]
+    pub help: String,
 }

@@ -27,8 +27,7 @@ impl Config {
     /// When the file cannot be read, is not TOML, or breaks a rule; the error
     /// names the file, the key and the reason.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|error| ConfigError::Read { file: path.to_owned(), error })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { file: path.to_owned(), error })?;
         Config::parse(&text, path)
     }
 

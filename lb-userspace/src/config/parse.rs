@@ -21,21 +21,18 @@ use super::{
     },
     table::Section,
 };
-use crate::lb::maglev::is_prime;
+use crate::control::maglev::is_prime;
 
 type Result<T> = std::result::Result<T, Problem>;
 
 const TOP_KEYS: &[&str] = &["agent", "vip"];
-const AGENT_KEYS: &[&str] =
-    &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
+const AGENT_KEYS: &[&str] = &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
 const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "backend"];
-const CHECK_KEYS: &[&str] =
-    &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
+const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
 /// Where the admin API listens unless configured.
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
 /// VIPs the Maglev array has room for unless configured (or more VIPs are configured).
 pub const DEFAULT_MAX_VIPS: u32 = 16;
 /// Bounds of `agent.conntrack_capacity`.
@@ -222,8 +219,7 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         Some(section) => health_check(section)?,
         None => default_health_check(),
     };
-    if protocol == Protocol::Udp && health_check.port.is_none() && !matches!(health_check.kind, HealthCheckKind::None)
-    {
+    if protocol == Protocol::Udp && health_check.port.is_none() && !matches!(health_check.kind, HealthCheckKind::None) {
         return Err(s.problem(
             "health_check",
             "a udp VIP's backends cannot be probed over TCP on their own port: set health_check.port or type = \"none\"",
@@ -272,7 +268,13 @@ fn service_addr(s: &mut Section, key: &str) -> Result<SocketAddr> {
     if let SocketAddr::V6(v6) = addr
         && v6.scope_id() != 0
     {
-        return Err(s.problem(key, format!("{text:?}: a zone index (%{}) is not supported; the data path routes by address alone", v6.scope_id())));
+        return Err(s.problem(
+            key,
+            format!(
+                "{text:?}: a zone index (%{}) is not supported; the data path routes by address alone",
+                v6.scope_id()
+            ),
+        ));
     }
     check_service_ip(addr.ip()).map_err(|reason| s.problem(key, format!("{text:?}: {reason}")))?;
     Ok(addr)
@@ -286,7 +288,9 @@ fn parse_socket_addr(text: &str) -> std::result::Result<SocketAddr, String> {
     }
     Err(match text.parse::<IpAddr>() {
         Ok(IpAddr::V4(_)) => "has no port; write it as address:port, e.g. \"198.18.0.100:80\"".to_owned(),
-        Ok(IpAddr::V6(_)) => "is an IPv6 address without a port; write \"[ADDRESS]:PORT\", e.g. \"[2001:db8::100]:80\"".to_owned(),
+        Ok(IpAddr::V6(_)) => {
+            "is an IPv6 address without a port; write \"[ADDRESS]:PORT\", e.g. \"[2001:db8::100]:80\"".to_owned()
+        }
         Err(_) => "is not an address and port (IPv4 \"198.18.0.100:80\" or IPv6 \"[2001:db8::100]:80\")".to_owned(),
     })
 }
@@ -393,7 +397,9 @@ fn health_check(mut s: Section) -> Result<HealthCheckConfig> {
     let interval = duration(&mut s, "interval")?.unwrap_or(DEFAULT_INTERVAL);
     let (lo, hi) = INTERVAL_RANGE;
     if interval < lo || interval > hi {
-        return Err(s.problem("interval", format!("{} is out of range (100ms to 1h)", humantime::format_duration(interval))));
+        return Err(
+            s.problem("interval", format!("{} is out of range (100ms to 1h)", humantime::format_duration(interval)))
+        );
     }
     let timeout = duration(&mut s, "timeout")?.unwrap_or(DEFAULT_TIMEOUT.min(interval));
     if timeout.is_zero() || timeout > interval {

@@ -145,10 +145,9 @@ impl Section {
     pub fn finish(self) -> Result<()> {
         match self.table.keys().next() {
             None => Ok(()),
-            Some(unknown) => Err(self.problem(
-                unknown,
-                format!("unknown key; expected one of: {}", self.known.join(", ")),
-            )),
+            Some(unknown) => {
+                Err(self.problem(unknown, format!("unknown key; expected one of: {}", self.known.join(", "))))
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 use std::{path::Path, time::Duration};
 
 use super::*;
-use crate::lb::state::Balancer;
+use crate::control::balancer::Balancer;
 
 const FILE: &str = "test.toml";
 
@@ -158,9 +158,21 @@ fn unknown_keys_are_errors_everywhere() {
 
 #[test]
 fn wrong_types_are_errors() {
-    rejects(&MINIMAL.replace("[\"eth0\"]", "\"eth0\""), "agent.interfaces", "expected an array of strings, found a string");
-    rejects(&MINIMAL.replace("[\"eth0\"]", "[\"eth0\", 1]"), "agent.interfaces[2]", "expected a string, found an integer");
-    rejects(&format!("{MINIMAL}weight = \"heavy\"\n"), "vip[1] (web).backend[1].weight", "expected an integer, found a string");
+    rejects(
+        &MINIMAL.replace("[\"eth0\"]", "\"eth0\""),
+        "agent.interfaces",
+        "expected an array of strings, found a string",
+    );
+    rejects(
+        &MINIMAL.replace("[\"eth0\"]", "[\"eth0\", 1]"),
+        "agent.interfaces[2]",
+        "expected a string, found an integer",
+    );
+    rejects(
+        &format!("{MINIMAL}weight = \"heavy\"\n"),
+        "vip[1] (web).backend[1].weight",
+        "expected an integer, found a string",
+    );
     rejects(&with_check("rise = 1.5"), "vip[1] (web).health_check.rise", "expected an integer, found a float");
     rejects(&MINIMAL.replace("[agent]", "agent = 1\n[x]"), "agent", "expected a table, found an integer");
 }
@@ -201,10 +213,18 @@ fn agent_values_are_checked() {
 fn vip_values_are_checked() {
     rejects(&MINIMAL.replace("\"web\"", "\"web site\""), "vip[1].name", "letters, digits");
     let listen = |value: &str| MINIMAL.replace("\"198.18.0.100:80\"", value);
-    rejects(&listen("\"198.18.0.300:80\""), "vip[1] (web).listen", "not an address and port (IPv4 \"198.18.0.100:80\" or IPv6");
+    rejects(
+        &listen("\"198.18.0.300:80\""),
+        "vip[1] (web).listen",
+        "not an address and port (IPv4 \"198.18.0.100:80\" or IPv6",
+    );
     rejects(&listen("\"198.18.0.100\""), "vip[1] (web).listen", "\"198.18.0.100\" has no port");
     rejects(&listen("\"198.18.0.100:0\""), "vip[1] (web).listen", "port 0");
-    rejects(&MINIMAL.replace("name = \"web\"", "name = \"web\"\nprotocol = \"sctp\""), "vip[1] (web).protocol", "not one of: tcp, udp");
+    rejects(
+        &MINIMAL.replace("name = \"web\"", "name = \"web\"\nprotocol = \"sctp\""),
+        "vip[1] (web).protocol",
+        "not one of: tcp, udp",
+    );
 }
 
 #[test]
@@ -225,15 +245,26 @@ fn scheduler_is_named_or_refused() {
 #[test]
 fn vips_are_unique() {
     let second = |name: &str, listen: &str| {
-        format!("{MINIMAL}\n[[vip]]\nname = \"{name}\"\nlisten = \"{listen}\"\n[[vip.backend]]\naddress = \"198.18.2.12:80\"\n")
+        format!(
+            "{MINIMAL}\n[[vip]]\nname = \"{name}\"\nlisten = \"{listen}\"\n[[vip.backend]]\naddress = \"198.18.2.12:80\"\n"
+        )
     };
     rejects(&second("web", "198.18.0.101:80"), "vip[2] (web).name", "used by an earlier VIP");
-    rejects(&second("api", "198.18.0.100:80"), "vip[2] (api).listen", "tcp 198.18.0.100:80 is served by an earlier VIP");
-    let udp = second("dns", "198.18.0.100:80")
-        .replace("name = \"dns\"", "name = \"dns\"\nprotocol = \"udp\"")
-        .replace("\n[[vip.backend]]\naddress = \"198.18.2.12:80\"", "\n[vip.health_check]\ntype = \"none\"\n[[vip.backend]]\naddress = \"198.18.2.12:80\"");
+    rejects(
+        &second("api", "198.18.0.100:80"),
+        "vip[2] (api).listen",
+        "tcp 198.18.0.100:80 is served by an earlier VIP",
+    );
+    let udp = second("dns", "198.18.0.100:80").replace("name = \"dns\"", "name = \"dns\"\nprotocol = \"udp\"").replace(
+        "\n[[vip.backend]]\naddress = \"198.18.2.12:80\"",
+        "\n[vip.health_check]\ntype = \"none\"\n[[vip.backend]]\naddress = \"198.18.2.12:80\"",
+    );
     assert_eq!(parse(&udp).expect("same address and port over udp").vips[1].protocol, Protocol::Udp);
-    rejects(&second("more", "198.18.0.101:80").replace("[agent]", "[agent]\nmax_vips = 1"), "agent.max_vips", "2 VIPs are configured");
+    rejects(
+        &second("more", "198.18.0.101:80").replace("[agent]", "[agent]\nmax_vips = 1"),
+        "agent.max_vips",
+        "2 VIPs are configured",
+    );
 }
 
 #[test]
@@ -254,11 +285,12 @@ fn health_check_values_are_checked() {
     rejects(&with_check("rise = 0"), &format!("{key}.rise"), "out of range (1 to 100)");
     rejects(&with_check("fall = 101"), &format!("{key}.fall"), "out of range");
     rejects(&with_check("port = 70000"), &format!("{key}.port"), "out of range");
-    let check = parse(&with_check("type = \"tcp\"\nport = 9000\nexpect_status_x = 1").replace("expect_status_x = 1", ""))
-        .expect("valid")
-        .vips[0]
-        .health_check
-        .clone();
+    let check =
+        parse(&with_check("type = \"tcp\"\nport = 9000\nexpect_status_x = 1").replace("expect_status_x = 1", ""))
+            .expect("valid")
+            .vips[0]
+            .health_check
+            .clone();
     assert_eq!((check.kind, check.port), (HealthCheckKind::Tcp, Some(9000)));
     let single = parse(&with_check("expect_status = \"204\"\nhost = \"example.org\"")).expect("valid");
     assert_eq!(
@@ -283,19 +315,33 @@ fn udp_vips_need_a_probe_port_or_no_checks() {
 #[test]
 fn backend_values_are_checked() {
     let key = "vip[1] (web).backend";
-    rejects(&MINIMAL.replace("198.18.2.11:8080", "198.18.2.300:80"), &format!("{key}[1].address"), "not an address and port");
+    rejects(
+        &MINIMAL.replace("198.18.2.11:8080", "198.18.2.300:80"),
+        &format!("{key}[1].address"),
+        "not an address and port",
+    );
     rejects(&format!("{MINIMAL}weight = 10001\n"), &format!("{key}[1].weight"), "out of range (0 to 10000)");
     rejects(&format!("{MINIMAL}weight = -1\n"), &format!("{key}[1].weight"), "out of range");
-    rejects(&format!("{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n"), &format!("{key}[2].address"), "listed twice");
+    rejects(
+        &format!("{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.11:8080\"\n"),
+        &format!("{key}[2].address"),
+        "listed twice",
+    );
     let drained = parse(&format!("{MINIMAL}weight = 0\n")).expect("weight 0 drains");
     assert_eq!(drained.vips[0].backends[0].weight, 0);
-    rejects(&format!("{MINIMAL}backup = \"yes\"\n"), &format!("{key}[1].backup"), "expected true or false, found a string");
+    rejects(
+        &format!("{MINIMAL}backup = \"yes\"\n"),
+        &format!("{key}[1].backup"),
+        "expected true or false, found a string",
+    );
     rejects(&format!("{MINIMAL}backup = 1\n"), &format!("{key}[1].backup"), "expected true or false, found an integer");
 }
 
 #[test]
 fn backup_backends_are_marked() {
-    let text = format!("{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.12:8080\"\nbackup = true\n\n[[vip.backend]]\naddress = \"198.18.2.13:8080\"\nbackup = false\n");
+    let text = format!(
+        "{MINIMAL}\n[[vip.backend]]\naddress = \"198.18.2.12:8080\"\nbackup = true\n\n[[vip.backend]]\naddress = \"198.18.2.13:8080\"\nbackup = false\n"
+    );
     let config = parse(&text).expect("valid");
     let backups: Vec<bool> = config.vips[0].backends.iter().map(|b| b.backup).collect();
     assert_eq!(backups, [false, true, false]);
@@ -426,13 +472,11 @@ fn ipv6_vips_and_backends_are_accepted() {
 
 #[test]
 fn ipv6_addresses_compare_as_addresses_not_text() {
-    let spelled_twice = dual_stack().replacen(
-        "address = \"[2001:db8:2::12]:8080\"",
-        "address = \"[2001:0db8:2:0::11]:8080\"",
-        1,
-    );
+    let spelled_twice =
+        dual_stack().replacen("address = \"[2001:db8:2::12]:8080\"", "address = \"[2001:0db8:2:0::11]:8080\"", 1);
     rejects(&spelled_twice, "vip[2] (web6).backend[2].address", "[2001:db8:2::11]:8080 is listed twice");
-    let same_listen = dual_stack().replace("[2001:db8::100]:5353", "[2001:db8:0::100]:80").replace("\"udp\"", "\"tcp\"");
+    let same_listen =
+        dual_stack().replace("[2001:db8::100]:5353", "[2001:db8:0::100]:80").replace("\"udp\"", "\"tcp\"");
     rejects(&same_listen, "vip[3] (echo6).listen", "tcp [2001:db8::100]:80 is served by an earlier VIP");
 }
 
@@ -487,9 +531,15 @@ fn ipv4_addresses_that_cannot_be_balanced_are_refused() {
 #[test]
 fn http_host_must_bracket_an_ipv6_literal() {
     let key = "vip[1] (web).health_check.host";
-    rejects(&with_check("host = \"2001:db8::1\""), key, "\"2001:db8::1\" is an IPv6 address; a Host header needs brackets: \"[2001:db8::1]\"");
+    rejects(
+        &with_check("host = \"2001:db8::1\""),
+        key,
+        "\"2001:db8::1\" is an IPv6 address; a Host header needs brackets: \"[2001:db8::1]\"",
+    );
     let bracketed = parse(&with_check("host = \"[2001:db8::1]\"")).expect("valid");
-    assert!(matches!(&bracketed.vips[0].health_check.kind, HealthCheckKind::Http { host: Some(h), .. } if h == "[2001:db8::1]"));
+    assert!(
+        matches!(&bracketed.vips[0].health_check.kind, HealthCheckKind::Http { host: Some(h), .. } if h == "[2001:db8::1]")
+    );
 }
 
 /// One VIP for [`services`]: name, listen, protocol, backend addresses.
@@ -515,13 +565,19 @@ fn backends_that_loop_collide_or_cannot_be_reached_are_refused() {
     let cases: &[(&str, &[VipSpec<'_>], &str, &str)] = &[
         (
             "two udp VIPs sharing a backend",
-            &[("a", "198.18.0.100:5353", "udp", &["198.18.2.11:8081"]), ("b", "198.18.0.101:5353", "udp", &["198.18.2.12:8081", "198.18.2.11:8081"])],
+            &[
+                ("a", "198.18.0.100:5353", "udp", &["198.18.2.11:8081"]),
+                ("b", "198.18.0.101:5353", "udp", &["198.18.2.12:8081", "198.18.2.11:8081"]),
+            ],
             "vip[2] (b).backend[2].address",
             "udp 198.18.2.11:8081 is also a backend of vip[1] (a); two VIPs cannot share a backend",
         ),
         (
             "two tcp VIPs sharing an IPv6 backend",
-            &[("a", "[2001:db8::100]:80", "tcp", &["[2001:db8:2::11]:8080"]), ("b", "[2001:db8::100]:81", "tcp", &["[2001:db8:2:0::11]:8080"])],
+            &[
+                ("a", "[2001:db8::100]:80", "tcp", &["[2001:db8:2::11]:8080"]),
+                ("b", "[2001:db8::100]:81", "tcp", &["[2001:db8:2:0::11]:8080"]),
+            ],
             "vip[2] (b).backend[1].address",
             "tcp [2001:db8:2::11]:8080 is also a backend of vip[1] (a)",
         ),
@@ -533,19 +589,28 @@ fn backends_that_loop_collide_or_cannot_be_reached_are_refused() {
         ),
         (
             "two VIPs backing each other",
-            &[("a", "198.18.0.100:80", "tcp", &["198.18.0.101:80"]), ("b", "198.18.0.101:80", "tcp", &["198.18.0.100:80"])],
+            &[
+                ("a", "198.18.0.100:80", "tcp", &["198.18.0.101:80"]),
+                ("b", "198.18.0.101:80", "tcp", &["198.18.0.100:80"]),
+            ],
             "vip[1] (a).backend[1].address",
             "tcp 198.18.0.101:80 is the listen address of vip[2] (b); a backend cannot be a VIP",
         ),
         (
             "a backend that is a later VIP",
-            &[("a", "[2001:db8::100]:53", "udp", &["[2001:db8::101]:53"]), ("b", "[2001:db8::101]:53", "udp", &["[2001:db8:2::11]:53"])],
+            &[
+                ("a", "[2001:db8::100]:53", "udp", &["[2001:db8::101]:53"]),
+                ("b", "[2001:db8::101]:53", "udp", &["[2001:db8:2::11]:53"]),
+            ],
             "vip[1] (a).backend[1].address",
             "udp [2001:db8::101]:53 is the listen address of vip[2] (b)",
         ),
         (
             "a backend on a VIP's address and port, of the other protocol",
-            &[("a", "198.18.0.100:53", "tcp", &["198.18.2.11:53"]), ("b", "198.18.0.101:53", "udp", &["198.18.0.100:53"])],
+            &[
+                ("a", "198.18.0.100:53", "tcp", &["198.18.2.11:53"]),
+                ("b", "198.18.0.101:53", "udp", &["198.18.0.100:53"]),
+            ],
             "vip[2] (b).backend[1].address",
             "198.18.0.100 is the address of vip[1] (a); a backend cannot live on a VIP's address",
         ),
@@ -555,19 +620,84 @@ fn backends_that_loop_collide_or_cannot_be_reached_are_refused() {
             "vip[1] (web).backend[1].address",
             "2001:db8::100 is the address of vip[1] (web)",
         ),
-        ("a VIP in 0.0.0.0/8", &[("web", "0.1.2.3:80", "tcp", &["198.18.2.11:8080"])], "vip[1] (web).listen", "0.1.2.3 is in 0.0.0.0/8"),
-        ("a backend in 0.0.0.0/8", &[("web", "198.18.0.100:80", "tcp", &["0.0.0.11:8080"])], "vip[1] (web).backend[1].address", "0.0.0.11 is in 0.0.0.0/8"),
-        ("a VIP in 240.0.0.0/4", &[("web", "240.0.0.1:80", "tcp", &["198.18.2.11:8080"])], "vip[1] (web).listen", "240.0.0.1 is in 240.0.0.0/4"),
-        ("a backend in 240.0.0.0/4", &[("web", "198.18.0.100:80", "tcp", &["255.255.255.254:8080"])], "vip[1] (web).backend[1].address", "255.255.255.254 is in 240.0.0.0/4"),
-        ("a broadcast backend", &[("web", "198.18.0.100:80", "tcp", &["255.255.255.255:8080"])], "vip[1] (web).backend[1].address", "255.255.255.255 is the broadcast address"),
-        ("a multicast backend", &[("web", "198.18.0.100:80", "udp", &["239.255.255.250:1900"])], "vip[1] (web).backend[1].address", "239.255.255.250 is a multicast address"),
-        ("an IPv6 multicast VIP", &[("web", "[ff0e::1]:80", "tcp", &["[2001:db8:2::11]:8080"])], "vip[1] (web).listen", "ff0e::1 is a multicast address"),
-        ("an IPv6 multicast backend", &[("web", "[2001:db8::100]:80", "tcp", &["[ff02::1]:8080"])], "vip[1] (web).backend[1].address", "ff02::1 is a multicast address"),
-        ("an unspecified IPv6 backend", &[("web", "[2001:db8::100]:80", "tcp", &["[::]:8080"])], "vip[1] (web).backend[1].address", ":: is the unspecified address"),
-        ("an unspecified IPv4 backend", &[("web", "198.18.0.100:80", "tcp", &["0.0.0.0:8080"])], "vip[1] (web).backend[1].address", "0.0.0.0 is the unspecified address"),
-        ("an IPv4-compatible VIP", &[("web", "[::198.18.0.100]:80", "tcp", &["[2001:db8:2::11]:8080"])], "vip[1] (web).listen", "IPv4-compatible, a deprecated form (write the IPv4 address itself)"),
-        ("an IPv4-compatible backend", &[("web", "[2001:db8::100]:80", "tcp", &["[::198.18.2.11]:8080"])], "vip[1] (web).backend[1].address", "IPv4-compatible"),
-        ("an IPv4-mapped backend", &[("web", "[2001:db8::100]:80", "tcp", &["[::ffff:198.18.2.11]:8080"])], "vip[1] (web).backend[1].address", "IPv4-mapped (write the IPv4 address itself)"),
+        (
+            "a VIP in 0.0.0.0/8",
+            &[("web", "0.1.2.3:80", "tcp", &["198.18.2.11:8080"])],
+            "vip[1] (web).listen",
+            "0.1.2.3 is in 0.0.0.0/8",
+        ),
+        (
+            "a backend in 0.0.0.0/8",
+            &[("web", "198.18.0.100:80", "tcp", &["0.0.0.11:8080"])],
+            "vip[1] (web).backend[1].address",
+            "0.0.0.11 is in 0.0.0.0/8",
+        ),
+        (
+            "a VIP in 240.0.0.0/4",
+            &[("web", "240.0.0.1:80", "tcp", &["198.18.2.11:8080"])],
+            "vip[1] (web).listen",
+            "240.0.0.1 is in 240.0.0.0/4",
+        ),
+        (
+            "a backend in 240.0.0.0/4",
+            &[("web", "198.18.0.100:80", "tcp", &["255.255.255.254:8080"])],
+            "vip[1] (web).backend[1].address",
+            "255.255.255.254 is in 240.0.0.0/4",
+        ),
+        (
+            "a broadcast backend",
+            &[("web", "198.18.0.100:80", "tcp", &["255.255.255.255:8080"])],
+            "vip[1] (web).backend[1].address",
+            "255.255.255.255 is the broadcast address",
+        ),
+        (
+            "a multicast backend",
+            &[("web", "198.18.0.100:80", "udp", &["239.255.255.250:1900"])],
+            "vip[1] (web).backend[1].address",
+            "239.255.255.250 is a multicast address",
+        ),
+        (
+            "an IPv6 multicast VIP",
+            &[("web", "[ff0e::1]:80", "tcp", &["[2001:db8:2::11]:8080"])],
+            "vip[1] (web).listen",
+            "ff0e::1 is a multicast address",
+        ),
+        (
+            "an IPv6 multicast backend",
+            &[("web", "[2001:db8::100]:80", "tcp", &["[ff02::1]:8080"])],
+            "vip[1] (web).backend[1].address",
+            "ff02::1 is a multicast address",
+        ),
+        (
+            "an unspecified IPv6 backend",
+            &[("web", "[2001:db8::100]:80", "tcp", &["[::]:8080"])],
+            "vip[1] (web).backend[1].address",
+            ":: is the unspecified address",
+        ),
+        (
+            "an unspecified IPv4 backend",
+            &[("web", "198.18.0.100:80", "tcp", &["0.0.0.0:8080"])],
+            "vip[1] (web).backend[1].address",
+            "0.0.0.0 is the unspecified address",
+        ),
+        (
+            "an IPv4-compatible VIP",
+            &[("web", "[::198.18.0.100]:80", "tcp", &["[2001:db8:2::11]:8080"])],
+            "vip[1] (web).listen",
+            "IPv4-compatible, a deprecated form (write the IPv4 address itself)",
+        ),
+        (
+            "an IPv4-compatible backend",
+            &[("web", "[2001:db8::100]:80", "tcp", &["[::198.18.2.11]:8080"])],
+            "vip[1] (web).backend[1].address",
+            "IPv4-compatible",
+        ),
+        (
+            "an IPv4-mapped backend",
+            &[("web", "[2001:db8::100]:80", "tcp", &["[::ffff:198.18.2.11]:8080"])],
+            "vip[1] (web).backend[1].address",
+            "IPv4-mapped (write the IPv4 address itself)",
+        ),
     ];
     for (what, vips, key, reason) in cases {
         let e = error(&services(vips));
@@ -580,17 +710,24 @@ fn backends_that_loop_collide_or_cannot_be_reached_are_refused() {
 #[test]
 fn backends_may_be_shared_across_protocols_and_sit_beside_a_vip() {
     let accepted: &[(&str, &[VipSpec<'_>])] = &[
-        ("a tcp and a udp VIP on one backend address and port", &[
-            ("dns-tcp", "198.18.0.100:53", "tcp", &["198.18.2.11:53"]),
-            ("dns-udp", "198.18.0.100:53", "udp", &["198.18.2.11:53"]),
-        ]),
-        ("two VIPs on one backend host, on different ports", &[
-            ("a", "198.18.0.100:80", "tcp", &["198.18.2.11:8080"]),
-            ("b", "198.18.0.101:80", "tcp", &["198.18.2.11:8081"]),
-        ]),
-        ("the edges of the refused IPv4 ranges", &[
-            ("a", "1.0.0.0:80", "tcp", &["223.255.255.254:8080", "1.0.0.1:8080"]),
-        ]),
+        (
+            "a tcp and a udp VIP on one backend address and port",
+            &[
+                ("dns-tcp", "198.18.0.100:53", "tcp", &["198.18.2.11:53"]),
+                ("dns-udp", "198.18.0.100:53", "udp", &["198.18.2.11:53"]),
+            ],
+        ),
+        (
+            "two VIPs on one backend host, on different ports",
+            &[
+                ("a", "198.18.0.100:80", "tcp", &["198.18.2.11:8080"]),
+                ("b", "198.18.0.101:80", "tcp", &["198.18.2.11:8081"]),
+            ],
+        ),
+        (
+            "the edges of the refused IPv4 ranges",
+            &[("a", "1.0.0.0:80", "tcp", &["223.255.255.254:8080", "1.0.0.1:8080"])],
+        ),
     ];
     for (what, vips) in accepted {
         let config = parse(&services(vips)).unwrap_or_else(|e| panic!("{what}: {e}"));

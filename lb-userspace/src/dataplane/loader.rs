@@ -51,9 +51,7 @@ impl Program {
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load { source: Box::new(source) })?;
         let program = xdp_program(&mut ebpf)?;
-        program
-            .load()
-            .map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source: Box::new(source) })?;
+        program.load().map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source: Box::new(source) })?;
         Ok(Self { ebpf, links: Vec::new() })
     }
 
@@ -118,9 +116,7 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
         name: PROGRAM_NAME,
         source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
     })?;
-    program
-        .try_into()
-        .map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source: Box::new(source) })
+    program.try_into().map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source: Box::new(source) })
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default

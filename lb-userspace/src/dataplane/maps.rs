@@ -21,8 +21,7 @@ use lb_common::{
     vip_addr::{VipAddrInfo, VipAddrKey},
 };
 
-use super::DataplaneError;
-use crate::lb::dataplane::Dataplane;
+use super::{Dataplane, DataplaneError};
 
 /// The program's maps, taken out of the loaded object.
 pub struct Maps {
@@ -100,9 +99,7 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
 /// Converts an untyped map, checking key and value sizes against lb-common.
 macro_rules! typed {
     ($ebpf:expr, $name:expr) => {
-        take($ebpf, $name)?
-            .try_into()
-            .map_err(|source| DataplaneError::Map { name: $name, op: "open", source })?
+        take($ebpf, $name)?.try_into().map_err(|source| DataplaneError::Map { name: $name, op: "open", source })?
     };
 }
 
@@ -235,7 +232,8 @@ impl Maps {
     /// A second handle on `CONNTRACK`, for a walk on another thread.
     fn conntrack_handle(&self) -> Result<HashMap<MapData, FlowKey, FlowState>, DataplaneError> {
         let error = |source| DataplaneError::Map { name: map_names::CONNTRACK, op: "open a second handle", source };
-        let fd = self.conntrack.map().fd().as_fd().try_clone_to_owned().map_err(|e| error(aya::maps::MapError::from(e)))?;
+        let fd =
+            self.conntrack.map().fd().as_fd().try_clone_to_owned().map_err(|e| error(aya::maps::MapError::from(e)))?;
         let data = MapData::from_fd(fd).map_err(error)?;
         HashMap::try_from(Map::LruHashMap(data)).map_err(error)
     }
@@ -252,9 +250,11 @@ impl Maps {
     /// # Errors
     /// [`DataplaneError::Map`] on a failed write.
     pub fn set_flow(&mut self, key: &FlowKey, state: FlowState) -> Result<(), DataplaneError> {
-        self.conntrack
-            .insert(key, state, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::CONNTRACK, op: "insert", source })
+        self.conntrack.insert(key, state, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::CONNTRACK,
+            op: "insert",
+            source,
+        })
     }
 
     /// Removes a connection-table entry, as an LRU eviction would: for tests
@@ -274,14 +274,15 @@ impl Maps {
     /// # Errors
     /// [`DataplaneError::Map`] if the index is out of range.
     pub fn ring_slot(&self, index: u32) -> Result<u32, DataplaneError> {
-        self.maglev
-            .get(&index, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::MAGLEV, op: "read", source })
+        self.maglev.get(&index, 0).map_err(|source| DataplaneError::Map { name: map_names::MAGLEV, op: "read", source })
     }
 }
 
 /// Every slot of a per-CPU array of counts, summed over CPUs.
-fn sum_per_cpu<const N: usize>(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<[u64; N], DataplaneError> {
+fn sum_per_cpu<const N: usize>(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+) -> Result<[u64; N], DataplaneError> {
     let mut out = [0u64; N];
     for (index, slot) in (0u32..).zip(out.iter_mut()) {
         let values = map.get(&index, 0).map_err(|source| DataplaneError::Map { name, op: "read", source })?;
@@ -304,28 +305,27 @@ fn sum_counters(
 }
 
 impl Dataplane for Maps {
-    fn upsert_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), crate::lb::dataplane::DataplaneError> {
-        self.vips
-            .insert(key, info, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "insert", source })?;
-        Ok(())
+    fn upsert_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DataplaneError> {
+        self.vips.insert(key, info, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::VIPS,
+            op: "insert",
+            source,
+        })
     }
 
-    fn remove_vip(&mut self, key: &VipKey) -> Result<(), crate::lb::dataplane::DataplaneError> {
-        self.vips
-            .remove(key)
-            .map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "remove", source })?;
-        Ok(())
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        self.vips.remove(key).map_err(|source| DataplaneError::Map { name: map_names::VIPS, op: "remove", source })
     }
 
-    fn set_addr_filter(&mut self, slot: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
-        self.addr_filter
-            .set(slot, 1, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::ADDR_FILTER, op: "write", source })?;
-        Ok(())
+    fn set_addr_filter(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        self.addr_filter.set(slot, 1, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::ADDR_FILTER,
+            op: "write",
+            source,
+        })
     }
 
-    fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
+    fn set_vip_addr(&mut self, key: VipAddrKey, protos: u32) -> Result<(), DataplaneError> {
         let result = if protos != 0 {
             self.vip_addrs.insert(key, VipAddrInfo { protos }, 0)
         } else if self.vip_addr_protos(&key) != 0 {
@@ -334,27 +334,29 @@ impl Dataplane for Maps {
             // No entry to remove: removing it again after a failed write is no error.
             Ok(())
         };
-        result.map_err(|source| DataplaneError::Map { name: map_names::VIP_ADDRS, op: "write", source })?;
-        Ok(())
+        result.map_err(|source| DataplaneError::Map { name: map_names::VIP_ADDRS, op: "write", source })
     }
 
-    fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), crate::lb::dataplane::DataplaneError> {
-        self.backends
-            .set(backend_id, info, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::BACKENDS, op: "write", source })?;
-        Ok(())
+    fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), DataplaneError> {
+        self.backends.set(backend_id, info, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::BACKENDS,
+            op: "write",
+            source,
+        })
     }
 
-    fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), crate::lb::dataplane::DataplaneError> {
+    fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
         for &(index, backend_id) in slots {
-            self.maglev
-                .set(index, backend_id, 0)
-                .map_err(|source| DataplaneError::Map { name: map_names::MAGLEV, op: "write", source })?;
+            self.maglev.set(index, backend_id, 0).map_err(|source| DataplaneError::Map {
+                name: map_names::MAGLEV,
+                op: "write",
+                source,
+            })?;
         }
         Ok(())
     }
 
-    fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
+    fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
         let error = |source| DataplaneError::Map { name: map_names::VIP_STATS, op: "reset", source };
         // One value per possible CPU, which is what a read returns.
         let cpus = self.vip_stats.get(&vip_id, 0).map_err(error)?.len();
@@ -363,7 +365,7 @@ impl Dataplane for Maps {
         Ok(())
     }
 
-    fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), crate::lb::dataplane::DataplaneError> {
+    fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), DataplaneError> {
         let result = if roles != 0 {
             self.addr_roles.insert(key, AddrRoles { roles }, 0)
         } else {
@@ -373,14 +375,14 @@ impl Dataplane for Maps {
                 other => other,
             }
         };
-        result.map_err(|source| DataplaneError::Map { name: map_names::ADDR_ROLES, op: "write", source })?;
-        Ok(())
+        result.map_err(|source| DataplaneError::Map { name: map_names::ADDR_ROLES, op: "write", source })
     }
 
-    fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), crate::lb::dataplane::DataplaneError> {
-        self.backend_services
-            .insert(key, nat, 0)
-            .map_err(|source| DataplaneError::Map { name: map_names::BACKEND_SERVICES, op: "write", source })?;
-        Ok(())
+    fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError> {
+        self.backend_services.insert(key, nat, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::BACKEND_SERVICES,
+            op: "write",
+            source,
+        })
     }
 }

@@ -27,17 +27,83 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 
-pub use self::{
-    probe::ProbeFailure,
-    thresholds::{Tracker, Verdict},
-};
+use lb_common::backend::{BACKEND_STATE_DOWN, BACKEND_STATE_UP};
+
+pub use self::{probe::ProbeFailure, thresholds::Tracker};
 use crate::config::model::{HealthCheckConfig, HealthCheckKind};
+
+/// What the agent believes about a backend: the health checks' verdict, and
+/// what the balancer writes into `BACKENDS` for it.
+///
+/// `Unknown` is the state before the first verdict of the health checks; it
+/// counts as not up, so a freshly started agent sends no flows to a backend
+/// it has not seen answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down,
+    Unknown,
+}
+
+impl Health {
+    /// Whether the backend may take new flows (if it has weight).
+    #[must_use]
+    pub fn is_up(self) -> bool {
+        self == Health::Up
+    }
+
+    /// Lowercase name for logs, metrics labels and the status API.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Unknown => "unknown",
+        }
+    }
+
+    /// Where a backend probed with `kind` starts: up when nothing probes it,
+    /// unknown until its first probe otherwise.
+    #[must_use]
+    pub fn initial(kind: &HealthCheckKind) -> Self {
+        match kind {
+            HealthCheckKind::None => Health::Up,
+            HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
+        }
+    }
+
+    /// The `BACKENDS` state byte of a backend in this health
+    /// (`lb_common::backend::BACKEND_STATE_*`): `UP` only when up, so an
+    /// unknown backend's flows are rescheduled like a down one's. With
+    /// [`Health::of_backend_state`], the one place the two meet.
+    #[must_use]
+    pub fn backend_state(self) -> u8 {
+        if self.is_up() { BACKEND_STATE_UP } else { BACKEND_STATE_DOWN }
+    }
+
+    /// What a `BACKENDS` state byte says about its backend; an unused
+    /// entry's says nothing.
+    #[must_use]
+    pub fn of_backend_state(state: u8) -> Self {
+        match state {
+            BACKEND_STATE_UP => Health::Up,
+            BACKEND_STATE_DOWN => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A change of verdict, with a reason for the logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
-    /// The new verdict.
-    pub up: bool,
+    /// The new verdict: up or down, never unknown again.
+    pub health: Health,
     /// Why, e.g. "3 consecutive failures, last: HTTP status 503, expected 200-399".
     pub reason: String,
 }
@@ -209,7 +275,7 @@ async fn probe_in_slot(address: SocketAddr, config: &HealthCheckConfig, pool: &P
 
 /// The [`HealthCheckKind::None`] checker: one "up" event, then done.
 async fn report_always_up<K: Clone>(reporter: &Reporter<K>) {
-    let transition = Transition { up: true, reason: "no health check configured".to_owned() };
+    let transition = Transition { health: Health::Up, reason: "no health check configured".to_owned() };
     if !reporter.send(Some(transition), CHECK_OK.to_owned()).await {
         tracing::debug!("health event receiver closed before the first event");
     }
@@ -304,18 +370,21 @@ mod tests {
         let checker = spawn_checker(address, http_config(50, 2, 2), "backend-a", 7, ProbePool::new(4), tx);
 
         let (first, before) = next_transition(&mut rx).await;
-        assert_eq!(first, Transition { up: true, reason: "first check: ok".to_owned() });
+        assert_eq!(first, Transition { health: Health::Up, reason: "first check: ok".to_owned() });
         assert!(before.is_empty(), "the first probe decides: {before:?}");
 
         set_status.send(503).expect("server alive");
         let (down, before) = next_transition(&mut rx).await;
         let failure = "HTTP status 503, expected 200-399";
-        assert_eq!(down, Transition { up: false, reason: format!("2 consecutive failures, last: {failure}") });
+        assert_eq!(
+            down,
+            Transition { health: Health::Down, reason: format!("2 consecutive failures, last: {failure}") }
+        );
         assert_eq!(before.last().map(String::as_str), Some(failure), "one failure is not enough: {before:?}");
 
         set_status.send(200).expect("server alive");
         let (up, before) = next_transition(&mut rx).await;
-        assert_eq!(up, Transition { up: true, reason: "2 consecutive successes".to_owned() });
+        assert_eq!(up, Transition { health: Health::Up, reason: "2 consecutive successes".to_owned() });
         assert_eq!(before.last().map(String::as_str), Some(CHECK_OK), "one success is not enough: {before:?}");
 
         let event = timeout(WAIT, rx.recv()).await.expect("keeps probing").expect("channel open");
@@ -344,7 +413,7 @@ mod tests {
         let checker = spawn_checker(address, config, "backend-a", 7, ProbePool::new(4), tx);
         let (transition, before) = next_transition(&mut rx).await;
         assert!(before.is_empty());
-        assert!(!transition.up);
+        assert!(!transition.health.is_up());
         assert!(transition.reason.starts_with("first check: connect: Connection refused"), "{}", transition.reason);
         checker.abort();
     }
@@ -357,7 +426,7 @@ mod tests {
         let unroutable: SocketAddr = "192.0.2.1:9".parse().expect("address");
         let checker = spawn_checker(unroutable, config, "backend-a", 7, ProbePool::new(4), tx);
         let (transition, _) = next_transition(&mut rx).await;
-        assert!(transition.up);
+        assert!(transition.health.is_up());
         timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
         assert!(rx.recv().await.is_none(), "exactly one event");
     }
@@ -370,20 +439,20 @@ mod tests {
     fn local_failures_move_no_streak() {
         let refused = || ProbeFailure::Connect(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
         let mut tracker = Tracker::new(2, 2);
-        assert!(judge(&mut tracker, &Ok(()), CHECK_OK).is_some_and(|t| t.up));
+        assert!(judge(&mut tracker, &Ok(()), CHECK_OK).is_some_and(|t| t.health.is_up()));
         // However many, local failures never take an up backend down...
         for _ in 0..10 {
             assert_eq!(judge(&mut tracker, &Err(emfile()), "local"), None);
         }
-        assert_eq!(tracker.verdict(), Verdict::Up);
+        assert_eq!(tracker.verdict(), Health::Up);
         // ...nor break the streak of real failures around them.
         assert_eq!(judge(&mut tracker, &Err(refused()), "refused"), None);
         assert_eq!(judge(&mut tracker, &Err(emfile()), "local"), None);
-        assert!(judge(&mut tracker, &Err(refused()), "refused").is_some_and(|t| !t.up));
+        assert!(judge(&mut tracker, &Err(refused()), "refused").is_some_and(|t| !t.health.is_up()));
         // A first probe that fails locally decides nothing.
         let mut fresh = Tracker::new(2, 2);
         assert_eq!(judge(&mut fresh, &Err(emfile()), "local"), None);
-        assert_eq!(fresh.verdict(), Verdict::Unknown);
+        assert_eq!(fresh.verdict(), Health::Unknown);
     }
 
     #[test]

@@ -236,11 +236,7 @@ impl fmt::Display for ShowRange {
 mod tests {
     use std::time::Instant;
 
-    use tokio::{
-        io::AsyncWriteExt as _,
-        net::TcpListener,
-        sync::oneshot,
-    };
+    use tokio::{io::AsyncWriteExt as _, net::TcpListener, sync::oneshot};
 
     use super::*;
 

@@ -4,18 +4,7 @@
 //!
 //! Pure and clock-free, so every rule is unit-tested without sockets.
 
-use super::Transition;
-
-/// What the tracker currently believes about a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// No probe has finished yet.
-    Unknown,
-    /// Serving: the last verdict was a success.
-    Up,
-    /// Not serving: the last verdict was a failure.
-    Down,
-}
+use super::{Health, Transition};
 
 /// Consecutive-result counter with HAProxy-style `rise`/`fall` thresholds.
 ///
@@ -29,21 +18,22 @@ pub enum Verdict {
 pub struct Tracker {
     rise: u32,
     fall: u32,
-    verdict: Verdict,
+    verdict: Health,
     successes: u32,
     failures: u32,
 }
 
 impl Tracker {
-    /// A tracker in the [`Verdict::Unknown`] state. Thresholds of 0 are
+    /// A tracker in the [`Health::Unknown`] state. Thresholds of 0 are
     /// treated as 1 (config validation rejects them; this keeps the type
     /// total rather than never flipping).
     pub fn new(rise: u32, fall: u32) -> Self {
-        Tracker { rise: rise.max(1), fall: fall.max(1), verdict: Verdict::Unknown, successes: 0, failures: 0 }
+        Tracker { rise: rise.max(1), fall: fall.max(1), verdict: Health::Unknown, successes: 0, failures: 0 }
     }
 
-    /// The current verdict.
-    pub fn verdict(&self) -> Verdict {
+    /// The current verdict: unknown until the first probe finishes, then
+    /// up or down.
+    pub fn verdict(&self) -> Health {
         self.verdict
     }
 
@@ -54,7 +44,7 @@ impl Tracker {
     pub fn record(&mut self, ok: bool, last_check: &str) -> Option<Transition> {
         self.count(ok);
         let transition = self.decide(ok, last_check)?;
-        self.verdict = if transition.up { Verdict::Up } else { Verdict::Down };
+        self.verdict = transition.health;
         Some(transition)
     }
 
@@ -72,13 +62,16 @@ impl Tracker {
     /// The transition the streaks call for, if any.
     fn decide(&self, ok: bool, last_check: &str) -> Option<Transition> {
         match (self.verdict, ok) {
-            (Verdict::Unknown, _) => Some(Transition { up: ok, reason: format!("first check: {last_check}") }),
-            (Verdict::Up, false) if self.failures >= self.fall => Some(Transition {
-                up: false,
+            (Health::Unknown, _) => {
+                let health = if ok { Health::Up } else { Health::Down };
+                Some(Transition { health, reason: format!("first check: {last_check}") })
+            }
+            (Health::Up, false) if self.failures >= self.fall => Some(Transition {
+                health: Health::Down,
                 reason: format!("{}, last: {last_check}", streak(self.failures, "failure", "failures")),
             }),
-            (Verdict::Down, true) if self.successes >= self.rise => {
-                Some(Transition { up: true, reason: streak(self.successes, "success", "successes") })
+            (Health::Down, true) if self.successes >= self.rise => {
+                Some(Transition { health: Health::Up, reason: streak(self.successes, "success", "successes") })
             }
             _ => None,
         }
@@ -97,23 +90,23 @@ mod tests {
     const FAIL: &str = "HTTP status 503, expected 200-399";
 
     fn up(reason: &str) -> Option<Transition> {
-        Some(Transition { up: true, reason: reason.to_owned() })
+        Some(Transition { health: Health::Up, reason: reason.to_owned() })
     }
 
     fn down(reason: &str) -> Option<Transition> {
-        Some(Transition { up: false, reason: reason.to_owned() })
+        Some(Transition { health: Health::Down, reason: reason.to_owned() })
     }
 
     #[test]
     fn starts_unknown() {
-        assert_eq!(Tracker::new(2, 3).verdict(), Verdict::Unknown);
+        assert_eq!(Tracker::new(2, 3).verdict(), Health::Unknown);
     }
 
     #[test]
     fn first_success_decides_up_at_once() {
         let mut tracker = Tracker::new(5, 5);
         assert_eq!(tracker.record(true, "ok"), up("first check: ok"));
-        assert_eq!(tracker.verdict(), Verdict::Up);
+        assert_eq!(tracker.verdict(), Health::Up);
     }
 
     #[test]
@@ -121,7 +114,7 @@ mod tests {
         let mut tracker = Tracker::new(5, 5);
         let reason = "connect: Connection refused (os error 111)";
         assert_eq!(tracker.record(false, reason), down(&format!("first check: {reason}")));
-        assert_eq!(tracker.verdict(), Verdict::Down);
+        assert_eq!(tracker.verdict(), Health::Down);
     }
 
     #[test]
@@ -131,7 +124,7 @@ mod tests {
         assert_eq!(tracker.record(false, "timed out after 500ms"), None);
         assert_eq!(tracker.record(false, "timed out after 500ms"), None);
         assert_eq!(tracker.record(false, FAIL), down(&format!("3 consecutive failures, last: {FAIL}")));
-        assert_eq!(tracker.verdict(), Verdict::Down);
+        assert_eq!(tracker.verdict(), Health::Down);
         assert_eq!(tracker.record(false, FAIL), None, "already down: no second transition");
     }
 
@@ -141,7 +134,7 @@ mod tests {
         tracker.record(false, FAIL);
         assert_eq!(tracker.record(true, "ok"), None);
         assert_eq!(tracker.record(true, "ok"), up("2 consecutive successes"));
-        assert_eq!(tracker.verdict(), Verdict::Up);
+        assert_eq!(tracker.verdict(), Health::Up);
         assert_eq!(tracker.record(true, "ok"), None, "already up: no second transition");
     }
 
@@ -169,7 +162,7 @@ mod tests {
     fn alternating_results_never_flip() {
         for first in [true, false] {
             let mut tracker = Tracker::new(2, 2);
-            let initial = tracker.record(first, "first").map(|t| t.up);
+            let initial = tracker.record(first, "first").map(|t| t.health.is_up());
             assert_eq!(initial, Some(first));
             for i in 0..20 {
                 let ok = (i % 2 == 0) != first;
@@ -190,7 +183,7 @@ mod tests {
     fn zero_thresholds_act_as_one() {
         let mut tracker = Tracker::new(0, 0);
         tracker.record(true, "ok");
-        assert_eq!(tracker.record(false, FAIL).map(|t| t.up), Some(false));
-        assert_eq!(tracker.record(true, "ok").map(|t| t.up), Some(true));
+        assert_eq!(tracker.record(false, FAIL).map(|t| t.health.is_up()), Some(false));
+        assert_eq!(tracker.record(true, "ok").map(|t| t.health.is_up()), Some(true));
     }
 }

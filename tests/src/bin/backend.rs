@@ -68,17 +68,10 @@ fn parse_args() -> Result<Args, String> {
     let mut udp: SocketAddr = (Ipv6Addr::UNSPECIFIED, 8081).into();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |flag: &str| {
-            args.next()
-                .ok_or_else(|| format!("{flag} needs a value\n{}", usage()))
-        };
+        let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value\n{}", usage()));
         match arg.as_str() {
             "--name" => name = Some(value("--name")?),
-            "--http" => {
-                http = value("--http")?
-                    .parse()
-                    .map_err(|e| format!("--http: {e}"))?
-            }
+            "--http" => http = value("--http")?.parse().map_err(|e| format!("--http: {e}"))?,
             "--udp" => udp = value("--udp")?.parse().map_err(|e| format!("--udp: {e}"))?,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
@@ -117,17 +110,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = Arc::new(Server {
-        name: args.name,
-        healthy: AtomicBool::new(true),
-        connections: AtomicUsize::new(0),
-    });
+    let server = Arc::new(Server { name: args.name, healthy: AtomicBool::new(true), connections: AtomicUsize::new(0) });
 
     let udp_server = Arc::clone(&server);
-    if let Err(e) = thread::Builder::new()
-        .name("udp".into())
-        .spawn(move || serve_udp(&udp, &udp_server))
-    {
+    if let Err(e) = thread::Builder::new().name("udp".into()).spawn(move || serve_udp(&udp, &udp_server)) {
         eprintln!("lb-testbed-backend: spawning udp thread: {e}");
         return ExitCode::FAILURE;
     }
@@ -144,13 +130,11 @@ fn main() -> ExitCode {
             continue; // dropping the stream closes it
         }
         let conn_server = Arc::clone(&server);
-        let spawned = thread::Builder::new()
-            .stack_size(CONN_STACK)
-            .spawn(move || {
-                // Errors only end this connection.
-                let _ = serve_http(stream, &conn_server);
-                conn_server.connections.fetch_sub(1, Ordering::Relaxed);
-            });
+        let spawned = thread::Builder::new().stack_size(CONN_STACK).spawn(move || {
+            // Errors only end this connection.
+            let _ = serve_http(stream, &conn_server);
+            conn_server.connections.fetch_sub(1, Ordering::Relaxed);
+        });
         if spawned.is_err() {
             server.connections.fetch_sub(1, Ordering::Relaxed);
         }
@@ -185,18 +169,12 @@ struct Request {
 /// Reads one line ending in `\n`, at most [`MAX_LINE`] bytes; `None` at a clean EOF.
 fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<Option<()>> {
     line.clear();
-    let n = reader
-        .by_ref()
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', line)?;
+    let n = reader.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', line)?;
     if n == 0 {
         return Ok(None);
     }
     if line.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "line too long or truncated",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long or truncated"));
     }
     while matches!(line.last(), Some(b'\n' | b'\r')) {
         line.pop();
@@ -222,8 +200,7 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
     }
     let request_line = std::str::from_utf8(&line).map_err(|_| bad("request line is not utf-8"))?;
     let mut parts = request_line.split_ascii_whitespace();
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(bad("malformed request line"));
     };
@@ -239,12 +216,7 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
             return Err(bad("eof in headers"));
         }
         if line.is_empty() {
-            return Ok(Some(Request {
-                method,
-                target,
-                keep_alive,
-                content_length,
-            }));
+            return Ok(Some(Request { method, target, keep_alive, content_length }));
         }
         let header = String::from_utf8_lossy(&line);
         let Some((key, value)) = header.split_once(':') else {
@@ -279,36 +251,17 @@ fn serve_http(stream: TcpStream, server: &Server) -> io::Result<()> {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                let _ = respond(
-                    &mut writer,
-                    400,
-                    "Bad Request",
-                    &[],
-                    Body::Text("bad request\n"),
-                    false,
-                    false,
-                );
+                let _ = respond(&mut writer, 400, "Bad Request", &[], Body::Text("bad request\n"), false, false);
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
         if req.content_length > MAX_REQUEST_BODY {
-            respond(
-                &mut writer,
-                413,
-                "Content Too Large",
-                &[],
-                Body::Text("too large\n"),
-                false,
-                false,
-            )?;
+            respond(&mut writer, 413, "Content Too Large", &[], Body::Text("too large\n"), false, false)?;
             return Ok(());
         }
         // Discard a request body so the next request on the connection parses.
-        io::copy(
-            &mut reader.by_ref().take(req.content_length),
-            &mut io::sink(),
-        )?;
+        io::copy(&mut reader.by_ref().take(req.content_length), &mut io::sink())?;
         let keep_alive = req.keep_alive;
         handle(&req, server, &mut writer, keep_alive)?;
         if !keep_alive {
@@ -323,7 +276,10 @@ enum Body<'a> {
     Filler(u64),
     /// `lines` lines of [`DRIP_LINE_LEN`] bytes, one every `every`: a
     /// server that writes first and the client only acknowledges.
-    Drip { lines: u64, every: Duration },
+    Drip {
+        lines: u64,
+        every: Duration,
+    },
 }
 
 /// `line NN\n`.
@@ -351,40 +307,14 @@ fn handle(req: &Request, server: &Server, w: &mut TcpStream, keep_alive: bool) -
     match path {
         "/health" => {
             if server.healthy.load(Ordering::Relaxed) {
-                respond(
-                    w,
-                    200,
-                    "OK",
-                    &backend_header,
-                    Body::Text("ok\n"),
-                    keep_alive,
-                    head_only,
-                )
+                respond(w, 200, "OK", &backend_header, Body::Text("ok\n"), keep_alive, head_only)
             } else {
-                respond(
-                    w,
-                    503,
-                    "Service Unavailable",
-                    &backend_header,
-                    Body::Text("fail\n"),
-                    keep_alive,
-                    head_only,
-                )
+                respond(w, 503, "Service Unavailable", &backend_header, Body::Text("fail\n"), keep_alive, head_only)
             }
         }
         "/admin/health/fail" | "/admin/health/ok" => {
-            server
-                .healthy
-                .store(path.ends_with("/ok"), Ordering::Relaxed);
-            respond(
-                w,
-                200,
-                "OK",
-                &backend_header,
-                Body::Text("done\n"),
-                keep_alive,
-                head_only,
-            )
+            server.healthy.store(path.ends_with("/ok"), Ordering::Relaxed);
+            respond(w, 200, "OK", &backend_header, Body::Text("done\n"), keep_alive, head_only)
         }
         "/drip" => {
             let arg = |name: &str| {
@@ -412,42 +342,17 @@ fn handle(req: &Request, server: &Server, w: &mut TcpStream, keep_alive: bool) -
             }
         }
         "/big" => {
-            let bytes = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("bytes="))
-                .and_then(|n| n.parse::<u64>().ok());
+            let bytes = query.split('&').find_map(|kv| kv.strip_prefix("bytes=")).and_then(|n| n.parse::<u64>().ok());
             match bytes {
-                Some(n) => respond(
-                    w,
-                    200,
-                    "OK",
-                    &backend_header,
-                    Body::Filler(n.min(MAX_BIG)),
-                    keep_alive,
-                    head_only,
-                ),
-                None => respond(
-                    w,
-                    400,
-                    "Bad Request",
-                    &backend_header,
-                    Body::Text("need bytes=N\n"),
-                    keep_alive,
-                    head_only,
-                ),
+                Some(n) => respond(w, 200, "OK", &backend_header, Body::Filler(n.min(MAX_BIG)), keep_alive, head_only),
+                None => {
+                    respond(w, 400, "Bad Request", &backend_header, Body::Text("need bytes=N\n"), keep_alive, head_only)
+                }
             }
         }
         _ => {
             let body = format!("backend={}\n", server.name);
-            respond(
-                w,
-                200,
-                "OK",
-                &backend_header,
-                Body::Text(&body),
-                keep_alive,
-                head_only,
-            )
+            respond(w, 200, "OK", &backend_header, Body::Text(&body), keep_alive, head_only)
         }
     }
 }
@@ -466,17 +371,11 @@ fn respond(
         Body::Filler(n) => n,
         Body::Drip { lines, .. } => lines * DRIP_LINE_LEN,
     };
-    let mut head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Length: {len}\r\nContent-Type: text/plain\r\n"
-    );
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {len}\r\nContent-Type: text/plain\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
-    head.push_str(if keep_alive {
-        "Connection: keep-alive\r\n\r\n"
-    } else {
-        "Connection: close\r\n\r\n"
-    });
+    head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
     match body {
         _ if head_only => w.write_all(head.as_bytes()),
         Body::Text(text) => {

@@ -38,10 +38,7 @@ impl HttpResponse {
     /// The first header named `name` (ASCII case-insensitive).
     #[must_use]
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The body as text (lossy).
@@ -62,10 +59,7 @@ impl HttpResponse {
 #[must_use]
 pub fn backend_name(body: &[u8]) -> Option<String> {
     let rest = body.strip_prefix(b"backend=")?;
-    let end = rest
-        .iter()
-        .position(u8::is_ascii_whitespace)
-        .unwrap_or(rest.len());
+    let end = rest.iter().position(u8::is_ascii_whitespace).unwrap_or(rest.len());
     let name = std::str::from_utf8(&rest[..end]).ok()?;
     (!name.is_empty()).then(|| name.to_owned())
 }
@@ -87,10 +81,7 @@ impl HttpConn {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
-        Ok(Self {
-            reader: BufReader::new(stream),
-            host: addr.to_string(),
-        })
+        Ok(Self { reader: BufReader::new(stream), host: addr.to_string() })
     }
 
     /// Sends `GET path` and reads the whole response. With `keep_alive` false
@@ -101,14 +92,8 @@ impl HttpConn {
     /// On any I/O error, timeout or malformed response.
     pub fn get(&mut self, path: &str, keep_alive: bool) -> anyhow::Result<HttpResponse> {
         let connection = if keep_alive { "keep-alive" } else { "close" };
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: {connection}\r\n\r\n",
-            self.host
-        );
-        self.reader
-            .get_mut()
-            .write_all(request.as_bytes())
-            .context("sending request")?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: {connection}\r\n\r\n", self.host);
+        self.reader.get_mut().write_all(request.as_bytes()).context("sending request")?;
         read_response(&mut self.reader)
     }
 }
@@ -126,9 +111,7 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> anyhow::Result<HttpRespon
     if !version.starts_with("HTTP/1.") {
         bail!("not an HTTP/1 response: {line:?}");
     }
-    let status: u16 = code
-        .parse()
-        .with_context(|| format!("malformed status line {line:?}"))?;
+    let status: u16 = code.parse().with_context(|| format!("malformed status line {line:?}"))?;
     let mut headers = Vec::new();
     loop {
         line.clear();
@@ -139,34 +122,21 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> anyhow::Result<HttpRespon
         if l.is_empty() {
             break;
         }
-        let (k, v) = l
-            .split_once(':')
-            .with_context(|| format!("malformed header {l:?}"))?;
+        let (k, v) = l.split_once(':').with_context(|| format!("malformed header {l:?}"))?;
         headers.push((k.trim().to_owned(), v.trim().to_owned()));
     }
-    let mut response = HttpResponse {
-        status,
-        headers,
-        body: Vec::new(),
-    };
+    let mut response = HttpResponse { status, headers, body: Vec::new() };
     match response.header("content-length") {
         Some(len) => {
-            let len: usize = len
-                .parse()
-                .with_context(|| format!("bad content-length {len:?}"))?;
+            let len: usize = len.parse().with_context(|| format!("bad content-length {len:?}"))?;
             if len > MAX_BODY {
                 bail!("body of {len} bytes is over the {MAX_BODY} limit");
             }
             response.body.resize(len, 0);
-            reader
-                .read_exact(&mut response.body)
-                .context("reading body")?;
+            reader.read_exact(&mut response.body).context("reading body")?;
         }
         None => {
-            reader
-                .take(MAX_BODY as u64)
-                .read_to_end(&mut response.body)
-                .context("reading body to eof")?;
+            reader.take(MAX_BODY as u64).read_to_end(&mut response.body).context("reading body to eof")?;
         }
     }
     Ok(response)
@@ -179,8 +149,7 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> anyhow::Result<HttpRespon
 /// On connection or protocol errors (a non-2xx status is not an error).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpResponse> {
     let mut conn = HttpConn::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    conn.get(path, false)
-        .with_context(|| format!("GET http://{addr}{path}"))
+    conn.get(path, false).with_context(|| format!("GET http://{addr}{path}"))
 }
 
 /// Sends `n` `GET /` requests to `addr`, each on a new connection or all on
@@ -188,19 +157,13 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpResponse> {
 /// request, the answering backend's name. Bounded by `n` and [`TOTAL_DEADLINE`]:
 /// requests not sent by then are reported as errors. Always returns `n` items.
 #[must_use]
-pub fn requests(
-    addr: SocketAddr,
-    n: usize,
-    new_connection_each: bool,
-) -> Vec<anyhow::Result<String>> {
+pub fn requests(addr: SocketAddr, n: usize, new_connection_each: bool) -> Vec<anyhow::Result<String>> {
     let deadline = Instant::now() + TOTAL_DEADLINE;
     let mut results = Vec::with_capacity(n);
     let mut conn: Option<HttpConn> = None;
     for _ in 0..n {
         if Instant::now() >= deadline {
-            results.push(Err(anyhow!(
-                "deadline of {TOTAL_DEADLINE:?} passed before this request"
-            )));
+            results.push(Err(anyhow!("deadline of {TOTAL_DEADLINE:?} passed before this request")));
             continue;
         }
         let result = (|| {
@@ -209,15 +172,11 @@ pub fn requests(
                 None => HttpConn::connect(addr).with_context(|| format!("connecting to {addr}"))?,
             };
             let c = conn.insert(c);
-            let response = c
-                .get("/", !new_connection_each)
-                .with_context(|| format!("GET http://{addr}/"))?;
+            let response = c.get("/", !new_connection_each).with_context(|| format!("GET http://{addr}/"))?;
             if response.status != 200 {
                 bail!("GET http://{addr}/: status {}", response.status);
             }
-            response
-                .backend()
-                .with_context(|| format!("GET http://{addr}/: no backend in {:?}", response.text()))
+            response.backend().with_context(|| format!("GET http://{addr}/: no backend in {:?}", response.text()))
         })();
         if result.is_err() || new_connection_each {
             conn = None;
@@ -251,9 +210,7 @@ pub fn udp_exchange(
             if Instant::now() >= deadline {
                 bail!("deadline of {TOTAL_DEADLINE:?} passed before this datagram");
             }
-            socket
-                .send_to(payload, addr)
-                .with_context(|| format!("sending to {addr}"))?;
+            socket.send_to(payload, addr).with_context(|| format!("sending to {addr}"))?;
             let until = Instant::now() + IO_TIMEOUT;
             loop {
                 let left = until.saturating_duration_since(Instant::now());
@@ -263,12 +220,7 @@ pub fn udp_exchange(
                 socket.set_read_timeout(Some(left))?;
                 let (n, from) = match socket.recv_from(&mut buf) {
                     Ok(r) => r,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                         bail!("no echo from {addr} within {IO_TIMEOUT:?}")
                     }
                     Err(e) => return Err(e).with_context(|| format!("receiving from {addr}")),
@@ -278,10 +230,7 @@ pub fn udp_exchange(
                 }
                 let reply = &buf[..n];
                 let Some(name) = backend_name(reply) else {
-                    bail!(
-                        "reply without backend name: {:?}",
-                        String::from_utf8_lossy(reply)
-                    );
+                    bail!("reply without backend name: {:?}", String::from_utf8_lossy(reply));
                 };
                 let echoed = &reply[("backend=".len() + name.len() + 1).min(n)..];
                 if echoed == *payload {
@@ -346,20 +295,8 @@ impl Spread {
 
 impl fmt::Display for Spread {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self
-            .per_backend
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        write!(
-            f,
-            "{}",
-            if parts.is_empty() {
-                "no answers".to_owned()
-            } else {
-                parts.join(" ")
-            }
-        )?;
+        let parts: Vec<String> = self.per_backend.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        write!(f, "{}", if parts.is_empty() { "no answers".to_owned() } else { parts.join(" ") })?;
         if self.errors > 0 {
             write!(f, " errors={}", self.errors)?;
             if let Some(e) = &self.first_error {
@@ -423,16 +360,10 @@ mod tests {
 
     #[test]
     fn spread_counts_and_displays() {
-        let results = vec![
-            Ok("b1".to_owned()),
-            Ok("b2".to_owned()),
-            Ok("b1".to_owned()),
-            Err(anyhow!("boom")),
-        ];
+        let results = vec![Ok("b1".to_owned()), Ok("b2".to_owned()), Ok("b1".to_owned()), Err(anyhow!("boom"))];
         let spread = Spread::of(&results);
         assert_eq!(spread.count("b1"), 2);
         assert_eq!(spread.ok(), 3);
         assert_eq!(spread.to_string(), "b1=2 b2=1 errors=1 (first: boom)");
     }
 }
-

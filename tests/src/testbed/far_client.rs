@@ -50,7 +50,8 @@ impl Testbed {
             reaper.watch(&far)?;
         }
         self.far_client = Some(far.clone());
-        self.link_far_client(&far, narrow_mtu).with_context(|| format!("setting up the far client of testbed {}", self.id))?;
+        self.link_far_client(&far, narrow_mtu)
+            .with_context(|| format!("setting up the far client of testbed {}", self.id))?;
         Ok(far)
     }
 
@@ -87,7 +88,19 @@ impl Testbed {
         // kernel would let forwarded packets use the device's MTU).
         let mtu = narrow_mtu.to_string();
         ip(&["-n", client, "route", "add", &format!("{FAR_CLIENT_ADDR}/32"), "dev", &router_if, "mtu", "lock", &mtu])?;
-        ip(&["-n", client, "-6", "route", "add", &format!("{FAR_CLIENT_ADDR6}/128"), "dev", &router_if, "mtu", "lock", &mtu])?;
+        ip(&[
+            "-n",
+            client,
+            "-6",
+            "route",
+            "add",
+            &format!("{FAR_CLIENT_ADDR6}/128"),
+            "dev",
+            &router_if,
+            "mtu",
+            "lock",
+            &mtu,
+        ])?;
         // The gateway reaches the far network through the client namespace.
         ip(&["-n", gateway, "route", "add", "198.18.3.0/24", "via", &CLIENT_ADDR.to_string()])?;
         ip(&["-n", gateway, "-6", "route", "add", "2001:db8:3::/64", "via", &CLIENT_ADDR6.to_string()])?;

@@ -75,8 +75,8 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 pub use client::{HttpResponse, Spread};
 pub use far_client::{FAR_CLIENT_ADDR, FAR_CLIENT_ADDR6};
 pub use netns::{ChildGuard, Namespace};
-pub use scratch::ScratchNamespace;
 use netns::{Reaper, ip};
+pub use scratch::ScratchNamespace;
 
 /// The virtual IP the load balancer serves; no namespace owns it.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
@@ -148,28 +148,17 @@ impl TestbedBuilder {
     /// When not root, the backend binary is missing, or any step fails;
     /// whatever was made so far is removed again.
     pub fn build(self) -> anyhow::Result<Testbed> {
-        ensure!(
-            self.backends <= MAX_BACKENDS,
-            "at most {MAX_BACKENDS} backends, not {}",
-            self.backends
-        );
+        ensure!(self.backends <= MAX_BACKENDS, "at most {MAX_BACKENDS} backends, not {}", self.backends);
         crate::require_root()?;
         let backend_bin = match self.backend_bin {
             Some(path) => path,
             None => crate::backend_bin()?,
         };
-        let id = format!(
-            "{}x{}",
-            std::process::id(),
-            NEXT_ID.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let ifname = |role: &str| -> anyhow::Result<String> {
             let name = format!("t{id}{role}");
             // IFNAMSIZ is 16 with the NUL.
-            ensure!(
-                name.len() <= 15,
-                "interface name {name} is longer than 15 bytes"
-            );
+            ensure!(name.len() <= 15, "interface name {name} is longer than 15 bytes");
             Ok(name)
         };
         let ns = |role: &str| Namespace::new(format!("lbt{id}-{role}"));
@@ -200,9 +189,7 @@ impl TestbedBuilder {
             far_client: None,
         };
         // On error, dropping `testbed` removes what exists so far.
-        testbed
-            .set_up()
-            .with_context(|| format!("setting up testbed {}", testbed.id))?;
+        testbed.set_up().with_context(|| format!("setting up testbed {}", testbed.id))?;
         Ok(testbed)
     }
 }
@@ -259,10 +246,7 @@ impl Testbed {
     /// Builder with 3 backends and the default backend binary.
     #[must_use]
     pub fn builder() -> TestbedBuilder {
-        TestbedBuilder {
-            backends: 3,
-            backend_bin: None,
-        }
+        TestbedBuilder { backends: 3, backend_bin: None }
     }
 
     /// A testbed with `backends` backends; see [`TestbedBuilder::build`].
@@ -293,20 +277,12 @@ impl Testbed {
             enable_ipv6(&ns)?;
         }
 
-        let (client, gateway, switch) =
-            (self.client.name(), self.gateway.name(), self.switch.name());
+        let (client, gateway, switch) = (self.client.name(), self.gateway.name(), self.switch.name());
         let veth = |ns_a: &str, a: &str, ns_b: &str, b: &str| {
-            ip(&[
-                "-n", ns_a, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b,
-            ])
+            ip(&["-n", ns_a, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b])
         };
         veth(client, &self.client_if, gateway, &self.gateway_client_if)?;
-        veth(
-            gateway,
-            &self.gateway_backend_if,
-            switch,
-            &self.switch_gateway_port,
-        )?;
+        veth(gateway, &self.gateway_backend_if, switch, &self.switch_gateway_port)?;
         ip(&["-n", switch, "link", "add", &self.bridge, "type", "bridge"])?;
         for b in &self.backends {
             veth(b.ns.name(), &b.ifname, switch, &b.switch_port)?;
@@ -327,26 +303,16 @@ impl Testbed {
         for b in &self.backends {
             b.ns.set_sysctl("net.ipv6.bindv6only", "0")?;
         }
-        for dev in [
-            "all",
-            "default",
-            &self.gateway_client_if,
-            &self.gateway_backend_if,
-        ] {
-            self.gateway
-                .set_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+        for dev in ["all", "default", &self.gateway_client_if, &self.gateway_backend_if] {
+            self.gateway.set_sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
         }
 
         // NAPI (via GRO) on the receivers of redirected frames; no partial
-        // checksums from senders (see the module docs and NOTES.md).
-        self.client
-            .exec_ok(&["ethtool", "-K", &self.client_if, "tx", "off", "gro", "on"])?;
-        self.gateway
-            .exec_ok(&["ethtool", "-K", &self.gateway_client_if, "tx", "off"])?;
-        self.gateway
-            .exec_ok(&["ethtool", "-K", &self.gateway_backend_if, "tx", "off"])?;
-        self.switch
-            .exec_ok(&["ethtool", "-K", &self.switch_gateway_port, "gro", "on"])?;
+        // checksums from senders (see the module docs).
+        self.client.exec_ok(&["ethtool", "-K", &self.client_if, "tx", "off", "gro", "on"])?;
+        self.gateway.exec_ok(&["ethtool", "-K", &self.gateway_client_if, "tx", "off"])?;
+        self.gateway.exec_ok(&["ethtool", "-K", &self.gateway_backend_if, "tx", "off"])?;
+        self.switch.exec_ok(&["ethtool", "-K", &self.switch_gateway_port, "gro", "on"])?;
         for b in &self.backends {
             b.ns.exec_ok(&["ethtool", "-K", &b.ifname, "tx", "off"])?;
         }
@@ -363,19 +329,8 @@ impl Testbed {
         }
 
         ip(&["-n", switch, "link", "set", &self.bridge, "up"])?;
-        for port in std::iter::once(&self.switch_gateway_port)
-            .chain(self.backends.iter().map(|b| &b.switch_port))
-        {
-            ip(&[
-                "-n",
-                switch,
-                "link",
-                "set",
-                port,
-                "master",
-                &self.bridge,
-                "up",
-            ])?;
+        for port in std::iter::once(&self.switch_gateway_port).chain(self.backends.iter().map(|b| &b.switch_port)) {
+            ip(&["-n", switch, "link", "set", port, "master", &self.bridge, "up"])?;
         }
         ip(&["-n", client, "link", "set", &self.client_if, "up"])?;
         ip(&["-n", gateway, "link", "set", &self.gateway_client_if, "up"])?;
@@ -448,10 +403,7 @@ impl Testbed {
     /// Every namespace of the testbed, client first.
     #[must_use]
     pub fn namespaces(&self) -> Vec<&Namespace> {
-        [&self.client, &self.gateway, &self.switch]
-            .into_iter()
-            .chain(self.backends.iter().map(|b| &b.ns))
-            .collect()
+        [&self.client, &self.gateway, &self.switch].into_iter().chain(self.backends.iter().map(|b| &b.ns)).collect()
     }
 
     /// The client's veth (in the client namespace).
@@ -583,9 +535,7 @@ impl Testbed {
     /// All backends' HTTP addresses, b1 first.
     #[must_use]
     pub fn backend_http_addrs(&self) -> Vec<SocketAddr> {
-        (1..=self.backends.len())
-            .map(|i| self.backend_http(i))
-            .collect()
+        (1..=self.backends.len()).map(|i| self.backend_http(i)).collect()
     }
 
     /// The VIP's HTTP address, 198.18.0.100:80.
@@ -654,12 +604,8 @@ impl Testbed {
         let http = SocketAddr::from((Ipv6Addr::UNSPECIFIED, BACKEND_HTTP_PORT)).to_string();
         let udp = SocketAddr::from((Ipv6Addr::UNSPECIFIED, BACKEND_UDP_PORT)).to_string();
         let mut cmd = backend.ns.command(&self.backend_bin);
-        cmd.args(["--name", &name, "--http", &http, "--udp", &udp])
-            .stdout(Stdio::piped());
-        let mut child = ChildGuard::spawn(
-            cmd,
-            format!("backend {name} ({})", self.backend_bin.display()),
-        )?;
+        cmd.args(["--name", &name, "--http", &http, "--udp", &udp]).stdout(Stdio::piped());
+        let mut child = ChildGuard::spawn(cmd, format!("backend {name} ({})", self.backend_bin.display()))?;
         wait_listening(&mut child).with_context(|| format!("starting backend {name}"))?;
         *process = Some(child);
         Ok(())
@@ -682,7 +628,8 @@ impl Testbed {
         let udp = SocketAddr::from((Ipv6Addr::UNSPECIFIED, udp_port)).to_string();
         let mut cmd = backend.ns.command(&self.backend_bin);
         cmd.args(["--name", &name, "--http", &http, "--udp", &udp]).stdout(Stdio::piped());
-        let mut child = ChildGuard::spawn(cmd, format!("second server {name} on {http} ({})", self.backend_bin.display()))?;
+        let mut child =
+            ChildGuard::spawn(cmd, format!("second server {name} on {http} ({})", self.backend_bin.display()))?;
         wait_listening(&mut child).with_context(|| format!("starting a second server in backend {name}"))?;
         Ok(child)
     }
@@ -725,17 +672,9 @@ impl Testbed {
     /// When `i` is out of range or the request fails.
     pub fn set_backend_health(&self, i: usize, ok: bool) -> anyhow::Result<()> {
         self.try_backend(i)?;
-        let path = if ok {
-            "/admin/health/ok"
-        } else {
-            "/admin/health/fail"
-        };
+        let path = if ok { "/admin/health/ok" } else { "/admin/health/fail" };
         let response = self.http_get_in(&self.gateway, self.backend_http(i), path)?;
-        ensure!(
-            response.status == 200,
-            "{path} on backend b{i} answered {}",
-            response.status
-        );
+        ensure!(response.status == 200, "{path} on backend b{i} answered {}", response.status);
         Ok(())
     }
 
@@ -744,12 +683,7 @@ impl Testbed {
     /// # Errors
     ///
     /// On connection or protocol errors (any status is returned).
-    pub fn http_get_in(
-        &self,
-        ns: &Namespace,
-        addr: SocketAddr,
-        path: &str,
-    ) -> anyhow::Result<HttpResponse> {
+    pub fn http_get_in(&self, ns: &Namespace, addr: SocketAddr, path: &str) -> anyhow::Result<HttpResponse> {
         ns.enter(|| client::http_get(addr, path))?
     }
 
@@ -763,11 +697,7 @@ impl Testbed {
     pub fn http_get(&self, url: &str) -> anyhow::Result<String> {
         let (addr, path) = parse_url(url)?;
         let response = self.http_get_in(&self.client, addr, path)?;
-        ensure!(
-            (200..300).contains(&response.status),
-            "GET {url}: status {}",
-            response.status
-        );
+        ensure!((200..300).contains(&response.status), "GET {url}: status {}", response.status);
         Ok(response.text())
     }
 
@@ -780,14 +710,9 @@ impl Testbed {
         n: usize,
         new_connection_each: bool,
     ) -> Vec<anyhow::Result<String>> {
-        match self
-            .client
-            .enter(|| client::requests(addr, n, new_connection_each))
-        {
+        match self.client.enter(|| client::requests(addr, n, new_connection_each)) {
             Ok(results) => results,
-            Err(e) => (0..n)
-                .map(|_| Err(anyhow!("entering the client namespace: {e:#}")))
-                .collect(),
+            Err(e) => (0..n).map(|_| Err(anyhow!("entering the client namespace: {e:#}"))).collect(),
         }
     }
 
@@ -795,16 +720,8 @@ impl Testbed {
     /// `from_port` (0: any); see [`client::udp_exchange`]. Returns one entry per
     /// payload: the answering backend's name or the error.
     #[must_use]
-    pub fn client_udp(
-        &self,
-        addr: SocketAddr,
-        payloads: &[&[u8]],
-        from_port: u16,
-    ) -> Vec<anyhow::Result<String>> {
-        match self
-            .client
-            .enter(|| client::udp_exchange(addr, payloads, from_port))
-        {
+    pub fn client_udp(&self, addr: SocketAddr, payloads: &[&[u8]], from_port: u16) -> Vec<anyhow::Result<String>> {
+        match self.client.enter(|| client::udp_exchange(addr, payloads, from_port)) {
             Ok(Ok(results)) => results,
             Ok(Err(e)) | Err(e) => payloads.iter().map(|_| Err(anyhow!("{e:#}"))).collect(),
         }
@@ -832,13 +749,7 @@ impl Testbed {
         let ports: Vec<&str> = std::iter::once(self.switch_gateway_port.as_str())
             .chain(self.backends.iter().map(|b| b.switch_port.as_str()))
             .collect();
-        let _ = writeln!(
-            s,
-            "  switch   {:<18} bridge {} ports {}",
-            self.switch.name(),
-            self.bridge,
-            ports.join(" ")
-        );
+        let _ = writeln!(s, "  switch   {:<18} bridge {} ports {}", self.switch.name(), self.bridge, ports.join(" "));
         for (i, b) in self.backends.iter().enumerate() {
             let i = i + 1;
             let _ = writeln!(
@@ -850,10 +761,7 @@ impl Testbed {
                 backend_addr6_of(i)
             );
         }
-        let _ = write!(
-            s,
-            "  vip      {VIP} and {VIP6} tcp :{VIP_HTTP_PORT} udp :{VIP_UDP_PORT} (owned by nobody)"
-        );
+        let _ = write!(s, "  vip      {VIP} and {VIP6} tcp :{VIP_HTTP_PORT} udp :{VIP_UDP_PORT} (owned by nobody)");
         s
     }
 
@@ -934,11 +842,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Waits until a freshly spawned backend prints `listening`.
 fn wait_listening(child: &mut ChildGuard) -> anyhow::Result<()> {
-    let stdout = child
-        .child_mut()
-        .stdout
-        .take()
-        .context("backend stdout not piped")?;
+    let stdout = child.child_mut().stdout.take().context("backend stdout not piped")?;
     let (tx, rx) = mpsc::channel();
     // The thread ends when the line arrives or the pipe closes (the child
     // died, or was killed after a timeout); the backend writes nothing more.
@@ -961,9 +865,7 @@ fn wait_listening(child: &mut ChildGuard) -> anyhow::Result<()> {
 /// Splits `http://a.b.c.d[:port]/path` or `http://[v6][:port]/path` into an
 /// address and a path.
 fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, &str)> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// URLs"))?;
+    let rest = url.strip_prefix("http://").with_context(|| format!("{url}: only http:// URLs"))?;
     let (authority, path) = match rest.find('/') {
         Some(k) => (&rest[..k], &rest[k..]),
         None => (rest, "/"),
@@ -971,10 +873,10 @@ fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, &str)> {
     let addr = match authority.parse::<SocketAddr>() {
         Ok(addr) => addr,
         Err(_) => {
-            let host = authority
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .map_or_else(|| authority.parse::<Ipv4Addr>().map(IpAddr::V4), |h| h.parse::<Ipv6Addr>().map(IpAddr::V6));
+            let host = authority.strip_prefix('[').and_then(|h| h.strip_suffix(']')).map_or_else(
+                || authority.parse::<Ipv4Addr>().map(IpAddr::V4),
+                |h| h.parse::<Ipv6Addr>().map(IpAddr::V6),
+            );
             let ip = host.with_context(|| {
                 format!("{url}: host must be an IPv4 address or a bracketed IPv6 one (no DNS here)")
             })?;
@@ -991,19 +893,10 @@ mod tests {
     #[test]
     fn parse_url_handles_ports_and_paths() {
         let (addr, path) = parse_url("http://198.18.0.100/").expect("valid url");
-        assert_eq!(
-            (addr, path),
-            (SocketAddr::from(([198, 18, 0, 100], 80)), "/")
-        );
+        assert_eq!((addr, path), (SocketAddr::from(([198, 18, 0, 100], 80)), "/"));
         let (addr, path) = parse_url("http://198.18.2.11:8080/big?bytes=10").expect("valid url");
-        assert_eq!(
-            (addr, path),
-            (SocketAddr::from(([198, 18, 2, 11], 8080)), "/big?bytes=10")
-        );
-        assert_eq!(
-            parse_url("http://198.18.2.11:8080").expect("valid url").1,
-            "/"
-        );
+        assert_eq!((addr, path), (SocketAddr::from(([198, 18, 2, 11], 8080)), "/big?bytes=10"));
+        assert_eq!(parse_url("http://198.18.2.11:8080").expect("valid url").1, "/");
         let (addr, path) = parse_url("http://[2001:db8::100]/x").expect("valid url");
         assert_eq!((addr, path), (SocketAddr::from((VIP6, 80)), "/x"));
         let (addr, _) = parse_url("http://[2001:db8:2::11]:8080/").expect("valid url");
@@ -1016,11 +909,10 @@ mod tests {
     #[test]
     fn backend_addresses_follow_the_plan() {
         assert_eq!(backend_addr_of(1), Ipv4Addr::new(198, 18, 2, 11));
-        assert_eq!(
-            backend_addr_of(MAX_BACKENDS),
-            Ipv4Addr::new(198, 18, 2, 109)
-        );
-        for (i, v6) in [(1, "2001:db8:2::11"), (9, "2001:db8:2::19"), (10, "2001:db8:2::20"), (MAX_BACKENDS, "2001:db8:2::109")] {
+        assert_eq!(backend_addr_of(MAX_BACKENDS), Ipv4Addr::new(198, 18, 2, 109));
+        for (i, v6) in
+            [(1, "2001:db8:2::11"), (9, "2001:db8:2::19"), (10, "2001:db8:2::20"), (MAX_BACKENDS, "2001:db8:2::109")]
+        {
             assert_eq!(backend_addr6_of(i).to_string(), v6, "backend {i}");
             let v4_last = backend_addr_of(i).octets()[3].to_string();
             assert!(v6.ends_with(&format!("::{v4_last}")), "b{i}: {v6} reads like its IPv4 address");

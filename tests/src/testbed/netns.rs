@@ -52,12 +52,10 @@ impl Namespace {
         let path = self.path();
         let joined = thread::scope(|s| {
             s.spawn(|| -> anyhow::Result<T> {
-                let file =
-                    File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
                 // SAFETY: a valid namespace fd; CLONE_NEWNET changes only this thread.
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error())
-                        .with_context(|| format!("setns into {}", path.display()));
+                    return Err(io::Error::last_os_error()).with_context(|| format!("setns into {}", path.display()));
                 }
                 drop(file);
                 Ok(f())
@@ -103,9 +101,7 @@ impl Namespace {
     #[must_use]
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name])
-            .arg(program)
-            .stdin(Stdio::null());
+        cmd.args(["netns", "exec", &self.name]).arg(program).stdin(Stdio::null());
         cmd
     }
 
@@ -117,10 +113,7 @@ impl Namespace {
     /// When `cmd` is empty or the process cannot be started.
     pub fn exec(&self, cmd: &[&str]) -> anyhow::Result<Output> {
         let (program, args) = cmd.split_first().context("empty command")?;
-        self.command(program)
-            .args(args)
-            .output()
-            .with_context(|| format!("running {cmd:?} in namespace {}", self.name))
+        self.command(program).args(args).output().with_context(|| format!("running {cmd:?} in namespace {}", self.name))
     }
 
     /// Like [`Self::exec`] but fails on a non-zero exit, quoting stderr, and
@@ -196,9 +189,7 @@ impl ChildGuard {
     ///
     /// When `waitpid` fails.
     pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        self.child
-            .try_wait()
-            .with_context(|| format!("checking {}", self.what))
+        self.child.try_wait().with_context(|| format!("checking {}", self.what))
     }
 
     /// Sends SIGTERM, waits up to `grace`, then SIGKILLs; returns the exit status.
@@ -234,9 +225,7 @@ impl ChildGuard {
         }
         // Fails only if it exited meanwhile; wait() tells.
         let _ = self.child.kill();
-        self.child
-            .wait()
-            .with_context(|| format!("waiting for {}", self.what))
+        self.child.wait().with_context(|| format!("waiting for {}", self.what))
     }
 }
 
@@ -275,12 +264,7 @@ pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("running ip {}", args.join(" ")))?;
     if !out.status.success() {
-        bail!(
-            "ip {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("ip {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -329,10 +313,7 @@ impl Reaper {
 
     /// Tells the watchdog about a namespace this process just created.
     pub(crate) fn watch(&mut self, ns: &Namespace) -> anyhow::Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .context("cleanup watchdog already finished")?;
+        let stdin = self.stdin.as_mut().context("cleanup watchdog already finished")?;
         writeln!(stdin, "ns {}", ns.name()).context("writing to the cleanup watchdog")
     }
 
@@ -347,9 +328,7 @@ impl Reaper {
 
 impl std::fmt::Debug for Reaper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reaper")
-            .field("pid", &self.child.id())
-            .finish_non_exhaustive()
+        f.debug_struct("Reaper").field("pid", &self.child.id()).finish_non_exhaustive()
     }
 }
 

@@ -132,7 +132,12 @@ pub fn test_run(program: &mut Program, frame: &[u8], ingress: u32) -> (u32, Vec<
 
 /// [`test_run`], and the one verdict reason whose counter moved; fails
 /// unless exactly one moved, by one.
-pub fn test_run_counted(program: &mut Program, maps: &Maps, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, &'static str) {
+pub fn test_run_counted(
+    program: &mut Program,
+    maps: &Maps,
+    frame: &[u8],
+    ingress: u32,
+) -> (u32, Vec<u8>, &'static str) {
     let before = maps.verdicts().expect("verdicts");
     let (action, out) = test_run(program, frame, ingress);
     let after = maps.verdicts().expect("verdicts");

@@ -6,16 +6,13 @@
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
 use etherparse::{LaxSlicedPacket, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, VlanSlice};
-use lb::{
-    dataplane::{LoadOptions, Maps, Program},
-    lb::dataplane::Dataplane as _,
-};
+use lb::dataplane::{Dataplane as _, LoadOptions, Maps, Program};
 #[path = "../common/fixture.rs"]
 mod fixture;
 #[allow(unused_imports, reason = "each test binary uses a different part of the harness")]
 pub use fixture::{FixtureNs, assert_frame, hex, ifindex, mac_str, sh, test_run, test_run_counted, xdp_md};
 use lb_common::{
-    FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UP, BackendInfo},
     flow::{FlowKey, ReplyNat, flow_hash},
     guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
@@ -67,17 +64,80 @@ impl Netns {
         let n = ns.name();
         sh(&["ip", "-n", n, "addr", "add", "198.18.1.1/24", "dev", "lbp-c"]);
         sh(&["ip", "-n", n, "addr", "add", "198.18.2.1/24", "dev", "lbp-b"]);
-        sh(&["ip", "-n", n, "neigh", "add", "198.18.1.2", "lladdr", &mac_str(CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "neigh",
+            "add",
+            "198.18.1.2",
+            "lladdr",
+            &mac_str(CLIENT_MAC),
+            "dev",
+            "lbp-c",
+            "nud",
+            "permanent",
+        ]);
         for host in 11..=13u8 {
             let addr = format!("198.18.2.{host}");
-            sh(&["ip", "-n", n, "neigh", "add", &addr, "lladdr", &mac_str(backend_mac(host)), "dev", "lbp-b", "nud", "permanent"]);
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "neigh",
+                "add",
+                &addr,
+                "lladdr",
+                &mac_str(backend_mac(host)),
+                "dev",
+                "lbp-b",
+                "nud",
+                "permanent",
+            ]);
         }
         // Narrow paths, for path MTU rules: a second client behind a
         // 1280-byte hop, and backend .13 behind a 1400-byte one. `lock`:
         // without it the FIB reports the device MTU for forwarded packets.
-        sh(&["ip", "-n", n, "neigh", "add", "198.18.1.3", "lladdr", &mac_str(NARROW_CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
-        sh(&["ip", "-n", n, "route", "add", "198.18.1.3/32", "dev", "lbp-c", "mtu", "lock", &NARROW_CLIENT_MTU.to_string()]);
-        sh(&["ip", "-n", n, "route", "add", "198.18.2.13/32", "dev", "lbp-b", "mtu", "lock", &NARROW_BACKEND_MTU.to_string()]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "neigh",
+            "add",
+            "198.18.1.3",
+            "lladdr",
+            &mac_str(NARROW_CLIENT_MAC),
+            "dev",
+            "lbp-c",
+            "nud",
+            "permanent",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "route",
+            "add",
+            "198.18.1.3/32",
+            "dev",
+            "lbp-c",
+            "mtu",
+            "lock",
+            &NARROW_CLIENT_MTU.to_string(),
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "route",
+            "add",
+            "198.18.2.13/32",
+            "dev",
+            "lbp-b",
+            "mtu",
+            "lock",
+            &NARROW_BACKEND_MTU.to_string(),
+        ]);
         sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         Netns(ns)
     }
@@ -98,7 +158,7 @@ pub struct Lb {
 }
 
 pub fn vip_key(port: u16, proto: u8) -> VipKey {
-    VipKey { addr_be: [u32::from_ne_bytes(VIP), 0, 0, 0], port_be: port.to_be(), proto, family: FAMILY_V4 }
+    VipKey::new((VIP, port).into(), proto)
 }
 
 impl Lb {
@@ -110,7 +170,8 @@ impl Lb {
             let (addr, port) = backend_addr(id);
             maps.set_backend(id, backend_info(addr, port, BACKEND_STATE_UP)).expect("backend");
         }
-        let mut lb = Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
+        let mut lb =
+            Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
         for id in 1..=6 {
             lb.mark_address([u32::from_ne_bytes(backend_addr(id).0), 0, 0, 0]);
         }
@@ -126,15 +187,16 @@ impl Lb {
     pub fn install_guard(&mut self) {
         for id in 1..=6 {
             let (a, port) = backend_addr(id);
-            let (vip_id, vip_port, proto) = if id <= 3 { (1, VIP_TCP_PORT, PROTO_TCP) } else { (2, VIP_UDP_PORT, PROTO_UDP) };
-            let service = ServiceKey { addr_be: [u32::from_ne_bytes(a), 0, 0, 0], port_be: port.to_be(), proto, family: FAMILY_V4 };
-            let nat = ReplyNat { vip_addr_be: [u32::from_ne_bytes(VIP), 0, 0, 0], vip_port_be: vip_port.to_be(), _pad: 0, vip_id, backend_id: id };
+            let (vip_id, vip_port, proto) =
+                if id <= 3 { (1, VIP_TCP_PORT, PROTO_TCP) } else { (2, VIP_UDP_PORT, PROTO_UDP) };
+            let service = ServiceKey::new((a, port).into(), proto);
+            let nat = ReplyNat::new(&vip_key(vip_port, proto), vip_id, id);
             self.maps.set_backend_service(service, nat).expect("backend service");
-            let key = VipAddrKey { addr_be: [u32::from_ne_bytes(a), 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
+            let key = VipAddrKey::new(a.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_BACKEND).expect("backend role");
         }
         for gw in [[198, 18, 1, 1], [198, 18, 2, 1]] {
-            let key = VipAddrKey { addr_be: [u32::from_ne_bytes(gw), 0, 0, 0], family: FAMILY_V4, _pad: [0; 3] };
+            let key = VipAddrKey::new(gw.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_LOCAL).expect("local role");
         }
     }
@@ -154,7 +216,10 @@ impl Lb {
         }
         self.maps.write_ring_slots(&slots).expect("ring");
         let (port, proto) = if vip_id == 1 { (VIP_TCP_PORT, PROTO_TCP) } else { (VIP_UDP_PORT, PROTO_UDP) };
-        self.upsert_vip(vip_key(port, proto), VipInfo { vip_id, ring_size: RING, ring_generation: generation, flags: 0 });
+        self.upsert_vip(
+            vip_key(port, proto),
+            VipInfo { vip_id, ring_size: RING, ring_generation: generation, flags: 0 },
+        );
     }
 
     /// Writes a VIP as the agent's balancer does: its `VIPS` entry, then its
@@ -179,7 +244,7 @@ impl Lb {
     }
 
     fn set_vip_addr_bit(&mut self, key: &VipKey, present: bool) {
-        let addr = lb::lb::state::vip_addr_key(key);
+        let addr = key.addr_key();
         let (protos, bit) = (self.maps.vip_addr_protos(&addr), proto_bit(key.proto));
         let protos = if present { protos | bit } else { protos & !bit };
         self.maps.set_vip_addr(addr, protos).expect("vip address");
@@ -207,8 +272,6 @@ impl Lb {
         assert!(out == frame, "{name}: frame changed\n  out: {}\n  in:  {}", hex(&out), hex(frame));
     }
 
-    /// The frame is dropped, counted as `reason`.
-    #[track_caller]
     /// The frame is redirected, counted as `expected_reason`; returns it.
     #[track_caller]
     pub fn assert_redirected_as(&mut self, frame: &[u8], ingress: u32, expected_reason: u32) -> Vec<u8> {
@@ -217,6 +280,7 @@ impl Lb {
         out
     }
 
+    /// The frame is dropped, counted as `expected_reason`.
     #[track_caller]
     pub fn assert_dropped(&mut self, name: &str, frame: &[u8], ingress: u32, expected_reason: u32) {
         let (action, _, counted) = self.run_counted(frame, ingress);
@@ -231,19 +295,11 @@ impl Lb {
 }
 
 pub fn backend_info(addr: [u8; 4], port: u16, state: u8) -> BackendInfo {
-    BackendInfo { addr_be: [u32::from_ne_bytes(addr), 0, 0, 0], port_be: port.to_be(), family: FAMILY_V4, state }
+    BackendInfo::new((addr, port).into(), state)
 }
 
 pub fn flow(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src_be: [u32::from_ne_bytes(src), 0, 0, 0],
-        dst_be: [u32::from_ne_bytes(dst), 0, 0, 0],
-        src_port_be: sport.to_be(),
-        dst_port_be: dport.to_be(),
-        proto,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    }
+    FlowKey::new((src, sport).into(), (dst, dport).into(), proto)
 }
 
 // ---------------------------------------------------------------- frames
@@ -262,7 +318,17 @@ pub struct Tcp {
 
 impl Tcp {
     pub fn client_to_vip(sport: u16) -> Self {
-        Tcp { src_mac: CLIENT_MAC, dst_mac: GW_CLIENT_MAC, src: CLIENT, dst: VIP, ttl: 64, sport, dport: VIP_TCP_PORT, syn: true, payload: b"" }
+        Tcp {
+            src_mac: CLIENT_MAC,
+            dst_mac: GW_CLIENT_MAC,
+            src: CLIENT,
+            dst: VIP,
+            ttl: 64,
+            sport,
+            dport: VIP_TCP_PORT,
+            syn: true,
+            payload: b"",
+        }
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -277,7 +343,16 @@ impl Tcp {
 }
 
 #[expect(clippy::too_many_arguments, reason = "a frame's fields, in wire order")]
-pub fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub fn udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src, dst, ttl)
@@ -312,6 +387,7 @@ pub fn assert_checksums_valid(frame: &[u8]) {
 }
 
 pub fn with_lb(f: impl FnOnce(&mut Lb) + Send + 'static) {
+    lb_tests::require_root!();
     let ns = Netns::new();
     ns.run(move || {
         let mut lb = Lb::new();
@@ -332,7 +408,6 @@ impl Lb {
     }
 }
 
-
 /// Inserts IPv4 options after the fixed header of an untagged frame and
 /// fixes IHL, total length and the header checksum.
 pub fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
@@ -348,7 +423,6 @@ pub fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
     f[24..26].copy_from_slice(&header.header_checksum.to_be_bytes());
     f
 }
-
 
 pub const TPID_8021Q: u16 = 0x8100;
 pub const TPID_8021AD: u16 = 0x88a8;
@@ -367,7 +441,9 @@ pub fn with_vlan_tags(frame: &[u8], tags: &[(u16, u16)]) -> Vec<u8> {
         let vids: Vec<u16> = match LaxSlicedPacket::from_ethernet(&f).expect("tagged frame parses").vlan {
             None => vec![],
             Some(VlanSlice::SingleVlan(v)) => vec![v.vlan_identifier().value()],
-            Some(VlanSlice::DoubleVlan(v)) => vec![v.outer().vlan_identifier().value(), v.inner().vlan_identifier().value()],
+            Some(VlanSlice::DoubleVlan(v)) => {
+                vec![v.outer().vlan_identifier().value(), v.inner().vlan_identifier().value()]
+            }
         };
         assert_eq!(vids, tags.iter().map(|t| t.1).collect::<Vec<_>>(), "etherparse reads other tags");
     }

@@ -7,16 +7,13 @@
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use lb::{
-    dataplane::{LoadOptions, Maps, Program},
-    lb::dataplane::Dataplane as _,
-};
+use lb::dataplane::{Dataplane as _, LoadOptions, Maps, Program};
 #[path = "../common/fixture.rs"]
 mod fixture;
 #[allow(unused_imports, reason = "each test binary uses a different part of the harness")]
 pub use fixture::{FixtureNs, assert_frame, hex, ifindex, mac_str, sh, test_run, test_run_counted, xdp_md};
 use lb_common::{
-    FAMILY_V6, PROTO_TCP, PROTO_UDP,
+    PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UP, BackendInfo},
     flow::{FlowKey, ReplyNat, flow_hash},
     guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
@@ -64,11 +61,7 @@ pub fn backend_addr(id: u32) -> ([u8; 16], u16) {
 }
 
 pub fn words(a: [u8; 16]) -> [u32; 4] {
-    let mut w = [0u32; 4];
-    for (i, chunk) in a.chunks_exact(4).enumerate() {
-        w[i] = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
-    }
-    w
+    lb_common::addr::words(a.into())
 }
 
 // ---------------------------------------------------------------- harness
@@ -83,15 +76,83 @@ impl Netns {
         sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         sh(&["ip", "-n", n, "-6", "addr", "add", "2001:db8:1::1/64", "dev", "lbp-c", "nodad"]);
         sh(&["ip", "-n", n, "-6", "addr", "add", "2001:db8:2::1/64", "dev", "lbp-b", "nodad"]);
-        sh(&["ip", "-n", n, "-6", "neigh", "add", "2001:db8:1::2", "lladdr", &mac_str(CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "-6",
+            "neigh",
+            "add",
+            "2001:db8:1::2",
+            "lladdr",
+            &mac_str(CLIENT_MAC),
+            "dev",
+            "lbp-c",
+            "nud",
+            "permanent",
+        ]);
         // Narrow paths, for packet-too-big rules: a second client behind a
         // 1280-byte hop, backend ::13 behind a 1400-byte one.
-        sh(&["ip", "-n", n, "-6", "neigh", "add", "2001:db8:1::3", "lladdr", &mac_str(NARROW_CLIENT_MAC), "dev", "lbp-c", "nud", "permanent"]);
-        sh(&["ip", "-n", n, "-6", "route", "add", "2001:db8:1::3/128", "dev", "lbp-c", "mtu", "lock", &NARROW_CLIENT_MTU.to_string()]);
-        sh(&["ip", "-n", n, "-6", "route", "add", "2001:db8:2::13/128", "dev", "lbp-b", "mtu", "lock", &NARROW_BACKEND_MTU.to_string()]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "-6",
+            "neigh",
+            "add",
+            "2001:db8:1::3",
+            "lladdr",
+            &mac_str(NARROW_CLIENT_MAC),
+            "dev",
+            "lbp-c",
+            "nud",
+            "permanent",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:1::3/128",
+            "dev",
+            "lbp-c",
+            "mtu",
+            "lock",
+            &NARROW_CLIENT_MTU.to_string(),
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:2::13/128",
+            "dev",
+            "lbp-b",
+            "mtu",
+            "lock",
+            &NARROW_BACKEND_MTU.to_string(),
+        ]);
         for host in 0x11..=0x13u8 {
             let a = format!("2001:db8:2::{host:x}");
-            sh(&["ip", "-n", n, "-6", "neigh", "add", &a, "lladdr", &mac_str(backend_mac(host)), "dev", "lbp-b", "nud", "permanent"]);
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "-6",
+                "neigh",
+                "add",
+                &a,
+                "lladdr",
+                &mac_str(backend_mac(host)),
+                "dev",
+                "lbp-b",
+                "nud",
+                "permanent",
+            ]);
         }
         Netns(ns)
     }
@@ -112,7 +173,7 @@ pub struct Lb {
 }
 
 pub fn vip_key(port: u16, proto: u8) -> VipKey {
-    VipKey { addr_be: words(VIP), port_be: port.to_be(), proto, family: FAMILY_V6 }
+    VipKey::new((VIP, port).into(), proto)
 }
 
 impl Lb {
@@ -122,10 +183,10 @@ impl Lb {
         let mut maps = program.maps().expect("maps");
         for id in 1..=6 {
             let (a, port) = backend_addr(id);
-            maps.set_backend(id, BackendInfo { addr_be: words(a), port_be: port.to_be(), family: FAMILY_V6, state: BACKEND_STATE_UP })
-                .expect("backend");
+            maps.set_backend(id, BackendInfo::new((a, port).into(), BACKEND_STATE_UP)).expect("backend");
         }
-        let mut lb = Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
+        let mut lb =
+            Lb { program, maps, client_if: ifindex("lbp-c"), backend_if: ifindex("lbp-b"), ring: [0; RING as usize] };
         for id in 1..=6 {
             lb.mark_address(words(backend_addr(id).0));
         }
@@ -141,15 +202,16 @@ impl Lb {
     pub fn install_guard(&mut self) {
         for id in 1..=6 {
             let (a, port) = backend_addr(id);
-            let (vip_id, vip_port, proto) = if id <= 3 { (1, VIP_TCP_PORT, PROTO_TCP) } else { (2, VIP_UDP_PORT, PROTO_UDP) };
-            let service = ServiceKey { addr_be: words(a), port_be: port.to_be(), proto, family: FAMILY_V6 };
-            let nat = ReplyNat { vip_addr_be: words(VIP), vip_port_be: vip_port.to_be(), _pad: 0, vip_id, backend_id: id };
+            let (vip_id, vip_port, proto) =
+                if id <= 3 { (1, VIP_TCP_PORT, PROTO_TCP) } else { (2, VIP_UDP_PORT, PROTO_UDP) };
+            let service = ServiceKey::new((a, port).into(), proto);
+            let nat = ReplyNat::new(&vip_key(vip_port, proto), vip_id, id);
             self.maps.set_backend_service(service, nat).expect("backend service");
-            let key = VipAddrKey { addr_be: words(a), family: FAMILY_V6, _pad: [0; 3] };
+            let key = VipAddrKey::new(a.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_BACKEND).expect("backend role");
         }
         for gw in [addr(1, 1), addr(2, 1)] {
-            let key = VipAddrKey { addr_be: words(gw), family: FAMILY_V6, _pad: [0; 3] };
+            let key = VipAddrKey::new(gw.into());
             self.maps.set_addr_roles(key, ADDR_ROLE_LOCAL).expect("local role");
         }
     }
@@ -167,7 +229,10 @@ impl Lb {
         }
         self.maps.write_ring_slots(&slots).expect("ring");
         let (port, proto) = if vip_id == 1 { (VIP_TCP_PORT, PROTO_TCP) } else { (VIP_UDP_PORT, PROTO_UDP) };
-        self.upsert_vip(vip_key(port, proto), VipInfo { vip_id, ring_size: RING, ring_generation: generation, flags: 0 });
+        self.upsert_vip(
+            vip_key(port, proto),
+            VipInfo { vip_id, ring_size: RING, ring_generation: generation, flags: 0 },
+        );
     }
 
     /// Writes a VIP as the agent's balancer does: its `VIPS` entry, then its
@@ -192,7 +257,7 @@ impl Lb {
     }
 
     fn set_vip_addr_bit(&mut self, key: &VipKey, present: bool) {
-        let addr = lb::lb::state::vip_addr_key(key);
+        let addr = key.addr_key();
         let (protos, bit) = (self.maps.vip_addr_protos(&addr), proto_bit(key.proto));
         let protos = if present { protos | bit } else { protos & !bit };
         self.maps.set_vip_addr(addr, protos).expect("vip address");
@@ -238,15 +303,7 @@ impl Lb {
 }
 
 pub fn flow(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src_be: words(src),
-        dst_be: words(dst),
-        src_port_be: sport.to_be(),
-        dst_port_be: dport.to_be(),
-        proto,
-        family: FAMILY_V6,
-        _pad: [0; 2],
-    }
+    FlowKey::new((src, sport).into(), (dst, dport).into(), proto)
 }
 
 // ---------------------------------------------------------------- frames
@@ -266,7 +323,17 @@ pub struct Tcp {
 
 impl Tcp {
     pub fn client_to_vip(sport: u16) -> Self {
-        Tcp { src_mac: CLIENT_MAC, dst_mac: GW_CLIENT_MAC, src: CLIENT, dst: VIP, hop_limit: 64, sport, dport: VIP_TCP_PORT, syn: true, payload: b"" }
+        Tcp {
+            src_mac: CLIENT_MAC,
+            dst_mac: GW_CLIENT_MAC,
+            src: CLIENT,
+            dst: VIP,
+            hop_limit: 64,
+            sport,
+            dport: VIP_TCP_PORT,
+            syn: true,
+            payload: b"",
+        }
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -281,7 +348,16 @@ impl Tcp {
 }
 
 #[expect(clippy::too_many_arguments, reason = "a frame's fields, in wire order")]
-pub fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 16], dst: [u8; 16], hop_limit: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub fn udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    hop_limit: u8,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv6(src, dst, hop_limit)
@@ -330,7 +406,11 @@ pub fn assert_checksums_valid(frame: &[u8]) {
             assert_eq!(udp.checksum(), expected, "UDP checksum");
         }
         Some(TransportSlice::Icmpv6(icmp)) => {
-            let expected = icmp.header().icmp_type.calc_checksum(header.source, header.destination, icmp.payload()).expect("icmpv6 csum");
+            let expected = icmp
+                .header()
+                .icmp_type
+                .calc_checksum(header.source, header.destination, icmp.payload())
+                .expect("icmpv6 csum");
             assert_eq!(icmp.checksum(), expected, "ICMPv6 checksum");
         }
         other => panic!("unexpected transport {other:?}"),
@@ -338,6 +418,7 @@ pub fn assert_checksums_valid(frame: &[u8]) {
 }
 
 pub fn with_lb(f: impl FnOnce(&mut Lb) + Send + 'static) {
+    lb_tests::require_root!();
     let ns = Netns::new();
     ns.run(move || {
         let mut lb = Lb::new();

@@ -36,13 +36,8 @@ pub enum Balancer {
 
 impl Balancer {
     /// Every setup, in the order the tables list them.
-    pub const ALL: [Balancer; 5] = [
-        Balancer::Lb,
-        Balancer::Nftables,
-        Balancer::Haproxy,
-        Balancer::Nginx,
-        Balancer::Direct,
-    ];
+    pub const ALL: [Balancer; 5] =
+        [Balancer::Lb, Balancer::Nftables, Balancer::Haproxy, Balancer::Nginx, Balancer::Direct];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -128,8 +123,7 @@ impl Drop for Running<'_> {
             eprintln!("warning: bench: removing the nftables baseline: {e:#}");
         }
         if self.vip_on_loopback
-            && let Err(e) =
-                gateway.exec_ok(&["ip", "addr", "del", &format!("{VIP}/32"), "dev", "lo"])
+            && let Err(e) = gateway.exec_ok(&["ip", "addr", "del", &format!("{VIP}/32"), "dev", "lo"])
         {
             eprintln!("warning: bench: removing the VIP from the gateway's loopback: {e:#}");
         }
@@ -141,11 +135,7 @@ impl Drop for Running<'_> {
 
 /// Starts `balancer` on `testbed`'s gateway and waits until it serves
 /// (for lb: until every backend is up).
-pub fn start<'t>(
-    balancer: Balancer,
-    testbed: &'t Testbed,
-    params: &Params,
-) -> anyhow::Result<Running<'t>> {
+pub fn start<'t>(balancer: Balancer, testbed: &'t Testbed, params: &Params) -> anyhow::Result<Running<'t>> {
     let mut running = Running {
         balancer,
         testbed,
@@ -157,20 +147,15 @@ pub fn start<'t>(
         commands: Vec::new(),
     };
     if balancer != Balancer::Direct {
-        let dir = std::env::temp_dir()
-            .join(format!("lb-bench-{}-{balancer:?}", testbed.id()).to_lowercase());
+        let dir = std::env::temp_dir().join(format!("lb-bench-{}-{balancer:?}", testbed.id()).to_lowercase());
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         running.dir = Some(dir);
     }
     if balancer.is_proxy() {
         // A proxy terminates TCP, so the gateway must own the VIP for this run.
-        testbed
-            .gateway()
-            .exec_ok(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        testbed.gateway().exec_ok(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
         running.vip_on_loopback = true;
-        running
-            .commands
-            .push(format!("ip addr add {VIP}/32 dev lo"));
+        running.commands.push(format!("ip addr add {VIP}/32 dev lo"));
     }
     match balancer {
         Balancer::Lb => start_lb(&mut running, params)?,
@@ -214,9 +199,7 @@ fn start_nftables(running: &mut Running<'_>, params: &Params) -> anyhow::Result<
     let path = write_config(running, "nftables.nft", &ruleset)?;
     testbed.gateway().exec_ok(&["nft", "-f", &path])?;
     running.nft_loaded = true;
-    running
-        .commands
-        .push("nft -f bench/nftables.nft".to_owned());
+    running.commands.push("nft -f bench/nftables.nft".to_owned());
     Ok(())
 }
 
@@ -224,12 +207,7 @@ fn start_haproxy(running: &mut Running<'_>) -> anyhow::Result<()> {
     let testbed = running.testbed;
     let mut servers = String::new();
     for i in 1..=testbed.backend_count() {
-        let _ = writeln!(
-            servers,
-            "    server {} {}",
-            testbed.backend_name(i),
-            testbed.backend_http(i)
-        );
+        let _ = writeln!(servers, "    server {} {}", testbed.backend_name(i), testbed.backend_http(i));
     }
     let config = fill(
         HAPROXY_TEMPLATE,
@@ -242,13 +220,9 @@ fn start_haproxy(running: &mut Running<'_>) -> anyhow::Result<()> {
     let path = write_config(running, "haproxy.cfg", &config)?;
     let log = log_file(running, "haproxy.log")?;
     let mut cmd = testbed.gateway().command("haproxy");
-    cmd.args(["-f", &path, "-db"])
-        .stdout(Stdio::null())
-        .stderr(log);
+    cmd.args(["-f", &path, "-db"]).stdout(Stdio::null()).stderr(log);
     running.process = Some(ChildGuard::spawn(cmd, "haproxy in the gateway namespace")?);
-    running
-        .commands
-        .push("haproxy -f bench/haproxy.cfg -db".to_owned());
+    running.commands.push("haproxy -f bench/haproxy.cfg -db".to_owned());
     Ok(())
 }
 
@@ -280,19 +254,13 @@ fn start_nginx(running: &mut Running<'_>) -> anyhow::Result<()> {
         .stderr(log);
     // nginx's master stops its workers when it gets SIGTERM from the guard.
     running.process = Some(ChildGuard::spawn(cmd, "nginx in the gateway namespace")?);
-    running
-        .commands
-        .push("nginx -p DIR -e DIR/error.log -c bench/nginx.conf -g 'daemon off;'".to_owned());
+    running.commands.push("nginx -p DIR -e DIR/error.log -c bench/nginx.conf -g 'daemon off;'".to_owned());
     Ok(())
 }
 
 /// Writes a filled-in config into the run's directory and returns its path.
 fn write_config(running: &Running<'_>, name: &str, text: &str) -> anyhow::Result<String> {
-    let path = running
-        .dir
-        .as_ref()
-        .context("no config directory")?
-        .join(name);
+    let path = running.dir.as_ref().context("no config directory")?.join(name);
     fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path.display().to_string())
 }
@@ -335,26 +303,14 @@ mod tests {
 
     #[test]
     fn fill_replaces_every_placeholder_and_refuses_leftovers() {
-        assert_eq!(
-            fill("a {{X}} b {{X}}", &[("X", "1".into())]).expect("filled"),
-            "a 1 b 1"
-        );
+        assert_eq!(fill("a {{X}} b {{X}}", &[("X", "1".into())]).expect("filled"), "a 1 b 1");
         assert!(fill("a {{X}} {{Y}}", &[("X", "1".into())]).is_err());
         assert!(fill("a", &[("X", "1".into())]).is_err());
     }
 
     #[test]
     fn templates_name_only_known_placeholders() {
-        let known = [
-            "VIP",
-            "TCP_PORT",
-            "UDP_PORT",
-            "N",
-            "TCP_BACKENDS",
-            "UDP_BACKENDS",
-            "SERVERS",
-            "DIR",
-        ];
+        let known = ["VIP", "TCP_PORT", "UDP_PORT", "N", "TCP_BACKENDS", "UDP_BACKENDS", "SERVERS", "DIR"];
         for template in [NFTABLES_TEMPLATE, HAPROXY_TEMPLATE, NGINX_TEMPLATE] {
             for piece in template.split("{{").skip(1) {
                 let key = piece.split("}}").next().unwrap_or("");

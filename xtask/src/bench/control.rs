@@ -72,27 +72,20 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     }
     maglev(&mut body, &tools, opts).context("Maglev builds")?;
     health_checks(&mut body, &tools, opts).context("health-check CPU")?;
-    Ok(Report {
-        title: "Control plane".to_owned(),
-        body,
-    })
+    Ok(Report { title: "Control plane".to_owned(), body })
 }
 
 // ------------------------------------------------------------------ Maglev
 
 fn maglev(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Result<()> {
-    let runs = if opts.quick {
-        QUICK_MAGLEV_RUNS
-    } else {
-        MAGLEV_RUNS
-    };
+    let runs = if opts.quick { QUICK_MAGLEV_RUNS } else { MAGLEV_RUNS };
     let mut cmd = std::process::Command::new(&tools.lb_bench);
     cmd.args(["maglev", "--runs", &runs.to_string()]);
     let lines = lb_bench::run(cmd, MAGLEV_TIMEOUT)?;
     let _ = writeln!(
         out,
         "### Maglev tables\n\nOne VIP with N equal backends, ring size M; the agent's own builder \
-         (`lb::lb::maglev::build_ring`, `ring_diff`) and control plane (`lb::lb::state::Balancer`). Times are \
+         (`lb::control::maglev::build_ring`, `ring_diff`) and control plane (`lb::control::balancer::Balancer`). Times are \
          wall-clock medians of {runs} runs with (min–max), in milliseconds, on one core.\n"
     );
     builder_table(out, &lines)?;
@@ -121,10 +114,7 @@ fn maglev(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Result<()>
 fn configurations(lines: &[Value], kind: &str) -> Vec<(u64, u64)> {
     let mut seen = Vec::new();
     for line in of_kind(lines, kind) {
-        let key = (
-            line["ring"].as_u64().unwrap_or(0),
-            line["backends"].as_u64().unwrap_or(0),
-        );
+        let key = (line["ring"].as_u64().unwrap_or(0), line["backends"].as_u64().unwrap_or(0));
         if !seen.contains(&key) {
             seen.push(key);
         }
@@ -133,19 +123,12 @@ fn configurations(lines: &[Value], kind: &str) -> Vec<(u64, u64)> {
 }
 
 fn spread_of<'a>(lines: impl Iterator<Item = &'a Value>, key: &str) -> anyhow::Result<Spread> {
-    let values = lines
-        .map(|line| number(line, key))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let values = lines.map(|line| number(line, key)).collect::<anyhow::Result<Vec<_>>>()?;
     Spread::of(values).with_context(|| format!("no samples of {key}"))
 }
 
 fn ms(spread: Spread) -> Spread {
-    Spread {
-        median: spread.median / 1e6,
-        min: spread.min / 1e6,
-        max: spread.max / 1e6,
-        n: spread.n,
-    }
+    Spread { median: spread.median / 1e6, min: spread.min / 1e6, max: spread.max / 1e6, n: spread.n }
 }
 
 fn builder_table(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
@@ -158,20 +141,14 @@ fn builder_table(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
     );
     for (ring, backends) in configurations(lines, "maglev_builder") {
         let runs: Vec<&Value> = of_kind(lines, "maglev_builder")
-            .filter(|l| {
-                l["ring"].as_u64() == Some(ring) && l["backends"].as_u64() == Some(backends)
-            })
+            .filter(|l| l["ring"].as_u64() == Some(ring) && l["backends"].as_u64() == Some(backends))
             .collect();
         let build = ms(spread_of(runs.iter().copied(), "build_ns")?);
         let diff = ms(spread_of(runs.iter().copied(), "rebuild_and_diff_ns")?);
         let changed = spread_of(runs.iter().copied(), "changed_slots")?.median;
         let slots = spread_of(runs.iter().copied(), "full_slots")?.median;
         let ideal = ring as f64 / backends.max(1) as f64;
-        let shown_ideal = if ideal >= 100.0 {
-            thousands(ideal.round() as u64)
-        } else {
-            format!("{ideal:.1}")
-        };
+        let shown_ideal = if ideal >= 100.0 { thousands(ideal.round() as u64) } else { format!("{ideal:.1}") };
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {shown_ideal} | {:.2} |",
@@ -246,14 +223,10 @@ fn control_table(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
 /// The largest relative spread of any timing, in percent.
 fn worst_spread(lines: &[Value]) -> f64 {
     let mut worst = 0.0_f64;
-    for (kind, key) in [
-        ("maglev_builder", "build_ns"),
-        ("maglev_builder", "rebuild_and_diff_ns"),
-    ] {
+    for (kind, key) in [("maglev_builder", "build_ns"), ("maglev_builder", "rebuild_and_diff_ns")] {
         for (ring, backends) in configurations(lines, kind) {
-            let runs = of_kind(lines, kind).filter(|l| {
-                l["ring"].as_u64() == Some(ring) && l["backends"].as_u64() == Some(backends)
-            });
+            let runs = of_kind(lines, kind)
+                .filter(|l| l["ring"].as_u64() == Some(ring) && l["backends"].as_u64() == Some(backends));
             if let Ok(spread) = spread_of(runs, key) {
                 worst = worst.max(spread.spread_pct());
             }
@@ -277,11 +250,7 @@ impl Window {
     }
 
     fn us_per_probe(&self) -> f64 {
-        if self.probes == 0 {
-            f64::NAN
-        } else {
-            self.cpu.as_secs_f64() * 1e6 / self.probes as f64
-        }
+        if self.probes == 0 { f64::NAN } else { self.cpu.as_secs_f64() * 1e6 / self.probes as f64 }
     }
 
     fn probes_per_s(&self) -> f64 {
@@ -290,22 +259,13 @@ impl Window {
 }
 
 fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Result<()> {
-    let window = if opts.quick {
-        QUICK_HC_WINDOW
-    } else {
-        HC_WINDOW
-    };
+    let window = if opts.quick { QUICK_HC_WINDOW } else { HC_WINDOW };
     use_lb_binary(&tools.lb);
     // Drop order (reverse of declaration): the agent, then the server, then
     // the testbed that holds their namespaces.
-    let testbed = Testbed::builder()
-        .backends(0)
-        .backend_bin(&tools.backend)
-        .build()
-        .context("the testbed")?;
+    let testbed = Testbed::builder().backends(0).backend_bin(&tools.backend).build().context("the testbed")?;
     let _server = start_health_server(&testbed, &tools.backend)?;
-    let agent = Agent::start(&testbed, &health_config(&testbed))
-        .context("starting lb with 1,000 backends")?;
+    let agent = Agent::start(&testbed, &health_config(&testbed)).context("starting lb with 1,000 backends")?;
     let up_after = wait_all_up(&agent)?;
     thread::sleep(HC_SETTLE);
     let load_before = lb_bench::load_average();
@@ -316,8 +276,7 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
     let still_up = backends_up(&agent)?;
     let status_ms = status_latency(&agent)?;
     let cpu = Spread::of(windows.iter().map(Window::cpu_pct)).context("no windows")?;
-    let per_probe =
-        Spread::of(windows.iter().map(Window::us_per_probe)).context("no probes counted")?;
+    let per_probe = Spread::of(windows.iter().map(Window::us_per_probe)).context("no probes counted")?;
     let rate = Spread::of(windows.iter().map(Window::probes_per_s)).context("no windows")?;
     let _ = writeln!(
         out,
@@ -360,10 +319,7 @@ fn health_checks(out: &mut String, tools: &Tools, opts: &Options) -> anyhow::Res
 fn pace(rate: &Spread) -> String {
     let configured = HC_BACKENDS as f64 / HC_INTERVAL.as_secs_f64();
     if rate.min >= 0.9 * configured {
-        format!(
-            "The probes kept the configured pace ({} per second) in every window.",
-            thousands(configured as u64)
-        )
+        format!("The probes kept the configured pace ({} per second) in every window.", thousands(configured as u64))
     } else {
         format!(
             "The probes fell short of the configured {} per second in at least one window (slowest \
@@ -390,35 +346,19 @@ pub(super) fn use_lb_binary(lb: &Path) {
 /// that lead to it; returns once it answers through the gateway.
 fn start_health_server(testbed: &Testbed, backend_bin: &Path) -> anyhow::Result<ChildGuard> {
     let switch = testbed.switch();
-    switch.exec_ok(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{HC_SERVER_ADDR}/24"),
-        "dev",
-        testbed.bridge(),
-    ])?;
+    switch.exec_ok(&["ip", "addr", "add", &format!("{HC_SERVER_ADDR}/24"), "dev", testbed.bridge()])?;
     switch.exec_ok(&["ip", "route", "add", "local", HC_RANGE, "dev", "lo"])?;
-    testbed
-        .gateway()
-        .exec_ok(&["ip", "route", "add", HC_RANGE, "via", HC_SERVER_ADDR])?;
+    testbed.gateway().exec_ok(&["ip", "route", "add", HC_RANGE, "via", HC_SERVER_ADDR])?;
     let mut cmd = switch.command(backend_bin);
-    cmd.args([
-        "--name",
-        "hc",
-        "--http",
-        &format!("0.0.0.0:{HC_PORT}"),
-        "--udp",
-        "0.0.0.0:8081",
-    ])
-    .stdout(std::process::Stdio::null());
+    cmd.args(["--name", "hc", "--http", &format!("0.0.0.0:{HC_PORT}"), "--udp", "0.0.0.0:8081"])
+        .stdout(std::process::Stdio::null());
     let server = ChildGuard::spawn(cmd, "the health-check server")?;
     let first = backend_addr(0);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let reachable = testbed.gateway().enter(|| {
-            TcpStream::connect_timeout(&first.into(), Duration::from_millis(200)).is_ok()
-        })?;
+        let reachable = testbed
+            .gateway()
+            .enter(|| TcpStream::connect_timeout(&first.into(), Duration::from_millis(200)).is_ok())?;
         if reachable {
             return Ok(server);
         }
@@ -491,35 +431,15 @@ fn status_latency(agent: &Agent) -> anyhow::Result<Spread> {
 
 /// How many of the VIP's backends the agent reports up.
 fn backends_up(agent: &Agent) -> anyhow::Result<usize> {
-    Ok(agent
-        .backend_health("hc")?
-        .iter()
-        .filter(|h| *h == "up")
-        .count())
+    Ok(agent.backend_health("hc")?.iter().filter(|h| *h == "up").count())
 }
 
 /// The agent's CPU time and the probes the server accepted over `length`.
-fn measure_window(
-    agent: &Agent,
-    server_ns: &Namespace,
-    length: Duration,
-) -> anyhow::Result<Window> {
-    let (cpu0, opens0, t0) = (
-        cpu_time(agent.pid())?,
-        passive_opens(server_ns)?,
-        Instant::now(),
-    );
+fn measure_window(agent: &Agent, server_ns: &Namespace, length: Duration) -> anyhow::Result<Window> {
+    let (cpu0, opens0, t0) = (cpu_time(agent.pid())?, passive_opens(server_ns)?, Instant::now());
     thread::sleep(length);
-    let (cpu1, opens1, wall) = (
-        cpu_time(agent.pid())?,
-        passive_opens(server_ns)?,
-        t0.elapsed(),
-    );
-    Ok(Window {
-        wall,
-        cpu: cpu1.saturating_sub(cpu0),
-        probes: opens1.saturating_sub(opens0),
-    })
+    let (cpu1, opens1, wall) = (cpu_time(agent.pid())?, passive_opens(server_ns)?, t0.elapsed());
+    Ok(Window { wall, cpu: cpu1.saturating_sub(cpu0), probes: opens1.saturating_sub(opens0) })
 }
 
 /// User plus system CPU time of process `pid`, all threads, from `/proc/<pid>/stat`.
@@ -528,16 +448,10 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Fields after the parenthesised command name, which may hold spaces:
     // state is field 3, utime 14 and stime 15 (proc(5)).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc/<pid>/stat")?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc/<pid>/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let tick = |n: usize| -> anyhow::Result<u64> {
-        fields
-            .get(n - 3)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("field {n} of {path}"))
+        fields.get(n - 3).and_then(|f| f.parse().ok()).with_context(|| format!("field {n} of {path}"))
     };
     let ticks = tick(14)? + tick(15)?;
     let hz = clock_ticks_per_second().max(1);
@@ -555,10 +469,7 @@ fn clock_ticks_per_second() -> u64 {
 fn passive_opens(ns: &Namespace) -> anyhow::Result<u64> {
     let snmp = ns.exec_ok(&["cat", "/proc/net/snmp"])?;
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (
-        tcp.next().context("no Tcp: header")?,
-        tcp.next().context("no Tcp: values")?,
-    );
+    let (names, values) = (tcp.next().context("no Tcp: header")?, tcp.next().context("no Tcp: values")?);
     names
         .split_whitespace()
         .zip(values.split_whitespace())

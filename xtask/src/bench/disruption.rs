@@ -52,17 +52,9 @@ struct Plan {
 impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
-            Plan {
-                ports: 500,
-                held: 200,
-                victims: vec![5],
-            }
+            Plan { ports: 500, held: 200, victims: vec![5] }
         } else {
-            Plan {
-                ports: 3000,
-                held: 1000,
-                victims: vec![2, 5, 9],
-            }
+            Plan { ports: 3000, held: 1000, victims: vec![2, 5, 9] }
         }
     }
 }
@@ -91,38 +83,23 @@ struct Outcome {
 pub fn run(quick: bool) -> anyhow::Result<Report> {
     let plan = Plan::new(quick);
     let testbed = harness::testbed(BACKENDS)?;
-    let mut lb = Agent::start(
-        &testbed,
-        &agent::config_for(&testbed, HealthCheck::default()),
-    )?;
+    let mut lb = Agent::start(&testbed, &agent::config_for(&testbed, HealthCheck::default()))?;
     lb.wait_health("web", &["up"; BACKENDS], HEALTH_WAIT)?;
     let mut outcomes = Vec::new();
     for &victim in &plan.victims {
         println!("bench disruption: backend b{victim} of {BACKENDS} dies");
-        let outcome = with_victim(&testbed, &mut lb, victim, &plan)
-            .with_context(|| format!("disruption: victim b{victim}"))?;
+        let outcome =
+            with_victim(&testbed, &mut lb, victim, &plan).with_context(|| format!("disruption: victim b{victim}"))?;
         println!(
             "  {} of {} flows changed ({} were on b{victim}), {} of {} held connections on healthy backends broke",
-            outcome.changed,
-            outcome.flows,
-            outcome.on_victim,
-            outcome.broken_healthy,
-            outcome.held_healthy
+            outcome.changed, outcome.flows, outcome.on_victim, outcome.broken_healthy, outcome.held_healthy
         );
         outcomes.push(outcome);
     }
-    Ok(Report {
-        title: "Disruption".to_owned(),
-        body: body(&plan, &outcomes),
-    })
+    Ok(Report { title: "Disruption".to_owned(), body: body(&plan, &outcomes) })
 }
 
-fn with_victim(
-    testbed: &Testbed,
-    lb: &mut Agent,
-    victim: usize,
-    plan: &Plan,
-) -> anyhow::Result<Outcome> {
+fn with_victim(testbed: &Testbed, lb: &mut Agent, victim: usize, plan: &Plan) -> anyhow::Result<Outcome> {
     let name = testbed.backend_name(victim);
     let up = vec!["up"; BACKENDS];
     let mut down = up.clone();
@@ -146,19 +123,11 @@ fn with_victim(
     let returned = map_flows(testbed, plan.ports)?;
 
     let on = |b: &Option<String>| b.as_deref() == Some(name.as_str());
-    let compared = |a: &FlowMap, b: &FlowMap| {
-        a.iter()
-            .zip(b)
-            .filter(|(x, y)| x.is_some() && y.is_some() && x != y)
-            .count()
-    };
-    let both_known: Vec<(&Option<String>, &Option<String>)> = before
-        .iter()
-        .zip(&after)
-        .filter(|(x, y)| x.is_some() && y.is_some())
-        .collect();
-    let (victim_held, healthy_held): (Vec<_>, Vec<_>) =
-        still.iter().partition(|(first, _)| *first == name);
+    let compared =
+        |a: &FlowMap, b: &FlowMap| a.iter().zip(b).filter(|(x, y)| x.is_some() && y.is_some() && x != y).count();
+    let both_known: Vec<(&Option<String>, &Option<String>)> =
+        before.iter().zip(&after).filter(|(x, y)| x.is_some() && y.is_some()).collect();
+    let (victim_held, healthy_held): (Vec<_>, Vec<_>) = still.iter().partition(|(first, _)| *first == name);
     Ok(Outcome {
         victim: name.clone(),
         flows: both_known.len(),
@@ -167,20 +136,11 @@ fn with_victim(
         changed: both_known.iter().filter(|(x, y)| x != y).count(),
         moved_off_healthy: both_known.iter().filter(|(x, y)| !on(x) && x != y).count(),
         changed_after_return: compared(&before, &returned),
-        map_errors: [&before, &again, &after, &returned]
-            .iter()
-            .map(|m| m.iter().filter(|b| b.is_none()).count())
-            .sum(),
+        map_errors: [&before, &again, &after, &returned].iter().map(|m| m.iter().filter(|b| b.is_none()).count()).sum(),
         held_healthy: healthy_held.len(),
-        broken_healthy: healthy_held
-            .iter()
-            .filter(|(first, now)| now.as_deref() != Some(first.as_str()))
-            .count(),
+        broken_healthy: healthy_held.iter().filter(|(first, now)| now.as_deref() != Some(first.as_str())).count(),
         held_victim: victim_held.len(),
-        broken_victim: victim_held
-            .iter()
-            .filter(|(first, now)| now.as_deref() != Some(first.as_str()))
-            .count(),
+        broken_victim: victim_held.iter().filter(|(first, now)| now.as_deref() != Some(first.as_str())).count(),
     })
 }
 
@@ -193,19 +153,12 @@ fn map_flows(testbed: &Testbed, ports: u16) -> anyhow::Result<FlowMap> {
         let workers: Vec<_> = all
             .chunks(chunk)
             .map(|ports| {
-                s.spawn(move || {
-                    testbed
-                        .client()
-                        .enter(|| ports.iter().map(|&p| flow_backend(p, vip)).collect())
-                })
+                s.spawn(move || testbed.client().enter(|| ports.iter().map(|&p| flow_backend(p, vip)).collect()))
             })
             .collect();
         workers
             .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a mapping thread panicked")))
-            })
+            .map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a mapping thread panicked"))))
             .collect()
     });
     let mut map = FlowMap::with_capacity(all.len());
@@ -217,8 +170,7 @@ fn map_flows(testbed: &Testbed, ports: u16) -> anyhow::Result<FlowMap> {
 
 /// One new connection from `port` to `vip`: the backend that answered.
 fn flow_backend(port: u16, vip: SocketAddr) -> Option<String> {
-    let mut stream =
-        loadgen::connect_from(SocketAddr::from((CLIENT_ADDR, port)), vip, IO_TIMEOUT).ok()?;
+    let mut stream = loadgen::connect_from(SocketAddr::from((CLIENT_ADDR, port)), vip, IO_TIMEOUT).ok()?;
     let backend = loadgen::get_backend(&mut stream, vip).ok();
     loadgen::close_with_reset(stream);
     backend
@@ -232,10 +184,7 @@ fn hold_connections(testbed: &Testbed, n: usize) -> anyhow::Result<Vec<(HttpConn
         (0..n)
             .map(|_| {
                 let mut conn = HttpConn::connect(vip).context("connecting to the VIP")?;
-                let first = conn
-                    .get("/", true)?
-                    .backend()
-                    .context("an answer without a backend name")?;
+                let first = conn.get("/", true)?.backend().context("an answer without a backend name")?;
                 anyhow::Ok((conn, first))
             })
             .collect::<anyhow::Result<Vec<_>>>()
@@ -246,24 +195,13 @@ fn hold_connections(testbed: &Testbed, n: usize) -> anyhow::Result<Vec<(HttpConn
 
 /// One more request on each held connection: (first backend, who answered now).
 fn request_again(held: &mut [(HttpConn, String)]) -> Vec<(String, Option<String>)> {
-    held.iter_mut()
-        .map(|(conn, first)| {
-            (
-                first.clone(),
-                conn.get("/", true).ok().and_then(|r| r.backend()),
-            )
-        })
-        .collect()
+    held.iter_mut().map(|(conn, first)| (first.clone(), conn.get("/", true).ok().and_then(|r| r.backend()))).collect()
 }
 
 // ------------------------------------------------------------------ report
 
 fn pct(part: usize, whole: usize) -> String {
-    if whole == 0 {
-        "–".to_owned()
-    } else {
-        format!("{:.1}%", 100.0 * part as f64 / whole as f64)
-    }
+    if whole == 0 { "–".to_owned() } else { format!("{:.1}%", 100.0 * part as f64 / whole as f64) }
 }
 
 fn body(plan: &Plan, outcomes: &[Outcome]) -> String {
@@ -275,11 +213,7 @@ fn body(plan: &Plan, outcomes: &[Outcome]) -> String {
          Ideal share of new flows that change: 1/N = {}.\n",
         pct(1, BACKENDS)
     );
-    let _ = writeln!(
-        out,
-        "### New flows: {} source ports mapped to backends\n",
-        plan.ports
-    );
+    let _ = writeln!(out, "### New flows: {} source ports mapped to backends\n", plan.ports);
     let rows: Vec<Vec<String>> = outcomes
         .iter()
         .map(|o| {
@@ -288,11 +222,7 @@ fn body(plan: &Plan, outcomes: &[Outcome]) -> String {
                 o.flows.to_string(),
                 format!("{} ({})", o.changed, pct(o.changed, o.flows)),
                 format!("{} ({})", o.on_victim, pct(o.on_victim, o.flows)),
-                format!(
-                    "{} ({})",
-                    o.moved_off_healthy,
-                    pct(o.moved_off_healthy, o.flows)
-                ),
+                format!("{} ({})", o.moved_off_healthy, pct(o.moved_off_healthy, o.flows)),
                 o.changed_after_return.to_string(),
                 o.unstable.to_string(),
                 o.map_errors.to_string(),
@@ -312,39 +242,19 @@ fn body(plan: &Plan, outcomes: &[Outcome]) -> String {
         ],
         &rows,
     ));
-    let _ = writeln!(
-        out,
-        "\n### Established connections: {} kept-alive connections held across the death\n",
-        plan.held
-    );
+    let _ =
+        writeln!(out, "\n### Established connections: {} kept-alive connections held across the death\n", plan.held);
     let rows: Vec<Vec<String>> = outcomes
         .iter()
         .map(|o| {
             vec![
                 o.victim.clone(),
-                format!(
-                    "{} of {} ({})",
-                    o.broken_healthy,
-                    o.held_healthy,
-                    pct(o.broken_healthy, o.held_healthy)
-                ),
-                format!(
-                    "{} of {} ({})",
-                    o.broken_victim,
-                    o.held_victim,
-                    pct(o.broken_victim, o.held_victim)
-                ),
+                format!("{} of {} ({})", o.broken_healthy, o.held_healthy, pct(o.broken_healthy, o.held_healthy)),
+                format!("{} of {} ({})", o.broken_victim, o.held_victim, pct(o.broken_victim, o.held_victim)),
             ]
         })
         .collect();
-    out.push_str(&table(
-        &[
-            "victim",
-            "broken, on healthy backends",
-            "broken, on the victim",
-        ],
-        &rows,
-    ));
+    out.push_str(&table(&["victim", "broken, on healthy backends", "broken, on the victim"], &rows));
     out.push_str(
         "
 How to read it:

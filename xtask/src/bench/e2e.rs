@@ -7,7 +7,8 @@
 //! so no conntrack, NAT or TIME_WAIT state carries over. The setups take
 //! turns inside each round (all five with keep-alive, then all five with a
 //! new connection each, then the next round), so slow drift of the machine
-//! (NOTES.md: the direct figure drifts 15-20% over minutes) hits them alike;
+//! (the direct figure alone drifts 15-20% over minutes on these machines)
+//! hits them alike;
 //! the ratios to the direct path are taken within a round.
 //!
 //! CPU: the kernel-path balancers do their work in softirq, which belongs to
@@ -33,9 +34,9 @@ use super::{
     loadgen::{self, Load, Mark},
 };
 
-/// Backends behind every balancer (as in NOTES.md's measurements).
+/// Backends behind every balancer.
 const BACKENDS: usize = 3;
-/// Concurrent connections and client threads (wrk -t2 -c64 in NOTES.md).
+/// Concurrent connections and client threads, as `wrk -t2 -c64` would use.
 const CONNECTIONS: usize = 64;
 const CLIENT_THREADS: usize = 2;
 /// A request not answered within this counts as an error.
@@ -57,17 +58,9 @@ struct Plan {
 impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
-            Plan {
-                runs: 1,
-                warmup: Duration::from_millis(300),
-                duration: Duration::from_secs(2),
-            }
+            Plan { runs: 1, warmup: Duration::from_millis(300), duration: Duration::from_secs(2) }
         } else {
-            Plan {
-                runs: 3,
-                warmup: Duration::from_secs(1),
-                duration: Duration::from_secs(10),
-            }
+            Plan { runs: 3, warmup: Duration::from_secs(1), duration: Duration::from_secs(10) }
         }
     }
 }
@@ -115,27 +108,12 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
     for round in 0..plan.runs {
         for mode in Mode::ALL {
             for balancer in Balancer::ALL {
-                println!(
-                    "bench e2e: round {}/{}, {:?}, {}",
-                    round + 1,
-                    plan.runs,
-                    mode,
-                    balancer.name()
-                );
-                let sample = measure(balancer, mode, round, plan).with_context(|| {
-                    format!(
-                        "e2e: {} with {mode:?}, round {}",
-                        balancer.name(),
-                        round + 1
-                    )
-                })?;
+                println!("bench e2e: round {}/{}, {:?}, {}", round + 1, plan.runs, mode, balancer.name());
+                let sample = measure(balancer, mode, round, plan)
+                    .with_context(|| format!("e2e: {} with {mode:?}, round {}", balancer.name(), round + 1))?;
                 println!(
                     "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} CPU-µs/req, {} errors",
-                    sample.rps,
-                    sample.p50_ms,
-                    sample.p99_ms,
-                    sample.machine_us_per_req,
-                    sample.errors
+                    sample.rps, sample.p50_ms, sample.p99_ms, sample.machine_us_per_req, sample.errors
                 );
                 samples.push(sample);
             }
@@ -144,10 +122,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
     let mut wrk = Vec::new();
     for balancer in [Balancer::Lb, Balancer::Direct] {
         println!("bench e2e: wrk cross-check, {}", balancer.name());
-        wrk.push(
-            wrk_check(balancer, plan)
-                .with_context(|| format!("e2e: wrk on {}", balancer.name()))?,
-        );
+        wrk.push(wrk_check(balancer, plan).with_context(|| format!("e2e: wrk on {}", balancer.name()))?);
     }
     let load = format!(
         "{load_before} before the section ({} after it, which counts its own threads too)",
@@ -155,18 +130,13 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
     );
     let mut body = body(plan, &samples, &load);
     body.push_str(&wrk_table(&wrk, &samples, plan));
-    Ok(Report {
-        title: "End to end".to_owned(),
-        body,
-    })
+    Ok(Report { title: "End to end".to_owned(), body })
 }
 
 /// A fresh testbed, `balancer` on it, a balance check, then the load.
 fn measure(balancer: Balancer, mode: Mode, round: usize, plan: Plan) -> anyhow::Result<Sample> {
     let testbed = harness::testbed(BACKENDS)?;
-    testbed
-        .client()
-        .set_sysctl("net.ipv4.ip_local_port_range", CLIENT_PORT_RANGE)?;
+    testbed.client().set_sysctl("net.ipv4.ip_local_port_range", CLIENT_PORT_RANGE)?;
     let running = baselines::start(balancer, &testbed, &Params::http(&testbed))?;
     let spread = harness::check_spread(&testbed, running.target(), balancer.balances())
         .with_context(|| baselines::proxy_log(&running))?;
@@ -240,15 +210,8 @@ fn wrk_check(balancer: Balancer, plan: Plan) -> anyhow::Result<WrkSample> {
     let mut cmd = vec!["wrk"];
     cmd.extend(args.iter().map(String::as_str));
     let out = testbed.client().exec_ok(&cmd)?;
-    let (rps, p50_ms, p99_ms) =
-        parse_wrk(&out).with_context(|| format!("parsing wrk's output:\n{out}"))?;
-    Ok(WrkSample {
-        balancer,
-        command: cmd.join(" "),
-        rps,
-        p50_ms,
-        p99_ms,
-    })
+    let (rps, p50_ms, p99_ms) = parse_wrk(&out).with_context(|| format!("parsing wrk's output:\n{out}"))?;
+    Ok(WrkSample { balancer, command: cmd.join(" "), rps, p50_ms, p99_ms })
 }
 
 /// Requests/sec and the 50% and 99% latencies (ms) from `wrk --latency` output.
@@ -275,10 +238,7 @@ fn wrk_millis(value: &str) -> anyhow::Result<f64> {
     } else {
         anyhow::bail!("unknown unit in {value:?}");
     };
-    Ok(number
-        .parse::<f64>()
-        .with_context(|| format!("latency {value:?}"))?
-        * scale)
+    Ok(number.parse::<f64>().with_context(|| format!("latency {value:?}"))? * scale)
 }
 
 /// Mean latency (ms) that `rps` implies for [`CONNECTIONS`] closed-loop connections.
@@ -292,11 +252,7 @@ fn wrk_table(wrk: &[WrkSample], samples: &[Sample], plan: Plan) -> String {
         plan.duration.as_secs()
     );
     let ours = |b: Balancer, f: fn(&Sample) -> f64| {
-        let v: Vec<f64> = samples
-            .iter()
-            .filter(|s| s.balancer == b && s.mode == Mode::KeepAlive)
-            .map(f)
-            .collect();
+        let v: Vec<f64> = samples.iter().filter(|s| s.balancer == b && s.mode == Mode::KeepAlive).map(f).collect();
         Summary::of(&v)
     };
     let rows: Vec<Vec<String>> = wrk
@@ -310,11 +266,7 @@ fn wrk_table(wrk: &[WrkSample], samples: &[Sample], plan: Plan) -> String {
                 format!("{:.2}", w.p99_ms),
                 ours(w.balancer, |s| s.rps).show(0),
                 ours(w.balancer, |s| s.p50_ms).show(2),
-                format!(
-                    "{:.2} / {:.2}",
-                    little_ms(w.rps),
-                    little_ms(ours(w.balancer, |s| s.rps).median)
-                ),
+                format!("{:.2} / {:.2}", little_ms(w.rps), little_ms(ours(w.balancer, |s| s.rps).median)),
             ]
         })
         .collect();
@@ -356,21 +308,11 @@ fn body(plan: Plan, samples: &[Sample], load: &str) -> String {
         plan.warmup.as_secs_f64(),
         plan.runs
     );
-    let _ = writeln!(
-        out,
-        "Setups (configs in `bench/`, filled in with the testbed's addresses):\n"
-    );
+    let _ = writeln!(out, "Setups (configs in `bench/`, filled in with the testbed's addresses):\n");
     for balancer in Balancer::ALL {
-        let commands = samples
-            .iter()
-            .find(|s| s.balancer == balancer)
-            .map(|s| s.commands.join("; "))
-            .unwrap_or_default();
-        let spread = samples
-            .iter()
-            .find(|s| s.balancer == balancer)
-            .map(|s| s.spread.to_string())
-            .unwrap_or_default();
+        let commands =
+            samples.iter().find(|s| s.balancer == balancer).map(|s| s.commands.join("; ")).unwrap_or_default();
+        let spread = samples.iter().find(|s| s.balancer == balancer).map(|s| s.spread.to_string()).unwrap_or_default();
         let how = match balancer {
             Balancer::Direct => "nothing on the gateway but routing".to_owned(),
             Balancer::Lb => format!(
@@ -378,11 +320,7 @@ fn body(plan: Plan, samples: &[Sample], load: &str) -> String {
             ),
             _ => format!("`{commands}`"),
         };
-        let _ = writeln!(
-            out,
-            "- {}: {how}; check before the first run: {spread}",
-            balancer.name()
-        );
+        let _ = writeln!(out, "- {}: {how}; check before the first run: {spread}", balancer.name());
     }
     for mode in Mode::ALL {
         let _ = writeln!(out, "\n### {}\n", mode.title());
@@ -401,12 +339,8 @@ type Metric = fn(&Sample) -> f64;
 /// How noisy each figure was in this run: its spread (max − min) relative
 /// to its median, for each setup, and the median of that over the setups.
 fn noise_line(samples: &[Sample]) -> String {
-    let metrics: [(&str, Metric); 4] = [
-        ("req/s", |s| s.rps),
-        ("p50", |s| s.p50_ms),
-        ("p99", |s| s.p99_ms),
-        ("CPU-µs/req", |s| s.machine_us_per_req),
-    ];
+    let metrics: [(&str, Metric); 4] =
+        [("req/s", |s| s.rps), ("p50", |s| s.p50_ms), ("p99", |s| s.p99_ms), ("CPU-µs/req", |s| s.machine_us_per_req)];
     let mut out = String::from("- Spread (max − min) / median, the median over the five setups:");
     for mode in Mode::ALL {
         let parts: Vec<String> = metrics
@@ -415,11 +349,7 @@ fn noise_line(samples: &[Sample]) -> String {
                 let spreads: Vec<f64> = Balancer::ALL
                     .iter()
                     .map(|&b| {
-                        let v: Vec<f64> = samples
-                            .iter()
-                            .filter(|s| s.mode == mode && s.balancer == b)
-                            .map(f)
-                            .collect();
+                        let v: Vec<f64> = samples.iter().filter(|s| s.mode == mode && s.balancer == b).map(f).collect();
                         let s = Summary::of(&v);
                         (s.max - s.min) / s.median
                     })
@@ -427,11 +357,7 @@ fn noise_line(samples: &[Sample]) -> String {
                 format!("{name} {:.0}%", 100.0 * Summary::of(&spreads).median)
             })
             .collect();
-        let label = if mode == Mode::KeepAlive {
-            "kept-alive"
-        } else {
-            "new connection"
-        };
+        let label = if mode == Mode::KeepAlive { "kept-alive" } else { "new connection" };
         let _ = write!(out, " {label}: {};", parts.join(", "));
     }
     out.pop();
@@ -452,25 +378,17 @@ fn mode_table(samples: &[Sample], mode: Mode) -> String {
         "machine busy",
         "errors",
     ];
-    let of = |b: Balancer| {
-        samples
-            .iter()
-            .filter(|s| s.mode == mode && s.balancer == b)
-            .collect::<Vec<_>>()
-    };
+    let of = |b: Balancer| samples.iter().filter(|s| s.mode == mode && s.balancer == b).collect::<Vec<_>>();
     let direct = of(Balancer::Direct);
     let rows = Balancer::ALL
         .iter()
         .map(|&b| {
             let runs = of(b);
-            let pick =
-                |f: fn(&Sample) -> f64| Summary::of(&runs.iter().map(|s| f(s)).collect::<Vec<_>>());
+            let pick = |f: fn(&Sample) -> f64| Summary::of(&runs.iter().map(|s| f(s)).collect::<Vec<_>>());
             // Ratios and differences to the direct path of the same round.
             let paired = |f: fn(&Sample, &Sample) -> f64| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter_map(|s| direct.iter().find(|d| d.round == s.round).map(|d| f(s, d)))
-                    .collect();
+                let v: Vec<f64> =
+                    runs.iter().filter_map(|s| direct.iter().find(|d| d.round == s.round).map(|d| f(s, d))).collect();
                 Summary::of(&v)
             };
             vec![

@@ -49,12 +49,8 @@ const LEAD_IN: Duration = Duration::from_millis(500);
 /// Probing after the bound has passed (after death) or after b2's first answer (after return).
 const SETTLE: Duration = Duration::from_millis(700);
 /// The health checks configured for the run.
-const CHECK: HealthCheck = HealthCheck {
-    interval: Duration::from_millis(500),
-    timeout: Duration::from_millis(300),
-    rise: 2,
-    fall: 2,
-};
+const CHECK: HealthCheck =
+    HealthCheck { interval: Duration::from_millis(500), timeout: Duration::from_millis(300), rise: 2, fall: 2 };
 
 /// How the backend dies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +104,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
             episodes.push(episode);
         }
     }
-    Ok(Report {
-        title: "Failover".to_owned(),
-        body: body(repeats, &episodes),
-    })
+    Ok(Report { title: "Failover".to_owned(), body: body(repeats, &episodes) })
 }
 
 /// Probes while the victim dies and returns, then reads the attempts.
@@ -142,23 +135,13 @@ fn episode(testbed: &Testbed, lb: &mut Agent, death: Death) -> anyhow::Result<Ep
             Ok((died, agent_down, returned, agent_up))
         })();
         stop.store(true, Ordering::Relaxed);
-        let attempts = prober
-            .join()
-            .map_err(|_| anyhow::anyhow!("the prober panicked"))??;
+        let attempts = prober.join().map_err(|_| anyhow::anyhow!("the prober panicked"))??;
         // Whatever happened, the victim must be back for the next episode.
         if timeline.is_err() {
             let _ = revive(testbed, death);
         }
         let (died, agent_down, returned, agent_up) = timeline?;
-        Ok(analyse(
-            death,
-            &attempts,
-            died,
-            returned,
-            agent_down,
-            agent_up,
-            &testbed.backend_name(VICTIM),
-        ))
+        Ok(analyse(death, &attempts, died, returned, agent_down, agent_up, &testbed.backend_name(VICTIM)))
     })
 }
 
@@ -172,12 +155,9 @@ fn analyse(
     victim: &str,
 ) -> Episode {
     let bound_end = died + CHECK.detection_bound() + SETTLE;
-    let failed_after_death: Vec<&Attempt> = attempts
-        .iter()
-        .filter(|a| a.outcome.is_err() && a.start >= died && a.start < bound_end)
-        .collect();
-    let stray_failures =
-        attempts.iter().filter(|a| a.outcome.is_err()).count() - failed_after_death.len();
+    let failed_after_death: Vec<&Attempt> =
+        attempts.iter().filter(|a| a.outcome.is_err() && a.start >= died && a.start < bound_end).collect();
+    let stray_failures = attempts.iter().filter(|a| a.outcome.is_err()).count() - failed_after_death.len();
     let first_answer = attempts
         .iter()
         .filter(|a| a.start >= returned)
@@ -212,14 +192,7 @@ fn revive(testbed: &Testbed, death: Death) -> anyhow::Result<()> {
 /// The victim's switch port down or up: its own veth keeps its addresses
 /// and routes (only the carrier goes), as with a pulled cable.
 fn set_link(testbed: &Testbed, state: &str) -> anyhow::Result<()> {
-    testbed.switch().exec_ok(&[
-        "ip",
-        "link",
-        "set",
-        "dev",
-        testbed.switch_port(VICTIM),
-        state,
-    ])?;
+    testbed.switch().exec_ok(&["ip", "link", "set", "dev", testbed.switch_port(VICTIM), state])?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //!
 //! Every measurement gets a fresh [`Testbed`]: new namespaces have no
 //! conntrack or NAT state, no TIME_WAIT sockets and no cached timestamps left
-//! from the previous run (see NOTES.md, "clear leftover connections"), which
+//! from the previous run (leftovers distort the next run's figures), which
 //! is simpler and more thorough than `ss -K` plus `conntrack -F` (and the
 //! `conntrack` tool is not installed).
 
@@ -32,8 +32,7 @@ pub fn backend_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = BUILT.get() {
         return Ok(path.clone());
     }
-    let bins =
-        build::build(Profile::Release).context("building the release binaries to benchmark")?;
+    let bins = build::build(Profile::Release).context("building the release binaries to benchmark")?;
     match std::env::var_os(lb_tests::LB_BIN_ENV) {
         Some(lb) => println!(
             "bench: using {}={} instead of the lb just built",
@@ -50,11 +49,7 @@ pub fn backend_bin() -> anyhow::Result<PathBuf> {
 
 /// A new testbed with `backends` backends running the release server.
 pub fn testbed(backends: usize) -> anyhow::Result<Testbed> {
-    Testbed::builder()
-        .backends(backends)
-        .backend_bin(backend_bin()?)
-        .build()
-        .context("bringing up a benchmark testbed")
+    Testbed::builder().backends(backends).backend_bin(backend_bin()?).build().context("bringing up a benchmark testbed")
 }
 
 /// The command line that produced the report (this process's arguments,
@@ -93,15 +88,8 @@ impl MachineCpu {
     pub fn now() -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
         let line = stat.lines().next().context("/proc/stat is empty")?;
-        let fields: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .map_while(|f| f.parse().ok())
-            .collect();
-        ensure!(
-            fields.len() >= 7,
-            "/proc/stat: unexpected first line {line:?}"
-        );
+        let fields: Vec<u64> = line.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect();
+        ensure!(fields.len() >= 7, "/proc/stat: unexpected first line {line:?}");
         // user nice system idle iowait irq softirq [steal ...]
         let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6];
         Ok(Self { busy })
@@ -137,11 +125,7 @@ impl NamespaceCpu {
 
     /// The same processes read again (only `/proc/<pid>/stat`, no subprocess).
     pub fn resample(&self) -> Self {
-        let per_pid = self
-            .per_pid
-            .iter()
-            .filter_map(|&(pid, _)| process_ticks(pid).map(|t| (pid, t)))
-            .collect();
+        let per_pid = self.per_pid.iter().filter_map(|&(pid, _)| process_ticks(pid).map(|t| (pid, t))).collect();
         Self { per_pid }
     }
 
@@ -150,12 +134,7 @@ impl NamespaceCpu {
         let ticks: u64 = later
             .per_pid
             .iter()
-            .filter_map(|(pid, t)| {
-                self.per_pid
-                    .iter()
-                    .find(|(p, _)| p == pid)
-                    .map(|(_, t0)| t.saturating_sub(*t0))
-            })
+            .filter_map(|(pid, t)| self.per_pid.iter().find(|(p, _)| p == pid).map(|(_, t0)| t.saturating_sub(*t0)))
             .sum();
         ticks as f64 * 1e6 / ticks_per_sec()
     }
@@ -216,14 +195,9 @@ pub fn link_json(ns: &Namespace, dev: &str, stats: bool) -> anyhow::Result<serde
     }
     cmd.extend(["link", "show", "dev", dev]);
     let out = ns.exec_ok(&cmd)?;
-    let mut links: Vec<serde_json::Value> = serde_json::from_str(&out)
-        .with_context(|| format!("parsing `ip -j link show dev {dev}`: {out}"))?;
-    ensure!(
-        links.len() == 1,
-        "`ip link show dev {dev}` in {} gave {} links",
-        ns.name(),
-        links.len()
-    );
+    let mut links: Vec<serde_json::Value> =
+        serde_json::from_str(&out).with_context(|| format!("parsing `ip -j link show dev {dev}`: {out}"))?;
+    ensure!(links.len() == 1, "`ip link show dev {dev}` in {} gave {} links", ns.name(), links.len());
     Ok(links.remove(0))
 }
 
@@ -239,11 +213,7 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// backends when `balanced`, otherwise only `b1`. Returns the spread for the
 /// report. Not a timing assertion: a setup that does not balance would make
 /// every figure after it meaningless.
-pub fn check_spread(
-    testbed: &Testbed,
-    target: SocketAddr,
-    balanced: bool,
-) -> anyhow::Result<Spread> {
+pub fn check_spread(testbed: &Testbed, target: SocketAddr, balanced: bool) -> anyhow::Result<Spread> {
     let deadline = Instant::now() + SERVE_TIMEOUT;
     loop {
         let first = testbed.client_requests(target, 1, true);
@@ -251,25 +221,16 @@ pub fn check_spread(
             break;
         }
         if Instant::now() >= deadline {
-            bail!(
-                "{target} did not answer within {SERVE_TIMEOUT:?}: {}",
-                Spread::of(&first)
-            );
+            bail!("{target} did not answer within {SERVE_TIMEOUT:?}: {}", Spread::of(&first));
         }
         thread::sleep(Duration::from_millis(100));
     }
     let spread = Spread::of(&testbed.client_requests(target, SPREAD_PROBES, true));
     ensure!(spread.errors == 0, "requests to {target} failed: {spread}");
     if balanced {
-        ensure!(
-            spread.per_backend.len() >= 2,
-            "{target} does not balance: {spread}"
-        );
+        ensure!(spread.per_backend.len() >= 2, "{target} does not balance: {spread}");
     } else {
-        ensure!(
-            spread.count("b1") == SPREAD_PROBES,
-            "{target} is not backend b1 alone: {spread}"
-        );
+        ensure!(spread.count("b1") == SPREAD_PROBES, "{target} is not backend b1 alone: {spread}");
     }
     Ok(spread)
 }
@@ -289,24 +250,12 @@ impl Summary {
     pub fn of(values: &[f64]) -> Self {
         let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
         if v.is_empty() {
-            return Self {
-                median: f64::NAN,
-                min: f64::NAN,
-                max: f64::NAN,
-            };
+            return Self { median: f64::NAN, min: f64::NAN, max: f64::NAN };
         }
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            f64::midpoint(v[n / 2 - 1], v[n / 2])
-        };
-        Self {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        }
+        let median = if n % 2 == 1 { v[n / 2] } else { f64::midpoint(v[n / 2 - 1], v[n / 2]) };
+        Self { median, min: v[0], max: v[n - 1] }
     }
 
     /// `median (min–max)` with `decimals` places; only the median when the
@@ -325,11 +274,7 @@ impl Summary {
             format!("{:.decimals$}", self.min),
             format!("{:.decimals$}", self.max),
         );
-        if lo == hi {
-            format!("{m}{unit}")
-        } else {
-            format!("{m}{unit} ({lo}–{hi}{unit})")
-        }
+        if lo == hi { format!("{m}{unit}") } else { format!("{m}{unit} ({lo}–{hi}{unit})") }
     }
 }
 
@@ -346,11 +291,7 @@ pub fn percentile(sorted: &[u32], p: f64) -> f64 {
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "| {} |", header.join(" | "));
-    let _ = writeln!(
-        out,
-        "|{}",
-        header.iter().map(|_| "---|").collect::<String>()
-    );
+    let _ = writeln!(out, "|{}", header.iter().map(|_| "---|").collect::<String>());
     for row in rows {
         let _ = writeln!(out, "| {} |", row.join(" | "));
     }
@@ -370,10 +311,7 @@ mod tests {
         assert_eq!(Summary::of(&[5.0]).show(0), "5");
         assert_eq!(Summary::of(&[]).show(0), "–");
         assert_eq!(Summary::of(&[0.01, 0.02]).show(1), "0.0");
-        assert_eq!(
-            Summary::of(&[97.0, 88.0, 108.0]).show_unit(0, "%"),
-            "97% (88–108%)"
-        );
+        assert_eq!(Summary::of(&[97.0, 88.0, 108.0]).show_unit(0, "%"), "97% (88–108%)");
     }
 
     #[test]

@@ -41,17 +41,7 @@ pub struct Tools {
 /// When cargo fails or does not report one of the binaries.
 pub fn build() -> anyhow::Result<Tools> {
     let mut cmd = cargo::command();
-    cmd.args([
-        "build",
-        "--release",
-        "-p",
-        "lb-bench",
-        "-p",
-        "lb-userspace",
-        "-p",
-        "lb-tests",
-        "--bins",
-    ]);
+    cmd.args(["build", "--release", "-p", "lb-bench", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]);
     let artifacts = cargo::artifacts(cmd)?;
     Ok(Tools {
         lb_bench: binary(&artifacts, "lb-bench")?,
@@ -83,10 +73,7 @@ pub fn run(mut cmd: Command, timeout: Duration) -> anyhow::Result<Vec<Value>> {
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("starting `{shown}`"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .context("lb-bench's stdout is not piped")?;
+    let stdout = child.stdout.take().context("lb-bench's stdout is not piped")?;
     let (tx, rx) = mpsc::channel();
     let reader = thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -97,10 +84,7 @@ pub fn run(mut cmd: Command, timeout: Duration) -> anyhow::Result<Vec<Value>> {
     });
     let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .with_context(|| format!("waiting for `{shown}`"))?
-        {
+        if let Some(status) = child.try_wait().with_context(|| format!("waiting for `{shown}`"))? {
             break status;
         }
         if Instant::now() >= deadline {
@@ -118,8 +102,7 @@ pub fn run(mut cmd: Command, timeout: Duration) -> anyhow::Result<Vec<Value>> {
     rx.try_iter()
         .map(|line| {
             let line = line.context("reading lb-bench's output")?;
-            serde_json::from_str(&line)
-                .with_context(|| format!("lb-bench printed a line that is not JSON: {line}"))
+            serde_json::from_str(&line).with_context(|| format!("lb-bench printed a line that is not JSON: {line}"))
         })
         .collect()
 }
@@ -134,9 +117,7 @@ pub fn of_kind<'a>(lines: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'
 /// # Errors
 /// When it is missing or not a number.
 pub fn number(line: &Value, key: &str) -> anyhow::Result<f64> {
-    line[key]
-        .as_f64()
-        .with_context(|| format!("lb-bench line without a number `{key}`: {line}"))
+    line[key].as_f64().with_context(|| format!("lb-bench line without a number `{key}`: {line}"))
 }
 
 /// The 1-minute load average now (`/proc/loadavg`): how busy the shared

@@ -1,14 +1,15 @@
 //! A packet generator: BPF_PROG_TEST_RUN in live-frame mode
 //! (`BPF_F_TEST_XDP_LIVE_FRAMES`, kernel 5.18+) of a tiny XDP program that
-//! returns `XDP_TX`, which is what xdp-trafficgen does (Debian's build of it
-//! fails on this kernel, NOTES.md).
+//! returns `XDP_TX`, which is what xdp-trafficgen does (Debian's xdp-tools
+//! 1.3.1 fails on kernel 6.18: it needs the BTF of a tracepoint newer
+//! kernels removed).
 //!
 //! In live-frame mode the kernel runs the program on a frame as if it had
 //! arrived on `ingress_ifindex`, and turns `XDP_TX` into a redirect out of
 //! that same device (net/bpf/test_run.c, `xdp_test_run_batch`): on the
 //! client's veth the frames go to its peer, the gateway's client-side veth,
 //! through the peer's NAPI (which it has with an XDP program attached or GRO
-//! on, NOTES.md). No socket, no skb on the sending side: a few tens of
+//! on; without it a redirected frame silently vanishes). No socket, no skb on the sending side: a few tens of
 //! nanoseconds per frame, so the gateway is the bottleneck.
 //!
 //! The program writes the frame's headers from a template compiled into its
@@ -72,12 +73,7 @@ struct Insn {
 }
 
 const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
-        code,
-        regs: (src << 4) | dst,
-        off,
-        imm,
-    }
+    Insn { code, regs: (src << 4) | dst, off, imm }
 }
 
 /// The generator program for frames like `template` (at least
@@ -107,25 +103,11 @@ fn program(template: &[u8]) -> Vec<Insn> {
         .chunks_exact(4)
         .enumerate()
         // A 32-bit store writes its immediate in host (little-endian) order.
-        .map(|(k, w)| {
-            insn(
-                ST_W,
-                2,
-                0,
-                (4 * k) as i16,
-                i32::from_le_bytes([w[0], w[1], w[2], w[3]]),
-            )
-        })
+        .map(|(k, w)| insn(ST_W, 2, 0, (4 * k) as i16, i32::from_le_bytes([w[0], w[1], w[2], w[3]])))
         .collect();
     let tail = header.len() / 4 * 4;
     if let [a, b] = header[tail..] {
-        stores.push(insn(
-            ST_H,
-            2,
-            0,
-            tail as i16,
-            i32::from(u16::from_le_bytes([a, b])),
-        ));
+        stores.push(insn(ST_H, 2, 0, tail as i16, i32::from(u16::from_le_bytes([a, b]))));
     }
     stores.push(insn(STX_H, 2, 0, UDP_SPORT_OFFSET, 0)); // udp->source = r0
     stores.push(insn(ALU64_MOV_K, 0, 0, 0, XDP_TX)); // return XDP_TX
@@ -207,10 +189,7 @@ pub struct Generator {
 impl Generator {
     /// Loads the program for frames like `template` (needs CAP_BPF or root).
     pub fn load(template: &[u8]) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            template.len() >= HEADERS_LEN as usize,
-            "frame template shorter than its headers"
-        );
+        anyhow::ensure!(template.len() >= HEADERS_LEN as usize, "frame template shorter than its headers");
         let insns = program(template);
         let license = c"GPL";
         let mut log = vec![0u8; 64 * 1024];
@@ -231,20 +210,11 @@ impl Generator {
             expected_attach_type: BPF_XDP,
         };
         // SAFETY: attr points at valid instructions, license and log buffer for the call.
-        let fd = unsafe {
-            bpf(
-                BPF_PROG_LOAD,
-                (&raw const attr).cast(),
-                size_of::<ProgLoadAttr>(),
-            )
-        };
+        let fd = unsafe { bpf(BPF_PROG_LOAD, (&raw const attr).cast(), size_of::<ProgLoadAttr>()) };
         if fd < 0 {
             let e = io::Error::last_os_error();
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            bail!(
-                "loading the generator program: {e}; verifier log:\n{}",
-                String::from_utf8_lossy(&log[..end])
-            );
+            bail!("loading the generator program: {e}; verifier log:\n{}", String::from_utf8_lossy(&log[..end]));
         }
         // SAFETY: a new descriptor we own.
         let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
@@ -254,13 +224,7 @@ impl Generator {
     /// Transmits up to `frames` copies of `frame` out of interface `ifindex`
     /// (of the calling thread's network namespace), stopping at `deadline`
     /// between chunks. Returns the frames sent.
-    pub fn send(
-        &self,
-        ifindex: u32,
-        frame: &[u8],
-        frames: u64,
-        deadline: Instant,
-    ) -> anyhow::Result<u64> {
+    pub fn send(&self, ifindex: u32, frame: &[u8], frames: u64, deadline: Instant) -> anyhow::Result<u64> {
         let mut sent = 0;
         while sent < frames && Instant::now() < deadline {
             let chunk = u32::try_from((frames - sent).min(u64::from(CHUNK))).unwrap_or(CHUNK);
@@ -298,13 +262,7 @@ impl Generator {
             _pad: 0,
         };
         // SAFETY: attr points at the frame and context, valid for the call.
-        let rc = unsafe {
-            bpf(
-                BPF_PROG_TEST_RUN,
-                (&raw mut attr).cast(),
-                size_of::<TestRunAttr>(),
-            )
-        };
+        let rc = unsafe { bpf(BPF_PROG_TEST_RUN, (&raw mut attr).cast(), size_of::<TestRunAttr>()) };
         if rc < 0 {
             return Err(io::Error::last_os_error()).context("BPF_PROG_TEST_RUN in live-frame mode");
         }
@@ -323,13 +281,7 @@ unsafe fn bpf(cmd: libc::c_long, attr: *const libc::c_void, size: usize) -> libc
 
 /// A UDP/IPv4 Ethernet frame of [`FRAME_LEN`] bytes, source port
 /// [`FIRST_PORT`] (the program rewrites it), UDP checksum 0.
-pub fn udp_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    dst_port: u16,
-) -> Vec<u8> {
+pub fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(FRAME_LEN);
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&src_mac);
@@ -355,10 +307,7 @@ pub fn udp_frame(
 }
 
 fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
+    let mut sum: u32 = header.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -372,8 +321,7 @@ pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("pinning to CPU {cpu}"));
+            return Err(io::Error::last_os_error()).with_context(|| format!("pinning to CPU {cpu}"));
         }
     }
     Ok(())
@@ -388,19 +336,9 @@ mod tests {
 
     #[test]
     fn frame_has_valid_ip_checksum_and_lengths() {
-        let f = udp_frame(
-            [2; 6],
-            [4; 6],
-            Ipv4Addr::new(198, 18, 1, 2),
-            Ipv4Addr::new(198, 18, 0, 100),
-            5353,
-        );
+        let f = udp_frame([2; 6], [4; 6], Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 0, 100), 5353);
         assert_eq!(f.len(), FRAME_LEN);
-        assert_eq!(
-            ipv4_checksum(&f[14..34]),
-            0,
-            "a header with its checksum sums to 0xffff"
-        );
+        assert_eq!(ipv4_checksum(&f[14..34]), 0, "a header with its checksum sums to 0xffff");
         assert_eq!(u16::from_be_bytes([f[16], f[17]]), 46);
         assert_eq!(u16::from_be_bytes([f[38], f[39]]), 26);
         assert_eq!(u16::from_be_bytes([f[36], f[37]]), 5353);
@@ -408,32 +346,15 @@ mod tests {
 
     #[test]
     fn program_restores_the_header_and_jumps_to_the_drop() {
-        let f = udp_frame(
-            [2; 6],
-            [4; 6],
-            Ipv4Addr::new(198, 18, 1, 2),
-            Ipv4Addr::new(198, 18, 0, 100),
-            5353,
-        );
+        let f = udp_frame([2; 6], [4; 6], Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 0, 100), 5353);
         let p = program(&f);
         assert_eq!(p[0].regs, 0x16, "mov r6, r1: dst 6, src 1");
-        let jump = p
-            .iter()
-            .position(|i| i.code == 0x2d)
-            .expect("the bounds check");
+        let jump = p.iter().position(|i| i.code == 0x2d).expect("the bounds check");
         let target = jump + 1 + p[jump].off as usize;
         assert_eq!((p[target].code, p[target].imm), (0xb7, XDP_DROP));
-        assert_eq!(
-            p.iter().filter(|i| i.code == 0x62).count(),
-            10,
-            "40 bytes as words"
-        );
+        assert_eq!(p.iter().filter(|i| i.code == 0x62).count(), 10, "40 bytes as words");
         let first = p.iter().find(|i| i.code == 0x62).expect("a store");
-        assert_eq!(
-            first.imm.to_le_bytes(),
-            [4, 4, 4, 4],
-            "destination MAC bytes in order"
-        );
+        assert_eq!(first.imm.to_le_bytes(), [4, 4, 4, 4], "destination MAC bytes in order");
         assert_eq!(size_of::<Insn>(), 8);
         assert_eq!(size_of::<TestRunAttr>(), 80);
         assert_eq!(size_of::<ProgLoadAttr>(), 72);

@@ -83,11 +83,7 @@ pub enum Mark {
 
 /// Runs `load` from namespace `ns`; `mark` is called on this thread at the
 /// start and the end of the measured window.
-pub fn closed_loop(
-    ns: &Namespace,
-    load: &Load,
-    mut mark: impl FnMut(Mark),
-) -> anyhow::Result<LoadResult> {
+pub fn closed_loop(ns: &Namespace, load: &Load, mut mark: impl FnMut(Mark)) -> anyhow::Result<LoadResult> {
     let start = Instant::now();
     let window = (start + load.warmup, start + load.warmup + load.duration);
     let budget = AtomicU64::new(load.max_requests);
@@ -95,12 +91,9 @@ pub fn closed_loop(
     let results = thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let conns =
-                    load.connections / threads + usize::from(t < load.connections % threads);
+                let conns = load.connections / threads + usize::from(t < load.connections % threads);
                 let budget = &budget;
-                s.spawn(move || {
-                    ns.enter(|| Worker::new(load, window, budget).and_then(|w| w.run(conns)))
-                })
+                s.spawn(move || ns.enter(|| Worker::new(load, window, budget).and_then(|w| w.run(conns))))
             })
             .collect();
         sleep_until(window.0);
@@ -109,10 +102,7 @@ pub fn closed_loop(
         mark(Mark::WindowEnd);
         workers.into_iter().map(|w| w.join()).collect::<Vec<_>>()
     });
-    let mut total = LoadResult {
-        window: load.duration,
-        ..LoadResult::default()
-    };
+    let mut total = LoadResult { window: load.duration, ..LoadResult::default() };
     for result in results {
         let part = result
             .map_err(|_| anyhow::anyhow!("a load generator thread panicked"))?
@@ -136,11 +126,7 @@ struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    fn new(
-        load: &'a Load,
-        window: (Instant, Instant),
-        budget: &'a AtomicU64,
-    ) -> anyhow::Result<Self> {
+    fn new(load: &'a Load, window: (Instant, Instant), budget: &'a AtomicU64) -> anyhow::Result<Self> {
         Ok(Self {
             load,
             window,
@@ -180,11 +166,7 @@ impl<'a> Worker<'a> {
 
     /// A new connection in slot `k`, unless the request budget is spent.
     fn open(&mut self, k: usize) -> Option<Conn> {
-        if self
-            .budget
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
-            .is_err()
-        {
+        if self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_err() {
             return None;
         }
         match Conn::connect(self.load.target, &self.epoll, k, self.load.io_timeout) {
@@ -215,19 +197,11 @@ impl<'a> Worker<'a> {
         if now >= self.window.0 && now < self.window.1 {
             self.result.completed += 1;
             let micros = now.duration_since(conn.started).as_micros();
-            self.result
-                .latencies_us
-                .push(u32::try_from(micros).unwrap_or(u32::MAX));
+            self.result.latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
         }
-        let budget_left = self
-            .budget
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
-            .is_ok();
+        let budget_left = self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok();
         if self.load.keep_alive && budget_left {
-            if conn
-                .send_next(&self.request, &self.epoll, k, self.load.io_timeout)
-                .is_err()
-            {
+            if conn.send_next(&self.request, &self.epoll, k, self.load.io_timeout).is_err() {
                 self.fail(slots, k);
             }
             return;
@@ -291,8 +265,7 @@ fn paced_here(p: &Paced, stop: &AtomicBool) -> anyhow::Result<Vec<Attempt>> {
     let request = request_bytes(p.target, false);
     let start = Instant::now();
     let mut total =
-        usize::try_from((p.max_duration.as_nanos() / p.spacing.as_nanos().max(1)).max(1))
-            .unwrap_or(usize::MAX);
+        usize::try_from((p.max_duration.as_nanos() / p.spacing.as_nanos().max(1)).max(1)).unwrap_or(usize::MAX);
     let mut attempts: Vec<Attempt> = Vec::with_capacity(total);
     let mut live: Vec<Option<Conn>> = Vec::with_capacity(total);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
@@ -303,9 +276,7 @@ fn paced_here(p: &Paced, stop: &AtomicBool) -> anyhow::Result<Vec<Attempt>> {
             total = attempts.len();
         }
         // Open every connection whose time has come (catching up after a stall).
-        while attempts.len() < total
-            && start + p.spacing * u32::try_from(attempts.len()).unwrap_or(u32::MAX) <= now
-        {
+        while attempts.len() < total && start + p.spacing * u32::try_from(attempts.len()).unwrap_or(u32::MAX) <= now {
             let k = attempts.len();
             let at = Instant::now();
             let (conn, outcome) = match Conn::connect(p.target, &epoll, k, p.io_timeout) {
@@ -324,9 +295,7 @@ fn paced_here(p: &Paced, stop: &AtomicBool) -> anyhow::Result<Vec<Attempt>> {
             };
             match conn.advance(&request, &epoll, k) {
                 Ok(Progress::Pending) => continue,
-                Ok(Progress::Answered(name)) => {
-                    attempts[k].outcome = name.ok_or_else(|| "no backend name".to_owned())
-                }
+                Ok(Progress::Answered(name)) => attempts[k].outcome = name.ok_or_else(|| "no backend name".to_owned()),
                 Err(e) => attempts[k].outcome = Err(e.to_string()),
             }
             live[k] = None;
@@ -376,12 +345,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn connect(
-        target: SocketAddr,
-        epoll: &OwnedFd,
-        slot: usize,
-        timeout: Duration,
-    ) -> io::Result<Self> {
+    fn connect(target: SocketAddr, epoll: &OwnedFd, slot: usize, timeout: Duration) -> io::Result<Self> {
         let started = Instant::now();
         let fd = tcp_socket(target)?;
         let (addr, len) = sockaddr(target);
@@ -393,13 +357,7 @@ impl Conn {
                 return Err(e);
             }
         }
-        epoll_ctl(
-            epoll,
-            libc::EPOLL_CTL_ADD,
-            fd.as_raw_fd(),
-            libc::EPOLLOUT,
-            slot,
-        )?;
+        epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), libc::EPOLLOUT, slot)?;
         Ok(Self {
             fd,
             state: State::Connecting,
@@ -439,81 +397,44 @@ impl Conn {
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::WouldBlock {
-                    return epoll_ctl(
-                        epoll,
-                        libc::EPOLL_CTL_MOD,
-                        self.fd.as_raw_fd(),
-                        libc::EPOLLOUT,
-                        slot,
-                    );
+                    return epoll_ctl(epoll, libc::EPOLL_CTL_MOD, self.fd.as_raw_fd(), libc::EPOLLOUT, slot);
                 }
                 return Err(e);
             }
             self.written += n.cast_unsigned();
         }
         self.state = State::Receiving;
-        epoll_ctl(
-            epoll,
-            libc::EPOLL_CTL_MOD,
-            self.fd.as_raw_fd(),
-            libc::EPOLLIN,
-            slot,
-        )
+        epoll_ctl(epoll, libc::EPOLL_CTL_MOD, self.fd.as_raw_fd(), libc::EPOLLIN, slot)
     }
 
     fn read_some(&mut self) -> io::Result<Progress> {
         let mut chunk = [0u8; 4096];
         loop {
             // SAFETY: chunk is a writable buffer of its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    chunk.as_mut_ptr().cast(),
-                    chunk.len(),
-                    0,
-                )
-            };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                return if e.kind() == io::ErrorKind::WouldBlock {
-                    Ok(Progress::Pending)
-                } else {
-                    Err(e)
-                };
+                return if e.kind() == io::ErrorKind::WouldBlock { Ok(Progress::Pending) } else { Err(e) };
             }
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before a whole answer",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a whole answer"));
             }
             self.buf.extend_from_slice(&chunk[..n.cast_unsigned()]);
             match parse_response(&self.buf) {
                 Parsed::Incomplete if self.buf.len() < MAX_RESPONSE => {}
                 Parsed::Incomplete => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "answer too long",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "answer too long"));
                 }
                 Parsed::Bad(why) => return Err(io::Error::new(io::ErrorKind::InvalidData, why)),
                 Parsed::Ok { body } => {
-                    return Ok(Progress::Answered(lb_tests::testbed::client::backend_name(
-                        &self.buf[body..],
-                    )));
+                    return Ok(Progress::Answered(lb_tests::testbed::client::backend_name(&self.buf[body..])));
                 }
             }
         }
     }
 
     /// Starts the next request on this kept-alive connection.
-    fn send_next(
-        &mut self,
-        request: &[u8],
-        epoll: &OwnedFd,
-        slot: usize,
-        timeout: Duration,
-    ) -> io::Result<()> {
+    fn send_next(&mut self, request: &[u8], epoll: &OwnedFd, slot: usize, timeout: Duration) -> io::Result<()> {
         self.buf.clear();
         self.written = 0;
         self.state = State::Sending;
@@ -550,41 +471,22 @@ fn parse_response(buf: &[u8]) -> Parsed {
     }
     let length = head.split(|&b| b == b'\n').find_map(|line| {
         let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
-        name.eq_ignore_ascii_case(b"content-length").then(|| {
-            std::str::from_utf8(&value[1..])
-                .ok()?
-                .trim()
-                .parse::<usize>()
-                .ok()
-        })?
+        name.eq_ignore_ascii_case(b"content-length")
+            .then(|| std::str::from_utf8(&value[1..]).ok()?.trim().parse::<usize>().ok())?
     });
     let Some(length) = length else {
         return Parsed::Bad("no content-length");
     };
     let body = head_end + 4;
-    if buf.len() < body + length {
-        Parsed::Incomplete
-    } else {
-        Parsed::Ok { body }
-    }
+    if buf.len() < body + length { Parsed::Incomplete } else { Parsed::Ok { body } }
 }
 
 // ------------------------------------------------------------------ sockets
 
 fn tcp_socket(target: SocketAddr) -> io::Result<OwnedFd> {
-    let family = if target.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
+    let family = if target.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -594,27 +496,12 @@ fn tcp_socket(target: SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn set_int_opt(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
+fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: value is a c_int of the size passed.
     let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
+        libc::setsockopt(fd, level, name, (&raw const value).cast(), size_of::<libc::c_int>() as libc::socklen_t)
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// The pending error of a non-blocking connect.
@@ -623,22 +510,12 @@ fn socket_error(fd: &OwnedFd) -> io::Result<()> {
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: err and len are valid for getsockopt to write.
     let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut err).cast(),
-            &raw mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &raw mut len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if err != 0 {
-        Err(io::Error::from_raw_os_error(err))
-    } else {
-        Ok(())
-    }
+    if err != 0 { Err(io::Error::from_raw_os_error(err)) } else { Ok(()) }
 }
 
 /// `addr` as a `sockaddr_storage` and its length.
@@ -650,9 +527,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
@@ -664,9 +539,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: as above, for sockaddr_in6.
@@ -696,11 +569,7 @@ pub fn connect_from(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> io::
             return Err(e);
         }
     }
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: one valid pollfd.
     match unsafe { libc::poll(&raw mut pfd, 1, ms) } {
@@ -718,10 +587,7 @@ pub fn connect_from(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> io::
 /// Closes `stream` with a RST (`SO_LINGER` 0): neither side keeps TIME_WAIT,
 /// so the same source port can carry a new flow at once.
 pub fn close_with_reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: linger is a valid struct linger of the size passed.
     unsafe {
         libc::setsockopt(
@@ -744,19 +610,13 @@ pub fn get_backend(stream: &mut TcpStream, target: SocketAddr) -> io::Result<Str
     loop {
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed before a whole answer",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a whole answer"));
         }
         buf.extend_from_slice(&chunk[..n]);
         match parse_response(&buf) {
             Parsed::Incomplete if buf.len() < MAX_RESPONSE => {}
             Parsed::Incomplete => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "answer too long",
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "answer too long"));
             }
             Parsed::Bad(why) => return Err(io::Error::new(io::ErrorKind::InvalidData, why)),
             Parsed::Ok { body } => {
@@ -779,17 +639,8 @@ fn epoll_create() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn epoll_ctl(
-    epoll: &OwnedFd,
-    op: libc::c_int,
-    fd: RawFd,
-    events: libc::c_int,
-    slot: usize,
-) -> io::Result<()> {
-    let mut event = libc::epoll_event {
-        events: events.cast_unsigned(),
-        u64: slot as u64,
-    };
+fn epoll_ctl(epoll: &OwnedFd, op: libc::c_int, fd: RawFd, events: libc::c_int, slot: usize) -> io::Result<()> {
+    let mut event = libc::epoll_event { events: events.cast_unsigned(), u64: slot as u64 };
     // SAFETY: a valid epoll fd, socket fd and event.
     if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &raw mut event) } != 0 {
         return Err(io::Error::last_os_error());
@@ -809,10 +660,7 @@ fn epoll_wait(epoll: &OwnedFd, events: &mut [libc::epoll_event]) -> anyhow::Resu
         }
         return Err(e).context("epoll_wait");
     }
-    Ok(events[..n.cast_unsigned() as usize]
-        .iter()
-        .map(|e| e.u64 as usize)
-        .collect())
+    Ok(events[..n.cast_unsigned() as usize].iter().map(|e| e.u64 as usize).collect())
 }
 
 fn sleep_until(t: Instant) {
@@ -829,25 +677,11 @@ mod tests {
     #[test]
     fn parse_response_waits_for_the_whole_body() {
         let full = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Backend: b1\r\n\r\nbackend=b1\n";
-        assert_eq!(
-            parse_response(full),
-            Parsed::Ok {
-                body: full.len() - 11
-            }
-        );
+        assert_eq!(parse_response(full), Parsed::Ok { body: full.len() - 11 });
         assert_eq!(parse_response(&full[..full.len() - 1]), Parsed::Incomplete);
-        assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\nconTent-length:0\r\n\r\n"),
-            Parsed::Ok { body: 37 }
-        );
-        assert_eq!(
-            parse_response(b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n"),
-            Parsed::Bad("status is not 200")
-        );
-        assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\n\r\n"),
-            Parsed::Bad("no content-length")
-        );
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\nconTent-length:0\r\n\r\n"), Parsed::Ok { body: 37 });
+        assert_eq!(parse_response(b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n"), Parsed::Bad("status is not 200"));
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n\r\n"), Parsed::Bad("no content-length"));
         assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n"), Parsed::Incomplete);
     }
 

@@ -64,11 +64,7 @@ impl Snapshot {
     }
 
     fn memlock_of(&self, names: &[&str]) -> u64 {
-        self.maps
-            .iter()
-            .filter(|m| names.contains(&m.name.as_str()))
-            .map(|m| m.memlock)
-            .sum()
+        self.maps.iter().filter(|m| names.contains(&m.name.as_str())).map(|m| m.memlock).sum()
     }
 }
 
@@ -81,47 +77,33 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let tools = lb_bench::build()?;
     super::control::use_lb_binary(&tools.lb);
     // Drop order: the agent before the testbed that holds its namespace.
-    let testbed = Testbed::builder()
-        .backends(3)
-        .backend_bin(&tools.backend)
-        .build()
-        .context("the testbed")?;
-    let mut agent = Agent::start(
-        &testbed,
-        &agent::config_for(&testbed, HealthCheck::default()),
-    )
-    .context("starting lb")?;
+    let testbed = Testbed::builder().backends(3).backend_bin(&tools.backend).build().context("the testbed")?;
+    let mut agent =
+        Agent::start(&testbed, &agent::config_for(&testbed, HealthCheck::default())).context("starting lb")?;
     agent.wait_health("web", &["up", "up", "up"], UP_TIMEOUT)?;
     let idle = snapshot(&tools, &agent)?;
     let filled = fill(&tools, &testbed, &agent)?;
     let full = wait_counted(&tools, &agent)?;
     drop(agent);
     drop(testbed);
-    Ok(Report {
-        title: "Memory".to_owned(),
-        body: body(opts, &idle, &full, filled),
-    })
+    Ok(Report { title: "Memory".to_owned(), body: body(opts, &idle, &full, filled) })
 }
 
 /// Writes [`FLOWS`] flows to the `web` VIP into the agent's maps; returns
 /// how long the tool took.
 fn fill(tools: &Tools, testbed: &Testbed, agent: &Agent) -> anyhow::Result<f64> {
     let mut cmd = Command::new(&tools.lb_bench);
-    cmd.args([
-        "fill-flows",
-        "--pid",
-        &agent.pid().to_string(),
-        "--flows",
-        &FLOWS.to_string(),
-    ])
-    .args(["--vip", &testbed.vip_http().to_string(), "--vip-id", "1"]);
+    cmd.args(["fill-flows", "--pid", &agent.pid().to_string(), "--flows", &FLOWS.to_string()]).args([
+        "--vip",
+        &testbed.vip_http().to_string(),
+        "--vip-id",
+        "1",
+    ]);
     for i in 1..=testbed.backend_count() {
         cmd.args(["--backend", &testbed.backend_http(i).to_string()]);
     }
     let lines = lb_bench::run(cmd, TOOL_TIMEOUT)?;
-    let filled = of_kind(&lines, "filled")
-        .next()
-        .context("lb-bench fill-flows reported nothing")?;
+    let filled = of_kind(&lines, "filled").next().context("lb-bench fill-flows reported nothing")?;
     number(filled, "seconds")
 }
 
@@ -144,9 +126,7 @@ fn wait_counted(tools: &Tools, agent: &Agent) -> anyhow::Result<Snapshot> {
 
 fn conntrack_entries(agent: &Agent) -> anyhow::Result<u64> {
     let status = agent.status()?;
-    status["conntrack"]["entries"]
-        .as_u64()
-        .with_context(|| format!("/status has no conntrack.entries: {status}"))
+    status["conntrack"]["entries"].as_u64().with_context(|| format!("/status has no conntrack.entries: {status}"))
 }
 
 /// The agent's maps, its RSS and its count of the table, now.
@@ -166,12 +146,7 @@ fn snapshot(tools: &Tools, agent: &Agent) -> anyhow::Result<Snapshot> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     ensure!(!maps.is_empty(), "the agent holds no BPF maps?");
     let (rss_kib, hwm_kib) = rss(agent.pid())?;
-    Ok(Snapshot {
-        maps,
-        rss_kib,
-        hwm_kib,
-        entries,
-    })
+    Ok(Snapshot { maps, rss_kib, hwm_kib, entries })
 }
 
 /// `VmRSS` and `VmHWM` (peak) of process `pid`, in KiB.
@@ -211,10 +186,7 @@ fn body(opts: &Options, idle: &Snapshot, full: &Snapshot, fill_seconds: f64) -> 
         "| state | flows the agent counts | BPF maps, total (MiB) | CONNTRACK + REPLY_NAT (MiB) | MAGLEV (MiB) | agent RSS (MiB) |\n\
          |---|---|---|---|---|---|"
     );
-    for (label, s) in [
-        ("default capacity, idle", idle),
-        ("1,000,000 tracked flows", full),
-    ] {
+    for (label, s) in [("default capacity, idle", idle), ("1,000,000 tracked flows", full)] {
         let _ = writeln!(
             out,
             "| {label} | {} | {} | {} | {} | {} ({}) |",
@@ -237,11 +209,7 @@ fn body(opts: &Options, idle: &Snapshot, full: &Snapshot, fill_seconds: f64) -> 
     let mut maps: Vec<&MapMemory> = idle.maps.iter().collect();
     maps.sort_by_key(|m| std::cmp::Reverse(m.memlock));
     for m in maps {
-        let name = if m.name.is_empty() {
-            "(unnamed)"
-        } else {
-            m.name.as_str()
-        };
+        let name = if m.name.is_empty() { "(unnamed)" } else { m.name.as_str() };
         let _ = writeln!(
             out,
             "| {name} | {} | {} | {} |",

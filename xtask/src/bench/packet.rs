@@ -56,18 +56,8 @@ const ROWS: [Row; 8] = [
         goal_ns: Some(100.0),
         katran_ns: Some(190.0),
     },
-    Row {
-        case: "tcp_reply",
-        label: "TCP reply on the return path",
-        goal_ns: Some(100.0),
-        katran_ns: None,
-    },
-    Row {
-        case: "udp_tracked",
-        label: "UDP datagram of a tracked flow",
-        goal_ns: None,
-        katran_ns: None,
-    },
+    Row { case: "tcp_reply", label: "TCP reply on the return path", goal_ns: Some(100.0), katran_ns: None },
+    Row { case: "udp_tracked", label: "UDP datagram of a tracked flow", goal_ns: None, katran_ns: None },
     Row {
         case: "other_host_pass",
         label: "Not ours: to another host (passed to the kernel)",
@@ -97,30 +87,16 @@ const FAMILIES: [(&str, &str); 2] = [("ipv4", "IPv4"), ("ipv6", "IPv6")];
 /// When building or running `lb-bench` fails, or its output lacks a case.
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let tools = lb_bench::build()?;
-    let (repeat, runs) = if opts.quick {
-        (QUICK_REPEAT, QUICK_RUNS)
-    } else {
-        (REPEAT, RUNS)
-    };
-    let scratch =
-        ScratchNamespace::create("packet").context("creating the packet benchmark's namespace")?;
+    let (repeat, runs) = if opts.quick { (QUICK_REPEAT, QUICK_RUNS) } else { (REPEAT, RUNS) };
+    let scratch = ScratchNamespace::create("packet").context("creating the packet benchmark's namespace")?;
     let mut cmd = scratch.namespace().command(&tools.lb_bench);
-    cmd.args([
-        "packet",
-        "--repeat",
-        &repeat.to_string(),
-        "--runs",
-        &runs.to_string(),
-    ]);
+    cmd.args(["packet", "--repeat", &repeat.to_string(), "--runs", &runs.to_string()]);
     let load_before = lb_bench::load_average();
     let lines = lb_bench::run(cmd, TIMEOUT)?;
     let load = (load_before, lb_bench::load_average());
     drop(scratch);
     let samples = Samples::from_lines(&lines)?;
-    Ok(Report {
-        title: "Per-packet cost".to_owned(),
-        body: body(&samples, &lines, opts, (repeat, runs), &load)?,
-    })
+    Ok(Report { title: "Per-packet cost".to_owned(), body: body(&samples, &lines, opts, (repeat, runs), &load)? })
 }
 
 /// One run of one case, as `lb-bench` printed it.
@@ -149,14 +125,8 @@ impl Samples {
         let samples = of_kind(lines, "packet")
             .map(|line| {
                 Ok(Sample {
-                    case: line["case"]
-                        .as_str()
-                        .context("packet line without case")?
-                        .to_owned(),
-                    family: line["family"]
-                        .as_str()
-                        .context("packet line without family")?
-                        .to_owned(),
+                    case: line["case"].as_str().context("packet line without case")?.to_owned(),
+                    family: line["family"].as_str().context("packet line without family")?.to_owned(),
                     floor: number(line, "floor_ns")?,
                     wrapper: number(line, "wrapper_ns")?,
                     wrapped: number(line, "wrapped_ns")?,
@@ -170,31 +140,18 @@ impl Samples {
     }
 
     fn of<'a>(&'a self, case: &'a str, family: &'a str) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.0
-            .iter()
-            .filter(move |s| s.case == case && s.family == family)
+        self.0.iter().filter(move |s| s.case == case && s.family == family)
     }
 
     /// The spread of `f` over the runs of one case.
-    fn spread(
-        &self,
-        case: &str,
-        family: &str,
-        f: impl Fn(&Sample) -> f64,
-    ) -> anyhow::Result<Spread> {
-        Spread::of(self.of(case, family).map(f))
-            .with_context(|| format!("no samples of {family} {case}"))
+    fn spread(&self, case: &str, family: &str, f: impl Fn(&Sample) -> f64) -> anyhow::Result<Spread> {
+        Spread::of(self.of(case, family).map(f)).with_context(|| format!("no samples of {family} {case}"))
     }
 
     /// The floor over every run of every case of a family.
     fn floor(&self, family: &str) -> anyhow::Result<Spread> {
-        Spread::of(
-            self.0
-                .iter()
-                .filter(|s| s.family == family)
-                .map(|s| s.floor),
-        )
-        .with_context(|| format!("no {family} samples"))
+        Spread::of(self.0.iter().filter(|s| s.family == family).map(|s| s.floor))
+            .with_context(|| format!("no {family} samples"))
     }
 }
 
@@ -210,10 +167,7 @@ fn body(
     let quick = if opts.quick { " --quick" } else { "" };
     let _ = writeln!(out, "`cargo xtask bench --only packet{quick}`\n");
     if opts.quick {
-        let _ = writeln!(
-            out,
-            "**Quick run: for trying the harness, not for figures.**\n"
-        );
+        let _ = writeln!(out, "**Quick run: for trying the harness, not for figures.**\n");
     }
     let _ = writeln!(
         out,
@@ -225,11 +179,7 @@ fn body(
     main_table(&mut out, samples)?;
     goals(&mut out, samples)?;
     method(&mut out, samples, lines, &thousands(u64::from(repeat)))?;
-    let _ = writeln!(
-        out,
-        "Load average (1 min) of the shared machine: {} before the run, {} after.\n",
-        load.0, load.1
-    );
+    let _ = writeln!(out, "Load average (1 min) of the shared machine: {} before the run, {} after.\n", load.0, load.1);
     Ok(out)
 }
 
@@ -243,12 +193,8 @@ fn main_table(out: &mut String, samples: &Samples) -> anyhow::Result<()> {
         let v6 = samples.spread(row.case, "ipv6", Sample::cost)?;
         let f4 = samples.spread(row.case, "ipv4", |s| s.floor)?;
         let f6 = samples.spread(row.case, "ipv6", |s| s.floor)?;
-        let goal = row
-            .goal_ns
-            .map_or_else(|| "—".to_owned(), |g| format!("< {g:.0}"));
-        let katran = row
-            .katran_ns
-            .map_or_else(|| "—".to_owned(), |k| thousands(k as u64));
+        let goal = row.goal_ns.map_or_else(|| "—".to_owned(), |g| format!("< {g:.0}"));
+        let katran = row.katran_ns.map_or_else(|| "—".to_owned(), |k| thousands(k as u64));
         let _ = writeln!(
             out,
             "| {} | {} | {} | {:.0} / {:.0} | {goal} | {katran} |",
@@ -277,15 +223,8 @@ fn goals(out: &mut String, samples: &Samples) -> anyhow::Result<()> {
         let goal = row.goal_ns.unwrap_or(f64::INFINITY);
         for (family, name) in FAMILIES {
             let median = samples.spread(row.case, family, Sample::cost)?.median;
-            let line = format!(
-                "{}, {name}: {median:.0} ns against < {goal:.0} ns",
-                row.label
-            );
-            if median < goal {
-                met.push(line)
-            } else {
-                missed.push(line)
-            }
+            let line = format!("{}, {name}: {median:.0} ns against < {goal:.0} ns", row.label);
+            if median < goal { met.push(line) } else { missed.push(line) }
         }
     }
     let _ = writeln!(out, "Goals of issue 4 (same method), by the medians:");
@@ -301,12 +240,7 @@ fn goals(out: &mut String, samples: &Samples) -> anyhow::Result<()> {
 
 /// The method, its check, the trap it avoids, the table's state and the
 /// limits of the figures, each from this run's own output.
-fn method(
-    out: &mut String,
-    samples: &Samples,
-    lines: &[Value],
-    repeat: &str,
-) -> anyhow::Result<()> {
+fn method(out: &mut String, samples: &Samples, lines: &[Value], repeat: &str) -> anyhow::Result<()> {
     let _ = writeln!(
         out,
         "Method. With a plain `repeat` the kernel runs the program again and again on the same buffer without \
@@ -344,13 +278,8 @@ fn check_and_trap(out: &mut String, samples: &Samples) -> anyhow::Result<()> {
     );
     for row in &ROWS {
         for (family, name) in FAMILIES {
-            let part =
-                |f: fn(&Sample) -> f64| samples.spread(row.case, family, f).map(|s| s.median);
-            let path = samples
-                .of(row.case, family)
-                .next()
-                .map(|s| describe_path(&s.plain_path))
-                .unwrap_or_default();
+            let part = |f: fn(&Sample) -> f64| samples.spread(row.case, family, f).map(|s| s.median);
+            let path = samples.of(row.case, family).next().map(|s| describe_path(&s.plain_path)).unwrap_or_default();
             let _ = writeln!(
                 out,
                 "| {} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {path} |",
@@ -379,24 +308,14 @@ fn check_and_trap(out: &mut String, samples: &Samples) -> anyhow::Result<()> {
 
 /// `1 redirect_to_backend, 999,999 pass_not_vip`, largest last.
 fn describe_path(path: &serde_json::Map<String, Value>) -> String {
-    let mut parts: Vec<(u64, &str)> = path
-        .iter()
-        .map(|(k, v)| (v.as_u64().unwrap_or(0), k.as_str()))
-        .collect();
+    let mut parts: Vec<(u64, &str)> = path.iter().map(|(k, v)| (v.as_u64().unwrap_or(0), k.as_str())).collect();
     parts.sort_unstable();
-    parts
-        .iter()
-        .map(|(n, k)| format!("{} {k}", thousands(*n)))
-        .collect::<Vec<_>>()
-        .join(", ")
+    parts.iter().map(|(n, k)| format!("{} {k}", thousands(*n))).collect::<Vec<_>>().join(", ")
 }
 
 /// What the connection table held around the new-flow cases.
 fn table_state(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
-    let _ = writeln!(
-        out,
-        "Connection table (entries counted by walking both maps, CONNTRACK / REPLY_NAT):"
-    );
+    let _ = writeln!(out, "Connection table (entries counted by walking both maps, CONNTRACK / REPLY_NAT):");
     for line in of_kind(lines, "table") {
         let count = |key| line[key].as_u64().map(thousands).unwrap_or_default();
         let what = match (line["case"].as_str(), line["when"].as_str()) {
@@ -405,8 +324,7 @@ fn table_state(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
                 line["family"].as_str().unwrap_or("?")
             ),
             (Some(_), Some("before")) => {
-                "table full: after filling it with 1.25 × capacity new flows, before the runs"
-                    .to_owned()
+                "table full: after filling it with 1.25 × capacity new flows, before the runs".to_owned()
             }
             (Some(_), _) => "table full: after all its runs".to_owned(),
             _ => continue,
@@ -434,10 +352,7 @@ fn programs(out: &mut String, lines: &[Value]) {
             let name = p["name"].as_str().unwrap_or("?");
             let jited = p["jited_bytes"].as_u64().map(thousands).unwrap_or_default();
             match p["xlated_insns"].as_u64() {
-                Some(insns) => format!(
-                    "`{name}` {} instructions, {jited} bytes JITed",
-                    thousands(insns)
-                ),
+                Some(insns) => format!("`{name}` {} instructions, {jited} bytes JITed", thousands(insns)),
                 None => format!("`{name}` {jited} bytes JITed"),
             }
         })
@@ -456,12 +371,7 @@ fn limits(out: &mut String, samples: &Samples, repeat: &str) -> anyhow::Result<(
     }
     let floor = FAMILIES
         .iter()
-        .map(|(family, name)| {
-            Ok(format!(
-                "{name} ±{:.0}%",
-                samples.floor(family)?.spread_pct()
-            ))
-        })
+        .map(|(family, name)| Ok(format!("{name} ±{:.0}%", samples.floor(family)?.spread_pct())))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let _ = writeln!(
         out,

@@ -59,17 +59,9 @@ struct Plan {
 impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
-            Plan {
-                runs: 1,
-                frames_per_thread: 2_000_000,
-                max_time: Duration::from_secs(1),
-            }
+            Plan { runs: 1, frames_per_thread: 2_000_000, max_time: Duration::from_secs(1) }
         } else {
-            Plan {
-                runs: 3,
-                frames_per_thread: 40_000_000,
-                max_time: Duration::from_secs(5),
-            }
+            Plan { runs: 3, frames_per_thread: 40_000_000, max_time: Duration::from_secs(5) }
         }
     }
 }
@@ -102,12 +94,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
     let mut samples = Vec::new();
     for round in 0..plan.runs {
         for balancer in [Balancer::Lb, Balancer::Nftables] {
-            println!(
-                "bench pps: round {}/{}, {}",
-                round + 1,
-                plan.runs,
-                balancer.name()
-            );
+            println!("bench pps: round {}/{}, {}", round + 1, plan.runs, balancer.name());
             let sample = measure(balancer, threads, plan)
                 .with_context(|| format!("pps: {}, round {}", balancer.name(), round + 1))?;
             println!(
@@ -124,10 +111,7 @@ pub fn run(quick: bool) -> anyhow::Result<Report> {
         "{load_before} before the section ({} after it, which counts its own threads too)",
         harness::load_average()
     );
-    Ok(Report {
-        title: "Packets per second".to_owned(),
-        body: body(plan, threads, &samples, &load),
-    })
+    Ok(Report { title: "Packets per second".to_owned(), body: body(plan, threads, &samples, &load) })
 }
 
 /// Where the frames go and what counts them, for one testbed.
@@ -162,14 +146,8 @@ struct Counters {
 
 fn measure(balancer: Balancer, threads: usize, plan: Plan) -> anyhow::Result<Sample> {
     let testbed = harness::testbed(BACKENDS)?;
-    testbed
-        .gateway()
-        .exec_ok(&["ethtool", "-K", testbed.gateway_client_if(), "gro", "on"])?;
-    let params = Params {
-        lb_config: sink_config(&testbed),
-        lb_vip: SINK_VIP.to_owned(),
-        udp_backend_port: SINK_PORT,
-    };
+    testbed.gateway().exec_ok(&["ethtool", "-K", testbed.gateway_client_if(), "gro", "on"])?;
+    let params = Params { lb_config: sink_config(&testbed), lb_vip: SINK_VIP.to_owned(), udp_backend_port: SINK_PORT };
     let running = baselines::start(balancer, &testbed, &params)?;
     let path = path(&testbed)?;
     let generator = &Generator::load(&path.frame)?;
@@ -183,12 +161,8 @@ fn measure(balancer: Balancer, threads: usize, plan: Plan) -> anyhow::Result<Sam
     thread::sleep(livegen::DRAIN);
     let after = path.counters(running.agent())?;
 
-    let at_backends: Vec<u64> = after
-        .backends
-        .iter()
-        .zip(&before.backends)
-        .map(|(a, b)| a.since(*b).rx_packets)
-        .collect();
+    let at_backends: Vec<u64> =
+        after.backends.iter().zip(&before.backends).map(|(a, b)| a.since(*b).rx_packets).collect();
     let gateway_counted = match (after.redirected, before.redirected) {
         (Some(a), Some(b)) => a - b,
         _ => after.gateway_out.since(before.gateway_out).tx_packets,
@@ -209,57 +183,25 @@ fn measure(balancer: Balancer, threads: usize, plan: Plan) -> anyhow::Result<Sam
 fn path(testbed: &Testbed) -> anyhow::Result<Path<'_>> {
     let client = harness::link_json(testbed.client(), testbed.client_if(), false)?;
     let gateway = harness::link_json(testbed.gateway(), testbed.gateway_client_if(), false)?;
-    let ifindex = client["ifindex"]
-        .as_u64()
-        .and_then(|i| u32::try_from(i).ok())
-        .context("client veth has no ifindex")?;
-    let frame = livegen::udp_frame(
-        mac(&client)?,
-        mac(&gateway)?,
-        CLIENT_ADDR,
-        VIP,
-        VIP_UDP_PORT,
-    );
-    Ok(Path {
-        testbed,
-        ifindex,
-        frame,
-    })
+    let ifindex =
+        client["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok()).context("client veth has no ifindex")?;
+    let frame = livegen::udp_frame(mac(&client)?, mac(&gateway)?, CLIENT_ADDR, VIP, VIP_UDP_PORT);
+    Ok(Path { testbed, ifindex, frame })
 }
 
 fn mac(link: &serde_json::Value) -> anyhow::Result<[u8; 6]> {
     let text = link["address"].as_str().context("link has no address")?;
-    let bytes: Vec<u8> = text
-        .split(':')
-        .filter_map(|h| u8::from_str_radix(h, 16).ok())
-        .collect();
-    bytes
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("not a MAC address: {text}"))
+    let bytes: Vec<u8> = text.split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+    bytes.try_into().map_err(|_| anyhow::anyhow!("not a MAC address: {text}"))
 }
 
 /// A short burst; at least two backends must receive some of it.
-fn check_balances(
-    generator: &Generator,
-    path: &Path<'_>,
-    agent: Option<&Agent>,
-) -> anyhow::Result<()> {
+fn check_balances(generator: &Generator, path: &Path<'_>, agent: Option<&Agent>) -> anyhow::Result<()> {
     let before = path.counters(agent)?;
-    generate(
-        generator,
-        path,
-        1,
-        CHECK_FRAMES,
-        Instant::now() + Duration::from_secs(2),
-    )?;
+    generate(generator, path, 1, CHECK_FRAMES, Instant::now() + Duration::from_secs(2))?;
     thread::sleep(livegen::DRAIN);
     let after = path.counters(agent)?;
-    let hit: Vec<u64> = after
-        .backends
-        .iter()
-        .zip(&before.backends)
-        .map(|(a, b)| a.since(*b).rx_packets)
-        .collect();
+    let hit: Vec<u64> = after.backends.iter().zip(&before.backends).map(|(a, b)| a.since(*b).rx_packets).collect();
     ensure!(
         hit.iter().filter(|&&n| n > 0).count() >= 2,
         "{CHECK_FRAMES} frames did not spread over the backends: {hit:?}"
@@ -290,10 +232,7 @@ fn generate(
             .collect();
         workers
             .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a generator thread panicked")))
-            })
+            .map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a generator thread panicked"))))
             .collect()
     });
     results.into_iter().sum()
@@ -320,11 +259,7 @@ fn sink_config(testbed: &Testbed) -> String {
         testbed.vip_udp()
     );
     for i in 1..=testbed.backend_count() {
-        let _ = writeln!(
-            toml,
-            "[[vip.backend]]\naddress = \"{}:{SINK_PORT}\"\n",
-            testbed.backend_addr(i)
-        );
+        let _ = writeln!(toml, "[[vip.backend]]\naddress = \"{}:{SINK_PORT}\"\n", testbed.backend_addr(i));
     }
     toml
 }
@@ -359,9 +294,8 @@ fn body(plan: Plan, threads: usize, samples: &[Sample], load: &str) -> String {
         .iter()
         .map(|&b| {
             let runs: Vec<&Sample> = samples.iter().filter(|s| s.balancer == b).collect();
-            let mpps = |f: fn(&Sample) -> u64| {
-                Summary::of(&runs.iter().map(|s| s.mpps(f(s))).collect::<Vec<_>>()).show(2)
-            };
+            let mpps =
+                |f: fn(&Sample) -> u64| Summary::of(&runs.iter().map(|s| s.mpps(f(s))).collect::<Vec<_>>()).show(2);
             vec![
                 b.name().to_owned(),
                 mpps(|s| s.offered),
@@ -369,11 +303,7 @@ fn body(plan: Plan, threads: usize, samples: &[Sample], load: &str) -> String {
                 mpps(|s| s.gateway_counted),
                 mpps(|s| s.dropped_to_switch),
                 mpps(|s| s.at_backends),
-                runs.iter()
-                    .map(|s| s.backends_hit)
-                    .min()
-                    .unwrap_or(0)
-                    .to_string(),
+                runs.iter().map(|s| s.backends_hit).min().unwrap_or(0).to_string(),
             ]
         })
         .collect();

@@ -21,34 +21,18 @@ impl Spread {
         }
         v.sort_by(f64::total_cmp);
         let mid = v.len() / 2;
-        let median = if v.len().is_multiple_of(2) {
-            f64::midpoint(v[mid - 1], v[mid])
-        } else {
-            v[mid]
-        };
-        Some(Self {
-            median,
-            min: v[0],
-            max: v[v.len() - 1],
-            n: v.len(),
-        })
+        let median = if v.len().is_multiple_of(2) { f64::midpoint(v[mid - 1], v[mid]) } else { v[mid] };
+        Some(Self { median, min: v[0], max: v[v.len() - 1], n: v.len() })
     }
 
     /// Half the range relative to the median, in percent: how noisy.
     pub fn spread_pct(&self) -> f64 {
-        if self.median == 0.0 {
-            0.0
-        } else {
-            (self.max - self.min) / 2.0 / self.median * 100.0
-        }
+        if self.median == 0.0 { 0.0 } else { (self.max - self.min) / 2.0 / self.median * 100.0 }
     }
 
     /// Shows the figures with `decimals` decimals: `295 (290–301)`.
     pub fn with(&self, decimals: usize) -> Shown<'_> {
-        Shown {
-            spread: self,
-            decimals,
-        }
+        Shown { spread: self, decimals }
     }
 }
 

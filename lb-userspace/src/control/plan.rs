@@ -8,7 +8,7 @@
 //! Applied in place (VIPs are matched by `name`, backends by `address`):
 //! - VIPs added to the file: each gets the lowest free VIP id (which also
 //!   selects its two Maglev rings, so ids stay within `agent.max_vips`), and
-//!   is published once its ring is written (see [`crate::lb::state`]);
+//!   is published once its ring is written (see [`crate::control::balancer`]);
 //! - VIPs removed from the file: their `VIPS` entry goes first, so their
 //!   packets pass to the kernel, then their backends are retired and their
 //!   id is freed for a later VIP;
@@ -44,15 +44,44 @@ use crate::config::model::{AgentConfig, BackendConfig, Config, HealthCheckConfig
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// A VIP no longer in the file (or whose `listen` or `protocol` changed).
-    RemoveVip { vip: String, listen: SocketAddr, protocol: Protocol },
+    RemoveVip {
+        vip: String,
+        listen: SocketAddr,
+        protocol: Protocol,
+    },
     /// A VIP new to the file (or re-added with a new `listen` or `protocol`).
-    AddVip { vip: VipConfig },
-    SetScheduler { vip: String, from: Scheduler, to: Scheduler },
-    SetWeight { vip: String, address: SocketAddr, from: u32, to: u32 },
-    SetBackup { vip: String, address: SocketAddr, from: bool, to: bool },
-    AddBackend { vip: String, backend: BackendConfig },
-    RemoveBackend { vip: String, address: SocketAddr },
-    SetHealthCheck { vip: String, check: HealthCheckConfig },
+    AddVip {
+        vip: VipConfig,
+    },
+    SetScheduler {
+        vip: String,
+        from: Scheduler,
+        to: Scheduler,
+    },
+    SetWeight {
+        vip: String,
+        address: SocketAddr,
+        from: u32,
+        to: u32,
+    },
+    SetBackup {
+        vip: String,
+        address: SocketAddr,
+        from: bool,
+        to: bool,
+    },
+    AddBackend {
+        vip: String,
+        backend: BackendConfig,
+    },
+    RemoveBackend {
+        vip: String,
+        address: SocketAddr,
+    },
+    SetHealthCheck {
+        vip: String,
+        check: HealthCheckConfig,
+    },
 }
 
 impl Action {
@@ -124,7 +153,7 @@ pub struct Refusal {
 /// # Errors
 ///
 /// A [`Refusal`] naming the `[agent]` key.
-pub fn plan(running: &Config, new: &Config) -> Result<Vec<Action>, Refusal> {
+pub fn reload(running: &Config, new: &Config) -> Result<Vec<Action>, Refusal> {
     let refuse = |key: String, reason: String| Refusal { file: new.source.clone(), key, reason };
     if let Some(key) = changed_agent_key(&running.agent, &new.agent) {
         return Err(refuse(format!("agent.{key}"), "changed; changing it needs a restart".to_owned()));
@@ -178,10 +207,20 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
             continue;
         };
         if was.weight != backend.weight {
-            actions.push(Action::SetWeight { vip: vip(), address: backend.address, from: was.weight, to: backend.weight });
+            actions.push(Action::SetWeight {
+                vip: vip(),
+                address: backend.address,
+                from: was.weight,
+                to: backend.weight,
+            });
         }
         if was.backup != backend.backup {
-            actions.push(Action::SetBackup { vip: vip(), address: backend.address, from: was.backup, to: backend.backup });
+            actions.push(Action::SetBackup {
+                vip: vip(),
+                address: backend.address,
+                from: was.backup,
+                to: backend.backup,
+            });
         }
     }
     if old.health_check != new.health_check {
@@ -258,7 +297,7 @@ address = "198.18.2.11:8081"
     }
 
     fn plan_for(new: &str) -> Result<Vec<Action>, Refusal> {
-        plan(&load(BASE), &load(new))
+        reload(&load(BASE), &load(new))
     }
 
     fn refused_key(new: &str) -> String {
@@ -354,7 +393,8 @@ address = "198.18.2.11:8081"
             .collect()
     }
 
-    const MORE: &str = "\n[[vip]]\nname = \"more\"\nlisten = \"198.18.0.100:81\"\n[[vip.backend]]\naddress = \"198.18.2.13:8080\"\n";
+    const MORE: &str =
+        "\n[[vip]]\nname = \"more\"\nlisten = \"198.18.0.100:81\"\n[[vip.backend]]\naddress = \"198.18.2.13:8080\"\n";
 
     #[test]
     fn vips_added_and_removed_are_planned() {
@@ -378,10 +418,12 @@ address = "198.18.2.11:8081"
 
     #[test]
     fn a_new_listen_or_protocol_is_a_new_service_and_a_new_name_too() {
-        let moved = plan_for(&BASE.replacen("198.18.0.100:80\"", "198.18.0.101:80\"", 1)).unwrap_or_else(|e| panic!("{e}"));
+        let moved =
+            plan_for(&BASE.replacen("198.18.0.100:80\"", "198.18.0.101:80\"", 1)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(vip_changes(&moved), ["-web", "+web"]);
         assert!(matches!(&moved[1], Action::AddVip { vip } if vip.listen == addr("198.18.0.101:80")));
-        let retyped = plan_for(&BASE.replacen("protocol = \"udp\"", "protocol = \"tcp\"", 1)).unwrap_or_else(|e| panic!("{e}"));
+        let retyped =
+            plan_for(&BASE.replacen("protocol = \"udp\"", "protocol = \"tcp\"", 1)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(vip_changes(&retyped), ["-dns", "+dns"]);
         // Renaming is removing one VIP and adding another, at the same listen.
         let renamed = plan_for(&BASE.replacen("\"dns\"", "\"dns2\"", 1)).unwrap_or_else(|e| panic!("{e}"));
@@ -396,7 +438,10 @@ address = "198.18.2.11:8081"
             1,
         );
         let actions = plan_for(&new).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(actions, vec![Action::SetScheduler { vip: "web".into(), from: Scheduler::Maglev, to: Scheduler::SourceHash }]);
+        assert_eq!(
+            actions,
+            vec![Action::SetScheduler { vip: "web".into(), from: Scheduler::Maglev, to: Scheduler::SourceHash }]
+        );
         assert_eq!(actions[0].to_string(), "vip web scheduler maglev -> source-hash");
     }
 
@@ -425,7 +470,7 @@ address = "198.18.2.11:8081"
         let running = load(&format!("{BASE}{many}{MORE}").replacen("[agent]", "[agent]\nmax_vips = 20", 1));
         let small = load(BASE);
         assert_eq!(small.agent.max_vips, 16);
-        assert!(plan(&running, &small).is_ok());
+        assert!(reload(&running, &small).is_ok());
         assert_eq!(as_running(&running, small).agent.max_vips, 20);
         // Setting it explicitly to what runs is no change; to anything else is.
         let explicit = BASE.replacen("[agent]", "[agent]\nmax_vips = 16", 1);
@@ -443,14 +488,14 @@ address = "198.18.2.11:8081"
         let respelled = web6
             .replace("[2001:db8:2::11]", "[2001:0db8:0002:0000:0000:0000:0000:0011]")
             .replace("\"[2001:db8:2::12]:8080\"", "\"[2001:db8:2:0::12]:8080\"\nweight = 0");
-        let actions = plan(&old, &load(&format!("{BASE}{respelled}"))).unwrap_or_else(|e| panic!("{e}"));
+        let actions = reload(&old, &load(&format!("{BASE}{respelled}"))).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             actions,
             vec![Action::SetWeight { vip: "web6".into(), address: addr("[2001:db8:2::12]:8080"), from: 1, to: 0 }]
         );
         assert_eq!(actions[0].to_string(), "vip web6 backend [2001:db8:2::12]:8080 weight 1 -> 0");
         let moved = web6.replacen("[2001:db8::100]:80", "[2001:db8::101]:80", 1);
-        let actions = plan(&old, &load(&format!("{BASE}{moved}"))).unwrap_or_else(|e| panic!("{e}"));
+        let actions = reload(&old, &load(&format!("{BASE}{moved}"))).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(vip_changes(&actions), ["-web6", "+web6"]);
     }
 

@@ -63,31 +63,21 @@ pub fn build_ring(ring_size: u32, backends: &[MaglevBackend<'_>]) -> Vec<u32> {
         return vec![BACKEND_ID_NONE; ring_size as usize];
     }
     // Ties in key are broken by weight and id, so any input order gives one ring.
-    members.sort_by(|a, b| {
-        a.key
-            .cmp(b.key)
-            .then(a.weight.cmp(&b.weight))
-            .then(a.id.cmp(&b.id))
-    });
+    members.sort_by(|a, b| a.key.cmp(b.key).then(a.weight.cmp(&b.weight)).then(a.id.cmp(&b.id)));
     let max_weight = members.iter().map(|b| b.weight).max().unwrap_or(1);
 
     let mut cursors: Vec<Cursor> = members
         .iter()
         .map(|b| {
             let offset = siphash24(OFFSET_KEY, b.key.as_bytes()) % size;
-            Cursor {
-                next: offset,
-                skip: skip_for(siphash24(SKIP_KEY, b.key.as_bytes()), size),
-                filled: 0,
-            }
+            Cursor { next: offset, skip: skip_for(siphash24(SKIP_KEY, b.key.as_bytes()), size), filled: 0 }
         })
         .collect();
 
     // Round-robin by rounds, as a heap of (round of the next placement, index):
     // equal to looping over every backend each round, but a backend of small
     // weight costs nothing in the rounds it sits out.
-    let mut turns: BinaryHeap<Reverse<(u64, usize)>> =
-        (0..members.len()).map(|i| Reverse((1, i))).collect();
+    let mut turns: BinaryHeap<Reverse<(u64, usize)>> = (0..members.len()).map(|i| Reverse((1, i))).collect();
     let mut slots = vec![EMPTY; ring_size as usize];
     let mut placed: u64 = 0;
     while placed < size {
@@ -110,16 +100,10 @@ pub fn build_ring(ring_size: u32, backends: &[MaglevBackend<'_>]) -> Vec<u32> {
         }
         cursor.filled += 1;
         placed += 1;
-        turns.push(Reverse((
-            next_round(cursor.filled, member.weight, max_weight),
-            i,
-        )));
+        turns.push(Reverse((next_round(cursor.filled, member.weight, max_weight), i)));
     }
 
-    slots
-        .into_iter()
-        .map(|i| members.get(i as usize).map_or(BACKEND_ID_NONE, |b| b.id))
-        .collect()
+    slots.into_iter().map(|i| members.get(i as usize).map_or(BACKEND_ID_NONE, |b| b.id)).collect()
 }
 
 /// The changed slots between two versions of a ring, as `(slot, new id)`:
@@ -129,15 +113,11 @@ pub fn build_ring(ring_size: u32, backends: &[MaglevBackend<'_>]) -> Vec<u32> {
 /// unknown) yields every slot of `new`. Slots past the end of `new` are not
 /// reported.
 pub fn ring_diff(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {
-    (0u32..)
-        .zip(new)
-        .filter(|&(slot, id)| old.get(slot as usize) != Some(id))
-        .map(|(slot, &id)| (slot, id))
-        .collect()
+    (0u32..).zip(new).filter(|&(slot, id)| old.get(slot as usize) != Some(id)).map(|(slot, &id)| (slot, id)).collect()
 }
 
 /// Whether `n` is prime. Ring sizes must be, for Maglev's balance; config
-/// validation and [`crate::lb::state::Balancer`] check with this.
+/// validation and [`crate::control::balancer::Balancer`] check with this.
 pub fn is_prime(n: u32) -> bool {
     if n < 4 {
         return n >= 2;
@@ -254,17 +234,11 @@ mod tests {
 
     /// Keys in the style of real backends: `198.18.<i/250>.<i%250+1>:8080`.
     fn keys(n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| format!("198.18.{}.{}:8080", 2 + i / 250, i % 250 + 1))
-            .collect()
+        (0..n).map(|i| format!("198.18.{}.{}:8080", 2 + i / 250, i % 250 + 1)).collect()
     }
 
     fn backends<'a>(keys: &'a [String], weights: &[u32]) -> Vec<MaglevBackend<'a>> {
-        keys.iter()
-            .zip(weights)
-            .zip(1u32..)
-            .map(|((key, &weight), id)| MaglevBackend { id, key, weight })
-            .collect()
+        keys.iter().zip(weights).zip(1u32..).map(|((key, &weight), id)| MaglevBackend { id, key, weight }).collect()
     }
 
     fn equal(keys: &[String]) -> Vec<MaglevBackend<'_>> {
@@ -329,10 +303,7 @@ mod tests {
             let keys = keys(n);
             let ring = build_ring(M, &equal(&keys));
             assert_eq!(ring.len(), M as usize);
-            assert!(
-                ring.iter().all(|&id| id != BACKEND_ID_NONE),
-                "empty slot with {n} backends"
-            );
+            assert!(ring.iter().all(|&id| id != BACKEND_ID_NONE), "empty slot with {n} backends");
         }
     }
 
@@ -340,10 +311,7 @@ mod tests {
     fn no_weight_gives_empty_ring() {
         let keys = keys(3);
         assert_eq!(build_ring(M, &[]), vec![BACKEND_ID_NONE; M as usize]);
-        assert_eq!(
-            build_ring(M, &backends(&keys, &[0, 0, 0])),
-            vec![BACKEND_ID_NONE; M as usize]
-        );
+        assert_eq!(build_ring(M, &backends(&keys, &[0, 0, 0])), vec![BACKEND_ID_NONE; M as usize]);
     }
 
     #[test]
@@ -354,10 +322,7 @@ mod tests {
         assert_eq!(build_ring(1, &members).len(), 1);
         for size in [2, 4, 100, 1000, 65536] {
             let ring = build_ring(size, &members);
-            assert!(
-                ring.iter().all(|&id| id != BACKEND_ID_NONE),
-                "empty slot with ring size {size}"
-            );
+            assert!(ring.iter().all(|&id| id != BACKEND_ID_NONE), "empty slot with ring size {size}");
         }
     }
 
@@ -414,18 +379,11 @@ mod tests {
                 let gone = rest.remove(removed).id;
                 let after = build_ring(M, &rest);
                 let moved = changed_fraction(&before, &after);
-                assert!(
-                    moved <= 1.0 / n as f64 + 0.03,
-                    "n={n}: removing one moved {moved:.4} of slots"
-                );
+                assert!(moved <= 1.0 / n as f64 + 0.03, "n={n}: removing one moved {moved:.4} of slots");
                 // Of the slots the remaining backends held, few change hands.
                 let kept: Vec<usize> = (0..before.len()).filter(|&s| before[s] != gone).collect();
-                let disturbed = kept.iter().filter(|&&s| before[s] != after[s]).count() as f64
-                    / kept.len() as f64;
-                assert!(
-                    disturbed <= 0.03,
-                    "n={n}: {disturbed:.4} of the remaining backends' slots moved"
-                );
+                let disturbed = kept.iter().filter(|&&s| before[s] != after[s]).count() as f64 / kept.len() as f64;
+                assert!(disturbed <= 0.03, "n={n}: {disturbed:.4} of the remaining backends' slots moved");
                 assert!(!after.contains(&gone));
             }
         }
@@ -439,19 +397,11 @@ mod tests {
             let before = build_ring(M, &members[..n]);
             let after = build_ring(M, &members);
             let moved = changed_fraction(&before, &after);
-            assert!(
-                moved <= 1.0 / (n + 1) as f64 + 0.03,
-                "n={n}: adding one moved {moved:.4} of slots"
-            );
+            assert!(moved <= 1.0 / (n + 1) as f64 + 0.03, "n={n}: adding one moved {moved:.4} of slots");
             let new_id = members[n].id;
-            let disturbed = (0..after.len())
-                .filter(|&s| after[s] != new_id && before[s] != after[s])
-                .count() as f64
+            let disturbed = (0..after.len()).filter(|&s| after[s] != new_id && before[s] != after[s]).count() as f64
                 / after.len() as f64;
-            assert!(
-                disturbed <= 0.03,
-                "n={n}: {disturbed:.4} of slots moved between old backends"
-            );
+            assert!(disturbed <= 0.03, "n={n}: {disturbed:.4} of slots moved between old backends");
         }
     }
 
@@ -462,15 +412,9 @@ mod tests {
         let keys = keys(5);
         let members = backends(&keys, &[1, 1, 2, 1, 3]);
         let ring = build_ring(M, &members);
-        let sample: Vec<u32> = [0usize, 1, 2, 3, 1000, 32768, 65536]
-            .iter()
-            .map(|&s| ring[s])
-            .collect();
+        let sample: Vec<u32> = [0usize, 1, 2, 3, 1000, 32768, 65536].iter().map(|&s| ring[s]).collect();
         assert_eq!(sample, PINNED_SAMPLE);
-        assert_eq!(
-            siphash24(OFFSET_KEY, b"198.18.2.11:8080"),
-            PINNED_OFFSET_HASH
-        );
+        assert_eq!(siphash24(OFFSET_KEY, b"198.18.2.11:8080"), PINNED_OFFSET_HASH);
     }
     /// Ring entries at slots 0, 1, 2, 3, 1000, 32768 and 65536, recorded when
     /// the builder was written.
@@ -486,21 +430,15 @@ mod tests {
     }
 
     /// Timing for the report: `cargo test --release -p lb-userspace --lib
-    /// lb::maglev::tests::timing -- --ignored --nocapture`.
+    /// control::maglev::tests::timing -- --ignored --nocapture`.
     #[test]
     #[ignore = "timing, not a check; run by hand in release"]
     fn timing() {
         for n in [3, 100, 1000, 4095] {
             let keys = keys(n);
             let members = equal(&keys);
-            let weighted: Vec<MaglevBackend<'_>> = members
-                .iter()
-                .zip(1u32..)
-                .map(|(b, i)| MaglevBackend {
-                    weight: 1 + i % 7,
-                    ..*b
-                })
-                .collect();
+            let weighted: Vec<MaglevBackend<'_>> =
+                members.iter().zip(1u32..).map(|(b, i)| MaglevBackend { weight: 1 + i % 7, ..*b }).collect();
             for (label, input) in [("equal", &members), ("weights 1..7", &weighted)] {
                 let mut times: Vec<_> = (0..5)
                     .map(|_| {
@@ -512,10 +450,7 @@ mod tests {
                     })
                     .collect();
                 times.sort();
-                println!(
-                    "M={M} N={n} {label}: median {:?} (min {:?}, max {:?})",
-                    times[2], times[0], times[4]
-                );
+                println!("M={M} N={n} {label}: median {:?} (min {:?}, max {:?})", times[2], times[0], times[4]);
             }
         }
     }
