@@ -17,7 +17,7 @@ use lb::{
 };
 use lb_bench_ebpf::{FRAME_MAX, Frame};
 use lb_common::{
-    flow::{FlowKey, FlowState, ReplyNat},
+    flow::{FlowKey, FlowState},
     map_names,
 };
 
@@ -242,24 +242,19 @@ impl Lb {
         run(self.program.xdp()?, frame, ingress, repeat)
     }
 
-    /// Entries in CONNTRACK and REPLY_NAT now, counted by walking them (a
-    /// syscall per entry: about a second per million).
+    /// Entries in CONNTRACK now, counted by walking it (a syscall per
+    /// entry: about a second per million).
     ///
     /// # Errors
     /// When the program's maps cannot be found or opened.
-    pub fn table_entries(&mut self) -> anyhow::Result<(u64, u64)> {
+    pub fn table_entries(&mut self) -> anyhow::Result<u64> {
         let ids = self.program.xdp()?.info()?.map_ids()?.context("the kernel does not list a program's maps")?;
-        let mut conntrack = None;
-        let mut reply_nat = None;
         for id in ids {
-            let info = MapInfo::from_id(id)?;
-            match info.name_as_str() {
-                Some(map_names::CONNTRACK) => conntrack = Some(count_keys::<FlowState>(id)?),
-                Some(map_names::REPLY_NAT) => reply_nat = Some(count_keys::<ReplyNat>(id)?),
-                _ => {}
+            if MapInfo::from_id(id)?.name_as_str() == Some(map_names::CONNTRACK) {
+                return count_keys::<FlowState>(id);
             }
         }
-        Ok((conntrack.context("lb_xdp has no CONNTRACK")?, reply_nat.context("lb_xdp has no REPLY_NAT")?))
+        anyhow::bail!("lb_xdp has no CONNTRACK")
     }
 
     /// The program's file descriptor, for the wrapper's tail call.

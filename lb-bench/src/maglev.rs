@@ -30,7 +30,7 @@ use lb::{
 use lb_common::{
     backend::{BACKEND_ID_NONE, BackendInfo},
     flow::ReplyNat,
-    guard::ServiceKey,
+    guard::{ServiceKey, SharedService},
     vip::{VipInfo, VipKey},
     vip_addr::VipAddrKey,
 };
@@ -227,6 +227,9 @@ impl Dataplane for Counting {
     fn set_addr_roles(&mut self, _key: VipAddrKey, _roles: u32) -> Result<(), DataplaneError> {
         Ok(())
     }
+    fn set_shared_service(&mut self, _key: ServiceKey, _list: SharedService) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     fn set_backend_service(&mut self, _key: ServiceKey, _nat: ReplyNat) -> Result<(), DataplaneError> {
         Ok(())
     }
@@ -290,6 +293,9 @@ impl Dataplane for KernelDataplane {
     }
     fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), DataplaneError> {
         self.maps.set_addr_roles(key, roles)
+    }
+    fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError> {
+        self.maps.set_shared_service(key, list)
     }
     fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError> {
         self.maps.set_backend_service(key, nat)

@@ -42,7 +42,7 @@ enum Command {
     Maglev(maglev::Args),
     /// The BPF maps a process holds, with the memory the kernel charges for each.
     Maps(maps::ListArgs),
-    /// Writes tracked flows into a running agent's CONNTRACK and REPLY_NAT.
+    /// Writes tracked flows into a running agent's CONNTRACK.
     FillFlows(maps::FillArgs),
 }
 

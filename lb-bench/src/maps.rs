@@ -18,9 +18,8 @@ use aya::maps::{HashMap, Map, MapData, MapInfo};
 use lb_bench_ebpf::v4_source;
 use lb_common::{
     PROTO_TCP,
-    flow::{FlowKey, FlowState, ReplyNat},
+    flow::{FlowKey, FlowState},
     map_names,
-    vip::VipKey,
 };
 use serde_json::json;
 
@@ -35,7 +34,7 @@ pub struct ListArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct FillArgs {
-    /// The agent whose CONNTRACK and REPLY_NAT to fill.
+    /// The agent whose CONNTRACK to fill.
     #[arg(long)]
     pub pid: u32,
     /// Flows to write (each one entry in both maps).
@@ -120,8 +119,8 @@ fn parse_fdinfo(text: &str) -> Option<(u32, FdInfo)> {
 }
 
 /// The `fill-flows` subcommand: `flows` client → VIP flows, spread over
-/// the backends, written into the agent's CONNTRACK with their reply
-/// translations in REPLY_NAT, as the program would have written them.
+/// the backends, written into the agent's CONNTRACK as the program would
+/// have written them (replies need no state of their own).
 ///
 /// # Errors
 /// When the agent's maps cannot be found or a write fails (e.g. the flows
@@ -129,43 +128,30 @@ fn parse_fdinfo(text: &str) -> Option<(u32, FdInfo)> {
 pub fn fill(args: &FillArgs) -> anyhow::Result<()> {
     let IpAddr::V4(vip) = args.vip.ip() else { bail!("--vip must be IPv4") };
     ensure!(args.backends.iter().all(SocketAddr::is_ipv4), "--backend must be IPv4");
-    let (conntrack_id, reply_nat_id) = connection_table_ids(args.pid)?;
+    let conntrack_id = connection_table_id(args.pid)?;
     let mut conntrack = HashMap::<_, FlowKey, FlowState>::try_from(Map::LruHashMap(MapData::from_id(conntrack_id)?))?;
-    let mut reply_nat = HashMap::<_, FlowKey, ReplyNat>::try_from(Map::LruHashMap(MapData::from_id(reply_nat_id)?))?;
     let now = monotonic_ns()?;
     let started = Instant::now();
     for i in 0..args.flows {
         let (client, client_port) = v4_source(i);
         let slot = i as usize % args.backends.len();
-        let backend = args.backends[slot];
         let backend_id = u32::try_from(slot + 1)?;
         let forward = flow_key(client, client_port, u32::from(vip), args.vip.port());
         let state = FlowState { backend_id, vip_id: args.vip_id, last_seen_ns: now, flags: 0, _pad: 0 };
         conntrack.insert(forward, state, 0).context("writing CONNTRACK")?;
-        let IpAddr::V4(backend_addr) = backend.ip() else { bail!("--backend must be IPv4") };
-        let reply = flow_key(u32::from(backend_addr), backend.port(), client, client_port);
-        let nat = ReplyNat::new(&VipKey::new(args.vip, PROTO_TCP), args.vip_id, backend_id);
-        reply_nat.insert(reply, nat, 0).context("writing REPLY_NAT")?;
     }
     emit(&json!({ "kind": "filled", "flows": args.flows, "seconds": started.elapsed().as_secs_f64() }));
     Ok(())
 }
 
-/// Ids of the CONNTRACK and REPLY_NAT maps process `pid` holds.
-fn connection_table_ids(pid: u32) -> anyhow::Result<(u32, u32)> {
-    let mut conntrack = None;
-    let mut reply_nat = None;
+/// The id of the CONNTRACK map process `pid` holds.
+fn connection_table_id(pid: u32) -> anyhow::Result<u32> {
     for id in maps_of(pid)?.into_keys() {
-        match MapInfo::from_id(id)?.name_as_str() {
-            Some(map_names::CONNTRACK) => conntrack = Some(id),
-            Some(map_names::REPLY_NAT) => reply_nat = Some(id),
-            _ => {}
+        if MapInfo::from_id(id)?.name_as_str() == Some(map_names::CONNTRACK) {
+            return Ok(id);
         }
     }
-    Ok((
-        conntrack.with_context(|| format!("process {pid} holds no CONNTRACK map"))?,
-        reply_nat.with_context(|| format!("process {pid} holds no REPLY_NAT map"))?,
-    ))
+    bail!("process {pid} holds no CONNTRACK map")
 }
 
 /// A TCP IPv4 flow key; addresses and ports in host order here, stored in

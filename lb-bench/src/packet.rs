@@ -314,9 +314,9 @@ fn emit_program(lb: &mut Lb, wrapper: &mut Wrapper) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Counts the connection table (both maps) and emits it.
+/// Counts the connection table and emits it.
 fn emit_table(lb: &mut Lb, case: &str, family: Family, when: &str, capacity: u32) -> anyhow::Result<()> {
-    let (conntrack, reply_nat) = lb.table_entries()?;
+    let conntrack = lb.table_entries()?;
     emit(&json!({
         "kind": "table",
         "case": case,
@@ -324,7 +324,6 @@ fn emit_table(lb: &mut Lb, case: &str, family: Family, when: &str, capacity: u32
         "when": when,
         "capacity": capacity,
         "conntrack": conntrack,
-        "reply_nat": reply_nat,
     }));
     Ok(())
 }

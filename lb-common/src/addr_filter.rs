@@ -3,7 +3,7 @@
 //!
 //! Most traffic through a gateway is neither to a VIP nor from a backend,
 //! and before the filter every such packet paid two hash-map lookups
-//! (`VIPS`, then `REPLY_NAT`) to learn that. `ADDR_FILTER` is an array of
+//! (`VIPS`, then the reply direction's) to learn that. `ADDR_FILTER` is an array of
 //! [`SLOTS`] bytes indexed by a hash of an address; the agent sets the slot
 //! of every VIP address and every backend address it has installed. A
 //! packet whose destination and source slots are both clear is passed at

@@ -26,8 +26,15 @@ pub struct BackendInfo {
     pub family: u8,
     /// `BACKEND_STATE_*`.
     pub state: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<BackendInfo>() == 20);
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 24);
+
+/// The backend's service (address, port, protocol) is shared with a
+/// backend of another VIP: its flows are marked `FLOW_F_SHARED`.
+pub const BACKEND_F_SHARED: u8 = 1 << 0;
 
 #[cfg(feature = "user")]
 impl BackendInfo {
@@ -39,6 +46,8 @@ impl BackendInfo {
             port_be: address.port().to_be(),
             family: crate::addr::family(address.ip()),
             state,
+            flags: 0,
+            _pad: [0; 3],
         }
     }
 }

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 /// A flow's 5-tuple as one direction of a packet names it.
 ///
-/// Key of `CONNTRACK` (client → VIP direction) and of `REPLY_NAT`
+/// Key of `CONNTRACK` (client → VIP direction) and of `DIRECT_FLOWS`
 /// (backend → client direction).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -49,8 +49,14 @@ const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
 /// expires after `timeouts::TCP_CLOSING_NS` idle, and a new SYN on its
 /// 5-tuple starts a new flow at once.
 pub const FLOW_F_CLOSING: u32 = 1 << 0;
+/// The flow's backend serves several VIPs on its address, port and
+/// protocol: its replies find their VIP by the flow's entry, so every
+/// packet refreshes `last_seen_ns` (the most recent flow of a client's
+/// 5-tuple wins), not once per touch interval.
+pub const FLOW_F_SHARED: u32 = 1 << 1;
 
-/// Value of `REPLY_NAT`: what a reply's source is rewritten to.
+/// What a reply's source is rewritten to: the value of `BACKEND_SERVICES`
+/// (and the entries of `SHARED_SERVICES`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ReplyNat {
@@ -58,13 +64,18 @@ pub struct ReplyNat {
     pub vip_addr_be: [u32; 4],
     /// VIP port, network byte order.
     pub vip_port_be: u16,
-    pub _pad: u16,
+    /// `SERVICE_F_*` bits.
+    pub flags: u16,
     /// VIP id, for counting reply traffic.
     pub vip_id: u32,
     /// Backend id, for counting reply traffic.
     pub backend_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<ReplyNat>() == 28);
+
+/// The backend's service is shared by several VIPs: `SHARED_SERVICES` lists
+/// them, and the other fields name only the first.
+pub const SERVICE_F_SHARED: u16 = 1 << 0;
 
 impl FlowKey {
     /// The 5-tuple of the other direction: what a reply carries.
@@ -105,7 +116,7 @@ impl ReplyNat {
     /// `vip_id`), counted under `backend_id`.
     #[must_use]
     pub fn new(vip: &crate::vip::VipKey, vip_id: u32, backend_id: u32) -> Self {
-        ReplyNat { vip_addr_be: vip.addr_be, vip_port_be: vip.port_be, _pad: 0, vip_id, backend_id }
+        ReplyNat { vip_addr_be: vip.addr_be, vip_port_be: vip.port_be, flags: 0, vip_id, backend_id }
     }
 }
 

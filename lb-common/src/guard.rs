@@ -9,10 +9,12 @@
 //!   attacker on the client side could plant reply translations for the
 //!   gateway's own connections to backends (its health probes).
 //! - A packet from a backend's service address and port is translated to
-//!   the VIP that backend serves even when the flow's per-flow reply state
-//!   is gone (evicted, or lost with a restart): the backend serves exactly
-//!   one VIP on that address, port and protocol (the agent refuses configs
-//!   where it would serve two), so the answer is unique.
+//!   the VIP that backend serves, with no per-flow reply state: a service
+//!   that serves one VIP (the common case) names it in `BACKEND_SERVICES`.
+//!   One shared by several VIPs (at most `limits::MAX_SHARED_VIPS`) lists
+//!   them in `SHARED_SERVICES`, and the client's flow in the connection
+//!   table (keyed by the VIP) tells which; with no flow under any of them,
+//!   the reply is dropped (`drop_reply_no_flow`), never leaked.
 //! - Except flows that reach the backend's service directly through the
 //!   gateway, not through a VIP (an operator's curl, a monitoring probe):
 //!   the data path tracks those in `DIRECT_FLOWS`, and their replies pass
@@ -81,4 +83,17 @@ impl ServiceKey {
     }
 }
 
-crate::user_pod!(AddrRoles, ServiceKey, DirectFlow);
+/// Value of `SHARED_SERVICES`: the VIPs a backend's service serves, when
+/// it serves several (`SERVICE_F_SHARED`). A reply is translated to the
+/// one whose flow for its client is in the connection table, pinned to
+/// this service (the most recently active if several are).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SharedService {
+    /// The first `count` are valid.
+    pub vips: [crate::flow::ReplyNat; crate::limits::MAX_SHARED_VIPS as usize],
+    pub count: u32,
+}
+const _: () = assert!(core::mem::size_of::<SharedService>() == 116);
+
+crate::user_pod!(AddrRoles, ServiceKey, DirectFlow, SharedService);

@@ -65,8 +65,6 @@ pub mod map_names {
         MAGLEV,
         /// Client → VIP flows (`FlowKey` → `FlowState`); the program writes it.
         CONNTRACK,
-        /// Reply translations (`FlowKey` → `ReplyNat`); the program writes it.
-        REPLY_NAT,
         /// Traffic per VIP id (`Counters`, per CPU); the program writes it.
         VIP_STATS,
         /// Traffic per backend id (`Counters`, per CPU); the program writes it.
@@ -85,6 +83,8 @@ pub mod map_names {
         ADDR_ROLES,
         /// Backends' services (`ServiceKey` → `ReplyNat`); the agent writes it.
         BACKEND_SERVICES,
+        /// The VIPs of services several share (`ServiceKey` → `SharedService`); the agent writes it.
+        SHARED_SERVICES,
         /// Flows straight to a backend's service (`FlowKey` → `DirectFlow`); the program writes it.
         DIRECT_FLOWS,
         /// Token buckets of the gateway's own answers (per CPU); the program's own.

@@ -18,8 +18,8 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// one the agent rewrites, switched by one write of `VipInfo::ring_generation`.
 pub const RINGS_PER_VIP: u32 = 2;
 
-/// Default capacity of the connection table, in flows (each flow uses one
-/// entry in `CONNTRACK` and one in `REPLY_NAT`).
+/// Default capacity of the connection table, in flows (one `CONNTRACK`
+/// entry each; replies need no state of their own).
 pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 1 << 20;
 
 /// Most entries the Maglev array may have (`vip_slots * RINGS_PER_VIP *
@@ -71,8 +71,12 @@ pub const NEXT_HOP_CAPACITY: u32 = 65536;
 /// addresses (up to 1024).
 pub const ADDR_ROLES_CAPACITY: u32 = MAX_BACKENDS + 1024;
 /// Entries in `BACKEND_SERVICES`: one per backend address, port and
-/// protocol, which a backend id never outnumbers.
+/// protocol, which a backend id never outnumbers. `SHARED_SERVICES` has as
+/// many, for the services several VIPs share.
 pub const BACKEND_SERVICES_CAPACITY: u32 = MAX_BACKENDS;
+/// Most VIPs one backend service (address, port, protocol) may serve: a
+/// shared service's reply tries each one's connection-table entry.
+pub const MAX_SHARED_VIPS: u32 = 4;
 /// Flows that reach a backend's service directly, not through a VIP, tracked
 /// at once (`DIRECT_FLOWS`, LRU, 48 bytes an entry plus the kernel's
 /// overhead). Such flows are rare: operators and monitoring, not clients.

@@ -232,6 +232,11 @@ pub mod reason {
         /// or never written on this gateway), translated from the backend's
         /// service entry (`BACKEND_SERVICES`) and sent to the client.
         REDIRECT_TO_CLIENT_STATELESS = 40 => "redirect_to_client_stateless",
+        /// A reply from a backend's service that several VIPs share, whose
+        /// flow is in the connection table under none of them (evicted, or
+        /// never seen here): dropped, as which VIP it answers for is unknown;
+        /// never forwarded with the backend's own address.
+        DROP_REPLY_NO_FLOW = 41 => "drop_reply_no_flow",
     }
 }
 
@@ -239,24 +244,20 @@ pub mod reason {
 /// `CONNTRACK_EVENTS`, which counts them per CPU. Unlike verdicts these are
 /// not one per packet.
 pub mod conntrack_event {
-    /// A key entered the table: a new flow, or a `RESTORED` one. LRU
-    /// evictions are invisible to the program, but nothing else removes
-    /// entries, so evictions ≈ inserted − entries present.
+    /// A key entered the table: a new flow. LRU evictions are invisible to
+    /// the program, but nothing else removes entries, so evictions ≈
+    /// inserted − entries present.
     pub const INSERTED: u32 = 0;
     /// A flow idle past its timeout was balanced anew by its next packet.
     pub const EXPIRED: u32 = 1;
     /// A SYN after FIN or RST on a 5-tuple started a new flow before the
     /// old one's timeout.
     pub const REOPENED: u32 = 2;
-    /// A reply found its flow's entry evicted and put it back from
-    /// `REPLY_NAT` (so a busy reply direction keeps an idle-looking request
-    /// direction pinned).
-    pub const RESTORED: u32 = 3;
     /// Number of events; the size of `CONNTRACK_EVENTS`.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 3;
 
     /// Names for metrics, indexed by event.
-    pub const NAMES: [&str; COUNT as usize] = ["inserted", "expired", "reopened", "restored"];
+    pub const NAMES: [&str; COUNT as usize] = ["inserted", "expired", "reopened"];
 }
 
 #[cfg(test)]

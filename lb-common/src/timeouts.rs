@@ -11,7 +11,8 @@
 //! never come back.
 //!
 //! - A packet in either direction keeps a flow alive. Replies refresh the
-//!   client → VIP entry too (the reply path derives its key from `REPLY_NAT`).
+//!   client → VIP entry too (the reply path derives its key from the
+//!   backend's service entry).
 //! - `last_seen_ns` is rewritten at most once per [`TOUCH_INTERVAL_NS`] (or
 //!   when the flags change), so a busy flow's entry is read by every packet
 //!   but written about once a second: requests and replies of one flow run on

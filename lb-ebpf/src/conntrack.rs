@@ -1,22 +1,21 @@
 //! The connection table's lifecycle in the data path; the rules and their
 //! reasons are in `lb_common::timeouts`. Whether a pinned flow still holds,
-//! marking it active, pinning a new one, and keeping `CONNTRACK` and
-//! `REPLY_NAT` in step: a reply is translated only while the flow's
-//! `CONNTRACK` entry names the backend it comes from, activity in either
-//! direction refreshes that one entry, and each map puts back the other's
-//! entry if LRU evicted it.
+//! marking it active, pinning a new one, and what a reply does to it: a
+//! reply is translated from its backend's service entry (no per-flow reply
+//! state), refreshes its flow's one entry, and is dropped if that entry
+//! names another backend by now.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    backend::BackendInfo,
-    flow::{FLOW_F_CLOSING, FlowKey, FlowState, ReplyNat},
+    backend::{BACKEND_F_SHARED, BackendInfo},
+    flow::{FLOW_F_CLOSING, FLOW_F_SHARED, FlowKey, FlowState, ReplyNat},
     stats::{conntrack_event, reason},
     timeouts::{TOUCH_INTERVAL_NS, idle_ns, is_expired},
 };
 
 use crate::{
     Verdict,
-    maps::{CONNTRACK, REPLY_NAT},
+    maps::CONNTRACK,
     parse::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -65,14 +64,16 @@ fn flags_of(l4: &L4) -> u32 {
 
 /// Marks a packet of a live flow, either direction. The entry is rewritten
 /// only when its flags change or `last_seen_ns` is a touch interval old
-/// (see `lb_common::timeouts` for why); returns whether it was.
+/// (see `lb_common::timeouts` for why), or on every packet of a flow to a
+/// shared service (`FLOW_F_SHARED`); returns whether it was.
 #[inline(always)]
 pub fn touch(state: *mut FlowState, l4: &L4, now: u64) -> bool {
     // SAFETY: a valid map value. A concurrent touch from another CPU writes
     // the same kind of values; either result is right.
     unsafe {
         let flags = (*state).flags | flags_of(l4);
-        if flags == (*state).flags && idle_ns(&*state, now) < TOUCH_INTERVAL_NS {
+        let shared = flags & FLOW_F_SHARED != 0;
+        if flags == (*state).flags && !shared && idle_ns(&*state, now) < TOUCH_INTERVAL_NS {
             return false;
         }
         (*state).last_seen_ns = now;
@@ -81,12 +82,13 @@ pub fn touch(state: *mut FlowState, l4: &L4, now: u64) -> bool {
     true
 }
 
-/// Pins a flow to `backend_id` in both directions, replacing `previous`,
-/// and counts the table event that was. A failed insert only costs a
-/// re-pick on the next packet, which Maglev answers the same way.
+/// Pins a flow to `backend_id`, replacing `previous`, and counts the table
+/// event that was. A failed insert only costs a re-pick on the next packet,
+/// which Maglev answers the same way. Replies need no entry of their own.
 #[inline(always)]
 pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, l4: &L4, now: u64, previous: &Pinned) {
-    let state = FlowState { backend_id, vip_id, last_seen_ns: now, flags: flags_of(l4), _pad: 0 };
+    let shared = if backend.flags & BACKEND_F_SHARED != 0 { FLOW_F_SHARED } else { 0 };
+    let state = FlowState { backend_id, vip_id, last_seen_ns: now, flags: flags_of(l4) | shared, _pad: 0 };
     if CONNTRACK.insert(flow, &state, 0).is_ok() {
         match previous {
             Pinned::None => stats::count_conntrack_event(conntrack_event::INSERTED),
@@ -94,34 +96,20 @@ pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, 
             Pinned::Live(_) => {}
         }
     }
-    let (key, nat) = (reply_key(flow, backend), reply_nat(flow, vip_id, backend_id));
-    let _ = REPLY_NAT.insert(&key, &nat, 0);
 }
 
-/// Puts the flow's `REPLY_NAT` entry back if LRU evicted it. Called when an
-/// active flow's entry is rewritten (about once a second), so replies that
-/// stopped being translated recover within a second; the lookup also marks
-/// the entry recently used.
-#[inline(always)]
-pub fn keep_reply_nat(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo) {
-    let key = reply_key(flow, backend);
-    // SAFETY: only tested for presence.
-    if unsafe { REPLY_NAT.get(&key) }.is_none() {
-        let nat = reply_nat(flow, vip_id, backend_id);
-        let _ = REPLY_NAT.insert(&key, &nat, 0);
-    }
-}
-
-/// A backend's packet `reply` of the flow `nat` translates: refreshes the
-/// client → VIP entry (an expired one too: the flow is evidently alive on
-/// this backend), or, if `restore`, puts it back if LRU evicted it. If the
-/// flow is pinned to another backend now, the reply is stale and dropped.
+/// A backend's packet `reply` of a flow that `nat` (its service's entry)
+/// translates: refreshes the client → VIP entry (an expired one too: the
+/// flow is evidently alive on this backend); returns whether there was one.
+/// If the flow is pinned to another backend now, the reply is stale and
+/// dropped.
 ///
-/// A reply translated without per-flow state (`guard::Reply::Stateless`)
-/// does not restore: its destination may be the gateway itself (the
-/// answer to a health probe), which must never get balancing state.
+/// A reply never creates an entry: a packet from a backend's address may be
+/// spoofed (issue 15), and only a client's packet to a VIP opens a flow.
+/// Without one, the client's next packet is balanced again, to the same
+/// backend while the ring is unchanged.
 #[inline(always)]
-pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64, restore: bool) -> Result<(), Verdict> {
+pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64) -> Result<bool, Verdict> {
     let flow = FlowKey {
         src_be: reply.dst_be,
         dst_be: nat.vip_addr_be,
@@ -137,19 +125,9 @@ pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64, restore: b
             return Err(Verdict::drop(reason::DROP_STALE_REPLY));
         }
         touch(state, l4, now);
-        return Ok(());
+        return Ok(true);
     }
-    if !restore {
-        return Ok(());
-    }
-    let state =
-        FlowState { backend_id: nat.backend_id, vip_id: nat.vip_id, last_seen_ns: now, flags: flags_of(l4), _pad: 0 };
-    // NOEXIST: a client packet pinning the flow meanwhile wins.
-    if CONNTRACK.insert(&flow, &state, u64::from(BPF_NOEXIST)).is_ok() {
-        stats::count_conntrack_event(conntrack_event::INSERTED);
-        stats::count_conntrack_event(conntrack_event::RESTORED);
-    }
-    Ok(())
+    Ok(false)
 }
 
 /// The key replies of `flow` carry once it goes to `backend`.
@@ -164,9 +142,4 @@ pub fn reply_key(flow: &FlowKey, backend: &BackendInfo) -> FlowKey {
         family: flow.family,
         _pad: [0; 2],
     }
-}
-
-#[inline(always)]
-fn reply_nat(flow: &FlowKey, vip_id: u32, backend_id: u32) -> ReplyNat {
-    ReplyNat { vip_addr_be: flow.dst_be, vip_port_be: flow.dst_port_be, _pad: 0, vip_id, backend_id }
 }

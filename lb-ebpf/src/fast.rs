@@ -26,7 +26,7 @@ use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
     backend::BACKEND_STATE_UP,
-    flow::{FlowKey, ReplyNat},
+    flow::{FlowKey, ReplyNat, SERVICE_F_SHARED},
     guard::ServiceKey,
     limits::NEXT_HOP_TTL_NS,
     stats::reason,
@@ -310,9 +310,7 @@ fn to_backend<F: Family>(
         return None;
     }
     let hop = fresh(HOPS_BY_BACKEND.get(current.backend_id)?, now, tot_len)?;
-    if conntrack::touch(state, l4, now) {
-        conntrack::keep_reply_nat(key, current.vip_id, current.backend_id, backend);
-    }
+    conntrack::touch(state, l4, now);
     F::nat(pkt, l4, Side::Destination, backend.addr_be, backend.port_be);
     let verdict = F::send(pkt, hop, reason::REDIRECT_TO_BACKEND);
     stats::count_traffic(current.vip_id, current.backend_id, ctx);
@@ -332,6 +330,10 @@ fn to_client<F: Family>(
     let service = ServiceKey { addr_be: key.src_be, port_be: key.src_port_be, proto: key.proto, family: F::FAMILY };
     // SAFETY: the value is copied out at once.
     let nat: ReplyNat = unsafe { BACKEND_SERVICES.get(&service) }.copied()?;
+    // A service several VIPs share: the pipeline finds which.
+    if nat.flags & SERVICE_F_SHARED != 0 {
+        return None;
+    }
     // A direct flow to this backend within a connection's lifetime: its
     // replies may be untranslated; the pipeline tells them apart.
     if guard::direct_seen_lately(nat.backend_id, now) {

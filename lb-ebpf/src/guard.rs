@@ -5,8 +5,9 @@
 
 use lb_common::{
     backend::BackendInfo,
-    flow::{FLOW_F_CLOSING, FlowKey, ReplyNat},
+    flow::{FLOW_F_CLOSING, FlowKey, ReplyNat, SERVICE_F_SHARED},
     guard::{ADDR_ROLE_LOCAL, DirectFlow, ServiceKey},
+    limits::MAX_SHARED_VIPS,
     stats::reason,
     timeouts::{TCP_ESTABLISHED_NS, TOUCH_INTERVAL_NS, direct_is_expired},
     vip_addr::VipAddrKey,
@@ -14,7 +15,7 @@ use lb_common::{
 
 use crate::{
     Verdict,
-    maps::{ADDR_ROLES, BACKEND_SERVICES, CONNTRACK, DIRECT_FLOWS, DIRECT_SEEN, REPLY_NAT},
+    maps::{ADDR_ROLES, BACKEND_SERVICES, CONNTRACK, DIRECT_FLOWS, DIRECT_SEEN, SHARED_SERVICES},
     parse::{L4, TCP_FIN, TCP_RST},
 };
 
@@ -81,13 +82,13 @@ pub fn service(addr_be: [u32; 4], port_be: u16, proto: u8, family: u8) -> Option
 /// How a packet from a backend's address and port (`key`, in its own
 /// direction) goes back.
 pub enum Reply {
-    /// Per-flow reply state (`REPLY_NAT`) names its VIP.
-    Stateful(ReplyNat),
-    /// No per-flow state, but the source is a backend's service: the VIP it
-    /// serves.
-    Stateless(ReplyNat),
+    /// From a backend's service: translated to this VIP.
+    Translate(ReplyNat),
     /// A reply of a flow that reached the backend directly: untranslated.
     Direct,
+    /// From a service several VIPs share, of a flow the connection table
+    /// has under none of them: which VIP it answers for is unknown.
+    NoFlow,
     /// Not from a backend's service.
     NotOurs,
 }
@@ -95,37 +96,85 @@ pub enum Reply {
 /// Decides how a packet that may be a backend's reply goes back.
 #[inline(always)]
 pub fn reply(key: &FlowKey) -> Reply {
-    let mut nat = ReplyNat { vip_addr_be: [0; 4], vip_port_be: 0, _pad: 0, vip_id: 0, backend_id: 0 };
+    let mut nat = ReplyNat { vip_addr_be: [0; 4], vip_port_be: 0, flags: 0, vip_id: 0, backend_id: 0 };
     match reply_call(key, &mut nat) {
-        STATEFUL => Reply::Stateful(nat),
-        STATELESS => Reply::Stateless(nat),
+        TRANSLATE => Reply::Translate(nat),
         DIRECT => Reply::Direct,
+        NO_FLOW => Reply::NoFlow,
         _ => Reply::NotOurs,
     }
 }
 
 const NOT_OURS: u32 = 0;
-const STATEFUL: u32 = 1;
-const STATELESS: u32 = 2;
-const DIRECT: u32 = 3;
+const TRANSLATE: u32 = 1;
+const DIRECT: u32 = 2;
+const NO_FLOW: u32 = 3;
 
-/// [`reply`] as a BPF-to-BPF call: `STATEFUL` or `STATELESS` with the VIP
-/// in `out`, `DIRECT` or `NOT_OURS`.
+/// [`reply`] as a BPF-to-BPF call: `TRANSLATE` with the VIP in `out`,
+/// `DIRECT`, `NO_FLOW` or `NOT_OURS`.
 ///
 /// verifier: not inlined, for the main frame's sake (see [`new_flow_call`]).
 #[inline(never)]
 fn reply_call(key: &FlowKey, out: &mut ReplyNat) -> u32 {
-    // SAFETY: the value is copied out at once.
-    if let Some(nat) = unsafe { REPLY_NAT.get(key) } {
-        *out = *nat;
-        return STATEFUL;
-    }
     let Some(nat) = service(key.src_be, key.src_port_be, key.proto, key.family) else { return NOT_OURS };
-    if direct_is_live(key, crate::conntrack::now_ns()) {
+    let now = crate::conntrack::now_ns();
+    if direct_seen_lately(nat.backend_id, now) && direct_is_live(key, now) {
         return DIRECT;
     }
-    *out = nat;
-    STATELESS
+    if nat.flags & SERVICE_F_SHARED == 0 {
+        *out = nat;
+        return TRANSLATE;
+    }
+    shared_call(key, out)
+}
+
+/// The part of [`reply_call`] for a service several VIPs share: the
+/// client's flow to each VIP the service serves decides, the one pinned to
+/// this service (the most recently active if several are); `TRANSLATE`
+/// with its VIP in `out`, or `NO_FLOW`.
+///
+/// verifier: a call of its own, and the flow key built once and changed
+/// per candidate: the candidates' keys and copies took stack the stages'
+/// chain has no room for.
+#[inline(never)]
+fn shared_call(key: &FlowKey, out: &mut ReplyNat) -> u32 {
+    let service = ServiceKey { addr_be: key.src_be, port_be: key.src_port_be, proto: key.proto, family: key.family };
+    // SAFETY: a valid map value, read in place.
+    let Some(shared) = (unsafe { SHARED_SERVICES.get(&service) }) else { return NO_FLOW };
+    let mut flow = FlowKey {
+        src_be: key.dst_be,
+        dst_be: [0; 4],
+        src_port_be: key.dst_port_be,
+        dst_port_be: 0,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    let mut best = MAX_SHARED_VIPS as usize;
+    let mut latest = 0;
+    // verifier: a bounded loop over the fixed-size array.
+    for i in 0..MAX_SHARED_VIPS as usize {
+        if i as u32 >= shared.count {
+            break;
+        }
+        let candidate = &shared.vips[i];
+        flow.dst_be = candidate.vip_addr_be;
+        flow.dst_port_be = candidate.vip_port_be;
+        // SAFETY: read in place at once.
+        if let Some(state) = unsafe { CONNTRACK.get(&flow) }
+            && state.backend_id == candidate.backend_id
+            && (best == MAX_SHARED_VIPS as usize || state.last_seen_ns >= latest)
+        {
+            best = i;
+            latest = state.last_seen_ns;
+        }
+    }
+    // verifier: bound the index before using it.
+    if best >= MAX_SHARED_VIPS as usize {
+        return NO_FLOW;
+    }
+    *out = shared.vips[best & (MAX_SHARED_VIPS as usize - 1)];
+    TRANSLATE
 }
 
 /// For an ICMP error quoting a client → backend packet (`quoted`, a
@@ -135,17 +184,15 @@ fn reply_call(key: &FlowKey, out: &mut ReplyNat) -> u32 {
 /// direct flow's packet, nor for the gateway's own (a probe's).
 #[inline(always)]
 pub fn quoted_request(quoted: &FlowKey) -> Result<Option<ReplyNat>, Verdict> {
-    match reply(&quoted.reversed()) {
-        Reply::Stateful(nat) => {
-            let flow = FlowKey { dst_be: nat.vip_addr_be, dst_port_be: nat.vip_port_be, ..*quoted };
-            // SAFETY: the value is copied out at once.
-            match unsafe { CONNTRACK.get(&flow) } {
-                Some(state) if state.backend_id != nat.backend_id => Err(Verdict::drop(reason::DROP_STALE_REPLY)),
-                _ => Ok(Some(nat)),
-            }
-        }
-        Reply::Stateless(nat) if !is_local(quoted.src_be, quoted.family) => Ok(Some(nat)),
-        _ => Ok(None),
+    let Reply::Translate(nat) = reply(&quoted.reversed()) else { return Ok(None) };
+    let flow = FlowKey { dst_be: nat.vip_addr_be, dst_port_be: nat.vip_port_be, ..*quoted };
+    // SAFETY: the value is copied out at once.
+    match unsafe { CONNTRACK.get(&flow) } {
+        Some(state) if state.backend_id != nat.backend_id => Err(Verdict::drop(reason::DROP_STALE_REPLY)),
+        Some(_) => Ok(Some(nat)),
+        // No flow: translated, unless it quotes the gateway's own packet (a probe's).
+        None if is_local(quoted.src_be, quoted.family) => Ok(None),
+        None => Ok(Some(nat)),
     }
 }
 

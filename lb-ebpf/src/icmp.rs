@@ -15,7 +15,7 @@
 //!   and the quoted source become the backend's address and port, so the
 //!   backend's kernel finds its socket and lowers its path MTU.
 //! - To a client, quoting a packet the gateway sent to a backend (client →
-//!   backend): found in `REPLY_NAT`; the quoted destination becomes the VIP
+//!   backend): found by its backend's service; the quoted destination becomes the VIP
 //!   again, and the outer source too if the backend itself sent the error,
 //!   so the client's kernel matches it to its connection to the VIP.
 //!
@@ -188,7 +188,7 @@ fn flow_of_reply(quoted: &FlowKey) -> Option<(u32, u32, BackendInfo)> {
 }
 
 /// For a quoted client → backend packet (a translated request): its reply
-/// translation from `REPLY_NAT`, while the flow is still pinned to that
+/// translation from its backend's service, while the flow is still pinned to that
 /// backend (otherwise the error is stale, and dropped).
 #[inline(always)]
 fn flow_of_request(quoted: &FlowKey) -> Result<Option<ReplyNat>, Verdict> {

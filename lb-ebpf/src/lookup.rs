@@ -97,8 +97,7 @@ pub fn packet_tuple(pkt: &Packet) -> FlowKey {
 
 /// The backend for a client → VIP flow: its pinned one while the entry
 /// holds (see `conntrack::pinned`) and that backend is up, otherwise a fresh
-/// Maglev pick, which is then pinned (with its reply translation) for the
-/// rest of the flow. A flow is never opened from the gateway's own or a
+/// Maglev pick, which is then pinned for the rest of the flow. A flow is never opened from the gateway's own or a
 /// backend's address, nor when its replies would collide with a direct
 /// flow's (`guard`).
 #[inline(always)]
@@ -110,9 +109,7 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
         if let Some(backend) = BACKENDS.get(backend_id)
             && backend.state == BACKEND_STATE_UP
         {
-            if conntrack::touch(state, l4, now) {
-                conntrack::keep_reply_nat(flow, vip.vip_id, backend_id, backend);
-            }
+            conntrack::touch(state, l4, now);
             return Ok((backend_id, *backend));
         }
     }

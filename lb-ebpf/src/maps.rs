@@ -1,7 +1,7 @@
 //! Every map the program uses: key → value, and who writes it.
 //!
 //! Capacities come from `lb_common::limits`; the agent resizes `MAGLEV`,
-//! `CONNTRACK` and `REPLY_NAT` from its config before loading.
+//! `CONNTRACK` from its config before loading.
 
 use aya_ebpf::{
     macros::map,
@@ -12,7 +12,7 @@ use lb_common::{
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
     frag::{FragKey, FragState},
-    guard::{AddrRoles, DirectFlow, ServiceKey},
+    guard::{AddrRoles, DirectFlow, ServiceKey, SharedService},
     limits::{
         ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, CLIENT_HOP_SLOTS, DEFAULT_CONNTRACK_CAPACITY,
         DIRECT_FLOW_CAPACITY, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY, reply_bucket,
@@ -52,13 +52,6 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
 
-/// Backend → client 5-tuple → the VIP the reply must come from. Written here
-/// together with `CONNTRACK`, and put back by an active flow if evicted; it
-/// holds no clock of its own: a reply is translated only while the flow's
-/// `CONNTRACK` entry names the same backend.
-#[map]
-pub static REPLY_NAT: LruHashMap<FlowKey, ReplyNat> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_CAPACITY, 0);
-
 /// A fragmented datagram whose first piece was balanced → how its later
 /// pieces are rewritten (see `lb_common::frag`). Written here only.
 #[map]
@@ -97,6 +90,12 @@ pub static ADDR_ROLES: HashMap<VipAddrKey, AddrRoles> = HashMap::with_max_entrie
 /// Written by the agent.
 #[map]
 pub static BACKEND_SERVICES: HashMap<ServiceKey, ReplyNat> = HashMap::with_max_entries(BACKEND_SERVICES_CAPACITY, 0);
+
+/// A backend's service that several VIPs share → those VIPs (see
+/// `lb_common::guard`). Written by the agent.
+#[map]
+pub static SHARED_SERVICES: HashMap<ServiceKey, SharedService> =
+    HashMap::with_max_entries(BACKEND_SERVICES_CAPACITY, 0);
 
 /// Backend → client 5-tuple of a flow that reached a backend's service
 /// directly, not through a VIP → when its client last sent. Written here

@@ -1,8 +1,8 @@
 //! The return path: a backend's reply to a balanced flow leaves the gateway
 //! with the VIP as its source, so the client sees the address it dialled.
-//! The VIP comes from the flow's reply state (`REPLY_NAT`) or, without it,
-//! from the backend's service entry (`guard::Reply::Stateless`), so a reply
-//! never leaves with the backend's own address. A reply counts as activity
+//! The VIP comes from the backend's service entry (`guard::reply`): no
+//! per-flow reply state, so a reply never leaves with the backend's own
+//! address, whatever the connection table holds. A reply counts as activity
 //! of its flow (`conntrack::reply_seen`).
 
 use aya_ebpf::programs::XdpContext;
@@ -14,21 +14,21 @@ use crate::{Verdict, conntrack, forward, frag, guard::Reply, lookup, parse, pars
 #[inline(always)]
 pub fn route(ctx: &XdpContext, pkt: &Packet, route: Reply) -> Option<Result<Verdict, Verdict>> {
     match route {
-        Reply::Stateful(nat) => Some(to_client(ctx, pkt, &nat, true)),
-        Reply::Stateless(nat) => Some(to_client(ctx, pkt, &nat, false)),
+        Reply::Translate(nat) => Some(to_client(ctx, pkt, &nat)),
         Reply::Direct => Some(Ok(Verdict::pass(reason::PASS_DIRECT_FLOW))),
+        Reply::NoFlow => Some(Err(Verdict::drop(reason::DROP_REPLY_NO_FLOW))),
         Reply::NotOurs => None,
     }
 }
 
 #[inline(always)]
-fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat, stateful: bool) -> Result<Verdict, Verdict> {
+fn to_client(ctx: &XdpContext, pkt: &Packet, nat: &ReplyNat) -> Result<Verdict, Verdict> {
     let l4 = parse::l4_checked(ctx, pkt)?;
     parse::check_ttl(pkt)?;
     let now = conntrack::now_ns();
-    conntrack::reply_seen(&lookup::flow_key(pkt, &l4), nat, &l4, now, stateful)?;
+    let tracked = conntrack::reply_seen(&lookup::flow_key(pkt, &l4), nat, &l4, now)?;
     let vip_addr = nat.vip_addr_be[0];
-    let sent = if stateful { reason::REDIRECT_TO_CLIENT } else { reason::REDIRECT_TO_CLIENT_STATELESS };
+    let sent = if tracked { reason::REDIRECT_TO_CLIENT } else { reason::REDIRECT_TO_CLIENT_STATELESS };
     // Keyed by the addresses the later pieces arrive with: before the rewrite.
     if pkt.first_fragment {
         frag::remember(pkt, Side::Source, vip_addr, nat.vip_id, nat.backend_id);

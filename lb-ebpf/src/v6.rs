@@ -61,9 +61,9 @@ pub fn process(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
         };
     }
     match guard::reply(&tuple(&pkt)) {
-        Reply::Stateful(nat) => to_client(ctx, &pkt, &nat, true),
-        Reply::Stateless(nat) => to_client(ctx, &pkt, &nat, false),
+        Reply::Translate(nat) => to_client(ctx, &pkt, &nat),
         Reply::Direct => Ok(Verdict::pass(reason::PASS_DIRECT_FLOW)),
+        Reply::NoFlow => Err(Verdict::drop(reason::DROP_REPLY_NO_FLOW)),
         // A direct flow's packet, one to a VIP address's unserved port, or another host's.
         Reply::NotOurs => Ok(forward::unmatched_v6(ctx, &pkt)),
     }
@@ -133,13 +133,13 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
 
 /// Backend → client: the source becomes the VIP again (see `reply`).
 #[inline(always)]
-fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat, stateful: bool) -> Result<Verdict, Verdict> {
+fn to_client(ctx: &XdpContext, pkt: &Packet6, nat: &ReplyNat) -> Result<Verdict, Verdict> {
     let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
     parse6::check_hop_limit(pkt)?;
     let now = conntrack::now_ns();
-    conntrack::reply_seen(&tuple(pkt), nat, &l4, now, stateful)?;
+    let tracked = conntrack::reply_seen(&tuple(pkt), nat, &l4, now)?;
     let vip = nat.vip_addr_be;
-    let sent = if stateful { reason::REDIRECT_TO_CLIENT } else { reason::REDIRECT_TO_CLIENT_STATELESS };
+    let sent = if tracked { reason::REDIRECT_TO_CLIENT } else { reason::REDIRECT_TO_CLIENT_STATELESS };
     let decision = forward::Decision {
         side: Side::Source,
         addr_be: vip,

@@ -104,12 +104,10 @@ fn register_conntrack(registry: &mut Registry, c: &ConntrackStatus) {
     let events = Family::<Labels, Counter>::default();
     registry.register(
         "conntrack_events",
-        "Connection-table events: inserted, expired, reopened (SYN after FIN/RST), restored (by a reply)",
+        "Connection-table events: inserted, expired, reopened (SYN after FIN/RST)",
         events.clone(),
     );
-    for (event, value) in
-        [("inserted", c.inserted), ("expired", c.expired), ("reopened", c.reopened), ("restored", c.restored)]
-    {
+    for (event, value) in [("inserted", c.inserted), ("expired", c.expired), ("reopened", c.reopened)] {
         events.get_or_create(&vec![("event", event.to_owned())]).inc_by(value);
     }
 }
@@ -153,15 +151,7 @@ mod tests {
                 }],
             }],
             verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3, help: String::new() }],
-            conntrack: ConntrackStatus {
-                entries: 5,
-                capacity: 1024,
-                inserted: 9,
-                expired: 2,
-                reopened: 1,
-                restored: 1,
-                evicted: 4,
-            },
+            conntrack: ConntrackStatus { entries: 5, capacity: 1024, inserted: 9, expired: 2, reopened: 1, evicted: 4 },
             health_checks: HealthChecksStatus { probe_slots: 690, local_errors: 6 },
         };
         let text = render(&status).expect("render");

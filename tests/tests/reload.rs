@@ -171,14 +171,20 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     let line = log.lines().find(|l| l.contains("agent.admin_listen")).unwrap_or_default();
     assert!(line.contains("needs a restart") && line.contains(&file), "{line}");
 
-    // Valid alone, but web2 shares web's backends (address, port, protocol):
-    // refused as a whole, naming both VIPs, until replies are keyed by VIP.
-    reload(&agent, &format!("{}{}", with_weight(&config, address, 0), web2_section(&testbed, BACKEND_HTTP_PORT)));
+    // Valid alone, but web2's backend is web's own listen address (a loop):
+    // refused as a whole, naming both VIPs.
+    let looping = web2_section(&testbed, BACKEND_HTTP_PORT).replacen(
+        &format!("address = \"{}\"", SocketAddr::new(testbed.backend_addr(1).into(), BACKEND_HTTP_PORT)),
+        &format!("address = \"{}\"", testbed.vip_http()),
+        1,
+    );
+    reload(&agent, &format!("{}{looping}", with_weight(&config, address, 0)));
     let log = wait_log(&agent, "(web2).backend[1].address");
     let line = log.lines().find(|l| l.contains("(web2).backend[1].address")).unwrap_or_default();
     assert!(line.contains("reload refused") && line.contains(&file), "{line}");
     assert!(
-        line.contains("vip[3] (web2).backend[1].address: tcp") && line.contains("is also a backend of vip[1] (web)"),
+        line.contains("vip[3] (web2).backend[1].address: tcp")
+            && line.contains("is the listen address of vip[1] (web)"),
         "{line}"
     );
 
@@ -224,8 +230,9 @@ fn sighup_removes_and_adds_backends_of_a_vip() {
 
 /// Port of the second TCP VIP the VIP tests add, on the testbed's VIP address.
 const WEB2_PORT: u16 = 81;
-/// Port of web2's backends: a second HTTP server on backends 1 and 2, since
-/// two VIPs may not share a backend (address, port and protocol).
+/// Port of web2's backends: a second HTTP server on backends 1 and 2, so
+/// that web2's answers tell it apart from web's (tests/tests/shared_backends.rs
+/// covers two VIPs sharing a backend).
 const WEB2_BACKEND_PORT: u16 = 8082;
 
 /// Starts web2's backend servers (see [`WEB2_BACKEND_PORT`]); they stop

@@ -42,22 +42,19 @@ pub struct ConntrackStatus {
     pub expired: u64,
     /// TCP flows closed (FIN/RST) whose 5-tuple a new SYN reused before they expired.
     pub reopened: u64,
-    /// Entries LRU evicted that a reply put back.
-    pub restored: u64,
     /// LRU evictions, estimated as `inserted - entries`.
     pub evicted: u64,
 }
 
 impl From<crate::dataplane::ConntrackStats> for ConntrackStatus {
     fn from(c: crate::dataplane::ConntrackStats) -> Self {
-        use lb_common::stats::conntrack_event::{EXPIRED, INSERTED, REOPENED, RESTORED};
+        use lb_common::stats::conntrack_event::{EXPIRED, INSERTED, REOPENED};
         ConntrackStatus {
             entries: c.entries,
             capacity: c.capacity,
             inserted: c.events[INSERTED as usize],
             expired: c.events[EXPIRED as usize],
             reopened: c.events[REOPENED as usize],
-            restored: c.events[RESTORED as usize],
             evicted: c.evicted,
         }
     }

@@ -2,14 +2,15 @@
 //! rules between keys. Every check names its key; the first problem wins.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::Path,
     time::Duration,
 };
 
 use lb_common::limits::{
-    DEFAULT_CONNTRACK_CAPACITY, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP,
+    DEFAULT_CONNTRACK_CAPACITY, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SHARED_VIPS, MAX_VIPS,
+    RINGS_PER_VIP,
 };
 use toml::Table;
 
@@ -498,16 +499,15 @@ type Service = (SocketAddr, Protocol);
 /// - a backend on a VIP's address, on any port: the data path answers for
 ///   a VIP address itself (a port or protocol no VIP serves is refused with
 ///   a RST or port unreachable), so nothing reaches a backend there;
-/// - one backend (address, port, protocol) under two VIPs: a backend's reply
-///   is matched to its flow by backend and client alone, without the VIP, so
-///   a client on a fixed source port that uses both VIPs gets one VIP's
-///   replies from the other's address. Allowed again once replies are keyed
-///   with the VIP too.
+/// - one backend (address, port, protocol) under more than
+///   `limits::MAX_SHARED_VIPS` VIPs: a shared backend's reply finds its VIP
+///   by trying each one's connection-table entry for its client, so the
+///   data path looks at no more than that many.
 fn check_backend_services(vips: &[VipConfig]) -> Result<()> {
     let listeners: HashMap<Service, usize> =
         vips.iter().enumerate().map(|(i, vip)| ((vip.listen, vip.protocol), i)).collect();
     let vip_ips: HashMap<IpAddr, usize> = vips.iter().enumerate().map(|(i, vip)| (vip.listen.ip(), i)).collect();
-    let mut owners: HashMap<Service, usize> = HashMap::new();
+    let mut owners: HashMap<Service, Vec<usize>> = HashMap::new();
     for (i, vip) in vips.iter().enumerate() {
         for (j, backend) in vip.backends.iter().enumerate() {
             let key = format!("{}.backend[{}].address", vip_path(i, vip), j + 1);
@@ -526,26 +526,22 @@ fn check_backend_services(vips: &[VipConfig]) -> Result<()> {
                     ),
                 ));
             }
-            match owners.entry(service) {
-                Entry::Vacant(slot) => {
-                    slot.insert(i);
-                }
-                // Backends are unique within a VIP, so `first` is another one.
-                Entry::Occupied(first) => {
-                    let first = *first.get();
-                    return Err(Problem::new(
-                        key,
-                        format!(
-                            "{} {} is also a backend of {}; two VIPs cannot share a backend's address, port and \
-                             protocol: its replies are matched to their flow without the VIP, so one VIP's \
-                             replies could leave from the other's address",
-                            service.1.as_str(),
-                            service.0,
-                            vip_path(first, &vips[first])
-                        ),
-                    ));
-                }
+            // Backends are unique within a VIP, so the owners are other VIPs.
+            let others = owners.entry(service).or_default();
+            if others.len() >= MAX_SHARED_VIPS as usize {
+                let names: Vec<String> = others.iter().map(|&o| vip_path(o, &vips[o])).collect();
+                return Err(Problem::new(
+                    key,
+                    format!(
+                        "{} {} is also a backend of {}; at most {MAX_SHARED_VIPS} VIPs may share a backend's \
+                         address, port and protocol (its replies find their VIP by trying each)",
+                        service.1.as_str(),
+                        service.0,
+                        names.join(", ")
+                    ),
+                ));
             }
+            others.push(i);
         }
     }
     Ok(())

@@ -564,22 +564,16 @@ fn services(vips: &[VipSpec<'_>]) -> String {
 fn backends_that_loop_collide_or_cannot_be_reached_are_refused() {
     let cases: &[(&str, &[VipSpec<'_>], &str, &str)] = &[
         (
-            "two udp VIPs sharing a backend",
+            "five udp VIPs sharing a backend",
             &[
                 ("a", "198.18.0.100:5353", "udp", &["198.18.2.11:8081"]),
-                ("b", "198.18.0.101:5353", "udp", &["198.18.2.12:8081", "198.18.2.11:8081"]),
+                ("b", "198.18.0.101:5353", "udp", &["198.18.2.11:8081"]),
+                ("c", "198.18.0.102:5353", "udp", &["198.18.2.11:8081"]),
+                ("d", "198.18.0.103:5353", "udp", &["198.18.2.11:8081"]),
+                ("e", "198.18.0.104:5353", "udp", &["198.18.2.12:8081", "198.18.2.11:8081"]),
             ],
-            "vip[2] (b).backend[2].address",
-            "udp 198.18.2.11:8081 is also a backend of vip[1] (a); two VIPs cannot share a backend",
-        ),
-        (
-            "two tcp VIPs sharing an IPv6 backend",
-            &[
-                ("a", "[2001:db8::100]:80", "tcp", &["[2001:db8:2::11]:8080"]),
-                ("b", "[2001:db8::100]:81", "tcp", &["[2001:db8:2:0::11]:8080"]),
-            ],
-            "vip[2] (b).backend[1].address",
-            "tcp [2001:db8:2::11]:8080 is also a backend of vip[1] (a)",
+            "vip[5] (e).backend[2].address",
+            "udp 198.18.2.11:8081 is also a backend of vip[1] (a), vip[2] (b), vip[3] (c), vip[4] (d); at most 4 VIPs",
         ),
         (
             "a backend equal to its own VIP",
@@ -715,6 +709,22 @@ fn backends_may_be_shared_across_protocols_and_sit_beside_a_vip() {
             &[
                 ("dns-tcp", "198.18.0.100:53", "tcp", &["198.18.2.11:53"]),
                 ("dns-udp", "198.18.0.100:53", "udp", &["198.18.2.11:53"]),
+            ],
+        ),
+        (
+            "two udp VIPs sharing a backend",
+            &[
+                ("a", "198.18.0.100:5353", "udp", &["198.18.2.11:8081"]),
+                ("b", "198.18.0.101:5353", "udp", &["198.18.2.12:8081", "198.18.2.11:8081"]),
+            ],
+        ),
+        (
+            "four tcp VIPs sharing an IPv6 backend, written two ways",
+            &[
+                ("a", "[2001:db8::100]:80", "tcp", &["[2001:db8:2::11]:8080"]),
+                ("b", "[2001:db8::100]:81", "tcp", &["[2001:db8:2:0::11]:8080"]),
+                ("c", "[2001:db8::100]:82", "tcp", &["[2001:db8:2::11]:8080"]),
+                ("d", "[2001:db8::100]:83", "tcp", &["[2001:db8:2::11]:8080"]),
             ],
         ),
         (

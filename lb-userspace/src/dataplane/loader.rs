@@ -47,7 +47,6 @@ impl Program {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::MAGLEV, maglev_entries)
             .map_max_entries(map_names::CONNTRACK, opts.conntrack_capacity)
-            .map_max_entries(map_names::REPLY_NAT, opts.conntrack_capacity)
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load { source: Box::new(source) })?;
         let program = xdp_program(&mut ebpf)?;

@@ -14,7 +14,7 @@ use aya::{
 use lb_common::{
     backend::BackendInfo,
     flow::{FlowKey, FlowState, ReplyNat},
-    guard::{AddrRoles, ServiceKey},
+    guard::{AddrRoles, ServiceKey, SharedService},
     map_names,
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
@@ -31,9 +31,9 @@ pub struct Maps {
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
-    reply_nat: HashMap<MapData, FlowKey, ReplyNat>,
     addr_roles: HashMap<MapData, VipAddrKey, AddrRoles>,
     backend_services: HashMap<MapData, ServiceKey, ReplyNat>,
+    shared_services: HashMap<MapData, ServiceKey, SharedService>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     verdicts: PerCpuArray<MapData, u64>,
@@ -112,9 +112,9 @@ impl Maps {
             backends: typed!(ebpf, map_names::BACKENDS),
             maglev: typed!(ebpf, map_names::MAGLEV),
             conntrack: typed!(ebpf, map_names::CONNTRACK),
-            reply_nat: typed!(ebpf, map_names::REPLY_NAT),
             addr_roles: typed!(ebpf, map_names::ADDR_ROLES),
             backend_services: typed!(ebpf, map_names::BACKEND_SERVICES),
+            shared_services: typed!(ebpf, map_names::SHARED_SERVICES),
             vip_stats: typed!(ebpf, map_names::VIP_STATS),
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             verdicts: typed!(ebpf, map_names::VERDICTS),
@@ -196,11 +196,6 @@ impl Maps {
         self.conntrack.get(key, 0).ok()
     }
 
-    /// The reply translation of a tracked backend → client tuple, if tracked.
-    pub fn reply_nat(&self, key: &FlowKey) -> Option<ReplyNat> {
-        self.reply_nat.get(key, 0).ok()
-    }
-
     /// The last count of entries and the eviction estimate, starting a new
     /// count if it is stale; `inserted` is the insert count now.
     fn occupancy(&self, inserted: u64) -> Result<(u64, u64), DataplaneError> {
@@ -261,12 +256,6 @@ impl Maps {
     /// and tools. Removing one that is absent is not an error.
     pub fn remove_flow(&mut self, key: &FlowKey) {
         let _ = self.conntrack.remove(key);
-    }
-
-    /// Removes a reply translation, as an LRU eviction would: for tests and
-    /// tools. Removing one that is absent is not an error.
-    pub fn remove_reply_nat(&mut self, key: &FlowKey) {
-        let _ = self.reply_nat.remove(key);
     }
 
     /// Backend id in one Maglev array slot.
@@ -384,5 +373,14 @@ impl Dataplane for Maps {
             op: "write",
             source,
         })
+    }
+
+    fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError> {
+        self.shared_services.insert(key, list, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::SHARED_SERVICES,
+            op: "write",
+            source,
+        })?;
+        Ok(())
     }
 }

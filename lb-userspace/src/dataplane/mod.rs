@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use lb_common::{
     backend::BackendInfo,
     flow::ReplyNat,
-    guard::ServiceKey,
+    guard::{ServiceKey, SharedService},
     vip::{VipInfo, VipKey},
     vip_addr::VipAddrKey,
 };
@@ -46,6 +46,9 @@ pub trait Dataplane {
     fn set_addr_roles(&mut self, key: VipAddrKey, roles: u32) -> Result<(), DataplaneError>;
     /// Writes which VIP a backend's service answers for (`BACKEND_SERVICES`).
     fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError>;
+    /// Writes the VIPs a backend's service shared by several serves
+    /// (`SHARED_SERVICES`).
+    fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError>;
 }
 
 /// What can go wrong between the agent and the kernel.

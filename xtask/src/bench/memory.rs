@@ -6,10 +6,9 @@
 //! lists the BPF maps the agent holds, from `/proc/<pid>/fdinfo`, with the
 //! `memlock` the kernel charges for each; RSS comes from
 //! `/proc/<pid>/status`. Then `lb-bench fill-flows` writes 1,000,000 flows
-//! into the agent's CONNTRACK and REPLY_NAT (as the program would have:
-//! client → VIP entries spread over the backends, with their reply
-//! translations), the agent is made to count its table through `/status`,
-//! and both are measured again.
+//! into the agent's CONNTRACK (as the program would have: client → VIP
+//! entries spread over the backends; replies keep no state), the agent is
+//! made to count its table through `/status`, and both are measured again.
 
 use std::{
     fmt::Write as _,
@@ -183,7 +182,7 @@ fn body(opts: &Options, idle: &Snapshot, full: &Snapshot, fill_seconds: f64) -> 
     );
     let _ = writeln!(
         out,
-        "| state | flows the agent counts | BPF maps, total (MiB) | CONNTRACK + REPLY_NAT (MiB) | MAGLEV (MiB) | agent RSS (MiB) |\n\
+        "| state | flows the agent counts | BPF maps, total (MiB) | CONNTRACK (MiB) | MAGLEV (MiB) | agent RSS (MiB) |\n\
          |---|---|---|---|---|---|"
     );
     for (label, s) in [("default capacity, idle", idle), ("1,000,000 tracked flows", full)] {
@@ -192,7 +191,7 @@ fn body(opts: &Options, idle: &Snapshot, full: &Snapshot, fill_seconds: f64) -> 
             "| {label} | {} | {} | {} | {} | {} ({}) |",
             thousands(s.entries),
             mib(s.memlock()),
-            mib(s.memlock_of(&["CONNTRACK", "REPLY_NAT"])),
+            mib(s.memlock_of(&["CONNTRACK"])),
             mib(s.memlock_of(&["MAGLEV"])),
             mib(s.rss_kib * 1024),
             mib(s.hwm_kib * 1024)

@@ -315,7 +315,7 @@ fn describe_path(path: &serde_json::Map<String, Value>) -> String {
 
 /// What the connection table held around the new-flow cases.
 fn table_state(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
-    let _ = writeln!(out, "Connection table (entries counted by walking both maps, CONNTRACK / REPLY_NAT):");
+    let _ = writeln!(out, "Connection table (entries counted by walking CONNTRACK; replies keep no state):");
     for line in of_kind(lines, "table") {
         let count = |key| line[key].as_u64().map(thousands).unwrap_or_default();
         let what = match (line["case"].as_str(), line["when"].as_str()) {
@@ -329,13 +329,7 @@ fn table_state(out: &mut String, lines: &[Value]) -> anyhow::Result<()> {
             (Some(_), _) => "table full: after all its runs".to_owned(),
             _ => continue,
         };
-        let _ = writeln!(
-            out,
-            "- {what}: {} / {} of capacity {}",
-            count("conntrack"),
-            count("reply_nat"),
-            count("capacity")
-        );
+        let _ = writeln!(out, "- {what}: {} of capacity {}", count("conntrack"), count("capacity"));
     }
     let _ = writeln!(
         out,

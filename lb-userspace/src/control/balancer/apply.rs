@@ -24,7 +24,7 @@
 //!   anyway;
 //! - its `VIP_STATS` slot is zeroed before the new VIP is published. The
 //!   removed VIP's flows may still add to it afterwards (their replies still
-//!   match `REPLY_NAT`, which names the old id, until LRU evicts them), so
+//!   find the old id in their backends' service entries, which stay), so
 //!   the agent reports a VIP's traffic as the sum over its backends'
 //!   `BACKEND_STATS`, whose ids are never reused, and not from `VIP_STATS`.
 

@@ -55,6 +55,8 @@ use std::{
 };
 
 use lb_common::{
+    flow::ReplyNat,
+    guard::{ServiceKey, SharedService},
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP},
     vip_addr::VipAddrKey,
 };
@@ -116,6 +118,10 @@ pub struct Balancer {
     /// What `ADDR_ROLES` holds per address, as last written; no entry when
     /// none was written or a write failed.
     roles_written: HashMap<VipAddrKey, u32>,
+    /// What `BACKEND_SERVICES` (and `SHARED_SERVICES`, for a shared one)
+    /// hold per backend service, as last written; no entry when none was
+    /// written or a write failed.
+    services_written: HashMap<ServiceKey, (ReplyNat, Option<SharedService>)>,
 }
 
 impl Balancer {
@@ -165,6 +171,7 @@ impl Balancer {
             backend_addrs: HashSet::new(),
             local_addrs: HashSet::new(),
             roles_written: HashMap::new(),
+            services_written: HashMap::new(),
         };
         // All ids are free, so VIP n takes id n.
         for vip in &config.vips {

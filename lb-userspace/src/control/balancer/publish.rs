@@ -35,9 +35,10 @@
 
 use lb_common::{
     addr, addr_filter,
-    backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
-    flow::ReplyNat,
-    guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey},
+    backend::{BACKEND_F_SHARED, BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
+    flow::{ReplyNat, SERVICE_F_SHARED},
+    guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey, SharedService},
+    limits::MAX_SHARED_VIPS,
     vip::{VipInfo, VipKey, ring_base},
     vip_addr::{VipAddrKey, proto_bit},
 };
@@ -50,6 +51,17 @@ use crate::{
     control::maglev::{self, MaglevBackend},
     dataplane::{Dataplane, DataplaneError},
 };
+
+/// The `BACKENDS` entry of a backend at `address` in `state`.
+fn backend_info(address: std::net::SocketAddr, state: u8, shared: bool) -> BackendInfo {
+    let mut info = BackendInfo::new(address, state);
+    if shared {
+        info.flags |= BACKEND_F_SHARED;
+    }
+    info
+}
+
+use std::collections::{HashMap, HashSet};
 
 impl Balancer {
     /// Makes the dataplane match the desired state of one VIP, in the three
@@ -119,18 +131,92 @@ impl Balancer {
         }
         for &id in ids {
             let Some(backend) = self.backends.get(backend_index(id)) else { continue };
-            let (address, backend_vip_id, service_written) = (backend.address, backend.vip_id, backend.service_written);
-            let addr_key = VipAddrKey::new(address.ip());
+            let addr_key = VipAddrKey::new(backend.address.ip());
             self.backend_addrs.insert(addr_key);
             self.write_roles(addr_key, dp).map_err(|(roles, source)| failed(Step::WriteAddrRoles { roles })(source))?;
-            if service_written {
+        }
+        let services: HashSet<ServiceKey> = ids
+            .iter()
+            .filter_map(|&id| self.backends.get(backend_index(id)))
+            .map(|b| ServiceKey::new(b.address, key.proto))
+            .collect();
+        for (service, users) in self.service_users(&services) {
+            self.write_service(vip, service, &users, dp)?;
+        }
+        Ok(())
+    }
+
+    /// The live backends, of any VIP, of each of `services`: ids in order,
+    /// with the key of the VIP each serves.
+    fn service_users(&self, services: &HashSet<ServiceKey>) -> HashMap<ServiceKey, Vec<(u32, u32, VipKey)>> {
+        let vips: HashMap<u32, VipKey> = self.vips.iter().map(|vip| (vip.vip_id, vip.key)).collect();
+        let mut users: HashMap<ServiceKey, Vec<(u32, u32, VipKey)>> = HashMap::new();
+        for backend in self.backends.iter().filter(|b| !b.retired) {
+            let Some(&vip) = vips.get(&backend.vip_id) else { continue };
+            let service = ServiceKey::new(backend.address, vip.proto);
+            if services.contains(&service) {
+                users.entry(service).or_default().push((backend.backend_id, backend.vip_id, vip));
+            }
+        }
+        users
+    }
+
+    /// Writes the entries of a backend service that `users` (backend id, VIP
+    /// id, VIP key) serve, if they differ from what was written: one VIP, or
+    /// several (`SHARED_SERVICES` first, so no packet sees the shared flag
+    /// before the list), and marks the users' `BACKENDS` entries shared or
+    /// not. A service no live backend serves keeps its entry: a retired
+    /// backend's late replies are still translated.
+    fn write_service(
+        &mut self,
+        vip: &str,
+        service: ServiceKey,
+        users: &[(u32, u32, VipKey)],
+        dp: &mut impl Dataplane,
+    ) -> Result<(), StateError> {
+        let Some(&(first_id, first_vip, first_key)) = users.first() else { return Ok(()) };
+        let failed = |step: Step| {
+            let vip = vip.to_owned();
+            move |source| StateError::Dataplane { vip, step, source: Box::new(source) }
+        };
+        let shared = users.len() > 1;
+        let mut nat = ReplyNat::new(&first_key, first_vip, first_id);
+        let list = shared.then(|| {
+            let mut list = SharedService { vips: [nat; MAX_SHARED_VIPS as usize], count: 0 };
+            for (slot, &(id, vip_id, key)) in list.vips.iter_mut().zip(users) {
+                *slot = ReplyNat::new(&key, vip_id, id);
+                list.count += 1;
+            }
+            list
+        });
+        if shared {
+            nat.flags |= SERVICE_F_SHARED;
+        }
+        let wanted = (nat, list);
+        if self.services_written.get(&service) != Some(&wanted) {
+            self.services_written.remove(&service);
+            if let Some(list) = list {
+                dp.set_shared_service(service, list)
+                    .map_err(failed(Step::WriteBackendService { backend_id: first_id }))?;
+            }
+            dp.set_backend_service(service, nat).map_err(failed(Step::WriteBackendService { backend_id: first_id }))?;
+            self.services_written.insert(service, wanted);
+        }
+        for &(id, _, _) in users {
+            let Some(backend) = self.backend_mut(id) else { continue };
+            if backend.shared == shared {
                 continue;
             }
-            let service = ServiceKey::new(address, key.proto);
-            let nat = ReplyNat::new(key, backend_vip_id, id);
-            dp.set_backend_service(service, nat).map_err(failed(Step::WriteBackendService { backend_id: id }))?;
-            if let Some(backend) = self.backend_mut(id) {
-                backend.service_written = true;
+            backend.shared = shared;
+            // Rewritten with the same state and the new flag; the publish
+            // order is about states, which do not change here.
+            if let Some(state) = backend.written_state {
+                backend.written_state = None;
+                let info = backend_info(backend.address, state, shared);
+                dp.set_backend(id, info).map_err(failed(Step::WriteBackend { backend_id: id, state }))?;
+                if let Some(backend) = self.backend_mut(id) {
+                    backend.written_state = Some(state);
+                }
             }
         }
         Ok(())
@@ -266,7 +352,7 @@ impl Balancer {
             return Ok(false);
         }
         backend.written_state = None;
-        if let Err(source) = dp.set_backend(id, BackendInfo::new(backend.address, state)) {
+        if let Err(source) = dp.set_backend(id, backend_info(backend.address, state, backend.shared)) {
             return Err(StateError::Dataplane {
                 vip: vip.to_owned(),
                 step: Step::WriteBackend { backend_id: id, state },

@@ -73,9 +73,9 @@ pub(super) struct Backend {
     pub(super) ring_slots: u32,
     /// Removed by a reload: down for good, ignored by health events.
     pub(super) retired: bool,
-    /// Its `BACKEND_SERVICES` entry is written (it is never removed: a
-    /// retired backend's late replies are still translated).
-    pub(super) service_written: bool,
+    /// Its service (address, port, protocol) is shared with a backend of
+    /// another VIP: `BACKEND_F_SHARED` in its `BACKENDS` entry.
+    pub(super) shared: bool,
 }
 
 impl Backend {
@@ -91,7 +91,7 @@ impl Backend {
             written_state: None,
             ring_slots: 0,
             retired: false,
-            service_written: false,
+            shared: false,
         }
     }
 

@@ -14,8 +14,8 @@ use std::collections::{BTreeSet, HashMap};
 use lb_common::{
     addr_filter,
     backend::{BACKEND_ID_NONE, BACKEND_STATE_UP, BackendInfo},
-    flow::ReplyNat,
-    guard::{ADDR_ROLE_BACKEND, ServiceKey},
+    flow::{ReplyNat, SERVICE_F_SHARED},
+    guard::{ADDR_ROLE_BACKEND, ServiceKey, SharedService},
     limits::{MAX_BACKENDS, RINGS_PER_VIP},
     map_names,
     vip::{VipInfo, VipKey, ring_base},
@@ -62,6 +62,8 @@ pub struct FakeDataplane {
     pub roles: HashMap<VipAddrKey, u32>,
     /// `BACKEND_SERVICES` as written.
     pub services: HashMap<ServiceKey, ReplyNat>,
+    /// `SHARED_SERVICES` as written.
+    pub shared: HashMap<ServiceKey, SharedService>,
     attempts: usize,
     /// Fail the attempt with this index (counted over the fake's life); a
     /// failing slot write still applies its first half, like a syscall
@@ -84,6 +86,7 @@ impl FakeDataplane {
             filter: BTreeSet::new(),
             roles: HashMap::new(),
             services: HashMap::new(),
+            shared: HashMap::new(),
             attempts: 0,
             fail_attempt: None,
         }
@@ -120,6 +123,20 @@ impl FakeDataplane {
 
     /// The readers' invariant, checked after every call that changes what
     /// packets see.
+    /// Whether the service entries name backend `id` of VIP `vip` for
+    /// `service`: its own entry, or the shared list's.
+    fn services_name(&self, service: &ServiceKey, id: u32, vip: &VipKey) -> bool {
+        let names =
+            |nat: &ReplyNat| nat.backend_id == id && nat.vip_addr_be == vip.addr_be && nat.vip_port_be == vip.port_be;
+        match self.services.get(service) {
+            Some(nat) if nat.flags & SERVICE_F_SHARED != 0 => {
+                self.shared.get(service).is_some_and(|list| list.vips[..list.count as usize].iter().any(names))
+            }
+            Some(nat) => names(nat),
+            None => false,
+        }
+    }
+
     fn check_readers(&self) {
         for (key, info) in &self.vips {
             assert!(
@@ -149,9 +166,7 @@ impl FakeDataplane {
                     let service =
                         ServiceKey { addr_be: b.addr_be, port_be: b.port_be, proto: key.proto, family: b.family };
                     assert!(
-                        self.services
-                            .get(&service)
-                            .is_some_and(|nat| nat.backend_id == id && nat.vip_addr_be == key.addr_be),
+                        self.services_name(&service, id, key),
                         "after call {}: backend {id} in a live ring before its service entry names it",
                         self.calls.len()
                     );
@@ -212,7 +227,15 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError> {
+        self.shared.insert(key, list);
+        Ok(())
+    }
+
     fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError> {
+        if nat.flags & SERVICE_F_SHARED != 0 {
+            assert!(self.shared.contains_key(&key), "a service marked shared before its list is written");
+        }
         self.services.insert(key, nat);
         Ok(())
     }
