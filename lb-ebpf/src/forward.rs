@@ -7,7 +7,7 @@
 //! returning [`ACTION_FORWARD`]; `lb_xdp` then calls [`stage`], which asks
 //! for the next hop (`nexthop`), rewrites and redirects (`rewrite`, `v6`),
 //! or answers the sender when the packet is too big for that hop; or
-//! refuses it (`respond`, `respond6`).
+//! refuses it (`answer`, `answer6`).
 //!
 //! verifier: the split is about the 512 bytes of stack BPF allows along a
 //! call chain. The next-hop lookup is a call of its own
@@ -27,12 +27,11 @@ use lb_common::flow::FlowKey;
 use aya_ebpf::bindings::xdp_action;
 
 use crate::{
-    Verdict, conntrack, guard, lookup,
+    Verdict, answer, answer6, conntrack, guard, lookup,
     maps::{FORWARD_PLAN, HOPS_BY_BACKEND, HOPS_BY_CLIENT},
     nexthop,
     parse::{self, L4, Packet, Ports},
     parse6::{Ipv6Hdr, Packet6},
-    respond, respond6,
     rewrite::{self, Side},
     stats, v6,
 };
@@ -77,10 +76,10 @@ pub struct Plan {
 
 /// A plan that forwards.
 pub const FORWARD: u8 = 0;
-/// A plan that refuses: no backend up (`respond::NO_BACKEND`).
+/// A plan that refuses: no backend up (`answer::NO_BACKEND`).
 pub const REFUSE_NO_BACKEND: u8 = 1;
 /// A plan that refuses: no VIP of the address serves the port or protocol
-/// (`respond::NO_SERVICE`).
+/// (`answer::NO_SERVICE`).
 pub const REFUSE_NO_SERVICE: u8 = 2;
 /// A TCP/UDP packet to no VIP and from no backend's service: a direct
 /// flow's packet (`guard::direct`), one to a VIP address's unserved port
@@ -268,8 +267,8 @@ fn l4_of(ctx: &XdpContext, p: &Plan) -> Option<L4> {
 }
 
 #[inline(always)]
-fn refusal(p: &Plan) -> &'static respond::Refusal {
-    if p.kind == REFUSE_NO_SERVICE { &respond::NO_SERVICE } else { &respond::NO_BACKEND }
+fn refusal(p: &Plan) -> &'static answer::Refusal {
+    if p.kind == REFUSE_NO_SERVICE { &answer::NO_SERVICE } else { &answer::NO_BACKEND }
 }
 
 /// A packet to no VIP and from no backend's service (`key`, its 5-tuple):
@@ -317,12 +316,12 @@ fn forward_v4(ctx: &XdpContext, p: &Plan) -> Option<Verdict> {
     };
     if p.kind == UNMATCHED {
         return Some(unmatched(ctx, p, lookup::packet_tuple(&pkt), |l4| {
-            respond::refuse(ctx, &pkt, l4, &respond::NO_SERVICE)
+            answer::refuse(ctx, &pkt, l4, &answer::NO_SERVICE)
         }));
     }
     let l4 = l4_of(ctx, p)?;
     if p.kind != FORWARD {
-        return Some(respond::refuse(ctx, &pkt, &l4, refusal(p)));
+        return Some(answer::refuse(ctx, &pkt, &l4, refusal(p)));
     }
     let (addr, from) = (p.addr_be[0], p.icmp_from_be[0]);
     Some(rewrite::translate_and_forward(ctx, &pkt, &l4, side(p), addr, p.port_be, from, p.redirect_reason, p.now))
@@ -342,11 +341,11 @@ fn forward_v6(ctx: &XdpContext, p: &Plan) -> Option<Verdict> {
         proto: p.proto,
     };
     if p.kind == UNMATCHED {
-        return Some(unmatched(ctx, p, v6::tuple(&pkt), |l4| respond6::refuse(ctx, &pkt, l4, &respond::NO_SERVICE)));
+        return Some(unmatched(ctx, p, v6::tuple(&pkt), |l4| answer6::refuse(ctx, &pkt, l4, &answer::NO_SERVICE)));
     }
     let l4 = l4_of(ctx, p)?;
     if p.kind != FORWARD {
-        return Some(respond6::refuse(ctx, &pkt, &l4, refusal(p)));
+        return Some(answer6::refuse(ctx, &pkt, &l4, refusal(p)));
     }
     Some(v6::translate_and_forward(
         ctx,

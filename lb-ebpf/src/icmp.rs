@@ -1,5 +1,5 @@
 //! ICMP (IPv4) through the gateway: echo requests to a VIP address are
-//! answered (`respond::echo`); errors about packets of balanced flows are
+//! answered (`answer::echo`); errors about packets of balanced flows are
 //! translated so they reach the host whose socket they concern.
 //!
 //! An ICMP error (destination unreachable, fragmentation needed among them;
@@ -35,10 +35,10 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, csum, guard,
+    Verdict, answer, csum, guard,
     maps::{BACKENDS, CONNTRACK, VIP_ADDRS},
     parse::{Ipv4, Ipv4Hdr, ptr_at},
-    respond, rewrite, stats,
+    rewrite, stats,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -53,14 +53,14 @@ const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 pub fn process(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
     let icmp_off = v4.l3_off + (v4.ihl_bytes & 0x3c);
     let icmp_len = v4.tot_len - v4.ihl_bytes;
-    let Some(hdr) = ptr_at::<[u8; ICMP_HLEN]>(ctx, icmp_off) else { return respond::echo(ctx, v4) };
+    let Some(hdr) = ptr_at::<[u8; ICMP_HLEN]>(ctx, icmp_off) else { return answer::echo(ctx, v4) };
     if icmp_len < ICMP_HLEN {
-        return respond::echo(ctx, v4);
+        return answer::echo(ctx, v4);
     }
     // SAFETY: bounds checked by ptr_at.
     let icmp_type = unsafe { (*hdr)[0] };
     if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETER_PROBLEM {
-        return respond::echo(ctx, v4);
+        return answer::echo(ctx, v4);
     }
     // The checksum's pointer is derived from the checked header, so the
     // verifier knows its bounds.

@@ -1,5 +1,5 @@
 //! ICMPv6 through the gateway, the twin of `icmp`: echo requests to a VIP
-//! address are answered (`respond6::echo`); errors (destination
+//! address are answered (`answer6::echo`); errors (destination
 //! unreachable, packet too big, time exceeded, parameter problem) about
 //! packets of balanced flows are translated, steered to the backend or back
 //! to the client by the same rules as IPv4. The quote must hold the quoted
@@ -20,11 +20,10 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, csum, guard, lookup,
+    Verdict, answer6, csum, guard, lookup,
     maps::{BACKENDS, CONNTRACK},
     parse::ptr_at,
     parse6::{IPV6_HLEN, Ipv6, Ipv6Hdr, is_vip_addr},
-    respond6,
     rewrite::Side,
     stats, v6,
 };
@@ -55,11 +54,11 @@ pub fn process(ctx: &XdpContext, v6: &Ipv6) -> Verdict {
     let Some(hdr) = v6.l4_head.filter(|_| v6.payload_len >= ICMP6_HLEN) else { return unserved() };
     // SAFETY: bounds checked by ptr_at.
     let icmp_type = unsafe { (*hdr)[0] }.to_ne_bytes()[0];
-    if respond6::is_echo_request(icmp_type) {
+    if answer6::is_echo_request(icmp_type) {
         if !is_vip_addr(daddr) {
             return Verdict::pass(reason::PASS_NOT_VIP);
         }
-        return respond6::echo(ctx, v6, hdr);
+        return answer6::echo(ctx, v6, hdr);
     }
     if (ICMP6_ND_FIRST..=ICMP6_ND_LAST).contains(&icmp_type) {
         // Neighbour discovery is the kernel's, whoever it names.

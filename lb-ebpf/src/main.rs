@@ -10,7 +10,7 @@
 //! errors about balanced flows are translated in `icmp`. A VIP with no
 //! backend up answers the client itself, as does a VIP address pinged, and a
 //! packet too big for its next hop is answered with fragmentation needed
-//! (`respond`). Anything else is passed to the kernel untouched. Every verdict is counted by reason (`stats`).
+//! (`answer`). Anything else is passed to the kernel untouched. Every verdict is counted by reason (`stats`).
 #![no_std]
 #![no_main]
 #![allow(
@@ -22,6 +22,8 @@
     reason = "stages are BPF-to-BPF calls that take scalars; a struct would live in the caller's stack frame"
 )]
 
+mod answer;
+mod answer6;
 mod conntrack;
 mod fast;
 mod forward;
@@ -36,8 +38,6 @@ mod nexthop;
 mod parse;
 mod parse6;
 mod reply;
-mod respond;
-mod respond6;
 mod rewrite;
 mod stats;
 mod v6;

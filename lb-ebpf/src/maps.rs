@@ -76,7 +76,7 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::CO
 
 /// The rate limiters of the gateway's own answers, per CPU, one per kind
 /// (`lb_common::limits::reply_bucket`): `[credit_ns, last_ns]` of a token
-/// bucket (see `respond::allow_reply`). Written here only.
+/// bucket (see `answer::allow_reply`). Written here only.
 #[map]
 pub static REPLY_BUCKETS: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(reply_bucket::COUNT, 0);
 

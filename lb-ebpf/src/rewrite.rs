@@ -6,18 +6,17 @@
 //! with the addresses the packet will carry: a packet that cannot go on
 //! (larger than the next hop's MTU with don't-fragment set) is then still as
 //! it arrived, and the client or backend that sent it is told with an ICMP
-//! "fragmentation needed" quoting it (`respond::frag_needed`), as a router
+//! "fragmentation needed" quoting it (`answer::frag_needed`), as a router
 //! would, so path MTU discovery works through the gateway.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use lb_common::{limits::reply_bucket, stats::reason};
 
 use crate::{
-    Verdict, conntrack, csum,
+    Verdict, answer, conntrack, csum,
     maps::NextHop,
     nexthop::{self, Answer, Hop, Query},
     parse::{EthHdr, Ipv4Hdr, L4, Packet},
-    respond,
 };
 /// Don't-fragment, network byte order.
 const IP_DF_BE: u16 = 0x4000u16.to_be();
@@ -66,8 +65,8 @@ pub fn translate_and_forward(
     match hop {
         Hop::Local => return local_next_hop(side),
         Hop::TooBig if frag_off_be & IP_DF_BE != 0 => {
-            if respond::allow_reply(reply_bucket::FRAG_NEEDED) {
-                return respond::frag_needed(ctx, pkt, icmp_from_be, answer.get().mtu);
+            if answer::allow_reply(reply_bucket::FRAG_NEEDED) {
+                return answer::frag_needed(ctx, pkt, icmp_from_be, answer.get().mtu);
             }
             nat(pkt, l4, side, addr_be, port_be);
             return Verdict::pass(reason::PASS_FRAG_NEEDED_RATE_LIMITED);

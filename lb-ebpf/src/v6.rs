@@ -6,7 +6,7 @@
 //! decremented, next hop from `bpf_fib_lookup` (AF_INET6), then redirected.
 //!
 //! ICMPv6 goes to `icmp6` (echo replies, errors of balanced flows). A VIP
-//! with no backend up answers like IPv4 (`respond6`: RST, or ICMPv6 port
+//! with no backend up answers like IPv4 (`answer6`: RST, or ICMPv6 port
 //! unreachable), and a packet too big for its next hop gets ICMPv6 packet
 //! too big (IPv6 routers never fragment). Backends must be IPv6 too; a
 //! VIP's IPv4 backend is refused (`drop_bad_backend`).
@@ -21,7 +21,7 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, conntrack, csum, forward,
+    Verdict, answer, answer6, conntrack, csum, forward,
     guard::{self, Reply},
     icmp6, lookup,
     maps::NextHop,
@@ -29,7 +29,6 @@ use crate::{
     nexthop::{self, Answer, Hop, Query},
     parse::{self, EthHdr, L2, L4},
     parse6::{self, IPV6_HLEN, Ipv6Hdr, PROTO_ICMPV6, Packet6},
-    respond, respond6,
     rewrite::{self, Side},
 };
 
@@ -178,8 +177,8 @@ pub fn translate_and_forward(
     match hop {
         Hop::Local => return rewrite::local_next_hop(side),
         Hop::TooBig => {
-            if respond::allow_reply(reply_bucket::FRAG_NEEDED) {
-                return respond6::packet_too_big(ctx, pkt, icmp_from_be, answer.get().mtu);
+            if answer::allow_reply(reply_bucket::FRAG_NEEDED) {
+                return answer6::packet_too_big(ctx, pkt, icmp_from_be, answer.get().mtu);
             }
             nat(pkt, l4, side, addr_be, port_be);
             return Verdict::pass(reason::PASS_FRAG_NEEDED_RATE_LIMITED);

@@ -1,4 +1,4 @@
-//! Replies the gateway sends itself over IPv6, the twins of `respond`'s,
+//! Answers the gateway sends itself over IPv6, the twins of `answer`'s,
 //! built in place and sent back out the device the packet came in on
 //! (`Verdict::send_back`), from the VIP's address, hop limit 64:
 //!
@@ -14,16 +14,17 @@
 //! 8 bytes: what a receiver needs to find its socket (the ports, and TCP's
 //! sequence number). RFC 4443 asks for as much as fits in 1280 bytes; the
 //! shorter quote keeps the reply a fixed size the verifier can prove.
-//! Each kind has `respond`'s per-CPU token bucket of its kind.
+//! Each kind has `answer`'s per-CPU token bucket of its kind.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{PROTO_TCP, limits::reply_bucket, stats::reason};
 
 use crate::{
-    Verdict, csum,
+    Verdict,
+    answer::{REPLY_TTL, Refusal, allow_reply, macs, rst_header, truncate, w, write_macs},
+    csum,
     parse::{L4, TCP_RST, ptr_at},
     parse6::{IPV6_HLEN, Ipv6, Ipv6Hdr, PROTO_ICMPV6, Packet6},
-    respond::{REPLY_TTL, Refusal, allow_reply, macs, rst_header, truncate, w, write_macs},
 };
 
 /// New IPv6 header and ICMPv6 header put before a quote.
@@ -38,7 +39,7 @@ const ICMP6_ECHO_REPLY: u8 = 129;
 /// Version 6, traffic class and flow label 0, as stored.
 const VTC_FLOW_BE: u32 = 0x6000_0000u32.to_be();
 
-/// The IPv6 twin of `respond::refuse`: a RST for TCP, ICMPv6 port
+/// The IPv6 twin of `answer::refuse`: a RST for TCP, ICMPv6 port
 /// unreachable for UDP, within `why`'s rate limit.
 #[inline(always)]
 pub fn refuse(ctx: &XdpContext, pkt: &Packet6, l4: &L4, why: &Refusal) -> Verdict {
@@ -72,7 +73,7 @@ pub fn packet_too_big(ctx: &XdpContext, pkt: &Packet6, from_be: [u32; 4], mtu: u
 }
 
 /// Rewrites a TCP segment into the RST that answers it (see
-/// `respond::tcp_rst` for the sequence numbers).
+/// `answer::tcp_rst` for the sequence numbers).
 #[inline(always)]
 fn tcp_rst(ctx: &XdpContext, pkt: &Packet6, l4: &L4, sent: u32) -> Option<Verdict> {
     // verifier: the mask keeps the offset visibly small (14, 18 or 22).

@@ -1,4 +1,5 @@
-//! Replies the gateway sends itself, built in place from the packet that
+//! Answers the gateway sends itself (not replies of balanced flows, which
+//! `reply` translates), built in place from the packet that
 //! asked and sent back out the device it came in on (`Verdict::send_back`), always from
 //! the VIP's address:
 //!
