@@ -17,6 +17,7 @@ pub mod addr;
 pub mod addr_filter;
 pub mod backend;
 pub mod csum;
+pub mod embryo;
 pub mod flow;
 pub mod frag;
 pub mod guard;
@@ -95,6 +96,8 @@ pub mod map_names {
         NEXT_HOP_SCRATCH,
         /// When a direct flow to each backend id last passed; the program's own.
         DIRECT_SEEN,
+        /// TCP SYNs seen, by a hash of their 5-tuple; the program's own.
+        EMBRYOS,
         /// The fast path's next hops by backend id (per CPU); the program's own.
         HOPS_BY_BACKEND,
         /// The fast path's next hops of clients (per CPU); the program's own.

@@ -82,6 +82,15 @@ pub const MAX_SHARED_VIPS: u32 = 4;
 /// overhead). Such flows are rare: operators and monitoring, not clients.
 pub const DIRECT_FLOW_CAPACITY: u32 = 65536;
 
+/// Slots of the table of TCP SYNs seen (`EMBRYOS`, 8 bytes each: 512 KiB),
+/// which a flow's first ACK must find to be tracked (see `crate::embryo`).
+/// A SYN flood overwrites slots; it never touches the connection table.
+pub const EMBRYO_SLOTS: u32 = 1 << 16;
+/// How long a SYN's slot lets its first ACK be tracked, in ns: a handshake
+/// that takes longer (SYNs retransmitted for half a minute) is not tracked,
+/// and its flow is forwarded by its Maglev slot alone.
+pub const EMBRYO_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
+
 /// Slots of the fast path's cache of clients' next hops (`HOPS_BY_CLIENT`,
 /// per CPU, about 64 bytes a slot): a slot holds the last client that hashed
 /// to it. Clients usually sit behind a few routers, but each address has a

@@ -237,6 +237,12 @@ pub mod reason {
         /// never seen here): dropped, as which VIP it answers for is unknown;
         /// never forwarded with the backend's own address.
         DROP_REPLY_NO_FLOW = 41 => "drop_reply_no_flow",
+        /// A TCP segment to a VIP, not a SYN, of a flow the connection table
+        /// does not hold and whose SYN was not seen here within
+        /// `limits::EMBRYO_TIMEOUT_NS` (a spoofed ACK or RST, a flow whose
+        /// state was lost, another gateway's flow): sent to the backend its
+        /// Maglev slot names, without tracking it (see `crate::embryo`).
+        REDIRECT_UNTRACKED = 42 => "redirect_untracked",
     }
 }
 

@@ -92,6 +92,8 @@ pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, 
     if CONNTRACK.insert(flow, &state, 0).is_ok() {
         match previous {
             Pinned::None => stats::count_conntrack_event(conntrack_event::INSERTED),
+            // A UDP flow's datagram after its entry ended (a TCP flow's was
+            // counted by the SYN that removed it).
             Pinned::Ended(event) => stats::count_conntrack_event(*event),
             Pinned::Live(_) => {}
         }

@@ -2,7 +2,7 @@
 //! which backend its flow is pinned to.
 
 use lb_common::{
-    FAMILY_V4, addr_filter,
+    FAMILY_V4, PROTO_TCP, addr_filter,
     backend::{BACKEND_STATE_UP, BackendInfo},
     flow::FlowKey,
     stats::reason,
@@ -13,7 +13,7 @@ use lb_common::{
 use crate::{
     Verdict,
     conntrack::{self, Pinned},
-    guard, maglev,
+    embryo, guard, maglev,
     maps::{ADDR_FILTER, BACKENDS, VIP_ADDRS, VIPS},
     parse::{L4, Packet},
     stats,
@@ -95,13 +95,23 @@ pub fn packet_tuple(pkt: &Packet) -> FlowKey {
     }
 }
 
+/// Where a client → VIP packet goes: its backend, and whether its flow is
+/// tracked (pinned in `CONNTRACK`).
+pub struct Pick {
+    pub backend_id: u32,
+    pub backend: BackendInfo,
+    pub tracked: bool,
+}
+
 /// The backend for a client → VIP flow: its pinned one while the entry
 /// holds (see `conntrack::pinned`) and that backend is up, otherwise a fresh
-/// Maglev pick, which is then pinned for the rest of the flow. A flow is never opened from the gateway's own or a
-/// backend's address, nor when its replies would collide with a direct
-/// flow's (`guard`).
+/// Maglev pick. UDP flows are pinned at once; TCP flows from their first ACK
+/// after a SYN seen here (`embryo`), and a flow rescheduled off a backend
+/// that went down is pinned again. A flow is never opened from the
+/// gateway's own or a backend's address, nor when its replies would collide
+/// with a direct flow's (`guard`).
 #[inline(always)]
-pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Result<(u32, BackendInfo), Verdict> {
+pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Result<Pick, Verdict> {
     let pinned = conntrack::pinned(flow, l4, now);
     if let Pinned::Live(state) = pinned {
         // SAFETY: a valid map value.
@@ -110,7 +120,7 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
             && backend.state == BACKEND_STATE_UP
         {
             conntrack::touch(state, l4, now);
-            return Ok((backend_id, *backend));
+            return Ok(Pick { backend_id, backend: *backend, tracked: true });
         }
     }
     let backend_id = maglev::pick(vip, flow);
@@ -123,8 +133,12 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
     guard::check_new_flow(flow, backend_id, &backend, now)?;
-    conntrack::pin(flow, vip.vip_id, backend_id, &backend, l4, now, &pinned);
     // Rescheduled: the flow was live, on a backend that is down.
-    stats::count_new_flow(vip.vip_id, backend_id, matches!(pinned, Pinned::Live(_)));
-    Ok((backend_id, backend))
+    let rescheduled = matches!(pinned, Pinned::Live(_));
+    if flow.proto == PROTO_TCP && !rescheduled && !embryo::track(flow, l4, now, &pinned) {
+        return Ok(Pick { backend_id, backend, tracked: false });
+    }
+    conntrack::pin(flow, vip.vip_id, backend_id, &backend, l4, now, &pinned);
+    stats::count_new_flow(vip.vip_id, backend_id, rescheduled);
+    Ok(Pick { backend_id, backend, tracked: true })
 }

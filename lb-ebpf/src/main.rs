@@ -25,6 +25,7 @@
 mod answer;
 mod answer6;
 mod conntrack;
+mod embryo;
 mod fast;
 mod forward;
 mod frag;
@@ -253,7 +254,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &lb_common::vip::VipInfo) -> 
     parse::check_ttl(pkt)?;
     let flow = lookup::flow_key(pkt, &l4);
     let now = conntrack::now_ns();
-    let (backend_id, backend) = match lookup::backend_for_flow(&flow, vip, &l4, now) {
+    let lookup::Pick { backend_id, backend, tracked } = match lookup::backend_for_flow(&flow, vip, &l4, now) {
         Ok(picked) => picked,
         // No backend up: tell the client at once rather than let it time out.
         Err(v) if v.reason == reason::DROP_NO_BACKEND => {
@@ -270,7 +271,11 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &lb_common::vip::VipInfo) -> 
         port_be: backend.port_be,
         // A "fragmentation needed" for the client comes from the address it sent to: the VIP.
         icmp_from_be: flow.dst_be,
-        redirect_reason: reason::REDIRECT_TO_BACKEND,
+        redirect_reason: if tracked || l4.tcp_flags & parse::TCP_SYN != 0 {
+            reason::REDIRECT_TO_BACKEND
+        } else {
+            reason::REDIRECT_UNTRACKED
+        },
         vip_id: vip.vip_id,
         backend_id,
         now,

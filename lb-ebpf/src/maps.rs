@@ -15,7 +15,8 @@ use lb_common::{
     guard::{AddrRoles, DirectFlow, ServiceKey, SharedService},
     limits::{
         ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, CLIENT_HOP_SLOTS, DEFAULT_CONNTRACK_CAPACITY,
-        DIRECT_FLOW_CAPACITY, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY, reply_bucket,
+        DIRECT_FLOW_CAPACITY, EMBRYO_SLOTS, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY,
+        reply_bucket,
     },
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey},
@@ -173,6 +174,12 @@ pub struct ClientHop {
 /// it (see `fast`). Written here only.
 #[map]
 pub static HOPS_BY_CLIENT: PerCpuArray<ClientHop> = PerCpuArray::with_max_entries(CLIENT_HOP_SLOTS, 0);
+
+/// `lb_common::embryo::slot(5-tuple)` → the last TCP SYN seen with that
+/// slot: a tag of its 5-tuple and when (see `lb_common::embryo`). Written
+/// here only; a SYN flood overwrites it, never the connection table.
+#[map]
+pub static EMBRYOS: Array<u64> = Array::with_max_entries(EMBRYO_SLOTS, 0);
 
 /// What the forward stage does with the packet, per CPU (see `forward`).
 /// Written here only.

@@ -112,7 +112,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
     let flow = tuple(pkt);
     let now = conntrack::now_ns();
     // No backend up: tell the client at once rather than let it time out.
-    let (backend_id, backend) = lookup::backend_for_flow(&flow, vip, &l4, now)?;
+    let lookup::Pick { backend_id, backend, tracked } = lookup::backend_for_flow(&flow, vip, &l4, now)?;
     if backend.family != FAMILY_V6 {
         return Err(Verdict::drop(reason::DROP_BAD_BACKEND));
     }
@@ -122,7 +122,11 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet6, vip: &VipInfo) -> Result<Verdict,
         port_be: backend.port_be,
         // A "packet too big" for the client comes from the address it sent to.
         icmp_from_be: flow.dst_be,
-        redirect_reason: reason::REDIRECT_TO_BACKEND,
+        redirect_reason: if tracked || l4.tcp_flags & parse::TCP_SYN != 0 {
+            reason::REDIRECT_TO_BACKEND
+        } else {
+            reason::REDIRECT_UNTRACKED
+        },
         vip_id: vip.vip_id,
         backend_id,
         now,

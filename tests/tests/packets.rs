@@ -47,11 +47,16 @@ fn tcp_syn_to_vip_is_rewritten_to_its_maglev_backend() {
         };
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
-        let state = lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP)).expect("flow tracked");
+        // A SYN is not tracked (issue 12): its first ACK is.
+        let key = flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP);
+        assert!(lb.maps.flow(&key).is_none(), "a SYN pinned its flow");
+        let (verdict, ack_out) = lb.ack(sport);
+        assert_eq!((verdict, sent_to(&ack_out)), (XDP_REDIRECT, id));
+        let state = lb.maps.flow(&key).expect("flow tracked from its first ACK");
         assert_eq!((state.backend_id, state.vip_id), (id, 1));
-        assert_eq!(lb.verdict_count(reason::REDIRECT_TO_BACKEND), 1);
+        assert_eq!(lb.verdict_count(reason::REDIRECT_TO_BACKEND), 2);
         let c = lb.maps.backend_counters(id).expect("counters");
-        assert_eq!((c.packets, c.bytes, c.new_flows), (1, out.len() as u64, 1));
+        assert_eq!((c.packets, c.bytes, c.new_flows), (2, (out.len() + ack_out.len()) as u64, 1));
         assert_eq!(lb.maps.vip_counters(1).expect("vip counters").new_flows, 1);
     });
 }
@@ -64,6 +69,7 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() {
         let first = lb.expected_backend(sport);
         let (v, _) = lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
         assert_eq!(v, XDP_REDIRECT);
+        lb.ack(sport);
         // A new ring without the flow's backend, published in generation 1.
         let others: Vec<u32> = (1..=3).filter(|&i| i != first).collect();
         lb.set_ring(1, 1, &others);
@@ -90,6 +96,7 @@ fn reply_from_backend_leaves_with_the_vip_as_source() {
     with_lb(|lb| {
         let sport = 40002;
         lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
+        lb.ack(sport);
         let id = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(id);
         let reply = Tcp {
@@ -110,7 +117,7 @@ fn reply_from_backend_leaves_with_the_vip_as_source() {
         assert_frame(&out, &expected.build());
         assert_checksums_valid(&out);
         assert_eq!(lb.verdict_count(reason::REDIRECT_TO_CLIENT), 1);
-        assert_eq!(lb.maps.backend_counters(id).expect("counters").packets, 2);
+        assert_eq!(lb.maps.backend_counters(id).expect("counters").packets, 3);
     });
 }
 
@@ -331,6 +338,7 @@ fn direct_flows_to_a_backend_keep_their_replies_untranslated() {
         let backend = lb.expected_backend(sport);
         let (baddr, bport) = backend_addr(backend);
         lb.assert_redirected_as(&Tcp::client_to_vip(sport).build(), client_if, reason::REDIRECT_TO_BACKEND);
+        lb.ack(sport);
         let direct = Tcp { dst: baddr, dport: bport, ..Tcp::client_to_vip(sport) }.build();
         lb.assert_dropped(
             "a direct packet colliding with a balanced flow",
@@ -360,6 +368,7 @@ fn flow_on_a_down_backend_is_rescheduled() {
         let sport = 40005;
         let first = lb.expected_backend(sport);
         lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
+        lb.ack(sport);
         let (addr, port) = backend_addr(first);
         lb.maps.set_backend(first, backend_info(addr, port, BACKEND_STATE_DOWN)).expect("down");
         let others: Vec<u32> = (1..=3).filter(|&i| i != first).collect();
@@ -984,6 +993,9 @@ fn vlan_tagged_frames_are_balanced_with_their_tags_kept() {
         };
         assert_frame(&out, &with_vlan_tags(&expected.build(), &tag));
         assert_checksums_valid(&out);
+        let ack = with_vlan_tags(&Tcp { syn: false, ..Tcp::client_to_vip(sport) }.build(), &tag);
+        let (v, _, counted) = lb.run_counted(&ack, lb.client_if);
+        assert_eq!((v, counted), (XDP_REDIRECT, "redirect_to_backend"), "tagged ack");
         assert_eq!(lb.maps.flow(&flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP)).map(|s| s.backend_id), Some(id));
 
         let reply = Tcp {
@@ -1156,6 +1168,20 @@ fn idle_flows_expire_after_their_protocols_timeout() {
             let before = monotonic_ns();
             let to = lb.send_pinned(&key, state(other, vip_id, before - timeout - 2 * SECOND, flags), &frame);
             assert_eq!(to, picked, "{name}: idle past its timeout, the flow is balanced anew");
+            if key.proto == PROTO_TCP {
+                // A TCP segment that is not a SYN does not pin a flow (issue
+                // 12): a SYN on the 5-tuple ends the old entry, its ACK pins anew.
+                assert_eq!(
+                    lb.maps.flow(&key).map(|s| s.backend_id),
+                    Some(other),
+                    "{name}: not pinned anew by a segment"
+                );
+                let syn = Tcp::client_to_vip(40070).build();
+                let (_, out) = lb.run(&syn, lb.client_if);
+                assert_eq!(sent_to(&out), picked, "{name}: the SYN goes by the ring");
+                assert!(lb.maps.flow(&key).is_none(), "{name}: the SYN ended the old entry");
+                lb.run(&frame, lb.client_if);
+            }
             assert_eq!(lb.conntrack_event(conntrack_event::EXPIRED), expired + 1, "{name}: counted as expired");
             let now = lb.maps.flow(&key).expect("pinned again");
             assert_eq!((now.backend_id, now.flags), (picked, 0), "{name}: pinned afresh");
@@ -1177,6 +1203,7 @@ fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
         let syn = Tcp::client_to_vip(sport).build();
         let (_, out) = lb.run(&syn, lb.client_if);
         let picked = sent_to(&out);
+        lb.ack(sport);
         assert_eq!(lb.maps.flow(&key).expect("pinned").flags, 0);
 
         // The client's FIN marks the flow closing.
@@ -1189,6 +1216,7 @@ fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
         let sport2 = 40072;
         let key2 = flow(CLIENT, VIP, sport2, VIP_TCP_PORT, PROTO_TCP);
         let (_, out) = lb.run(&Tcp::client_to_vip(sport2).build(), lb.client_if);
+        lb.ack(sport2);
         let (baddr, bport) = backend_addr(sent_to(&out));
         let reply = Tcp {
             src_mac: backend_mac(baddr[3]),
@@ -1217,6 +1245,7 @@ fn fin_or_rst_shortens_the_timeout_and_a_new_syn_reopens_the_flow() {
         let to = lb.send_pinned(&key, state(other, 1, monotonic_ns(), FLOW_F_CLOSING), &syn);
         assert_eq!(to, picked, "a new SYN on the closed 5-tuple is balanced anew");
         assert_eq!(lb.conntrack_event(conntrack_event::REOPENED), reopened + 1);
+        lb.ack(sport);
         assert_eq!(lb.maps.flow(&key).expect("pinned").flags, 0, "the new flow is not closing");
         // A SYN on an open flow (a retransmission) does not move it.
         let to = lb.send_pinned(&key, state(other, 1, monotonic_ns(), 0), &syn);
@@ -1329,6 +1358,8 @@ fn occupancy_and_evictions_are_counted() {
         for sport in 20000..21500 {
             let (v, _) = lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
             assert_eq!(v, XDP_REDIRECT);
+            let (v, _) = lb.ack(sport);
+            assert_eq!(v, XDP_REDIRECT);
         }
         let ct = lb.maps.conntrack().expect("conntrack");
         assert_eq!(ct.capacity, 1024);
@@ -1346,6 +1377,7 @@ fn the_entry_count_is_refreshed_off_the_callers_thread() {
         assert_eq!(lb.maps.conntrack().expect("conntrack").entries, 0, "the first count is taken at once");
         for sport in 20000..20010 {
             lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
+            lb.ack(sport);
         }
         let ct = lb.maps.conntrack().expect("conntrack");
         assert_eq!(
@@ -1431,5 +1463,48 @@ fn established_packets_and_replies_take_the_fast_path() {
             before2 + 1,
             "the reply was not counted from its backend's service"
         );
+    });
+}
+
+/// Issue 12: a TCP flow is tracked from its first ACK after a SYN seen
+/// here. A SYN flood, and spoofed ACKs or RSTs on tuples never seen, go to
+/// the backends by their Maglev slots and insert nothing into the
+/// connection table, so they cannot evict established flows.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn syns_and_unseen_segments_insert_nothing_and_the_first_ack_tracks() {
+    with_lb(|lb| {
+        let client_if = lb.client_if;
+        // An established flow, tracked.
+        let sport = 40400;
+        lb.run(&Tcp::client_to_vip(sport).build(), client_if);
+        lb.ack(sport);
+        let key = flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP);
+        let pinned = lb.maps.flow(&key).expect("tracked").backend_id;
+        let inserted = lb.conntrack_event(conntrack_event::INSERTED);
+        // 3,000 SYNs (a table of 1,024), then spoofed ACKs and RSTs on tuples never seen.
+        for port in 20000..23000u16 {
+            let (v, out) = lb.run(&Tcp::client_to_vip(port).build(), client_if);
+            assert_eq!((v, sent_to(&out)), (XDP_REDIRECT, lb.expected_backend(port)), "syn {port}: by its ring slot");
+        }
+        for port in 30000..30100u16 {
+            let ack = Tcp { syn: false, ..Tcp::client_to_vip(port) }.build();
+            let out = lb.assert_redirected_as(&ack, client_if, reason::REDIRECT_UNTRACKED);
+            assert_eq!(sent_to(&out), lb.expected_backend(port), "ack {port}: by its ring slot");
+            let mut rst = ack.clone();
+            rst[14 + 20 + 13] = 0x04;
+            lb.assert_redirected_as(&rst, client_if, reason::REDIRECT_UNTRACKED);
+        }
+        assert_eq!(lb.conntrack_event(conntrack_event::INSERTED), inserted, "the flood inserted flows");
+        assert_eq!(lb.maps.tracked_flows(), 1, "only the established flow is in the table");
+        assert_eq!(lb.maps.flow(&key).map(|s| s.backend_id), Some(pinned));
+        // The last SYNs' first ACKs are tracked (their slots still hold them)...
+        let (v, _) = lb.ack(22999);
+        assert_eq!(v, XDP_REDIRECT);
+        assert!(lb.maps.flow(&flow(CLIENT, VIP, 22999, VIP_TCP_PORT, PROTO_TCP)).is_some(), "first ACK tracked");
+        // ...and only once: the slot is cleared.
+        lb.maps.remove_flow(&flow(CLIENT, VIP, 22999, VIP_TCP_PORT, PROTO_TCP));
+        let ack = Tcp { syn: false, ..Tcp::client_to_vip(22999) }.build();
+        lb.assert_redirected_as(&ack, client_if, reason::REDIRECT_UNTRACKED);
     });
 }

@@ -97,10 +97,12 @@ impl Lb {
         assert_quote_checksums_valid(&out);
     }
 
-    /// Sends a client's SYN to the TCP VIP; returns the backend's id.
+    /// Sends a client's SYN and first ACK to the TCP VIP (the ACK pins the
+    /// flow); returns the backend's id.
     fn open_tcp(&mut self, sport: u16) -> u32 {
         let (v, _) = self.run(&Tcp::client_to_vip(sport).build(), self.client_if);
         assert_eq!(v, XDP_REDIRECT, "syn");
+        assert_eq!(self.ack(sport).0, XDP_REDIRECT, "ack");
         self.expected_backend(sport)
     }
 
@@ -194,7 +196,7 @@ fn fragmentation_needed_for_a_reply_is_steered_to_the_flows_backend() {
         }
         assert_eq!(
             lb.maps.backend_counters(id).expect("counters").packets,
-            1 + 6,
+            2 + 6,
             "errors count as the flow's traffic"
         );
     });
@@ -504,8 +506,9 @@ fn pings_do_not_starve_fragmentation_needed() {
 fn a_reply_too_big_for_the_clients_path_gets_fragmentation_needed_from_the_vip() {
     with_lb(|lb| {
         let sport = 40140;
-        let syn = Tcp { src_mac: NARROW_CLIENT_MAC, src: NARROW_CLIENT, ..Tcp::client_to_vip(sport) }.build();
-        assert_eq!(lb.run(&syn, lb.client_if).0, XDP_REDIRECT);
+        let syn = Tcp { src_mac: NARROW_CLIENT_MAC, src: NARROW_CLIENT, ..Tcp::client_to_vip(sport) };
+        assert_eq!(lb.run(&syn.build(), lb.client_if).0, XDP_REDIRECT);
+        assert_eq!(lb.run(&Tcp { syn: false, ..syn }.build(), lb.client_if).0, XDP_REDIRECT);
         let id = lb.maps.flow(&flow(NARROW_CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP)).expect("flow").backend_id;
         let (baddr, bport) = backend_addr(id);
         let reply = |len: usize| Tcp {

@@ -104,6 +104,7 @@ impl Lb {
 
     fn open_tcp(&mut self, sport: u16) -> u32 {
         assert_eq!(self.run(&Tcp::client_to_vip(sport).build(), self.client_if).0, XDP_REDIRECT, "syn");
+        assert_eq!(self.ack(sport).0, XDP_REDIRECT, "ack");
         self.expected_backend(sport)
     }
 

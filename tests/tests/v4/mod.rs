@@ -287,6 +287,13 @@ impl Lb {
         assert_eq!((action, counted), (XDP_DROP, reason::NAMES[expected_reason as usize]), "{name}");
     }
 
+    /// Sends a TCP flow's first ACK after its SYN (`Tcp::client_to_vip`):
+    /// the packet that pins the flow in the connection table.
+    pub fn ack(&mut self, sport: u16) -> (u32, Vec<u8>) {
+        let ack = Tcp { syn: false, ..Tcp::client_to_vip(sport) }.build();
+        self.run(&ack, self.client_if)
+    }
+
     /// The backend the ring assigns a client → TCP VIP flow.
     pub fn expected_backend(&self, sport: u16) -> u32 {
         let key = flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP);
