@@ -54,6 +54,10 @@ pub const FLOW_F_CLOSING: u32 = 1 << 0;
 /// packet refreshes `last_seen_ns` (the most recent flow of a client's
 /// 5-tuple wins), not once per touch interval.
 pub const FLOW_F_SHARED: u32 = 1 << 1;
+/// The flow counts toward its client's concurrent flows (its VIP has
+/// per-client limits, `crate::client_limits`): its first FIN or RST takes
+/// it off the count.
+pub const FLOW_F_COUNTED: u32 = 1 << 2;
 
 /// What a reply's source is rewritten to: the value of `BACKEND_SERVICES`
 /// (and the entries of `SHARED_SERVICES`).

@@ -16,6 +16,7 @@ extern crate std;
 pub mod addr;
 pub mod addr_filter;
 pub mod backend;
+pub mod client_limits;
 pub mod csum;
 pub mod embryo;
 pub mod flow;
@@ -102,6 +103,15 @@ pub mod map_names {
         HOPS_BY_BACKEND,
         /// The fast path's next hops of clients (per CPU); the program's own.
         HOPS_BY_CLIENT,
+        /// Per-client limits by VIP id (`VipLimits`); the agent writes it.
+        VIP_LIMITS,
+        /// Clients' buckets and flow counts (`ClientKey` → `ClientState`); the
+        /// program writes it, and the agent corrects the counts.
+        CLIENTS,
+        /// Clients exempt from their VIP's limits (LPM, `AllowKey`); the agent writes it.
+        LIMIT_ALLOW,
+        /// Opening packets refused per VIP and limit (per CPU); the program writes it.
+        LIMITED,
     }
 }
 

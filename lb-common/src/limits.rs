@@ -51,12 +51,15 @@ pub mod reply_bucket {
     /// flows. Over its limit the packet goes to the kernel (which has its
     /// own ICMP rate limits), never silently dropped.
     pub const FRAG_NEEDED: u32 = 3;
+    /// RST or ICMP port unreachable to a client over a per-client limit of
+    /// a VIP whose limits answer (`crate::client_limits`).
+    pub const LIMITED: u32 = 4;
     /// Number of buckets; the size of `REPLY_BUCKETS`.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// Refill rate of each bucket, in answers per second, by kind.
-    pub const RATE_PER_SEC: [u64; COUNT as usize] = [super::REPLY_RATE_PER_SEC, 100, 100, 1000];
+    pub const RATE_PER_SEC: [u64; COUNT as usize] = [super::REPLY_RATE_PER_SEC, 100, 100, 1000, 1000];
     /// Most answers each bucket holds, by kind.
-    pub const BURST: [u64; COUNT as usize] = [super::REPLY_BURST, 100, 100, 1000];
+    pub const BURST: [u64; COUNT as usize] = [super::REPLY_BURST, 100, 100, 1000, 1000];
 }
 
 /// Fragmented datagrams tracked at once (`FRAGS`, 80 bytes an entry plus the

@@ -243,6 +243,22 @@ pub mod reason {
         /// state was lost, another gateway's flow): sent to the backend its
         /// Maglev slot names, without tracking it (see `crate::embryo`).
         REDIRECT_UNTRACKED = 42 => "redirect_untracked",
+        /// A packet that opens a flow (a TCP SYN, a UDP flow's first
+        /// datagram) from a client over its VIP's `new_connections_per_second`
+        /// (`[vip.limits]`, see `crate::client_limits`): dropped.
+        DROP_LIMITED_RATE = 43 => "drop_limited_rate",
+        /// A packet that opens a flow from a client that has its VIP's
+        /// `max_connections_per_client` flows already: dropped.
+        DROP_LIMITED_CONNECTIONS = 44 => "drop_limited_connections",
+        /// Over a per-client limit of a VIP whose limits answer (`action =
+        /// "rst"`): a TCP SYN answered with a RST.
+        TX_RST_LIMITED = 45 => "tx_rst_limited",
+        /// Over a per-client limit of a VIP whose limits answer: a UDP
+        /// datagram answered with ICMP port unreachable.
+        TX_ICMP_UNREACHABLE_LIMITED = 46 => "tx_icmp_unreachable_limited",
+        /// Over a per-client limit of a VIP whose limits answer, and over
+        /// the answers' own rate limit too: dropped unanswered.
+        DROP_LIMITED_UNANSWERED = 47 => "drop_limited_unanswered",
     }
 }
 

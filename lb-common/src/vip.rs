@@ -43,6 +43,10 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 /// Without it, the slot comes from the whole 5-tuple ([`crate::flow::flow_hash`]).
 pub const VIP_F_SOURCE_HASH: u32 = 1 << 0;
 
+/// The VIP has per-client limits (`VIP_LIMITS` at its id; see
+/// [`crate::client_limits`]): a packet that opens a flow is checked first.
+pub const VIP_F_LIMITED: u32 = 1 << 1;
+
 impl VipInfo {
     /// Index in `MAGLEV` of slot 0 of the ring that packets read.
     ///

@@ -157,6 +157,24 @@ pub const NO_SERVICE: Refusal = Refusal {
     unreachable_sent: reason::TX_ICMP_UNREACHABLE_NO_SERVICE,
 };
 
+/// A client over its VIP's new-connection rate (`[vip.limits]`).
+pub const LIMITED_RATE: Refusal = Refusal {
+    bucket: reply_bucket::LIMITED,
+    dropped: reason::DROP_LIMITED_RATE,
+    rate_limited: reason::DROP_LIMITED_UNANSWERED,
+    rst_sent: reason::TX_RST_LIMITED,
+    unreachable_sent: reason::TX_ICMP_UNREACHABLE_LIMITED,
+};
+
+/// A client with its VIP's most concurrent flows (`[vip.limits]`).
+pub const LIMITED_CONNECTIONS: Refusal = Refusal {
+    bucket: reply_bucket::LIMITED,
+    dropped: reason::DROP_LIMITED_CONNECTIONS,
+    rate_limited: reason::DROP_LIMITED_UNANSWERED,
+    rst_sent: reason::TX_RST_LIMITED,
+    unreachable_sent: reason::TX_ICMP_UNREACHABLE_LIMITED,
+};
+
 /// Answers a TCP segment with a RST, a UDP datagram with ICMP port
 /// unreachable, within `why`'s rate limit; a RST is never answered.
 #[inline(always)]

@@ -8,13 +8,13 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     backend::{BACKEND_F_SHARED, BackendInfo},
-    flow::{FLOW_F_CLOSING, FLOW_F_SHARED, FlowKey, FlowState, ReplyNat},
+    flow::{FLOW_F_CLOSING, FLOW_F_COUNTED, FLOW_F_SHARED, FlowKey, FlowState, ReplyNat},
     stats::{conntrack_event, reason},
     timeouts::{TOUCH_INTERVAL_NS, idle_ns, is_expired},
 };
 
 use crate::{
-    Verdict,
+    Verdict, client_limits,
     maps::CONNTRACK,
     parse::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -62,22 +62,27 @@ fn flags_of(l4: &L4) -> u32 {
     if l4.tcp_flags & (TCP_FIN | TCP_RST) != 0 { FLOW_F_CLOSING } else { 0 }
 }
 
-/// Marks a packet of a live flow, either direction. The entry is rewritten
-/// only when its flags change or `last_seen_ns` is a touch interval old
-/// (see `lb_common::timeouts` for why), or on every packet of a flow to a
-/// shared service (`FLOW_F_SHARED`); returns whether it was.
+/// Marks a packet of a live flow (`flow`, client → VIP), either direction.
+/// The entry is rewritten only when its flags change or `last_seen_ns` is a
+/// touch interval old (see `lb_common::timeouts` for why), or on every
+/// packet of a flow to a shared service (`FLOW_F_SHARED`); returns whether
+/// it was. A counted flow's first FIN or RST takes it off its client's count.
 #[inline(always)]
-pub fn touch(state: *mut FlowState, l4: &L4, now: u64) -> bool {
+pub fn touch(state: *mut FlowState, flow: &FlowKey, l4: &L4, now: u64) -> bool {
     // SAFETY: a valid map value. A concurrent touch from another CPU writes
     // the same kind of values; either result is right.
     unsafe {
-        let flags = (*state).flags | flags_of(l4);
+        let old = (*state).flags;
+        let flags = old | flags_of(l4);
         let shared = flags & FLOW_F_SHARED != 0;
-        if flags == (*state).flags && !shared && idle_ns(&*state, now) < TOUCH_INTERVAL_NS {
+        if flags == old && !shared && idle_ns(&*state, now) < TOUCH_INTERVAL_NS {
             return false;
         }
         (*state).last_seen_ns = now;
         (*state).flags = flags;
+        if flags != old && old & (FLOW_F_CLOSING | FLOW_F_COUNTED) == FLOW_F_COUNTED {
+            client_limits::closed(flow, (*state).vip_id);
+        }
     }
     true
 }
@@ -85,10 +90,25 @@ pub fn touch(state: *mut FlowState, l4: &L4, now: u64) -> bool {
 /// Pins a flow to `backend_id`, replacing `previous`, and counts the table
 /// event that was. A failed insert only costs a re-pick on the next packet,
 /// which Maglev answers the same way. Replies need no entry of their own.
+/// `limited`: the VIP has per-client limits, and a new flow counts toward
+/// its client's (a rescheduled one already does).
 #[inline(always)]
-pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, l4: &L4, now: u64, previous: &Pinned) {
+#[allow(clippy::too_many_arguments)]
+pub fn pin(
+    flow: &FlowKey,
+    vip_id: u32,
+    limited: bool,
+    backend_id: u32,
+    backend: &BackendInfo,
+    l4: &L4,
+    now: u64,
+    previous: &Pinned,
+) {
     let shared = if backend.flags & BACKEND_F_SHARED != 0 { FLOW_F_SHARED } else { 0 };
-    let state = FlowState { backend_id, vip_id, last_seen_ns: now, flags: flags_of(l4) | shared, _pad: 0 };
+    let closing = flags_of(l4);
+    let counted = limited && closing == 0;
+    let flags = closing | shared | if counted { FLOW_F_COUNTED } else { 0 };
+    let state = FlowState { backend_id, vip_id, last_seen_ns: now, flags, _pad: 0 };
     if CONNTRACK.insert(flow, &state, 0).is_ok() {
         match previous {
             Pinned::None => stats::count_conntrack_event(conntrack_event::INSERTED),
@@ -96,6 +116,9 @@ pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, 
             // counted by the SYN that removed it).
             Pinned::Ended(event) => stats::count_conntrack_event(*event),
             Pinned::Live(_) => {}
+        }
+        if counted && !matches!(previous, Pinned::Live(_)) {
+            client_limits::opened(flow, vip_id);
         }
     }
 }
@@ -126,7 +149,7 @@ pub fn reply_seen(reply: &FlowKey, nat: &ReplyNat, l4: &L4, now: u64) -> Result<
         if unsafe { (*state).backend_id } != nat.backend_id {
             return Err(Verdict::drop(reason::DROP_STALE_REPLY));
         }
-        touch(state, l4, now);
+        touch(state, &flow, l4, now);
         return Ok(true);
     }
     Ok(false)

@@ -310,7 +310,7 @@ fn to_backend<F: Family>(
         return None;
     }
     let hop = fresh(HOPS_BY_BACKEND.get(current.backend_id)?, now, tot_len)?;
-    conntrack::touch(state, l4, now);
+    conntrack::touch(state, key, l4, now);
     F::nat(pkt, l4, Side::Destination, backend.addr_be, backend.port_be);
     let verdict = F::send(pkt, hop, reason::REDIRECT_TO_BACKEND);
     stats::count_traffic(current.vip_id, current.backend_id, ctx);
@@ -360,7 +360,7 @@ fn to_client<F: Family>(
         return None;
     }
     let hop = fresh(&cached.hop, now, tot_len)?;
-    conntrack::touch(state, l4, now);
+    conntrack::touch(state, &flow, l4, now);
     F::nat(pkt, l4, Side::Source, nat.vip_addr_be, nat.vip_port_be);
     let verdict = F::send(pkt, hop, reason::REDIRECT_TO_CLIENT);
     stats::count_traffic(nat.vip_id, nat.backend_id, ctx);

@@ -85,6 +85,25 @@ pub const REFUSE_NO_SERVICE: u8 = 2;
 /// flow's packet (`guard::direct`), one to a VIP address's unserved port
 /// (refused), or another host's (passed).
 pub const UNMATCHED: u8 = 3;
+/// A plan that refuses: the client is over its VIP's new-connection rate
+/// (`answer::LIMITED_RATE`).
+pub const REFUSE_LIMITED_RATE: u8 = 4;
+/// A plan that refuses: the client has its VIP's most concurrent flows
+/// (`answer::LIMITED_CONNECTIONS`).
+pub const REFUSE_LIMITED_CONNECTIONS: u8 = 5;
+
+/// How a refusal of a client → VIP packet (`why`, a drop reason) is
+/// answered, if it is: no backend up always is; a client over a limit is
+/// when its VIP's limits say so.
+#[inline(always)]
+pub fn refusal_of(why: u32, vip_id: u32) -> Option<u8> {
+    match why {
+        reason::DROP_NO_BACKEND => Some(REFUSE_NO_BACKEND),
+        reason::DROP_LIMITED_RATE if crate::client_limits::answers(vip_id) => Some(REFUSE_LIMITED_RATE),
+        reason::DROP_LIMITED_CONNECTIONS if crate::client_limits::answers(vip_id) => Some(REFUSE_LIMITED_CONNECTIONS),
+        _ => None,
+    }
+}
 
 /// What a stage decided about a packet of a balanced flow, before it is
 /// written down as a [`Plan`].
@@ -268,7 +287,12 @@ fn l4_of(ctx: &XdpContext, p: &Plan) -> Option<L4> {
 
 #[inline(always)]
 fn refusal(p: &Plan) -> &'static answer::Refusal {
-    if p.kind == REFUSE_NO_SERVICE { &answer::NO_SERVICE } else { &answer::NO_BACKEND }
+    match p.kind {
+        REFUSE_NO_SERVICE => &answer::NO_SERVICE,
+        REFUSE_LIMITED_RATE => &answer::LIMITED_RATE,
+        REFUSE_LIMITED_CONNECTIONS => &answer::LIMITED_CONNECTIONS,
+        _ => &answer::NO_BACKEND,
+    }
 }
 
 /// A packet to no VIP and from no backend's service (`key`, its 5-tuple):

@@ -6,16 +6,16 @@ use lb_common::{
     backend::{BACKEND_STATE_UP, BackendInfo},
     flow::FlowKey,
     stats::reason,
-    vip::{VipInfo, VipKey},
+    vip::{VIP_F_LIMITED, VipInfo, VipKey},
     vip_addr::VipAddrKey,
 };
 
 use crate::{
-    Verdict,
+    Verdict, client_limits,
     conntrack::{self, Pinned},
     embryo, guard, maglev,
     maps::{ADDR_FILTER, BACKENDS, VIP_ADDRS, VIPS},
-    parse::{L4, Packet},
+    parse::{L4, Packet, TCP_ACK, TCP_SYN},
     stats,
 };
 
@@ -95,6 +95,13 @@ pub fn packet_tuple(pkt: &Packet) -> FlowKey {
     }
 }
 
+/// Whether the packet opens a flow, as per-client limits count flows: a
+/// TCP SYN, or any UDP datagram of a flow the table does not hold.
+#[inline(always)]
+fn opens_flow(flow: &FlowKey, l4: &L4) -> bool {
+    flow.proto != PROTO_TCP || l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// Where a client → VIP packet goes: its backend, and whether its flow is
 /// tracked (pinned in `CONNTRACK`).
 pub struct Pick {
@@ -119,9 +126,15 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
         if let Some(backend) = BACKENDS.get(backend_id)
             && backend.state == BACKEND_STATE_UP
         {
-            conntrack::touch(state, l4, now);
+            conntrack::touch(state, flow, l4, now);
             return Ok(Pick { backend_id, backend: *backend, tracked: true });
         }
+    }
+    // Rescheduled: the flow was live, on a backend that is down.
+    let rescheduled = matches!(pinned, Pinned::Live(_));
+    let limited = vip.flags & VIP_F_LIMITED != 0;
+    if limited && !rescheduled && opens_flow(flow, l4) {
+        client_limits::check(flow, vip.vip_id, now)?;
     }
     let backend_id = maglev::pick(vip, flow);
     let Some(backend) = BACKENDS.get(backend_id).copied() else {
@@ -133,12 +146,10 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
         return Err(Verdict::drop(reason::DROP_NO_BACKEND));
     }
     guard::check_new_flow(flow, backend_id, &backend, now)?;
-    // Rescheduled: the flow was live, on a backend that is down.
-    let rescheduled = matches!(pinned, Pinned::Live(_));
     if flow.proto == PROTO_TCP && !rescheduled && !embryo::track(flow, l4, now, &pinned) {
         return Ok(Pick { backend_id, backend, tracked: false });
     }
-    conntrack::pin(flow, vip.vip_id, backend_id, &backend, l4, now, &pinned);
+    conntrack::pin(flow, vip.vip_id, limited, backend_id, &backend, l4, now, &pinned);
     stats::count_new_flow(vip.vip_id, backend_id, rescheduled);
     Ok(Pick { backend_id, backend, tracked: true })
 }

@@ -24,6 +24,7 @@
 
 mod answer;
 mod answer6;
+mod client_limits;
 mod conntrack;
 mod embryo;
 mod fast;
@@ -256,11 +257,14 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, vip: &lb_common::vip::VipInfo) -> 
     let now = conntrack::now_ns();
     let lookup::Pick { backend_id, backend, tracked } = match lookup::backend_for_flow(&flow, vip, &l4, now) {
         Ok(picked) => picked,
-        // No backend up: tell the client at once rather than let it time out.
-        Err(v) if v.reason == reason::DROP_NO_BACKEND => {
-            return Err(forward::refuse_v4(ctx, pkt, &l4, forward::REFUSE_NO_BACKEND));
+        // No backend up (or a client over a limit that answers): tell the
+        // client at once rather than let it time out.
+        Err(v) => {
+            return Err(match forward::refusal_of(v.reason, vip.vip_id) {
+                Some(kind) => forward::refuse_v4(ctx, pkt, &l4, kind),
+                None => v,
+            });
         }
-        Err(v) => return Err(v),
     };
     if pkt.first_fragment {
         frag::remember(pkt, Side::Destination, backend.addr_be[0], vip.vip_id, backend_id);

@@ -5,11 +5,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     addr_filter,
     backend::BackendInfo,
+    client_limits::{ALLOW_CAPACITY, AllowKey, CLIENT_CAPACITY, ClientKey, ClientState, VipLimits, limit},
     flow::{FlowKey, FlowState, ReplyNat},
     frag::{FragKey, FragState},
     guard::{AddrRoles, DirectFlow, ServiceKey, SharedService},
@@ -189,3 +190,23 @@ pub static FORWARD_PLAN: PerCpuArray<crate::forward::Plan> = PerCpuArray::with_m
 /// One `NextHopScratch` per CPU. Written here only.
 #[map]
 pub static NEXT_HOP_SCRATCH: PerCpuArray<NextHopScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// VIP id → its per-client limits (`lb_common::client_limits`), read only
+/// for VIPs with `VIP_F_LIMITED`. Written by the agent.
+#[map]
+pub static VIP_LIMITS: Array<VipLimits> = Array::with_max_entries(MAX_VIPS + 1, 0);
+
+/// (VIP id, client) → its bucket and flow count. Written here; the agent
+/// corrects the counts (flows that ended without FIN or RST).
+#[map]
+pub static CLIENTS: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(CLIENT_CAPACITY, 0);
+
+/// (VIP id, client CIDR) → 1: clients exempt from the VIP's limits.
+/// Written by the agent.
+#[map]
+pub static LIMIT_ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(ALLOW_CAPACITY, 0);
+
+/// `vip_id * limit::COUNT + limit` → opening packets refused, per CPU.
+/// Written here only.
+#[map]
+pub static LIMITED: PerCpuArray<u64> = PerCpuArray::with_max_entries((MAX_VIPS + 1) * limit::COUNT, 0);

@@ -51,11 +51,15 @@ pub fn process(ctx: &XdpContext, l2: &L2) -> Result<Verdict, Verdict> {
     }
     if let Some(vip) = vip(&pkt) {
         return match to_backend(ctx, &pkt, &vip) {
-            // No backend up: tell the client at once rather than let it time out.
-            Err(v) if v.reason == reason::DROP_NO_BACKEND => {
-                let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
-                Err(forward::refuse_v6(ctx, &pkt, &l4, forward::REFUSE_NO_BACKEND))
-            }
+            // No backend up (or a client over a limit that answers): tell
+            // the client at once rather than let it time out.
+            Err(v) => match forward::refusal_of(v.reason, vip.vip_id) {
+                Some(kind) => {
+                    let l4 = parse::l4_checked_at(ctx, pkt.proto, pkt.l4_off, pkt.l4_len, false)?;
+                    Err(forward::refuse_v6(ctx, &pkt, &l4, kind))
+                }
+                None => Err(v),
+            },
             other => other,
         };
     }

@@ -81,8 +81,74 @@ pub struct VipConfig {
     /// How a new flow picks its backend.
     pub scheduler: Scheduler,
     pub health_check: HealthCheckConfig,
+    /// `[vip.limits]`: per-client limits on new connections, if any.
+    pub limits: Option<LimitsConfig>,
     /// At least one.
     pub backends: Vec<BackendConfig>,
+}
+
+/// `[vip.limits]`: per-client limits, enforced in the data path on the
+/// packet that opens a flow (see `lb_common::client_limits` for how, and
+/// what is approximate). At least one of the two limits is set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// `new_connections_per_second`: a client's token bucket refills at this
+    /// rate (nginx's `limit_req rate`).
+    pub rate: Option<u32>,
+    /// `burst`: most new connections a client may open at once (the
+    /// bucket's size); only with a rate. Defaults to one second's worth.
+    pub burst: u32,
+    /// `max_connections_per_client`: concurrent flows per client (nginx's
+    /// `limit_conn`).
+    pub max_connections: Option<u32>,
+    /// `per`: how many leading bits of the source address name a client:
+    /// `"address"` (32 or 128) or `"/N"`.
+    pub prefix_len: u8,
+    /// `action`: what a refused client gets.
+    pub action: LimitAction,
+    /// `allow`: clients exempt from the limits.
+    pub allow: Vec<Cidr>,
+}
+
+impl LimitsConfig {
+    /// The data path's form of these limits.
+    pub fn to_map(&self) -> lb_common::client_limits::VipLimits {
+        use lb_common::client_limits::{LIMIT_F_ALLOW_LIST, LIMIT_F_RST, VipLimits};
+        let mut flags = 0;
+        if self.action == LimitAction::Rst {
+            flags |= LIMIT_F_RST;
+        }
+        if !self.allow.is_empty() {
+            flags |= LIMIT_F_ALLOW_LIST;
+        }
+        VipLimits::new(self.rate.unwrap_or(0), self.burst, self.max_connections.unwrap_or(0), self.prefix_len, flags)
+    }
+}
+
+/// `limits.action`: what a client over a limit gets for the packet that
+/// would have opened a flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LimitAction {
+    /// Nothing: the packet is dropped (the client's SYN retransmits).
+    #[default]
+    Drop,
+    /// A TCP RST, or ICMP port unreachable for UDP, within the gateway's
+    /// rate limit for its own answers: the client fails at once.
+    Rst,
+}
+
+/// An address prefix, `198.18.0.0/24` or `2001:db8::/48`; the address has
+/// no bits set past the prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
 }
 
 /// `vip.scheduler`: which hash of a new flow picks its backend. Either way

@@ -17,8 +17,8 @@ use toml::Table;
 use super::{
     error::Problem,
     model::{
-        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, StatusRange,
-        VipConfig, XdpMode,
+        AgentConfig, BackendConfig, Cidr, Config, HealthCheckConfig, HealthCheckKind, LimitAction, LimitsConfig,
+        Protocol, Scheduler, StatusRange, VipConfig, XdpMode,
     },
     table::Section,
 };
@@ -28,7 +28,9 @@ type Result<T> = std::result::Result<T, Problem>;
 
 const TOP_KEYS: &[&str] = &["agent", "vip"];
 const AGENT_KEYS: &[&str] = &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
-const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "backend"];
+const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "limits", "backend"];
+const LIMIT_KEYS: &[&str] =
+    &["new_connections_per_second", "burst", "per", "max_connections_per_client", "action", "allow"];
 const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
@@ -48,6 +50,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_EXPECT_STATUS: StatusRange = StatusRange { min: 200, max: 399 };
+/// Highest rate, burst or concurrent-flow ceiling `[vip.limits]` takes.
+pub const MAX_LIMIT: u32 = 10_000_000;
+/// Most `limits.allow` prefixes per VIP.
+pub const MAX_ALLOW: usize = 256;
 const INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
 
 /// Builds a validated config from the parsed file.
@@ -226,6 +232,10 @@ fn vip(mut s: Section) -> Result<VipConfig> {
             "a udp VIP's backends cannot be probed over TCP on their own port: set health_check.port or type = \"none\"",
         ));
     }
+    let limits = match s.table("limits", LIMIT_KEYS)? {
+        Some(section) => Some(limits(section, listen)?),
+        None => None,
+    };
     let sections = s.tables("backend", BACKEND_KEYS)?;
     if sections.is_empty() {
         return Err(s.problem("backend", "no [[vip.backend]] configured; at least one is required"));
@@ -240,7 +250,76 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         check_same_family(listen, b.address).map_err(|reason| s.problem(&key, reason))?;
     }
     s.finish()?;
-    Ok(VipConfig { name, listen, protocol, scheduler, health_check, backends })
+    Ok(VipConfig { name, listen, protocol, scheduler, health_check, limits, backends })
+}
+
+/// `[vip.limits]`, for a VIP listening on `listen`.
+fn limits(mut s: Section, listen: SocketAddr) -> Result<LimitsConfig> {
+    let rate = s.integer("new_connections_per_second", 1, MAX_LIMIT)?;
+    let burst = s.integer("burst", 1, MAX_LIMIT)?;
+    if burst.is_some() && rate.is_none() {
+        return Err(s.problem("burst", "only with new_connections_per_second"));
+    }
+    let max_connections = s.integer("max_connections_per_client", 1, MAX_LIMIT)?;
+    if rate.is_none() && max_connections.is_none() {
+        return Err(s.problem(
+            "new_connections_per_second",
+            "[vip.limits] sets no limit: set new_connections_per_second or max_connections_per_client",
+        ));
+    }
+    let bits = if listen.is_ipv4() { 32 } else { 128 };
+    let prefix_len = match s.string("per")?.as_deref() {
+        None | Some("address") => bits,
+        Some(text) => {
+            text.strip_prefix('/').and_then(|n| n.parse::<u8>().ok()).filter(|&n| (1..=bits).contains(&n)).ok_or_else(
+                || s.problem("per", format!("{text:?} is not \"address\" or a prefix length \"/1\" to \"/{bits}\"")),
+            )?
+        }
+    };
+    let action = match s.string("action")?.as_deref() {
+        None | Some("drop") => LimitAction::Drop,
+        Some("rst") => LimitAction::Rst,
+        Some(other) => return Err(s.problem("action", format!("{other:?} is not one of: drop, rst"))),
+    };
+    let mut allow = Vec::new();
+    for text in s.strings("allow")?.unwrap_or_default() {
+        let cidr = parse_cidr(&text).map_err(|reason| s.problem("allow", reason))?;
+        if cidr.addr.is_ipv4() != listen.is_ipv4() {
+            return Err(s.problem(
+                "allow",
+                format!("{text} is {} but the VIP is {}", ip_family(cidr.addr), ip_family(listen.ip())),
+            ));
+        }
+        allow.push(cidr);
+    }
+    allow.sort();
+    allow.dedup();
+    if allow.len() > MAX_ALLOW {
+        return Err(s.problem("allow", format!("{} prefixes; at most {MAX_ALLOW} per VIP", allow.len())));
+    }
+    s.finish()?;
+    Ok(LimitsConfig { rate, burst: burst.or(rate).unwrap_or(1), max_connections, prefix_len, action, allow })
+}
+
+/// A prefix written `address/length`, with no host bits set.
+fn parse_cidr(text: &str) -> std::result::Result<Cidr, String> {
+    let (addr, len) = text.split_once('/').ok_or_else(|| format!("{text:?} is not a prefix like \"198.18.0.0/24\""))?;
+    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix_len = len
+        .parse::<u8>()
+        .ok()
+        .filter(|&n| n <= bits)
+        .ok_or_else(|| format!("{len:?} is not a prefix length 0 to {bits}"))?;
+    let masked = lb_common::client_limits::masked(&lb_common::addr::words(addr), prefix_len);
+    if masked != lb_common::addr::words(addr) {
+        return Err(format!("{text} has bits set past its prefix length"));
+    }
+    Ok(Cidr { addr, prefix_len })
+}
+
+fn ip_family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// `vip.scheduler`, `"maglev"` unless set.

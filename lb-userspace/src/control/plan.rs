@@ -26,7 +26,9 @@
 //!   their new backend), and the id is never handed out again while the agent
 //!   runs;
 //! - a VIP's `[vip.health_check]` (its checkers restart with the new
-//!   parameters; their first probe decides at once).
+//!   parameters; their first probe decides at once);
+//! - a VIP's `[vip.limits]`: the new limits apply to the next new flow;
+//!   clients' buckets and flow counts carry over.
 //!
 //! Removals are planned before everything else, so a VIP added under a
 //! removed one's `listen` (a rename) or in its id (a full file) finds them
@@ -38,7 +40,9 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf};
 
-use crate::config::model::{AgentConfig, BackendConfig, Config, HealthCheckConfig, Protocol, Scheduler, VipConfig};
+use crate::config::model::{
+    AgentConfig, BackendConfig, Config, HealthCheckConfig, LimitsConfig, Protocol, Scheduler, VipConfig,
+};
 
 /// One change a reload applies in place.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +86,12 @@ pub enum Action {
         vip: String,
         check: HealthCheckConfig,
     },
+    /// New `[vip.limits]` (`None`: removed). Clients' buckets and counts
+    /// are kept: a client mid-burst stays mid-burst.
+    SetLimits {
+        vip: String,
+        to: Option<LimitsConfig>,
+    },
 }
 
 impl Action {
@@ -95,7 +105,8 @@ impl Action {
             | Action::SetBackup { vip, .. }
             | Action::AddBackend { vip, .. }
             | Action::RemoveBackend { vip, .. }
-            | Action::SetHealthCheck { vip, .. } => vip,
+            | Action::SetHealthCheck { vip, .. }
+            | Action::SetLimits { vip, .. } => vip,
         }
     }
 }
@@ -131,6 +142,10 @@ impl fmt::Display for Action {
             ),
             Action::RemoveBackend { vip, address } => write!(f, "vip {vip} backend {address} removed"),
             Action::SetHealthCheck { vip, .. } => write!(f, "vip {vip} health_check changed, checkers restarted"),
+            Action::SetLimits { vip, to: Some(_) } => {
+                write!(f, "vip {vip} limits changed (clients' buckets and counts kept)")
+            }
+            Action::SetLimits { vip, to: None } => write!(f, "vip {vip} limits removed"),
         }
     }
 }
@@ -195,6 +210,9 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
     let vip = || new.name.clone();
     if old.scheduler != new.scheduler {
         actions.push(Action::SetScheduler { vip: vip(), from: old.scheduler, to: new.scheduler });
+    }
+    if old.limits != new.limits {
+        actions.push(Action::SetLimits { vip: vip(), to: new.limits.clone() });
     }
     for backend in &old.backends {
         if !new.backends.iter().any(|b| b.address == backend.address) {

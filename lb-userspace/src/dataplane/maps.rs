@@ -9,11 +9,15 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::{
     backend::BackendInfo,
-    flow::{FlowKey, FlowState, ReplyNat},
+    client_limits::{AllowKey, ClientKey, ClientState, VipLimits, limit, masked},
+    flow::{FLOW_F_CLOSING, FLOW_F_COUNTED, FlowKey, FlowState, ReplyNat},
     guard::{AddrRoles, ServiceKey, SharedService},
     map_names,
     stats::{Counters, conntrack_event, reason},
@@ -22,6 +26,10 @@ use lb_common::{
 };
 
 use super::{Dataplane, DataplaneError};
+use crate::config::model::Cidr;
+
+/// Map update flag: only replace an entry that exists (linux/bpf.h).
+const BPF_EXIST: u64 = 2;
 
 /// The program's maps, taken out of the loaded object.
 pub struct Maps {
@@ -38,6 +46,10 @@ pub struct Maps {
     backend_stats: PerCpuArray<MapData, Counters>,
     verdicts: PerCpuArray<MapData, u64>,
     conntrack_events: PerCpuArray<MapData, u64>,
+    vip_limits: Array<MapData, VipLimits>,
+    clients: HashMap<MapData, ClientKey, ClientState>,
+    limit_allow: LpmTrie<MapData, AllowKey, u8>,
+    limited: PerCpuArray<MapData, u64>,
     /// Entries `CONNTRACK` has room for, as the kernel created it.
     conntrack_capacity: u32,
     /// The last count of `CONNTRACK`'s entries; see [`Occupancy`].
@@ -119,6 +131,10 @@ impl Maps {
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             verdicts: typed!(ebpf, map_names::VERDICTS),
             conntrack_events: typed!(ebpf, map_names::CONNTRACK_EVENTS),
+            vip_limits: typed!(ebpf, map_names::VIP_LIMITS),
+            clients: typed!(ebpf, map_names::CLIENTS),
+            limit_allow: typed!(ebpf, map_names::LIMIT_ALLOW),
+            limited: typed!(ebpf, map_names::LIMITED),
             conntrack_capacity: 0,
             occupancy: Arc::new(Mutex::new(Occupancy {
                 last: None,
@@ -258,6 +274,70 @@ impl Maps {
         let _ = self.conntrack.remove(key);
     }
 
+    /// Opening packets refused per limit (`client_limits::limit`) of VIP
+    /// `vip_id`, summed over CPUs.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Map`] on a failed read.
+    pub fn limited(&self, vip_id: u32) -> Result<[u64; limit::COUNT as usize], DataplaneError> {
+        let mut out = [0; limit::COUNT as usize];
+        for (kind, slot) in (0..limit::COUNT).zip(out.iter_mut()) {
+            let index = vip_id * limit::COUNT + kind;
+            let values = self.limited.get(&index, 0).map_err(|source| DataplaneError::Map {
+                name: map_names::LIMITED,
+                op: "read",
+                source,
+            })?;
+            *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
+        }
+        Ok(out)
+    }
+
+    /// A client's bucket and flow count as the data path keeps them.
+    pub fn client(&self, key: &ClientKey) -> Option<ClientState> {
+        self.clients.get(key, 0).ok()
+    }
+
+    /// Recounts the flows of every client of the VIPs in `prefixes` (VIP id
+    /// → its `per` prefix length) from the connection table, and writes the
+    /// counts the data path keeps (`CLIENTS`): flows that ended without a
+    /// FIN or RST (idle timeout, eviction) are not counted down there. A
+    /// flow opened during the walk may be missed, for one recount.
+    /// Returns the clients written.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Map`] on a failed write.
+    pub fn recount_clients(
+        &mut self,
+        prefixes: &std::collections::HashMap<u32, u8>,
+        now_ns: u64,
+    ) -> Result<usize, DataplaneError> {
+        let mut counts: std::collections::HashMap<ClientKey, u32> = std::collections::HashMap::new();
+        for (key, state) in self.conntrack.iter().filter_map(Result::ok) {
+            let Some(&prefix_len) = prefixes.get(&state.vip_id) else { continue };
+            let open = state.flags & (FLOW_F_COUNTED | FLOW_F_CLOSING) == FLOW_F_COUNTED;
+            if open && !lb_common::timeouts::is_expired(&state, key.proto, now_ns) {
+                let client = ClientKey { addr_be: masked(&key.src_be, prefix_len), vip_id: state.vip_id };
+                *counts.entry(client).or_default() += 1;
+            }
+        }
+        let clients: Vec<ClientKey> =
+            self.clients.keys().filter_map(Result::ok).filter(|k| prefixes.contains_key(&k.vip_id)).collect();
+        let mut written = 0;
+        for key in clients {
+            let Ok(mut state) = self.clients.get(&key, 0) else { continue };
+            let count = counts.get(&key).copied().unwrap_or(0);
+            if state.connections != count {
+                state.connections = count;
+                // BPF_EXIST: a client evicted meanwhile stays evicted.
+                if self.clients.insert(key, state, BPF_EXIST).is_ok() {
+                    written += 1;
+                }
+            }
+        }
+        Ok(written)
+    }
+
     /// Backend id in one Maglev array slot.
     ///
     /// # Errors
@@ -382,5 +462,27 @@ impl Dataplane for Maps {
             source,
         })?;
         Ok(())
+    }
+
+    fn set_vip_limits(&mut self, vip_id: u32, limits: VipLimits) -> Result<(), DataplaneError> {
+        self.vip_limits.set(vip_id, limits, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::VIP_LIMITS,
+            op: "write",
+            source,
+        })
+    }
+
+    fn set_limit_allow(&mut self, vip_id: u32, cidr: Cidr, allowed: bool) -> Result<(), DataplaneError> {
+        let key =
+            Key::new(32 + u32::from(cidr.prefix_len), AllowKey { vip_id, addr_be: lb_common::addr::words(cidr.addr) });
+        let result = if allowed {
+            self.limit_allow.insert(&key, 1, 0)
+        } else {
+            match self.limit_allow.remove(&key) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        };
+        result.map_err(|source| DataplaneError::Map { name: map_names::LIMIT_ALLOW, op: "write", source })
     }
 }

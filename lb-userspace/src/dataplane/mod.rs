@@ -14,8 +14,11 @@ pub use maps::{ConntrackStats, Maps, OCCUPANCY_MAX_AGE};
 
 use std::path::PathBuf;
 
+use crate::config::model::Cidr;
+
 use lb_common::{
     backend::BackendInfo,
+    client_limits::VipLimits,
     flow::ReplyNat,
     guard::{ServiceKey, SharedService},
     vip::{VipInfo, VipKey},
@@ -49,6 +52,11 @@ pub trait Dataplane {
     /// Writes the VIPs a backend's service shared by several serves
     /// (`SHARED_SERVICES`).
     fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError>;
+    /// Writes a VIP's per-client limits (`VIP_LIMITS[vip_id]`).
+    fn set_vip_limits(&mut self, vip_id: u32, limits: VipLimits) -> Result<(), DataplaneError>;
+    /// Adds (`allowed`) or removes a prefix of clients exempt from VIP
+    /// `vip_id`'s limits (`LIMIT_ALLOW`).
+    fn set_limit_allow(&mut self, vip_id: u32, cidr: Cidr, allowed: bool) -> Result<(), DataplaneError>;
 }
 
 /// What can go wrong between the agent and the kernel.

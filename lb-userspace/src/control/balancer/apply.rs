@@ -93,7 +93,7 @@ impl Balancer {
                     self.backend_of(index, *address)
                         .ok_or_else(|| not_running(format!("vip {name} backend {address}")))?;
                 }
-                Action::SetScheduler { .. } | Action::SetHealthCheck { .. } => {
+                Action::SetScheduler { .. } | Action::SetHealthCheck { .. } | Action::SetLimits { .. } => {
                     running.ok_or_else(|| not_running(format!("vip {name}")))?;
                 }
             }
@@ -133,6 +133,12 @@ impl Balancer {
                 Action::SetScheduler { to, .. } => {
                     if let Some(vip) = self.vip_by_name_mut(name) {
                         vip.scheduler = *to;
+                        touched.insert(vip.vip_id);
+                    }
+                }
+                Action::SetLimits { to, .. } => {
+                    if let Some(vip) = self.vip_by_name_mut(name) {
+                        vip.limits.clone_from(to);
                         touched.insert(vip.vip_id);
                     }
                 }

@@ -55,6 +55,7 @@ use std::{
 };
 
 use lb_common::{
+    client_limits::VipLimits,
     flow::ReplyNat,
     guard::{ServiceKey, SharedService},
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP},
@@ -64,7 +65,7 @@ use lb_common::{
 use self::records::{Backend, Removal, Vip, backend_index};
 pub use self::types::{BackendView, Change, StateError, Step, VipView};
 use crate::{
-    config::model::Config,
+    config::model::{Cidr, Config},
     control::{maglev, plan::Action},
     dataplane::Dataplane,
     health::Health,
@@ -122,6 +123,10 @@ pub struct Balancer {
     /// hold per backend service, as last written; no entry when none was
     /// written or a write failed.
     services_written: HashMap<ServiceKey, (ReplyNat, Option<SharedService>)>,
+    /// What `VIP_LIMITS` and `LIMIT_ALLOW` hold per VIP id, as last written
+    /// (an id may have been a removed VIP's); no entry when none was
+    /// written or a write failed.
+    limits_written: HashMap<u32, (VipLimits, BTreeSet<Cidr>)>,
 }
 
 impl Balancer {
@@ -172,6 +177,7 @@ impl Balancer {
             local_addrs: HashSet::new(),
             roles_written: HashMap::new(),
             services_written: HashMap::new(),
+            limits_written: HashMap::new(),
         };
         // All ids are free, so VIP n takes id n.
         for vip in &config.vips {

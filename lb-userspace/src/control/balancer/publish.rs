@@ -39,7 +39,7 @@ use lb_common::{
     flow::{ReplyNat, SERVICE_F_SHARED},
     guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey, SharedService},
     limits::MAX_SHARED_VIPS,
-    vip::{VipInfo, VipKey, ring_base},
+    vip::{VIP_F_LIMITED, VipInfo, VipKey, ring_base},
     vip_addr::{VipAddrKey, proto_bit},
 };
 
@@ -48,6 +48,7 @@ use super::{
     records::{Backend, backend_index},
 };
 use crate::{
+    config::model::Cidr,
     control::maglev::{self, MaglevBackend},
     dataplane::{Dataplane, DataplaneError},
 };
@@ -61,7 +62,7 @@ fn backend_info(address: std::net::SocketAddr, state: u8, shared: bool) -> Backe
     info
 }
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 impl Balancer {
     /// Makes the dataplane match the desired state of one VIP, in the three
@@ -249,8 +250,10 @@ impl Balancer {
         let mut change = Change::default();
         let ring = maglev::build_ring(self.ring_size, &self.ring_members(ids));
         let ring_size = self.ring_size;
+        self.sync_limits(index, dp)?;
         let vip = &mut self.vips[index];
-        let flags = vip.scheduler.vip_flags();
+        let limited = if vip.limits.is_some() { VIP_F_LIMITED } else { 0 };
+        let flags = vip.scheduler.vip_flags() | limited;
         let ring_changed = vip.live.is_none_or(|live| vip.rings[(live.ring_generation & 1) as usize] != ring);
         if !ring_changed && vip.live.is_some_and(|live| live.flags == flags) {
             return Ok(change);
@@ -292,6 +295,47 @@ impl Balancer {
         change.rings_published += 1;
         self.count_ring_slots(index);
         Ok(change)
+    }
+
+    /// Writes the VIP's per-client limits (`VIP_LIMITS`) and allow-list
+    /// (`LIMIT_ALLOW`) where they differ from what was last written under
+    /// its id, before `publish` sets `VIP_F_LIMITED`: a packet never reads
+    /// limits that are not there. Allowed prefixes are added before stale
+    /// ones are removed. Clients' buckets and counts (`CLIENTS`) are never
+    /// touched: a reload that changes limits resets nothing.
+    fn sync_limits(&mut self, index: usize, dp: &mut impl Dataplane) -> Result<(), StateError> {
+        let vip = &self.vips[index];
+        let (vip_id, name) = (vip.vip_id, vip.name.clone());
+        let wanted = vip.limits.as_ref().map(|l| (l.to_map(), l.allow.iter().copied().collect::<BTreeSet<_>>()));
+        let written = self.limits_written.get(&vip_id);
+        let failed = |step: Step| {
+            let vip = name.clone();
+            move |source| StateError::Dataplane { vip, step, source: Box::new(source) }
+        };
+        let (map, allow) = match wanted {
+            Some(w) => w,
+            // No limits: the flag goes; what the maps hold is never read.
+            None => return Ok(()),
+        };
+        let stale: Vec<Cidr> = written.map(|(_, a)| a.difference(&allow).copied().collect()).unwrap_or_default();
+        let fresh: Vec<Cidr> = match written {
+            Some((_, a)) => allow.difference(a).copied().collect(),
+            None => allow.iter().copied().collect(),
+        };
+        if written.is_some_and(|(m, _)| *m == map) && stale.is_empty() && fresh.is_empty() {
+            return Ok(());
+        }
+        // Unknown until every write lands.
+        self.limits_written.remove(&vip_id);
+        for cidr in &fresh {
+            dp.set_limit_allow(vip_id, *cidr, true).map_err(failed(Step::WriteLimits))?;
+        }
+        dp.set_vip_limits(vip_id, map).map_err(failed(Step::WriteLimits))?;
+        for cidr in &stale {
+            dp.set_limit_allow(vip_id, *cidr, false).map_err(failed(Step::WriteLimits))?;
+        }
+        self.limits_written.insert(vip_id, (map, allow));
+        Ok(())
     }
 
     /// Brings the `VIP_ADDRS` entry of `key`'s address in line with the VIPs

@@ -10,7 +10,7 @@ use lb_common::{
 
 use super::BackendView;
 use crate::{
-    config::model::{BackendConfig, HealthCheckConfig, Protocol, Scheduler, VipConfig},
+    config::model::{BackendConfig, HealthCheckConfig, LimitsConfig, Protocol, Scheduler, VipConfig},
     health::Health,
 };
 
@@ -23,6 +23,8 @@ pub(super) struct Vip {
     pub(super) protocol: Protocol,
     pub(super) scheduler: Scheduler,
     pub(super) health_check: HealthCheckConfig,
+    /// `[vip.limits]`, if any.
+    pub(super) limits: Option<LimitsConfig>,
     pub(super) key: VipKey,
     pub(super) backend_ids: Vec<u32>,
     /// Backends removed by a reload: written `DOWN` once the ring no longer
@@ -133,6 +135,7 @@ impl Vip {
             protocol: config.protocol,
             scheduler: config.scheduler,
             health_check: config.health_check.clone(),
+            limits: config.limits.clone(),
             key: VipKey::new(config.listen, config.protocol.number()),
             backend_ids,
             retired: Vec::new(),

@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use lb_common::{
     addr_filter,
     backend::{BACKEND_ID_NONE, BACKEND_STATE_UP, BackendInfo},
+    client_limits::VipLimits,
     flow::{ReplyNat, SERVICE_F_SHARED},
     guard::{ADDR_ROLE_BACKEND, ServiceKey, SharedService},
     limits::{MAX_BACKENDS, RINGS_PER_VIP},
@@ -23,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::model::Config,
+    config::model::{Cidr, Config},
     dataplane::{Dataplane, DataplaneError},
 };
 
@@ -64,6 +65,10 @@ pub struct FakeDataplane {
     pub services: HashMap<ServiceKey, ReplyNat>,
     /// `SHARED_SERVICES` as written.
     pub shared: HashMap<ServiceKey, SharedService>,
+    /// `VIP_LIMITS` as written, by VIP id.
+    pub limits: HashMap<u32, VipLimits>,
+    /// `LIMIT_ALLOW` as written.
+    pub allow: BTreeSet<(u32, Cidr)>,
     attempts: usize,
     /// Fail the attempt with this index (counted over the fake's life); a
     /// failing slot write still applies its first half, like a syscall
@@ -87,6 +92,8 @@ impl FakeDataplane {
             roles: HashMap::new(),
             services: HashMap::new(),
             shared: HashMap::new(),
+            limits: HashMap::new(),
+            allow: BTreeSet::new(),
             attempts: 0,
             fail_attempt: None,
         }
@@ -139,6 +146,12 @@ impl FakeDataplane {
 
     fn check_readers(&self) {
         for (key, info) in &self.vips {
+            assert!(
+                info.flags & lb_common::vip::VIP_F_LIMITED == 0 || self.limits.contains_key(&info.vip_id),
+                "after call {}: vip {} published as limited before its limits are written",
+                self.calls.len(),
+                info.vip_id
+            );
             assert!(
                 self.filter.contains(&addr_filter::slot(&key.addr_be)),
                 "after call {}: vip {} published before its address is in the filter",
@@ -229,6 +242,23 @@ impl Dataplane for FakeDataplane {
 
     fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError> {
         self.shared.insert(key, list);
+        Ok(())
+    }
+
+    fn set_vip_limits(&mut self, vip_id: u32, limits: VipLimits) -> Result<(), DataplaneError> {
+        if self.attempt() {
+            return Err(DataplaneError::injected(map_names::VIP_LIMITS, "write"));
+        }
+        self.limits.insert(vip_id, limits);
+        Ok(())
+    }
+
+    fn set_limit_allow(&mut self, vip_id: u32, cidr: Cidr, allowed: bool) -> Result<(), DataplaneError> {
+        if allowed {
+            self.allow.insert((vip_id, cidr));
+        } else {
+            self.allow.remove(&(vip_id, cidr));
+        }
         Ok(())
     }
 

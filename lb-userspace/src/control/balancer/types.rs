@@ -57,6 +57,8 @@ pub enum Step {
     WriteAddrRoles { roles: u32 },
     /// Writing the `BACKEND_SERVICES` entry of a backend.
     WriteBackendService { backend_id: u32 },
+    /// Writing the VIP's per-client limits or allow-list.
+    WriteLimits,
 }
 
 impl fmt::Display for Step {
@@ -77,6 +79,7 @@ impl fmt::Display for Step {
             Step::WriteBackendService { backend_id } => {
                 write!(f, "write the service entry of backend {backend_id}")
             }
+            Step::WriteLimits => write!(f, "write its per-client limits"),
         }
     }
 }

@@ -70,6 +70,7 @@ fn vip_config(name: &str, listen: &str, backends: &[(&str, u32)], kind: HealthCh
             fall: 2,
             port: None,
         },
+        limits: None,
         backends: backends
             .iter()
             .map(|&(a, weight)| BackendConfig { address: addr(a), weight, backup: false })
