@@ -17,7 +17,7 @@ use tokio::{
 use crate::{
     api::{
         self, Status, StatusSource,
-        status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus},
+        status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic, VerdictCount, VipStatus},
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     control::{
@@ -86,10 +86,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut local_refresh = tokio::time::interval(host::LOCAL_ADDRESS_REFRESH);
+    let mut recount = tokio::time::interval(CLIENT_RECOUNT_INTERVAL);
     loop {
         tokio::select! {
             Some(event) = health.next() => apply_health(&state, event),
             _ = local_refresh.tick() => refresh_local_addresses(&state),
+            _ = recount.tick() => recount_clients(&state),
             _ = sighup.recv() => {
                 if let Some(new) = reload_config(&config, &state) {
                     config = new;
@@ -106,6 +108,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     health.stop_all();
     program.detach_all();
     Ok(())
+}
+
+/// How often the agent recounts the flows of clients of VIPs with
+/// `max_connections_per_client` (see [`recount_clients`]).
+const CLIENT_RECOUNT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Corrects the data path's per-client flow counts from the connection
+/// table: it counts a flow down at its first FIN or RST, never when a flow
+/// ends by idle timeout or eviction (`lb_common::client_limits`). Only
+/// when some VIP has `max_connections_per_client`. The walk takes one
+/// syscall per entry (about a second for a million flows), under the
+/// agent's lock.
+fn recount_clients(state: &Mutex<AgentState>) {
+    let Ok(mut guard) = state.lock() else { return };
+    let AgentState { balancer, maps, .. } = &mut *guard;
+    let prefixes: HashMap<u32, u8> = balancer
+        .vips()
+        .filter_map(|vip| vip.limits.filter(|l| l.max_connections.is_some()).map(|l| (vip.vip_id, l.prefix_len)))
+        .collect();
+    if prefixes.is_empty() {
+        return;
+    }
+    match maps.recount_clients(&prefixes, host::monotonic_ns()) {
+        Ok(0) => {}
+        Ok(corrected) => tracing::debug!(corrected, "per-client flow counts corrected"),
+        Err(error) => tracing::warn!(error = %anyhow::Error::from(error), "cannot recount clients' flows; retrying"),
+    }
 }
 
 /// Marks the gateway's addresses again, for those added or removed since.
@@ -392,7 +421,13 @@ impl AgentState {
             backends_up: backends.iter().filter(|b| b.health == "up").count(),
             traffic,
             backends,
+            limited: vip.limits.map(|_| self.limited(vip.vip_id)),
         }
+    }
+
+    fn limited(&self, vip_id: u32) -> Limited {
+        let [rate, connections] = self.maps.limited(vip_id).unwrap_or_default();
+        Limited { new_connections_per_second: rate, max_connections_per_client: connections }
     }
 
     fn backend_counters(&self, backend_id: u32) -> Traffic {

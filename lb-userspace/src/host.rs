@@ -66,6 +66,16 @@ unsafe fn sockaddr_ip(addr: *const libc::sockaddr) -> Option<IpAddr> {
     }
 }
 
+/// CLOCK_MONOTONIC in ns: the clock the data path stamps flows with
+/// (`bpf_ktime_get_ns`).
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,10 +58,24 @@ pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
     registry.register("vip_backends_up", "Backends of the VIP that are up", backends_up.clone());
     let verdicts = Family::<Labels, Counter>::default();
     registry.register("verdicts", "Packets by the XDP program's verdict and its reason", verdicts.clone());
+    let limited = Family::<Labels, Counter>::default();
+    registry.register(
+        "limited",
+        "Packets that would have opened a flow, refused by a per-client limit of the VIP ([vip.limits])",
+        limited.clone(),
+    );
 
     for v in &status.vips {
         let vip_labels: Labels = vec![("vip", v.name.clone())];
         backends_up.get_or_create(&vip_labels).set(v.backends_up as i64);
+        if let Some(l) = v.limited {
+            for (limit, count) in [
+                ("new_connections_per_second", l.new_connections_per_second),
+                ("max_connections_per_client", l.max_connections_per_client),
+            ] {
+                limited.get_or_create(&vec![("vip", v.name.clone()), ("limit", limit.to_owned())]).inc_by(count);
+            }
+        }
         for b in &v.backends {
             let labels: Labels = vec![("vip", v.name.clone()), ("backend", b.address.clone())];
             traffic.record(&labels, b.traffic);
@@ -129,7 +143,7 @@ fn register_health_checks(registry: &mut Registry, h: &HealthChecksStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::status::{BackendStatus, VerdictCount, VipStatus};
+    use crate::api::status::{BackendStatus, Limited, VerdictCount, VipStatus};
 
     #[test]
     fn renders_the_metrics_the_docs_promise() {
@@ -149,6 +163,7 @@ mod tests {
                     last_check: Some("ok".into()),
                     traffic: Traffic { packets: 7, bytes: 700, new_flows: 1, rescheduled_flows: 0 },
                 }],
+                limited: Some(Limited { new_connections_per_second: 11, max_connections_per_client: 12 }),
             }],
             verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3, help: String::new() }],
             conntrack: ConntrackStatus { entries: 5, capacity: 1024, inserted: 9, expired: 2, reopened: 1, evicted: 4 },
@@ -169,6 +184,8 @@ mod tests {
             "lb_conntrack_events_total{event=\"inserted\"} 9",
             "lb_health_probe_slots 690",
             "lb_health_probe_local_errors_total 6",
+            "lb_limited_total{vip=\"web\",limit=\"new_connections_per_second\"} 11",
+            "lb_limited_total{vip=\"web\",limit=\"max_connections_per_client\"} 12",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
@@ -193,6 +210,7 @@ mod tests {
                 backends_up: 1,
                 traffic: Traffic::default(),
                 backends: vec![backend],
+                limited: None,
             }],
             ..Status::default()
         };

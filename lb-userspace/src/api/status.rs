@@ -73,6 +73,19 @@ pub struct VipStatus {
     pub backends_up: usize,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
+    /// Packets that would have opened a flow, refused by the VIP's
+    /// per-client limits (`[vip.limits]`); absent for a VIP without limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limited: Option<Limited>,
+}
+
+/// Refusals by each of a VIP's per-client limits, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limited {
+    /// Over `new_connections_per_second` (and its burst).
+    pub new_connections_per_second: u64,
+    /// At `max_connections_per_client`.
+    pub max_connections_per_client: u64,
 }
 
 /// One backend of one VIP.

@@ -744,3 +744,51 @@ fn backends_may_be_shared_across_protocols_and_sit_beside_a_vip() {
         assert!(Balancer::new(&config).is_ok(), "{what}");
     }
 }
+
+fn with_limits(lines: &str) -> String {
+    MINIMAL.replace("[[vip.backend]]", &format!("[vip.limits]\n{lines}\n\n[[vip.backend]]"))
+}
+
+#[test]
+fn limits_parse_with_their_defaults() {
+    let config = parse(&with_limits(
+        "new_connections_per_second = 100\nburst = 200\nper = \"/24\"\nmax_connections_per_client = 50\n\
+         action = \"rst\"\nallow = [\"198.18.9.0/24\", \"198.18.10.1/32\"]",
+    ))
+    .expect("valid");
+    let limits = config.vips[0].limits.as_ref().expect("limits");
+    assert_eq!((limits.rate, limits.burst, limits.max_connections), (Some(100), 200, Some(50)));
+    assert_eq!((limits.prefix_len, limits.action, limits.allow.len()), (24, LimitAction::Rst, 2));
+    let map = limits.to_map();
+    assert_eq!((map.interval_ns, map.tolerance_ns, map.max_connections), (10_000_000, 2_000_000_000, 50));
+
+    let config = parse(&with_limits("new_connections_per_second = 10")).expect("valid");
+    let limits = config.vips[0].limits.as_ref().expect("limits");
+    // A second's worth of burst, per address, dropped.
+    assert_eq!((limits.burst, limits.prefix_len, limits.action), (10, 32, LimitAction::Drop));
+    assert_eq!(limits.to_map().max_connections, 0);
+    assert!(parse(MINIMAL).expect("valid").vips[0].limits.is_none());
+}
+
+#[test]
+fn limits_are_checked_with_their_keys() {
+    let key = |k: &str| format!("vip[1] (web).limits.{k}");
+    rejects(&with_limits("burst = 5"), &key("burst"), "only with new_connections_per_second");
+    rejects(&with_limits("per = \"/24\""), &key("new_connections_per_second"), "sets no limit");
+    rejects(&with_limits("new_connections_per_second = 0"), &key("new_connections_per_second"), "");
+    rejects(&with_limits("max_connections_per_client = 1\nper = \"/33\""), &key("per"), "\"/1\" to \"/32\"");
+    rejects(&with_limits("max_connections_per_client = 1\nper = \"24\""), &key("per"), "is not \"address\"");
+    rejects(&with_limits("max_connections_per_client = 1\naction = \"reject\""), &key("action"), "drop, rst");
+    rejects(
+        &with_limits("max_connections_per_client = 1\nallow = [\"198.18.9.1/24\"]"),
+        &key("allow"),
+        "bits set past",
+    );
+    rejects(
+        &with_limits("max_connections_per_client = 1\nallow = [\"2001:db8::/32\"]"),
+        &key("allow"),
+        "is IPv6 but the VIP is IPv4",
+    );
+    rejects(&with_limits("max_connections_per_client = 1\nallow = [\"198.18.9.0\"]"), &key("allow"), "not a prefix");
+    rejects(&with_limits("max_connections_per_client = 1\nrate = 5"), &key("rate"), "unknown");
+}

@@ -431,6 +431,12 @@ impl Dataplane for Maps {
         let cpus = self.vip_stats.get(&vip_id, 0).map_err(error)?.len();
         let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| error(MapError::from(e)))?;
         self.vip_stats.set(vip_id, zeros, 0).map_err(error)?;
+        // Refusals by its limits too: a counter of the new VIP starts at 0.
+        let error = |source| DataplaneError::Map { name: map_names::LIMITED, op: "reset", source };
+        for kind in 0..limit::COUNT {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| error(MapError::from(e)))?;
+            self.limited.set(vip_id * limit::COUNT + kind, zeros, 0).map_err(error)?;
+        }
         Ok(())
     }
 
@@ -479,7 +485,8 @@ impl Dataplane for Maps {
             self.limit_allow.insert(&key, 1, 0)
         } else {
             match self.limit_allow.remove(&key) {
-                Err(MapError::KeyNotFound) => Ok(()),
+                // Not there: removing it again after a failed write is no error.
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
                 other => other,
             }
         };

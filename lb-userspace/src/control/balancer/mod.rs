@@ -415,6 +415,7 @@ impl Balancer {
             protocol: vip.protocol,
             scheduler: vip.scheduler,
             health_check: &vip.health_check,
+            limits: vip.limits.as_ref(),
             ring_generation: vip.live.map(|live| live.ring_generation),
             backends: vip.backend_ids.iter().filter_map(|&id| self.backend(id)).collect(),
             retired_backend_ids: &vip.retired,

@@ -4,7 +4,7 @@
 use std::{fmt, net::SocketAddr, ops::AddAssign};
 
 use crate::{
-    config::model::{HealthCheckConfig, Protocol, Scheduler},
+    config::model::{HealthCheckConfig, LimitsConfig, Protocol, Scheduler},
     dataplane::DataplaneError,
     health::Health,
 };
@@ -149,6 +149,8 @@ pub struct VipView<'a> {
     pub scheduler: Scheduler,
     /// How its backends are probed.
     pub health_check: &'a HealthCheckConfig,
+    /// Its per-client limits, if any.
+    pub limits: Option<&'a LimitsConfig>,
     /// Generation packets read; `None` until the VIP is installed.
     pub ring_generation: Option<u32>,
     /// Its backends, in config order.

@@ -110,3 +110,47 @@ fn reload_actions_for_unknown_services_are_refused_without_writes() {
     assert_eq!(dp.calls.len(), start);
     assert_eq!(balancer.backend(2).map(|b| b.weight), Some(1));
 }
+
+#[test]
+fn reload_sets_changes_and_removes_limits_without_touching_rings() {
+    use crate::config::model::{Cidr, LimitAction, LimitsConfig};
+    use lb_common::vip::VIP_F_LIMITED;
+
+    let old = config(SMALL_M, vec![equal_vip(3)]);
+    let (mut balancer, mut dp) = installed(&old);
+    let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+    assert_eq!(dp.vips.get(&key).map(|v| v.flags & VIP_F_LIMITED), Some(0));
+    let allow = |a: &str, n: u8| Cidr { addr: a.parse().expect("ip"), prefix_len: n };
+    let limits = LimitsConfig {
+        rate: Some(100),
+        burst: 200,
+        max_connections: Some(50),
+        prefix_len: 24,
+        action: LimitAction::Drop,
+        allow: vec![allow("198.18.9.0", 24)],
+    };
+    let mut limited = old.clone();
+    limited.vips[0].limits = Some(limits.clone());
+    let slots_before = dp.calls.iter().filter(|c| matches!(c, Call::WriteSlots { .. })).count();
+    reload(&mut balancer, &mut dp, &old, &limited);
+    // The checker in FakeDataplane saw the limits written before the flag.
+    assert_eq!(dp.vips.get(&key).map(|v| v.flags & VIP_F_LIMITED), Some(VIP_F_LIMITED));
+    assert_eq!(dp.limits.get(&1).map(|l| l.max_connections), Some(50));
+    assert!(dp.allow.contains(&(1, allow("198.18.9.0", 24))));
+
+    let mut changed = limited.clone();
+    if let Some(l) = changed.vips[0].limits.as_mut() {
+        l.rate = Some(10);
+        l.allow = vec![allow("198.18.10.0", 24)];
+    }
+    reload(&mut balancer, &mut dp, &limited, &changed);
+    assert_eq!(dp.limits.get(&1).map(|l| l.interval_ns), Some(100_000_000));
+    assert_eq!(dp.allow.iter().copied().collect::<Vec<_>>(), vec![(1, allow("198.18.10.0", 24))]);
+
+    reload(&mut balancer, &mut dp, &changed, &old);
+    assert_eq!(dp.vips.get(&key).map(|v| v.flags & VIP_F_LIMITED), Some(0));
+    // Limits alone never rewrite a ring.
+    let slots_after = dp.calls.iter().filter(|c| matches!(c, Call::WriteSlots { .. })).count();
+    assert_eq!(slots_before, slots_after);
+    assert_consistent(&balancer, &dp);
+}
