@@ -19,7 +19,7 @@ use std::{path::Path, time::Instant};
 
 use anyhow::{Context as _, ensure};
 use lb::{
-    config::Config,
+    config::{Cidr, Config},
     control::{
         balancer::{Balancer, Change, StateError},
         maglev::{self, MaglevBackend},
@@ -29,6 +29,7 @@ use lb::{
 };
 use lb_common::{
     backend::{BACKEND_ID_NONE, BackendInfo},
+    client_limits::VipLimits,
     flow::ReplyNat,
     guard::{ServiceKey, SharedService},
     vip::{VipInfo, VipKey},
@@ -233,6 +234,12 @@ impl Dataplane for Counting {
     fn set_backend_service(&mut self, _key: ServiceKey, _nat: ReplyNat) -> Result<(), DataplaneError> {
         Ok(())
     }
+    fn set_vip_limits(&mut self, _vip_id: u32, _limits: VipLimits) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn set_limit_allow(&mut self, _vip_id: u32, _cidr: Cidr, _allowed: bool) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl Reset for Counting {
@@ -296,6 +303,12 @@ impl Dataplane for KernelDataplane {
     }
     fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError> {
         self.maps.set_shared_service(key, list)
+    }
+    fn set_vip_limits(&mut self, vip_id: u32, limits: VipLimits) -> Result<(), DataplaneError> {
+        self.maps.set_vip_limits(vip_id, limits)
+    }
+    fn set_limit_allow(&mut self, vip_id: u32, cidr: Cidr, allowed: bool) -> Result<(), DataplaneError> {
+        self.maps.set_limit_allow(vip_id, cidr, allowed)
     }
     fn set_backend_service(&mut self, key: ServiceKey, nat: ReplyNat) -> Result<(), DataplaneError> {
         self.maps.set_backend_service(key, nat)

@@ -1,0 +1,181 @@
+//! End to end: per-client limits (`[vip.limits]`) with the real `lb` agent
+//! on a namespace testbed, real HTTP backends and real TCP clients. Needs
+//! root. Each test builds its own testbed.
+//!
+//! The testbed's client namespace gets a second address (`SECOND_CLIENT`),
+//! so two clients with budgets of their own share it.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Testbed,
+    agent::{Agent, HealthCheck, config_for},
+};
+use socket2::{Domain, Socket, Type};
+
+/// A second client in the testbed's client subnet (198.18.1.0/24).
+const SECOND_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 50);
+/// The testbed's client.
+const FIRST_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+
+/// The testbed's config with `limits` (lines of `[vip.limits]`) on the web VIP.
+fn config_with_limits(testbed: &Testbed, limits: &str) -> String {
+    let config = config_for(testbed, HealthCheck::default());
+    // The web VIP comes first; its section is followed by its health check.
+    config.replacen("[vip.health_check]", &format!("[vip.limits]\n{limits}\n\n[vip.health_check]"), 1)
+}
+
+fn running(testbed: &Testbed, config: &str) -> Agent {
+    let mut agent = Agent::start(testbed, config).expect("starting lb");
+    agent.wait_health("web", &["up"; 3], Duration::from_secs(10)).expect("web backends up");
+    agent
+}
+
+/// Adds [`SECOND_CLIENT`] to the client namespace.
+fn add_second_client(testbed: &Testbed) {
+    let cidr = format!("{SECOND_CLIENT}/24");
+    let out =
+        testbed.exec(testbed.client(), &["ip", "addr", "add", &cidr, "dev", testbed.client_if()]).expect("ip addr add");
+    assert!(out.status.success(), "ip addr add: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// How a connection attempt ended.
+enum Attempt {
+    Connected,
+    Refused,
+    Other(String),
+}
+
+/// Connects from `from` to `to`, waiting at most 1 s, and closes at once.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> Attempt {
+    let socket = match Socket::new(Domain::IPV4, Type::STREAM, None) {
+        Ok(s) => s,
+        Err(e) => return Attempt::Other(format!("socket: {e}")),
+    };
+    if let Err(e) = socket.bind(&SocketAddr::new(IpAddr::V4(from), 0).into()) {
+        return Attempt::Other(format!("bind {from}: {e}"));
+    }
+    match socket.connect_timeout(&to.into(), Duration::from_secs(1)) {
+        Ok(()) => Attempt::Connected,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Attempt::Refused,
+        Err(e) => Attempt::Other(e.to_string()),
+    }
+}
+
+/// Tallies of attempts paced at `per_second` from `from` for `duration`:
+/// (connected, refused, other failures). Connections close at once.
+fn paced_attempts(from: Ipv4Addr, to: SocketAddr, per_second: u32, duration: Duration) -> (u32, u32, Vec<String>) {
+    let (mut connected, mut refused, mut other) = (0, 0, Vec::new());
+    let started = Instant::now();
+    let gap = Duration::from_secs(1) / per_second;
+    let mut next = started;
+    while next < started + duration {
+        match connect_from(from, to) {
+            Attempt::Connected => connected += 1,
+            Attempt::Refused => refused += 1,
+            Attempt::Other(e) => other.push(e),
+        }
+        next += gap;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+    (connected, refused, other)
+}
+
+/// `lb_limited_total` for the web VIP and `limit`, from `/metrics`.
+fn limited_metric(agent: &Agent, limit: &str) -> u64 {
+    let text = agent.metrics().expect("/metrics");
+    let prefix = format!("lb_limited_total{{vip=\"web\",limit=\"{limit}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn a_client_at_five_times_its_rate_is_held_to_it_and_another_is_untouched() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    add_second_client(&testbed);
+    let config = config_with_limits(&testbed, "new_connections_per_second = 20\nburst = 5\naction = \"rst\"");
+    let agent = running(&testbed, &config);
+    let vip = testbed.vip_http();
+    let window = Duration::from_secs(10);
+    let (fast, slow) = testbed
+        .client()
+        .enter(|| {
+            thread::scope(|s| {
+                let fast = s.spawn(|| paced_attempts(FIRST_CLIENT, vip, 100, window));
+                let slow = s.spawn(|| paced_attempts(SECOND_CLIENT, vip, 10, window));
+                (fast.join().expect("fast client"), slow.join().expect("slow client"))
+            })
+        })
+        .expect("entering the client namespace");
+    // 20/s over 10 s plus the burst of 5; within 5% of the rate.
+    let (admitted, refused, other) = fast;
+    assert!((195..=215).contains(&admitted), "fast client admitted {admitted} (refused {refused}, other {other:?})");
+    assert!(refused > 500, "fast client refused only {refused}");
+    assert!(other.is_empty(), "fast client: {other:?}");
+    let (admitted, refused, other) = slow;
+    assert_eq!((refused, other.len()), (0, 0), "the slow client was refused: {other:?} (admitted {admitted})");
+    assert!(admitted >= 90, "slow client made only {admitted} attempts");
+    assert_eq!(limited_metric(&agent, "new_connections_per_second"), u64::from(fast.1), "every refusal counted");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn concurrent_connections_are_capped_and_a_reload_keeps_the_count() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let limits = |max: u32| format!("max_connections_per_client = {max}\naction = \"rst\"");
+    let config = config_with_limits(&testbed, &limits(5));
+    let agent = running(&testbed, &config);
+    let vip = testbed.vip_http();
+    testbed
+        .client()
+        .enter(|| {
+            // Each connection answers a request before the next opens, so its
+            // first ACK has been through the gateway.
+            let open = |n: usize| -> Vec<Result<lb_tests::testbed::client::HttpConn, String>> {
+                (0..n)
+                    .map(|_| {
+                        let mut conn = lb_tests::testbed::client::HttpConn::connect(vip).map_err(|e| e.to_string())?;
+                        conn.get("/", true).map_err(|e| format!("{e:#}"))?;
+                        Ok(conn)
+                    })
+                    .collect()
+            };
+            let mut held = open(8);
+            let ok = held.iter().filter(|c| c.is_ok()).count();
+            assert_eq!(ok, 5, "5 of 8 admitted: {:?}", held.iter().map(|c| c.as_ref().err()).collect::<Vec<_>>());
+            held.retain(Result::is_ok);
+            // Two closed (FIN): two places free, and no more.
+            held.truncate(3);
+            thread::sleep(Duration::from_millis(200));
+            let more = open(3);
+            assert_eq!(more.iter().filter(|c| c.is_ok()).count(), 2, "two freed places");
+            held.extend(more.into_iter().filter(Result::is_ok));
+            // A reload to 6 keeps the count of 5: one more, not six.
+            fs::write(agent.config_path(), config_with_limits(&testbed, &limits(6))).expect("rewriting the config");
+            let pid = libc::pid_t::try_from(agent.pid()).expect("pid fits");
+            // SAFETY: kill(2) with a pid we started and a valid signal number.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !agent.log().contains("limits changed") && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+            assert!(agent.log().contains("limits changed"), "no reload in the log:\n{}", agent.log());
+            let after = open(3);
+            assert_eq!(after.iter().filter(|c| c.is_ok()).count(), 1, "one more place after the reload");
+            drop(held);
+        })
+        .expect("entering the client namespace");
+    assert!(limited_metric(&agent, "max_connections_per_client") >= 5);
+}
