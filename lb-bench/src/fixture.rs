@@ -254,6 +254,26 @@ impl Lb {
         count_keys::<FlowState>(self.map_id(map_names::CONNTRACK)?)
     }
 
+    /// Zeroes `DIRECT_SEEN` for the benchmark's backends: after a plain
+    /// `repeat` whose rewritten frames went on as a direct flow to a backend
+    /// (client → backend service), so that no later case pays for the
+    /// checks a recent direct flow forces on new flows and replies of that
+    /// backend. Its `DIRECT_FLOWS` entries stay, unread while the backend
+    /// has no recent direct flow.
+    ///
+    /// # Errors
+    /// When the map cannot be found or written.
+    pub fn forget_direct_flows(&mut self) -> anyhow::Result<()> {
+        let id = self.map_id(map_names::DIRECT_SEEN)?;
+        let mut seen = Array::<_, u64>::try_from(Map::Array(MapData::from_id(id)?))?;
+        // Backend ids count from 1 in config order: 4 VIPs of BACKENDS
+        // each, far below this bound.
+        for backend_id in 0..256 {
+            seen.set(backend_id, 0, 0).context("zeroing DIRECT_SEEN")?;
+        }
+        Ok(())
+    }
+
     /// The id of the program's map `name`.
     fn map_id(&mut self, name: &str) -> anyhow::Result<u32> {
         let ids = self.program.xdp()?.info()?.map_ids()?.context("the kernel does not list a program's maps")?;

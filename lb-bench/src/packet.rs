@@ -200,6 +200,9 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
         (1..=frames::BACKENDS).map(|i| family.backend(i)).find(|&a| a != backend).context("a second backend")?;
     let direct = Tuple { src: client, dst: other_backend, sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
     let other = Tuple { src: client, dst: family.other_host(), sport: CLIENT_PORT + 2, dport: BACKEND_TCP_PORT };
+    // A SYN of one 5-tuple over and over: the SYN path with its map lines
+    // in cache, beside `tcp_syn_untracked`'s new 5-tuple per iteration.
+    let syn_again = Tuple { src: client, dst: vip, sport: CLIENT_PORT + 4, dport: VIP_TCP_PORT };
     let case =
         |name, frame, ingress, expect| Case { name, family, frame, ingress, vary: VARY_NONE, first_ack: false, expect };
     Ok(vec![
@@ -209,6 +212,12 @@ fn tracked_flow_cases(lb: &mut Lb, family: Family) -> anyhow::Result<Vec<Case>> 
         case("not_vip_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, not_vip, Segment::Data)?, lb.client_if, PASSED),
         case("direct_flow_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, direct, Segment::Data)?, lb.client_if, DIRECT),
         case("other_host_pass", frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, other, Segment::Data)?, lb.client_if, PASSED),
+        case(
+            "tcp_syn_same_tuple",
+            frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, syn_again, Segment::Syn)?,
+            lb.client_if,
+            SYN_UNTRACKED,
+        ),
     ])
 }
 
@@ -322,7 +331,9 @@ fn measure(wrapper: &mut Wrapper, lb: &mut Lb, case: &Case, repeat: u32, run: u3
 /// replaces, and the paths its iterations took (verdict reason → count).
 /// For a frame the program passes untouched it is valid, and checks the
 /// wrapper's subtraction; for a frame it rewrites it shows the trap: after
-/// the first iteration the rewritten frame takes another path.
+/// the first iteration the rewritten frame takes another path, often as a
+/// direct flow to a backend, whose mark (`DIRECT_SEEN`) is wiped after, so
+/// later cases on the same program are measured as without it.
 fn run_plain(
     lb: &mut Lb,
     case: &Case,
@@ -331,6 +342,7 @@ fn run_plain(
     let before = Counts::read(lb)?;
     let plain = lb.run_repeated(&case.frame, case.ingress, repeat)?;
     let after = Counts::read(lb)?;
+    lb.forget_direct_flows()?;
     let path = reason::NAMES
         .iter()
         .zip(after.verdicts.iter().zip(&before.verdicts))

@@ -99,7 +99,7 @@ const KATRAN_AMD: Katran = Katran {
     pass: (80.0, Some(71.0)),
 };
 
-const ROWS: [Row; 10] = [
+const ROWS: [Row; 11] = [
     Row {
         case: "tcp_syn_untracked",
         label: "TCP SYN of a new connection: Maglev only, not inserted (table not full)",
@@ -123,6 +123,12 @@ const ROWS: [Row; 10] = [
         label: "TCP first ACK, table full (LRU evicts)",
         katran: Some(Of::NewFull),
         goal: Some((0.5, Of::NewFull)),
+    },
+    Row {
+        case: "tcp_syn_same_tuple",
+        label: "TCP SYN, one 5-tuple every iteration (the SYN path with warm caches; for comparison)",
+        katran: None,
+        goal: None,
     },
     Row {
         case: "tcp_established",
