@@ -5,7 +5,7 @@
 //! state), refreshes its flow's one entry, and is dropped if that entry
 //! names another backend by now.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::{
     backend::{BACKEND_F_SHARED, BackendInfo},
     flow::{FLOW_F_CLOSING, FLOW_F_SHARED, FlowKey, FlowState, ReplyNat},
@@ -42,6 +42,23 @@ pub enum Pinned {
 pub fn now_ns() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The time a flow's entry is stamped with at `now`: `now`, except for a
+/// flow to a service several VIPs share (`FLOW_F_SHARED`), whose replies
+/// go back from the VIP of the most recently active of its client's flows
+/// (`guard::shared_call` compares their stamps): a client that asks one VIP
+/// and then another within a tick would leave two equal coarse stamps, so
+/// these rare flows are stamped with the fine clock (at most a tick ahead
+/// of the coarse one, which counts as idle 0).
+#[inline(always)]
+fn stamp(flags: u32, now: u64) -> u64 {
+    if flags & FLOW_F_SHARED != 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        now
+    }
 }
 
 /// Looks up a client → VIP flow and applies the lifecycle rules to it.
@@ -81,7 +98,7 @@ pub fn touch(state: *mut FlowState, l4: &L4, now: u64) -> bool {
         if flags == (*state).flags && !shared && idle_ns(&*state, now) < TOUCH_INTERVAL_NS {
             return false;
         }
-        (*state).last_seen_ns = now;
+        (*state).last_seen_ns = stamp(flags, now);
         (*state).flags = flags;
     }
     true
@@ -93,7 +110,8 @@ pub fn touch(state: *mut FlowState, l4: &L4, now: u64) -> bool {
 #[inline(always)]
 pub fn pin(flow: &FlowKey, vip_id: u32, backend_id: u32, backend: &BackendInfo, l4: &L4, now: u64, previous: &Pinned) {
     let shared = if backend.flags & BACKEND_F_SHARED != 0 { FLOW_F_SHARED } else { 0 };
-    let state = FlowState { backend_id, vip_id, last_seen_ns: now, flags: flags_of(l4) | shared, _pad: 0 };
+    let state =
+        FlowState { backend_id, vip_id, last_seen_ns: stamp(shared, now), flags: flags_of(l4) | shared, _pad: 0 };
     if CONNTRACK.insert(flow, &state, 0).is_ok() {
         match previous {
             Pinned::None => stats::count_conntrack_event(conntrack_event::INSERTED),
