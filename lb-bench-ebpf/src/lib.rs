@@ -20,6 +20,18 @@ pub const VARY_V4_SOURCE: u32 = 1;
 /// the iteration counter.
 pub const VARY_V6_SOURCE: u32 = 2;
 
+/// `Frame::embryo`: leave lb_xdp's `EMBRYOS` alone.
+pub const EMBRYO_NONE: u32 = 0;
+/// `Frame::embryo`: after varying the source, write the varied 5-tuple's
+/// SYN into lb_xdp's `EMBRYOS` (shared with the wrapper), as if its SYN had
+/// just passed, so the frame (an ACK) is that flow's first ACK and enters
+/// the connection table.
+pub const EMBRYO_SEED: u32 = 1;
+/// How far back the seeded SYN is dated, in ns (about a second): within
+/// `EMBRYO_TIMEOUT_NS` whichever clock `lb_xdp` reads, and never in its
+/// future (a SYN from the future would not match).
+pub const EMBRYO_AGE_NS: u64 = 1 << 30;
+
 /// First source port a varied IPv4 flow uses; ports below it are skipped.
 pub const V4_FIRST_PORT: u32 = 1024;
 /// Source ports per varied IPv4 source address.
@@ -31,6 +43,10 @@ pub const V4_SRC_ADDR_OFFSET: usize = 14 + 12;
 pub const V4_SRC_PORT_OFFSET: usize = 14 + 20;
 /// The last 4 bytes of the IPv6 source address.
 pub const V6_SRC_ADDR_LOW_OFFSET: usize = 14 + 8 + 12;
+/// The IPv4 header, and the ports after it (no options).
+pub const V4_IP_OFFSET: usize = 14;
+/// The IPv6 header, and the ports after its 40 bytes.
+pub const V6_IP_OFFSET: usize = 14;
 
 /// Value of the wrapper's `FRAME` map (one entry): the frame as it must be
 /// at the start of every iteration.
@@ -45,7 +61,8 @@ pub struct Frame {
     /// array entry rather than a per-CPU one, so that runs landing on
     /// different CPUs still never repeat a flow (one test run at a time).
     pub counter: u32,
-    pub _pad: u32,
+    /// `EMBRYO_*`: whether to seed lb_xdp's `EMBRYOS` for the varied flow.
+    pub embryo: u32,
     pub bytes: [u8; FRAME_MAX],
 }
 const _: () = assert!(core::mem::size_of::<Frame>() == 16 + FRAME_MAX);

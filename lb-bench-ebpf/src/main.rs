@@ -7,7 +7,11 @@
 //! later iteration would measure another path (a rewritten frame is no
 //! longer for the VIP). [`lb_xdp_bench_restore`] copies the original frame
 //! back at the start of each iteration, optionally makes it a new flow, and
-//! tail-calls the program under test. Its own cost is measured by pointing
+//! tail-calls the program under test. For a flow's first ACK it also writes
+//! that flow's SYN into `lb_xdp`'s `EMBRYOS` (the wrapper's `EMBRYOS` is
+//! that map: `lb-bench` pins `lb_xdp`'s and loads the wrapper onto the
+//! pin), so every iteration is a first ACK that really enters the table.
+//! Its own cost is measured by pointing
 //! the tail call at [`lb_xdp_bench_verdict`], which only returns a verdict,
 //! and subtracted; the same program run directly is the floor.
 #![no_std]
@@ -15,15 +19,16 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::bpf_xdp_store_bytes,
+    helpers::{bpf_ktime_get_ns, generated::bpf_xdp_store_bytes},
     macros::{map, xdp},
     maps::{Array, ProgramArray},
     programs::XdpContext,
 };
 use lb_bench_ebpf::{
-    FRAME_MAX, Frame, V4_SRC_ADDR_OFFSET, V4_SRC_PORT_OFFSET, V6_SRC_ADDR_LOW_OFFSET, VARY_V4_SOURCE, VARY_V6_SOURCE,
-    v4_source,
+    EMBRYO_AGE_NS, EMBRYO_SEED, FRAME_MAX, Frame, V4_IP_OFFSET, V4_SRC_ADDR_OFFSET, V4_SRC_PORT_OFFSET, V6_IP_OFFSET,
+    V6_SRC_ADDR_LOW_OFFSET, VARY_V4_SOURCE, VARY_V6_SOURCE, v4_source,
 };
+use lb_common::{FAMILY_V4, FAMILY_V6, embryo, flow::FlowKey, limits::EMBRYO_SLOTS};
 // The panic handler: a reachable panic fails the load.
 use lb_ebpf_panic as _;
 
@@ -36,6 +41,11 @@ static FRAME: Array<Frame> = Array::with_max_entries(1, 0);
 /// measure the wrapper itself. Written by `lb-bench`.
 #[map]
 static TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// `lb_xdp`'s `EMBRYOS` (loaded onto its pin by `lb-bench`; see
+/// `lb_common::embryo`). Written by the wrapper for first-ACK cases only.
+#[map]
+static EMBRYOS: Array<u64> = Array::with_max_entries(EMBRYO_SLOTS, 0);
 
 /// Restores the frame, then tail-calls `TARGET[0]`. Returns XDP_ABORTED
 /// only if it could not, which `lb-bench` treats as a failed measurement.
@@ -76,20 +86,88 @@ fn try_restore(ctx: &XdpContext) -> Result<(), ()> {
     // one test run at a time uses this map.
     let counter = unsafe { (*frame).counter };
     unsafe { (*frame).counter = counter.wrapping_add(1) };
-    // SAFETY: one read of the map value.
-    match unsafe { (*frame).vary } {
+    // SAFETY: one read of each of the map value's fields.
+    let (vary, seed) = unsafe { ((*frame).vary, (*frame).embryo == EMBRYO_SEED) };
+    match vary {
         VARY_V4_SOURCE => {
             let (addr, port) = v4_source(counter);
             store(ctx, V4_SRC_ADDR_OFFSET, addr.to_be_bytes())?;
             store(ctx, V4_SRC_PORT_OFFSET, port.to_be_bytes())?;
+            if seed {
+                seed_embryo(&v4_flow(ctx)?)?;
+            }
         }
-        VARY_V6_SOURCE => store(ctx, V6_SRC_ADDR_LOW_OFFSET, counter.to_be_bytes())?,
+        VARY_V6_SOURCE => {
+            store(ctx, V6_SRC_ADDR_LOW_OFFSET, counter.to_be_bytes())?;
+            if seed {
+                seed_embryo(&v6_flow(ctx)?)?;
+            }
+        }
         _ => {}
     }
     // The L4 checksum now disagrees with the varied source; `lb_xdp` never
     // verifies checksums (it updates them incrementally), so it takes the
     // same path as for a correct one.
     Ok(())
+}
+
+/// Writes the SYN of `flow` into its `EMBRYOS` slot, dated
+/// `EMBRYO_AGE_NS` ago, exactly as `lb_xdp` writes a SYN it forwards.
+#[inline(always)]
+fn seed_embryo(flow: &FlowKey) -> Result<(), ()> {
+    let slot = EMBRYOS.get_ptr_mut(embryo::slot(flow)).ok_or(())?;
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a valid map value; one test run at a time.
+    unsafe { *slot = embryo::entry(flow, now.wrapping_sub(EMBRYO_AGE_NS)) };
+    Ok(())
+}
+
+/// The 5-tuple of the IPv4 frame (no options) as `lb_xdp` keys it.
+#[inline(always)]
+fn v4_flow(ctx: &XdpContext) -> Result<FlowKey, ()> {
+    let ip: [u8; 24] = load(ctx, V4_IP_OFFSET)?;
+    Ok(FlowKey {
+        src_be: [word(&ip, 12), 0, 0, 0],
+        dst_be: [word(&ip, 16), 0, 0, 0],
+        src_port_be: u16::from_ne_bytes([ip[20], ip[21]]),
+        dst_port_be: u16::from_ne_bytes([ip[22], ip[23]]),
+        proto: ip[9],
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    })
+}
+
+/// The 5-tuple of the IPv6 frame (no extension headers) as `lb_xdp` keys it.
+#[inline(always)]
+fn v6_flow(ctx: &XdpContext) -> Result<FlowKey, ()> {
+    let ip: [u8; 44] = load(ctx, V6_IP_OFFSET)?;
+    Ok(FlowKey {
+        src_be: [word(&ip, 8), word(&ip, 12), word(&ip, 16), word(&ip, 20)],
+        dst_be: [word(&ip, 24), word(&ip, 28), word(&ip, 32), word(&ip, 36)],
+        src_port_be: u16::from_ne_bytes([ip[40], ip[41]]),
+        dst_port_be: u16::from_ne_bytes([ip[42], ip[43]]),
+        proto: ip[6],
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    })
+}
+
+/// The 4 bytes at `at`, as the program reads an address word off the wire.
+#[inline(always)]
+fn word<const N: usize>(bytes: &[u8; N], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// `N` bytes at `offset` of the packet, bounds-checked.
+#[inline(always)]
+fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<[u8; N], ()> {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
+        return Err(());
+    }
+    // SAFETY: within the packet, checked just above.
+    Ok(unsafe { ((start + offset) as *const [u8; N]).read_unaligned() })
 }
 
 /// Writes `bytes` at `offset` of the packet, bounds-checked.

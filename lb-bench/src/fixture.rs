@@ -2,7 +2,10 @@
 //! network namespace, `lb_xdp` loaded and filled by the agent's own control
 //! plane, and the wrapper programs of `lb-bench-ebpf`.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail, ensure};
 use aya::{
@@ -15,7 +18,7 @@ use lb::{
     control::balancer::Balancer,
     dataplane::{LoadOptions, Maps, Program},
 };
-use lb_bench_ebpf::{FRAME_MAX, Frame};
+use lb_bench_ebpf::{EMBRYO_NONE, EMBRYO_SEED, FRAME_MAX, Frame};
 use lb_common::{
     flow::{FlowKey, FlowState},
     map_names,
@@ -248,13 +251,38 @@ impl Lb {
     /// # Errors
     /// When the program's maps cannot be found or opened.
     pub fn table_entries(&mut self) -> anyhow::Result<u64> {
+        count_keys::<FlowState>(self.map_id(map_names::CONNTRACK)?)
+    }
+
+    /// Zeroes `DIRECT_SEEN` for the benchmark's backends: after a plain
+    /// `repeat` whose rewritten frames went on as a direct flow to a backend
+    /// (client → backend service), so that no later case pays for the
+    /// checks a recent direct flow forces on new flows and replies of that
+    /// backend. Its `DIRECT_FLOWS` entries stay, unread while the backend
+    /// has no recent direct flow.
+    ///
+    /// # Errors
+    /// When the map cannot be found or written.
+    pub fn forget_direct_flows(&mut self) -> anyhow::Result<()> {
+        let id = self.map_id(map_names::DIRECT_SEEN)?;
+        let mut seen = Array::<_, u64>::try_from(Map::Array(MapData::from_id(id)?))?;
+        // Backend ids count from 1 in config order: 4 VIPs of BACKENDS
+        // each, far below this bound.
+        for backend_id in 0..256 {
+            seen.set(backend_id, 0, 0).context("zeroing DIRECT_SEEN")?;
+        }
+        Ok(())
+    }
+
+    /// The id of the program's map `name`.
+    fn map_id(&mut self, name: &str) -> anyhow::Result<u32> {
         let ids = self.program.xdp()?.info()?.map_ids()?.context("the kernel does not list a program's maps")?;
         for id in ids {
-            if MapInfo::from_id(id)?.name_as_str() == Some(map_names::CONNTRACK) {
-                return count_keys::<FlowState>(id);
+            if MapInfo::from_id(id)?.name_as_str() == Some(name) {
+                return Ok(id);
             }
         }
-        anyhow::bail!("lb_xdp has no CONNTRACK")
+        bail!("lb_xdp has no map {name}")
     }
 
     /// The program's file descriptor, for the wrapper's tail call.
@@ -290,6 +318,42 @@ pub struct Sample {
 
 const FRAME_SIZE: usize = size_of::<Frame>();
 
+/// A bpffs instance of this process's own, mounted on a fresh directory
+/// under the system's temporary directory: where `lb_xdp`'s `EMBRYOS` is
+/// pinned for the moment it takes to load the wrapper onto it (aya 0.14
+/// can reuse an existing map only through a pin). Unmounted and removed
+/// when dropped.
+pub struct BpfFs {
+    dir: PathBuf,
+}
+
+impl BpfFs {
+    /// Mounts it.
+    ///
+    /// # Errors
+    /// When the directory cannot be made or the mount fails.
+    pub fn mount() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lb-bench-bpffs-{}", std::process::id()));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let fs = Self { dir };
+        let target = std::ffi::CString::new(fs.dir.as_os_str().as_encoded_bytes()).context("bpffs path")?;
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+        ensure!(rc == 0, "mounting a bpffs on {}: {}", fs.dir.display(), std::io::Error::last_os_error());
+        Ok(fs)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        if let Ok(target) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid C string. Fails harmlessly if never mounted.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// The wrapper and floor programs with their maps.
 pub struct Wrapper {
     ebpf: Ebpf,
@@ -298,12 +362,24 @@ pub struct Wrapper {
 }
 
 impl Wrapper {
-    /// Loads both programs through the verifier.
+    /// Loads both programs through the verifier, the wrapper's `EMBRYOS`
+    /// being `lb`'s (pinned in `fs` for the load, unpinned after), so the
+    /// wrapper can seed `lb`'s SYNs for first-ACK cases.
     ///
     /// # Errors
-    /// When the object is refused.
-    pub fn load() -> anyhow::Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT).context("loading lb-bench-ebpf")?;
+    /// When the object is refused or the map cannot be shared.
+    pub fn load(lb: &mut Lb, fs: &BpfFs) -> anyhow::Result<Self> {
+        let pin = fs.dir.join(map_names::EMBRYOS);
+        MapData::from_id(lb.map_id(map_names::EMBRYOS)?)?
+            .pin(&pin)
+            .with_context(|| format!("pinning lb_xdp's EMBRYOS at {}", pin.display()))?;
+        let loaded = EbpfLoader::new()
+            .map_pin_path(map_names::EMBRYOS, pin.as_path())
+            .load(BENCH_OBJECT)
+            .context("loading lb-bench-ebpf");
+        // The pin only served the load: the map lives on in both programs.
+        std::fs::remove_file(&pin).with_context(|| format!("removing the pin {}", pin.display()))?;
+        let mut ebpf = loaded?;
         for name in [RESTORE_PROGRAM, VERDICT_PROGRAM] {
             program(&mut ebpf, name)?.load().with_context(|| format!("the kernel refused {name}"))?;
         }
@@ -312,12 +388,13 @@ impl Wrapper {
         Ok(Self { ebpf, frame, target })
     }
 
-    /// Sets the frame every iteration starts from, and how it varies; the
+    /// Sets the frame every iteration starts from, how it varies, and
+    /// whether each varied flow's SYN is seeded first (`first_ack`); the
     /// iteration counter carries on, so no run repeats an earlier flow.
     ///
     /// # Errors
     /// When the frame is too long or the map write fails.
-    pub fn set_frame(&mut self, bytes: &[u8], vary: u32) -> anyhow::Result<()> {
+    pub fn set_frame(&mut self, bytes: &[u8], vary: u32, first_ack: bool) -> anyhow::Result<()> {
         ensure!(
             !bytes.is_empty() && bytes.len() <= FRAME_MAX,
             "frame of {} bytes does not fit the wrapper",
@@ -327,6 +404,7 @@ impl Wrapper {
         let mut frame: Frame = bytemuck::pod_read_unaligned(&raw);
         frame.len = u32::try_from(bytes.len())?;
         frame.vary = vary;
+        frame.embryo = if first_ack { EMBRYO_SEED } else { EMBRYO_NONE };
         frame.bytes = [0; FRAME_MAX];
         frame.bytes[..bytes.len()].copy_from_slice(bytes);
         let raw: [u8; FRAME_SIZE] = bytemuck::bytes_of(&frame).try_into()?;

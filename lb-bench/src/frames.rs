@@ -106,6 +106,9 @@ pub struct Tuple {
 pub enum Segment {
     /// A connection's first segment, no payload.
     Syn,
+    /// The client's ACK that ends the handshake, no payload: the segment at
+    /// which a flow enters the connection table.
+    Ack,
     /// ACK and PSH with [`PAYLOAD`].
     Data,
 }
@@ -121,6 +124,7 @@ pub fn tcp(src_mac: [u8; 6], dst_mac: [u8; 6], tuple: Tuple, segment: Segment) -
     let b = ip.tcp(tuple.sport, tuple.dport, 1000, 64240);
     let (b, payload) = match segment {
         Segment::Syn => (b.syn(), &[][..]),
+        Segment::Ack => (b.ack(2000), &[][..]),
         Segment::Data => (b.ack(2000).psh(), PAYLOAD),
     };
     let mut out = Vec::new();

@@ -160,7 +160,8 @@ fn flow_key(src: u32, sport: u16, dst: u32, dport: u16) -> FlowKey {
     FlowKey::new((Ipv4Addr::from(src), sport).into(), (Ipv4Addr::from(dst), dport).into(), PROTO_TCP)
 }
 
-/// CLOCK_MONOTONIC now, the clock `bpf_ktime_get_ns` reads: the flows look
+/// CLOCK_MONOTONIC now: at most a tick ahead of the coarse clock the program
+/// reads (`bpf_ktime_get_coarse_ns`), which counts as idle 0: the flows look
 /// freshly active to the program.
 fn monotonic_ns() -> anyhow::Result<u64> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

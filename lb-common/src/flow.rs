@@ -36,7 +36,7 @@ pub struct FlowState {
     /// VIP id; an index into `VIP_STATS`.
     pub vip_id: u32,
     /// When a packet of the flow, either direction, was last seen:
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC), refreshed at most once per
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE), refreshed at most once per
     /// `timeouts::TOUCH_INTERVAL_NS`.
     pub last_seen_ns: u64,
     /// `FLOW_F_*` bits.

@@ -41,7 +41,7 @@ pub struct FragState {
     /// `FRAG_REWRITE_*`: which address `addr_be` replaces.
     pub rewrite: u32,
     pub _pad: u32,
-    /// When the first fragment was balanced (`bpf_ktime_get_ns`).
+    /// When the first fragment was balanced (CLOCK_MONOTONIC_COARSE).
     pub first_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<FragState>() == 40);

@@ -5,7 +5,7 @@
 //! state), refreshes its flow's one entry, and is dropped if that entry
 //! names another backend by now.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::{
     backend::{BACKEND_F_SHARED, BackendInfo},
     flow::{FLOW_F_CLOSING, FLOW_F_COUNTED, FLOW_F_SHARED, FlowKey, FlowState, ReplyNat},
@@ -32,11 +32,33 @@ pub enum Pinned {
     Ended(u32),
 }
 
-/// The clock `last_seen_ns` is kept in (CLOCK_MONOTONIC).
+/// The clock every timestamp of the data path is kept in:
+/// CLOCK_MONOTONIC_COARSE, which lags CLOCK_MONOTONIC by at most a tick
+/// (4 ms at HZ=250). Every timeout it serves is a second or more (the
+/// embryo's clock counts in ms units), and it is read on every balanced
+/// packet: the coarse clock reads the last tick's time instead of the TSC,
+/// and the bench measured it cheaper (see BENCHMARKS.md).
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The time a flow's entry is stamped with at `now`: `now`, except for a
+/// flow to a service several VIPs share (`FLOW_F_SHARED`), whose replies
+/// go back from the VIP of the most recently active of its client's flows
+/// (`guard::shared_call` compares their stamps): a client that asks one VIP
+/// and then another within a tick would leave two equal coarse stamps, so
+/// these rare flows are stamped with the fine clock (at most a tick ahead
+/// of the coarse one, which counts as idle 0).
+#[inline(always)]
+fn stamp(flags: u32, now: u64) -> u64 {
+    if flags & FLOW_F_SHARED != 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        now
+    }
 }
 
 /// Looks up a client → VIP flow and applies the lifecycle rules to it.
@@ -78,7 +100,7 @@ pub fn touch(state: *mut FlowState, flow: &FlowKey, l4: &L4, now: u64) -> bool {
         if flags == old && !shared && idle_ns(&*state, now) < TOUCH_INTERVAL_NS {
             return false;
         }
-        (*state).last_seen_ns = now;
+        (*state).last_seen_ns = stamp(flags, now);
         (*state).flags = flags;
         if flags != old && old & (FLOW_F_CLOSING | FLOW_F_COUNTED) == FLOW_F_COUNTED {
             client_limits::closed(flow, (*state).vip_id);
@@ -108,7 +130,7 @@ pub fn pin(
     let closing = flags_of(l4);
     let counted = limited && closing == 0;
     let flags = closing | shared | if counted { FLOW_F_COUNTED } else { 0 };
-    let state = FlowState { backend_id, vip_id, last_seen_ns: now, flags, _pad: 0 };
+    let state = FlowState { backend_id, vip_id, last_seen_ns: stamp(shared, now), flags, _pad: 0 };
     if CONNTRACK.insert(flow, &state, 0).is_ok() {
         match previous {
             Pinned::None => stats::count_conntrack_event(conntrack_event::INSERTED),

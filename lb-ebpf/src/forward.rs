@@ -48,7 +48,7 @@ pub struct Plan {
     pub addr_be: [u32; 4],
     /// Where a "too big" answer comes from: the address the sender used.
     pub icmp_from_be: [u32; 4],
-    /// `bpf_ktime_get_ns` of this packet.
+    /// `conntrack::now_ns` of this packet.
     pub now: u64,
     /// Counted when the packet is redirected.
     pub redirect_reason: u32,

@@ -128,7 +128,7 @@ pub struct NextHop {
     pub _pad: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// `bpf_ktime_get_ns` when asked.
+    /// `conntrack::now_ns` when asked.
     pub refreshed_ns: u64,
 }
 
@@ -148,7 +148,7 @@ pub struct NextHopScratch {
 }
 
 /// Backend id → when a direct flow to its service last passed
-/// (`bpf_ktime_get_ns`; 0: never). The fast path leaves replies of a backend
+/// (`conntrack::now_ns`; 0: never). The fast path leaves replies of a backend
 /// with a recent one to the pipeline (see `fast`). Written here only.
 #[map]
 pub static DIRECT_SEEN: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -1073,11 +1073,13 @@ fn backend_without_neighbour_entry_goes_to_the_kernel_rewritten() {
 
 // ---------------------------------------------------------------- connection-table lifecycle
 
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC_COARSE in ns: the clock the program reads
+/// (`bpf_ktime_get_coarse_ns`), so "stamped after `before`" holds exactly
+/// (CLOCK_MONOTONIC runs up to a tick ahead of it).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid timespec to fill.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime");
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
