@@ -149,7 +149,7 @@ fn announce(state: &Mutex<AgentState>, announcer: Option<&mut Announcer>) {
 /// send the traffic to other gateways before this one stops forwarding.
 async fn withdraw_before_stopping(announcer: &mut Announcer) {
     match announcer.withdraw_all() {
-        Ok(removed) if removed.is_empty() => return,
+        Ok(removed) if removed.is_empty() => {}
         Ok(removed) => {
             let delay = announcer.withdraw_delay();
             tracing::info!(addresses = removed.len(), ?delay, "withdrawn; waiting for the routers before stopping");
