@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use crate::{
+    announce::{self, Announcer},
     api::{
         self, Status, StatusSource,
         status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic, VerdictCount, VipStatus},
@@ -78,6 +79,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%interface, ?mode, "attached");
     }
 
+    let mut announcer =
+        config.announce.map(Announcer::start).transpose().context("announce: reading the routing table")?;
     let mut health = HealthChecks::new(probes);
     health.follow(checkers);
     tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
@@ -89,8 +92,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut recount = tokio::time::interval(CLIENT_RECOUNT_INTERVAL);
     loop {
         tokio::select! {
-            Some(event) = health.next() => apply_health(&state, event),
-            _ = local_refresh.tick() => refresh_local_addresses(&state),
+            Some(event) = health.next() => {
+                apply_health(&state, event);
+                announce(&state, announcer.as_mut());
+            }
+            _ = local_refresh.tick() => {
+                refresh_local_addresses(&state);
+                // Also retries a route write that failed.
+                announce(&state, announcer.as_mut());
+            }
             _ = recount.tick() => recount_clients(&state),
             _ = sighup.recv() => {
                 if let Some(new) = reload_config(&config, &state) {
@@ -99,15 +109,54 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     if let Ok(wanted) = wanted {
                         health.follow(wanted);
                     }
+                    announce(&state, announcer.as_mut());
                 }
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
         }
     }
+    if let Some(announcer) = announcer.as_mut() {
+        withdraw_before_stopping(announcer).await;
+    }
     health.stop_all();
     program.detach_all();
     Ok(())
+}
+
+/// Brings the announced VIP routes in line with what the VIPs serve now.
+/// A failed write is logged; the next call retries it.
+fn announce(state: &Mutex<AgentState>, announcer: Option<&mut Announcer>) {
+    let Some(announcer) = announcer else { return };
+    let Ok(wanted) = state.lock().map(|guard| announce::wanted(&guard.balancer)) else { return };
+    if &wanted == announcer.announced() {
+        return;
+    }
+    match announcer.sync(&wanted) {
+        Ok((added, removed)) => {
+            for addr in added {
+                tracing::info!(%addr, "announced: a VIP on it has a serving backend");
+            }
+            for addr in removed {
+                tracing::info!(%addr, "withdrawn: no VIP on it has a serving backend");
+            }
+        }
+        Err(error) => tracing::warn!(error = %format!("{error:#}"), "announce: a route write failed; retrying"),
+    }
+}
+
+/// Withdraws every VIP route, then waits `withdraw_delay` so the routers
+/// send the traffic to other gateways before this one stops forwarding.
+async fn withdraw_before_stopping(announcer: &mut Announcer) {
+    match announcer.withdraw_all() {
+        Ok(removed) if removed.is_empty() => {}
+        Ok(removed) => {
+            let delay = announcer.withdraw_delay();
+            tracing::info!(addresses = removed.len(), ?delay, "withdrawn; waiting for the routers before stopping");
+            tokio::time::sleep(delay).await;
+        }
+        Err(error) => tracing::warn!(error = %format!("{error:#}"), "announce: withdrawing failed"),
+    }
 }
 
 /// How often the agent recounts the flows of clients of VIPs with

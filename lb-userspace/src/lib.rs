@@ -7,9 +7,11 @@
 //! - [`descriptors`]: the file descriptor limit, raised and split so probes
 //!   always have sockets.
 //! - [`api`] and [`metrics`]: `/status` and `/metrics`.
+//! - [`announce`]: VIP routes for a routing daemon to announce (`[announce]`).
 //! - [`agent`] and [`cli`]: `lb run` and the other subcommands.
 
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;

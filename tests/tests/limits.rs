@@ -23,9 +23,15 @@ const SECOND_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 50);
 /// The testbed's client.
 const FIRST_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 
+/// Health checks that a loaded 2-core machine does not fail: a backend
+/// marked down would refuse connections too (no backend), which is not
+/// what these tests measure.
+const PATIENT: HealthCheck =
+    HealthCheck { interval: Duration::from_secs(1), timeout: Duration::from_secs(1), rise: 2, fall: 5 };
+
 /// The testbed's config with `limits` (lines of `[vip.limits]`) on the web VIP.
 fn config_with_limits(testbed: &Testbed, limits: &str) -> String {
-    let config = config_for(testbed, HealthCheck::default());
+    let config = config_for(testbed, PATIENT);
     // The web VIP comes first; its section is followed by its health check.
     config.replacen("[vip.health_check]", &format!("[vip.limits]\n{limits}\n\n[vip.health_check]"), 1)
 }
@@ -118,6 +124,8 @@ fn a_client_at_five_times_its_rate_is_held_to_it_and_another_is_untouched() {
             })
         })
         .expect("entering the client namespace");
+    // Every refusal is the limiter's (not, say, a backend marked down).
+    assert_eq!(limited_metric(&agent, "new_connections_per_second"), u64::from(fast.1), "refusals not by the limit");
     // 20/s over 10 s plus the burst of 5; within 5% of the rate.
     let (admitted, refused, other) = fast;
     assert!((195..=215).contains(&admitted), "fast client admitted {admitted} (refused {refused}, other {other:?})");
@@ -126,7 +134,6 @@ fn a_client_at_five_times_its_rate_is_held_to_it_and_another_is_untouched() {
     let (admitted, refused, other) = slow;
     assert_eq!((refused, other.len()), (0, 0), "the slow client was refused: {other:?} (admitted {admitted})");
     assert!(admitted >= 90, "slow client made only {admitted} attempts");
-    assert_eq!(limited_metric(&agent, "new_connections_per_second"), u64::from(fast.1), "every refusal counted");
 }
 
 #[test]

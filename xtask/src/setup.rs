@@ -36,6 +36,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "libnginx-mod-stream",
     "iperf3",
     "hping3",
+    // BIRD 2: the routing daemon that announces VIPs in the BGP tests (deploy/bird/).
+    "bird2",
     "iputils-ping",
     "linux-perf",
 ];
@@ -48,8 +50,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// to exercise the install path without replacing the real installation.
 const BPF_LINKER_ROOT_ENV: &str = "XTASK_BPF_LINKER_ROOT";
 
-/// Daemons that installing haproxy or nginx may start; setup stops the ones it started.
-const DAEMONS: &[&str] = &["haproxy", "nginx"];
+/// Daemons that installing haproxy, nginx or bird2 may start; setup stops the ones it started.
+const DAEMONS: &[&str] = &["haproxy", "nginx", "bird"];
 
 /// Where things are installed.
 #[derive(Debug, Clone, Default)]

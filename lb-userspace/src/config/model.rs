@@ -12,6 +12,8 @@ pub struct Config {
     /// Where it was read from, for error messages and reloads.
     pub source: PathBuf,
     pub agent: AgentConfig,
+    /// `[announce]`: announcing VIP addresses to routers, if set.
+    pub announce: Option<AnnounceConfig>,
     /// Virtual services, in file order.
     pub vips: Vec<VipConfig>,
 }
@@ -34,6 +36,18 @@ pub struct AgentConfig {
     /// VIPs, so a reload that adds or removes VIPs keeps the running value
     /// rather than asking for a restart.
     pub max_vips_set: bool,
+}
+
+/// `[announce]`: the agent keeps a route for each VIP address it serves in
+/// a kernel routing table of its own; a routing daemon (BIRD's kernel
+/// protocol) imports that table and announces the routes to the routers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    /// The table's number (not 253-255, the kernel's own).
+    pub routing_table: u32,
+    /// On shutdown, how long to wait after withdrawing before stopping, so
+    /// the routers move traffic elsewhere first.
+    pub withdraw_delay: Duration,
 }
 
 /// How the XDP program is attached.

@@ -17,8 +17,8 @@ use toml::Table;
 use super::{
     error::Problem,
     model::{
-        AgentConfig, BackendConfig, Cidr, Config, HealthCheckConfig, HealthCheckKind, LimitAction, LimitsConfig,
-        Protocol, Scheduler, StatusRange, VipConfig, XdpMode,
+        AgentConfig, AnnounceConfig, BackendConfig, Cidr, Config, HealthCheckConfig, HealthCheckKind, LimitAction,
+        LimitsConfig, Protocol, Scheduler, StatusRange, VipConfig, XdpMode,
     },
     table::Section,
 };
@@ -26,7 +26,8 @@ use crate::control::maglev::is_prime;
 
 type Result<T> = std::result::Result<T, Problem>;
 
-const TOP_KEYS: &[&str] = &["agent", "vip"];
+const TOP_KEYS: &[&str] = &["agent", "announce", "vip"];
+const ANNOUNCE_KEYS: &[&str] = &["routing_table", "withdraw_delay"];
 const AGENT_KEYS: &[&str] = &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
 const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "limits", "backend"];
 const LIMIT_KEYS: &[&str] =
@@ -54,6 +55,12 @@ pub const DEFAULT_EXPECT_STATUS: StatusRange = StatusRange { min: 200, max: 399 
 pub const MAX_LIMIT: u32 = 10_000_000;
 /// Most `limits.allow` prefixes per VIP.
 pub const MAX_ALLOW: usize = 256;
+/// How long a stopping agent waits between withdrawing its routes and
+/// stopping, unless `announce.withdraw_delay` says otherwise.
+pub const DEFAULT_WITHDRAW_DELAY: Duration = Duration::from_secs(2);
+const MAX_WITHDRAW_DELAY: Duration = Duration::from_secs(300);
+/// The kernel's default, main and local tables.
+const RESERVED_TABLES: [u32; 3] = [253, 254, 255];
 const INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
 
 /// Builds a validated config from the parsed file.
@@ -64,9 +71,11 @@ const INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Durati
 pub fn config(table: Table, source: &Path) -> Result<Config> {
     let mut top = Section::new("", table, TOP_KEYS);
     let agent = top.table("agent", AGENT_KEYS)?.ok_or_else(|| top.problem("agent", "missing ([agent] is required)"))?;
+    let announce = top.table("announce", ANNOUNCE_KEYS)?;
     let vip_sections = top.tables("vip", VIP_KEYS)?;
     top.finish()?;
     let agent = agent_settings(agent)?;
+    let announce = announce.map(announce_settings).transpose()?;
     if vip_sections.is_empty() {
         return Err(Problem::new("vip", "no [[vip]] configured; at least one is required"));
     }
@@ -76,7 +85,29 @@ pub fn config(table: Table, source: &Path) -> Result<Config> {
     let agent = agent.resolve(vips.len())?;
     check_backend_count(&vips)?;
     check_ring_fits_backends(agent.ring_size, &vips)?;
-    Ok(Config { source: source.to_owned(), agent, vips })
+    Ok(Config { source: source.to_owned(), agent, announce, vips })
+}
+
+/// `[announce]`: the kernel routing table the agent writes its VIP routes
+/// to, for BIRD (or another daemon) to export.
+fn announce_settings(mut s: Section) -> Result<AnnounceConfig> {
+    let routing_table = s.integer("routing_table", 1_u32, u32::MAX)?.ok_or_else(|| {
+        s.problem("routing_table", "missing: the kernel routing table (a number) BIRD's kernel protocol reads")
+    })?;
+    if RESERVED_TABLES.contains(&routing_table) {
+        return Err(s.problem(
+            "routing_table",
+            format!(
+                "{routing_table} is one of the kernel's own tables (253 default, 254 main, 255 local); pick another"
+            ),
+        ));
+    }
+    let withdraw_delay = duration(&mut s, "withdraw_delay")?.unwrap_or(DEFAULT_WITHDRAW_DELAY);
+    if withdraw_delay > MAX_WITHDRAW_DELAY {
+        return Err(s.problem("withdraw_delay", "at most 5 minutes"));
+    }
+    s.finish()?;
+    Ok(AnnounceConfig { routing_table, withdraw_delay })
 }
 
 /// `[agent]` as written, before `max_vips` is checked against the VIPs.

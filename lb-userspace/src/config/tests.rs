@@ -149,7 +149,7 @@ fn unreadable_files_say_so_once() {
 
 #[test]
 fn unknown_keys_are_errors_everywhere() {
-    rejects(&format!("{MINIMAL}\n[extra]\n"), "extra", "unknown key; expected one of: agent, vip");
+    rejects(&format!("{MINIMAL}\n[extra]\n"), "extra", "unknown key; expected one of: agent, announce, vip");
     rejects(&MINIMAL.replace("[agent]", "[agent]\ninterface = \"eth0\""), "agent.interface", "unknown key");
     rejects(&MINIMAL.replace("name = \"web\"", "name = \"web\"\nport = 80"), "vip[1] (web).port", "unknown key");
     rejects(&with_check("intervall = \"1s\""), "vip[1] (web).health_check.intervall", "unknown key");
@@ -791,4 +791,16 @@ fn limits_are_checked_with_their_keys() {
     );
     rejects(&with_limits("max_connections_per_client = 1\nallow = [\"198.18.9.0\"]"), &key("allow"), "not a prefix");
     rejects(&with_limits("max_connections_per_client = 1\nrate = 5"), &key("rate"), "unknown");
+}
+
+#[test]
+fn announce_is_optional_and_checked() {
+    assert_eq!(parse(MINIMAL).expect("valid").announce, None);
+    let with = |lines: &str| format!("{MINIMAL}\n[announce]\n{lines}\n");
+    let config = parse(&with("routing_table = 100")).expect("valid");
+    assert_eq!(config.announce, Some(AnnounceConfig { routing_table: 100, withdraw_delay: DEFAULT_WITHDRAW_DELAY }));
+    rejects(&with("withdraw_delay = \"1s\""), "announce.routing_table", "missing");
+    rejects(&with("routing_table = 254"), "announce.routing_table", "the kernel's own tables");
+    rejects(&with("routing_table = 100\nwithdraw_delay = \"1h\""), "announce.withdraw_delay", "at most 5 minutes");
+    rejects(&with("routing_table = 100\npeer = \"x\""), "announce.peer", "unknown key");
 }

@@ -173,6 +173,9 @@ pub fn reload(running: &Config, new: &Config) -> Result<Vec<Action>, Refusal> {
     if let Some(key) = changed_agent_key(&running.agent, &new.agent) {
         return Err(refuse(format!("agent.{key}"), "changed; changing it needs a restart".to_owned()));
     }
+    if running.announce != new.announce {
+        return Err(refuse("announce".to_owned(), "changed; changing it needs a restart".to_owned()));
+    }
     if let Some(reason) = max_vips_problem(&running.agent, new) {
         return Err(refuse("agent.max_vips".to_owned(), reason));
     }

@@ -90,6 +90,7 @@ fn config(ring_size: u32, vips: Vec<VipConfig>) -> Config {
             max_vips: 4,
             max_vips_set: true,
         },
+        announce: None,
         vips,
     }
 }
