@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_common::client_limits::{VipLimits, admit};
 use lb_tests::{
     Testbed,
     agent::{Agent, HealthCheck, config_for},
@@ -73,25 +74,53 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr) -> Attempt {
     }
 }
 
-/// Tallies of attempts paced at `per_second` from `from` for `duration`:
-/// (connected, refused, other failures). Connections close at once.
-fn paced_attempts(from: Ipv4Addr, to: SocketAddr, per_second: u32, duration: Duration) -> (u32, u32, Vec<String>) {
-    let (mut connected, mut refused, mut other) = (0, 0, Vec::new());
+/// What a run of attempts gave: counts, and when each attempt started.
+struct Tally {
+    connected: u32,
+    refused: u32,
+    other: Vec<String>,
+    /// Offsets of the attempts' starts from the first one.
+    starts: Vec<Duration>,
+}
+
+/// Attempts paced at `per_second` from `from` for `duration`, each closed
+/// at once.
+fn paced_attempts(from: Ipv4Addr, to: SocketAddr, per_second: u32, duration: Duration) -> Tally {
+    let mut tally = Tally { connected: 0, refused: 0, other: Vec::new(), starts: Vec::new() };
     let started = Instant::now();
     let gap = Duration::from_secs(1) / per_second;
     let mut next = started;
     while next < started + duration {
+        tally.starts.push(started.elapsed());
         match connect_from(from, to) {
-            Attempt::Connected => connected += 1,
-            Attempt::Refused => refused += 1,
-            Attempt::Other(e) => other.push(e),
+            Attempt::Connected => tally.connected += 1,
+            Attempt::Refused => tally.refused += 1,
+            Attempt::Other(e) => tally.other.push(e),
         }
         next += gap;
         if let Some(wait) = next.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
     }
-    (connected, refused, other)
+    tally
+}
+
+/// How many of attempts starting at `starts` a bucket of `rate` and `burst`
+/// admits, by the data path's own arithmetic (`client_limits::admit`). On
+/// a loaded machine the client stalls, and a bucket never banks more than
+/// its burst, so fewer than rate × time get through; this is the number
+/// that should.
+fn modelled_admissions(starts: &[Duration], rate: u32, burst: u32) -> u32 {
+    let limits = VipLimits::new(rate, burst, 0, 32, 0);
+    let (mut next, mut admitted) = (0u64, 0);
+    for start in starts {
+        let now = 1_000_000_000 + u64::try_from(start.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(n) = admit(next, now, &limits) {
+            next = n;
+            admitted += 1;
+        }
+    }
+    admitted
 }
 
 /// `lb_limited_total` for the web VIP and `limit`, from `/metrics`.
@@ -124,16 +153,28 @@ fn a_client_at_five_times_its_rate_is_held_to_it_and_another_is_untouched() {
             })
         })
         .expect("entering the client namespace");
-    // Every refusal is the limiter's (not, say, a backend marked down).
-    assert_eq!(limited_metric(&agent, "new_connections_per_second"), u64::from(fast.1), "refusals not by the limit");
-    // 20/s over 10 s plus the burst of 5; within 5% of the rate.
-    let (admitted, refused, other) = fast;
-    assert!((195..=215).contains(&admitted), "fast client admitted {admitted} (refused {refused}, other {other:?})");
-    assert!(refused > 500, "fast client refused only {refused}");
-    assert!(other.is_empty(), "fast client: {other:?}");
-    let (admitted, refused, other) = slow;
-    assert_eq!((refused, other.len()), (0, 0), "the slow client was refused: {other:?} (admitted {admitted})");
-    assert!(admitted >= 90, "slow client made only {admitted} attempts");
+    // Every refusal is the limiter's (not, say, a backend marked down), and
+    // counted; the count may be higher by SYNs resent after a lost answer.
+    assert_eq!(agent.verdict("tx_rst_no_backend"), 0, "a backend went down during the test");
+    let counted = limited_metric(&agent, "new_connections_per_second");
+    assert!(counted >= u64::from(fast.refused), "{counted} refusals counted, {} seen", fast.refused);
+    // Never over the limit: 20/s over 10 s plus the burst of 5, +5%.
+    let within = |n: u32, of: u32| n.abs_diff(of) <= of / 20 + 2;
+    assert!(fast.connected <= 215, "fast client admitted {} of {}", fast.connected, fast.starts.len());
+    // And as many as the bucket allows for the attempts as they were made
+    // (205 when the client kept its pace), within 5%.
+    let modelled = modelled_admissions(&fast.starts, 20, 5);
+    assert!(
+        within(fast.connected, modelled),
+        "fast client admitted {}, the bucket allows {modelled} (refused {}, other {:?})",
+        fast.connected,
+        fast.refused,
+        fast.other
+    );
+    assert!(fast.other.len() <= 3, "fast client: {:?}", fast.other);
+    eprintln!("fast client: {} of {} admitted, modelled {modelled}", fast.connected, fast.starts.len());
+    assert_eq!((slow.refused, slow.other.len()), (0, 0), "the slow client was refused: {:?}", slow.other);
+    assert!(slow.connected >= 90, "slow client made only {} attempts", slow.connected);
 }
 
 #[test]
