@@ -24,9 +24,12 @@ use crate::{
         balancer::{Balancer, VipView},
         plan,
     },
-    dataplane::{LoadOptions, Maps, Program},
+    dataplane::{
+        Attached, LoadOptions, Maps, Program,
+        pins::{self, Inspection, PinDir},
+    },
     descriptors,
-    health::{self, HealthEvent, ProbePool},
+    health::{self, Health, HealthEvent, ProbePool},
     host,
 };
 
@@ -40,23 +43,133 @@ struct AgentState {
     probes: ProbePool,
 }
 
-/// Runs the agent until SIGINT or SIGTERM, then detaches. SIGHUP reloads the
-/// config file (see [`plan`]).
+/// How `lb run` treats the pinned data path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Remove the program, its links and pins on the way out (the old
+    /// behaviour): the data path stops with the agent.
+    pub unload_on_exit: bool,
+}
+
+/// Runs the agent until SIGINT or SIGTERM. SIGHUP reloads the config file
+/// (see [`plan`]).
+///
+/// The program's links and maps are pinned in `agent.pin_dir`: the data
+/// path outlives the agent, and a later agent adopts it (see
+/// [`crate::dataplane::pins`] and `Balancer::adopt`). On SIGTERM it stays
+/// attached, forwarding on its last state, unless
+/// [`RunOptions::unload_on_exit`].
 ///
 /// # Errors
-/// When the program cannot be loaded or attached, or the admin address
-/// cannot be bound; nothing stays attached in that case.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// When the pinned state has another layout, the program cannot be loaded
+/// or attached, or the admin address cannot be bound. A fresh start leaves
+/// nothing pinned or attached then; an adopting one leaves the data path as
+/// it found it (forwarding on its last state).
+pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let fd_limit = raise_descriptor_limit();
-    let mut program = Program::load(&LoadOptions {
+    let load = LoadOptions {
         ring_size: config.agent.ring_size,
         max_vips: config.agent.max_vips,
         conntrack_capacity: config.agent.conntrack_capacity,
-    })
-    .context("loading the XDP program")?;
+    };
+    let pin_dir = config.agent.pin_dir.clone();
+    let pins = PinDir::open(&pin_dir).with_context(|| format!("agent.pin_dir: {}", pin_dir.display()))?;
+    let adopt = decide_adoption(&pins, &load)?;
+    let started = start(&config, &load, &pins, adopt, fd_limit).await;
+    let (mut program, state, admin, checkers) = match started {
+        Ok(parts) => parts,
+        Err(error) => {
+            if !adopt {
+                // A fresh start that failed leaves nothing behind.
+                let _ = pins.clear();
+            }
+            return Err(error);
+        }
+    };
+    let _admin = admin;
+    let probes = state.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?.probes.clone();
+    let mut health = HealthChecks::new(probes);
+    health.follow(checkers);
+    tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, adopted = adopt, "running");
+
+    let stop = follow_events(config, &state, &mut health).await?;
+    health.stop_all();
+    if opts.unload_on_exit {
+        program.detach_all();
+        drop(program);
+        let detached = pins.remove().context("removing the pinned data path")?;
+        tracing::info!(?detached, "{stop}: unloaded (--unload-on-exit): program, links and pins removed");
+    } else {
+        tracing::info!(
+            pin_dir = %pin_dir.display(),
+            "{stop}: stopping; the data path stays attached and forwards on its last state \
+             (no health checks until an agent runs again; `lb unload` removes it)"
+        );
+    }
+    Ok(())
+}
+
+/// Whether to adopt what `pins` holds: yes when it matches this binary,
+/// no when nothing is pinned (or only state no link uses, which is cleared).
+fn decide_adoption(pins: &PinDir, load: &LoadOptions) -> anyhow::Result<bool> {
+    let dir = pins.path().display();
+    match pins.inspect(load).with_context(|| format!("inspecting {dir}"))? {
+        Inspection::Empty => Ok(false),
+        Inspection::Matches { links } => {
+            tracing::info!(pin_dir = %dir, ?links, "adopting the pinned data path");
+            Ok(true)
+        }
+        Inspection::Differs { differences, links } if links.is_empty() => {
+            tracing::warn!(
+                pin_dir = %dir, ?differences,
+                "clearing pinned maps of another layout: no link uses them, so nothing forwards on them"
+            );
+            pins.clear().with_context(|| format!("clearing {dir}"))?;
+            Ok(false)
+        }
+        Inspection::Differs { differences, links } => anyhow::bail!(
+            "the data path pinned at {dir} (attached to {}) has another layout than this lb, which refuses to \
+             adopt it rather than misread it:\n  {}\nIt keeps forwarding on its last state. To replace it, run \
+             `lb unload --pin-dir {dir}` and start again: that detaches it and loses the connection table, so \
+             established connections are balanced anew (and may be reset).",
+            links.join(", "),
+            differences.join("\n  ")
+        ),
+    }
+}
+
+/// What [`start`] hands to the event loop.
+type Started = (Program, Arc<Mutex<AgentState>>, tokio::task::JoinHandle<()>, Checkers);
+
+/// Loads (pinned), fills or adopts the maps, serves the admin API and
+/// attaches: everything before the event loop.
+async fn start(
+    config: &Config,
+    load: &LoadOptions,
+    pins: &PinDir,
+    adopt: bool,
+    fd_limit: u64,
+) -> anyhow::Result<Started> {
+    let mut program = Program::load_pinned(load, pins).context("loading the XDP program")?;
+    if !adopt {
+        pins.write_layout()?;
+    }
     let mut maps = program.maps()?;
-    let mut balancer = Balancer::new(&config).context("sizing the maps for the config")?;
-    balancer.install(&mut maps).context("filling the maps")?;
+    let mut balancer = if adopt {
+        let pinned = maps.read_pinned(config.agent.ring_size).context("reading the pinned maps")?;
+        Balancer::adopt(config, &pinned).context("adopting the pinned maps")?
+    } else {
+        Balancer::new(config).context("sizing the maps for the config")?
+    };
+    let change = balancer.install(&mut maps).context("filling the maps")?;
+    if adopt {
+        tracing::info!(
+            backends_written = change.backends_written,
+            slots_written = change.slots_written,
+            rings_published = change.rings_published,
+            "adopted: wrote only what differs"
+        );
+    }
     let local = host::local_addresses().context("reading the gateway's own addresses")?;
     balancer.set_local_addresses(local, &mut maps).context("marking the gateway's own addresses")?;
     let checkers = Checkers::of(&balancer);
@@ -64,34 +177,55 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let budget = descriptor_budget(fd_limit);
     let probes = ProbePool::new(budget.probes);
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
-    let state =
-        Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes: probes.clone() }));
-    let _admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
+    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes }));
+    let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
 
     let mode = match config.agent.xdp_mode {
         XdpMode::Native => aya::programs::XdpMode::Driver,
         XdpMode::Generic => aya::programs::XdpMode::Skb,
     };
     for interface in &config.agent.interfaces {
-        // On error, dropping `program` detaches from the ones already done.
-        program.attach(interface, mode).with_context(|| format!("agent.interfaces: {interface}"))?;
-        tracing::info!(%interface, ?mode, "attached");
+        let how = program.attach(interface, mode).with_context(|| format!("agent.interfaces: {interface}"))?;
+        match how {
+            Attached::New => tracing::info!(%interface, ?mode, "attached"),
+            Attached::Replaced => {
+                tracing::info!(%interface, "attached: this program replaced the pinned one atomically")
+            }
+        }
     }
+    detach_unconfigured(pins, &config.agent.interfaces);
+    Ok((program, state, admin, checkers))
+}
 
-    let mut health = HealthChecks::new(probes);
-    health.follow(checkers);
-    tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
+/// Detaches pinned links of interfaces the config no longer lists.
+fn detach_unconfigured(pins: &PinDir, interfaces: &[String]) {
+    let Ok(links) = pins::pinned_links(pins.path()) else { return };
+    for interface in links.iter().filter(|i| !interfaces.contains(i)) {
+        match std::fs::remove_file(pins.link_path(interface)) {
+            Ok(()) => tracing::info!(%interface, "detached: no longer in agent.interfaces"),
+            Err(error) => {
+                tracing::warn!(%interface, %error, "cannot unpin the link of an interface no longer configured")
+            }
+        }
+    }
+}
 
-    let mut config = config;
+/// The event loop: health events, address refreshes and SIGHUP, until
+/// SIGINT or SIGTERM; returns which one.
+async fn follow_events(
+    mut config: Config,
+    state: &Arc<Mutex<AgentState>>,
+    health: &mut HealthChecks,
+) -> anyhow::Result<&'static str> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut local_refresh = tokio::time::interval(host::LOCAL_ADDRESS_REFRESH);
     loop {
         tokio::select! {
-            Some(event) = health.next() => apply_health(&state, event),
-            _ = local_refresh.tick() => refresh_local_addresses(&state),
+            Some(event) = health.next() => apply_health(state, event),
+            _ = local_refresh.tick() => refresh_local_addresses(state),
             _ = sighup.recv() => {
-                if let Some(new) = reload_config(&config, &state) {
+                if let Some(new) = reload_config(&config, state) {
                     config = new;
                     let wanted = state.lock().map(|guard| Checkers::of(&guard.balancer));
                     if let Ok(wanted) = wanted {
@@ -99,13 +233,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = tokio::signal::ctrl_c() => return Ok("SIGINT"),
+            _ = sigterm.recv() => return Ok("SIGTERM"),
         }
     }
-    health.stop_all();
-    program.detach_all();
-    Ok(())
 }
 
 /// Marks the gateway's addresses again, for those added or removed since.
@@ -169,7 +300,9 @@ fn descriptor_budget(limit: u64) -> descriptors::Budget {
 
 /// What to probe: every backend of every VIP, by the id the balancer gave it.
 /// Taken before the balancer moves behind the lock, so no probe holds it.
-struct Checkers(Vec<(u32, SocketAddr, HealthCheckConfig)>);
+/// Each with the backend's health now, where its checker starts (so an
+/// adopted or re-checked backend goes through rise/fall, not one probe).
+struct Checkers(Vec<(u32, SocketAddr, HealthCheckConfig, Health)>);
 
 impl Checkers {
     fn of(balancer: &Balancer) -> Self {
@@ -179,7 +312,8 @@ impl Checkers {
                 continue;
             }
             for backend in &vip.backends {
-                probes.push((backend.backend_id, vip.health_check.target(backend.address), vip.health_check.clone()));
+                let target = vip.health_check.target(backend.address);
+                probes.push((backend.backend_id, target, vip.health_check.clone(), backend.health));
             }
         }
         Checkers(probes)
@@ -222,21 +356,21 @@ impl HealthChecks {
     /// Makes the running checkers match `wanted`: stops those whose backend
     /// is gone or whose probe changed, starts the missing ones.
     fn follow(&mut self, wanted: Checkers) {
-        let wanted: HashMap<u32, (SocketAddr, HealthCheckConfig)> =
-            wanted.0.into_iter().map(|(id, address, check)| (id, (address, check))).collect();
+        let wanted: HashMap<u32, (SocketAddr, HealthCheckConfig, Health)> =
+            wanted.0.into_iter().map(|(id, address, check, health)| (id, (address, check, health))).collect();
         self.checkers.retain(|id, running| {
-            let keep = wanted.get(id).is_some_and(|(a, c)| *a == running.address && *c == running.check);
+            let keep = wanted.get(id).is_some_and(|(a, c, _)| *a == running.address && *c == running.check);
             if !keep {
                 running.handle.abort();
             }
             keep
         });
-        for (id, (address, check)) in wanted {
+        for (id, (address, check, initial)) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.checkers.entry(id) {
                 let generation = self.next_generation;
                 self.next_generation += 1;
-                let handle =
-                    health::spawn_checker(address, check.clone(), id, generation, self.probes.clone(), self.tx.clone());
+                let (probes, tx) = (self.probes.clone(), self.tx.clone());
+                let handle = health::spawn_checker(address, check.clone(), id, generation, initial, probes, tx);
                 slot.insert(RunningChecker { address, check, generation, handle });
             }
         }
@@ -444,7 +578,7 @@ mod tests {
         let mut health = HealthChecks::new(ProbePool::new(8));
         // A long interval: after the first probe the checker sends nothing
         // more for the rest of the test.
-        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000), Health::Unknown)]));
         wait_queued(&health).await;
         // The reload sets `type = "none"`: Checkers::of lists no checker for
         // the backend, and the balancer brings it up. The queued "down" must
@@ -458,17 +592,17 @@ mod tests {
     async fn a_changed_check_gets_a_new_generation_and_only_its_events_count() {
         let address = refusing_address().await;
         let mut health = HealthChecks::new(ProbePool::new(8));
-        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000), Health::Unknown)]));
         wait_queued(&health).await;
         let first = health.checkers.get(&1).map(|c| c.generation);
-        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000), Health::Unknown)]));
         let second = health.checkers.get(&1).map(|c| c.generation);
         assert!(first.is_some() && second.is_some() && first != second, "{first:?} then {second:?}");
         let event = timeout(WAIT, health.next()).await.expect("the new checker reports").expect("channel open");
         assert_eq!((event.key, Some(event.generation)), (1, second), "only the new checker's event: {event:?}");
         assert!(event.transition.as_ref().is_some_and(|t| !t.health.is_up()), "its first probe decides: {event:?}");
         // Unchanged checks keep their checker and its generation.
-        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000), Health::Unknown)]));
         assert_eq!(health.checkers.get(&1).map(|c| c.generation), second);
         health.stop_all();
     }

@@ -3,6 +3,7 @@
 mod check;
 mod run;
 mod status;
+mod unload;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,7 @@ enum Command {
     Run(run::Args),
     Check(check::Args),
     Status(status::Args),
+    Unload(unload::Args),
 }
 
 /// Parses arguments, runs the subcommand, and turns errors into an exit code
@@ -36,6 +38,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::run(args),
         Command::Status(args) => status::run(args),
+        Command::Unload(args) => unload::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,11 @@ pub struct Args {
     /// The TOML config file.
     #[arg(long, short)]
     config: PathBuf,
+    /// On SIGTERM or SIGINT, remove the program, its links and pins, as
+    /// `lb unload` does (by default the data path stays attached and forwards
+    /// on its last state until an agent adopts it).
+    #[arg(long)]
+    unload_on_exit: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -23,5 +28,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(crate::agent::run(config))
+    runtime.block_on(crate::agent::run(config, crate::agent::RunOptions { unload_on_exit: args.unload_on_exit }))
 }

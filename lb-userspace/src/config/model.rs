@@ -34,6 +34,9 @@ pub struct AgentConfig {
     /// VIPs, so a reload that adds or removes VIPs keeps the running value
     /// rather than asking for a restart.
     pub max_vips_set: bool,
+    /// The bpffs directory where the program's links and maps are pinned, so
+    /// the data path outlives the agent (`/sys/fs/bpf/lb` by default).
+    pub pin_dir: PathBuf,
 }
 
 /// How the XDP program is attached.

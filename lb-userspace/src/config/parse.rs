@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -27,13 +27,16 @@ use crate::control::maglev::is_prime;
 type Result<T> = std::result::Result<T, Problem>;
 
 const TOP_KEYS: &[&str] = &["agent", "vip"];
-const AGENT_KEYS: &[&str] = &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
+const AGENT_KEYS: &[&str] =
+    &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips", "pin_dir"];
 const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "backend"];
 const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
 /// Where the admin API listens unless configured.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
+/// Where the program's links and maps are pinned unless configured (bpffs).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// VIPs the Maglev array has room for unless configured (or more VIPs are configured).
 pub const DEFAULT_MAX_VIPS: u32 = 16;
 /// Bounds of `agent.conntrack_capacity`.
@@ -82,6 +85,7 @@ struct AgentSettings {
     ring_size: u32,
     /// `None` when not set: then it is derived from the number of VIPs.
     max_vips: Option<u32>,
+    pin_dir: PathBuf,
 }
 
 fn agent_settings(mut s: Section) -> Result<AgentSettings> {
@@ -114,8 +118,9 @@ fn agent_settings(mut s: Section) -> Result<AgentSettings> {
             ));
         }
     }
+    let pin_dir = pin_dir(&mut s)?;
     s.finish()?;
-    Ok(AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips })
+    Ok(AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips, pin_dir })
 }
 
 impl AgentSettings {
@@ -147,9 +152,29 @@ impl AgentSettings {
             None => DEFAULT_MAX_VIPS.max(vip_count).min(fit),
         };
         let max_vips_set = self.max_vips.is_some();
-        let AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, .. } = self;
-        Ok(AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips, max_vips_set })
+        let AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, pin_dir, .. } = self;
+        Ok(AgentConfig {
+            interfaces,
+            admin_listen,
+            xdp_mode,
+            conntrack_capacity,
+            ring_size,
+            max_vips,
+            max_vips_set,
+            pin_dir,
+        })
     }
+}
+
+/// `agent.pin_dir`: an absolute path, by default [`DEFAULT_PIN_DIR`]; its
+/// parent must be on a bpffs (the agent mounts one on `/sys/fs/bpf` if none is).
+fn pin_dir(s: &mut Section) -> Result<PathBuf> {
+    let Some(text) = s.string("pin_dir")? else { return Ok(PathBuf::from(DEFAULT_PIN_DIR)) };
+    let path = PathBuf::from(&text);
+    if !path.is_absolute() || path.parent().is_none() {
+        return Err(s.problem("pin_dir", format!("{text:?} is not an absolute path below a bpffs mount")));
+    }
+    Ok(path)
 }
 
 /// `agent.interfaces`: required, non-empty, valid and unique names.

@@ -231,14 +231,23 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
 /// The first `[agent]` key that differs, `max_vips` aside (see
 /// [`max_vips_problem`]).
 fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static str> {
-    let AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips: _, max_vips_set: _ } =
-        old;
+    let AgentConfig {
+        interfaces,
+        admin_listen,
+        xdp_mode,
+        conntrack_capacity,
+        ring_size,
+        max_vips: _,
+        max_vips_set: _,
+        pin_dir,
+    } = old;
     [
         ("interfaces", *interfaces != new.interfaces),
         ("admin_listen", *admin_listen != new.admin_listen),
         ("xdp_mode", *xdp_mode != new.xdp_mode),
         ("conntrack_capacity", *conntrack_capacity != new.conntrack_capacity),
         ("ring_size", *ring_size != new.ring_size),
+        ("pin_dir", *pin_dir != new.pin_dir),
     ]
     .into_iter()
     .find_map(|(key, changed)| changed.then_some(key))

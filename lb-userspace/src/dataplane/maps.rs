@@ -12,16 +12,17 @@ use aya::{
     maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    backend::BackendInfo,
+    backend::{BACKEND_ID_NONE, BACKEND_STATE_UNUSED, BackendInfo},
     flow::{FlowKey, FlowState, ReplyNat},
     guard::{AddrRoles, ServiceKey, SharedService},
     map_names,
     stats::{Counters, conntrack_event, reason},
-    vip::{VipInfo, VipKey},
+    vip::{VipInfo, VipKey, ring_base},
     vip_addr::{VipAddrInfo, VipAddrKey},
 };
 
 use super::{Dataplane, DataplaneError};
+use crate::control::balancer::{PinnedState, PinnedVip};
 
 /// The program's maps, taken out of the loaded object.
 pub struct Maps {
@@ -264,6 +265,41 @@ impl Maps {
     /// [`DataplaneError::Map`] if the index is out of range.
     pub fn ring_slot(&self, index: u32) -> Result<u32, DataplaneError> {
         self.maglev.get(&index, 0).map_err(|source| DataplaneError::Map { name: map_names::MAGLEV, op: "read", source })
+    }
+}
+
+impl Maps {
+    /// What pinned maps hold, for [`crate::control::balancer::Balancer::adopt`]:
+    /// every `VIPS` entry with its live ring (`ring_size` slots), every used
+    /// `BACKENDS` entry, every service entry. One syscall per entry or slot.
+    ///
+    /// # Errors
+    ///
+    /// [`DataplaneError::Map`] on a failed read.
+    pub fn read_pinned(&self, ring_size: u32) -> Result<PinnedState, DataplaneError> {
+        let read = |name: &'static str| move |source| DataplaneError::Map { name, op: "read", source };
+        let mut state = PinnedState::default();
+        for entry in self.vips.iter() {
+            let (key, info) = entry.map_err(read(map_names::VIPS))?;
+            let base = ring_base(info.vip_id, info.ring_generation & 1, ring_size);
+            let ring = (base..base.saturating_add(ring_size))
+                .map(|index| self.maglev.get(&index, 0))
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(read(map_names::MAGLEV))?;
+            state.vips.push(PinnedVip { key, info, ring });
+        }
+        for (backend_id, info) in (0u32..).zip(self.backends.iter()) {
+            let info = info.map_err(read(map_names::BACKENDS))?;
+            if backend_id != BACKEND_ID_NONE && info.state != BACKEND_STATE_UNUSED {
+                state.backends.insert(backend_id, info);
+            }
+        }
+        for entry in self.backend_services.iter() {
+            let (key, nat) = entry.map_err(read(map_names::BACKEND_SERVICES))?;
+            let list = self.shared_services.get(&key, 0).ok();
+            state.services.push((key, nat, list));
+        }
+        Ok(state)
     }
 }
 

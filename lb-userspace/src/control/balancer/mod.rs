@@ -40,6 +40,7 @@
 //! [`Balancer::apply_reload`] or [`Balancer::install`] rewrites what is
 //! needed. So callers can simply retry.
 
+mod adopt;
 mod apply;
 mod publish;
 mod records;
@@ -62,7 +63,10 @@ use lb_common::{
 };
 
 use self::records::{Backend, Removal, Vip, backend_index};
-pub use self::types::{BackendView, Change, StateError, Step, VipView};
+pub use self::{
+    adopt::{AdoptError, PinnedState, PinnedVip},
+    types::{BackendView, Change, StateError, Step, VipView},
+};
 use crate::{
     config::model::Config,
     control::{maglev, plan::Action},
@@ -137,6 +141,17 @@ impl Balancer {
     /// backends in all, or rings beyond [`MAX_MAGLEV_ENTRIES`]. Validation
     /// should already have refused these; this keeps indexes from wrapping.
     pub fn new(config: &Config) -> Result<Self, StateError> {
+        let mut balancer = Balancer::sized(config)?;
+        // All ids are free, so VIP n takes id n.
+        for vip in &config.vips {
+            balancer.add_vip(vip);
+        }
+        Ok(balancer)
+    }
+
+    /// An empty balancer with `config`'s sizes, once they are checked (see
+    /// [`Balancer::new`]).
+    fn sized(config: &Config) -> Result<Self, StateError> {
         let ring_size = config.agent.ring_size;
         if !maglev::is_prime(ring_size) {
             return Err(StateError::RingSizeNotPrime { ring_size });
@@ -159,7 +174,7 @@ impl Balancer {
             return Err(StateError::TooManyBackends { count: backend_count, max: MAX_BACKENDS - 1 });
         }
 
-        let mut balancer = Balancer {
+        Ok(Balancer {
             ring_size,
             max_vips,
             vips: Vec::with_capacity(config.vips.len()),
@@ -172,12 +187,7 @@ impl Balancer {
             local_addrs: HashSet::new(),
             roles_written: HashMap::new(),
             services_written: HashMap::new(),
-        };
-        // All ids are free, so VIP n takes id n.
-        for vip in &config.vips {
-            balancer.add_vip(vip);
-        }
-        Ok(balancer)
+        })
     }
 
     /// Tells the data path which addresses are the gateway's own (its
@@ -232,6 +242,7 @@ impl Balancer {
         for vip_id in ids {
             change += self.sync_vip(vip_id, dp)?;
         }
+        change += self.sync_orphans(dp)?;
         Ok(change)
     }
 

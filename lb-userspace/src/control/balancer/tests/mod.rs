@@ -3,6 +3,7 @@
 //! checks they share here.
 
 mod addresses;
+mod adopt;
 mod backups;
 mod health;
 mod install;
@@ -88,6 +89,7 @@ fn config(ring_size: u32, vips: Vec<VipConfig>) -> Config {
             ring_size,
             max_vips: 4,
             max_vips_set: true,
+            pin_dir: PathBuf::from("/sys/fs/bpf/lb-test"),
         },
         vips,
     }
