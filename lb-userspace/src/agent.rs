@@ -17,12 +17,14 @@ use tokio::{
 use crate::{
     api::{
         self, Status, StatusSource,
+        control::{self, BackendAction, BackendRequest, ControlAnswer, ControlRequest, Pending},
         status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus},
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     control::{
-        balancer::{Balancer, VipView},
+        balancer::{AdminState, Balancer, VipView},
         plan,
+        runtime::RuntimeState,
     },
     dataplane::{
         Attached, LoadOptions, Maps, Program,
@@ -76,7 +78,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let pins = PinDir::open(&pin_dir).with_context(|| format!("agent.pin_dir: {}", pin_dir.display()))?;
     let adopt = decide_adoption(&pins, &load)?;
     let started = start(&config, &load, &pins, adopt, fd_limit).await;
-    let (mut program, state, admin, checkers) = match started {
+    let Started { mut program, state, servers, checkers, mut control } = match started {
         Ok(parts) => parts,
         Err(error) => {
             if !adopt {
@@ -86,13 +88,15 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             return Err(error);
         }
     };
-    let _admin = admin;
+    let _servers = servers;
     let probes = state.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?.probes.clone();
     let mut health = HealthChecks::new(probes);
     health.follow(checkers);
     tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, adopted = adopt, "running");
 
-    let stop = follow_events(config, &state, &mut health).await?;
+    let control_socket = config.agent.control_socket.clone();
+    let stop = follow_events(config, &state, &mut health, &mut control).await?;
+    let _ = std::fs::remove_file(&control_socket);
     health.stop_all();
     if opts.unload_on_exit {
         program.detach_all();
@@ -139,7 +143,14 @@ fn decide_adoption(pins: &PinDir, load: &LoadOptions) -> anyhow::Result<bool> {
 }
 
 /// What [`start`] hands to the event loop.
-type Started = (Program, Arc<Mutex<AgentState>>, tokio::task::JoinHandle<()>, Checkers);
+struct Started {
+    program: Program,
+    state: Arc<Mutex<AgentState>>,
+    /// The admin (TCP) and control (Unix) servers.
+    servers: [tokio::task::JoinHandle<()>; 2],
+    checkers: Checkers,
+    control: mpsc::Receiver<Pending>,
+}
 
 /// Loads (pinned), fills or adopts the maps, serves the admin API and
 /// attaches: everything before the event loop.
@@ -161,6 +172,7 @@ async fn start(
     } else {
         Balancer::new(config).context("sizing the maps for the config")?
     };
+    restore_runtime(config, &mut balancer)?;
     let change = balancer.install(&mut maps).context("filling the maps")?;
     if adopt {
         tracing::info!(
@@ -179,6 +191,11 @@ async fn start(
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
     let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes }));
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let agent = &config.agent;
+    let control =
+        control::serve(&agent.control_socket, agent.control_group.as_deref(), admin_limits, state.clone(), control_tx)
+            .await?;
 
     let mode = match config.agent.xdp_mode {
         XdpMode::Native => aya::programs::XdpMode::Driver,
@@ -194,7 +211,33 @@ async fn start(
         }
     }
     detach_unconfigured(pins, &config.agent.interfaces);
-    Ok((program, state, admin, checkers))
+    Ok(Started { program, state, servers: [admin, control], checkers, control: control_rx })
+}
+
+/// Control requests queued for the event loop before a client waits.
+const CONTROL_QUEUE: usize = 16;
+
+/// Applies the runtime changes of `agent.state_file` before anything is
+/// written, so a drained backend gets no flow after a restart.
+fn restore_runtime(config: &Config, balancer: &mut Balancer) -> anyhow::Result<()> {
+    let path = &config.agent.state_file;
+    let runtime = RuntimeState::load(path).with_context(|| {
+        format!("agent.state_file: {} (fix or remove it; it holds drains and runtime weights)", path.display())
+    })?;
+    for gone in runtime.restore(balancer) {
+        tracing::warn!(vip = %gone.vip, backend = %gone.address, "runtime state names a backend the config lacks; dropped");
+    }
+    if !runtime.backends.is_empty() {
+        tracing::info!(backends = runtime.backends.len(), file = %path.display(), "runtime changes restored");
+    }
+    Ok(())
+}
+
+/// Makes the checkers match the balancer's backends (after a reload).
+fn follow_checkers(state: &Mutex<AgentState>, health: &mut HealthChecks) {
+    if let Ok(wanted) = state.lock().map(|guard| Checkers::of(&guard.balancer)) {
+        health.follow(wanted);
+    }
 }
 
 /// Detaches pinned links of interfaces the config no longer lists.
@@ -216,6 +259,7 @@ async fn follow_events(
     mut config: Config,
     state: &Arc<Mutex<AgentState>>,
     health: &mut HealthChecks,
+    control: &mut mpsc::Receiver<Pending>,
 ) -> anyhow::Result<&'static str> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -225,13 +269,31 @@ async fn follow_events(
             Some(event) = health.next() => apply_health(state, event),
             _ = local_refresh.tick() => refresh_local_addresses(state),
             _ = sighup.recv() => {
-                if let Some(new) = reload_config(&config, state) {
+                tracing::info!("SIGHUP");
+                if let Ok((new, _)) = reload_config(&config, state) {
                     config = new;
-                    let wanted = state.lock().map(|guard| Checkers::of(&guard.balancer));
-                    if let Ok(wanted) = wanted {
-                        health.follow(wanted);
-                    }
+                    follow_checkers(state, health);
                 }
+            }
+            Some(pending) = control.recv() => {
+                let answer = match &pending.request {
+                    ControlRequest::Reload => match reload_config(&config, state) {
+                        Ok((new, changes)) => {
+                            config = new;
+                            follow_checkers(state, health);
+                            let messages = if changes.is_empty() { vec!["no changes".to_owned()] } else { changes };
+                            ControlAnswer { ok: true, messages }
+                        }
+                        Err(refusal) => ControlAnswer { ok: false, messages: vec![refusal] },
+                    },
+                    ControlRequest::Backend(request) => {
+                        let answer = backend_control(request, state, &config.agent.state_file);
+                        follow_checkers(state, health);
+                        answer
+                    }
+                };
+                // The client may have given up; nothing to do then.
+                let _ = pending.answer.send(answer);
             }
             _ = tokio::signal::ctrl_c() => return Ok("SIGINT"),
             _ = sigterm.recv() => return Ok("SIGTERM"),
@@ -404,44 +466,91 @@ impl HealthChecks {
     }
 }
 
-/// SIGHUP: loads the config file again and applies what can change in
-/// place. Returns the config now running once applied; on any refusal logs
-/// one error line (file, key, reason) and returns `None`, nothing changed.
-fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> {
-    tracing::info!(file = %running.source.display(), "SIGHUP: reloading the config");
-    let new = match Config::load(&running.source) {
-        Ok(new) => new,
-        Err(error) => {
-            tracing::error!("reload refused, keeping the running config: {error}");
-            return None;
+/// A reload's outcome: the config now running and one line per change,
+/// or the refusal (`FILE: KEY: REASON`), nothing changed.
+type ReloadOutcome = Result<(Config, Vec<String>), String>;
+
+/// SIGHUP or `lb reload`: loads the config file again and applies what can
+/// change in place; logs every change, or the refusal as one error line.
+/// Runtime changes (`lb backend`) stay in force; those of backends the
+/// file removed are dropped from the state file.
+fn reload_config(running: &Config, state: &Mutex<AgentState>) -> ReloadOutcome {
+    tracing::info!(file = %running.source.display(), "reloading the config");
+    let outcome = try_reload(running, state);
+    match &outcome {
+        Ok((_, changes)) => {
+            for change in changes {
+                tracing::info!("reload: {change}");
+            }
+            tracing::info!(changes = changes.len(), "reload: done");
         }
-    };
-    let actions = match plan::reload(running, &new) {
-        Ok(actions) => actions,
-        Err(refusal) => {
-            tracing::error!("reload refused, keeping the running config: {refusal}");
-            return None;
-        }
-    };
-    let Ok(mut guard) = state.lock() else { return None };
+        Err(refusal) => tracing::error!("reload refused, keeping the running config: {refusal}"),
+    }
+    outcome
+}
+
+fn try_reload(running: &Config, state: &Mutex<AgentState>) -> ReloadOutcome {
+    let new = Config::load(&running.source).map_err(|error| error.to_string())?;
+    let actions = plan::reload(running, &new).map_err(|refusal| refusal.to_string())?;
+    let mut guard = state.lock().map_err(|_| "the agent's state is poisoned".to_owned())?;
     let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
-        Err(error) if error.changed_nothing() => {
-            tracing::error!("reload refused, keeping the running config: {}: {error}", new.source.display());
-            return None;
-        }
-        // The desired state is recorded; later health events, or SIGHUP
+        Err(error) if error.changed_nothing() => return Err(format!("{}: {error}", new.source.display())),
+        // The desired state is recorded; later health events, or a reload
         // again, retry the writes.
         Err(error) => tracing::error!(error = %format!("{error:#}"), "reload: updating the maps failed"),
     }
-    for action in &actions {
-        tracing::info!("reload: {action}");
-    }
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
     last_checks.retain(|id, _| live.contains(id));
-    tracing::info!(changes = actions.len(), vips = balancer.vips().len(), "reload: done");
-    Some(plan::as_running(running, new))
+    save_runtime(&new.agent.state_file, balancer);
+    let changes = actions.iter().map(ToString::to_string).collect();
+    Ok((plan::as_running(running, new), changes))
+}
+
+/// Writes the runtime changes `balancer` holds to `path`; a failure is
+/// logged (they stay in force until the agent stops).
+fn save_runtime(path: &std::path::Path, balancer: &Balancer) {
+    if let Err(error) = RuntimeState::of(balancer).save(path) {
+        tracing::error!(error = %format!("{error:#}"), "cannot save the runtime state; it is lost at the next restart");
+    }
+}
+
+/// `lb backend ...`: one runtime change, applied and saved.
+fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_file: &std::path::Path) -> ControlAnswer {
+    let refused = |message: String| ControlAnswer { ok: false, messages: vec![message] };
+    let Ok(mut guard) = state.lock() else { return refused("the agent's state is poisoned".to_owned()) };
+    let AgentState { balancer, maps, .. } = &mut *guard;
+    let (vip, address) = (request.vip.as_str(), request.address);
+    let result = match request.action {
+        BackendAction::Drain => balancer.set_admin(vip, address, AdminState::Drain, maps),
+        BackendAction::Disable => balancer.set_admin(vip, address, AdminState::Maint, maps),
+        BackendAction::Enable => balancer.set_admin(vip, address, AdminState::Ready, maps),
+        BackendAction::Weight => match request.weight {
+            Some(weight) if weight > crate::config::MAX_WEIGHT => {
+                return refused(format!("weight {weight} is over the limit of {}", crate::config::MAX_WEIGHT));
+            }
+            weight => balancer.set_weight_override(vip, address, weight, maps),
+        },
+    };
+    let what = match (request.action, request.weight) {
+        (BackendAction::Weight, Some(weight)) => format!("weight {weight} (runtime, until cleared)"),
+        (BackendAction::Weight, None) => "weight back to the config's".to_owned(),
+        (BackendAction::Drain, _) => "drain: no new flows, existing flows continue".to_owned(),
+        (BackendAction::Disable, _) => "maint: down, its flows move".to_owned(),
+        (BackendAction::Enable, _) => "ready".to_owned(),
+    };
+    match result {
+        Ok(_) => {}
+        Err(error) if error.changed_nothing() => return refused(error.to_string()),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "runtime change: updating the maps failed; retried later")
+        }
+    }
+    save_runtime(state_file, balancer);
+    let message = format!("vip {vip} backend {address}: {what}");
+    tracing::info!("{message}");
+    ControlAnswer { ok: true, messages: vec![message] }
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
@@ -469,6 +578,8 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
 
 impl StatusSource for AgentState {
     fn status(&self) -> Status {
+        // First: it starts the count of active flows per backend, if due.
+        let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
         let vips = self.balancer.vips().map(|vip| self.vip_status(&vip)).collect();
         let verdicts = self
             .maps
@@ -485,7 +596,6 @@ impl StatusSource for AgentState {
                     .collect()
             })
             .unwrap_or_default();
-        let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
         let health_checks = HealthChecksStatus {
             probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
             local_errors: self.probes.local_errors(),
@@ -506,6 +616,9 @@ impl AgentState {
                 health: b.health.as_str().to_owned(),
                 last_check: self.last_checks.get(&b.backend_id).cloned(),
                 traffic: self.backend_counters(b.backend_id),
+                admin: b.admin.as_str().to_owned(),
+                weight_set_at_runtime: b.weight_override.is_some(),
+                active_flows: self.maps.live_flows(b.backend_id),
             })
             .collect();
         // Summed over its backends, not read from VIP_STATS: a reused VIP id's

@@ -148,10 +148,21 @@ mod tests {
                     health: "up".into(),
                     last_check: Some("ok".into()),
                     traffic: Traffic { packets: 7, bytes: 700, new_flows: 1, rescheduled_flows: 0 },
+                    admin: "ready".into(),
+                    weight_set_at_runtime: false,
+                    active_flows: 0,
                 }],
             }],
             verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3, help: String::new() }],
-            conntrack: ConntrackStatus { entries: 5, capacity: 1024, inserted: 9, expired: 2, reopened: 1, evicted: 4 },
+            conntrack: ConntrackStatus {
+                entries: 5,
+                capacity: 1024,
+                inserted: 9,
+                expired: 2,
+                reopened: 1,
+                evicted: 4,
+                counted_ms_ago: 0,
+            },
             health_checks: HealthChecksStatus { probe_slots: 690, local_errors: 6 },
         };
         let text = render(&status).expect("render");
@@ -183,6 +194,9 @@ mod tests {
             health: "up".into(),
             last_check: Some("ok".into()),
             traffic: Traffic { packets: 3, ..Traffic::default() },
+            admin: "ready".into(),
+            weight_set_at_runtime: false,
+            active_flows: 0,
         };
         let status = Status {
             vips: vec![VipStatus {

@@ -237,6 +237,7 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("lb-tests-{}-{n}", testbed.id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config_path = dir.join("lb.toml");
+        let config = with_own_files(config, &dir);
         fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
         let log = fs::File::create(dir.join("lb.log")).context("creating the agent's log")?;
         cmd.arg("--config").arg(&config_path).env("LB_LOG", "info").stdout(Stdio::null()).stderr(log);
@@ -267,6 +268,28 @@ impl Agent {
     #[must_use]
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("lb.toml")
+    }
+
+    /// The agent's control socket (in its own directory).
+    #[must_use]
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("lb.sock")
+    }
+
+    /// Runs `lb ARGS --socket <this agent's control socket>` from the host
+    /// and returns its output (`lb backend drain web ADDR`, `lb reload`, ...).
+    ///
+    /// # Errors
+    ///
+    /// When `lb` cannot be run.
+    pub fn lb(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let lb = crate::lb_bin()?;
+        Command::new(lb)
+            .args(args)
+            .arg("--socket")
+            .arg(self.control_socket())
+            .output()
+            .with_context(|| format!("running lb {args:?}"))
     }
 
     /// Where the agent logs (removed when the agent is dropped).
@@ -418,6 +441,16 @@ impl Drop for Agent {
     }
 }
 
+/// `config` with the agent's control socket in `dir` and, unless the config
+/// names one, its state file there too: parallel tests never share them.
+fn with_own_files(config: &str, dir: &std::path::Path) -> String {
+    let mut extra = format!("control_socket = \"{}\"\n", dir.join("lb.sock").display());
+    if !config.contains("state_file") {
+        extra.push_str(&format!("state_file = \"{}\"\n", dir.join("state.json").display()));
+    }
+    config.replacen("[agent]\n", &format!("[agent]\n{extra}"), 1)
+}
+
 /// A pin directory of its own for one test (`/sys/fs/bpf/lb-test-<id>`),
 /// removed with everything in it on drop: removing the link pins detaches
 /// XDP, so nothing outlives the test.
@@ -444,10 +477,21 @@ impl PinDir {
         &self.path
     }
 
-    /// `config` with `agent.pin_dir` set to this directory.
+    /// `config` with `agent.pin_dir` set to this directory, and a state
+    /// file beside it that every agent of the test shares (runtime changes
+    /// outlive an agent too).
     #[must_use]
     pub fn config(&self, config: &str) -> String {
-        config.replacen("[agent]\n", &format!("[agent]\npin_dir = \"{}\"\n", self.path.display()), 1)
+        let extra =
+            format!("pin_dir = \"{}\"\nstate_file = \"{}\"\n", self.path.display(), self.state_file().display());
+        config.replacen("[agent]\n", &format!("[agent]\n{extra}"), 1)
+    }
+
+    /// The state file [`Self::config`] names.
+    #[must_use]
+    pub fn state_file(&self) -> PathBuf {
+        std::env::temp_dir()
+            .join(format!("lb-tests-state-{}.json", self.path.file_name().and_then(|n| n.to_str()).unwrap_or("x")))
     }
 
     /// The names pinned in the directory (empty when it does not exist).
@@ -470,6 +514,7 @@ impl Drop for PinDir {
             let _ = fs::remove_file(self.path.join(name));
         }
         let _ = fs::remove_dir(&self.path);
+        let _ = fs::remove_file(self.state_file());
     }
 }
 

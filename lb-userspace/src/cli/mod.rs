@@ -1,6 +1,9 @@
 //! The operator CLI: one module per subcommand; doc comments are the help text.
 
+mod backend;
 mod check;
+mod control;
+mod reload;
 mod run;
 mod status;
 mod unload;
@@ -27,6 +30,8 @@ enum Command {
     Check(check::Args),
     Status(status::Args),
     Unload(unload::Args),
+    Backend(backend::Args),
+    Reload(reload::Args),
 }
 
 /// Parses arguments, runs the subcommand, and turns errors into an exit code
@@ -39,6 +44,8 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Status(args) => status::run(args),
         Command::Unload(args) => unload::run(args),
+        Command::Backend(args) => backend::run(args),
+        Command::Reload(args) => reload::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,6 +37,14 @@ pub struct AgentConfig {
     /// The bpffs directory where the program's links and maps are pinned, so
     /// the data path outlives the agent (`/sys/fs/bpf/lb` by default).
     pub pin_dir: PathBuf,
+    /// The Unix socket of the admin API's state-changing half (`lb backend`,
+    /// `lb reload`): mode 0660, owned by [`AgentConfig::control_group`] if set.
+    pub control_socket: PathBuf,
+    /// The group that may use the control socket (besides root).
+    pub control_group: Option<String>,
+    /// Where runtime changes (drain, maintenance, weights) are kept, so they
+    /// survive restarts and reloads until cleared.
+    pub state_file: PathBuf,
 }
 
 /// How the XDP program is attached.

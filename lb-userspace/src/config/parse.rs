@@ -27,8 +27,18 @@ use crate::control::maglev::is_prime;
 type Result<T> = std::result::Result<T, Problem>;
 
 const TOP_KEYS: &[&str] = &["agent", "vip"];
-const AGENT_KEYS: &[&str] =
-    &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips", "pin_dir"];
+const AGENT_KEYS: &[&str] = &[
+    "interfaces",
+    "admin_listen",
+    "xdp_mode",
+    "conntrack_capacity",
+    "ring_size",
+    "max_vips",
+    "pin_dir",
+    "control_socket",
+    "control_group",
+    "state_file",
+];
 const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "backend"];
 const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
@@ -37,6 +47,10 @@ const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
 /// Where the program's links and maps are pinned unless configured (bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Where the control socket (the admin API's state-changing half) listens unless configured.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+/// Where runtime changes (drain, maintenance, weights) are kept unless configured.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb/state.json";
 /// VIPs the Maglev array has room for unless configured (or more VIPs are configured).
 pub const DEFAULT_MAX_VIPS: u32 = 16;
 /// Bounds of `agent.conntrack_capacity`.
@@ -86,6 +100,9 @@ struct AgentSettings {
     /// `None` when not set: then it is derived from the number of VIPs.
     max_vips: Option<u32>,
     pin_dir: PathBuf,
+    control_socket: PathBuf,
+    control_group: Option<String>,
+    state_file: PathBuf,
 }
 
 fn agent_settings(mut s: Section) -> Result<AgentSettings> {
@@ -119,8 +136,27 @@ fn agent_settings(mut s: Section) -> Result<AgentSettings> {
         }
     }
     let pin_dir = pin_dir(&mut s)?;
+    let control_socket = absolute_path(&mut s, "control_socket", DEFAULT_CONTROL_SOCKET)?;
+    let control_group = s.string("control_group")?;
+    if let Some(group) = &control_group
+        && group.is_empty()
+    {
+        return Err(s.problem("control_group", "empty; name a group, or leave it out"));
+    }
+    let state_file = absolute_path(&mut s, "state_file", DEFAULT_STATE_FILE)?;
     s.finish()?;
-    Ok(AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips, pin_dir })
+    Ok(AgentSettings {
+        interfaces,
+        admin_listen,
+        xdp_mode,
+        conntrack_capacity,
+        ring_size,
+        max_vips,
+        pin_dir,
+        control_socket,
+        control_group,
+        state_file,
+    })
 }
 
 impl AgentSettings {
@@ -152,7 +188,18 @@ impl AgentSettings {
             None => DEFAULT_MAX_VIPS.max(vip_count).min(fit),
         };
         let max_vips_set = self.max_vips.is_some();
-        let AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, pin_dir, .. } = self;
+        let AgentSettings {
+            interfaces,
+            admin_listen,
+            xdp_mode,
+            conntrack_capacity,
+            ring_size,
+            pin_dir,
+            control_socket,
+            control_group,
+            state_file,
+            ..
+        } = self;
         Ok(AgentConfig {
             interfaces,
             admin_listen,
@@ -162,6 +209,9 @@ impl AgentSettings {
             max_vips,
             max_vips_set,
             pin_dir,
+            control_socket,
+            control_group,
+            state_file,
         })
     }
 }
@@ -173,6 +223,16 @@ fn pin_dir(s: &mut Section) -> Result<PathBuf> {
     let path = PathBuf::from(&text);
     if !path.is_absolute() || path.parent().is_none() {
         return Err(s.problem("pin_dir", format!("{text:?} is not an absolute path below a bpffs mount")));
+    }
+    Ok(path)
+}
+
+/// An absolute path at `key`, or `default`.
+fn absolute_path(s: &mut Section, key: &str, default: &str) -> Result<PathBuf> {
+    let Some(text) = s.string(key)? else { return Ok(PathBuf::from(default)) };
+    let path = PathBuf::from(&text);
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(s.problem(key, format!("{text:?} is not an absolute file path")));
     }
     Ok(path)
 }

@@ -240,6 +240,9 @@ fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static st
         max_vips: _,
         max_vips_set: _,
         pin_dir,
+        control_socket,
+        control_group,
+        state_file,
     } = old;
     [
         ("interfaces", *interfaces != new.interfaces),
@@ -248,6 +251,9 @@ fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static st
         ("conntrack_capacity", *conntrack_capacity != new.conntrack_capacity),
         ("ring_size", *ring_size != new.ring_size),
         ("pin_dir", *pin_dir != new.pin_dir),
+        ("control_socket", *control_socket != new.control_socket),
+        ("control_group", *control_group != new.control_group),
+        ("state_file", *state_file != new.state_file),
     ]
     .into_iter()
     .find_map(|(key, changed)| changed.then_some(key))

@@ -55,7 +55,7 @@ pub const OCCUPANCY_MAX_AGE: Duration = Duration::from_secs(5);
 /// handle on the map, never under the caller's lock (the agent's state);
 /// callers get the last count, at most [`OCCUPANCY_MAX_AGE`] plus one walk old.
 struct Occupancy {
-    /// When the last count finished, and what it found.
+    /// When the last count began, and what it found.
     last: Option<(Instant, u64)>,
     /// Evictions, estimated at each count as keys inserted before it began
     /// minus entries it found, and never lowered: a counter must not go
@@ -63,6 +63,8 @@ struct Occupancy {
     /// the live insert count instead, a table filling up between counts would
     /// show its new flows as evictions.)
     evicted: u64,
+    /// Live (not expired) flows per backend id, as of the last count.
+    flows: std::collections::HashMap<u32, u64>,
     /// A count is running.
     walking: bool,
     /// [`OCCUPANCY_MAX_AGE`], unless a test shortened it.
@@ -72,10 +74,43 @@ struct Occupancy {
 impl Occupancy {
     /// A finished count: `entries` found by a walk that began after
     /// `inserted` keys had been inserted.
-    fn record(&mut self, inserted: u64, entries: u64) {
-        self.last = Some((Instant::now(), entries));
+    fn record(&mut self, inserted: u64, began: Instant, walk: Walk) {
+        let Walk { entries, flows } = walk;
+        self.flows = flows;
+        self.last = Some((began, entries));
         self.evicted = self.evicted.max(inserted.saturating_sub(entries));
     }
+}
+
+/// What one walk of the connection table found.
+struct Walk {
+    entries: u64,
+    flows: std::collections::HashMap<u32, u64>,
+}
+
+/// Walks `table`: its entries, and the live flows per backend (those not idle
+/// past their timeout, `lb_common::timeouts`, by the program's clock).
+fn walk(table: &HashMap<MapData, FlowKey, FlowState>) -> Walk {
+    let now = monotonic_ns();
+    let mut walk = Walk { entries: 0, flows: std::collections::HashMap::new() };
+    for (key, state) in table.iter().filter_map(Result::ok) {
+        walk.entries += 1;
+        if !lb_common::timeouts::is_expired(&state, key.proto, now) {
+            *walk.flows.entry(state.backend_id).or_default() += 1;
+        }
+    }
+    walk
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime fills a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 /// The connection table at a glance; see [`Maps::conntrack`].
@@ -91,6 +126,8 @@ pub struct ConntrackStats {
     /// nothing else removes entries (the kernel does not report evictions);
     /// as of the last count.
     pub evicted: u64,
+    /// How long ago the last count began.
+    pub counted_ago: Duration,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
@@ -124,6 +161,7 @@ impl Maps {
             occupancy: Arc::new(Mutex::new(Occupancy {
                 last: None,
                 evicted: 0,
+                flows: std::collections::HashMap::new(),
                 walking: false,
                 max_age: OCCUPANCY_MAX_AGE,
             })),
@@ -189,7 +227,9 @@ impl Maps {
     pub fn conntrack(&self) -> Result<ConntrackStats, DataplaneError> {
         let events = self.conntrack_events()?;
         let (entries, evicted) = self.occupancy(events[conntrack_event::INSERTED as usize])?;
-        Ok(ConntrackStats { entries, capacity: u64::from(self.conntrack_capacity), events, evicted })
+        let counted_ago =
+            self.occupancy.lock().ok().and_then(|o| o.last).map_or(Duration::ZERO, |(at, _)| at.elapsed());
+        Ok(ConntrackStats { entries, capacity: u64::from(self.conntrack_capacity), events, evicted, counted_ago })
     }
 
     /// The backend a tracked client → VIP flow is pinned to, if tracked.
@@ -202,7 +242,8 @@ impl Maps {
     fn occupancy(&self, inserted: u64) -> Result<(u64, u64), DataplaneError> {
         let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some((at, entries)) = occupancy.last else {
-            occupancy.record(inserted, self.tracked_flows() as u64);
+            let began = Instant::now();
+            occupancy.record(inserted, began, walk(&self.conntrack));
             return Ok((occupancy.last.map_or(0, |l| l.1), occupancy.evicted));
         };
         if at.elapsed() >= occupancy.max_age && !occupancy.walking {
@@ -210,13 +251,21 @@ impl Maps {
             occupancy.walking = true;
             let shared = Arc::clone(&self.occupancy);
             std::thread::spawn(move || {
-                let entries = handle.keys().filter(Result::is_ok).count() as u64;
+                let began = Instant::now();
+                let found = walk(&handle);
                 let mut occupancy = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                occupancy.record(inserted, entries);
+                occupancy.record(inserted, began, found);
                 occupancy.walking = false;
             });
         }
         Ok((entries, occupancy.evicted))
+    }
+
+    /// Live flows pinned to `backend_id`, as of the last count of the
+    /// connection table (see [`Maps::conntrack`], which starts counts).
+    pub fn live_flows(&self, backend_id: u32) -> u64 {
+        let occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        occupancy.flows.get(&backend_id).copied().unwrap_or(0)
     }
 
     /// Lets tests see the background count without waiting

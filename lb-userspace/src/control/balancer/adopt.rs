@@ -161,6 +161,9 @@ impl Balancer {
                 address,
                 key: address.to_string(),
                 weight: 0,
+                config_weight: 0,
+                weight_override: None,
+                admin: super::AdminState::Ready,
                 backup: false,
                 health: Health::Down,
                 // An unused slot needs no write: nothing names it.

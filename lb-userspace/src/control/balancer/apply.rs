@@ -137,7 +137,7 @@ impl Balancer {
                     }
                 }
                 Action::SetWeight { address, to, .. } => {
-                    touched.extend(self.with_backend(name, *address, |b| b.weight = *to));
+                    touched.extend(self.with_backend(name, *address, |b| b.set_config_weight(*to)));
                 }
                 Action::SetBackup { address, to, .. } => {
                     touched.extend(self.with_backend(name, *address, |b| b.backup = *to));

@@ -65,7 +65,7 @@ use lb_common::{
 use self::records::{Backend, Removal, Vip, backend_index};
 pub use self::{
     adopt::{AdoptError, PinnedState, PinnedVip},
-    types::{BackendView, Change, StateError, Step, VipView},
+    types::{AdminState, BackendView, Change, StateError, Step, VipView},
 };
 use crate::{
     config::model::Config,
@@ -126,6 +126,10 @@ pub struct Balancer {
     /// hold per backend service, as last written; no entry when none was
     /// written or a write failed.
     services_written: HashMap<ServiceKey, (ReplyNat, Option<SharedService>)>,
+}
+
+fn not_running(vip: &str, address: SocketAddr) -> StateError {
+    StateError::NotRunning { what: format!("backend {address} of vip {vip}") }
 }
 
 impl Balancer {
@@ -285,9 +289,62 @@ impl Balancer {
     pub fn set_weight(&mut self, backend_id: u32, weight: u32, dp: &mut impl Dataplane) -> Result<Change, StateError> {
         let backend =
             self.backend_mut(backend_id).filter(|b| !b.retired).ok_or(StateError::UnknownBackend { backend_id })?;
-        backend.weight = weight;
+        backend.set_config_weight(weight);
         let vip_id = backend.vip_id;
         self.sync_vip(vip_id, dp)
+    }
+
+    /// Sets the runtime admin state of VIP `vip`'s backend at `address` and
+    /// brings the dataplane in line, in the publish order: drain leaves the
+    /// ring (its `BACKENDS` entry stays `UP`, so its flows continue),
+    /// maintenance leaves the ring and is then written `DOWN` (its flows move
+    /// at their next packet), ready undoes both.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::NotRunning`] when there is no such backend (nothing
+    /// changed), or [`StateError::Dataplane`] as for [`Balancer::set_health`].
+    pub fn set_admin(
+        &mut self,
+        vip: &str,
+        address: SocketAddr,
+        admin: AdminState,
+        dp: &mut impl Dataplane,
+    ) -> Result<Change, StateError> {
+        let vip_id = self.with_backend(vip, address, |b| b.admin = admin).ok_or_else(|| not_running(vip, address))?;
+        self.sync_vip(vip_id, dp)
+    }
+
+    /// Sets (or with `None` clears) the runtime weight of VIP `vip`'s backend
+    /// at `address`, in force instead of the config's until cleared, and
+    /// brings the dataplane in line.
+    ///
+    /// # Errors
+    ///
+    /// As [`Balancer::set_admin`].
+    pub fn set_weight_override(
+        &mut self,
+        vip: &str,
+        address: SocketAddr,
+        weight: Option<u32>,
+        dp: &mut impl Dataplane,
+    ) -> Result<Change, StateError> {
+        let vip_id = self
+            .with_backend(vip, address, |b| b.set_weight_override(weight))
+            .ok_or_else(|| not_running(vip, address))?;
+        self.sync_vip(vip_id, dp)
+    }
+
+    /// Records a runtime change (admin state, weight override) of VIP
+    /// `vip`'s backend at `address` without writing anything, e.g. restored
+    /// from the state file before [`Balancer::install`]; `false` when there
+    /// is no such backend.
+    pub fn note_runtime(&mut self, vip: &str, address: SocketAddr, admin: AdminState, weight: Option<u32>) -> bool {
+        self.with_backend(vip, address, |b| {
+            b.admin = admin;
+            b.set_weight_override(weight);
+        })
+        .is_some()
     }
 
     /// Applies a config reload's actions (see [`crate::control::plan`]) and

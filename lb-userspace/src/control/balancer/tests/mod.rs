@@ -27,7 +27,7 @@ use lb_common::{
 };
 
 use super::{
-    Balancer, Change, StateError,
+    AdminState, Balancer, Change, StateError,
     testing::{Call, FakeDataplane},
 };
 use crate::{
@@ -90,6 +90,9 @@ fn config(ring_size: u32, vips: Vec<VipConfig>) -> Config {
             max_vips: 4,
             max_vips_set: true,
             pin_dir: PathBuf::from("/sys/fs/bpf/lb-test"),
+            control_socket: PathBuf::from("/run/lb-test/lb.sock"),
+            control_group: None,
+            state_file: PathBuf::from("/var/lib/lb-test/state.json"),
         },
         vips,
     }

@@ -1,0 +1,161 @@
+//! End to end, issue 11: runtime control through the control socket and the
+//! CLI (`lb backend drain|disable|enable|weight|wait-drained`, `lb reload`),
+//! under load, and runtime changes across a restart and reloads. Needs root.
+
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Spread, Testbed,
+    agent::{Agent, HealthCheck, PinDir, config_for},
+    load::{Load, Pace},
+    testbed::client::HttpConn,
+};
+
+fn running(testbed: &Testbed, config: &str) -> Agent {
+    let mut agent = Agent::start_pinned(testbed, config).expect("starting lb");
+    agent.wait_health("web", &["up"; 3], Duration::from_secs(10)).expect("web backends up");
+    agent
+}
+
+/// `lb ARGS` against `agent`; panics unless its exit status is `ok`.
+fn lb(agent: &Agent, args: &[&str], ok: bool) -> String {
+    let out = agent.lb(args).expect("running lb");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.success(), ok, "lb {args:?} exited {}: {text}\nagent log:\n{}", out.status, agent.log());
+    text
+}
+
+/// `/status`'s web backend at `address`: (admin, weight, weight set at runtime, active flows).
+fn web_backend(agent: &Agent, address: &str) -> (String, u64, bool, u64) {
+    let status = agent.status().expect("/status");
+    let backend = status["vips"]
+        .as_array()
+        .and_then(|vips| vips.iter().find(|v| v["name"] == "web"))
+        .and_then(|v| v["backends"].as_array())
+        .and_then(|b| b.iter().find(|b| b["address"] == address))
+        .unwrap_or_else(|| panic!("no web backend {address} in {status}"))
+        .clone();
+    (
+        backend["admin"].as_str().unwrap_or_default().to_owned(),
+        backend["weight"].as_u64().unwrap_or(u64::MAX),
+        backend["weight_set_at_runtime"].as_bool().unwrap_or_default(),
+        backend["active_flows"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+fn spread(testbed: &Testbed, n: usize) -> Spread {
+    Spread::of(&testbed.client_requests(testbed.vip_http(), n, true))
+}
+
+/// The testbed index of the backend named `name` (`b1`...).
+fn index_of(testbed: &Testbed, name: &str) -> usize {
+    (1..=testbed.backend_count()).find(|&i| testbed.backend_name(i) == name).expect("a testbed backend")
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn drain_keeps_its_connections_takes_no_new_ones_and_wait_drained_waits_for_them() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let pins = PinDir::new(&testbed).expect("a pin directory");
+    let agent = running(&testbed, &pins.config(&config_for(&testbed, HealthCheck::default())));
+    let load = Load::start(testbed.client(), testbed.vip_http(), Pace::default());
+    let kept = load.snapshot().kept_backends;
+    let name = kept.iter().flatten().next().expect("a kept connection").clone();
+    let on_it = kept.iter().filter(|b| b.as_deref() == Some(name.as_str())).count();
+    let address = testbed.backend_http(index_of(&testbed, &name)).to_string();
+
+    let said = lb(&agent, &["backend", "drain", "web", &address], true);
+    assert!(said.contains("drain"), "{said}");
+    assert_eq!(web_backend(&agent, &address).0, "drain");
+    let after = spread(&testbed, 60);
+    assert_eq!(after.ok(), 60, "{after:?}");
+    assert_eq!(after.count(&name), 0, "no new connection on drained {name}: {after:?}");
+    // Long enough for a count of the table begun after the command (the
+    // agent counts at most every 5 s).
+    let still = lb(&agent, &["backend", "wait-drained", "web", &address, "--timeout", "8s"], false);
+    assert!(still.contains("still") && !still.contains("still 0 "), "{on_it} kept connections on {name}: {still}");
+
+    let report = load.stop();
+    assert!(report.clean(), "drain broke nothing ({on_it} kept connections were on {name}): {report:#?}");
+    // The kept connections closed; their entries are idle past the closing
+    // timeout (10 s) soon after, and the count is at most ~5 s old.
+    let started = Instant::now();
+    let done = lb(&agent, &["backend", "wait-drained", "web", &address, "--timeout", "40s"], true);
+    assert!(done.contains("drained"), "{done}");
+    eprintln!("wait-drained returned {:?} after the connections closed", started.elapsed());
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn disable_moves_its_flows_and_enable_brings_it_back() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let pins = PinDir::new(&testbed).expect("a pin directory");
+    let agent = running(&testbed, &pins.config(&config_for(&testbed, HealthCheck::default())));
+    let vip = testbed.vip_http();
+    let mut conn = testbed.client().enter(|| HttpConn::connect(vip)).expect("client ns").expect("connect");
+    let name = conn.get("/", true).expect("first request").backend().expect("a backend");
+    let address = testbed.backend_http(index_of(&testbed, &name)).to_string();
+
+    lb(&agent, &["backend", "disable", "web", &address], true);
+    let (admin, ..) = web_backend(&agent, &address);
+    assert_eq!(admin, "maint");
+    assert!(conn.get("/", true).is_err(), "its flow moved: the new backend resets it");
+    let after = spread(&testbed, 60);
+    assert_eq!((after.ok(), after.count(&name)), (60, 0), "none on disabled {name}: {after:?}");
+
+    lb(&agent, &["backend", "enable", "web", &address], true);
+    assert_eq!(web_backend(&agent, &address).0, "ready");
+    let back = spread(&testbed, 60);
+    assert!(back.count(&name) > 0, "enabled {name} takes new connections again: {back:?}");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn runtime_changes_survive_a_restart_and_reloads_and_lb_reload_shows_its_result() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let pins = PinDir::new(&testbed).expect("a pin directory");
+    let config = pins.config(&config_for(&testbed, HealthCheck::default()));
+    let mut first = running(&testbed, &config);
+    let (x, y) = (testbed.backend_http(1).to_string(), testbed.backend_http(2).to_string());
+    lb(&first, &["backend", "drain", "web", &x], true);
+    lb(&first, &["backend", "weight", "web", &y, "5"], true);
+    let refused = lb(&first, &["backend", "drain", "web", "198.18.2.99:8080"], false);
+    assert!(refused.contains("no backend 198.18.2.99:8080 of vip web"), "{refused}");
+
+    first.kill().expect("SIGKILL");
+    let second = Agent::start_pinned(&testbed, &config).expect("starting lb again");
+    assert_eq!(web_backend(&second, &x).0, "drain", "the drain survived the restart");
+    let (_, weight, runtime, _) = web_backend(&second, &y);
+    assert_eq!((weight, runtime), (5, true), "the runtime weight survived the restart");
+    let after = spread(&testbed, 60);
+    assert_eq!(after.count(&testbed.backend_name(1)), 0, "still drained after the restart: {after:?}");
+
+    // A reload that changes the file's weight of y: the runtime weight stays.
+    let path = second.config_path();
+    let text = fs::read_to_string(&path).expect("config");
+    let from = format!("address = \"{y}\"\nweight = 1\n");
+    fs::write(&path, text.replacen(&from, &format!("address = \"{y}\"\nweight = 2\n"), 1)).expect("rewrite");
+    let said = lb(&second, &["reload"], true);
+    assert!(said.contains(&format!("vip web backend {y} weight 1 -> 2")), "lb reload prints the change: {said}");
+    assert_eq!(web_backend(&second, &x).0, "drain", "a reload keeps the drain");
+    assert_eq!(web_backend(&second, &y).1, 5, "and the runtime weight");
+
+    let good = fs::read_to_string(&path).expect("config");
+    fs::write(&path, good.replacen("weight = 1", "weight = \"heavy\"", 1)).expect("rewrite");
+    let refused = lb(&second, &["reload"], false);
+    assert!(refused.contains("lb.toml") && refused.contains("weight"), "file, key and reason: {refused}");
+    fs::write(&path, good).expect("restore");
+    assert!(lb(&second, &["reload"], true).contains("no changes"));
+
+    lb(&second, &["backend", "enable", "web", &x], true);
+    lb(&second, &["backend", "weight", "web", &y, "config"], true);
+    assert_eq!(web_backend(&second, &y).1, 2, "back to the file's weight");
+    let state = fs::read_to_string(pins.state_file()).expect("state file");
+    assert!(!state.contains(&x) && !state.contains(&y), "cleared changes leave the state file: {state}");
+}
