@@ -47,6 +47,15 @@ fn xdp_attached(testbed: &Testbed) -> Vec<String> {
         .collect()
 }
 
+/// The id of the XDP program on each gateway interface (`prog/xdp id N`).
+fn xdp_prog_ids(testbed: &Testbed) -> Vec<u32> {
+    let out = testbed.gateway().exec_ok(&["ip", "-o", "link", "show"]).expect("ip link show in the gateway");
+    out.lines()
+        .filter_map(|l| l.split("prog/xdp id ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
 fn assert_clean(report: &LoadReport, what: &str, logs: &str) {
     assert!(report.new_ok >= 40, "{what}: too little load to tell: {report:?}");
     assert!(report.kept_requests >= 100, "{what}: too little load to tell: {report:?}");
@@ -66,6 +75,8 @@ fn restart_under_load(stop: impl FnOnce(&mut Agent)) {
     let pins = PinDir::new(&testbed).expect("a pin directory");
     let config = pins.config(&config_for(&testbed, CHECK));
     let mut first = running(&testbed, &config);
+    let programs_before = xdp_prog_ids(&testbed);
+    assert_eq!(programs_before.len(), 2, "one program on each interface");
     let load = Load::start(testbed.client(), testbed.vip_http(), Pace::default());
     thread::sleep(AROUND);
 
@@ -87,6 +98,14 @@ fn restart_under_load(stop: impl FnOnce(&mut Agent)) {
         "adopting an unchanged config rewrote no ring:\n{log}"
     );
     assert_eq!(second.backend_health("web").expect("status"), vec!["up"; 3], "health carried over");
+    // The new agent's program (what an upgrade brings) runs now: replaced
+    // in place through the pinned links, with not a packet lost above.
+    let programs_after = xdp_prog_ids(&testbed);
+    assert_eq!(programs_after.len(), 2, "one program on each interface");
+    assert!(
+        programs_after.iter().all(|id| !programs_before.contains(id)),
+        "the programs were replaced: {programs_before:?} then {programs_after:?}"
+    );
 }
 
 #[test]
@@ -176,6 +195,15 @@ fn pinned_state_of_another_layout_is_refused_and_keeps_forwarding() {
     let mut agent = Agent::start_pinned(&testbed, &config).expect("starting lb");
     agent.wait_health("web", &["up"; 2], Duration::from_secs(10)).expect("web backends up");
     assert!(agent.stop().expect("SIGTERM"));
+
+    // A binary of another layout version finds this tag.
+    let tag = pins.path().join("LAYOUT");
+    std::fs::remove_file(&tag).expect("removing the layout tag");
+    std::os::unix::fs::symlink("lb-layout-v0", &tag).expect("an older layout tag");
+    let refused = Agent::start_pinned(&testbed, &config).expect_err("another layout version is refused");
+    assert!(format!("{refused:#}").contains("layout version: pinned 0, this lb's 1"), "{refused:#}");
+    std::fs::remove_file(&tag).expect("removing the layout tag");
+    std::os::unix::fs::symlink("lb-layout-v1", &tag).expect("the layout tag back");
 
     let resized = config.replacen("[agent]\n", "[agent]\nconntrack_capacity = 4096\n", 1);
     let refused = Agent::start_pinned(&testbed, &resized).expect_err("another layout is refused");
