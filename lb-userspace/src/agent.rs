@@ -32,7 +32,7 @@ use crate::{
     },
     descriptors,
     health::{self, Health, HealthEvent, ProbePool},
-    host,
+    host, notify,
 };
 
 /// What the admin API reads and the health loop writes.
@@ -95,7 +95,13 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, adopted = adopt, "running");
 
     let control_socket = config.agent.control_socket.clone();
-    let stop = follow_events(config, &state, &mut health, &mut control).await?;
+    let readiness = Readiness::new(&config);
+    let stop = follow_events(config, &state, &mut health, &mut control, readiness).await?;
+    notify::stopping(if opts.unload_on_exit {
+        "stopping; unloading the data path"
+    } else {
+        "stopping; the data path stays attached"
+    });
     let _ = std::fs::remove_file(&control_socket);
     health.stop_all();
     if opts.unload_on_exit {
@@ -233,6 +239,62 @@ fn restore_runtime(config: &Config, balancer: &mut Balancer) -> anyhow::Result<(
     Ok(())
 }
 
+/// When to tell systemd `READY=1`: once the data path is attached and no
+/// checked backend's health is unknown (adopted health counts as known), or
+/// after a bound, so a backend that never answers cannot hold the start.
+struct Readiness {
+    /// `None` once READY=1 was sent.
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Readiness {
+    fn new(config: &Config) -> Self {
+        // Long enough for every first probe (staggered over at most an
+        // interval, or `health::MAX_STAGGER`) to finish or time out.
+        let checks = config.vips.iter().map(|v| &v.health_check);
+        let bound = checks.map(|c| c.interval.min(health::MAX_STAGGER) + c.timeout).max().unwrap_or_default();
+        Readiness { deadline: Some(tokio::time::Instant::now() + bound + std::time::Duration::from_secs(1)) }
+    }
+
+    /// Sends READY=1 if every checked backend's health is known.
+    fn check(&mut self, state: &Mutex<AgentState>) {
+        if self.deadline.is_none() {
+            return;
+        }
+        let unknown =
+            state.lock().map_or(usize::MAX, |g| g.balancer.backends().filter(|b| b.health == Health::Unknown).count());
+        if unknown == 0 {
+            self.deadline = None;
+            notify::ready("attached; every backend's health is known");
+            tracing::info!("ready: attached, every backend's health known");
+        }
+    }
+
+    /// Resolves at the deadline while READY=1 is pending; never after.
+    async fn timeout(&self) {
+        match self.deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The deadline passed: READY=1 anyway, saying how many are unknown.
+    fn give_up(&mut self, state: &Mutex<AgentState>) {
+        self.deadline = None;
+        let unknown = state.lock().map_or(0, |g| g.balancer.backends().filter(|b| b.health == Health::Unknown).count());
+        notify::ready(&format!("attached; {unknown} backends not yet probed"));
+        tracing::warn!(unknown, "ready: attached, but some backends' first probes have not finished");
+    }
+
+    /// After a reload (applied or refused): READY=1 again, unless the first
+    /// one is still pending.
+    fn reloaded(&self) {
+        if self.deadline.is_none() {
+            notify::ready("reloaded");
+        }
+    }
+}
+
 /// Makes the checkers match the balancer's backends (after a reload).
 fn follow_checkers(state: &Mutex<AgentState>, health: &mut HealthChecks) {
     if let Ok(wanted) = state.lock().map(|guard| Checkers::of(&guard.balancer)) {
@@ -260,32 +322,45 @@ async fn follow_events(
     state: &Arc<Mutex<AgentState>>,
     health: &mut HealthChecks,
     control: &mut mpsc::Receiver<Pending>,
+    mut readiness: Readiness,
 ) -> anyhow::Result<&'static str> {
+    readiness.check(state);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut local_refresh = tokio::time::interval(host::LOCAL_ADDRESS_REFRESH);
     loop {
         tokio::select! {
-            Some(event) = health.next() => apply_health(state, event),
+            Some(event) = health.next() => {
+                apply_health(state, event);
+                readiness.check(state);
+            }
+            () = readiness.timeout() => readiness.give_up(state),
             _ = local_refresh.tick() => refresh_local_addresses(state),
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP");
+                notify::reloading();
                 if let Ok((new, _)) = reload_config(&config, state) {
                     config = new;
                     follow_checkers(state, health);
                 }
+                readiness.reloaded();
             }
             Some(pending) = control.recv() => {
                 let answer = match &pending.request {
-                    ControlRequest::Reload => match reload_config(&config, state) {
-                        Ok((new, changes)) => {
-                            config = new;
-                            follow_checkers(state, health);
-                            let messages = if changes.is_empty() { vec!["no changes".to_owned()] } else { changes };
-                            ControlAnswer { ok: true, messages }
-                        }
-                        Err(refusal) => ControlAnswer { ok: false, messages: vec![refusal] },
-                    },
+                    ControlRequest::Reload => {
+                        notify::reloading();
+                        let answer = match reload_config(&config, state) {
+                            Ok((new, changes)) => {
+                                config = new;
+                                follow_checkers(state, health);
+                                let messages = if changes.is_empty() { vec!["no changes".to_owned()] } else { changes };
+                                ControlAnswer { ok: true, messages }
+                            }
+                            Err(refusal) => ControlAnswer { ok: false, messages: vec![refusal] },
+                        };
+                        readiness.reloaded();
+                        answer
+                    }
                     ControlRequest::Backend(request) => {
                         let answer = backend_control(request, state, &config.agent.state_file);
                         follow_checkers(state, health);

@@ -217,11 +217,25 @@ impl Agent {
     ///
     /// As for [`Self::start`].
     pub fn start_pinned(testbed: &Testbed, config: &str) -> anyhow::Result<Self> {
+        Self::start_pinned_with(testbed, config, |_| {})
+    }
+
+    /// Like [`Self::start_pinned`], but `configure` may adjust the command
+    /// (e.g. set `NOTIFY_SOCKET`).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Self::start`].
+    pub fn start_pinned_with(
+        testbed: &Testbed,
+        config: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Self> {
         let lb = crate::lb_bin()?;
         let mut cmd = Command::new("nsenter");
         let netns = testbed.gateway().path();
         cmd.arg(format!("--net={}", netns.display())).arg("--").arg(&lb).arg("run").stdin(Stdio::null());
-        Self::spawn(testbed, config, cmd, |_| {})
+        Self::spawn(testbed, config, cmd, configure)
     }
 
     /// Writes the config, spawns `cmd --config FILE` with the log captured,

@@ -159,3 +159,45 @@ fn runtime_changes_survive_a_restart_and_reloads_and_lb_reload_shows_its_result(
     let state = fs::read_to_string(pins.state_file()).expect("state file");
     assert!(!state.contains(&x) && !state.contains(&y), "cleared changes leave the state file: {state}");
 }
+
+/// Datagrams on `socket` until one contains `want`, within `within`.
+fn wait_notify(socket: &std::os::unix::net::UnixDatagram, want: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let mut buf = [0u8; 512];
+        if let Ok(n) = socket.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            if seen.last().is_some_and(|m| m.contains(want)) {
+                return seen;
+            }
+        }
+    }
+    panic!("no {want:?} within {within:?}; got {seen:?}");
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn systemd_hears_ready_once_health_is_known_and_reloading_around_a_reload() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(2).expect("building the testbed");
+    let pins = PinDir::new(&testbed).expect("a pin directory");
+    let path = std::env::temp_dir().join(format!("lb-tests-notify-{}.sock", testbed.id()));
+    let _ = fs::remove_file(&path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("binding a notify socket");
+    socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let config = pins.config(&config_for(&testbed, HealthCheck::default()));
+    let mut agent = Agent::start_pinned_with(&testbed, &config, |cmd| {
+        cmd.env("NOTIFY_SOCKET", &path);
+    })
+    .expect("starting lb");
+    let seen = wait_notify(&socket, "READY=1", Duration::from_secs(10));
+    let health = agent.backend_health("web").expect("status");
+    assert!(health.iter().all(|h| h != "unknown"), "READY=1 came once health was known: {health:?}, {seen:?}");
+    lb(&agent, &["reload"], true);
+    let seen = wait_notify(&socket, "READY=1", Duration::from_secs(5));
+    assert!(seen.iter().any(|m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC=")), "{seen:?}");
+    assert!(agent.stop().expect("SIGTERM"));
+    wait_notify(&socket, "STOPPING=1", Duration::from_secs(2));
+    let _ = fs::remove_file(&path);
+}

@@ -14,8 +14,10 @@ use crate::{api::Status, dataplane::pins};
 /// Width of the backend address column: an IPv4 `address:port` fits.
 const MIN_ADDRESS_WIDTH: usize = 22;
 
-/// Print each VIP with its backends' health and traffic, from a running
-/// agent's admin API.
+/// Print each VIP with its backends' health, admin state (ready, drain,
+/// maint), weight (`*`: set at runtime), traffic and active flows, from a
+/// running agent's admin API; or, when no agent answers, whether the data
+/// path still runs pinned without one.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The agent's admin address (agent.admin_listen).
@@ -55,14 +57,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // IPv6 backends ("[2001:db8:2::11]:8080") are wider than IPv4 ones.
         let width = vip.backends.iter().map(|b| b.address.len()).max().unwrap_or(0).max(MIN_ADDRESS_WIDTH);
         for b in &vip.backends {
+            let weight = format!("{}{}", b.weight, if b.weight_set_at_runtime { "*" } else { "" });
             println!(
-                "  {:<width$} {:<7} w={:<3} {:<6} {:>10} pkts {:>8} flows  {}",
+                "  {:<width$} {:<7} {:<5} w={:<4} {:<6} {:>10} pkts {:>8} flows {:>6} active  {}",
                 b.address,
                 b.health,
-                b.weight,
+                b.admin,
+                weight,
                 if b.backup { "backup" } else { "" },
                 b.traffic.packets,
                 b.traffic.new_flows,
+                b.active_flows,
                 b.last_check.as_deref().unwrap_or("")
             );
         }
