@@ -18,7 +18,7 @@ use crate::{
     api::{
         self, Status, StatusSource,
         control::{self, BackendAction, BackendRequest, ControlAnswer, ControlRequest, Pending},
-        status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus},
+        status::{BackendStatus, ConfigStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus},
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     control::{
@@ -43,6 +43,8 @@ struct AgentState {
     last_checks: HashMap<u32, String>,
     /// The checkers' shared probe slots, for their counters in `/status`.
     probes: ProbePool,
+    /// The config's generation and last reload, for `/status` and `/metrics`.
+    config: ConfigStatus,
 }
 
 /// How `lb run` treats the pinned data path.
@@ -195,7 +197,10 @@ async fn start(
     let budget = descriptor_budget(fd_limit);
     let probes = ProbePool::new(budget.probes);
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
-    let state = Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes }));
+    let config_status =
+        ConfigStatus { generation: 1, last_reload_successful: true, last_reload_success_timestamp_seconds: unix_now() };
+    let state =
+        Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes, config: config_status }));
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let agent = &config.agent;
@@ -552,6 +557,14 @@ type ReloadOutcome = Result<(Config, Vec<String>), String>;
 fn reload_config(running: &Config, state: &Mutex<AgentState>) -> ReloadOutcome {
     tracing::info!(file = %running.source.display(), "reloading the config");
     let outcome = try_reload(running, state);
+    if let Ok(mut guard) = state.lock() {
+        let config = &mut guard.config;
+        config.last_reload_successful = outcome.is_ok();
+        if outcome.is_ok() {
+            config.generation += 1;
+            config.last_reload_success_timestamp_seconds = unix_now();
+        }
+    }
     match &outcome {
         Ok((_, changes)) => {
             for change in changes {
@@ -581,6 +594,11 @@ fn try_reload(running: &Config, state: &Mutex<AgentState>) -> ReloadOutcome {
     save_runtime(&new.agent.state_file, balancer);
     let changes = actions.iter().map(ToString::to_string).collect();
     Ok((plan::as_running(running, new), changes))
+}
+
+/// Seconds since the Unix epoch, for the reload metrics.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Writes the runtime changes `balancer` holds to `path`; a failure is
@@ -675,7 +693,7 @@ impl StatusSource for AgentState {
             probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
             local_errors: self.probes.local_errors(),
         };
-        Status { vips, verdicts, conntrack, health_checks }
+        Status { vips, verdicts, conntrack, health_checks, config: self.config }
     }
 }
 

@@ -150,8 +150,15 @@ fn runtime_changes_survive_a_restart_and_reloads_and_lb_reload_shows_its_result(
     fs::write(&path, good.replacen("weight = 1", "weight = \"heavy\"", 1)).expect("rewrite");
     let refused = lb(&second, &["reload"], false);
     assert!(refused.contains("lb.toml") && refused.contains("weight"), "file, key and reason: {refused}");
+    let metrics = second.metrics().expect("/metrics");
+    assert!(metrics.contains("lb_config_last_reload_successful 0"), "{metrics}");
+    assert!(metrics.contains("lb_config_generation 2"), "start, then one applied reload: {metrics}");
     fs::write(&path, good).expect("restore");
     assert!(lb(&second, &["reload"], true).contains("no changes"));
+    let metrics = second.metrics().expect("/metrics");
+    assert!(metrics.contains("lb_config_last_reload_successful 1"), "{metrics}");
+    assert!(metrics.contains("lb_config_generation 3"), "{metrics}");
+    assert!(metrics.contains("lb_config_last_reload_success_timestamp_seconds 1"), "{metrics}");
 
     lb(&second, &["backend", "enable", "web", &x], true);
     lb(&second, &["backend", "weight", "web", &y, "config"], true);

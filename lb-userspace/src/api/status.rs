@@ -15,6 +15,21 @@ pub struct Status {
     /// The health checkers as a whole. Absent from older agents' answers.
     #[serde(default)]
     pub health_checks: HealthChecksStatus,
+    /// The config file and its reloads. Absent from older agents' answers.
+    #[serde(default)]
+    pub config: ConfigStatus,
+}
+
+/// The config running, and how its last reload went.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    /// 1 for the file read at start, one more per applied reload.
+    pub generation: u64,
+    /// Whether the last reload (SIGHUP or `lb reload`) was applied; true
+    /// before any.
+    pub last_reload_successful: bool,
+    /// When the config now running was applied (start or reload), in Unix seconds.
+    pub last_reload_success_timestamp_seconds: f64,
 }
 
 /// The health checkers as a whole.
