@@ -17,7 +17,7 @@ use tokio::{
 use crate::{
     api::{
         self, Status, StatusSource,
-        control::{self, BackendAction, BackendRequest, ControlAnswer, ControlRequest, Pending},
+        control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
         status::{BackendStatus, ConfigStatus, ConntrackStatus, HealthChecksStatus, Traffic, VerdictCount, VipStatus},
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
@@ -154,8 +154,8 @@ fn decide_adoption(pins: &PinDir, load: &LoadOptions) -> anyhow::Result<bool> {
 struct Started {
     program: Program,
     state: Arc<Mutex<AgentState>>,
-    /// The admin (TCP) and control (Unix) servers.
-    servers: [tokio::task::JoinHandle<()>; 2],
+    /// The admin (TCP) and control (Unix, and TCP if configured) servers.
+    servers: Vec<tokio::task::JoinHandle<()>>,
     checkers: Checkers,
     control: mpsc::Receiver<Pending>,
 }
@@ -204,9 +204,12 @@ async fn start(
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let agent = &config.agent;
-    let control =
-        control::serve(&agent.control_socket, agent.control_group.as_deref(), admin_limits, state.clone(), control_tx)
-            .await?;
+    let tcp = match (&agent.control_listen, &agent.control_token_file) {
+        (Some(address), Some(file)) => Some((*address, control::read_token(file)?)),
+        _ => None,
+    };
+    let listen = ControlListen { socket: &agent.control_socket, group: agent.control_group.as_deref(), tcp };
+    let control = control::serve(listen, admin_limits, state.clone(), control_tx).await?;
 
     let mode = match config.agent.xdp_mode {
         XdpMode::Native => aya::programs::XdpMode::Driver,
@@ -222,7 +225,9 @@ async fn start(
         }
     }
     detach_unconfigured(pins, &config.agent.interfaces);
-    Ok(Started { program, state, servers: [admin, control], checkers, control: control_rx })
+    let mut servers = control;
+    servers.push(admin);
+    Ok(Started { program, state, servers, checkers, control: control_rx })
 }
 
 /// Control requests queued for the event loop before a client waits.

@@ -208,3 +208,91 @@ fn systemd_hears_ready_once_health_is_known_and_reloading_around_a_reload() {
     wait_notify(&socket, "STOPPING=1", Duration::from_secs(2));
     let _ = fs::remove_file(&path);
 }
+
+/// A raw HTTP/1.1 request over `stream`; returns the status code.
+fn raw_status(mut stream: impl std::io::Read + std::io::Write, request: &[u8]) -> u16 {
+    stream.write_all(request).expect("sending");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn the_control_api_refuses_outsiders_missing_tokens_and_oversized_requests_without_disturbing_traffic() {
+    use std::{net::TcpStream, os::unix::net::UnixStream, process::Command};
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let pins = PinDir::new(&testbed).expect("a pin directory");
+    let token_file = std::env::temp_dir().join(format!("lb-tests-token-{}", testbed.id()));
+    fs::write(&token_file, "s3cret-token\n").expect("token file");
+    let control_tcp = "127.0.0.1:9101";
+    let extra = format!(
+        "[agent]\ncontrol_group = \"nogroup\"\ncontrol_listen = \"{control_tcp}\"\ncontrol_token_file = \"{}\"\n",
+        token_file.display()
+    );
+    let config = pins.config(&config_for(&testbed, HealthCheck::default())).replacen("[agent]\n", &extra, 1);
+    let agent = running(&testbed, &config);
+    let load = Load::start(testbed.client(), testbed.vip_http(), Pace::default());
+    let address = testbed.backend_http(1).to_string();
+    let socket = agent.control_socket();
+    let lb_bin = lb_tests::lb_bin().expect("lb");
+
+    // Outside the socket's group: refused by the file system.
+    let outsider = Command::new("setpriv")
+        .args(["--reuid=65533", "--regid=65533", "--clear-groups", "--"])
+        .arg(&lb_bin)
+        .args(["backend", "drain", "web", &address, "--socket"])
+        .arg(&socket)
+        .output()
+        .expect("setpriv");
+    let said = String::from_utf8_lossy(&outsider.stderr);
+    assert!(!outsider.status.success() && said.contains("Permission denied"), "an outsider is refused: {said}");
+    // In the group: allowed.
+    let member = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&lb_bin)
+        .args(["backend", "weight", "web", &address, "config", "--socket"])
+        .arg(&socket)
+        .output()
+        .expect("setpriv");
+    assert!(member.status.success(), "a member of the group may: {}", String::from_utf8_lossy(&member.stderr));
+
+    // Oversized body (413) and header (431) on the socket.
+    let big = "x".repeat(8192);
+    let body = format!("{{\"vip\":\"web\",\"address\":\"{address}\",\"action\":\"drain\",\"pad\":\"{big}\"}}");
+    let request = format!(
+        "POST /backend HTTP/1.1\r\nHost: lb\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(raw_status(UnixStream::connect(&socket).expect("connect"), request.as_bytes()), 413);
+    let request =
+        format!("GET /status HTTP/1.1\r\nHost: lb\r\nX-Pad: {}\r\nConnection: close\r\n\r\n", "y".repeat(32 * 1024));
+    assert_eq!(raw_status(UnixStream::connect(&socket).expect("connect"), request.as_bytes()), 431);
+
+    // Over TCP: a token on every request, else 401.
+    let tcp = |request: String| {
+        testbed
+            .gateway()
+            .enter(move || raw_status(TcpStream::connect(control_tcp).expect("connect"), request.as_bytes()))
+            .expect("gateway ns")
+    };
+    let drain = format!("{{\"vip\":\"web\",\"address\":\"{address}\",\"action\":\"drain\"}}");
+    let post = |auth: &str| {
+        format!(
+            "POST /backend HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{drain}",
+            drain.len()
+        )
+    };
+    assert_eq!(tcp(post("")), 401, "no token");
+    assert_eq!(tcp(post("Authorization: Bearer wrong-token\r\n")), 401, "a wrong token");
+    assert_eq!(web_backend(&agent, &address).0, "ready", "nothing changed");
+    assert_eq!(tcp(post("Authorization: Bearer s3cret-token\r\n")), 200, "the token");
+    assert_eq!(web_backend(&agent, &address).0, "drain");
+    lb(&agent, &["backend", "enable", "web", &address], true);
+
+    let report = load.stop();
+    assert!(report.clean(), "none of it disturbed traffic: {report:#?}");
+    let _ = fs::remove_file(&token_file);
+}

@@ -91,21 +91,34 @@ struct ControlState {
     requests: mpsc::Sender<Pending>,
 }
 
-/// Binds the control socket at `path` (mode 0660, group `group` if set;
-/// a stale socket no one answers on is replaced) and serves it.
+/// Where and how the control API is served.
+#[derive(Clone, Debug)]
+pub struct ControlListen<'a> {
+    /// The Unix socket (mode 0660).
+    pub socket: &'a Path,
+    /// The group given the socket, if any.
+    pub group: Option<&'a str>,
+    /// An optional TCP address, where every request needs `token`.
+    pub tcp: Option<(SocketAddr, String)>,
+}
+
+/// Binds the control socket (mode 0660, its group if set; a stale socket no
+/// one answers on is replaced) and, if configured, the TCP control address,
+/// and serves both. Over TCP every request must carry `Authorization:
+/// Bearer <token>`, else 401.
 ///
 /// # Errors
 ///
-/// When another process answers on `path`, the group does not exist, or the
-/// socket cannot be bound.
+/// When another process answers on the socket, the group does not exist, or
+/// a listener cannot be bound.
 pub async fn serve(
-    path: &Path,
-    group: Option<&str>,
+    listen: ControlListen<'_>,
     limits: Limits,
     source: Shared,
     requests: mpsc::Sender<Pending>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = bind(path, group).with_context(|| format!("agent.control_socket: {}", path.display()))?;
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let path = listen.socket;
+    let listener = bind(path, listen.group).with_context(|| format!("agent.control_socket: {}", path.display()))?;
     let app = Router::new()
         .route("/status", get(status_json))
         .route("/metrics", get(metrics_text))
@@ -113,7 +126,59 @@ pub async fn serve(
         .route("/reload", post(reload))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(ControlState { source, requests });
-    Ok(tokio::spawn(server::accept_loop_unix(listener, app, limits)))
+    let mut servers = vec![tokio::spawn(server::accept_loop_unix(listener, app.clone(), limits))];
+    if let Some((address, token)) = listen.tcp {
+        let tcp = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the control API to {address} (agent.control_listen)"))?;
+        let token = std::sync::Arc::new(token);
+        let app = app.layer(axum::middleware::from_fn(move |request, next| {
+            let token = token.clone();
+            async move { require_token(&token, request, next).await }
+        }));
+        servers.push(tokio::spawn(server::accept_loop(tcp, app, limits)));
+    }
+    Ok(servers)
+}
+
+/// Passes the request on only if it carries the bearer token; 401 otherwise.
+async fn require_token(
+    token: &str,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes())) {
+        return next.run(request).await;
+    }
+    let answer =
+        ControlAnswer { ok: false, messages: vec!["a bearer token is required (agent.control_token_file)".into()] };
+    (StatusCode::UNAUTHORIZED, [(axum::http::header::WWW_AUTHENTICATE, "Bearer")], Json(answer)).into_response()
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the bearer token from `path`: its first line, trimmed, not empty.
+///
+/// # Errors
+///
+/// When the file cannot be read or holds no token.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("agent.control_token_file: reading {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_owned();
+    if token.is_empty() {
+        bail!("agent.control_token_file: {} holds no token", path.display());
+    }
+    Ok(token)
 }
 
 fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<tokio::net::UnixListener> {

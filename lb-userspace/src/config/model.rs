@@ -42,6 +42,11 @@ pub struct AgentConfig {
     pub control_socket: PathBuf,
     /// The group that may use the control socket (besides root).
     pub control_group: Option<String>,
+    /// An optional TCP address for the control API; every request there
+    /// needs the bearer token of [`AgentConfig::control_token_file`].
+    pub control_listen: Option<SocketAddr>,
+    /// The file holding the control API's bearer token (first line).
+    pub control_token_file: Option<PathBuf>,
     /// Where runtime changes (drain, maintenance, weights) are kept, so they
     /// survive restarts and reloads until cleared.
     pub state_file: PathBuf,

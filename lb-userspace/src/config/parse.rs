@@ -37,6 +37,8 @@ const AGENT_KEYS: &[&str] = &[
     "pin_dir",
     "control_socket",
     "control_group",
+    "control_listen",
+    "control_token_file",
     "state_file",
 ];
 const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "backend"];
@@ -102,6 +104,8 @@ struct AgentSettings {
     pin_dir: PathBuf,
     control_socket: PathBuf,
     control_group: Option<String>,
+    control_listen: Option<SocketAddr>,
+    control_token_file: Option<PathBuf>,
     state_file: PathBuf,
 }
 
@@ -144,6 +148,7 @@ fn agent_settings(mut s: Section) -> Result<AgentSettings> {
         return Err(s.problem("control_group", "empty; name a group, or leave it out"));
     }
     let state_file = absolute_path(&mut s, "state_file", DEFAULT_STATE_FILE)?;
+    let (control_listen, control_token_file) = control_tcp(&mut s)?;
     s.finish()?;
     Ok(AgentSettings {
         interfaces,
@@ -155,6 +160,8 @@ fn agent_settings(mut s: Section) -> Result<AgentSettings> {
         pin_dir,
         control_socket,
         control_group,
+        control_listen,
+        control_token_file,
         state_file,
     })
 }
@@ -197,6 +204,8 @@ impl AgentSettings {
             pin_dir,
             control_socket,
             control_group,
+            control_listen,
+            control_token_file,
             state_file,
             ..
         } = self;
@@ -211,6 +220,8 @@ impl AgentSettings {
             pin_dir,
             control_socket,
             control_group,
+            control_listen,
+            control_token_file,
             state_file,
         })
     }
@@ -225,6 +236,30 @@ fn pin_dir(s: &mut Section) -> Result<PathBuf> {
         return Err(s.problem("pin_dir", format!("{text:?} is not an absolute path below a bpffs mount")));
     }
     Ok(path)
+}
+
+/// `agent.control_listen` and `agent.control_token_file`: the control API
+/// over TCP is optional, and never without a token.
+fn control_tcp(s: &mut Section) -> Result<(Option<SocketAddr>, Option<PathBuf>)> {
+    let listen = match s.string("control_listen")? {
+        Some(text) => Some(
+            text.parse::<SocketAddr>()
+                .map_err(|_| s.problem("control_listen", format!("{text:?} is not an address and port")))?,
+        ),
+        None => None,
+    };
+    let token = match s.string("control_token_file")? {
+        Some(text) if PathBuf::from(&text).is_absolute() => Some(PathBuf::from(text)),
+        Some(text) => return Err(s.problem("control_token_file", format!("{text:?} is not an absolute path"))),
+        None => None,
+    };
+    if listen.is_some() && token.is_none() {
+        return Err(s.problem(
+            "control_listen",
+            "set, but agent.control_token_file is not: the state-changing API over TCP requires a bearer token",
+        ));
+    }
+    Ok((listen, token))
 }
 
 /// An absolute path at `key`, or `default`.

@@ -242,6 +242,8 @@ fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static st
         pin_dir,
         control_socket,
         control_group,
+        control_listen,
+        control_token_file,
         state_file,
     } = old;
     [
@@ -253,6 +255,8 @@ fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static st
         ("pin_dir", *pin_dir != new.pin_dir),
         ("control_socket", *control_socket != new.control_socket),
         ("control_group", *control_group != new.control_group),
+        ("control_listen", *control_listen != new.control_listen),
+        ("control_token_file", *control_token_file != new.control_token_file),
         ("state_file", *state_file != new.state_file),
     ]
     .into_iter()

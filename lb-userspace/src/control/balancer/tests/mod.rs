@@ -92,6 +92,8 @@ fn config(ring_size: u32, vips: Vec<VipConfig>) -> Config {
             pin_dir: PathBuf::from("/sys/fs/bpf/lb-test"),
             control_socket: PathBuf::from("/run/lb-test/lb.sock"),
             control_group: None,
+            control_listen: None,
+            control_token_file: None,
             state_file: PathBuf::from("/var/lib/lb-test/state.json"),
         },
         vips,
