@@ -128,6 +128,8 @@ fn runtime_changes_survive_a_restart_and_reloads_and_lb_reload_shows_its_result(
     let refused = lb(&first, &["backend", "drain", "web", "198.18.2.99:8080"], false);
     assert!(refused.contains("no backend 198.18.2.99:8080 of vip web"), "{refused}");
 
+    // Everything below runs under load: restart, reloads good and bad.
+    let load = Load::start(testbed.client(), testbed.vip_http(), Pace::default());
     first.kill().expect("SIGKILL");
     let second = Agent::start_pinned(&testbed, &config).expect("starting lb again");
     assert_eq!(web_backend(&second, &x).0, "drain", "the drain survived the restart");
@@ -160,6 +162,8 @@ fn runtime_changes_survive_a_restart_and_reloads_and_lb_reload_shows_its_result(
     assert!(metrics.contains("lb_config_generation 3"), "{metrics}");
     assert!(metrics.contains("lb_config_last_reload_success_timestamp_seconds 1"), "{metrics}");
 
+    let report = load.stop();
+    assert!(report.clean(), "restart and reloads under load: {report:#?}");
     lb(&second, &["backend", "enable", "web", &x], true);
     lb(&second, &["backend", "weight", "web", &y, "config"], true);
     assert_eq!(web_backend(&second, &y).1, 2, "back to the file's weight");
