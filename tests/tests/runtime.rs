@@ -300,3 +300,33 @@ fn the_control_api_refuses_outsiders_missing_tokens_and_oversized_requests_witho
     assert!(report.clean(), "none of it disturbed traffic: {report:#?}");
     let _ = fs::remove_file(&token_file);
 }
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn keep_leaves_established_connections_on_a_backend_that_fails_its_checks_but_answers() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(3).expect("building the testbed");
+    let pins = PinDir::new(&testbed).expect("a pin directory");
+    let check = HealthCheck::default();
+    let config = pins.config(&config_for(&testbed, check)).replacen(
+        "name = \"web\"\n",
+        "name = \"web\"\non_backend_down = \"keep\"\n",
+        1,
+    );
+    let mut agent = running(&testbed, &config);
+    let vip = testbed.vip_http();
+    let mut conn = testbed.client().enter(|| HttpConn::connect(vip)).expect("client ns").expect("connect");
+    let name = conn.get("/", true).expect("first request").backend().expect("a backend");
+    let index = index_of(&testbed, &name);
+
+    testbed.set_backend_health(index, false).expect("failing its /health");
+    let mut want = vec!["up"; 3];
+    want[index - 1] = "down";
+    agent.wait_health("web", &want, check.detection_bound() + Duration::from_secs(1)).expect("down by its checks");
+    for _ in 0..3 {
+        let same = conn.get("/", true).expect("the established connection still works").backend();
+        assert_eq!(same.as_deref(), Some(name.as_str()), "and stays on {name}");
+    }
+    let after = spread(&testbed, 60);
+    assert_eq!((after.ok(), after.count(&name)), (60, 0), "no new connection on down {name}: {after:?}");
+}

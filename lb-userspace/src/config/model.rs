@@ -97,8 +97,35 @@ pub struct VipConfig {
     /// How a new flow picks its backend.
     pub scheduler: Scheduler,
     pub health_check: HealthCheckConfig,
+    /// What happens to the flows of a backend its health checks take down.
+    pub on_backend_down: OnBackendDown,
     /// At least one.
     pub backends: Vec<BackendConfig>,
+}
+
+/// `vip.on_backend_down`: what a backend's health checks going down does to
+/// the flows already on it. Either way it gets no new flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnBackendDown {
+    /// Its flows move to another backend at their next packet (a TCP one is
+    /// reset by its new backend): clients of a dead backend fail fast.
+    #[default]
+    Reschedule,
+    /// Its flows stay on it (HAProxy's and IPVS's default): a health blip
+    /// resets nothing, but clients of a dead backend wait for their own
+    /// timeouts. Maintenance (`lb backend disable`) still moves them.
+    Keep,
+}
+
+impl OnBackendDown {
+    /// Lowercase name, as in the config file.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnBackendDown::Reschedule => "reschedule",
+            OnBackendDown::Keep => "keep",
+        }
+    }
 }
 
 /// `vip.scheduler`: which hash of a new flow picks its backend. Either way

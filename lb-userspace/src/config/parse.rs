@@ -17,8 +17,8 @@ use toml::Table;
 use super::{
     error::Problem,
     model::{
-        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, StatusRange,
-        VipConfig, XdpMode,
+        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, OnBackendDown, Protocol, Scheduler,
+        StatusRange, VipConfig, XdpMode,
     },
     table::Section,
 };
@@ -41,7 +41,7 @@ const AGENT_KEYS: &[&str] = &[
     "control_token_file",
     "state_file",
 ];
-const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "backend"];
+const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "on_backend_down", "backend"];
 const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
@@ -336,6 +336,13 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         Some(other) => return Err(s.problem("protocol", format!("{other:?} is not one of: tcp, udp"))),
     };
     let scheduler = scheduler(&mut s)?;
+    let on_backend_down = match s.string("on_backend_down")?.as_deref() {
+        None | Some("reschedule") => OnBackendDown::Reschedule,
+        Some("keep") => OnBackendDown::Keep,
+        Some(other) => {
+            return Err(s.problem("on_backend_down", format!("{other:?} is not one of: reschedule, keep")));
+        }
+    };
     let health_check = match s.table("health_check", CHECK_KEYS)? {
         Some(section) => health_check(section)?,
         None => default_health_check(),
@@ -360,7 +367,7 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         check_same_family(listen, b.address).map_err(|reason| s.problem(&key, reason))?;
     }
     s.finish()?;
-    Ok(VipConfig { name, listen, protocol, scheduler, health_check, backends })
+    Ok(VipConfig { name, listen, protocol, scheduler, health_check, on_backend_down, backends })
 }
 
 /// `vip.scheduler`, `"maglev"` unless set.

@@ -231,6 +231,11 @@ fn operations_keys_have_defaults_and_are_checked() {
 #[test]
 fn vip_values_are_checked() {
     rejects(&MINIMAL.replace("\"web\"", "\"web site\""), "vip[1].name", "letters, digits");
+    let down = |value: &str| MINIMAL.replace("name = \"web\"", &format!("name = \"web\"\non_backend_down = {value}"));
+    rejects(&down("\"drop\""), "vip[1] (web).on_backend_down", "not one of: reschedule, keep");
+    let kept = parse(&down("\"keep\"")).expect("valid");
+    assert_eq!(kept.vips[0].on_backend_down, OnBackendDown::Keep);
+    assert_eq!(parse(MINIMAL).expect("valid").vips[0].on_backend_down, OnBackendDown::Reschedule);
     let listen = |value: &str| MINIMAL.replace("\"198.18.0.100:80\"", value);
     rejects(
         &listen("\"198.18.0.300:80\""),

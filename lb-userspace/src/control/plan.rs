@@ -38,7 +38,9 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf};
 
-use crate::config::model::{AgentConfig, BackendConfig, Config, HealthCheckConfig, Protocol, Scheduler, VipConfig};
+use crate::config::model::{
+    AgentConfig, BackendConfig, Config, HealthCheckConfig, OnBackendDown, Protocol, Scheduler, VipConfig,
+};
 
 /// One change a reload applies in place.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +84,11 @@ pub enum Action {
         vip: String,
         check: HealthCheckConfig,
     },
+    SetOnBackendDown {
+        vip: String,
+        from: OnBackendDown,
+        to: OnBackendDown,
+    },
 }
 
 impl Action {
@@ -95,7 +102,8 @@ impl Action {
             | Action::SetBackup { vip, .. }
             | Action::AddBackend { vip, .. }
             | Action::RemoveBackend { vip, .. }
-            | Action::SetHealthCheck { vip, .. } => vip,
+            | Action::SetHealthCheck { vip, .. }
+            | Action::SetOnBackendDown { vip, .. } => vip,
         }
     }
 }
@@ -131,6 +139,9 @@ impl fmt::Display for Action {
             ),
             Action::RemoveBackend { vip, address } => write!(f, "vip {vip} backend {address} removed"),
             Action::SetHealthCheck { vip, .. } => write!(f, "vip {vip} health_check changed, checkers restarted"),
+            Action::SetOnBackendDown { vip, from, to } => {
+                write!(f, "vip {vip} on_backend_down {} -> {}", from.as_str(), to.as_str())
+            }
         }
     }
 }
@@ -225,6 +236,9 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
     }
     if old.health_check != new.health_check {
         actions.push(Action::SetHealthCheck { vip: vip(), check: new.health_check.clone() });
+    }
+    if old.on_backend_down != new.on_backend_down {
+        actions.push(Action::SetOnBackendDown { vip: vip(), from: old.on_backend_down, to: new.on_backend_down });
     }
 }
 

@@ -26,7 +26,10 @@ use std::{
 
 use lb_common::{
     FAMILY_V6,
-    backend::{BACKEND_F_SHARED, BACKEND_STATE_DOWN, BACKEND_STATE_UNUSED, BACKEND_STATE_UP, BackendInfo},
+    backend::{
+        BACKEND_F_HEALTH_DOWN, BACKEND_F_SHARED, BACKEND_STATE_DOWN, BACKEND_STATE_UNUSED, BACKEND_STATE_UP,
+        BackendInfo,
+    },
     flow::{ReplyNat, SERVICE_F_SHARED},
     guard::{ServiceKey, SharedService},
     vip::{VipInfo, VipKey},
@@ -164,6 +167,7 @@ impl Balancer {
                 config_weight: 0,
                 weight_override: None,
                 admin: super::AdminState::Ready,
+                keep_when_down: false,
                 backup: false,
                 health: Health::Down,
                 // An unused slot needs no write: nothing names it.
@@ -189,7 +193,9 @@ impl Balancer {
                 let info = pinned.backends.get(&id)?;
                 let same = vid == vip_id && info.addr_be == wanted.addr_be && info.port_be == wanted.port_be;
                 let free = self.backends.get(backend_index(id)).is_some_and(|b| b.retired && b.vip_id == 0);
-                (same && free).then_some((id, info.state))
+                // UP only to keep its flows: its health was down.
+                let state = if info.flags & BACKEND_F_HEALTH_DOWN != 0 { BACKEND_STATE_DOWN } else { info.state };
+                (same && free).then_some((id, state))
             });
             let id = match claim {
                 Some((id, state)) => {
@@ -221,6 +227,7 @@ impl Balancer {
         }
         let at = self.vip_position(vip_id).unwrap_or_else(|at| at);
         self.vips.insert(at, vip);
+        self.sync_keep(at);
         self.count_ring_slots(at);
     }
 

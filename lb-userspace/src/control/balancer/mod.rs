@@ -272,6 +272,10 @@ impl Balancer {
             // A late verdict from a checker stopped by a reload.
             return Ok(Change::default());
         }
+        if backend.keep_when_down && backend.health != health {
+            // Its entry stays UP either way; rewritten for its health note.
+            backend.written_state = None;
+        }
         backend.health = health;
         let vip_id = backend.vip_id;
         self.sync_vip(vip_id, dp)

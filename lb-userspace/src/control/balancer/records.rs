@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 
 use lb_common::{
-    backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN},
+    backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP},
     vip::{VipInfo, VipKey},
 };
 
 use super::{AdminState, BackendView};
 use crate::{
-    config::model::{BackendConfig, HealthCheckConfig, Protocol, Scheduler, VipConfig},
+    config::model::{BackendConfig, HealthCheckConfig, OnBackendDown, Protocol, Scheduler, VipConfig},
     health::Health,
 };
 
@@ -23,6 +23,7 @@ pub(super) struct Vip {
     pub(super) protocol: Protocol,
     pub(super) scheduler: Scheduler,
     pub(super) health_check: HealthCheckConfig,
+    pub(super) on_backend_down: OnBackendDown,
     pub(super) key: VipKey,
     pub(super) backend_ids: Vec<u32>,
     /// Backends removed by a reload: written `DOWN` once the ring no longer
@@ -72,6 +73,9 @@ pub(super) struct Backend {
     pub(super) weight_override: Option<u32>,
     /// Drain or maintenance, set at runtime, kept until `enable`.
     pub(super) admin: AdminState,
+    /// Its VIP says `on_backend_down = "keep"`: down by its health checks,
+    /// it stays `UP` in `BACKENDS` (out of the ring), so its flows stay.
+    pub(super) keep_when_down: bool,
     pub(super) backup: bool,
     pub(super) health: Health,
     /// `BACKEND_STATE_*` last written; `None` before the first write or after
@@ -96,6 +100,7 @@ impl Backend {
             config_weight: config.weight,
             weight_override: None,
             admin: AdminState::Ready,
+            keep_when_down: false,
             backup: config.backup,
             health,
             written_state: None,
@@ -109,7 +114,14 @@ impl Backend {
     /// such a backend takes no new flows but keeps its existing ones.
     /// Maintenance is `DOWN` whatever its health: its flows move.
     pub(super) fn wanted_state(&self) -> u8 {
-        if self.admin == AdminState::Maint { BACKEND_STATE_DOWN } else { self.health.backend_state() }
+        if self.admin == AdminState::Maint || self.retired {
+            BACKEND_STATE_DOWN
+        } else if self.keep_when_down && self.health == Health::Down {
+            // Out of the ring (not available), but its flows stay.
+            BACKEND_STATE_UP
+        } else {
+            self.health.backend_state()
+        }
     }
 
     /// Whether it may take new flows: up, with weight, not drained or in maintenance.
@@ -156,6 +168,7 @@ impl Vip {
             protocol: config.protocol,
             scheduler: config.scheduler,
             health_check: config.health_check.clone(),
+            on_backend_down: config.on_backend_down,
             key: VipKey::new(config.listen, config.protocol.number()),
             backend_ids,
             retired: Vec::new(),

@@ -110,3 +110,22 @@ fn rings_of_another_size_are_refused() {
     let refused = Balancer::adopt(&config_b, &dp.pinned_state()).expect_err("another ring size");
     assert!(refused.to_string().contains("ring_size"), "{refused}");
 }
+
+#[test]
+fn a_kept_down_backend_is_adopted_as_down_not_as_its_up_entry() {
+    let mut vip = checked_vip(&["198.18.2.10:8080", "198.18.2.11:8080"]);
+    vip.on_backend_down = OnBackendDown::Keep;
+    let config = config(SMALL_M, vec![vip]);
+    let (mut first, mut dp) = installed(&config);
+    set(&mut first, &mut dp, 1, true);
+    set(&mut first, &mut dp, 2, true);
+    set(&mut first, &mut dp, 2, false);
+    assert_eq!(dp.backends.get(&2).map(|b| b.state), Some(BACKEND_STATE_UP), "kept: its entry stays up");
+
+    let mut second = adopt(&config, &dp);
+    let health: Vec<Health> = web_backends(&second).into_iter().map(|(_, _, h)| h).collect();
+    assert_eq!(health, [Health::Up, Health::Down], "its health note wins over the UP entry");
+    let calls = dp.calls.len();
+    second.install(&mut dp).expect("install");
+    assert!(dp.calls_since(calls).is_empty(), "nothing to write: {:?}", dp.calls_since(calls));
+}

@@ -175,3 +175,31 @@ fn a_runtime_weight_outlasts_a_reload_of_the_file_weight_until_cleared() {
     balancer.set_weight_override("web", address, None, &mut dp).expect("clear");
     assert_eq!(weight(&balancer), Some(3), "cleared: the file's weight");
 }
+
+#[test]
+fn keep_leaves_a_down_backend_up_in_backends_out_of_the_ring_and_a_reload_can_switch_it() {
+    let mut vip =
+        vip_config("web", "198.18.0.10:80", &[("198.18.2.10:8080", 1), ("198.18.2.11:8080", 1)], HealthCheckKind::Tcp);
+    vip.on_backend_down = OnBackendDown::Keep;
+    let old = config(SMALL_M, vec![vip]);
+    let (mut balancer, mut dp) = installed(&old);
+    set(&mut balancer, &mut dp, 1, true);
+    set(&mut balancer, &mut dp, 2, true);
+    set(&mut balancer, &mut dp, 2, false);
+    let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+    assert!(!dp.live_ring(&key).expect("live").contains(&2), "down: no new flows");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_UP), "keep: its flows stay");
+    // Maintenance still moves them.
+    balancer.set_admin("web", addr("198.18.2.11:8080"), AdminState::Maint, &mut dp).expect("maint");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN));
+    balancer.set_admin("web", addr("198.18.2.11:8080"), AdminState::Ready, &mut dp).expect("ready");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_UP), "kept again");
+    // A reload to reschedule takes it down.
+    let mut new = old.clone();
+    new.vips[0].on_backend_down = OnBackendDown::Reschedule;
+    let actions = crate::control::plan::reload(&old, &new).expect("plan");
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert_eq!(actions[0].to_string(), "vip web on_backend_down keep -> reschedule");
+    balancer.apply_reload(&actions, &mut dp).expect("reload");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN), "reschedule: its flows move");
+}

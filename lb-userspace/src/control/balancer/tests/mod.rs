@@ -32,7 +32,8 @@ use super::{
 };
 use crate::{
     config::model::{
-        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, VipConfig, XdpMode,
+        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, OnBackendDown, Protocol, Scheduler,
+        VipConfig, XdpMode,
     },
     control::{
         maglev::{self, MaglevBackend},
@@ -71,6 +72,7 @@ fn vip_config(name: &str, listen: &str, backends: &[(&str, u32)], kind: HealthCh
             fall: 2,
             port: None,
         },
+        on_backend_down: OnBackendDown::Reschedule,
         backends: backends
             .iter()
             .map(|&(a, weight)| BackendConfig { address: addr(a), weight, backup: false })
