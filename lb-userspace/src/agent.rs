@@ -48,11 +48,28 @@ struct AgentState {
 }
 
 /// How `lb run` treats the pinned data path.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Remove the program, its links and pins on the way out (the old
     /// behaviour): the data path stops with the agent.
     pub unload_on_exit: bool,
+    /// Overrides `agent.control_socket`, at start and at every reload.
+    pub control_socket: Option<std::path::PathBuf>,
+    /// Overrides `agent.state_file`, at start and at every reload.
+    pub state_file: Option<std::path::PathBuf>,
+}
+
+impl RunOptions {
+    /// Applies the command line's overrides to a config just read, so a
+    /// reload of the same file sees the same paths.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(path) = &self.control_socket {
+            config.agent.control_socket.clone_from(path);
+        }
+        if let Some(path) = &self.state_file {
+            config.agent.state_file.clone_from(path);
+        }
+    }
 }
 
 /// Runs the agent until SIGINT or SIGTERM. SIGHUP reloads the config file
@@ -98,7 +115,7 @@ pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 
     let control_socket = config.agent.control_socket.clone();
     let readiness = Readiness::new(&config);
-    let stop = follow_events(config, &state, &mut health, &mut control, readiness).await?;
+    let stop = follow_events(config, &opts, &state, &mut health, &mut control, readiness).await?;
     notify::stopping(if opts.unload_on_exit {
         "stopping; unloading the data path"
     } else {
@@ -329,6 +346,7 @@ fn detach_unconfigured(pins: &PinDir, interfaces: &[String]) {
 /// SIGINT or SIGTERM; returns which one.
 async fn follow_events(
     mut config: Config,
+    opts: &RunOptions,
     state: &Arc<Mutex<AgentState>>,
     health: &mut HealthChecks,
     control: &mut mpsc::Receiver<Pending>,
@@ -349,7 +367,7 @@ async fn follow_events(
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP");
                 notify::reloading();
-                if let Ok((new, _)) = reload_config(&config, state) {
+                if let Ok((new, _)) = reload_config(&config, opts, state) {
                     config = new;
                     follow_checkers(state, health);
                 }
@@ -359,7 +377,7 @@ async fn follow_events(
                 let answer = match &pending.request {
                     ControlRequest::Reload => {
                         notify::reloading();
-                        let answer = match reload_config(&config, state) {
+                        let answer = match reload_config(&config, opts, state) {
                             Ok((new, changes)) => {
                                 config = new;
                                 follow_checkers(state, health);
@@ -559,9 +577,9 @@ type ReloadOutcome = Result<(Config, Vec<String>), String>;
 /// change in place; logs every change, or the refusal as one error line.
 /// Runtime changes (`lb backend`) stay in force; those of backends the
 /// file removed are dropped from the state file.
-fn reload_config(running: &Config, state: &Mutex<AgentState>) -> ReloadOutcome {
+fn reload_config(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) -> ReloadOutcome {
     tracing::info!(file = %running.source.display(), "reloading the config");
-    let outcome = try_reload(running, state);
+    let outcome = try_reload(running, opts, state);
     if let Ok(mut guard) = state.lock() {
         let config = &mut guard.config;
         config.last_reload_successful = outcome.is_ok();
@@ -582,8 +600,9 @@ fn reload_config(running: &Config, state: &Mutex<AgentState>) -> ReloadOutcome {
     outcome
 }
 
-fn try_reload(running: &Config, state: &Mutex<AgentState>) -> ReloadOutcome {
-    let new = Config::load(&running.source).map_err(|error| error.to_string())?;
+fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) -> ReloadOutcome {
+    let mut new = Config::load(&running.source).map_err(|error| error.to_string())?;
+    opts.apply(&mut new);
     let actions = plan::reload(running, &new).map_err(|refusal| refusal.to_string())?;
     let mut guard = state.lock().map_err(|_| "the agent's state is poisoned".to_owned())?;
     let AgentState { balancer, maps, last_checks, .. } = &mut *guard;

@@ -251,8 +251,13 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("lb-tests-{}-{n}", testbed.id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config_path = dir.join("lb.toml");
-        let config = with_own_files(config, &dir);
         fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
+        // On the command line, not in the file: tests that rewrite the file
+        // for a reload need not repeat them.
+        cmd.arg("--control-socket").arg(dir.join("lb.sock"));
+        if !config.contains("state_file") {
+            cmd.arg("--state-file").arg(dir.join("state.json"));
+        }
         let log = fs::File::create(dir.join("lb.log")).context("creating the agent's log")?;
         cmd.arg("--config").arg(&config_path).env("LB_LOG", "info").stdout(Stdio::null()).stderr(log);
         configure(&mut cmd);
@@ -453,16 +458,6 @@ impl Drop for Agent {
         let _ = self.process.terminate(Duration::from_secs(5));
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `config` with the agent's control socket in `dir` and, unless the config
-/// names one, its state file there too: parallel tests never share them.
-fn with_own_files(config: &str, dir: &std::path::Path) -> String {
-    let mut extra = format!("control_socket = \"{}\"\n", dir.join("lb.sock").display());
-    if !config.contains("state_file") {
-        extra.push_str(&format!("state_file = \"{}\"\n", dir.join("state.json").display()));
-    }
-    config.replacen("[agent]\n", &format!("[agent]\n{extra}"), 1)
 }
 
 /// A pin directory of its own for one test (`/sys/fs/bpf/lb-test-<id>`),
