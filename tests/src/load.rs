@@ -61,9 +61,24 @@ pub struct LoadReport {
     /// The slowest answered request, either kind: a packet lost in the
     /// gateway shows here as a TCP retransmission (200 ms and up).
     pub slowest: Duration,
+    /// Requests slower than [`SLOW`]: when each began (since the load
+    /// started) and how long it took.
+    pub slow: Vec<(Duration, Duration)>,
 }
 
+/// A request this slow likely waited for a TCP retransmission.
+pub const SLOW: Duration = Duration::from_millis(150);
+
 impl LoadReport {
+    /// Records an answered request's latency.
+    fn note(&mut self, at: Instant, started: Instant) {
+        let took = at.elapsed();
+        self.slowest = self.slowest.max(took);
+        if took >= SLOW {
+            self.slow.push((at.duration_since(started), took));
+        }
+    }
+
     /// Whether nothing failed and nothing broke.
     #[must_use]
     pub fn clean(&self) -> bool {
@@ -74,6 +89,7 @@ impl LoadReport {
 /// Load running on threads in the client namespace until [`Load::stop`]
 /// (or its [`Pace::limit`]).
 pub struct Load {
+    started: Instant,
     stop: Arc<AtomicBool>,
     report: Arc<Mutex<LoadReport>>,
     threads: Vec<JoinHandle<()>>,
@@ -105,7 +121,13 @@ impl Load {
         threads.push(thread::spawn(move || {
             let _ = client.enter(|| open_new(vip, pace, deadline, &stop2, &report2));
         }));
-        Load { stop, report, threads }
+        Load { started: deadline - pace.limit, stop, report, threads }
+    }
+
+    /// When the load started: [`LoadReport::slow`] counts from here.
+    #[must_use]
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// What the load has seen so far.
@@ -144,6 +166,7 @@ fn wait_until(next: Instant, deadline: Instant, stop: &AtomicBool) -> bool {
 }
 
 fn open_new(vip: SocketAddr, pace: Pace, deadline: Instant, stop: &AtomicBool, report: &Mutex<LoadReport>) {
+    let started = deadline - pace.limit;
     let mut next = Instant::now();
     while wait_until(next, deadline, stop) {
         next += pace.new_every;
@@ -155,7 +178,7 @@ fn open_new(vip: SocketAddr, pace: Pace, deadline: Instant, stop: &AtomicBool, r
         match result {
             Ok(_) => record(report, |r| {
                 r.new_ok += 1;
-                r.slowest = r.slowest.max(at.elapsed());
+                r.note(at, started);
             }),
             Err(e) => record(report, |r| r.new_failed.push(format!("after {:?}: {e:#}", at.elapsed()))),
         }
@@ -171,6 +194,7 @@ fn keep_asking(
     report: &Mutex<LoadReport>,
     ready: &std::sync::mpsc::Sender<()>,
 ) {
+    let started = deadline - pace.limit;
     let first = HttpConn::connect(vip)
         .map_err(anyhow::Error::from)
         .and_then(|mut conn| conn.get("/", true).map(|r| (conn, r.backend())));
@@ -191,7 +215,7 @@ fn keep_asking(
         match conn.get("/", true) {
             Ok(r) if r.backend().as_deref() == Some(backend.as_str()) => record(report, |r| {
                 r.kept_requests += 1;
-                r.slowest = r.slowest.max(at.elapsed());
+                r.note(at, started);
             }),
             Ok(r) => {
                 let why = format!("#{index} on {backend}: answered by {:?}, status {}", r.backend(), r.status);

@@ -80,6 +80,7 @@ fn restart_under_load(stop: impl FnOnce(&mut Agent)) {
     let load = Load::start(testbed.client(), testbed.vip_http(), Pace::default());
     thread::sleep(AROUND);
 
+    let load_started = load.started();
     stop(&mut first);
     let stopped = Instant::now();
     let second = Agent::start_pinned(&testbed, &config).expect("starting lb again");
@@ -88,7 +89,10 @@ fn restart_under_load(stop: impl FnOnce(&mut Agent)) {
     let report = load.stop();
 
     let logs = format!("first agent:\n{}\nsecond agent:\n{}", first.log(), second.log());
-    eprintln!("data path ran {without_agent:?} without an agent; load: {report:?}");
+    eprintln!(
+        "data path ran {without_agent:?} without an agent, from {:?} into the load; load: {report:?}",
+        stopped.duration_since(load_started)
+    );
     assert_clean(&report, "restart", &logs);
     let log = second.log();
     assert!(log.contains("adopting the pinned data path"), "the second agent adopted:\n{log}");
