@@ -35,6 +35,10 @@ const _: () = assert!(core::mem::size_of::<BackendInfo>() == 24);
 /// The backend's service (address, port, protocol) is shared with a
 /// backend of another VIP: its flows are marked `FLOW_F_SHARED`.
 pub const BACKEND_F_SHARED: u8 = 1 << 0;
+/// The agent's own note, which the program ignores: the health checks say
+/// down, and the entry is `UP` only so its flows stay (`on_backend_down =
+/// "keep"`). A restarted agent reads it back as the backend's health.
+pub const BACKEND_F_HEALTH_DOWN: u8 = 1 << 1;
 
 #[cfg(feature = "user")]
 impl BackendInfo {

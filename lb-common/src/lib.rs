@@ -22,6 +22,7 @@ pub mod embryo;
 pub mod flow;
 pub mod frag;
 pub mod guard;
+pub mod layout;
 pub mod limits;
 pub mod sched;
 pub mod stats;

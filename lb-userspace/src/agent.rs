@@ -18,17 +18,24 @@ use crate::{
     announce::{self, Announcer},
     api::{
         self, Status, StatusSource,
-        status::{BackendStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic, VerdictCount, VipStatus},
+        control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
+        status::{
+            BackendStatus, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic, VerdictCount, VipStatus,
+        },
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
     control::{
-        balancer::{Balancer, VipView},
+        balancer::{AdminState, Balancer, VipView},
         plan,
+        runtime::RuntimeState,
     },
-    dataplane::{LoadOptions, Maps, Program},
+    dataplane::{
+        Attached, LoadOptions, Maps, Program,
+        pins::{self, Inspection, PinDir},
+    },
     descriptors,
-    health::{self, HealthEvent, ProbePool},
-    host,
+    health::{self, Health, HealthEvent, ProbePool},
+    host, notify,
 };
 
 /// What the admin API reads and the health loop writes.
@@ -39,25 +46,176 @@ struct AgentState {
     last_checks: HashMap<u32, String>,
     /// The checkers' shared probe slots, for their counters in `/status`.
     probes: ProbePool,
+    /// The config's generation and last reload, for `/status` and `/metrics`.
+    config: ConfigStatus,
 }
 
-/// Runs the agent until SIGINT or SIGTERM, then detaches. SIGHUP reloads the
-/// config file (see [`plan`]).
+/// How `lb run` treats the pinned data path.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Remove the program, its links and pins on the way out (the old
+    /// behaviour): the data path stops with the agent.
+    pub unload_on_exit: bool,
+    /// Overrides `agent.control_socket`, at start and at every reload.
+    pub control_socket: Option<std::path::PathBuf>,
+    /// Overrides `agent.state_file`, at start and at every reload.
+    pub state_file: Option<std::path::PathBuf>,
+}
+
+impl RunOptions {
+    /// Applies the command line's overrides to a config just read, so a
+    /// reload of the same file sees the same paths.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(path) = &self.control_socket {
+            config.agent.control_socket.clone_from(path);
+        }
+        if let Some(path) = &self.state_file {
+            config.agent.state_file.clone_from(path);
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM. SIGHUP reloads the config file
+/// (see [`plan`]).
+///
+/// The program's links and maps are pinned in `agent.pin_dir`: the data
+/// path outlives the agent, and a later agent adopts it (see
+/// [`crate::dataplane::pins`] and `Balancer::adopt`). On SIGTERM it stays
+/// attached, forwarding on its last state, unless
+/// [`RunOptions::unload_on_exit`].
 ///
 /// # Errors
-/// When the program cannot be loaded or attached, or the admin address
-/// cannot be bound; nothing stays attached in that case.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// When the pinned state has another layout, the program cannot be loaded
+/// or attached, or the admin address cannot be bound. A fresh start leaves
+/// nothing pinned or attached then; an adopting one leaves the data path as
+/// it found it (forwarding on its last state).
+pub async fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let fd_limit = raise_descriptor_limit();
-    let mut program = Program::load(&LoadOptions {
+    let load = LoadOptions {
         ring_size: config.agent.ring_size,
         max_vips: config.agent.max_vips,
         conntrack_capacity: config.agent.conntrack_capacity,
-    })
-    .context("loading the XDP program")?;
+    };
+    let pin_dir = config.agent.pin_dir.clone();
+    let pins = PinDir::open(&pin_dir).with_context(|| format!("agent.pin_dir: {}", pin_dir.display()))?;
+    let adopt = decide_adoption(&pins, &load)?;
+    let started = start(&config, &load, &pins, adopt, fd_limit).await;
+    let Started { mut program, state, servers, checkers, mut control } = match started {
+        Ok(parts) => parts,
+        Err(error) => {
+            if !adopt {
+                // A fresh start that failed leaves nothing behind.
+                let _ = pins.clear();
+            }
+            return Err(error);
+        }
+    };
+    let _servers = servers;
+    let probes = state.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?.probes.clone();
+    let mut health = HealthChecks::new(probes);
+    health.follow(checkers);
+    tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, adopted = adopt, "running");
+
+    let control_socket = config.agent.control_socket.clone();
+    let readiness = Readiness::new(&config);
+    let mut announcer =
+        config.announce.map(Announcer::start).transpose().context("announce: reading the routing table")?;
+    let events = Events { health: &mut health, control: &mut control, announcer: announcer.as_mut() };
+    let stop = follow_events(config, &opts, &state, events, readiness).await?;
+    if let Some(announcer) = announcer.as_mut() {
+        withdraw_before_stopping(announcer).await;
+    }
+    notify::stopping(if opts.unload_on_exit {
+        "stopping; unloading the data path"
+    } else {
+        "stopping; the data path stays attached"
+    });
+    let _ = std::fs::remove_file(&control_socket);
+    health.stop_all();
+    if opts.unload_on_exit {
+        program.detach_all();
+        drop(program);
+        let detached = pins.remove().context("removing the pinned data path")?;
+        tracing::info!(?detached, "{stop}: unloaded (--unload-on-exit): program, links and pins removed");
+    } else {
+        tracing::info!(
+            pin_dir = %pin_dir.display(),
+            "{stop}: stopping; the data path stays attached and forwards on its last state \
+             (no health checks until an agent runs again; `lb unload` removes it)"
+        );
+    }
+    Ok(())
+}
+
+/// Whether to adopt what `pins` holds: yes when it matches this binary,
+/// no when nothing is pinned (or only state no link uses, which is cleared).
+fn decide_adoption(pins: &PinDir, load: &LoadOptions) -> anyhow::Result<bool> {
+    let dir = pins.path().display();
+    match pins.inspect(load).with_context(|| format!("inspecting {dir}"))? {
+        Inspection::Empty => Ok(false),
+        Inspection::Matches { links } => {
+            tracing::info!(pin_dir = %dir, ?links, "adopting the pinned data path");
+            Ok(true)
+        }
+        Inspection::Differs { differences, links } if links.is_empty() => {
+            tracing::warn!(
+                pin_dir = %dir, ?differences,
+                "clearing pinned maps of another layout: no link uses them, so nothing forwards on them"
+            );
+            pins.clear().with_context(|| format!("clearing {dir}"))?;
+            Ok(false)
+        }
+        Inspection::Differs { differences, links } => anyhow::bail!(
+            "the data path pinned at {dir} (attached to {}) has another layout than this lb, which refuses to \
+             adopt it rather than misread it:\n  {}\nIt keeps forwarding on its last state. To replace it, run \
+             `lb unload --pin-dir {dir}` and start again: that detaches it and loses the connection table, so \
+             established connections are balanced anew (and may be reset).",
+            links.join(", "),
+            differences.join("\n  ")
+        ),
+    }
+}
+
+/// What [`start`] hands to the event loop.
+struct Started {
+    program: Program,
+    state: Arc<Mutex<AgentState>>,
+    /// The admin (TCP) and control (Unix, and TCP if configured) servers.
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    checkers: Checkers,
+    control: mpsc::Receiver<Pending>,
+}
+
+/// Loads (pinned), fills or adopts the maps, serves the admin API and
+/// attaches: everything before the event loop.
+async fn start(
+    config: &Config,
+    load: &LoadOptions,
+    pins: &PinDir,
+    adopt: bool,
+    fd_limit: u64,
+) -> anyhow::Result<Started> {
+    let mut program = Program::load_pinned(load, pins).context("loading the XDP program")?;
+    if !adopt {
+        pins.write_layout()?;
+    }
     let mut maps = program.maps()?;
-    let mut balancer = Balancer::new(&config).context("sizing the maps for the config")?;
-    balancer.install(&mut maps).context("filling the maps")?;
+    let mut balancer = if adopt {
+        let pinned = maps.read_pinned(config.agent.ring_size).context("reading the pinned maps")?;
+        Balancer::adopt(config, &pinned).context("adopting the pinned maps")?
+    } else {
+        Balancer::new(config).context("sizing the maps for the config")?
+    };
+    restore_runtime(config, &mut balancer)?;
+    let change = balancer.install(&mut maps).context("filling the maps")?;
+    if adopt {
+        tracing::info!(
+            backends_written = change.backends_written,
+            slots_written = change.slots_written,
+            rings_published = change.rings_published,
+            "adopted: wrote only what differs"
+        );
+    }
     let local = host::local_addresses().context("reading the gateway's own addresses")?;
     balancer.set_local_addresses(local, &mut maps).context("marking the gateway's own addresses")?;
     let checkers = Checkers::of(&balancer);
@@ -65,27 +223,153 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let budget = descriptor_budget(fd_limit);
     let probes = ProbePool::new(budget.probes);
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
+    let config_status =
+        ConfigStatus { generation: 1, last_reload_successful: true, last_reload_success_timestamp_seconds: unix_now() };
     let state =
-        Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes: probes.clone() }));
-    let _admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
+        Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes, config: config_status }));
+    let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let agent = &config.agent;
+    let tcp = match (&agent.control_listen, &agent.control_token_file) {
+        (Some(address), Some(file)) => Some((*address, control::read_token(file)?)),
+        _ => None,
+    };
+    let listen = ControlListen { socket: &agent.control_socket, group: agent.control_group.as_deref(), tcp };
+    let control = control::serve(listen, admin_limits, state.clone(), control_tx).await?;
 
     let mode = match config.agent.xdp_mode {
         XdpMode::Native => aya::programs::XdpMode::Driver,
         XdpMode::Generic => aya::programs::XdpMode::Skb,
     };
     for interface in &config.agent.interfaces {
-        // On error, dropping `program` detaches from the ones already done.
-        program.attach(interface, mode).with_context(|| format!("agent.interfaces: {interface}"))?;
-        tracing::info!(%interface, ?mode, "attached");
+        let how = program.attach(interface, mode).with_context(|| format!("agent.interfaces: {interface}"))?;
+        match how {
+            Attached::New => tracing::info!(%interface, ?mode, "attached"),
+            Attached::Replaced => {
+                tracing::info!(%interface, "attached: this program replaced the pinned one atomically")
+            }
+        }
+    }
+    detach_unconfigured(pins, &config.agent.interfaces);
+    let mut servers = control;
+    servers.push(admin);
+    Ok(Started { program, state, servers, checkers, control: control_rx })
+}
+
+/// Control requests queued for the event loop before a client waits.
+const CONTROL_QUEUE: usize = 16;
+
+/// Applies the runtime changes of `agent.state_file` before anything is
+/// written, so a drained backend gets no flow after a restart.
+fn restore_runtime(config: &Config, balancer: &mut Balancer) -> anyhow::Result<()> {
+    let path = &config.agent.state_file;
+    let runtime = RuntimeState::load(path).with_context(|| {
+        format!("agent.state_file: {} (fix or remove it; it holds drains and runtime weights)", path.display())
+    })?;
+    for gone in runtime.restore(balancer) {
+        tracing::warn!(vip = %gone.vip, backend = %gone.address, "runtime state names a backend the config lacks; dropped");
+    }
+    if !runtime.backends.is_empty() {
+        tracing::info!(backends = runtime.backends.len(), file = %path.display(), "runtime changes restored");
+    }
+    Ok(())
+}
+
+/// When to tell systemd `READY=1`: once the data path is attached and no
+/// checked backend's health is unknown (adopted health counts as known), or
+/// after a bound, so a backend that never answers cannot hold the start.
+struct Readiness {
+    /// `None` once READY=1 was sent.
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Readiness {
+    fn new(config: &Config) -> Self {
+        // Long enough for every first probe (staggered over at most an
+        // interval, or `health::MAX_STAGGER`) to finish or time out.
+        let checks = config.vips.iter().map(|v| &v.health_check);
+        let bound = checks.map(|c| c.interval.min(health::MAX_STAGGER) + c.timeout).max().unwrap_or_default();
+        Readiness { deadline: Some(tokio::time::Instant::now() + bound + std::time::Duration::from_secs(1)) }
     }
 
-    let mut announcer =
-        config.announce.map(Announcer::start).transpose().context("announce: reading the routing table")?;
-    let mut health = HealthChecks::new(probes);
-    health.follow(checkers);
-    tracing::info!(vips = config.vips.len(), admin = %config.agent.admin_listen, "running");
+    /// Sends READY=1 if every checked backend's health is known.
+    fn check(&mut self, state: &Mutex<AgentState>) {
+        if self.deadline.is_none() {
+            return;
+        }
+        let unknown =
+            state.lock().map_or(usize::MAX, |g| g.balancer.backends().filter(|b| b.health == Health::Unknown).count());
+        if unknown == 0 {
+            self.deadline = None;
+            notify::ready("attached; every backend's health is known");
+            tracing::info!("ready: attached, every backend's health known");
+        }
+    }
 
-    let mut config = config;
+    /// Resolves at the deadline while READY=1 is pending; never after.
+    async fn timeout(&self) {
+        match self.deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The deadline passed: READY=1 anyway, saying how many are unknown.
+    fn give_up(&mut self, state: &Mutex<AgentState>) {
+        self.deadline = None;
+        let unknown = state.lock().map_or(0, |g| g.balancer.backends().filter(|b| b.health == Health::Unknown).count());
+        notify::ready(&format!("attached; {unknown} backends not yet probed"));
+        tracing::warn!(unknown, "ready: attached, but some backends' first probes have not finished");
+    }
+
+    /// After a reload (applied or refused): READY=1 again, unless the first
+    /// one is still pending.
+    fn reloaded(&self) {
+        if self.deadline.is_none() {
+            notify::ready("reloaded");
+        }
+    }
+}
+
+/// Makes the checkers match the balancer's backends (after a reload).
+fn follow_checkers(state: &Mutex<AgentState>, health: &mut HealthChecks) {
+    if let Ok(wanted) = state.lock().map(|guard| Checkers::of(&guard.balancer)) {
+        health.follow(wanted);
+    }
+}
+
+/// Detaches pinned links of interfaces the config no longer lists.
+fn detach_unconfigured(pins: &PinDir, interfaces: &[String]) {
+    let Ok(links) = pins::pinned_links(pins.path()) else { return };
+    for interface in links.iter().filter(|i| !interfaces.contains(i)) {
+        match std::fs::remove_file(pins.link_path(interface)) {
+            Ok(()) => tracing::info!(%interface, "detached: no longer in agent.interfaces"),
+            Err(error) => {
+                tracing::warn!(%interface, %error, "cannot unpin the link of an interface no longer configured")
+            }
+        }
+    }
+}
+
+/// What the event loop follows besides signals and timers.
+struct Events<'a> {
+    health: &'a mut HealthChecks,
+    control: &'a mut mpsc::Receiver<Pending>,
+    /// `[announce]`, if configured.
+    announcer: Option<&'a mut Announcer>,
+}
+
+/// The event loop: health events, address refreshes and SIGHUP, until
+/// SIGINT or SIGTERM; returns which one.
+async fn follow_events(
+    mut config: Config,
+    opts: &RunOptions,
+    state: &Arc<Mutex<AgentState>>,
+    events: Events<'_>,
+    mut readiness: Readiness,
+) -> anyhow::Result<&'static str> {
+    let Events { health, control, mut announcer } = events;
+    readiness.check(state);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut local_refresh = tokio::time::interval(host::LOCAL_ADDRESS_REFRESH);
@@ -93,35 +377,57 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             Some(event) = health.next() => {
-                apply_health(&state, event);
-                announce(&state, announcer.as_mut());
+                apply_health(state, event);
+                readiness.check(state);
+                announce(state, announcer.as_deref_mut());
             }
+            () = readiness.timeout() => readiness.give_up(state),
             _ = local_refresh.tick() => {
-                refresh_local_addresses(&state);
+                refresh_local_addresses(state);
                 // Also retries a route write that failed.
-                announce(&state, announcer.as_mut());
+                announce(state, announcer.as_deref_mut());
             }
-            _ = recount.tick() => recount_clients(&state),
+            _ = recount.tick() => recount_clients(state),
             _ = sighup.recv() => {
-                if let Some(new) = reload_config(&config, &state) {
+                tracing::info!("SIGHUP");
+                notify::reloading();
+                if let Ok((new, _)) = reload_config(&config, opts, state) {
                     config = new;
-                    let wanted = state.lock().map(|guard| Checkers::of(&guard.balancer));
-                    if let Ok(wanted) = wanted {
-                        health.follow(wanted);
-                    }
-                    announce(&state, announcer.as_mut());
+                    follow_checkers(state, health);
+                    announce(state, announcer.as_deref_mut());
                 }
+                readiness.reloaded();
             }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            Some(pending) = control.recv() => {
+                let answer = match &pending.request {
+                    ControlRequest::Reload => {
+                        notify::reloading();
+                        let answer = match reload_config(&config, opts, state) {
+                            Ok((new, changes)) => {
+                                config = new;
+                                follow_checkers(state, health);
+                                let messages = if changes.is_empty() { vec!["no changes".to_owned()] } else { changes };
+                                ControlAnswer { ok: true, messages }
+                            }
+                            Err(refusal) => ControlAnswer { ok: false, messages: vec![refusal] },
+                        };
+                        readiness.reloaded();
+                        answer
+                    }
+                    ControlRequest::Backend(request) => {
+                        let answer = backend_control(request, state, &config.agent.state_file);
+                        follow_checkers(state, health);
+                        answer
+                    }
+                };
+                announce(state, announcer.as_deref_mut());
+                // The client may have given up; nothing to do then.
+                let _ = pending.answer.send(answer);
+            }
+            _ = tokio::signal::ctrl_c() => return Ok("SIGINT"),
+            _ = sigterm.recv() => return Ok("SIGTERM"),
         }
     }
-    if let Some(announcer) = announcer.as_mut() {
-        withdraw_before_stopping(announcer).await;
-    }
-    health.stop_all();
-    program.detach_all();
-    Ok(())
 }
 
 /// Brings the announced VIP routes in line with what the VIPs serve now.
@@ -247,7 +553,9 @@ fn descriptor_budget(limit: u64) -> descriptors::Budget {
 
 /// What to probe: every backend of every VIP, by the id the balancer gave it.
 /// Taken before the balancer moves behind the lock, so no probe holds it.
-struct Checkers(Vec<(u32, SocketAddr, HealthCheckConfig)>);
+/// Each with the backend's health now, where its checker starts (so an
+/// adopted or re-checked backend goes through rise/fall, not one probe).
+struct Checkers(Vec<(u32, SocketAddr, HealthCheckConfig, Health)>);
 
 impl Checkers {
     fn of(balancer: &Balancer) -> Self {
@@ -257,7 +565,8 @@ impl Checkers {
                 continue;
             }
             for backend in &vip.backends {
-                probes.push((backend.backend_id, vip.health_check.target(backend.address), vip.health_check.clone()));
+                let target = vip.health_check.target(backend.address);
+                probes.push((backend.backend_id, target, vip.health_check.clone(), backend.health));
             }
         }
         Checkers(probes)
@@ -300,21 +609,21 @@ impl HealthChecks {
     /// Makes the running checkers match `wanted`: stops those whose backend
     /// is gone or whose probe changed, starts the missing ones.
     fn follow(&mut self, wanted: Checkers) {
-        let wanted: HashMap<u32, (SocketAddr, HealthCheckConfig)> =
-            wanted.0.into_iter().map(|(id, address, check)| (id, (address, check))).collect();
+        let wanted: HashMap<u32, (SocketAddr, HealthCheckConfig, Health)> =
+            wanted.0.into_iter().map(|(id, address, check, health)| (id, (address, check, health))).collect();
         self.checkers.retain(|id, running| {
-            let keep = wanted.get(id).is_some_and(|(a, c)| *a == running.address && *c == running.check);
+            let keep = wanted.get(id).is_some_and(|(a, c, _)| *a == running.address && *c == running.check);
             if !keep {
                 running.handle.abort();
             }
             keep
         });
-        for (id, (address, check)) in wanted {
+        for (id, (address, check, initial)) in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.checkers.entry(id) {
                 let generation = self.next_generation;
                 self.next_generation += 1;
-                let handle =
-                    health::spawn_checker(address, check.clone(), id, generation, self.probes.clone(), self.tx.clone());
+                let (probes, tx) = (self.probes.clone(), self.tx.clone());
+                let handle = health::spawn_checker(address, check.clone(), id, generation, initial, probes, tx);
                 slot.insert(RunningChecker { address, check, generation, handle });
             }
         }
@@ -348,44 +657,105 @@ impl HealthChecks {
     }
 }
 
-/// SIGHUP: loads the config file again and applies what can change in
-/// place. Returns the config now running once applied; on any refusal logs
-/// one error line (file, key, reason) and returns `None`, nothing changed.
-fn reload_config(running: &Config, state: &Mutex<AgentState>) -> Option<Config> {
-    tracing::info!(file = %running.source.display(), "SIGHUP: reloading the config");
-    let new = match Config::load(&running.source) {
-        Ok(new) => new,
-        Err(error) => {
-            tracing::error!("reload refused, keeping the running config: {error}");
-            return None;
+/// A reload's outcome: the config now running and one line per change,
+/// or the refusal (`FILE: KEY: REASON`), nothing changed.
+type ReloadOutcome = Result<(Config, Vec<String>), String>;
+
+/// SIGHUP or `lb reload`: loads the config file again and applies what can
+/// change in place; logs every change, or the refusal as one error line.
+/// Runtime changes (`lb backend`) stay in force; those of backends the
+/// file removed are dropped from the state file.
+fn reload_config(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) -> ReloadOutcome {
+    tracing::info!(file = %running.source.display(), "reloading the config");
+    let outcome = try_reload(running, opts, state);
+    if let Ok(mut guard) = state.lock() {
+        let config = &mut guard.config;
+        config.last_reload_successful = outcome.is_ok();
+        if outcome.is_ok() {
+            config.generation += 1;
+            config.last_reload_success_timestamp_seconds = unix_now();
         }
-    };
-    let actions = match plan::reload(running, &new) {
-        Ok(actions) => actions,
-        Err(refusal) => {
-            tracing::error!("reload refused, keeping the running config: {refusal}");
-            return None;
+    }
+    match &outcome {
+        Ok((_, changes)) => {
+            for change in changes {
+                tracing::info!("reload: {change}");
+            }
+            tracing::info!(changes = changes.len(), "reload: done");
         }
-    };
-    let Ok(mut guard) = state.lock() else { return None };
+        Err(refusal) => tracing::error!("reload refused, keeping the running config: {refusal}"),
+    }
+    outcome
+}
+
+fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) -> ReloadOutcome {
+    let mut new = Config::load(&running.source).map_err(|error| error.to_string())?;
+    opts.apply(&mut new);
+    let actions = plan::reload(running, &new).map_err(|refusal| refusal.to_string())?;
+    let mut guard = state.lock().map_err(|_| "the agent's state is poisoned".to_owned())?;
     let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
-        Err(error) if error.changed_nothing() => {
-            tracing::error!("reload refused, keeping the running config: {}: {error}", new.source.display());
-            return None;
-        }
-        // The desired state is recorded; later health events, or SIGHUP
+        Err(error) if error.changed_nothing() => return Err(format!("{}: {error}", new.source.display())),
+        // The desired state is recorded; later health events, or a reload
         // again, retry the writes.
         Err(error) => tracing::error!(error = %format!("{error:#}"), "reload: updating the maps failed"),
     }
-    for action in &actions {
-        tracing::info!("reload: {action}");
-    }
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
     last_checks.retain(|id, _| live.contains(id));
-    tracing::info!(changes = actions.len(), vips = balancer.vips().len(), "reload: done");
-    Some(plan::as_running(running, new))
+    save_runtime(&new.agent.state_file, balancer);
+    let changes = actions.iter().map(ToString::to_string).collect();
+    Ok((plan::as_running(running, new), changes))
+}
+
+/// Seconds since the Unix epoch, for the reload metrics.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Writes the runtime changes `balancer` holds to `path`; a failure is
+/// logged (they stay in force until the agent stops).
+fn save_runtime(path: &std::path::Path, balancer: &Balancer) {
+    if let Err(error) = RuntimeState::of(balancer).save(path) {
+        tracing::error!(error = %format!("{error:#}"), "cannot save the runtime state; it is lost at the next restart");
+    }
+}
+
+/// `lb backend ...`: one runtime change, applied and saved.
+fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_file: &std::path::Path) -> ControlAnswer {
+    let refused = |message: String| ControlAnswer { ok: false, messages: vec![message] };
+    let Ok(mut guard) = state.lock() else { return refused("the agent's state is poisoned".to_owned()) };
+    let AgentState { balancer, maps, .. } = &mut *guard;
+    let (vip, address) = (request.vip.as_str(), request.address);
+    let result = match request.action {
+        BackendAction::Drain => balancer.set_admin(vip, address, AdminState::Drain, maps),
+        BackendAction::Disable => balancer.set_admin(vip, address, AdminState::Maint, maps),
+        BackendAction::Enable => balancer.set_admin(vip, address, AdminState::Ready, maps),
+        BackendAction::Weight => match request.weight {
+            Some(weight) if weight > crate::config::MAX_WEIGHT => {
+                return refused(format!("weight {weight} is over the limit of {}", crate::config::MAX_WEIGHT));
+            }
+            weight => balancer.set_weight_override(vip, address, weight, maps),
+        },
+    };
+    let what = match (request.action, request.weight) {
+        (BackendAction::Weight, Some(weight)) => format!("weight {weight} (runtime, until cleared)"),
+        (BackendAction::Weight, None) => "weight back to the config's".to_owned(),
+        (BackendAction::Drain, _) => "drain: no new flows, existing flows continue".to_owned(),
+        (BackendAction::Disable, _) => "maint: down, its flows move".to_owned(),
+        (BackendAction::Enable, _) => "ready".to_owned(),
+    };
+    match result {
+        Ok(_) => {}
+        Err(error) if error.changed_nothing() => return refused(error.to_string()),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "runtime change: updating the maps failed; retried later")
+        }
+    }
+    save_runtime(state_file, balancer);
+    let message = format!("vip {vip} backend {address}: {what}");
+    tracing::info!("{message}");
+    ControlAnswer { ok: true, messages: vec![message] }
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
@@ -413,6 +783,8 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
 
 impl StatusSource for AgentState {
     fn status(&self) -> Status {
+        // First: it starts the count of active flows per backend, if due.
+        let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
         let vips = self.balancer.vips().map(|vip| self.vip_status(&vip)).collect();
         let verdicts = self
             .maps
@@ -429,12 +801,11 @@ impl StatusSource for AgentState {
                     .collect()
             })
             .unwrap_or_default();
-        let conntrack = self.maps.conntrack().map(ConntrackStatus::from).unwrap_or_default();
         let health_checks = HealthChecksStatus {
             probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
             local_errors: self.probes.local_errors(),
         };
-        Status { vips, verdicts, conntrack, health_checks }
+        Status { vips, verdicts, conntrack, health_checks, config: self.config }
     }
 }
 
@@ -450,6 +821,9 @@ impl AgentState {
                 health: b.health.as_str().to_owned(),
                 last_check: self.last_checks.get(&b.backend_id).cloned(),
                 traffic: self.backend_counters(b.backend_id),
+                admin: b.admin.as_str().to_owned(),
+                weight_set_at_runtime: b.weight_override.is_some(),
+                active_flows: self.maps.live_flows(b.backend_id),
             })
             .collect();
         // Summed over its backends, not read from VIP_STATS: a reused VIP id's
@@ -528,7 +902,7 @@ mod tests {
         let mut health = HealthChecks::new(ProbePool::new(8));
         // A long interval: after the first probe the checker sends nothing
         // more for the rest of the test.
-        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000), Health::Unknown)]));
         wait_queued(&health).await;
         // The reload sets `type = "none"`: Checkers::of lists no checker for
         // the backend, and the balancer brings it up. The queued "down" must
@@ -542,17 +916,17 @@ mod tests {
     async fn a_changed_check_gets_a_new_generation_and_only_its_events_count() {
         let address = refusing_address().await;
         let mut health = HealthChecks::new(ProbePool::new(8));
-        health.follow(Checkers(vec![(1, address, tcp_check(60_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(60_000), Health::Unknown)]));
         wait_queued(&health).await;
         let first = health.checkers.get(&1).map(|c| c.generation);
-        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000), Health::Unknown)]));
         let second = health.checkers.get(&1).map(|c| c.generation);
         assert!(first.is_some() && second.is_some() && first != second, "{first:?} then {second:?}");
         let event = timeout(WAIT, health.next()).await.expect("the new checker reports").expect("channel open");
         assert_eq!((event.key, Some(event.generation)), (1, second), "only the new checker's event: {event:?}");
         assert!(event.transition.as_ref().is_some_and(|t| !t.health.is_up()), "its first probe decides: {event:?}");
         // Unchanged checks keep their checker and its generation.
-        health.follow(Checkers(vec![(1, address, tcp_check(30_000))]));
+        health.follow(Checkers(vec![(1, address, tcp_check(30_000), Health::Unknown)]));
         assert_eq!(health.checkers.get(&1).map(|c| c.generation), second);
         health.stop_all();
     }

@@ -21,3 +21,4 @@ pub mod descriptors;
 pub mod health;
 pub mod host;
 pub mod metrics;
+pub mod notify;

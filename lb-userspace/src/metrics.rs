@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::api::status::{ConntrackStatus, HealthChecksStatus, Status, Traffic};
+use crate::api::status::{ConfigStatus, ConntrackStatus, HealthChecksStatus, Status, Traffic};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -87,6 +87,7 @@ pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
     }
     register_conntrack(&mut registry, &status.conntrack);
     register_health_checks(&mut registry, &status.health_checks);
+    register_config(&mut registry, &status.config);
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)
@@ -126,6 +127,23 @@ fn register_conntrack(registry: &mut Registry, c: &ConntrackStatus) {
     }
 }
 
+/// The config's generation and its last reload, under Prometheus' usual names.
+fn register_config(registry: &mut Registry, c: &ConfigStatus) {
+    let generation = Gauge::<i64>::default();
+    generation.set(i64::try_from(c.generation).unwrap_or(i64::MAX));
+    registry.register("config_generation", "1 for the config read at start, one more per applied reload", generation);
+    let ok = Gauge::<i64>::default();
+    ok.set(i64::from(c.last_reload_successful));
+    registry.register("config_last_reload_successful", "1 if the last reload was applied (or none was tried)", ok);
+    let at = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    at.set(c.last_reload_success_timestamp_seconds);
+    registry.register(
+        "config_last_reload_success_timestamp_seconds",
+        "When the config now running was applied, in Unix seconds",
+        at,
+    );
+}
+
 /// The checkers' shared probe slots and the probes that could not run.
 fn register_health_checks(registry: &mut Registry, h: &HealthChecksStatus) {
     let slots = Gauge::<i64>::default();
@@ -162,12 +180,28 @@ mod tests {
                     health: "up".into(),
                     last_check: Some("ok".into()),
                     traffic: Traffic { packets: 7, bytes: 700, new_flows: 1, rescheduled_flows: 0 },
+                    admin: "ready".into(),
+                    weight_set_at_runtime: false,
+                    active_flows: 0,
                 }],
                 limited: Some(Limited { new_connections_per_second: 11, max_connections_per_client: 12 }),
             }],
             verdicts: vec![VerdictCount { reason: "pass_not_vip".into(), packets: 3, help: String::new() }],
-            conntrack: ConntrackStatus { entries: 5, capacity: 1024, inserted: 9, expired: 2, reopened: 1, evicted: 4 },
+            conntrack: ConntrackStatus {
+                entries: 5,
+                capacity: 1024,
+                inserted: 9,
+                expired: 2,
+                reopened: 1,
+                evicted: 4,
+                counted_ms_ago: 0,
+            },
             health_checks: HealthChecksStatus { probe_slots: 690, local_errors: 6 },
+            config: ConfigStatus {
+                generation: 3,
+                last_reload_successful: false,
+                last_reload_success_timestamp_seconds: 1_700_000_000.5,
+            },
         };
         let text = render(&status).expect("render");
         for line in [
@@ -186,6 +220,9 @@ mod tests {
             "lb_health_probe_local_errors_total 6",
             "lb_limited_total{vip=\"web\",limit=\"new_connections_per_second\"} 11",
             "lb_limited_total{vip=\"web\",limit=\"max_connections_per_client\"} 12",
+            "lb_config_generation 3",
+            "lb_config_last_reload_successful 0",
+            "lb_config_last_reload_success_timestamp_seconds 1700000000.5",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
@@ -200,6 +237,9 @@ mod tests {
             health: "up".into(),
             last_check: Some("ok".into()),
             traffic: Traffic { packets: 3, ..Traffic::default() },
+            admin: "ready".into(),
+            weight_set_at_runtime: false,
+            active_flows: 0,
         };
         let status = Status {
             vips: vec![VipStatus {

@@ -196,15 +196,70 @@ impl Agent {
     /// # Errors
     ///
     /// As for [`Self::start`].
+    ///
+    /// The agent runs under `ip netns exec`, whose private mount namespace
+    /// gives it a bpffs of its own, and with `--unload-on-exit`: the data path
+    /// stops with it, as before pinning. [`Self::start_pinned`] runs one
+    /// whose data path outlives it.
     pub fn start_with(testbed: &Testbed, config: &str, configure: impl FnOnce(&mut Command)) -> anyhow::Result<Self> {
         let lb = crate::lb_bin()?;
-        let dir = std::env::temp_dir().join(format!("lb-tests-{}", testbed.id()));
+        let mut cmd = testbed.gateway().command(&lb);
+        cmd.arg("run").arg("--unload-on-exit");
+        Self::spawn(testbed, config, cmd, configure)
+    }
+
+    /// Starts `lb run` in the gateway's network namespace only (`nsenter
+    /// --net`), so it shares the host's `/sys/fs/bpf` as on a real gateway,
+    /// with `config` (which names a [`PinDir`]'s path as `agent.pin_dir`):
+    /// its data path outlives it, and the next agent adopts it.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Self::start`].
+    pub fn start_pinned(testbed: &Testbed, config: &str) -> anyhow::Result<Self> {
+        Self::start_pinned_with(testbed, config, |_| {})
+    }
+
+    /// Like [`Self::start_pinned`], but `configure` may adjust the command
+    /// (e.g. set `NOTIFY_SOCKET`).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Self::start`].
+    pub fn start_pinned_with(
+        testbed: &Testbed,
+        config: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Self> {
+        let lb = crate::lb_bin()?;
+        let mut cmd = Command::new("nsenter");
+        let netns = testbed.gateway().path();
+        cmd.arg(format!("--net={}", netns.display())).arg("--").arg(&lb).arg("run").stdin(Stdio::null());
+        Self::spawn(testbed, config, cmd, configure)
+    }
+
+    /// Writes the config, spawns `cmd --config FILE` with the log captured,
+    /// and waits until `/status` answers.
+    fn spawn(
+        testbed: &Testbed,
+        config: &str,
+        mut cmd: Command,
+        configure: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Self> {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lb-tests-{}-{n}", testbed.id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config_path = dir.join("lb.toml");
         fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
+        // On the command line, not in the file: tests that rewrite the file
+        // for a reload need not repeat them.
+        cmd.arg("--control-socket").arg(dir.join("lb.sock"));
+        if !config.contains("state_file") {
+            cmd.arg("--state-file").arg(dir.join("state.json"));
+        }
         let log = fs::File::create(dir.join("lb.log")).context("creating the agent's log")?;
-        let mut cmd = testbed.gateway().command(&lb);
-        cmd.arg("run").arg("--config").arg(&config_path).env("LB_LOG", "info").stdout(Stdio::null()).stderr(log);
+        cmd.arg("--config").arg(&config_path).env("LB_LOG", "info").stdout(Stdio::null()).stderr(log);
         configure(&mut cmd);
         let process = ChildGuard::spawn(cmd, format!("lb run in {}", testbed.gateway().name()))?;
         let mut agent = Agent { process, gateway: testbed.gateway().clone(), dir };
@@ -234,6 +289,28 @@ impl Agent {
         self.dir.join("lb.toml")
     }
 
+    /// The agent's control socket (in its own directory).
+    #[must_use]
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("lb.sock")
+    }
+
+    /// Runs `lb ARGS --socket <this agent's control socket>` from the host
+    /// and returns its output (`lb backend drain web ADDR`, `lb reload`, ...).
+    ///
+    /// # Errors
+    ///
+    /// When `lb` cannot be run.
+    pub fn lb(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let lb = crate::lb_bin()?;
+        Command::new(lb)
+            .args(args)
+            .arg("--socket")
+            .arg(self.control_socket())
+            .output()
+            .with_context(|| format!("running lb {args:?}"))
+    }
+
     /// Where the agent logs (removed when the agent is dropped).
     #[must_use]
     pub fn log_path(&self) -> PathBuf {
@@ -250,6 +327,15 @@ impl Agent {
     #[must_use]
     pub fn pid(&self) -> u32 {
         self.process.id()
+    }
+
+    /// SIGKILLs the agent (by PID) and waits for it: a crash.
+    ///
+    /// # Errors
+    ///
+    /// When signalling or waiting fails.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        self.process.kill()
     }
 
     /// Sends SIGTERM and waits; returns whether it exited with status 0.
@@ -372,6 +458,92 @@ impl Drop for Agent {
         let _ = self.process.terminate(Duration::from_secs(5));
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A pin directory of its own for one test (`/sys/fs/bpf/lb-test-<id>`),
+/// removed with everything in it on drop: removing the link pins detaches
+/// XDP, so nothing outlives the test.
+#[derive(Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// A fresh path for `testbed` (nothing is created: the agent does).
+    ///
+    /// # Errors
+    ///
+    /// When no bpffs is on `/sys/fs/bpf` and mounting one fails.
+    pub fn new(testbed: &Testbed) -> anyhow::Result<Self> {
+        ensure_host_bpffs()?;
+        let path = PathBuf::from("/sys/fs/bpf").join(format!("lb-test-{}", testbed.id()));
+        Ok(PinDir { path })
+    }
+
+    /// The directory, for `agent.pin_dir`.
+    #[must_use]
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// `config` with `agent.pin_dir` set to this directory, and a state
+    /// file beside it that every agent of the test shares (runtime changes
+    /// outlive an agent too).
+    #[must_use]
+    pub fn config(&self, config: &str) -> String {
+        let extra =
+            format!("pin_dir = \"{}\"\nstate_file = \"{}\"\n", self.path.display(), self.state_file().display());
+        config.replacen("[agent]\n", &format!("[agent]\n{extra}"), 1)
+    }
+
+    /// The state file [`Self::config`] names.
+    #[must_use]
+    pub fn state_file(&self) -> PathBuf {
+        std::env::temp_dir()
+            .join(format!("lb-tests-state-{}.json", self.path.file_name().and_then(|n| n.to_str()).unwrap_or("x")))
+    }
+
+    /// The names pinned in the directory (empty when it does not exist).
+    #[must_use]
+    pub fn entries(&self) -> Vec<String> {
+        let Ok(read) = fs::read_dir(&self.path) else { return Vec::new() };
+        let mut names: Vec<String> =
+            read.filter_map(Result::ok).filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // Links first: XDP is detached before its maps go.
+        let mut names = self.entries();
+        names.sort_by_key(|n| !n.starts_with("link_"));
+        for name in names {
+            let _ = fs::remove_file(self.path.join(name));
+        }
+        let _ = fs::remove_dir(&self.path);
+        let _ = fs::remove_file(self.state_file());
+    }
+}
+
+/// Mounts a bpffs on the host's `/sys/fs/bpf` unless one is there, once per
+/// process: two agents of parallel tests mounting at once would stack two
+/// mounts, and the lower one's pins would vanish from view.
+fn ensure_host_bpffs() -> anyhow::Result<()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let is_bpffs = |l: &str| {
+        let mut fields = l.split_whitespace().skip(1);
+        fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
+    };
+    if mounts.lines().any(is_bpffs) {
+        return Ok(());
+    }
+    let out = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).output().context("running mount")?;
+    ensure!(out.status.success(), "mount -t bpf bpf /sys/fs/bpf: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
 }
 
 fn health_of(status: &Value, vip: &str) -> Option<Vec<String>> {

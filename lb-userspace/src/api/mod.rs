@@ -1,6 +1,7 @@
 //! The admin HTTP server: `/status` (JSON) and `/metrics` (Prometheus text),
 //! served within [`Limits`] (see [`server`]).
 
+pub mod control;
 pub mod server;
 pub mod status;
 
@@ -21,7 +22,8 @@ pub trait StatusSource: Send + 'static {
     fn status(&self) -> Status;
 }
 
-type Shared = Arc<Mutex<dyn StatusSource>>;
+/// The agent's state, as the handlers see it.
+pub type Shared = Arc<Mutex<dyn StatusSource>>;
 
 /// Serves the admin API on `listen`, within `limits`, until the task is dropped.
 ///

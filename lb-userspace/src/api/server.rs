@@ -24,7 +24,7 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, UnixListener},
     sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
 };
@@ -85,15 +85,35 @@ pub async fn accept_loop(listener: TcpListener, app: Router, limits: Limits) {
     }
 }
 
+/// Serves `app` on the Unix socket `listener` until the task is dropped,
+/// within the same limits as [`accept_loop`].
+pub async fn accept_loop_unix(listener: UnixListener, app: Router, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, app.clone(), limits, slot, "unix socket"));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "control socket: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 /// Serves one connection as HTTP/1.1 within `limits`; `slot` is released
 /// when it closes.
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     app: Router,
     limits: Limits,
     slot: OwnedSemaphorePermit,
-    peer: std::net::SocketAddr,
-) {
+    peer: impl std::fmt::Display,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -183,6 +203,7 @@ mod tests {
     use axum::routing::get;
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
         time::timeout,
     };
 

@@ -15,6 +15,21 @@ pub struct Status {
     /// The health checkers as a whole. Absent from older agents' answers.
     #[serde(default)]
     pub health_checks: HealthChecksStatus,
+    /// The config file and its reloads. Absent from older agents' answers.
+    #[serde(default)]
+    pub config: ConfigStatus,
+}
+
+/// The config running, and how its last reload went.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    /// 1 for the file read at start, one more per applied reload.
+    pub generation: u64,
+    /// Whether the last reload (SIGHUP or `lb reload`) was applied; true
+    /// before any.
+    pub last_reload_successful: bool,
+    /// When the config now running was applied (start or reload), in Unix seconds.
+    pub last_reload_success_timestamp_seconds: f64,
 }
 
 /// The health checkers as a whole.
@@ -44,6 +59,11 @@ pub struct ConntrackStatus {
     pub reopened: u64,
     /// LRU evictions, estimated as `inserted - entries`.
     pub evicted: u64,
+    /// How long ago the count behind `entries` and each backend's
+    /// `active_flows` began, in milliseconds (`lb backend wait-drained`
+    /// trusts only a count that began after it did).
+    #[serde(default)]
+    pub counted_ms_ago: u64,
 }
 
 impl From<crate::dataplane::ConntrackStats> for ConntrackStatus {
@@ -56,6 +76,7 @@ impl From<crate::dataplane::ConntrackStats> for ConntrackStatus {
             expired: c.events[EXPIRED as usize],
             reopened: c.events[REOPENED as usize],
             evicted: c.evicted,
+            counted_ms_ago: u64::try_from(c.counted_ago.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }
@@ -102,6 +123,22 @@ pub struct BackendStatus {
     /// The last health check's outcome: `ok` or why it failed.
     pub last_check: Option<String>,
     pub traffic: Traffic,
+    /// `ready`, `drain` (no new flows) or `maint` (down, flows moved), set at
+    /// runtime with `lb backend`. Absent from older agents' answers.
+    #[serde(default = "default_admin")]
+    pub admin: String,
+    /// The weight in `weight` was set at runtime (`lb backend weight`), not
+    /// by the config file.
+    #[serde(default)]
+    pub weight_set_at_runtime: bool,
+    /// Flows in the connection table pinned to it and not idle past their
+    /// timeout, as of the last count (at most about 5 s old).
+    #[serde(default)]
+    pub active_flows: u64,
+}
+
+fn default_admin() -> String {
+    "ready".to_owned()
 }
 
 /// What agents from before schedulers used.

@@ -1,8 +1,12 @@
 //! The operator CLI: one module per subcommand; doc comments are the help text.
 
+mod backend;
 mod check;
+mod control;
+mod reload;
 mod run;
 mod status;
+mod unload;
 
 use std::process::ExitCode;
 
@@ -25,6 +29,9 @@ enum Command {
     Run(run::Args),
     Check(check::Args),
     Status(status::Args),
+    Unload(unload::Args),
+    Backend(backend::Args),
+    Reload(reload::Args),
 }
 
 /// Parses arguments, runs the subcommand, and turns errors into an exit code
@@ -36,6 +43,9 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::run(args),
         Command::Status(args) => status::run(args),
+        Command::Unload(args) => unload::run(args),
+        Command::Backend(args) => backend::run(args),
+        Command::Reload(args) => reload::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

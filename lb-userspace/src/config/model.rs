@@ -36,6 +36,22 @@ pub struct AgentConfig {
     /// VIPs, so a reload that adds or removes VIPs keeps the running value
     /// rather than asking for a restart.
     pub max_vips_set: bool,
+    /// The bpffs directory where the program's links and maps are pinned, so
+    /// the data path outlives the agent (`/sys/fs/bpf/lb` by default).
+    pub pin_dir: PathBuf,
+    /// The Unix socket of the admin API's state-changing half (`lb backend`,
+    /// `lb reload`): mode 0660, owned by [`AgentConfig::control_group`] if set.
+    pub control_socket: PathBuf,
+    /// The group that may use the control socket (besides root).
+    pub control_group: Option<String>,
+    /// An optional TCP address for the control API; every request there
+    /// needs the bearer token of [`AgentConfig::control_token_file`].
+    pub control_listen: Option<SocketAddr>,
+    /// The file holding the control API's bearer token (first line).
+    pub control_token_file: Option<PathBuf>,
+    /// Where runtime changes (drain, maintenance, weights) are kept, so they
+    /// survive restarts and reloads until cleared.
+    pub state_file: PathBuf,
 }
 
 /// `[announce]`: the agent keeps a route for each VIP address it serves in
@@ -97,6 +113,8 @@ pub struct VipConfig {
     pub health_check: HealthCheckConfig,
     /// `[vip.limits]`: per-client limits on new connections, if any.
     pub limits: Option<LimitsConfig>,
+    /// What happens to the flows of a backend its health checks take down.
+    pub on_backend_down: OnBackendDown,
     /// At least one.
     pub backends: Vec<BackendConfig>,
 }
@@ -162,6 +180,31 @@ pub struct Cidr {
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// `vip.on_backend_down`: what a backend's health checks going down does to
+/// the flows already on it. Either way it gets no new flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnBackendDown {
+    /// Its flows move to another backend at their next packet (a TCP one is
+    /// reset by its new backend): clients of a dead backend fail fast.
+    #[default]
+    Reschedule,
+    /// Its flows stay on it (HAProxy's and IPVS's default): a health blip
+    /// resets nothing, but clients of a dead backend wait for their own
+    /// timeouts. Maintenance (`lb backend disable`) still moves them.
+    Keep,
+}
+
+impl OnBackendDown {
+    /// Lowercase name, as in the config file.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnBackendDown::Reschedule => "reschedule",
+            OnBackendDown::Keep => "keep",
+        }
     }
 }
 

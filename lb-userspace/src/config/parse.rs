@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -18,7 +18,7 @@ use super::{
     error::Problem,
     model::{
         AgentConfig, AnnounceConfig, BackendConfig, Cidr, Config, HealthCheckConfig, HealthCheckKind, LimitAction,
-        LimitsConfig, Protocol, Scheduler, StatusRange, VipConfig, XdpMode,
+        LimitsConfig, OnBackendDown, Protocol, Scheduler, StatusRange, VipConfig, XdpMode,
     },
     table::Section,
 };
@@ -28,8 +28,22 @@ type Result<T> = std::result::Result<T, Problem>;
 
 const TOP_KEYS: &[&str] = &["agent", "announce", "vip"];
 const ANNOUNCE_KEYS: &[&str] = &["routing_table", "withdraw_delay"];
-const AGENT_KEYS: &[&str] = &["interfaces", "admin_listen", "xdp_mode", "conntrack_capacity", "ring_size", "max_vips"];
-const VIP_KEYS: &[&str] = &["name", "listen", "protocol", "scheduler", "health_check", "limits", "backend"];
+const AGENT_KEYS: &[&str] = &[
+    "interfaces",
+    "admin_listen",
+    "xdp_mode",
+    "conntrack_capacity",
+    "ring_size",
+    "max_vips",
+    "pin_dir",
+    "control_socket",
+    "control_group",
+    "control_listen",
+    "control_token_file",
+    "state_file",
+];
+const VIP_KEYS: &[&str] =
+    &["name", "listen", "protocol", "scheduler", "health_check", "on_backend_down", "limits", "backend"];
 const LIMIT_KEYS: &[&str] =
     &["new_connections_per_second", "burst", "per", "max_connections_per_client", "action", "allow"];
 const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
@@ -37,6 +51,12 @@ const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
 /// Where the admin API listens unless configured.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
+/// Where the program's links and maps are pinned unless configured (bpffs).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Where the control socket (the admin API's state-changing half) listens unless configured.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+/// Where runtime changes (drain, maintenance, weights) are kept unless configured.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb/state.json";
 /// VIPs the Maglev array has room for unless configured (or more VIPs are configured).
 pub const DEFAULT_MAX_VIPS: u32 = 16;
 /// Bounds of `agent.conntrack_capacity`.
@@ -119,6 +139,12 @@ struct AgentSettings {
     ring_size: u32,
     /// `None` when not set: then it is derived from the number of VIPs.
     max_vips: Option<u32>,
+    pin_dir: PathBuf,
+    control_socket: PathBuf,
+    control_group: Option<String>,
+    control_listen: Option<SocketAddr>,
+    control_token_file: Option<PathBuf>,
+    state_file: PathBuf,
 }
 
 fn agent_settings(mut s: Section) -> Result<AgentSettings> {
@@ -151,8 +177,31 @@ fn agent_settings(mut s: Section) -> Result<AgentSettings> {
             ));
         }
     }
+    let pin_dir = pin_dir(&mut s)?;
+    let control_socket = absolute_path(&mut s, "control_socket", DEFAULT_CONTROL_SOCKET)?;
+    let control_group = s.string("control_group")?;
+    if let Some(group) = &control_group
+        && group.is_empty()
+    {
+        return Err(s.problem("control_group", "empty; name a group, or leave it out"));
+    }
+    let state_file = absolute_path(&mut s, "state_file", DEFAULT_STATE_FILE)?;
+    let (control_listen, control_token_file) = control_tcp(&mut s)?;
     s.finish()?;
-    Ok(AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips })
+    Ok(AgentSettings {
+        interfaces,
+        admin_listen,
+        xdp_mode,
+        conntrack_capacity,
+        ring_size,
+        max_vips,
+        pin_dir,
+        control_socket,
+        control_group,
+        control_listen,
+        control_token_file,
+        state_file,
+    })
 }
 
 impl AgentSettings {
@@ -184,9 +233,81 @@ impl AgentSettings {
             None => DEFAULT_MAX_VIPS.max(vip_count).min(fit),
         };
         let max_vips_set = self.max_vips.is_some();
-        let AgentSettings { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, .. } = self;
-        Ok(AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips, max_vips_set })
+        let AgentSettings {
+            interfaces,
+            admin_listen,
+            xdp_mode,
+            conntrack_capacity,
+            ring_size,
+            pin_dir,
+            control_socket,
+            control_group,
+            control_listen,
+            control_token_file,
+            state_file,
+            ..
+        } = self;
+        Ok(AgentConfig {
+            interfaces,
+            admin_listen,
+            xdp_mode,
+            conntrack_capacity,
+            ring_size,
+            max_vips,
+            max_vips_set,
+            pin_dir,
+            control_socket,
+            control_group,
+            control_listen,
+            control_token_file,
+            state_file,
+        })
     }
+}
+
+/// `agent.pin_dir`: an absolute path, by default [`DEFAULT_PIN_DIR`]; its
+/// parent must be on a bpffs (the agent mounts one on `/sys/fs/bpf` if none is).
+fn pin_dir(s: &mut Section) -> Result<PathBuf> {
+    let Some(text) = s.string("pin_dir")? else { return Ok(PathBuf::from(DEFAULT_PIN_DIR)) };
+    let path = PathBuf::from(&text);
+    if !path.is_absolute() || path.parent().is_none() {
+        return Err(s.problem("pin_dir", format!("{text:?} is not an absolute path below a bpffs mount")));
+    }
+    Ok(path)
+}
+
+/// `agent.control_listen` and `agent.control_token_file`: the control API
+/// over TCP is optional, and never without a token.
+fn control_tcp(s: &mut Section) -> Result<(Option<SocketAddr>, Option<PathBuf>)> {
+    let listen = match s.string("control_listen")? {
+        Some(text) => Some(
+            text.parse::<SocketAddr>()
+                .map_err(|_| s.problem("control_listen", format!("{text:?} is not an address and port")))?,
+        ),
+        None => None,
+    };
+    let token = match s.string("control_token_file")? {
+        Some(text) if PathBuf::from(&text).is_absolute() => Some(PathBuf::from(text)),
+        Some(text) => return Err(s.problem("control_token_file", format!("{text:?} is not an absolute path"))),
+        None => None,
+    };
+    if listen.is_some() && token.is_none() {
+        return Err(s.problem(
+            "control_listen",
+            "set, but agent.control_token_file is not: the state-changing API over TCP requires a bearer token",
+        ));
+    }
+    Ok((listen, token))
+}
+
+/// An absolute path at `key`, or `default`.
+fn absolute_path(s: &mut Section, key: &str, default: &str) -> Result<PathBuf> {
+    let Some(text) = s.string(key)? else { return Ok(PathBuf::from(default)) };
+    let path = PathBuf::from(&text);
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(s.problem(key, format!("{text:?} is not an absolute file path")));
+    }
+    Ok(path)
 }
 
 /// `agent.interfaces`: required, non-empty, valid and unique names.
@@ -253,6 +374,13 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         Some(other) => return Err(s.problem("protocol", format!("{other:?} is not one of: tcp, udp"))),
     };
     let scheduler = scheduler(&mut s)?;
+    let on_backend_down = match s.string("on_backend_down")?.as_deref() {
+        None | Some("reschedule") => OnBackendDown::Reschedule,
+        Some("keep") => OnBackendDown::Keep,
+        Some(other) => {
+            return Err(s.problem("on_backend_down", format!("{other:?} is not one of: reschedule, keep")));
+        }
+    };
     let health_check = match s.table("health_check", CHECK_KEYS)? {
         Some(section) => health_check(section)?,
         None => default_health_check(),
@@ -281,7 +409,7 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         check_same_family(listen, b.address).map_err(|reason| s.problem(&key, reason))?;
     }
     s.finish()?;
-    Ok(VipConfig { name, listen, protocol, scheduler, health_check, limits, backends })
+    Ok(VipConfig { name, listen, protocol, scheduler, health_check, on_backend_down, limits, backends })
 }
 
 /// `[vip.limits]`, for a VIP listening on `listen`.

@@ -210,8 +210,32 @@ fn agent_values_are_checked() {
 }
 
 #[test]
+fn operations_keys_have_defaults_and_are_checked() {
+    let config = parse(MINIMAL).expect("valid");
+    let agent = &config.agent;
+    assert_eq!(agent.pin_dir, Path::new(DEFAULT_PIN_DIR));
+    assert_eq!(agent.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+    assert_eq!(agent.state_file, Path::new(DEFAULT_STATE_FILE));
+    assert_eq!((&agent.control_group, agent.control_listen, &agent.control_token_file), (&None, None, &None));
+    let with = |line: &str| MINIMAL.replace("[agent]", &format!("[agent]\n{line}"));
+    rejects(&with("pin_dir = \"lb\""), "agent.pin_dir", "not an absolute path");
+    rejects(&with("control_socket = \"lb.sock\""), "agent.control_socket", "not an absolute file path");
+    rejects(&with("state_file = \"/\""), "agent.state_file", "not an absolute file path");
+    rejects(&with("control_group = \"\""), "agent.control_group", "empty");
+    rejects(&with("control_listen = \"127.0.0.1:9101\""), "agent.control_listen", "requires a bearer token");
+    let config = parse(&with("control_listen = \"127.0.0.1:9101\"\ncontrol_token_file = \"/etc/lb/token\""))
+        .expect("valid with a token file");
+    assert_eq!(config.agent.control_token_file.as_deref(), Some(Path::new("/etc/lb/token")));
+}
+
+#[test]
 fn vip_values_are_checked() {
     rejects(&MINIMAL.replace("\"web\"", "\"web site\""), "vip[1].name", "letters, digits");
+    let down = |value: &str| MINIMAL.replace("name = \"web\"", &format!("name = \"web\"\non_backend_down = {value}"));
+    rejects(&down("\"drop\""), "vip[1] (web).on_backend_down", "not one of: reschedule, keep");
+    let kept = parse(&down("\"keep\"")).expect("valid");
+    assert_eq!(kept.vips[0].on_backend_down, OnBackendDown::Keep);
+    assert_eq!(parse(MINIMAL).expect("valid").vips[0].on_backend_down, OnBackendDown::Reschedule);
     let listen = |value: &str| MINIMAL.replace("\"198.18.0.100:80\"", value);
     rejects(
         &listen("\"198.18.0.300:80\""),

@@ -8,3 +8,4 @@
 pub mod balancer;
 pub mod maglev;
 pub mod plan;
+pub mod runtime;

@@ -41,7 +41,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf};
 
 use crate::config::model::{
-    AgentConfig, BackendConfig, Config, HealthCheckConfig, LimitsConfig, Protocol, Scheduler, VipConfig,
+    AgentConfig, BackendConfig, Config, HealthCheckConfig, LimitsConfig, OnBackendDown, Protocol, Scheduler, VipConfig,
 };
 
 /// One change a reload applies in place.
@@ -92,6 +92,11 @@ pub enum Action {
         vip: String,
         to: Option<LimitsConfig>,
     },
+    SetOnBackendDown {
+        vip: String,
+        from: OnBackendDown,
+        to: OnBackendDown,
+    },
 }
 
 impl Action {
@@ -106,7 +111,8 @@ impl Action {
             | Action::AddBackend { vip, .. }
             | Action::RemoveBackend { vip, .. }
             | Action::SetHealthCheck { vip, .. }
-            | Action::SetLimits { vip, .. } => vip,
+            | Action::SetLimits { vip, .. }
+            | Action::SetOnBackendDown { vip, .. } => vip,
         }
     }
 }
@@ -146,6 +152,9 @@ impl fmt::Display for Action {
                 write!(f, "vip {vip} limits changed (clients' buckets and counts kept)")
             }
             Action::SetLimits { vip, to: None } => write!(f, "vip {vip} limits removed"),
+            Action::SetOnBackendDown { vip, from, to } => {
+                write!(f, "vip {vip} on_backend_down {} -> {}", from.as_str(), to.as_str())
+            }
         }
     }
 }
@@ -247,19 +256,41 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
     if old.health_check != new.health_check {
         actions.push(Action::SetHealthCheck { vip: vip(), check: new.health_check.clone() });
     }
+    if old.on_backend_down != new.on_backend_down {
+        actions.push(Action::SetOnBackendDown { vip: vip(), from: old.on_backend_down, to: new.on_backend_down });
+    }
 }
 
 /// The first `[agent]` key that differs, `max_vips` aside (see
 /// [`max_vips_problem`]).
 fn changed_agent_key(old: &AgentConfig, new: &AgentConfig) -> Option<&'static str> {
-    let AgentConfig { interfaces, admin_listen, xdp_mode, conntrack_capacity, ring_size, max_vips: _, max_vips_set: _ } =
-        old;
+    let AgentConfig {
+        interfaces,
+        admin_listen,
+        xdp_mode,
+        conntrack_capacity,
+        ring_size,
+        max_vips: _,
+        max_vips_set: _,
+        pin_dir,
+        control_socket,
+        control_group,
+        control_listen,
+        control_token_file,
+        state_file,
+    } = old;
     [
         ("interfaces", *interfaces != new.interfaces),
         ("admin_listen", *admin_listen != new.admin_listen),
         ("xdp_mode", *xdp_mode != new.xdp_mode),
         ("conntrack_capacity", *conntrack_capacity != new.conntrack_capacity),
         ("ring_size", *ring_size != new.ring_size),
+        ("pin_dir", *pin_dir != new.pin_dir),
+        ("control_socket", *control_socket != new.control_socket),
+        ("control_group", *control_group != new.control_group),
+        ("control_listen", *control_listen != new.control_listen),
+        ("control_token_file", *control_token_file != new.control_token_file),
+        ("state_file", *state_file != new.state_file),
     ]
     .into_iter()
     .find_map(|(key, changed)| changed.then_some(key))

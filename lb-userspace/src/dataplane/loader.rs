@@ -1,12 +1,15 @@
-//! Loading the XDP program with maps sized from the config, and attaching it.
+//! Loading the XDP program with maps sized from the config, and attaching it,
+//! either for the life of the process or pinned (see [`super::pins`]).
 
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+use aya::programs::{
+    Xdp, XdpMode,
+    links::{FdLink, PinnedLink},
+    xdp::{XdpLink, XdpLinkId},
 };
+use aya::{Ebpf, EbpfLoader};
 use lb_common::{limits::RINGS_PER_VIP, map_names};
 
-use super::{DataplaneError, Maps};
+use super::{DataplaneError, Maps, pins::PinDir};
 
 /// The compiled `lb-ebpf` object, embedded at build time by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -25,11 +28,31 @@ pub struct LoadOptions {
     pub conntrack_capacity: u32,
 }
 
-/// The loaded program, and the interfaces it is attached to. Dropping it
-/// detaches from every interface.
+impl LoadOptions {
+    /// Entries of the `MAGLEV` array: two rings per VIP id.
+    #[must_use]
+    pub fn maglev_entries(&self) -> u32 {
+        self.max_vips.saturating_mul(RINGS_PER_VIP).saturating_mul(self.ring_size)
+    }
+}
+
+/// How [`Program::attach`] found the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link (pinned, if the program is).
+    New,
+    /// A pinned link of an earlier agent now runs this program: replaced
+    /// atomically (`bpf_link_update`), packets never saw no program.
+    Replaced,
+}
+
+/// The loaded program, and the interfaces it is attached to. Unpinned, dropping it
+/// detaches from every interface; pinned, the links stay in bpffs.
 pub struct Program {
     ebpf: Ebpf,
     links: Vec<(String, XdpLinkId)>,
+    /// Where its maps and links are pinned, if they are.
+    pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Program {
@@ -39,26 +62,80 @@ impl Program {
     /// [`DataplaneError::Load`] or [`DataplaneError::Program`] when the kernel
     /// refuses it; the source error carries the verifier log.
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        Self::load_in(opts, None)
+    }
+
+    /// Loads the program with every map pinned in `pins`: maps already
+    /// pinned there are reused as they are (the caller checked them with
+    /// [`PinDir::inspect`]), the others are created and pinned.
+    ///
+    /// # Errors
+    ///
+    /// As [`Program::load`].
+    pub fn load_pinned(opts: &LoadOptions, pins: &PinDir) -> Result<Self, DataplaneError> {
+        Self::load_in(opts, Some(pins))
+    }
+
+    fn load_in(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Self, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
         raise_memlock_limit();
-        let maglev_entries = opts.max_vips.saturating_mul(RINGS_PER_VIP).saturating_mul(opts.ring_size);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::MAGLEV, maglev_entries)
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_capacity)
-            .load(EBPF_OBJECT)
-            .map_err(|source| DataplaneError::Load { source: Box::new(source) })?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::MAGLEV, opts.maglev_entries())
+            .map_max_entries(map_names::CONNTRACK, opts.conntrack_capacity);
+        if let Some(pins) = pins {
+            for &name in map_names::ALL {
+                loader.map_pin_path(name, pins.map_path(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| DataplaneError::Load { source: Box::new(source) })?;
         let program = xdp_program(&mut ebpf)?;
         program.load().map_err(|source| DataplaneError::Program { name: PROGRAM_NAME, source: Box::new(source) })?;
-        Ok(Self { ebpf, links: Vec::new() })
+        Ok(Self { ebpf, links: Vec::new(), pin_dir: pins.map(|p| p.path().to_owned()) })
     }
 
     /// Attaches to `interface`.
     ///
     /// # Errors
     /// [`DataplaneError::Attach`], whose message names the next thing to try.
-    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<Attached, DataplaneError> {
+        let Some(dir) = self.pin_dir.clone() else {
+            let link_id = self.attach_new(interface, mode)?;
+            self.links.push((interface.to_owned(), link_id));
+            return Ok(Attached::New);
+        };
+        let path = super::pins::link_path_in(&dir, interface);
+        if path.exists() {
+            self.replace_pinned(interface, &path)?;
+            return Ok(Attached::Replaced);
+        }
+        let link_id = self.attach_new(interface, mode)?;
+        // Pinned, the link holds XDP on the interface after this process
+        // ends; the handle is closed at once, so nothing but the pin does.
+        let pin_error = |source| DataplaneError::Pin { path: path.clone(), source };
+        let program = xdp_program(&mut self.ebpf)?;
+        let link = program.take_link(link_id).map_err(|source| link_error(interface, source))?;
+        let fd_link =
+            FdLink::try_from(link).map_err(|_| DataplaneError::NotALink { interface: interface.to_owned() })?;
+        drop(fd_link.pin(&path).map_err(pin_error)?);
+        Ok(Attached::New)
+    }
+
+    /// Points the pinned link at `path` to this program, atomically.
+    fn replace_pinned(&mut self, interface: &str, path: &std::path::Path) -> Result<(), DataplaneError> {
+        let not_a_link = || DataplaneError::NotALink { interface: interface.to_owned() };
+        let pinned = PinnedLink::from_pin(path).map_err(|_| not_a_link())?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|_| not_a_link())?;
+        let program = xdp_program(&mut self.ebpf)?;
+        let link_id = program.attach_to_link(link).map_err(|source| link_error(interface, source))?;
+        // Close this process's handle; the pin keeps the link.
+        drop(program.take_link(link_id).map_err(|source| link_error(interface, source))?);
+        Ok(())
+    }
+
+    fn attach_new(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId, DataplaneError> {
         let mode_name = if mode == XdpMode::Skb { "generic" } else { "native" };
         let program = xdp_program(&mut self.ebpf)?;
         let link = program.attach(interface, mode).map_err(|source| DataplaneError::Attach {
@@ -71,8 +148,7 @@ impl Program {
             },
             source: Box::new(source),
         })?;
-        self.links.push((interface.to_owned(), link));
-        Ok(())
+        Ok(link)
     }
 
     /// Detaches from every interface, newest first; errors are logged, as
@@ -108,6 +184,10 @@ impl Drop for Program {
     fn drop(&mut self) {
         self.detach_all();
     }
+}
+
+fn link_error(interface: &str, source: aya::programs::ProgramError) -> DataplaneError {
+    DataplaneError::Attach { interface: interface.to_owned(), mode: "pinned", hint: "", source: Box::new(source) }
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {

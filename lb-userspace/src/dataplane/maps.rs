@@ -15,13 +15,13 @@ use aya::{
     },
 };
 use lb_common::{
-    backend::BackendInfo,
+    backend::{BACKEND_ID_NONE, BACKEND_STATE_UNUSED, BackendInfo},
     client_limits::{AllowKey, ClientKey, ClientState, VipLimits, limit, masked},
     flow::{FLOW_F_CLOSING, FLOW_F_COUNTED, FlowKey, FlowState, ReplyNat},
     guard::{AddrRoles, ServiceKey, SharedService},
     map_names,
     stats::{Counters, conntrack_event, reason},
-    vip::{VipInfo, VipKey},
+    vip::{VipInfo, VipKey, ring_base},
     vip_addr::{VipAddrInfo, VipAddrKey},
 };
 
@@ -30,6 +30,7 @@ use crate::config::model::Cidr;
 
 /// Map update flag: only replace an entry that exists (linux/bpf.h).
 const BPF_EXIST: u64 = 2;
+use crate::control::balancer::{PinnedState, PinnedVip};
 
 /// The program's maps, taken out of the loaded object.
 pub struct Maps {
@@ -66,7 +67,7 @@ pub const OCCUPANCY_MAX_AGE: Duration = Duration::from_secs(5);
 /// handle on the map, never under the caller's lock (the agent's state);
 /// callers get the last count, at most [`OCCUPANCY_MAX_AGE`] plus one walk old.
 struct Occupancy {
-    /// When the last count finished, and what it found.
+    /// When the last count began, and what it found.
     last: Option<(Instant, u64)>,
     /// Evictions, estimated at each count as keys inserted before it began
     /// minus entries it found, and never lowered: a counter must not go
@@ -74,6 +75,8 @@ struct Occupancy {
     /// the live insert count instead, a table filling up between counts would
     /// show its new flows as evictions.)
     evicted: u64,
+    /// Live (not expired) flows per backend id, as of the last count.
+    flows: std::collections::HashMap<u32, u64>,
     /// A count is running.
     walking: bool,
     /// [`OCCUPANCY_MAX_AGE`], unless a test shortened it.
@@ -83,10 +86,43 @@ struct Occupancy {
 impl Occupancy {
     /// A finished count: `entries` found by a walk that began after
     /// `inserted` keys had been inserted.
-    fn record(&mut self, inserted: u64, entries: u64) {
-        self.last = Some((Instant::now(), entries));
+    fn record(&mut self, inserted: u64, began: Instant, walk: Walk) {
+        let Walk { entries, flows } = walk;
+        self.flows = flows;
+        self.last = Some((began, entries));
         self.evicted = self.evicted.max(inserted.saturating_sub(entries));
     }
+}
+
+/// What one walk of the connection table found.
+struct Walk {
+    entries: u64,
+    flows: std::collections::HashMap<u32, u64>,
+}
+
+/// Walks `table`: its entries, and the live flows per backend (those not idle
+/// past their timeout, `lb_common::timeouts`, by the program's clock).
+fn walk(table: &HashMap<MapData, FlowKey, FlowState>) -> Walk {
+    let now = monotonic_ns();
+    let mut walk = Walk { entries: 0, flows: std::collections::HashMap::new() };
+    for (key, state) in table.iter().filter_map(Result::ok) {
+        walk.entries += 1;
+        if !lb_common::timeouts::is_expired(&state, key.proto, now) {
+            *walk.flows.entry(state.backend_id).or_default() += 1;
+        }
+    }
+    walk
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime fills a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 /// The connection table at a glance; see [`Maps::conntrack`].
@@ -102,6 +138,8 @@ pub struct ConntrackStats {
     /// nothing else removes entries (the kernel does not report evictions);
     /// as of the last count.
     pub evicted: u64,
+    /// How long ago the last count began.
+    pub counted_ago: Duration,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DataplaneError> {
@@ -139,6 +177,7 @@ impl Maps {
             occupancy: Arc::new(Mutex::new(Occupancy {
                 last: None,
                 evicted: 0,
+                flows: std::collections::HashMap::new(),
                 walking: false,
                 max_age: OCCUPANCY_MAX_AGE,
             })),
@@ -204,7 +243,9 @@ impl Maps {
     pub fn conntrack(&self) -> Result<ConntrackStats, DataplaneError> {
         let events = self.conntrack_events()?;
         let (entries, evicted) = self.occupancy(events[conntrack_event::INSERTED as usize])?;
-        Ok(ConntrackStats { entries, capacity: u64::from(self.conntrack_capacity), events, evicted })
+        let counted_ago =
+            self.occupancy.lock().ok().and_then(|o| o.last).map_or(Duration::ZERO, |(at, _)| at.elapsed());
+        Ok(ConntrackStats { entries, capacity: u64::from(self.conntrack_capacity), events, evicted, counted_ago })
     }
 
     /// The backend a tracked client → VIP flow is pinned to, if tracked.
@@ -217,7 +258,8 @@ impl Maps {
     fn occupancy(&self, inserted: u64) -> Result<(u64, u64), DataplaneError> {
         let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some((at, entries)) = occupancy.last else {
-            occupancy.record(inserted, self.tracked_flows() as u64);
+            let began = Instant::now();
+            occupancy.record(inserted, began, walk(&self.conntrack));
             return Ok((occupancy.last.map_or(0, |l| l.1), occupancy.evicted));
         };
         if at.elapsed() >= occupancy.max_age && !occupancy.walking {
@@ -225,13 +267,21 @@ impl Maps {
             occupancy.walking = true;
             let shared = Arc::clone(&self.occupancy);
             std::thread::spawn(move || {
-                let entries = handle.keys().filter(Result::is_ok).count() as u64;
+                let began = Instant::now();
+                let found = walk(&handle);
                 let mut occupancy = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                occupancy.record(inserted, entries);
+                occupancy.record(inserted, began, found);
                 occupancy.walking = false;
             });
         }
         Ok((entries, occupancy.evicted))
+    }
+
+    /// Live flows pinned to `backend_id`, as of the last count of the
+    /// connection table (see [`Maps::conntrack`], which starts counts).
+    pub fn live_flows(&self, backend_id: u32) -> u64 {
+        let occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        occupancy.flows.get(&backend_id).copied().unwrap_or(0)
     }
 
     /// Lets tests see the background count without waiting
@@ -344,6 +394,41 @@ impl Maps {
     /// [`DataplaneError::Map`] if the index is out of range.
     pub fn ring_slot(&self, index: u32) -> Result<u32, DataplaneError> {
         self.maglev.get(&index, 0).map_err(|source| DataplaneError::Map { name: map_names::MAGLEV, op: "read", source })
+    }
+}
+
+impl Maps {
+    /// What pinned maps hold, for [`crate::control::balancer::Balancer::adopt`]:
+    /// every `VIPS` entry with its live ring (`ring_size` slots), every used
+    /// `BACKENDS` entry, every service entry. One syscall per entry or slot.
+    ///
+    /// # Errors
+    ///
+    /// [`DataplaneError::Map`] on a failed read.
+    pub fn read_pinned(&self, ring_size: u32) -> Result<PinnedState, DataplaneError> {
+        let read = |name: &'static str| move |source| DataplaneError::Map { name, op: "read", source };
+        let mut state = PinnedState::default();
+        for entry in self.vips.iter() {
+            let (key, info) = entry.map_err(read(map_names::VIPS))?;
+            let base = ring_base(info.vip_id, info.ring_generation & 1, ring_size);
+            let ring = (base..base.saturating_add(ring_size))
+                .map(|index| self.maglev.get(&index, 0))
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(read(map_names::MAGLEV))?;
+            state.vips.push(PinnedVip { key, info, ring });
+        }
+        for (backend_id, info) in (0u32..).zip(self.backends.iter()) {
+            let info = info.map_err(read(map_names::BACKENDS))?;
+            if backend_id != BACKEND_ID_NONE && info.state != BACKEND_STATE_UNUSED {
+                state.backends.insert(backend_id, info);
+            }
+        }
+        for entry in self.backend_services.iter() {
+            let (key, nat) = entry.map_err(read(map_names::BACKEND_SERVICES))?;
+            let list = self.shared_services.get(&key, 0).ok();
+            state.services.push((key, nat, list));
+        }
+        Ok(state)
     }
 }
 

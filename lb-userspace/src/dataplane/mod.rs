@@ -8,8 +8,9 @@
 
 mod loader;
 mod maps;
+pub mod pins;
 
-pub use loader::{EBPF_OBJECT, LoadOptions, Program};
+pub use loader::{Attached, EBPF_OBJECT, LoadOptions, Program};
 pub use maps::{ConntrackStats, Maps, OCCUPANCY_MAX_AGE};
 
 use std::path::PathBuf;
@@ -99,6 +100,9 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// A pinned link is not an XDP bpf_link (something else is pinned there).
+    #[error("the pin of interface {interface}'s link is not an XDP link; run `lb unload` to clear the pin directory")]
+    NotALink { interface: String },
     /// Pinning to bpffs failed.
     #[error("pinning to {path} failed")]
     Pin {

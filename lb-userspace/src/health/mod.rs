@@ -180,7 +180,9 @@ impl ProbePool {
 /// `key` and `generation`.
 ///
 /// The first probe runs after a small deterministic stagger (see
-/// [`stagger`]); its result decides the verdict at once (see [`Tracker`]).
+/// [`stagger`]). With `initial` [`Health::Unknown`] its result decides the
+/// verdict at once (see [`Tracker`]); with a known health (adopted from a
+/// previous agent) `rise`/`fall` apply from the start.
 /// A probe that fails locally ([`ProbeFailure::is_local`]) is reported in
 /// `last_check`, counted in `pool`, and moves no streak. The task runs
 /// until aborted or until `events` is closed.
@@ -192,6 +194,7 @@ pub fn spawn_checker<K: Clone + Send + Sync + 'static>(
     config: HealthCheckConfig,
     key: K,
     generation: u64,
+    initial: Health,
     pool: ProbePool,
     events: mpsc::Sender<HealthEvent<K>>,
 ) -> JoinHandle<()> {
@@ -200,7 +203,7 @@ pub fn spawn_checker<K: Clone + Send + Sync + 'static>(
         if matches!(config.kind, HealthCheckKind::None) {
             report_always_up(&reporter).await;
         } else {
-            check_forever(address, &config, &pool, &reporter).await;
+            check_forever(address, &config, initial, &pool, &reporter).await;
         }
     })
 }
@@ -224,6 +227,7 @@ impl<K: Clone> Reporter<K> {
 async fn check_forever<K: Clone>(
     address: SocketAddr,
     config: &HealthCheckConfig,
+    initial: Health,
     pool: &ProbePool,
     reporter: &Reporter<K>,
 ) {
@@ -233,7 +237,7 @@ async fn check_forever<K: Clone>(
     // A slow probe (or a full channel, or a wait for a slot) pushes the
     // schedule back instead of firing a burst of catch-up probes.
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut tracker = Tracker::new(config.rise, config.fall);
+    let mut tracker = Tracker::starting_at(config.rise, config.fall, initial);
     let mut local_streak = false;
     loop {
         ticks.tick().await;
@@ -367,7 +371,8 @@ mod tests {
         let (set_status, status) = watch::channel(200);
         let address = switchable_server(status).await;
         let (tx, mut rx) = mpsc::channel(16);
-        let checker = spawn_checker(address, http_config(50, 2, 2), "backend-a", 7, ProbePool::new(4), tx);
+        let checker =
+            spawn_checker(address, http_config(50, 2, 2), "backend-a", 7, Health::Unknown, ProbePool::new(4), tx);
 
         let (first, before) = next_transition(&mut rx).await;
         assert_eq!(first, Transition { health: Health::Up, reason: "first check: ok".to_owned() });
@@ -398,7 +403,8 @@ mod tests {
         let address = switchable_server(status).await;
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
-        let checker = spawn_checker(address, http_config(50, 1, 1), "backend-a", 7, ProbePool::new(4), tx);
+        let checker =
+            spawn_checker(address, http_config(50, 1, 1), "backend-a", 7, Health::Unknown, ProbePool::new(4), tx);
         timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");
     }
 
@@ -410,7 +416,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let mut config = http_config(50, 3, 3);
         config.kind = HealthCheckKind::Tcp;
-        let checker = spawn_checker(address, config, "backend-a", 7, ProbePool::new(4), tx);
+        let checker = spawn_checker(address, config, "backend-a", 7, Health::Unknown, ProbePool::new(4), tx);
         let (transition, before) = next_transition(&mut rx).await;
         assert!(before.is_empty());
         assert!(!transition.health.is_up());
@@ -424,7 +430,7 @@ mod tests {
         let mut config = http_config(50, 2, 2);
         config.kind = HealthCheckKind::None;
         let unroutable: SocketAddr = "192.0.2.1:9".parse().expect("address");
-        let checker = spawn_checker(unroutable, config, "backend-a", 7, ProbePool::new(4), tx);
+        let checker = spawn_checker(unroutable, config, "backend-a", 7, Health::Unknown, ProbePool::new(4), tx);
         let (transition, _) = next_transition(&mut rx).await;
         assert!(transition.health.is_up());
         timeout(WAIT, checker).await.expect("the checker ends").expect("no panic");

@@ -31,6 +31,13 @@ impl Tracker {
         Tracker { rise: rise.max(1), fall: fall.max(1), verdict: Health::Unknown, successes: 0, failures: 0 }
     }
 
+    /// A tracker that already holds `verdict`, e.g. the health a restarted
+    /// agent found pinned: from there `rise` and `fall` apply as usual, so a
+    /// single probe cannot flip it. With [`Health::Unknown`] it is [`Tracker::new`].
+    pub fn starting_at(rise: u32, fall: u32, verdict: Health) -> Self {
+        Tracker { verdict, ..Tracker::new(rise, fall) }
+    }
+
     /// The current verdict: unknown until the first probe finishes, then
     /// up or down.
     pub fn verdict(&self) -> Health {
@@ -95,6 +102,20 @@ mod tests {
 
     fn down(reason: &str) -> Option<Transition> {
         Some(Transition { health: Health::Down, reason: reason.to_owned() })
+    }
+
+    #[test]
+    fn a_known_start_needs_fall_failures_not_one() {
+        let mut tracker = Tracker::starting_at(2, 3, Health::Up);
+        assert_eq!(tracker.record(false, FAIL), None);
+        assert_eq!(tracker.record(false, FAIL), None);
+        assert_eq!(
+            tracker.record(false, FAIL),
+            down("3 consecutive failures, last: HTTP status 503, expected 200-399")
+        );
+        let mut tracker = Tracker::starting_at(2, 3, Health::Down);
+        assert_eq!(tracker.record(true, "ok"), None);
+        assert_eq!(tracker.record(true, "ok"), up("2 consecutive successes"));
     }
 
     #[test]

@@ -39,6 +39,7 @@ use super::{
     Balancer, Change, StateError, Step,
     records::{Backend, Removal, Vip, backend_index},
 };
+use crate::config::model::OnBackendDown;
 use crate::{
     config::model::{BackendConfig, HealthCheckConfig, HealthCheckKind, VipConfig},
     control::plan::Action,
@@ -93,7 +94,10 @@ impl Balancer {
                     self.backend_of(index, *address)
                         .ok_or_else(|| not_running(format!("vip {name} backend {address}")))?;
                 }
-                Action::SetScheduler { .. } | Action::SetHealthCheck { .. } | Action::SetLimits { .. } => {
+                Action::SetScheduler { .. }
+                | Action::SetHealthCheck { .. }
+                | Action::SetLimits { .. }
+                | Action::SetOnBackendDown { .. } => {
                     running.ok_or_else(|| not_running(format!("vip {name}")))?;
                 }
             }
@@ -130,6 +134,13 @@ impl Balancer {
                 Action::AddVip { vip } => {
                     touched.extend(self.add_vip(vip));
                 }
+                Action::SetOnBackendDown { to, .. } => {
+                    if let Some(index) = self.vip_index_by_name(name) {
+                        self.vips[index].on_backend_down = *to;
+                        self.sync_keep(index);
+                        touched.insert(self.vips[index].vip_id);
+                    }
+                }
                 Action::SetScheduler { to, .. } => {
                     if let Some(vip) = self.vip_by_name_mut(name) {
                         vip.scheduler = *to;
@@ -143,7 +154,7 @@ impl Balancer {
                     }
                 }
                 Action::SetWeight { address, to, .. } => {
-                    touched.extend(self.with_backend(name, *address, |b| b.weight = *to));
+                    touched.extend(self.with_backend(name, *address, |b| b.set_config_weight(*to)));
                 }
                 Action::SetBackup { address, to, .. } => {
                     touched.extend(self.with_backend(name, *address, |b| b.backup = *to));
@@ -157,6 +168,7 @@ impl Balancer {
                         (self.vips[index].vip_id, Health::initial(&self.vips[index].health_check.kind));
                     let backend_id = self.add_backend(vip_id, backend, health);
                     self.vips[index].backend_ids.push(backend_id);
+                    self.sync_keep(index);
                     touched.insert(vip_id);
                 }
             }
@@ -214,7 +226,19 @@ impl Balancer {
         let vip = Vip::new(vip_id, config, backend_ids, self.ring_size, reused);
         let at = self.vip_position(vip_id).unwrap_or_else(|at| at);
         self.vips.insert(at, vip);
+        self.sync_keep(at);
         Some(vip_id)
+    }
+
+    /// Gives each backend of the VIP at `index` its VIP's `on_backend_down`.
+    pub(super) fn sync_keep(&mut self, index: usize) {
+        let Some(vip) = self.vips.get(index) else { return };
+        let keep = vip.on_backend_down == OnBackendDown::Keep;
+        for &id in &vip.backend_ids {
+            if let Some(backend) = self.backends.get_mut(backend_index(id)) {
+                backend.keep_when_down = keep;
+            }
+        }
     }
 
     /// A backend of VIP `vip_id` under the next id never used (the caller

@@ -40,6 +40,7 @@
 //! [`Balancer::apply_reload`] or [`Balancer::install`] rewrites what is
 //! needed. So callers can simply retry.
 
+mod adopt;
 mod apply;
 mod publish;
 mod records;
@@ -63,7 +64,10 @@ use lb_common::{
 };
 
 use self::records::{Backend, Removal, Vip, backend_index};
-pub use self::types::{BackendView, Change, StateError, Step, VipView};
+pub use self::{
+    adopt::{AdoptError, PinnedState, PinnedVip},
+    types::{AdminState, BackendView, Change, StateError, Step, VipView},
+};
 use crate::{
     config::model::{Cidr, Config},
     control::{maglev, plan::Action},
@@ -129,6 +133,10 @@ pub struct Balancer {
     limits_written: HashMap<u32, (VipLimits, BTreeSet<Cidr>)>,
 }
 
+fn not_running(vip: &str, address: SocketAddr) -> StateError {
+    StateError::NotRunning { what: format!("backend {address} of vip {vip}") }
+}
+
 impl Balancer {
     /// Allocates ids and initial health for `config`; writes nothing.
     ///
@@ -142,6 +150,17 @@ impl Balancer {
     /// backends in all, or rings beyond [`MAX_MAGLEV_ENTRIES`]. Validation
     /// should already have refused these; this keeps indexes from wrapping.
     pub fn new(config: &Config) -> Result<Self, StateError> {
+        let mut balancer = Balancer::sized(config)?;
+        // All ids are free, so VIP n takes id n.
+        for vip in &config.vips {
+            balancer.add_vip(vip);
+        }
+        Ok(balancer)
+    }
+
+    /// An empty balancer with `config`'s sizes, once they are checked (see
+    /// [`Balancer::new`]).
+    fn sized(config: &Config) -> Result<Self, StateError> {
         let ring_size = config.agent.ring_size;
         if !maglev::is_prime(ring_size) {
             return Err(StateError::RingSizeNotPrime { ring_size });
@@ -164,7 +183,7 @@ impl Balancer {
             return Err(StateError::TooManyBackends { count: backend_count, max: MAX_BACKENDS - 1 });
         }
 
-        let mut balancer = Balancer {
+        Ok(Balancer {
             ring_size,
             max_vips,
             vips: Vec::with_capacity(config.vips.len()),
@@ -178,12 +197,7 @@ impl Balancer {
             roles_written: HashMap::new(),
             services_written: HashMap::new(),
             limits_written: HashMap::new(),
-        };
-        // All ids are free, so VIP n takes id n.
-        for vip in &config.vips {
-            balancer.add_vip(vip);
-        }
-        Ok(balancer)
+        })
     }
 
     /// Tells the data path which addresses are the gateway's own (its
@@ -238,6 +252,7 @@ impl Balancer {
         for vip_id in ids {
             change += self.sync_vip(vip_id, dp)?;
         }
+        change += self.sync_orphans(dp)?;
         Ok(change)
     }
 
@@ -263,6 +278,10 @@ impl Balancer {
             // A late verdict from a checker stopped by a reload.
             return Ok(Change::default());
         }
+        if backend.keep_when_down && backend.health != health {
+            // Its entry stays UP either way; rewritten for its health note.
+            backend.written_state = None;
+        }
         backend.health = health;
         let vip_id = backend.vip_id;
         self.sync_vip(vip_id, dp)
@@ -280,9 +299,62 @@ impl Balancer {
     pub fn set_weight(&mut self, backend_id: u32, weight: u32, dp: &mut impl Dataplane) -> Result<Change, StateError> {
         let backend =
             self.backend_mut(backend_id).filter(|b| !b.retired).ok_or(StateError::UnknownBackend { backend_id })?;
-        backend.weight = weight;
+        backend.set_config_weight(weight);
         let vip_id = backend.vip_id;
         self.sync_vip(vip_id, dp)
+    }
+
+    /// Sets the runtime admin state of VIP `vip`'s backend at `address` and
+    /// brings the dataplane in line, in the publish order: drain leaves the
+    /// ring (its `BACKENDS` entry stays `UP`, so its flows continue),
+    /// maintenance leaves the ring and is then written `DOWN` (its flows move
+    /// at their next packet), ready undoes both.
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::NotRunning`] when there is no such backend (nothing
+    /// changed), or [`StateError::Dataplane`] as for [`Balancer::set_health`].
+    pub fn set_admin(
+        &mut self,
+        vip: &str,
+        address: SocketAddr,
+        admin: AdminState,
+        dp: &mut impl Dataplane,
+    ) -> Result<Change, StateError> {
+        let vip_id = self.with_backend(vip, address, |b| b.admin = admin).ok_or_else(|| not_running(vip, address))?;
+        self.sync_vip(vip_id, dp)
+    }
+
+    /// Sets (or with `None` clears) the runtime weight of VIP `vip`'s backend
+    /// at `address`, in force instead of the config's until cleared, and
+    /// brings the dataplane in line.
+    ///
+    /// # Errors
+    ///
+    /// As [`Balancer::set_admin`].
+    pub fn set_weight_override(
+        &mut self,
+        vip: &str,
+        address: SocketAddr,
+        weight: Option<u32>,
+        dp: &mut impl Dataplane,
+    ) -> Result<Change, StateError> {
+        let vip_id = self
+            .with_backend(vip, address, |b| b.set_weight_override(weight))
+            .ok_or_else(|| not_running(vip, address))?;
+        self.sync_vip(vip_id, dp)
+    }
+
+    /// Records a runtime change (admin state, weight override) of VIP
+    /// `vip`'s backend at `address` without writing anything, e.g. restored
+    /// from the state file before [`Balancer::install`]; `false` when there
+    /// is no such backend.
+    pub fn note_runtime(&mut self, vip: &str, address: SocketAddr, admin: AdminState, weight: Option<u32>) -> bool {
+        self.with_backend(vip, address, |b| {
+            b.admin = admin;
+            b.set_weight_override(weight);
+        })
+        .is_some()
     }
 
     /// Applies a config reload's actions (see [`crate::control::plan`]) and

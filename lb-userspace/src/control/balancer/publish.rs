@@ -35,7 +35,9 @@
 
 use lb_common::{
     addr, addr_filter,
-    backend::{BACKEND_F_SHARED, BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo},
+    backend::{
+        BACKEND_F_HEALTH_DOWN, BACKEND_F_SHARED, BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP, BackendInfo,
+    },
     flow::{ReplyNat, SERVICE_F_SHARED},
     guard::{ADDR_ROLE_BACKEND, ADDR_ROLE_LOCAL, ServiceKey, SharedService},
     limits::MAX_SHARED_VIPS,
@@ -54,10 +56,13 @@ use crate::{
 };
 
 /// The `BACKENDS` entry of a backend at `address` in `state`.
-fn backend_info(address: std::net::SocketAddr, state: u8, shared: bool) -> BackendInfo {
-    let mut info = BackendInfo::new(address, state);
+fn backend_info(backend: &Backend, state: u8, shared: bool) -> BackendInfo {
+    let mut info = BackendInfo::new(backend.address, state);
     if shared {
         info.flags |= BACKEND_F_SHARED;
+    }
+    if state == BACKEND_STATE_UP && backend.health == crate::health::Health::Down {
+        info.flags |= BACKEND_F_HEALTH_DOWN;
     }
     info
 }
@@ -213,7 +218,7 @@ impl Balancer {
             // order is about states, which do not change here.
             if let Some(state) = backend.written_state {
                 backend.written_state = None;
-                let info = backend_info(backend.address, state, shared);
+                let info = backend_info(backend, state, shared);
                 dp.set_backend(id, info).map_err(failed(Step::WriteBackend { backend_id: id, state }))?;
                 if let Some(backend) = self.backend_mut(id) {
                     backend.written_state = Some(state);
@@ -396,7 +401,7 @@ impl Balancer {
             return Ok(false);
         }
         backend.written_state = None;
-        if let Err(source) = dp.set_backend(id, backend_info(backend.address, state, backend.shared)) {
+        if let Err(source) = dp.set_backend(id, backend_info(backend, state, backend.shared)) {
             return Err(StateError::Dataplane {
                 vip: vip.to_owned(),
                 step: Step::WriteBackend { backend_id: id, state },

@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 
 use lb_common::{
-    backend::BACKEND_ID_NONE,
+    backend::{BACKEND_ID_NONE, BACKEND_STATE_DOWN, BACKEND_STATE_UP},
     vip::{VipInfo, VipKey},
 };
 
-use super::BackendView;
+use super::{AdminState, BackendView};
 use crate::{
-    config::model::{BackendConfig, HealthCheckConfig, LimitsConfig, Protocol, Scheduler, VipConfig},
+    config::model::{BackendConfig, HealthCheckConfig, LimitsConfig, OnBackendDown, Protocol, Scheduler, VipConfig},
     health::Health,
 };
 
@@ -25,6 +25,7 @@ pub(super) struct Vip {
     pub(super) health_check: HealthCheckConfig,
     /// `[vip.limits]`, if any.
     pub(super) limits: Option<LimitsConfig>,
+    pub(super) on_backend_down: OnBackendDown,
     pub(super) key: VipKey,
     pub(super) backend_ids: Vec<u32>,
     /// Backends removed by a reload: written `DOWN` once the ring no longer
@@ -66,7 +67,17 @@ pub(super) struct Backend {
     pub(super) address: SocketAddr,
     /// Maglev identity: the address, so config order does not move flows.
     pub(super) key: String,
+    /// The weight in force: the runtime override if any, else the config's.
     pub(super) weight: u32,
+    /// The config file's weight.
+    pub(super) config_weight: u32,
+    /// A weight set at runtime (`lb backend weight`), kept until cleared.
+    pub(super) weight_override: Option<u32>,
+    /// Drain or maintenance, set at runtime, kept until `enable`.
+    pub(super) admin: AdminState,
+    /// Its VIP says `on_backend_down = "keep"`: down by its health checks,
+    /// it stays `UP` in `BACKENDS` (out of the ring), so its flows stay.
+    pub(super) keep_when_down: bool,
     pub(super) backup: bool,
     pub(super) health: Health,
     /// `BACKEND_STATE_*` last written; `None` before the first write or after
@@ -88,6 +99,10 @@ impl Backend {
             address: config.address,
             key: config.address.to_string(),
             weight: config.weight,
+            config_weight: config.weight,
+            weight_override: None,
+            admin: AdminState::Ready,
+            keep_when_down: false,
             backup: config.backup,
             health,
             written_state: None,
@@ -97,15 +112,35 @@ impl Backend {
         }
     }
 
-    /// The state `BACKENDS` must hold. Weight 0 is still `UP`: such a backend
-    /// is drained (no new flows) but keeps its existing ones.
+    /// The state `BACKENDS` must hold. Weight 0 or drain is still `UP`:
+    /// such a backend takes no new flows but keeps its existing ones.
+    /// Maintenance is `DOWN` whatever its health: its flows move.
     pub(super) fn wanted_state(&self) -> u8 {
-        self.health.backend_state()
+        if self.admin == AdminState::Maint || self.retired {
+            BACKEND_STATE_DOWN
+        } else if self.keep_when_down && self.health == Health::Down {
+            // Out of the ring (not available), but its flows stay.
+            BACKEND_STATE_UP
+        } else {
+            self.health.backend_state()
+        }
     }
 
-    /// Whether it may take new flows: up, with weight.
+    /// Whether it may take new flows: up, with weight, not drained or in maintenance.
     pub(super) fn available(&self) -> bool {
-        self.health.is_up() && self.weight > 0
+        self.health.is_up() && self.weight > 0 && self.admin == AdminState::Ready
+    }
+
+    /// Sets the runtime weight override (`None` clears it) and the weight in force.
+    pub(super) fn set_weight_override(&mut self, weight: Option<u32>) {
+        self.weight_override = weight;
+        self.weight = weight.unwrap_or(self.config_weight);
+    }
+
+    /// A reload's new config weight; a runtime override stays in force.
+    pub(super) fn set_config_weight(&mut self, weight: u32) {
+        self.config_weight = weight;
+        self.weight = self.weight_override.unwrap_or(weight);
     }
 
     /// Down for good: a reload removed it (or its VIP).
@@ -136,6 +171,7 @@ impl Vip {
             scheduler: config.scheduler,
             health_check: config.health_check.clone(),
             limits: config.limits.clone(),
+            on_backend_down: config.on_backend_down,
             key: VipKey::new(config.listen, config.protocol.number()),
             backend_ids,
             retired: Vec::new(),
@@ -156,6 +192,8 @@ impl Backend {
             weight: self.weight,
             backup: self.backup,
             health: self.health,
+            admin: self.admin,
+            weight_override: self.weight_override,
             ring_slots: self.ring_slots,
         }
     }

@@ -118,6 +118,24 @@ impl FakeDataplane {
         self.maglev.get(base..base + info.ring_size as usize)
     }
 
+    /// What the agent would read back from these maps had they been
+    /// pinned: the input of [`super::Balancer::adopt`].
+    #[must_use]
+    pub fn pinned_state(&self) -> super::PinnedState {
+        let vips = self
+            .vips
+            .iter()
+            .map(|(key, info)| super::PinnedVip {
+                key: *key,
+                info: *info,
+                ring: self.live_ring(key).unwrap_or_default().to_vec(),
+            })
+            .collect();
+        let backends = self.backends.iter().map(|(id, info)| (*id, *info)).collect();
+        let services = self.services.iter().map(|(key, nat)| (*key, *nat, self.shared.get(key).copied())).collect();
+        super::PinnedState { vips, backends, services }
+    }
+
     /// Ring `generation` of VIP `vip_id`, live or not.
     ///
     /// # Panics

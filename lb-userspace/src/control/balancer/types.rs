@@ -172,6 +172,36 @@ pub struct BackendView {
     /// Takes new flows only while no primary of its VIP is available.
     pub backup: bool,
     pub health: Health,
+    /// Drain or maintenance, set at runtime.
+    pub admin: AdminState,
+    /// A weight set at runtime, in force instead of the config's.
+    pub weight_override: Option<u32>,
     /// Slots it holds in the VIP's live ring: its share of new flows.
     pub ring_slots: u32,
+}
+
+/// What an operator decided for a backend at runtime, apart from its health
+/// (HAProxy's `ready`, `drain`, `maint`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes new flows when up.
+    #[default]
+    Ready,
+    /// No new flows; existing flows continue (what weight 0 does).
+    Drain,
+    /// Down at once whatever its health: its flows move at their next packet.
+    Maint,
+}
+
+impl AdminState {
+    /// Lowercase name, as the API and `lb status` show it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
 }

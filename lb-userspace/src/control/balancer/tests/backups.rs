@@ -139,3 +139,67 @@ fn the_scheduler_is_published_in_the_vip_flags() {
     assert_eq!(info.map(|v| (v.ring_generation, v.flags)), Some((1, lb_common::vip::VIP_F_SOURCE_HASH)));
     assert_consistent(&balancer, &dp);
 }
+
+#[test]
+fn drain_keeps_the_backend_up_and_maint_takes_it_down_after_the_ring() {
+    let config = config(SMALL_M, vec![equal_vip(3)]);
+    let (mut balancer, mut dp) = installed(&config);
+    let address = addr("198.18.2.11:8080");
+    balancer.set_admin("web", address, AdminState::Drain, &mut dp).expect("drain");
+    let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+    assert!(!dp.live_ring(&key).expect("live").contains(&2), "drained: out of the ring");
+    assert_eq!(dp.backends.get(&2).map(|b| b.state), Some(BACKEND_STATE_UP), "drained: its flows continue");
+    // The fake checks after each call that no live ring names a DOWN backend.
+    balancer.set_admin("web", address, AdminState::Maint, &mut dp).expect("maint");
+    assert_eq!(dp.backends.get(&2).map(|b| b.state), Some(BACKEND_STATE_DOWN), "maint: its flows move");
+    balancer.set_admin("web", address, AdminState::Ready, &mut dp).expect("enable");
+    assert!(dp.live_ring(&key).expect("live").contains(&2), "enabled: back in the ring");
+    assert!(matches!(
+        balancer.set_admin("web", addr("198.18.2.99:8080"), AdminState::Drain, &mut dp),
+        Err(StateError::NotRunning { .. })
+    ));
+}
+
+#[test]
+fn a_runtime_weight_outlasts_a_reload_of_the_file_weight_until_cleared() {
+    let old = config(SMALL_M, vec![equal_vip(2)]);
+    let (mut balancer, mut dp) = installed(&old);
+    let address = addr("198.18.2.10:8080");
+    balancer.set_weight_override("web", address, Some(5), &mut dp).expect("weight");
+    let mut new = old.clone();
+    new.vips[0].backends[0].weight = 3;
+    let actions = crate::control::plan::reload(&old, &new).expect("plan");
+    balancer.apply_reload(&actions, &mut dp).expect("reload");
+    let weight = |b: &Balancer| b.backends().find(|v| v.address == address).map(|v| v.weight);
+    assert_eq!(weight(&balancer), Some(5), "the runtime weight stays in force");
+    balancer.set_weight_override("web", address, None, &mut dp).expect("clear");
+    assert_eq!(weight(&balancer), Some(3), "cleared: the file's weight");
+}
+
+#[test]
+fn keep_leaves_a_down_backend_up_in_backends_out_of_the_ring_and_a_reload_can_switch_it() {
+    let mut vip =
+        vip_config("web", "198.18.0.10:80", &[("198.18.2.10:8080", 1), ("198.18.2.11:8080", 1)], HealthCheckKind::Tcp);
+    vip.on_backend_down = OnBackendDown::Keep;
+    let old = config(SMALL_M, vec![vip]);
+    let (mut balancer, mut dp) = installed(&old);
+    set(&mut balancer, &mut dp, 1, true);
+    set(&mut balancer, &mut dp, 2, true);
+    set(&mut balancer, &mut dp, 2, false);
+    let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+    assert!(!dp.live_ring(&key).expect("live").contains(&2), "down: no new flows");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_UP), "keep: its flows stay");
+    // Maintenance still moves them.
+    balancer.set_admin("web", addr("198.18.2.11:8080"), AdminState::Maint, &mut dp).expect("maint");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN));
+    balancer.set_admin("web", addr("198.18.2.11:8080"), AdminState::Ready, &mut dp).expect("ready");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_UP), "kept again");
+    // A reload to reschedule takes it down.
+    let mut new = old.clone();
+    new.vips[0].on_backend_down = OnBackendDown::Reschedule;
+    let actions = crate::control::plan::reload(&old, &new).expect("plan");
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert_eq!(actions[0].to_string(), "vip web on_backend_down keep -> reschedule");
+    balancer.apply_reload(&actions, &mut dp).expect("reload");
+    assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN), "reschedule: its flows move");
+}

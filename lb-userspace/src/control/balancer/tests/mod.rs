@@ -3,6 +3,7 @@
 //! checks they share here.
 
 mod addresses;
+mod adopt;
 mod backups;
 mod health;
 mod install;
@@ -26,12 +27,13 @@ use lb_common::{
 };
 
 use super::{
-    Balancer, Change, StateError,
+    AdminState, Balancer, Change, StateError,
     testing::{Call, FakeDataplane},
 };
 use crate::{
     config::model::{
-        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, Protocol, Scheduler, VipConfig, XdpMode,
+        AgentConfig, BackendConfig, Config, HealthCheckConfig, HealthCheckKind, OnBackendDown, Protocol, Scheduler,
+        VipConfig, XdpMode,
     },
     control::{
         maglev::{self, MaglevBackend},
@@ -71,6 +73,7 @@ fn vip_config(name: &str, listen: &str, backends: &[(&str, u32)], kind: HealthCh
             port: None,
         },
         limits: None,
+        on_backend_down: OnBackendDown::Reschedule,
         backends: backends
             .iter()
             .map(|&(a, weight)| BackendConfig { address: addr(a), weight, backup: false })
@@ -89,6 +92,12 @@ fn config(ring_size: u32, vips: Vec<VipConfig>) -> Config {
             ring_size,
             max_vips: 4,
             max_vips_set: true,
+            pin_dir: PathBuf::from("/sys/fs/bpf/lb-test"),
+            control_socket: PathBuf::from("/run/lb-test/lb.sock"),
+            control_group: None,
+            control_listen: None,
+            control_token_file: None,
+            state_file: PathBuf::from("/var/lib/lb-test/state.json"),
         },
         announce: None,
         vips,
