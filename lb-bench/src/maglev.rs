@@ -30,7 +30,7 @@ use lb::{
 use lb_common::{
     backend::{BACKEND_ID_NONE, BackendInfo},
     client_limits::VipLimits,
-    flow::ReplyNat,
+    flow::{FlowTimeouts, ReplyNat},
     guard::{ServiceKey, SharedService},
     vip::{VipInfo, VipKey},
     vip_addr::VipAddrKey,
@@ -237,6 +237,9 @@ impl Dataplane for Counting {
     fn set_vip_limits(&mut self, _vip_id: u32, _limits: VipLimits) -> Result<(), DataplaneError> {
         Ok(())
     }
+    fn set_vip_timeouts(&mut self, _vip_id: u32, _timeouts: FlowTimeouts) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     fn set_limit_allow(&mut self, _vip_id: u32, _cidr: Cidr, _allowed: bool) -> Result<(), DataplaneError> {
         Ok(())
     }
@@ -306,6 +309,9 @@ impl Dataplane for KernelDataplane {
     }
     fn set_vip_limits(&mut self, vip_id: u32, limits: VipLimits) -> Result<(), DataplaneError> {
         self.maps.set_vip_limits(vip_id, limits)
+    }
+    fn set_vip_timeouts(&mut self, vip_id: u32, timeouts: FlowTimeouts) -> Result<(), DataplaneError> {
+        self.maps.set_vip_timeouts(vip_id, timeouts)
     }
     fn set_limit_allow(&mut self, vip_id: u32, cidr: Cidr, allowed: bool) -> Result<(), DataplaneError> {
         self.maps.set_limit_allow(vip_id, cidr, allowed)

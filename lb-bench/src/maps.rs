@@ -137,7 +137,8 @@ pub fn fill(args: &FillArgs) -> anyhow::Result<()> {
         let slot = i as usize % args.backends.len();
         let backend_id = u32::try_from(slot + 1)?;
         let forward = flow_key(client, client_port, u32::from(vip), args.vip.port());
-        let state = FlowState { backend_id, vip_id: args.vip_id, last_seen_ns: now, flags: 0, _pad: 0 };
+        let state =
+            FlowState { backend_id, vip_id: args.vip_id, last_seen_ns: now, flags: 0, timeouts: Default::default() };
         conntrack.insert(forward, state, 0).context("writing CONNTRACK")?;
     }
     emit(&json!({ "kind": "filled", "flows": args.flows, "seconds": started.elapsed().as_secs_f64() }));

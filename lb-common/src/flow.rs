@@ -41,9 +41,24 @@ pub struct FlowState {
     pub last_seen_ns: u64,
     /// `FLOW_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Its VIP's idle timeouts when it was pinned, in seconds (0: the
+    /// protocol's default; see `crate::timeouts`).
+    pub timeouts: FlowTimeouts,
 }
 const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
+
+/// A VIP's connection-table idle timeouts (`[vip.timeouts]`), in seconds;
+/// 0 means the protocol's default. The value of `VIP_TIMEOUTS` (by VIP id),
+/// copied into each flow's entry when it is pinned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowTimeouts {
+    /// An established TCP flow, or a UDP flow.
+    pub idle_secs: u16,
+    /// A TCP flow after a FIN or RST.
+    pub closing_secs: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowTimeouts>() == 4);
 
 /// A TCP FIN or RST was seen, either direction: the flow is ending, so it
 /// expires after `timeouts::TCP_CLOSING_NS` idle, and a new SYN on its
@@ -124,7 +139,7 @@ impl ReplyNat {
     }
 }
 
-crate::user_pod!(FlowKey, FlowState, ReplyNat);
+crate::user_pod!(FlowKey, FlowState, FlowTimeouts, ReplyNat);
 
 /// The flow hash that picks a Maglev slot: `flow_hash(key) % ring_size`.
 ///

@@ -15,7 +15,8 @@
 /// - 1: the first pinned layout.
 /// - 2: per-client limits: `FLOW_F_COUNTED` in a flow's flags and
 ///   `VIP_F_LIMITED` in a VIP's (a version-1 program would neither set nor
-///   read them, so flows it pinned would never be counted down).
+///   read them, so flows it pinned would never be counted down); a flow's
+///   own timeouts where its entry had padding.
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// Name, in the pin directory, of the symlink that records the layout: its

@@ -113,6 +113,8 @@ pub mod map_names {
         LIMIT_ALLOW,
         /// Opening packets refused per VIP and limit (per CPU); the program writes it.
         LIMITED,
+        /// Idle timeouts by VIP id (`FlowTimeouts`); the agent writes it.
+        VIP_TIMEOUTS,
     }
 }
 

@@ -28,6 +28,9 @@ use crate::{
     flow::{FLOW_F_CLOSING, FlowState},
 };
 
+/// Longest idle timeout `[vip.timeouts]` may set: what fits a flow's entry.
+pub const MAX_TIMEOUT_SECS: u16 = u16::MAX;
+
 const SECOND_NS: u64 = 1_000_000_000;
 
 /// Idle timeout of an established TCP flow.
@@ -39,7 +42,19 @@ pub const UDP_NS: u64 = 30 * SECOND_NS;
 /// `last_seen_ns` is rewritten only when at least this old.
 pub const TOUCH_INTERVAL_NS: u64 = SECOND_NS;
 
-/// The idle timeout that applies to a flow of `proto` with `flags`.
+/// The idle timeout of a flow of `proto` in `state`: its VIP's
+/// (`[vip.timeouts]`, copied in when it was pinned), else the default.
+#[inline(always)]
+pub fn timeout_ns(state: &FlowState, proto: u8) -> u64 {
+    let secs = if state.flags & FLOW_F_CLOSING != 0 && proto == PROTO_TCP {
+        state.timeouts.closing_secs
+    } else {
+        state.timeouts.idle_secs
+    };
+    if secs == 0 { idle_timeout_ns(proto, state.flags) } else { u64::from(secs) * SECOND_NS }
+}
+
+/// The default idle timeout of a flow of `proto` with `flags`.
 #[inline(always)]
 pub fn idle_timeout_ns(proto: u8, flags: u32) -> u64 {
     if proto != PROTO_TCP {
@@ -62,7 +77,7 @@ pub fn idle_ns(state: &FlowState, now_ns: u64) -> u64 {
 /// Whether a flow of `proto` in `state` has been idle past its timeout.
 #[inline(always)]
 pub fn is_expired(state: &FlowState, proto: u8, now_ns: u64) -> bool {
-    idle_ns(state, now_ns) > idle_timeout_ns(proto, state.flags)
+    idle_ns(state, now_ns) > timeout_ns(state, proto)
 }
 
 /// Whether a direct flow (`crate::guard::DirectFlow`) of `proto` has been
@@ -78,7 +93,7 @@ mod tests {
     use crate::PROTO_UDP;
 
     fn state(last_seen_ns: u64, flags: u32) -> FlowState {
-        FlowState { backend_id: 1, vip_id: 1, last_seen_ns, flags, _pad: 0 }
+        FlowState { backend_id: 1, vip_id: 1, last_seen_ns, flags, timeouts: crate::flow::FlowTimeouts::default() }
     }
 
     #[test]
@@ -90,6 +105,17 @@ mod tests {
             assert!(!is_expired(&state(now - timeout, flags), proto, now), "{proto} {flags}: at the timeout");
             assert!(is_expired(&state(now - timeout - 1, flags), proto, now), "{proto} {flags}: past it");
         }
+    }
+
+    #[test]
+    fn a_vips_own_timeouts_replace_the_defaults() {
+        let now = 1_000 * SECOND_NS;
+        let own = crate::flow::FlowTimeouts { idle_secs: 5, closing_secs: 2 };
+        let with = |flags| FlowState { timeouts: own, ..state(now - 3 * SECOND_NS, flags) };
+        assert!(!is_expired(&with(0), PROTO_TCP, now), "3 s of 5");
+        assert!(is_expired(&with(FLOW_F_CLOSING), PROTO_TCP, now), "3 s of 2 after a FIN");
+        assert!(!is_expired(&with(0), PROTO_UDP, now), "UDP takes idle_secs");
+        assert!(is_expired(&with(0), PROTO_UDP, now + 3 * SECOND_NS));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use lb_common::{
 
 use crate::{
     Verdict, client_limits,
-    maps::CONNTRACK,
+    maps::{CONNTRACK, VIP_TIMEOUTS},
     parse::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -130,7 +130,8 @@ pub fn pin(
     let closing = flags_of(l4);
     let counted = limited && closing == 0;
     let flags = closing | shared | if counted { FLOW_F_COUNTED } else { 0 };
-    let state = FlowState { backend_id, vip_id, last_seen_ns: stamp(shared, now), flags, _pad: 0 };
+    let timeouts = VIP_TIMEOUTS.get(vip_id).copied().unwrap_or_default();
+    let state = FlowState { backend_id, vip_id, last_seen_ns: stamp(shared, now), flags, timeouts };
     if CONNTRACK.insert(flow, &state, 0).is_ok() {
         match previous {
             Pinned::None => stats::count_conntrack_event(conntrack_event::INSERTED),

@@ -11,7 +11,7 @@ use lb_common::{
     addr_filter,
     backend::BackendInfo,
     client_limits::{ALLOW_CAPACITY, AllowKey, CLIENT_CAPACITY, ClientKey, ClientState, VipLimits, limit},
-    flow::{FlowKey, FlowState, ReplyNat},
+    flow::{FlowKey, FlowState, FlowTimeouts, ReplyNat},
     frag::{FragKey, FragState},
     guard::{AddrRoles, DirectFlow, ServiceKey, SharedService},
     limits::{
@@ -210,3 +210,8 @@ pub static LIMIT_ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(ALLOW_
 /// Written here only.
 #[map]
 pub static LIMITED: PerCpuArray<u64> = PerCpuArray::with_max_entries((MAX_VIPS + 1) * limit::COUNT, 0);
+
+/// VIP id → its idle timeouts (`[vip.timeouts]`), copied into a flow's
+/// entry when it is pinned; zero for the defaults. Written by the agent.
+#[map]
+pub static VIP_TIMEOUTS: Array<FlowTimeouts> = Array::with_max_entries(MAX_VIPS + 1, 0);

@@ -1113,7 +1113,7 @@ const RST: u8 = 0x04;
 const ACK_PSH: u8 = 0x18;
 
 fn state(backend_id: u32, vip_id: u32, last_seen_ns: u64, flags: u32) -> FlowState {
-    FlowState { backend_id, vip_id, last_seen_ns, flags, _pad: 0 }
+    FlowState { backend_id, vip_id, last_seen_ns, flags, timeouts: lb_common::flow::FlowTimeouts::default() }
 }
 
 impl Lb {
@@ -1508,5 +1508,37 @@ fn syns_and_unseen_segments_insert_nothing_and_the_first_ack_tracks() {
         lb.maps.remove_flow(&flow(CLIENT, VIP, 22999, VIP_TCP_PORT, PROTO_TCP));
         let ack = Tcp { syn: false, ..Tcp::client_to_vip(22999) }.build();
         lb.assert_redirected_as(&ack, client_if, reason::REDIRECT_UNTRACKED);
+    });
+}
+
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn a_vips_own_timeouts_are_copied_into_its_new_flows_and_decide_their_expiry() {
+    with_lb(|lb| {
+        let own = lb_common::flow::FlowTimeouts { idle_secs: 5, closing_secs: 2 };
+        lb.maps.set_vip_timeouts(1, own).expect("vip timeouts");
+        let sport = 40090;
+        let key = flow(CLIENT, VIP, sport, VIP_TCP_PORT, PROTO_TCP);
+        lb.run(&Tcp::client_to_vip(sport).build(), lb.client_if);
+        lb.ack(sport);
+        let pinned = lb.maps.flow(&key).expect("tracked at its first ACK");
+        assert_eq!(pinned.timeouts, own, "copied from VIP_TIMEOUTS when pinned");
+        let now = monotonic_ns();
+        if now < 60 * SECOND {
+            eprintln!("skipped: the clock ({now} ns since boot) is too young");
+            return;
+        }
+        let frame = with_tcp_flags(&Tcp::client_to_vip(sport).build(), ACK_PSH);
+        let other = other_than(pinned.backend_id);
+        // 4 s idle: under its own 5 s (and far under the default 300 s).
+        let held = FlowState { last_seen_ns: now - 4 * SECOND, backend_id: other, ..pinned };
+        assert_eq!(lb.send_pinned(&key, held, &frame), other, "4 s idle of 5: still pinned");
+        // 7 s idle: past its own 5 s, though the default would still hold it.
+        let stale = FlowState { last_seen_ns: monotonic_ns() - 7 * SECOND, backend_id: other, ..pinned };
+        let to = lb.send_pinned(&key, stale, &frame);
+        assert_eq!(to, lb.expected_backend(sport), "7 s idle of 5: balanced anew");
+        // A flow pinned before the VIP had timeouts keeps the defaults.
+        let defaults = FlowState { timeouts: Default::default(), ..stale };
+        assert_eq!(lb.send_pinned(&key, defaults, &frame), other, "an older flow keeps the default 300 s");
     });
 }

@@ -113,6 +113,8 @@ pub struct VipConfig {
     pub health_check: HealthCheckConfig,
     /// `[vip.limits]`: per-client limits on new connections, if any.
     pub limits: Option<LimitsConfig>,
+    /// `[vip.timeouts]`: the connection table's idle timeouts for its flows.
+    pub timeouts: TimeoutsConfig,
     /// What happens to the flows of a backend its health checks take down.
     pub on_backend_down: OnBackendDown,
     /// At least one.
@@ -180,6 +182,29 @@ pub struct Cidr {
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// `[vip.timeouts]`: how long a flow of the VIP may stay idle before its
+/// connection-table entry no longer holds, in whole seconds (at most
+/// 65,535); `None` keeps the default (`lb_common::timeouts`). Applies to
+/// flows opened after it is set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeoutsConfig {
+    /// `tcp` (established) for a TCP VIP, `udp` for a UDP one.
+    pub idle_secs: Option<u16>,
+    /// `tcp_closing`: a TCP flow after a FIN or RST.
+    pub closing_secs: Option<u16>,
+}
+
+impl TimeoutsConfig {
+    /// The data path's form.
+    #[must_use]
+    pub fn to_map(self) -> lb_common::flow::FlowTimeouts {
+        lb_common::flow::FlowTimeouts {
+            idle_secs: self.idle_secs.unwrap_or(0),
+            closing_secs: self.closing_secs.unwrap_or(0),
+        }
     }
 }
 

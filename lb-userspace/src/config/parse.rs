@@ -12,13 +12,14 @@ use lb_common::limits::{
     DEFAULT_CONNTRACK_CAPACITY, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_SHARED_VIPS, MAX_VIPS,
     RINGS_PER_VIP,
 };
+use lb_common::timeouts::MAX_TIMEOUT_SECS;
 use toml::Table;
 
 use super::{
     error::Problem,
     model::{
         AgentConfig, AnnounceConfig, BackendConfig, Cidr, Config, HealthCheckConfig, HealthCheckKind, LimitAction,
-        LimitsConfig, OnBackendDown, Protocol, Scheduler, StatusRange, VipConfig, XdpMode,
+        LimitsConfig, OnBackendDown, Protocol, Scheduler, StatusRange, TimeoutsConfig, VipConfig, XdpMode,
     },
     table::Section,
 };
@@ -43,7 +44,8 @@ const AGENT_KEYS: &[&str] = &[
     "state_file",
 ];
 const VIP_KEYS: &[&str] =
-    &["name", "listen", "protocol", "scheduler", "health_check", "on_backend_down", "limits", "backend"];
+    &["name", "listen", "protocol", "scheduler", "health_check", "on_backend_down", "limits", "timeouts", "backend"];
+const TIMEOUT_KEYS: &[&str] = &["tcp", "tcp_closing", "udp"];
 const LIMIT_KEYS: &[&str] =
     &["new_connections_per_second", "burst", "per", "max_connections_per_client", "action", "allow"];
 const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
@@ -391,6 +393,10 @@ fn vip(mut s: Section) -> Result<VipConfig> {
             "a udp VIP's backends cannot be probed over TCP on their own port: set health_check.port or type = \"none\"",
         ));
     }
+    let timeouts = match s.table("timeouts", TIMEOUT_KEYS)? {
+        Some(section) => timeouts(section, protocol)?,
+        None => TimeoutsConfig::default(),
+    };
     let limits = match s.table("limits", LIMIT_KEYS)? {
         Some(section) => Some(limits(section, listen)?),
         None => None,
@@ -409,7 +415,49 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         check_same_family(listen, b.address).map_err(|reason| s.problem(&key, reason))?;
     }
     s.finish()?;
-    Ok(VipConfig { name, listen, protocol, scheduler, health_check, on_backend_down, limits, backends })
+    Ok(VipConfig { name, listen, protocol, scheduler, health_check, on_backend_down, limits, timeouts, backends })
+}
+
+/// `[vip.timeouts]` of a `protocol` VIP: `tcp` and `tcp_closing`, or `udp`.
+fn timeouts(mut s: Section, protocol: Protocol) -> Result<TimeoutsConfig> {
+    let (idle_key, other) = match protocol {
+        Protocol::Tcp => ("tcp", ["udp"].as_slice()),
+        Protocol::Udp => ("udp", ["tcp", "tcp_closing"].as_slice()),
+    };
+    for key in other {
+        if s.string(key)?.is_some() {
+            return Err(s.problem(
+                key,
+                format!("only for {} VIPs; this one is {}", other_protocol(protocol), protocol.as_str()),
+            ));
+        }
+    }
+    let idle_secs = timeout_secs(&mut s, idle_key)?;
+    let closing_secs = if protocol == Protocol::Tcp { timeout_secs(&mut s, "tcp_closing")? } else { None };
+    s.finish()?;
+    Ok(TimeoutsConfig { idle_secs, closing_secs })
+}
+
+fn other_protocol(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "udp",
+        Protocol::Udp => "tcp",
+    }
+}
+
+/// A timeout in whole seconds, 1 s to [`MAX_TIMEOUT_SECS`].
+fn timeout_secs(s: &mut Section, key: &str) -> Result<Option<u16>> {
+    let Some(d) = duration(s, key)? else { return Ok(None) };
+    let secs = u16::try_from(d.as_secs()).ok().filter(|&n| n >= 1 && d.subsec_nanos() == 0);
+    secs.map(Some).ok_or_else(|| {
+        s.problem(
+            key,
+            format!(
+                "{} must be whole seconds from 1s to {MAX_TIMEOUT_SECS}s (about 18 hours)",
+                humantime::format_duration(d)
+            ),
+        )
+    })
 }
 
 /// `[vip.limits]`, for a VIP listening on `listen`.

@@ -828,3 +828,19 @@ fn announce_is_optional_and_checked() {
     rejects(&with("routing_table = 100\nwithdraw_delay = \"1h\""), "announce.withdraw_delay", "at most 5 minutes");
     rejects(&with("routing_table = 100\npeer = \"x\""), "announce.peer", "unknown key");
 }
+
+#[test]
+fn timeouts_are_per_protocol_whole_seconds() {
+    let with = |text: &str, lines: &str| {
+        text.replace("[[vip.backend]]", &format!("[vip.timeouts]\n{lines}\n\n[[vip.backend]]"))
+    };
+    let config = parse(&with(MINIMAL, "tcp = \"1h\"\ntcp_closing = \"5s\"")).expect("valid");
+    assert_eq!(config.vips[0].timeouts, TimeoutsConfig { idle_secs: Some(3600), closing_secs: Some(5) });
+    assert_eq!(parse(MINIMAL).expect("valid").vips[0].timeouts.to_map(), lb_common::flow::FlowTimeouts::default());
+    let key = |k: &str| format!("vip[1] (web).timeouts.{k}");
+    rejects(&with(MINIMAL, "udp = \"10s\""), &key("udp"), "only for udp VIPs; this one is tcp");
+    rejects(&with(MINIMAL, "tcp = \"1500ms\""), &key("tcp"), "whole seconds from 1s to 65535s");
+    rejects(&with(MINIMAL, "tcp = \"1day\""), &key("tcp"), "whole seconds");
+    rejects(&with(MINIMAL, "tcp = \"0s\""), &key("tcp"), "whole seconds");
+    rejects(&with(MINIMAL, "tcp_idle = \"5s\""), &key("tcp_idle"), "unknown key");
+}

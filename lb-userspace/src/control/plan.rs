@@ -41,7 +41,8 @@
 use std::{fmt, net::SocketAddr, path::PathBuf};
 
 use crate::config::model::{
-    AgentConfig, BackendConfig, Config, HealthCheckConfig, LimitsConfig, OnBackendDown, Protocol, Scheduler, VipConfig,
+    AgentConfig, BackendConfig, Config, HealthCheckConfig, LimitsConfig, OnBackendDown, Protocol, Scheduler,
+    TimeoutsConfig, VipConfig,
 };
 
 /// One change a reload applies in place.
@@ -97,6 +98,11 @@ pub enum Action {
         from: OnBackendDown,
         to: OnBackendDown,
     },
+    /// New `[vip.timeouts]`, for flows opened from then on.
+    SetTimeouts {
+        vip: String,
+        to: TimeoutsConfig,
+    },
 }
 
 impl Action {
@@ -112,7 +118,8 @@ impl Action {
             | Action::RemoveBackend { vip, .. }
             | Action::SetHealthCheck { vip, .. }
             | Action::SetLimits { vip, .. }
-            | Action::SetOnBackendDown { vip, .. } => vip,
+            | Action::SetOnBackendDown { vip, .. }
+            | Action::SetTimeouts { vip, .. } => vip,
         }
     }
 }
@@ -152,6 +159,7 @@ impl fmt::Display for Action {
                 write!(f, "vip {vip} limits changed (clients' buckets and counts kept)")
             }
             Action::SetLimits { vip, to: None } => write!(f, "vip {vip} limits removed"),
+            Action::SetTimeouts { vip, .. } => write!(f, "vip {vip} timeouts changed (for flows opened from now on)"),
             Action::SetOnBackendDown { vip, from, to } => {
                 write!(f, "vip {vip} on_backend_down {} -> {}", from.as_str(), to.as_str())
             }
@@ -225,6 +233,9 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
     }
     if old.limits != new.limits {
         actions.push(Action::SetLimits { vip: vip(), to: new.limits.clone() });
+    }
+    if old.timeouts != new.timeouts {
+        actions.push(Action::SetTimeouts { vip: vip(), to: new.timeouts });
     }
     for backend in &old.backends {
         if !new.backends.iter().any(|b| b.address == backend.address) {

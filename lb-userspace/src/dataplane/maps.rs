@@ -17,7 +17,7 @@ use aya::{
 use lb_common::{
     backend::{BACKEND_ID_NONE, BACKEND_STATE_UNUSED, BackendInfo},
     client_limits::{AllowKey, ClientKey, ClientState, VipLimits, limit, masked},
-    flow::{FLOW_F_CLOSING, FLOW_F_COUNTED, FlowKey, FlowState, ReplyNat},
+    flow::{FLOW_F_CLOSING, FLOW_F_COUNTED, FlowKey, FlowState, FlowTimeouts, ReplyNat},
     guard::{AddrRoles, ServiceKey, SharedService},
     map_names,
     stats::{Counters, conntrack_event, reason},
@@ -48,6 +48,7 @@ pub struct Maps {
     verdicts: PerCpuArray<MapData, u64>,
     conntrack_events: PerCpuArray<MapData, u64>,
     vip_limits: Array<MapData, VipLimits>,
+    vip_timeouts: Array<MapData, FlowTimeouts>,
     clients: HashMap<MapData, ClientKey, ClientState>,
     limit_allow: LpmTrie<MapData, AllowKey, u8>,
     limited: PerCpuArray<MapData, u64>,
@@ -170,6 +171,7 @@ impl Maps {
             verdicts: typed!(ebpf, map_names::VERDICTS),
             conntrack_events: typed!(ebpf, map_names::CONNTRACK_EVENTS),
             vip_limits: typed!(ebpf, map_names::VIP_LIMITS),
+            vip_timeouts: typed!(ebpf, map_names::VIP_TIMEOUTS),
             clients: typed!(ebpf, map_names::CLIENTS),
             limit_allow: typed!(ebpf, map_names::LIMIT_ALLOW),
             limited: typed!(ebpf, map_names::LIMITED),
@@ -553,6 +555,14 @@ impl Dataplane for Maps {
             source,
         })?;
         Ok(())
+    }
+
+    fn set_vip_timeouts(&mut self, vip_id: u32, timeouts: FlowTimeouts) -> Result<(), DataplaneError> {
+        self.vip_timeouts.set(vip_id, timeouts, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::VIP_TIMEOUTS,
+            op: "write",
+            source,
+        })
     }
 
     fn set_vip_limits(&mut self, vip_id: u32, limits: VipLimits) -> Result<(), DataplaneError> {

@@ -20,7 +20,7 @@ use crate::config::model::Cidr;
 use lb_common::{
     backend::BackendInfo,
     client_limits::VipLimits,
-    flow::ReplyNat,
+    flow::{FlowTimeouts, ReplyNat},
     guard::{ServiceKey, SharedService},
     vip::{VipInfo, VipKey},
     vip_addr::VipAddrKey,
@@ -53,6 +53,8 @@ pub trait Dataplane {
     /// Writes the VIPs a backend's service shared by several serves
     /// (`SHARED_SERVICES`).
     fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError>;
+    /// Writes a VIP's idle timeouts (`VIP_TIMEOUTS[vip_id]`).
+    fn set_vip_timeouts(&mut self, vip_id: u32, timeouts: FlowTimeouts) -> Result<(), DataplaneError>;
     /// Writes a VIP's per-client limits (`VIP_LIMITS[vip_id]`).
     fn set_vip_limits(&mut self, vip_id: u32, limits: VipLimits) -> Result<(), DataplaneError>;
     /// Adds (`allowed`) or removes a prefix of clients exempt from VIP

@@ -97,6 +97,7 @@ impl Balancer {
                 Action::SetScheduler { .. }
                 | Action::SetHealthCheck { .. }
                 | Action::SetLimits { .. }
+                | Action::SetTimeouts { .. }
                 | Action::SetOnBackendDown { .. } => {
                     running.ok_or_else(|| not_running(format!("vip {name}")))?;
                 }
@@ -150,6 +151,12 @@ impl Balancer {
                 Action::SetLimits { to, .. } => {
                     if let Some(vip) = self.vip_by_name_mut(name) {
                         vip.limits.clone_from(to);
+                        touched.insert(vip.vip_id);
+                    }
+                }
+                Action::SetTimeouts { to, .. } => {
+                    if let Some(vip) = self.vip_by_name_mut(name) {
+                        vip.timeouts = *to;
                         touched.insert(vip.vip_id);
                     }
                 }

@@ -57,7 +57,7 @@ use std::{
 
 use lb_common::{
     client_limits::VipLimits,
-    flow::ReplyNat,
+    flow::{FlowTimeouts, ReplyNat},
     guard::{ServiceKey, SharedService},
     limits::{MAX_BACKENDS, MAX_MAGLEV_ENTRIES, MAX_VIPS, RINGS_PER_VIP},
     vip_addr::VipAddrKey,
@@ -131,6 +131,9 @@ pub struct Balancer {
     /// (an id may have been a removed VIP's); no entry when none was
     /// written or a write failed.
     limits_written: HashMap<u32, (VipLimits, BTreeSet<Cidr>)>,
+    /// What `VIP_TIMEOUTS` holds per VIP id, as last written (an id may
+    /// have been a removed VIP's); no entry: zeros, or a failed write.
+    timeouts_written: HashMap<u32, FlowTimeouts>,
 }
 
 fn not_running(vip: &str, address: SocketAddr) -> StateError {
@@ -197,6 +200,7 @@ impl Balancer {
             roles_written: HashMap::new(),
             services_written: HashMap::new(),
             limits_written: HashMap::new(),
+            timeouts_written: HashMap::new(),
         })
     }
 

@@ -256,6 +256,7 @@ impl Balancer {
         let ring = maglev::build_ring(self.ring_size, &self.ring_members(ids));
         let ring_size = self.ring_size;
         self.sync_limits(index, dp)?;
+        self.sync_timeouts(index, dp)?;
         let vip = &mut self.vips[index];
         let limited = if vip.limits.is_some() { VIP_F_LIMITED } else { 0 };
         let flags = vip.scheduler.vip_flags() | limited;
@@ -300,6 +301,27 @@ impl Balancer {
         change.rings_published += 1;
         self.count_ring_slots(index);
         Ok(change)
+    }
+
+    /// Writes the VIP's idle timeouts (`VIP_TIMEOUTS`) where they differ
+    /// from what was last written under its id; new flows copy them when
+    /// they are pinned, so they are in place before the VIP is published.
+    fn sync_timeouts(&mut self, index: usize, dp: &mut impl Dataplane) -> Result<(), StateError> {
+        let vip = &self.vips[index];
+        let (vip_id, wanted) = (vip.vip_id, vip.timeouts.to_map());
+        // A never-written slot holds zeros: the defaults.
+        let written = self.timeouts_written.get(&vip_id).copied().unwrap_or_default();
+        if written == wanted {
+            return Ok(());
+        }
+        self.timeouts_written.remove(&vip_id);
+        dp.set_vip_timeouts(vip_id, wanted).map_err(|source| StateError::Dataplane {
+            vip: vip.name.clone(),
+            step: Step::WriteTimeouts,
+            source: Box::new(source),
+        })?;
+        self.timeouts_written.insert(vip_id, wanted);
+        Ok(())
     }
 
     /// Writes the VIP's per-client limits (`VIP_LIMITS`) and allow-list

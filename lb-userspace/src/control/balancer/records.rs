@@ -10,7 +10,9 @@ use lb_common::{
 
 use super::{AdminState, BackendView};
 use crate::{
-    config::model::{BackendConfig, HealthCheckConfig, LimitsConfig, OnBackendDown, Protocol, Scheduler, VipConfig},
+    config::model::{
+        BackendConfig, HealthCheckConfig, LimitsConfig, OnBackendDown, Protocol, Scheduler, TimeoutsConfig, VipConfig,
+    },
     health::Health,
 };
 
@@ -25,6 +27,8 @@ pub(super) struct Vip {
     pub(super) health_check: HealthCheckConfig,
     /// `[vip.limits]`, if any.
     pub(super) limits: Option<LimitsConfig>,
+    /// `[vip.timeouts]`.
+    pub(super) timeouts: TimeoutsConfig,
     pub(super) on_backend_down: OnBackendDown,
     pub(super) key: VipKey,
     pub(super) backend_ids: Vec<u32>,
@@ -171,6 +175,7 @@ impl Vip {
             scheduler: config.scheduler,
             health_check: config.health_check.clone(),
             limits: config.limits.clone(),
+            timeouts: config.timeouts,
             on_backend_down: config.on_backend_down,
             key: VipKey::new(config.listen, config.protocol.number()),
             backend_ids,

@@ -15,7 +15,7 @@ use lb_common::{
     addr_filter,
     backend::{BACKEND_ID_NONE, BACKEND_STATE_UP, BackendInfo},
     client_limits::VipLimits,
-    flow::{ReplyNat, SERVICE_F_SHARED},
+    flow::{FlowTimeouts, ReplyNat, SERVICE_F_SHARED},
     guard::{ADDR_ROLE_BACKEND, ServiceKey, SharedService},
     limits::{MAX_BACKENDS, RINGS_PER_VIP},
     map_names,
@@ -65,6 +65,8 @@ pub struct FakeDataplane {
     pub services: HashMap<ServiceKey, ReplyNat>,
     /// `SHARED_SERVICES` as written.
     pub shared: HashMap<ServiceKey, SharedService>,
+    /// `VIP_TIMEOUTS` as written, by VIP id.
+    pub timeouts: HashMap<u32, FlowTimeouts>,
     /// `VIP_LIMITS` as written, by VIP id.
     pub limits: HashMap<u32, VipLimits>,
     /// `LIMIT_ALLOW` as written.
@@ -93,6 +95,7 @@ impl FakeDataplane {
             services: HashMap::new(),
             shared: HashMap::new(),
             limits: HashMap::new(),
+            timeouts: HashMap::new(),
             allow: BTreeSet::new(),
             attempts: 0,
             fail_attempt: None,
@@ -260,6 +263,11 @@ impl Dataplane for FakeDataplane {
 
     fn set_shared_service(&mut self, key: ServiceKey, list: SharedService) -> Result<(), DataplaneError> {
         self.shared.insert(key, list);
+        Ok(())
+    }
+
+    fn set_vip_timeouts(&mut self, vip_id: u32, timeouts: FlowTimeouts) -> Result<(), DataplaneError> {
+        self.timeouts.insert(vip_id, timeouts);
         Ok(())
     }
 

@@ -59,6 +59,8 @@ pub enum Step {
     WriteBackendService { backend_id: u32 },
     /// Writing the VIP's per-client limits or allow-list.
     WriteLimits,
+    /// Writing the VIP's idle timeouts.
+    WriteTimeouts,
 }
 
 impl fmt::Display for Step {
@@ -80,6 +82,7 @@ impl fmt::Display for Step {
                 write!(f, "write the service entry of backend {backend_id}")
             }
             Step::WriteLimits => write!(f, "write its per-client limits"),
+            Step::WriteTimeouts => write!(f, "write its idle timeouts"),
         }
     }
 }

@@ -73,6 +73,7 @@ fn vip_config(name: &str, listen: &str, backends: &[(&str, u32)], kind: HealthCh
             port: None,
         },
         limits: None,
+        timeouts: Default::default(),
         on_backend_down: OnBackendDown::Reschedule,
         backends: backends
             .iter()
