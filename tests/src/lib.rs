@@ -28,6 +28,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 pub mod agent;
+pub mod flood;
 pub mod scenarios;
 pub mod testbed;
 
