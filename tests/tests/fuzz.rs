@@ -45,6 +45,8 @@ struct Failure {
     family: &'static str,
     index: u64,
     case: Case,
+    /// The action and the frame as the program left it.
+    output: (u32, Vec<u8>),
     why: String,
 }
 
@@ -178,7 +180,7 @@ fn run_cases(
         let why = judge_run(&case, action, &out, (&verdicts, &v), (&events, &e));
         (verdicts, events) = (v, e);
         if let Err(why) = why {
-            failures.push(Failure { family, index, case, why });
+            failures.push(Failure { family, index, case, output: (action, out), why });
             if failures.len() >= MAX_FAILURES {
                 break;
             }
@@ -253,13 +255,15 @@ fn save(seed: u64, failures: &[Failure]) -> PathBuf {
     for f in failures {
         let path = dir.join(format!("{seed}-{}-{}.txt", f.family, f.index));
         let text = format!(
-            "seed {seed}\nfamily {}\nframe {}\nside {:?}\nmade {}\nbroke {}\nhex {}\n",
+            "seed {seed}\nfamily {}\nframe {}\nside {:?}\nmade {}\nbroke {}\nhex {}\naction {}\nout {}\n",
             f.family,
             f.index,
             f.case.side,
             f.case.what,
             f.why,
-            v4::hex(&f.case.frame)
+            v4::hex(&f.case.frame),
+            f.output.0,
+            v4::hex(&f.output.1)
         );
         if let Err(e) = std::fs::write(&path, text) {
             eprintln!("fuzz: cannot write {}: {e}", path.display());
