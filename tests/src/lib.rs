@@ -30,6 +30,7 @@ use anyhow::{Context as _, bail};
 pub mod agent;
 pub mod flood;
 pub mod fuzz;
+pub mod misbehave;
 pub mod scenarios;
 pub mod testbed;
 
