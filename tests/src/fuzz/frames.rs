@@ -8,7 +8,7 @@ use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4::DestUnreachableH
 use super::{Case, HOT_PORTS, Rng, Side, Topology};
 
 /// The kinds of base frame, each named in [`Case::what`].
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
     "tcp to vip",
     "tcp to vip",
     "udp to vip",
@@ -20,6 +20,7 @@ const KINDS: [&str; 12] = [
     "icmp error to vip quoting a reply",
     "icmp error to a client quoting a request",
     "traffic for another host",
+    "tcp to a backend directly",
     "not ip",
 ];
 
@@ -60,6 +61,11 @@ pub fn base(rng: &mut Rng, t: &Topology) -> Case {
             let quote = inner_tcp(t.client, sport, addr, port);
             let from = if rng.chance(50) { addr } else { t.router };
             (icmp_error(t, Side::Backend, from, t.client, &quote), Side::Backend, "")
+        }
+        "tcp to a backend directly" => {
+            let (addr, port, _) = tcp_backend.unwrap_or((t.other, 8080, true));
+            let flags = *rng.pick(&["syn", "ack psh"]);
+            (tcp(t, Side::Client, t.client, sport, addr, port, flags, &payload), Side::Client, flags)
         }
         "traffic for another host" => {
             let f = if rng.chance(50) {

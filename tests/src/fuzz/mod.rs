@@ -6,8 +6,9 @@
 //!
 //! - [`Generator`]: from a seed, an endless, reproducible sequence of
 //!   [`Case`]s: a base frame ([`frames`]: TCP/UDP/ICMP to a VIP, to its
-//!   unserved ports, a backend's replies, ICMP errors quoting either way,
-//!   traffic for other hosts, non-IP), then up to three mutations
+//!   unserved ports, to a backend directly, a backend's replies, ICMP
+//!   errors quoting either way, traffic for other hosts, non-IP), then up
+//!   to three mutations
 //!   ([`mutate`]: truncation, bad lengths, IHL, IPv4 options, TCP data
 //!   offsets, VLAN tags, fragments, lying ICMP quotes, IPv6 extension
 //!   headers, flipped bytes, TTL), then, most of the time, checksums made
