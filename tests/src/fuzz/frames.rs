@@ -29,8 +29,8 @@ pub fn base(rng: &mut Rng, t: &Topology) -> Case {
     let kind = *rng.pick(&KINDS);
     let sport = if rng.chance(80) { *rng.pick(&HOT_PORTS) } else { 1024 + rng.below(60_000) as u16 };
     let payload = payload(rng);
-    let tcp_backend = t.backends.iter().filter(|b| b.2).nth(0).copied();
-    let udp_backend = t.backends.iter().filter(|b| !b.2).nth(0).copied();
+    let tcp_backend = t.backends.iter().find(|b| b.2).copied();
+    let udp_backend = t.backends.iter().find(|b| !b.2).copied();
     let (frame, side, detail) = match kind {
         "tcp to vip" => {
             let flags = *rng.pick(&["syn", "ack", "ack psh", "fin ack", "rst", "syn ack", "none"]);
