@@ -411,17 +411,27 @@ pub struct ProbeReport {
     pub errors: Vec<(Duration, String)>,
     /// The slowest successful connection (connect and answer).
     pub slowest: Duration,
+    /// Successful connections that took a second or more: a segment of
+    /// theirs (most likely the SYN) was lost and sent again.
+    pub retried: u64,
 }
 
 /// Opens a new connection to `addr` every `every` (one at a time: a slow
 /// one delays the next), sends `GET /` and counts the answers, until
-/// [`Prober::finish`] or at most [`KeptAlive::MAX_RUN`].
+/// [`Prober::finish`] or at most [`KeptAlive::MAX_RUN`]. A connection may
+/// take [`Prober::CONNECT_TIMEOUT`] to be accepted, as a client whose kernel
+/// retries a lost SYN twice (after 1 s and 3 s) would; the answer then has
+/// [`IO_TIMEOUT`](crate::testbed::client::IO_TIMEOUT).
 pub struct Prober {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<ProbeReport>>,
 }
 
 impl Prober {
+    /// How long a connection may take to be accepted: past the second
+    /// retransmission of its SYN (Linux sends them after 1 s and 3 s).
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(3500);
+
     /// Starts probing from `ns`.
     #[must_use]
     pub fn start(ns: &Namespace, addr: SocketAddr, every: Duration) -> Self {
@@ -456,14 +466,11 @@ fn probe(addr: SocketAddr, every: Duration, stop: &AtomicBool) -> ProbeReport {
     let mut report = ProbeReport::default();
     while !stop.load(Ordering::Relaxed) && start.elapsed() < KeptAlive::MAX_RUN {
         let began = Instant::now();
-        let answer = crate::testbed::client::http_get(addr, "/").and_then(|r| {
-            ensure!(r.status == 200, "status {}", r.status);
-            r.backend().with_context(|| format!("no backend named in {:?}", r.text()))
-        });
-        match answer {
+        match get_once(addr) {
             Ok(_) => {
                 report.ok += 1;
                 report.slowest = report.slowest.max(began.elapsed());
+                report.retried += u64::from(began.elapsed() >= Duration::from_secs(1));
             }
             Err(e) => {
                 report.failed += 1;
@@ -475,6 +482,26 @@ fn probe(addr: SocketAddr, every: Duration, stop: &AtomicBool) -> ProbeReport {
         thread::sleep(every.saturating_sub(began.elapsed()));
     }
     report
+}
+
+/// `GET /` on a new connection, accepted within [`Prober::CONNECT_TIMEOUT`];
+/// the answering backend's name.
+fn get_once(addr: SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let io = crate::testbed::client::IO_TIMEOUT;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Prober::CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(io))?;
+    stream.set_write_timeout(Some(io))?;
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .context("sending the request")?;
+    let mut answer = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut answer).context("reading the answer")?;
+    let text = String::from_utf8_lossy(&answer);
+    ensure!(text.starts_with("HTTP/1.1 200"), "not a 200 answer: {text:?}");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    crate::testbed::client::backend_name(body.as_bytes()).with_context(|| format!("no backend named in {text:?}"))
 }
 
 #[cfg(test)]
