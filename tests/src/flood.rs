@@ -18,7 +18,7 @@
 use std::{
     io,
     mem::size_of,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Stdio,
     sync::{
         Arc,
@@ -38,6 +38,22 @@ use crate::testbed::{ChildGuard, Namespace, client::HttpConn};
 /// answers to spoofed sources end there (the client does not forward, so it
 /// drops them) instead of in the gateway's "no route" path.
 pub const SPOOFED_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
+
+/// Where spoofed IPv6 sources come from: 2001:db8:ff::/48, which no
+/// testbed namespace uses; route it like [`SPOOFED_NET`]
+/// ([`route_spoofed6_to`]).
+pub const SPOOFED_NET6: (Ipv6Addr, u8) = (Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0), 48);
+
+/// Routes [`SPOOFED_NET6`] in namespace `router` via `next_hop`.
+///
+/// # Errors
+///
+/// When `ip route` fails.
+pub fn route_spoofed6_to(router: &Namespace, next_hop: Ipv6Addr) -> anyhow::Result<()> {
+    let (net, len) = SPOOFED_NET6;
+    router.exec_ok(&["ip", "-6", "route", "replace", &format!("{net}/{len}"), "via", &next_hop.to_string()])?;
+    Ok(())
+}
 
 /// TCP flags, as in the header's flags byte.
 pub mod tcp_flags {
@@ -115,9 +131,10 @@ fn which(program: &str) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct Spray {
     /// First spoofed source; the others follow it, one address per segment,
-    /// `sources` of them, then the source port moves on.
-    pub first_source: Ipv4Addr,
-    /// How many source addresses, all inside [`SPOOFED_NET`].
+    /// `sources` of them, then the source port moves on. IPv4 inside
+    /// [`SPOOFED_NET`], or IPv6 inside [`SPOOFED_NET6`], of the target's family.
+    pub first_source: IpAddr,
+    /// How many source addresses.
     pub sources: u32,
     /// Each segment's flags; with `then_ack`, the first segment of a pair.
     pub flags: u8,
@@ -130,30 +147,55 @@ pub struct Spray {
     pub limit: Duration,
 }
 
+impl Spray {
+    /// Source number `i` (counted from `first_source`).
+    fn source(&self, i: u32) -> IpAddr {
+        match self.first_source {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a).wrapping_add(i))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).wrapping_add(u128::from(i)))),
+        }
+    }
+}
+
+/// Whether `addr` is a source a spray may spoof: inside [`SPOOFED_NET`] or
+/// [`SPOOFED_NET6`].
+#[must_use]
+pub fn is_spoofable_source(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => is_spoofable(a),
+        IpAddr::V6(a) => {
+            let (net, len) = SPOOFED_NET6;
+            let mask = u128::MAX << (128 - u32::from(len));
+            u128::from(a) & mask == u128::from(net) & mask
+        }
+    }
+}
+
 /// Sends [`Spray`]'s segments to `target` from inside `ns` through a raw
 /// socket, as fast as one thread can, until its count or time runs out or
 /// `stop` is set. Returns how many segments the kernel took.
 ///
 /// # Errors
 ///
-/// When a source falls outside [`SPOOFED_NET`], `target` is not IPv4, or the
-/// namespace or raw socket cannot be entered or opened.
+/// When a source falls outside [`SPOOFED_NET`] / [`SPOOFED_NET6`] or is not
+/// of the target's family, or the namespace or raw socket cannot be entered
+/// or opened.
 pub fn spray(ns: &Namespace, target: SocketAddr, what: Spray, stop: &AtomicBool) -> anyhow::Result<u64> {
-    let last = u32::from(what.first_source).checked_add(what.sources.saturating_sub(1)).context("sources overflow")?;
+    let (first, last) = (what.first_source, what.source(what.sources.saturating_sub(1)));
     ensure!(
-        what.sources > 0 && is_spoofable(what.first_source) && is_spoofable(Ipv4Addr::from(last)),
-        "spoofed sources {}..={} are not all inside {SPOOFED_NET:?}",
-        what.first_source,
-        Ipv4Addr::from(last)
+        what.sources > 0
+            && is_spoofable_source(first)
+            && is_spoofable_source(last)
+            && first.is_ipv4() == target.is_ipv4()
+            && first <= last,
+        "spoofed sources {first}..={last} are not all inside {SPOOFED_NET:?} or {SPOOFED_NET6:?}, of {target}'s family"
     );
-    let IpAddr::V4(dst) = target.ip() else { bail!("sprays here are IPv4 only, not {target}") };
-    ns.enter(|| spray_here(dst, target.port(), &what, stop)).with_context(|| format!("entering {}", ns.name()))?
+    ns.enter(|| spray_here(target, &what, stop)).with_context(|| format!("entering {}", ns.name()))?
 }
 
-fn spray_here(dst: Ipv4Addr, dport: u16, what: &Spray, stop: &AtomicBool) -> anyhow::Result<u64> {
-    let socket = RawSocket::open()?;
+fn spray_here(target: SocketAddr, what: &Spray, stop: &AtomicBool) -> anyhow::Result<u64> {
+    let socket = RawSocket::open(target.is_ipv4())?;
     let deadline = Instant::now() + what.limit;
-    let first = u32::from(what.first_source);
     let mut sent = 0u64;
     let mut i = 0u64;
     while sent < what.max_packets {
@@ -161,17 +203,43 @@ fn spray_here(dst: Ipv4Addr, dport: u16, what: &Spray, stop: &AtomicBool) -> any
         if i.is_multiple_of(256) && (Instant::now() >= deadline || stop.load(Ordering::Relaxed)) {
             break;
         }
-        let src = Ipv4Addr::from(first + (i % u64::from(what.sources)) as u32);
-        let sport = 1024 + ((i / u64::from(what.sources)) % 64_000) as u16;
+        let src = SocketAddr::new(
+            what.source((i % u64::from(what.sources)) as u32),
+            1024 + ((i / u64::from(what.sources)) % 64_000) as u16,
+        );
         i += 1;
-        let segment = tcp_segment(src, sport, dst, dport, what.flags, 1000);
-        sent += u64::from(socket.send(&segment, dst));
+        sent += u64::from(socket.send(&tcp_datagram(src, target, what.flags, 1000), target.ip()));
         if what.then_ack {
-            let ack = tcp_segment(src, sport, dst, dport, tcp_flags::ACK, 1001);
-            sent += u64::from(socket.send(&ack, dst));
+            sent += u64::from(socket.send(&tcp_datagram(src, target, tcp_flags::ACK, 1001), target.ip()));
         }
     }
     Ok(sent)
+}
+
+/// A whole IP datagram of `src`'s family holding a TCP segment without
+/// payload, with valid checksums (`dst` must be of the same family).
+#[must_use]
+pub fn tcp_datagram(src: SocketAddr, dst: SocketAddr, flags: u8, seq: u32) -> Vec<u8> {
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => tcp_segment6(s, src.port(), d, dst.port(), flags, seq).to_vec(),
+        (IpAddr::V4(s), IpAddr::V4(d)) => tcp_segment(s, src.port(), d, dst.port(), flags, seq).to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+/// The 20-byte TCP header of a segment without payload, checksum 0.
+fn tcp_header(sport: u16, dport: u16, flags: u8, seq: u32) -> [u8; 20] {
+    let mut t = [0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    if flags & tcp_flags::ACK != 0 {
+        t[8..12].copy_from_slice(&1u32.to_be_bytes());
+    }
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    t
 }
 
 /// A whole IPv4 datagram holding a TCP segment without payload, with valid
@@ -188,21 +256,34 @@ pub fn tcp_segment(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: 
     p[16..20].copy_from_slice(&dst.octets());
     let ip_sum = checksum(&[&p[..20]]);
     p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-    p[20..22].copy_from_slice(&sport.to_be_bytes());
-    p[22..24].copy_from_slice(&dport.to_be_bytes());
-    p[24..28].copy_from_slice(&seq.to_be_bytes());
-    if flags & tcp_flags::ACK != 0 {
-        p[28..32].copy_from_slice(&1u32.to_be_bytes());
-    }
-    p[32] = 5 << 4;
-    p[33] = flags;
-    p[34..36].copy_from_slice(&64240u16.to_be_bytes());
+    p[20..40].copy_from_slice(&tcp_header(sport, dport, flags, seq));
     let mut pseudo = [0u8; 12];
     pseudo[..8].copy_from_slice(&p[12..20]);
     pseudo[9] = 6;
     pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
     let tcp_sum = checksum(&[&pseudo, &p[20..40]]);
     p[36..38].copy_from_slice(&tcp_sum.to_be_bytes());
+    p
+}
+
+/// A whole IPv6 packet holding a TCP segment without payload, with a valid
+/// checksum.
+#[must_use]
+pub fn tcp_segment6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8, seq: u32) -> [u8; 60] {
+    let mut p = [0u8; 60];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&20u16.to_be_bytes());
+    p[6] = 6;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..60].copy_from_slice(&tcp_header(sport, dport, flags, seq));
+    let mut pseudo = [0u8; 40];
+    pseudo[..32].copy_from_slice(&p[8..40]);
+    pseudo[35] = 20;
+    pseudo[39] = 6;
+    let tcp_sum = checksum(&[&pseudo, &p[40..60]]);
+    p[56..58].copy_from_slice(&tcp_sum.to_be_bytes());
     p
 }
 
@@ -221,37 +302,60 @@ fn checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// An `IPPROTO_RAW` socket (which implies `IP_HDRINCL`): the kernel routes
-/// each datagram by its destination and sends it as it is.
+/// An `IPPROTO_RAW` socket (which implies `IP_HDRINCL`, and for IPv6 since
+/// Linux 4.5 `IPV6_HDRINCL`): the kernel routes each datagram by its
+/// destination and sends it as it is.
 struct RawSocket(libc::c_int);
 
 impl RawSocket {
-    fn open() -> anyhow::Result<Self> {
+    fn open(ipv4: bool) -> anyhow::Result<Self> {
+        let family = if ipv4 { libc::AF_INET } else { libc::AF_INET6 };
         // SAFETY: plain socket(2); closed in Drop.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        let fd = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         if fd < 0 {
-            return Err(io::Error::last_os_error()).context("opening a raw IPv4 socket");
+            return Err(io::Error::last_os_error()).context("opening a raw IP socket");
         }
         Ok(Self(fd))
     }
 
     /// Sends one datagram; whether the kernel took it (a full queue is not
     /// waited out: a flood may lose segments).
-    fn send(&self, datagram: &[u8], dst: Ipv4Addr) -> bool {
-        // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
-        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        addr.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
-        // SAFETY: the buffer and address are valid for the call.
-        let n = unsafe {
-            libc::sendto(
-                self.0,
-                datagram.as_ptr().cast(),
-                datagram.len(),
-                0,
-                std::ptr::addr_of!(addr).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
+    fn send(&self, datagram: &[u8], dst: IpAddr) -> bool {
+        let n = match dst {
+            IpAddr::V4(dst) => {
+                // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
+                let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                addr.sin_family = libc::AF_INET as libc::sa_family_t;
+                addr.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+                // SAFETY: the buffer and address are valid for the call.
+                unsafe {
+                    libc::sendto(
+                        self.0,
+                        datagram.as_ptr().cast(),
+                        datagram.len(),
+                        0,
+                        std::ptr::addr_of!(addr).cast(),
+                        size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                }
+            }
+            IpAddr::V6(dst) => {
+                // SAFETY: a zeroed sockaddr_in6 is valid; the fields are set below.
+                let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                addr.sin6_addr.s6_addr = dst.octets();
+                // SAFETY: the buffer and address are valid for the call.
+                unsafe {
+                    libc::sendto(
+                        self.0,
+                        datagram.as_ptr().cast(),
+                        datagram.len(),
+                        0,
+                        std::ptr::addr_of!(addr).cast(),
+                        size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                    )
+                }
+            }
         };
         n >= 0
     }
@@ -514,6 +618,18 @@ mod tests {
         assert!(is_spoofable(Ipv4Addr::new(198, 19, 255, 255)));
         assert!(!is_spoofable(Ipv4Addr::new(198, 18, 1, 2)), "the testbed's own");
         assert!(!is_spoofable(Ipv4Addr::new(8, 8, 8, 8)));
+    }
+
+    #[test]
+    fn ipv6_segments_carry_valid_checksums() {
+        let src = "2001:db8:ff::7".parse().expect("address");
+        let p = tcp_segment6(src, 1234, "2001:db8::100".parse().expect("address"), 80, 0x02, 7);
+        let (ip, rest) = etherparse::Ipv6Header::from_slice(&p).expect("ipv6");
+        let (tcp, payload) = etherparse::TcpHeader::from_slice(rest).expect("tcp");
+        assert!(tcp.syn && !tcp.ack);
+        assert_eq!(tcp.checksum, tcp.calc_checksum_ipv6(&ip, payload).expect("checksum"));
+        assert!(is_spoofable_source(IpAddr::V6(src)));
+        assert!(!is_spoofable_source("2001:db8:1::2".parse().expect("address")), "the testbed's client");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the real agent, real HTTP backends and real kernels. Needs root.
 //!
 //! Each test runs one flood for [`FLOOD`] against the testbed's web VIP (3
-//! healthy backends) while 10 kept-alive connections each ask every 100 ms
+//! healthy backends; the IPv6 one for the IPv6 flood) while 10 kept-alive connections each ask every 100 ms
 //! and a prober opens a new connection every 50 ms. It passes when:
 //!
 //! - no kept-alive connection breaks (an error, or another backend answering);
@@ -16,8 +16,9 @@
 //! - the flood really ran (a floor on the segments sent), and the backends
 //!   stayed up (a backend going down would move flows: see below).
 //!
-//! Spoofed sources lie in 198.19.0.0/16 (`lb_tests::flood::SPOOFED_NET`),
-//! routed back from the gateway to the client namespace, which drops the
+//! Spoofed sources lie in 198.19.0.0/16 (`lb_tests::flood::SPOOFED_NET`)
+//! and 2001:db8:ff::/48 (`SPOOFED_NET6`), routed back from the gateway to
+//! the client namespace, which drops the
 //! backends' answers to them. The health checks are looser than the other
 //! tests' (1 s interval and timeout, fall 3): on the 2 cores the flood,
 //! the gateway, the backends and the agent share, a 300 ms probe timeout
@@ -35,7 +36,7 @@
 //! measure each other.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Mutex, atomic::AtomicBool},
     thread,
     time::{Duration, Instant},
@@ -74,6 +75,14 @@ impl Attack {
     fn inserts(&self) -> bool {
         matches!(self, Attack::Spray(Spray { then_ack: true, .. }))
     }
+
+    /// The VIP it targets: the IPv6 one for a spray from IPv6 sources.
+    fn vip(&self, testbed: &Testbed) -> SocketAddr {
+        match self {
+            Attack::Spray(Spray { first_source: IpAddr::V6(_), .. }) => testbed.vip6_http(),
+            _ => testbed.vip_http(),
+        }
+    }
 }
 
 #[test]
@@ -107,7 +116,22 @@ fn a_mixed_flags_flood_breaks_no_connection_and_inserts_nothing() {
 #[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_syn_flood_from_a_whole_16_breaks_no_connection_and_inserts_nothing() {
     run(Attack::Spray(Spray {
-        first_source: flood::SPOOFED_NET.0,
+        first_source: IpAddr::V4(flood::SPOOFED_NET.0),
+        sources: 65_536,
+        flags: tcp_flags::SYN,
+        then_ack: false,
+        max_packets: 20_000_000,
+        limit: FLOOD,
+    }));
+}
+
+/// SYNs to the IPv6 VIP from 65,536 sources in 2001:db8:ff::/48 (hping3
+/// has no IPv6), against kept-alive and new connections over IPv6.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn an_ipv6_syn_flood_breaks_no_connection_and_inserts_nothing() {
+    run(Attack::Spray(Spray {
+        first_source: IpAddr::V6(flood::SPOOFED_NET6.0),
         sources: 65_536,
         flags: tcp_flags::SYN,
         then_ack: false,
@@ -128,7 +152,7 @@ fn a_syn_flood_from_a_whole_16_breaks_no_connection_and_inserts_nothing() {
 #[ignore = "needs root: `cargo xtask test` runs it"]
 fn a_spoofed_handshake_flood_fills_the_table_but_breaks_no_connection() {
     run(Attack::Spray(Spray {
-        first_source: flood::SPOOFED_NET.0,
+        first_source: IpAddr::V4(flood::SPOOFED_NET.0),
         sources: 65_536,
         flags: tcp_flags::SYN,
         then_ack: true,
@@ -160,15 +184,19 @@ fn run(attack: Attack) {
 
 fn start_agent(testbed: &Testbed) -> Agent {
     flood::route_spoofed_to(testbed.gateway(), testbed::CLIENT_ADDR).expect("routing the spoofed sources");
+    flood::route_spoofed6_to(testbed.gateway(), testbed::CLIENT_ADDR6).expect("routing the spoofed IPv6 sources");
     let check = HealthCheck { interval: Duration::from_secs(1), timeout: Duration::from_secs(1), rise: 2, fall: 3 };
-    let config = agent::config_for(testbed, check).replacen("[agent]\n", "[agent]\nconntrack_capacity = 65536\n", 1);
+    let config =
+        agent::config_dual_stack(testbed, check).replacen("[agent]\n", "[agent]\nconntrack_capacity = 65536\n", 1);
     let mut agent = Agent::start(testbed, &config).expect("starting lb");
-    agent.wait_health("web", &["up"; 3], Duration::from_secs(10)).expect("web backends up");
+    for vip in ["web", agent::WEB6] {
+        agent.wait_health(vip, &["up"; 3], Duration::from_secs(10)).expect("backends up");
+    }
     agent
 }
 
 fn flood_while_serving(testbed: &Testbed, agent: &Agent, attack: &Attack) -> Outcome {
-    let vip = testbed.vip_http();
+    let vip = attack.vip(testbed);
     let kept = KeptAlive::start(testbed.client(), vip, KEPT_ALIVE, KEPT_ALIVE_EVERY).expect("kept-alive connections");
     thread::sleep(Duration::from_secs(1));
     let before = agent.status().expect("/status");
@@ -182,7 +210,8 @@ fn flood_while_serving(testbed: &Testbed, agent: &Agent, attack: &Attack) -> Out
         let until = Instant::now() + FLOOD;
         while Instant::now() < until {
             thread::sleep(Duration::from_millis(500));
-            let now = agent.backend_health("web").expect("/status during the flood");
+            let web = if vip.is_ipv4() { "web" } else { agent::WEB6 };
+            let now = agent.backend_health(web).expect("/status during the flood");
             if now.iter().any(|h| h != "up") {
                 health.push(format!("{:.1?}: {now:?}", FLOOD.saturating_sub(until - Instant::now())));
             }
@@ -217,7 +246,7 @@ fn launch<'s>(
     attack: &'s Attack,
     stop: &'s AtomicBool,
 ) -> Vec<ChildGuard> {
-    let vip = testbed.vip_http();
+    let vip = attack.vip(testbed);
     match attack {
         Attack::Hping(flag_sets) => {
             let mut guards = Vec::new();
