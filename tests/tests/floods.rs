@@ -321,8 +321,10 @@ fn check(o: &Outcome, attack: &Attack) {
         .collect();
     assert!(broken.is_empty(), "{} of {KEPT_ALIVE} kept-alive connections broke: {broken:#?}", broken.len());
     assert_eq!(o.probes.failed, 0, "new connections failed during the flood: {:#?}", o.probes.errors);
-    // At least half the cadence: the prober really ran through the flood.
-    let floor = (FLOOD.as_millis() / PROBE_EVERY.as_millis() / 2) as u64;
+    // One a second at least: the prober really ran through the flood. (Not
+    // its cadence: a connection whose SYN is lost waits a second or three,
+    // and with other builds on the 2 cores up to 8 of 50 did.)
+    let floor = FLOOD.as_secs();
     assert!(o.probes.ok >= floor, "only {} new connections in {FLOOD:?} (floor {floor})", o.probes.ok);
     // Each real new connection inserts once, at its first ACK; nothing else may.
     let real = o.probes.ok + o.probes.failed;
