@@ -68,12 +68,14 @@ static ONE_FLOOD_AT_A_TIME: Mutex<()> = Mutex::new(());
 enum Attack {
     Hping(&'static [&'static [&'static str]]),
     Spray(Spray),
+    /// hping3 `--udp` to the UDP VIP, while the TCP VIP's connections are watched.
+    UdpHping,
 }
 
 impl Attack {
     /// Whether the attack pins flows by design (SYN-then-ACK pairs).
     fn inserts(&self) -> bool {
-        matches!(self, Attack::Spray(Spray { then_ack: true, .. }))
+        matches!(self, Attack::Spray(Spray { then_ack: true, .. }) | Attack::UdpHping)
     }
 
     /// The VIP it targets: the IPv6 one for a spray from IPv6 sources.
@@ -159,6 +161,17 @@ fn a_spoofed_handshake_flood_fills_the_table_but_breaks_no_connection() {
         max_packets: 20_000_000,
         limit: FLOOD,
     }));
+}
+
+/// Spoofed UDP to the UDP VIP: by design each new 5-tuple's first datagram
+/// opens its flow (UDP has no handshake to wait for), so such a flood
+/// churns the table like the handshake flood above, and the TCP VIP's
+/// connections must survive it the same way. The inserts are printed, not
+/// bounded.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn a_spoofed_udp_flood_fills_the_table_but_breaks_no_tcp_connection() {
+    run(Attack::UdpHping);
 }
 
 /// What the flood did to the testbed, for the assertions and the log.
@@ -264,6 +277,14 @@ fn launch<'s>(
             s.spawn(move || flood::spray(testbed.client(), vip, *spray, stop).expect("spraying"));
             Vec::new()
         }
+        Attack::UdpHping => (0..HPING_PROCESSES)
+            .map(|k| {
+                let source = Ipv4Addr::new(198, 19, 0, 1 + k);
+                let flags = ["--udp", "-d", "32"];
+                flood::hping3(testbed.client(), &flags, source, testbed.vip_udp(), FLOOD + Duration::from_secs(1))
+                    .expect("starting hping3")
+            })
+            .collect(),
     }
 }
 
