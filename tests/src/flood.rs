@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::testbed::{ChildGuard, Namespace, client::HttpConn};
+use crate::testbed::{ChildGuard, Namespace};
 
 /// Where spoofed sources come from: 198.19.0.0/16, the upper half of the
 /// benchmarking range, which no testbed namespace uses. Route it from the
@@ -93,9 +93,9 @@ pub fn route_spoofed_to(router: &Namespace, next_hop: Ipv4Addr) -> anyhow::Resul
 
 /// Starts `hping3 --flood` in `ns` against `target` from the spoofed
 /// `source`, with hping3's flag options (`-S`, `-A`, `-R`, `-F`, `-P`, `-U`,
-/// `-d 64`, ...), for at most `limit`: `timeout(1)` interrupts it then, so
-/// the flood ends even if the caller never stops it. Its output is
-/// discarded. Stop it earlier by dropping the guard.
+/// `-d 64`, ...), at nice 19, for at most `limit`: `timeout(1)` interrupts
+/// it then, so the flood ends even if the caller never stops it. Its output
+/// is discarded. Stop it earlier by dropping the guard.
 ///
 /// # Errors
 ///
@@ -114,7 +114,9 @@ pub fn hping3(
     ensure!(which("hping3"), "hping3 is not installed (cargo xtask setup installs it)");
     let secs = limit.as_secs().max(1).to_string();
     let mut cmd = ns.command("timeout");
-    cmd.args(["-s", "INT", "-k", "2", &secs, "hping3", "--flood", "-q"])
+    // nice 19: the flood takes what the cores have left, so the testbed's
+    // real traffic and the agent are slowed by it, not starved.
+    cmd.args(["-s", "INT", "-k", "2", &secs, "nice", "-n", "19", "hping3", "--flood", "-q"])
         .args(flags)
         .args(["-a", &source.to_string(), "-p", &target.port().to_string(), &dst.to_string()])
         .stdout(Stdio::null())
@@ -390,6 +392,8 @@ pub struct ConnReport {
     /// Why the connection broke (an error, or another backend answering),
     /// and when, since the start; `None` if it lived to the end.
     pub broken: Option<(Duration, String)>,
+    /// The longest a request waited for its answer.
+    pub slowest: Duration,
 }
 
 /// Kept-alive HTTP connections from one namespace, each sending `GET /`
@@ -404,6 +408,10 @@ pub struct KeptAlive {
 impl KeptAlive {
     /// Bound on how long the connections run if nobody stops them.
     pub const MAX_RUN: Duration = Duration::from_secs(120);
+    /// How long a request may wait for its answer before its connection
+    /// counts as broken. A reset, a close or another backend answering
+    /// breaks it at once.
+    pub const STALL_LIMIT: Duration = Duration::from_secs(10);
 
     /// Opens `n` connections to `addr` from `ns` and starts their requests;
     /// returns once every connection has had its first answer.
@@ -467,19 +475,18 @@ fn keep_asking(
 ) -> ConnReport {
     let start = Instant::now();
     let mut report = ConnReport::default();
-    let mut conn = match HttpConn::connect(addr) {
+    let mut conn = match KeptConn::connect(addr) {
         Ok(c) => c,
         Err(e) => {
-            let _ = ready.send(Err(format!("connecting to {addr}: {e}")));
-            report.broken = Some((start.elapsed(), format!("connecting: {e}")));
+            let _ = ready.send(Err(format!("connecting to {addr}: {e:#}")));
+            report.broken = Some((start.elapsed(), format!("connecting: {e:#}")));
             return report;
         }
     };
     while !stop.load(Ordering::Relaxed) && start.elapsed() < KeptAlive::MAX_RUN {
-        let answer = conn.get("/", true).and_then(|r| {
-            ensure!(r.status == 200, "status {}", r.status);
-            r.backend().with_context(|| format!("no backend named in {:?}", r.text()))
-        });
+        let asked = Instant::now();
+        let answer = conn.get();
+        report.slowest = report.slowest.max(asked.elapsed());
         match (answer, &report.backend) {
             (Ok(b), None) => {
                 report.backend = Some(b);
@@ -504,6 +511,52 @@ fn keep_asking(
     report
 }
 
+/// A kept-alive connection that waits [`KeptAlive::STALL_LIMIT`] for an
+/// answer: on 2 saturated cores a segment can be lost and sent again
+/// several times, which is a stall, not a break.
+struct KeptConn {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    request: String,
+}
+
+impl KeptConn {
+    fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = std::net::TcpStream::connect_timeout(&addr, Prober::CONNECT_TIMEOUT)?;
+        stream.set_read_timeout(Some(KeptAlive::STALL_LIMIT))?;
+        stream.set_write_timeout(Some(KeptAlive::STALL_LIMIT))?;
+        stream.set_nodelay(true)?;
+        let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: keep-alive\r\n\r\n");
+        Ok(KeptConn { reader: std::io::BufReader::new(stream), request })
+    }
+
+    /// One request; the backend named in its answer.
+    fn get(&mut self) -> anyhow::Result<String> {
+        use std::io::{BufRead as _, Read as _, Write as _};
+        self.reader.get_mut().write_all(self.request.as_bytes()).context("sending the request")?;
+        let mut line = String::new();
+        ensure!(self.reader.read_line(&mut line).context("reading the status line")? > 0, "closed by the peer");
+        ensure!(line.starts_with("HTTP/1.1 200"), "not a 200 answer: {line:?}");
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            ensure!(self.reader.read_line(&mut line).context("reading headers")? > 0, "closed in the headers");
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().with_context(|| format!("bad {header:?}"))?;
+            }
+        }
+        ensure!(length <= 64 * 1024, "a body of {length} bytes");
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).context("reading the body")?;
+        crate::testbed::client::backend_name(&body).with_context(|| format!("no backend named in {body:?}"))
+    }
+}
+
 /// What a [`Prober`] saw.
 #[derive(Debug, Clone, Default)]
 pub struct ProbeReport {
@@ -524,17 +577,17 @@ pub struct ProbeReport {
 /// one delays the next), sends `GET /` and counts the answers, until
 /// [`Prober::finish`] or at most [`KeptAlive::MAX_RUN`]. A connection may
 /// take [`Prober::CONNECT_TIMEOUT`] to be accepted, as a client whose kernel
-/// retries a lost SYN twice (after 1 s and 3 s) would; the answer then has
-/// [`IO_TIMEOUT`](crate::testbed::client::IO_TIMEOUT).
+/// resends a lost SYN three times (after 1, 3 and 7 s) would; the answer
+/// then has [`KeptAlive::STALL_LIMIT`].
 pub struct Prober {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<ProbeReport>>,
 }
 
 impl Prober {
-    /// How long a connection may take to be accepted: past the second
-    /// retransmission of its SYN (Linux sends them after 1 s and 3 s).
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(3500);
+    /// How long a connection may take to be accepted: past the third
+    /// retransmission of its SYN (Linux sends them after 1, 3 and 7 s).
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(7500);
 
     /// Starts probing from `ns`.
     #[must_use]
@@ -592,7 +645,7 @@ fn probe(addr: SocketAddr, every: Duration, stop: &AtomicBool) -> ProbeReport {
 /// the answering backend's name.
 fn get_once(addr: SocketAddr) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
-    let io = crate::testbed::client::IO_TIMEOUT;
+    let io = KeptAlive::STALL_LIMIT;
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Prober::CONNECT_TIMEOUT)
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(io))?;

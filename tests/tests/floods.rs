@@ -1,36 +1,52 @@
-//! End to end: floods of spoofed TCP segments against a VIP (issue 12), with
-//! the real agent, real HTTP backends and real kernels. Needs root.
+//! End to end: floods of spoofed packets against a VIP (issue 12), with the
+//! real agent, real HTTP backends and real kernels. Needs root.
 //!
 //! Each test runs one flood for [`FLOOD`] against the testbed's web VIP (3
-//! healthy backends; the IPv6 one for the IPv6 flood) while 10 kept-alive connections each ask every 100 ms
-//! and a prober opens a new connection every 50 ms. It passes when:
+//! healthy backends; the IPv6 one for the IPv6 flood) while 10 kept-alive
+//! connections each ask every 100 ms and a prober opens a new connection
+//! every 50 ms. It passes when:
 //!
-//! - no kept-alive connection breaks (an error, or another backend answering);
-//! - every new connection of the prober succeeds, none fails (each may
-//!   take 3.5 s to be accepted, as a client whose kernel sends a lost SYN
-//!   again twice: with the flood, the gateway, the backends and the agent
-//!   on 2 cores, a veth queue sometimes drops a SYN; the count of such
-//!   retried connections is printed);
+//! - no kept-alive connection breaks (a reset, a close, another backend
+//!   answering, or no answer within 10 s);
+//! - every new connection of the prober succeeds (each may take 7.5 s to be
+//!   accepted, as a client whose kernel sends a lost SYN again three times),
+//!   at least one a second;
 //! - the connection table gains no more entries than the real connections
-//!   made (the prober's): the flood inserted nothing;
+//!   made (the prober's): the flood inserted nothing (except the floods that
+//!   insert by design, which only print their inserts);
 //! - the flood really ran (a floor on the segments sent), and the backends
-//!   stayed up (a backend going down would move flows: see below).
+//!   stayed up (a backend going down would move flows).
 //!
-//! Spoofed sources lie in 198.19.0.0/16 (`lb_tests::flood::SPOOFED_NET`)
-//! and 2001:db8:ff::/48 (`SPOOFED_NET6`), routed back from the gateway to
-//! the client namespace, which drops the
-//! backends' answers to them. The health checks are looser than the other
-//! tests' (1 s interval and timeout, fall 3): on the 2 cores the flood,
-//! the gateway, the backends and the agent share, a 300 ms probe timeout
-//! measures the machine, not the balancer. The table is small (65,536
-//! entries) so that any flood that inserted would churn it within the
-//! flood.
+//! hping3 floods at nice 19 (`lb_tests::flood::hping3`): as fast as it can
+//! while the cores have room (85,000-265,000 segments a second here), and
+//! no faster than the rest of the testbed lets it. Unniced, four of them
+//! sent up to 380,000 a second and starved everything else, the agent's
+//! admin API included: a test of the scheduler, not of the balancer. Our
+//! own spray sends as fast as one thread can (50,000-90,000 a second).
 //!
-//! That it can fail: before SYNs were kept out of the table (commit
-//! 8b7822a), the SYN flood broke 1 of 10 kept-alive connections (sources
-//! over 24 addresses) and 10 of 10 (sources spread over all addresses), and
-//! every spoofed SYN was an insert, so the table check fails at once on
-//! such a build.
+//! With the flood, the gateway, the backends, the agent (and whatever else
+//! runs) on 2 cores, a veth queue drops segments now and then: a request or
+//! a SYN waits for its retransmission. That is a stall, not a break; the
+//! slowest answer and the retried connections are printed (under other
+//! builds an answer took up to 3 s). For the same reason the health checks
+//! are looser than the other tests' (1 s interval and timeout, fall 3): a
+//! 300 ms probe timeout would measure the machine, not the balancer.
+//!
+//! Spoofed sources lie in 198.19.0.0/16 (`lb_tests::flood::SPOOFED_NET`) and
+//! 2001:db8:ff::/48 (`SPOOFED_NET6`), routed from the gateway back to the
+//! client namespace, which drops the backends' answers to them. The table
+//! is small (65,536 entries) so that any flood that inserted would churn it
+//! within the flood.
+//!
+//! That it can fail: with SYNs pinned at once (the behaviour before commit
+//! 8b7822a, patched back in by hand), the SYN floods fail on the table
+//! check (972,940 inserts for 135 real connections). Kept-alive
+//! connections no longer break even then: replies are translated without
+//! state and Maglev sends an evicted flow to the same backend, so the table
+//! check is the one that catches such a regression. Before stateless
+//! replies, a 170,000 SYN/s flood broke 1 of 10 (sources over 24 addresses)
+//! and 10 of 10 (sources over all addresses). The mixed flood failed on a
+//! tag collision in `EMBRYOS` (fixed in lb-common's `embryo::tag`).
 //!
 //! The floods run one at a time (a lock): two at once on 2 cores would
 //! measure each other.
@@ -224,8 +240,11 @@ fn flood_while_serving(testbed: &Testbed, agent: &Agent, attack: &Attack) -> Out
         while Instant::now() < until {
             thread::sleep(Duration::from_millis(500));
             let web = if vip.is_ipv4() { "web" } else { agent::WEB6 };
-            let now = agent.backend_health(web).expect("/status during the flood");
-            if now.iter().any(|h| h != "up") {
+            // An admin request that times out on the saturated cores says
+            // nothing about the backends: only answers count.
+            if let Ok(now) = agent.backend_health(web)
+                && now.iter().any(|h| h != "up")
+            {
                 health.push(format!("{:.1?}: {now:?}", FLOOD.saturating_sub(until - Instant::now())));
             }
         }
@@ -321,13 +340,15 @@ fn report(o: &Outcome) {
         o.entries.1
     );
     eprintln!(
-        "prober: {} ok ({} after a lost segment was sent again), {} failed, slowest {:?}; kept-alive: {} answers, {} broken",
+        "prober: {} ok ({} after a lost segment was sent again), {} failed, slowest {:?}; \
+         kept-alive: {} answers, {} broken, slowest answer {:?}",
         o.probes.ok,
         o.probes.retried,
         o.probes.failed,
         o.probes.slowest,
         o.kept.iter().map(|k| k.answered).sum::<u64>(),
-        o.kept.iter().filter(|k| k.broken.is_some()).count()
+        o.kept.iter().filter(|k| k.broken.is_some()).count(),
+        o.kept.iter().map(|k| k.slowest).max().unwrap_or_default()
     );
     eprintln!("verdicts during the run: {:?}", o.verdicts);
 }
