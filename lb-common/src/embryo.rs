@@ -22,7 +22,7 @@
 //!
 //! UDP has no handshake: a datagram still opens its flow at once.
 
-use crate::flow::{FlowKey, flow_hash};
+use crate::flow::{FlowKey, flow_hash, seeded_flow_hash};
 
 /// The slot of `EMBRYOS` a 5-tuple takes (`EMBRYO_SLOTS` is a power of two).
 #[inline(always)]
@@ -46,11 +46,18 @@ pub fn matches(entry: u64, key: &FlowKey, now_ns: u64) -> bool {
     (entry >> 32) as u32 == tag(key) && u64::from(age) <= crate::limits::EMBRYO_TIMEOUT_NS >> 20
 }
 
-/// A second hash of the 5-tuple, independent of the slot's bits.
+/// A second hash of the 5-tuple, independent of the slot's bits: from
+/// another seed. (It was `flow_hash` of the key with other `_pad` bytes,
+/// which the hash does not read: the slot's own hash rotated, so two
+/// 5-tuples in one slot shared their tag once in 2^15, and a mixed flood of
+/// spoofed SYNs and ACKs from unrelated 5-tuples pinned flows at that rate.)
 #[inline(always)]
 fn tag(key: &FlowKey) -> u32 {
-    flow_hash(&FlowKey { _pad: [0x5a, 0xa5], ..*key }).rotate_left(16) | 1
+    seeded_flow_hash(key, TAG_SEED) | 1
 }
+
+/// The seed of [`tag`]'s hash (any constant other than `flow_hash`'s).
+const TAG_SEED: u32 = 0x3c6e_f372;
 
 #[cfg(test)]
 mod tests {
@@ -76,6 +83,26 @@ mod tests {
         assert!(!matches(e, &key(2), now), "another 5-tuple's");
         assert!(!matches(e, &key(1), now + crate::limits::EMBRYO_TIMEOUT_NS + 2_000_000), "too late");
         assert!(!matches(0, &key(1), now), "an empty slot");
+    }
+
+    /// Regression (issue 12): the tag was the slot's own hash, so 5-tuples
+    /// sharing a slot shared their tag once in 2^15. Over about 8 million
+    /// same-slot pairs that is some 240 collisions; independent 31-bit tags
+    /// give one in about 270 runs.
+    #[test]
+    fn five_tuples_in_one_slot_have_different_tags() {
+        let mut by_slot: std::collections::HashMap<u32, std::vec::Vec<u32>> = std::collections::HashMap::new();
+        for i in 0..(1u32 << 20) {
+            let mut k = key((i & 0xffff) as u16);
+            k.src_be = [0x0000_13c6 | ((i >> 16) << 24), 0, 0, 0];
+            by_slot.entry(slot(&k)).or_default().push(tag(&k));
+        }
+        let mut collisions = 0;
+        for tags in by_slot.values_mut() {
+            tags.sort_unstable();
+            collisions += tags.windows(2).filter(|w| w[0] == w[1]).count();
+        }
+        assert_eq!(collisions, 0, "tags shared within a slot");
     }
 
     #[test]

@@ -148,8 +148,16 @@ crate::user_pod!(FlowKey, FlowState, FlowTimeouts, ReplyNat);
 /// verifier must bound) and well mixed in the low bits the modulo keeps.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
+    seeded_flow_hash(key, 0x9e37_79b9)
+}
+
+/// [`flow_hash`] from another seed: a hash of the 5-tuple whose bits are
+/// independent of `flow_hash`'s (e.g. a tag to tell apart the 5-tuples that
+/// share a slot chosen by `flow_hash`).
+#[inline(always)]
+pub fn seeded_flow_hash(key: &FlowKey, seed: u32) -> u32 {
     let ports = (u32::from(key.src_port_be) << 16) | u32::from(key.dst_port_be);
-    let mut h: u32 = 0x9e37_79b9 ^ u32::from(key.proto);
+    let mut h: u32 = seed ^ u32::from(key.proto);
     h = mix(h, key.src_be[0]);
     h = mix(h, key.src_be[1]);
     h = mix(h, key.src_be[2]);

@@ -158,10 +158,12 @@ pub fn echo(ctx: &XdpContext, v6: &Ipv6, icmp: *mut [u16; 4]) -> Verdict {
         return Verdict::drop(reason::DROP_ICMP_ECHO_RATE_LIMITED);
     }
     let (dst_mac, src_mac) = macs(v6.eth);
-    let (request, reply) = (w(ICMP6_ECHO_REQUEST, 0), w(ICMP6_ECHO_REPLY, 0));
+    let reply = w(ICMP6_ECHO_REPLY, 0);
     // SAFETY: v6.ip, v6.eth and icmp were bounds checked by the caller.
     unsafe {
         let (saddr, daddr) = ((*v6.ip).saddr_be, (*v6.ip).daddr_be);
+        // The request's own type and code: its code need not be 0.
+        let request = (*icmp)[0];
         (*icmp)[0] = reply;
         (*icmp)[1] = csum::replace16((*icmp)[1], request, reply);
         (*v6.ip).saddr_be = daddr;

@@ -77,10 +77,13 @@ pub fn follow(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
     if unsafe { (*v4.ip).ttl } <= 1 {
         return Verdict::pass(reason::PASS_TTL_EXPIRED);
     }
-    stats::count_traffic(state.vip_id, state.backend_id, ctx);
     let side = if state.rewrite == FRAG_REWRITE_SOURCE { Side::Source } else { Side::Destination };
-    rewrite::set_address(v4.ip, side, state.addr_be[0]);
-    rewrite::forward(ctx, v4.eth, v4.ip, reason::REDIRECT_FRAGMENT)
+    let verdict =
+        rewrite::set_address_and_forward(ctx, v4.eth, v4.ip, side, state.addr_be[0], reason::REDIRECT_FRAGMENT);
+    if verdict.reason != reason::PASS_LOCAL_DESTINATION && verdict.reason != reason::DROP_LOCAL_NEXT_HOP {
+        stats::count_traffic(state.vip_id, state.backend_id, ctx);
+    }
+    verdict
 }
 
 /// The verdict for a fragment that cannot be placed.

@@ -120,6 +120,32 @@ fn query(ip: *const Ipv4Hdr, src_be: u32, dst_be: u32) -> Query {
     }
 }
 
+/// Sends an IPv4 packet with `side`'s address replaced by `addr_be` (a
+/// later fragment, `frag::follow`), looked up before it is rewritten as
+/// [`translate_and_forward`] does its first piece: one whose next hop is the
+/// gateway itself, or that has no route, is never rewritten.
+#[inline(always)]
+pub fn set_address_and_forward(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    side: Side,
+    addr_be: u32,
+    redirect_reason: u32,
+) -> Verdict {
+    // SAFETY: ip was bounds checked in parse_ipv4.
+    let (saddr, daddr) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
+    let (src, dst) = if side == Side::Destination { (saddr, addr_be) } else { (addr_be, daddr) };
+    let Some((hop, answer)) = nexthop::lookup(ctx, query(ip, src, dst), conntrack::now_ns()) else {
+        return Verdict::pass(reason::PASS_FIB_FAILED);
+    };
+    if hop == Hop::Local {
+        return local_next_hop(side);
+    }
+    set_address(ip, side, addr_be);
+    finish(eth, ip, hop, answer, redirect_reason)
+}
+
 /// Sends an IPv4 packet already rewritten to its next hop; handed to the
 /// kernel as it is when that cannot be done here.
 #[inline(always)]

@@ -28,7 +28,10 @@ use std::{
 use anyhow::{Context as _, bail};
 
 pub mod agent;
+pub mod flood;
+pub mod fuzz;
 pub mod load;
+pub mod misbehave;
 pub mod scenarios;
 pub mod testbed;
 

@@ -888,6 +888,29 @@ fn later_fragments_follow_their_first_piece_both_ways() {
     });
 }
 
+/// Regression (found by `cargo xtask fuzz`, issue 12): the later pieces of
+/// a backend's datagram to one of the gateway's own addresses were
+/// rewritten (source → VIP) and handed to the kernel, while their first
+/// piece went untranslated, as the rule says: the kernel could never
+/// reassemble them.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn later_fragments_of_a_backends_datagram_to_the_gateway_pass_untouched_like_their_first() {
+    with_lb(|lb| {
+        let (baddr, bport) = backend_addr(4);
+        let gateway = [198, 18, 2, 1];
+        let datagram = udp(backend_mac(baddr[3]), GW_BACKEND_MAC, baddr, gateway, 64, bport, 50042, &DATAGRAM);
+        let datagram = with_ip_id(&datagram, 0x5151);
+        let pieces =
+            [("first piece", fragment(&datagram, 0, 520, false)), ("later piece", fragment(&datagram, 520, 488, true))];
+        for (name, piece) in pieces {
+            let (v, out, counted) = lb.run_counted(&piece, lb.backend_if);
+            assert_eq!((v, counted), (XDP_PASS, "pass_local_destination"), "{name}");
+            assert_frame(&out, &piece);
+        }
+    });
+}
+
 #[test]
 #[ignore = "needs root: `cargo xtask test` runs it"]
 fn fragments_that_cannot_be_placed_are_dropped_at_a_vip_and_others_pass() {

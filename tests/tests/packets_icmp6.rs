@@ -153,6 +153,32 @@ fn ipv6_echo_to_a_vip_address_is_answered() {
     });
 }
 
+/// Regression (found by `cargo xtask fuzz`, issue 12): the reply's checksum
+/// was updated as if the request's code were 0, so a request with another
+/// code got a reply its receiver dropped.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn ipv6_echo_with_a_nonzero_code_gets_a_reply_with_a_right_checksum() {
+    with_lb(|lb| {
+        let mut request = ping(VIP);
+        let (code_at, csum_at) = (14 + 40 + 1, 14 + 40 + 2);
+        request[code_at] = 5;
+        // RFC 1624: the checksum of a request whose code word grew by 5.
+        let old = u16::from_be_bytes([request[csum_at], request[csum_at + 1]]);
+        let mut sum = u32::from(!old) + u32::from(!0x8000u16) + 0x8005;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        request[csum_at..csum_at + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let mut reply = Vec::new();
+        PacketBuilder::ethernet2(GW_CLIENT_MAC, CLIENT_MAC)
+            .ipv6(VIP, CLIENT, 64)
+            .icmpv6_echo_reply(7, 1)
+            .write(&mut reply, b"ping")
+            .expect("build reply");
+        lb.assert_out("echo with code 5", &request, lb.client_if, XDP_REDIRECT, &reply, reason::TX_ICMP_ECHO_REPLY);
+    });
+}
+
 #[test]
 #[ignore = "needs root: `cargo xtask test` runs it"]
 fn ipv6_with_no_backend_up_tcp_gets_a_rst_and_udp_port_unreachable() {

@@ -6,6 +6,7 @@
 //! - `build`: the `lb` agent (with its embedded eBPF object) and the testbed backend.
 //! - `test`: unit tests, then the root-only integration tests of `lb-tests`.
 //! - `demo`: a narrated run of the agent in a namespace testbed.
+//! - `fuzz`: the fuzzed data path, as many frames as asked, from a seed.
 //! - `bench`: benchmarks side by side with nftables, HAProxy, nginx and the direct path.
 //!
 //! Every command but `setup` first checks quickly whether anything is
@@ -15,6 +16,7 @@ mod bench;
 mod build;
 mod cargo;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -51,6 +53,18 @@ enum Command {
     },
     /// Show the balancer at work in a namespace testbed (needs root).
     Demo,
+    /// Run mutated frames through the loaded XDP program and check every verdict (needs root).
+    Fuzz {
+        /// Frames to run, half IPv4 and half IPv6.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Seed of the frames (printed either way); drawn from the clock if absent.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
     /// Run the benchmarks and write target/bench/REPORT.md (needs root).
     Bench {
         /// Run only this section.
@@ -71,6 +85,9 @@ fn main() -> ExitCode {
             test::run(&test::Options { profile: build::Profile::from_flag(release), filter })
         }
         Command::Demo => demo::run().map(|()| true),
+        Command::Fuzz { frames, seed, release } => {
+            fuzz::run(&fuzz::Options { profile: build::Profile::from_flag(release), frames, seed })
+        }
         Command::Bench { only, quick } => bench::run(&bench::Options { only, quick }).map(|()| true),
     };
     match result {
