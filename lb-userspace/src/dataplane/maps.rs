@@ -247,7 +247,12 @@ impl Maps {
         let (entries, evicted) = self.occupancy(events[conntrack_event::INSERTED as usize])?;
         let counted_ago =
             self.occupancy.lock().ok().and_then(|o| o.last).map_or(Duration::ZERO, |(at, _)| at.elapsed());
-        Ok(ConntrackStats { entries, capacity: u64::from(self.conntrack_capacity), events, evicted, counted_ago })
+        let capacity = u64::from(self.conntrack_capacity);
+        // A walk during heavy churn can count an entry twice (get_next_key
+        // starts over when the key it stood on was evicted): never more
+        // than the table holds.
+        let entries = entries.min(capacity);
+        Ok(ConntrackStats { entries, capacity, events, evicted, counted_ago })
     }
 
     /// The backend a tracked client → VIP flow is pinned to, if tracked.
