@@ -367,10 +367,12 @@ fn check(o: &Outcome, attack: &Attack) {
         .collect();
     assert!(broken.is_empty(), "{} of {KEPT_ALIVE} kept-alive connections broke: {broken:#?}", broken.len());
     assert_eq!(o.probes.failed, 0, "new connections failed during the flood: {:#?}", o.probes.errors);
-    // One a second at least: the prober really ran through the flood. (Not
-    // its cadence: a connection whose SYN is lost waits a second or three,
-    // and with other builds on the 2 cores up to 8 of 50 did.)
-    let floor = FLOOD.as_secs();
+    // One every 2 s at least: the prober really ran through the flood. Not
+    // its cadence: it opens one connection at a time, a connection whose SYN
+    // is lost waits a second or three, and under an ACK flood (the backends'
+    // RSTs double the packets) with other tests on the 2 cores, one full run
+    // got 8 in 10 s, none failing.
+    let floor = FLOOD.as_secs() / 2;
     assert!(o.probes.ok >= floor, "only {} new connections in {FLOOD:?} (floor {floor})", o.probes.ok);
     // Each real new connection inserts once, at its first ACK; nothing else may.
     let real = o.probes.ok + o.probes.failed;
