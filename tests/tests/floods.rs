@@ -344,11 +344,12 @@ fn report(o: &Outcome) {
         o.entries.1
     );
     eprintln!(
-        "prober: {} ok ({} after a lost segment was sent again), {} failed, slowest {:?}; \
+        "prober: {} ok ({} after a lost segment was sent again), {} failed, {} ticks skipped, slowest {:?}; \
          kept-alive: {} answers, {} broken, slowest answer {:?}",
         o.probes.ok,
         o.probes.retried,
         o.probes.failed,
+        o.probes.skipped,
         o.probes.slowest,
         o.kept.iter().map(|k| k.answered).sum::<u64>(),
         o.kept.iter().filter(|k| k.broken.is_some()).count(),
@@ -366,14 +367,22 @@ fn check(o: &Outcome, attack: &Attack) {
         .filter_map(|k| k.broken.as_ref().map(|(at, why)| format!("after {at:.1?} ({} answers): {why}", k.answered)))
         .collect();
     assert!(broken.is_empty(), "{} of {KEPT_ALIVE} kept-alive connections broke: {broken:#?}", broken.len());
-    assert_eq!(o.probes.failed, 0, "new connections failed during the flood: {:#?}", o.probes.errors);
-    // One every 2 s at least: the prober really ran through the flood. Not
-    // its cadence: it opens one connection at a time, a connection whose SYN
-    // is lost waits a second or three, and under an ACK flood (the backends'
-    // RSTs double the packets) with other tests on the 2 cores, one full run
-    // got 8 in 10 s, none failing.
-    let floor = FLOOD.as_secs() / 2;
-    assert!(o.probes.ok >= floor, "only {} new connections in {FLOOD:?} (floor {floor})", o.probes.ok);
+    // The issue's bar: at least 99 % of the prober's connections succeed.
+    // (Below 100 attempts that allows none to fail.) One in 31 was reset
+    // once in a mixed-flags flood, from the backend, cause not found: see
+    // the issue 12 notes.
+    let attempts = o.probes.attempts();
+    assert!(
+        o.probes.failed * 100 <= attempts,
+        "{} of {attempts} new connections failed during the flood: {:#?}",
+        o.probes.failed,
+        o.probes.errors
+    );
+    // Half its schedule at least: the prober really ran through the flood.
+    // A connection whose SYN is lost waits a second or three, but the next
+    // ones are opened on time, beside it.
+    let floor = (FLOOD.as_millis() / PROBE_EVERY.as_millis() / 2) as u64;
+    assert!(o.probes.ok >= floor, "only {} new connections answered in {FLOOD:?} (floor {floor})", o.probes.ok);
     // Each real new connection inserts once, at its first ACK; nothing else may.
     let real = o.probes.ok + o.probes.failed;
     if attack.inserts() {
