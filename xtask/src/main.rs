@@ -6,7 +6,7 @@
 //! - `build`: the `lb` agent (with its embedded eBPF object) and the testbed backend.
 //! - `test`: unit tests, then the root-only integration tests of `lb-tests`.
 //! - `demo`: a narrated run of the agent in a namespace testbed.
-//! - `fuzz`: the fuzzed data path, as many frames as asked, from a seed.
+//! - `fuzz`: the fuzzed data path or config parser, as many cases as asked, from a seed.
 //! - `bench`: benchmarks side by side with nftables, HAProxy, nginx and the direct path.
 //!
 //! Every command but `setup` first checks quickly whether anything is
@@ -53,11 +53,18 @@ enum Command {
     },
     /// Show the balancer at work in a namespace testbed (needs root).
     Demo,
-    /// Run mutated frames through the loaded XDP program and check every verdict (needs root).
+    /// Run mutated frames through the loaded XDP program (needs root), or mutated configs through the
+    /// config parser, and check every verdict.
     Fuzz {
-        /// Frames to run, half IPv4 and half IPv6.
+        /// What to fuzz.
+        #[arg(long, value_enum, default_value_t = fuzz::Target::Frames)]
+        target: fuzz::Target,
+        /// Frames to run (`--target frames`), half IPv4 and half IPv6.
         #[arg(long, default_value_t = 1_000_000)]
         frames: u64,
+        /// Config files to run (`--target config`).
+        #[arg(long, default_value_t = 200_000)]
+        cases: u64,
         /// Seed of the frames (printed either way); drawn from the clock if absent.
         #[arg(long)]
         seed: Option<u64>,
@@ -85,8 +92,9 @@ fn main() -> ExitCode {
             test::run(&test::Options { profile: build::Profile::from_flag(release), filter })
         }
         Command::Demo => demo::run().map(|()| true),
-        Command::Fuzz { frames, seed, release } => {
-            fuzz::run(&fuzz::Options { profile: build::Profile::from_flag(release), frames, seed })
+        Command::Fuzz { target, frames, cases, seed, release } => {
+            let cases = if target == fuzz::Target::Frames { frames } else { cases };
+            fuzz::run(&fuzz::Options { profile: build::Profile::from_flag(release), target, cases, seed })
         }
         Command::Bench { only, quick } => bench::run(&bench::Options { only, quick }).map(|()| true),
     };

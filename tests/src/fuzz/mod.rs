@@ -17,6 +17,7 @@
 //!   etherparse (which shares no code with the program).
 
 pub mod check;
+pub mod config;
 pub mod frames;
 pub mod mutate;
 
