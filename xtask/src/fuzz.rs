@@ -7,6 +7,9 @@
 //! - `--target config`: the fuzzed config parser
 //!   (`tests/tests/config_fuzz.rs`), no root needed, with
 //!   `LB_CONFIG_FUZZ_CASES`; `cargo xtask test` runs it with 5,000 cases.
+//! - `--target admin`: random and mutated requests to a running agent's
+//!   admin port and control socket (`tests/tests/admin_fuzz.rs`), as root,
+//!   with `LB_ADMIN_FUZZ_REQUESTS`; `cargo xtask test` runs 3,000.
 //!
 //! It builds the test executable and runs its one test with `LB_FUZZ_SEED`;
 //! the test prints the seed first, so any run can be repeated, and writes
@@ -25,6 +28,8 @@ pub enum Target {
     Frames,
     /// Mutated config files through the config parser.
     Config,
+    /// Random and mutated requests to a running agent's admin API (needs root).
+    Admin,
 }
 
 impl Target {
@@ -36,6 +41,11 @@ impl Target {
             Target::Config => {
                 ("config_fuzz", "mutated_configs_are_accepted_or_rejected_naming_a_key", "LB_CONFIG_FUZZ_CASES")
             }
+            Target::Admin => (
+                "admin_fuzz",
+                "fuzzed_admin_requests_are_answered_or_closed_and_the_agent_stays_up",
+                "LB_ADMIN_FUZZ_REQUESTS",
+            ),
         }
     }
 }
@@ -53,13 +63,15 @@ pub struct Options {
 
 /// The `fuzz` subcommand. Returns whether every case kept the invariants.
 pub fn run(opts: &Options) -> anyhow::Result<bool> {
-    if opts.target == Target::Frames && !lb_tests::is_root() {
+    let needs_root = opts.target != Target::Config;
+    if needs_root && !lb_tests::is_root() {
         bail!(
-            "cargo xtask fuzz --target frames needs root: it loads the XDP program. Rerun as root (e.g. `sudo -E \
-             cargo xtask fuzz`)"
+            "cargo xtask fuzz --target {:?} needs root: it loads the XDP program. Rerun as root (e.g. `sudo -E \
+             cargo xtask fuzz`)",
+            opts.target
         );
     }
-    setup::ensure(opts.target == Target::Frames)?;
+    setup::ensure(needs_root)?;
     let (file, test, cases_var) = opts.target.test();
     let mut build = cargo::command();
     build.args(["test", "-p", "lb-tests", "--test", file, "--no-run"]).args(opts.profile.cargo_args());
@@ -69,6 +81,12 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
         .find_map(|a| a.executable)
         .with_context(|| format!("cargo built no `{file}` test executable for lb-tests"))?;
     let mut cmd = Command::new(&exe);
+    if opts.target == Target::Admin {
+        // The test runs the agent and the testbed's backends.
+        let bins = crate::build::build(opts.profile)?;
+        cmd.env(lb_tests::LB_BIN_ENV, std::path::absolute(&bins.lb).context("the lb binary's path")?)
+            .env(lb_tests::BACKEND_BIN_ENV, std::path::absolute(&bins.backend).context("the backend's path")?);
+    }
     cmd.args(["--exact", test, "--include-ignored", "--nocapture"])
         .env(cases_var, opts.cases.to_string())
         .env("RUST_BACKTRACE", "1");

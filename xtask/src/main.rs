@@ -53,8 +53,8 @@ enum Command {
     },
     /// Show the balancer at work in a namespace testbed (needs root).
     Demo,
-    /// Run mutated frames through the loaded XDP program (needs root), or mutated configs through the
-    /// config parser, and check every verdict.
+    /// Run mutated frames through the loaded XDP program (needs root), mutated configs through the
+    /// config parser, or mutated requests to a running agent's admin API (needs root), and check each.
     Fuzz {
         /// What to fuzz.
         #[arg(long, value_enum, default_value_t = fuzz::Target::Frames)]
@@ -62,9 +62,10 @@ enum Command {
         /// Frames to run (`--target frames`), half IPv4 and half IPv6.
         #[arg(long, default_value_t = 1_000_000)]
         frames: u64,
-        /// Config files to run (`--target config`).
-        #[arg(long, default_value_t = 200_000)]
-        cases: u64,
+        /// Config files (`--target config`, default 200,000) or requests (`--target admin`, default
+        /// 20,000) to run.
+        #[arg(long)]
+        cases: Option<u64>,
         /// Seed of the frames (printed either way); drawn from the clock if absent.
         #[arg(long)]
         seed: Option<u64>,
@@ -93,7 +94,11 @@ fn main() -> ExitCode {
         }
         Command::Demo => demo::run().map(|()| true),
         Command::Fuzz { target, frames, cases, seed, release } => {
-            let cases = if target == fuzz::Target::Frames { frames } else { cases };
+            let cases = match target {
+                fuzz::Target::Frames => frames,
+                fuzz::Target::Config => cases.unwrap_or(200_000),
+                fuzz::Target::Admin => cases.unwrap_or(20_000),
+            };
             fuzz::run(&fuzz::Options { profile: build::Profile::from_flag(release), target, cases, seed })
         }
         Command::Bench { only, quick } => bench::run(&bench::Options { only, quick }).map(|()| true),

@@ -19,6 +19,7 @@
 pub mod check;
 pub mod config;
 pub mod frames;
+pub mod http;
 pub mod mutate;
 
 use std::net::IpAddr;
