@@ -184,12 +184,13 @@ fn new_flows_full_table(fs: &BpfFs, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The hostile section's cases: a SYN flood's segment (a new source every
+/// The hostile section's cases: a SYN flood's segment (a new 5-tuple every
 /// iteration) to the plain TCP VIP (`tcp_syn_untracked`, as in the main
-/// cases) and to the limited one (`tcp_syn_limited`: every iteration also
-/// creates its client's bucket), then one source's SYN over and over to
-/// each (`tcp_syn_same_tuple`, `tcp_syn_limited_same_tuple`: the bucket
-/// exists and is warm). A fresh program per run and family, so every run
+/// cases) and to the limited one (`tcp_syn_limited`; for IPv6, whose
+/// varied source is the address, every iteration also creates its client's
+/// bucket; IPv4 varies the port first, so its client mostly exists), then
+/// one source's SYN over and over to each (`tcp_syn_same_tuple`,
+/// `tcp_syn_limited_same_tuple`: the bucket exists and is warm). A fresh program per run and family, so every run
 /// starts with empty tables.
 fn hostile(fs: &BpfFs, args: &Args) -> anyhow::Result<()> {
     for run in 0..args.runs {

@@ -4,9 +4,10 @@
 //! - Per packet (BPF_PROG_TEST_RUN, `lb-bench packet --hostile`, the packet
 //!   section's method): a flood SYN (a new source every iteration) to a
 //!   plain TCP VIP, which is `tcp_syn_untracked`, and to a VIP with
-//!   per-client limits that never refuse (`tcp_syn_limited`: every
-//!   iteration also creates its client's bucket); then one source's SYN
-//!   over and over to each (the bucket warm). The differences are the
+//!   per-client limits that never refuse (`tcp_syn_limited`: for IPv6,
+//!   whose source address changes every iteration, each SYN also creates
+//!   its client's bucket); then one source's SYN over and over to each
+//!   (the bucket warm). The differences are the
 //!   limiter's cost; one core's SYN budget is 1 s over the cost.
 //! - In the testbed (release `lb`, 3 backends, a 65,536-entry table, the
 //!   floods test's setup): three floods of [`FLOOD`] each, as fast as the
@@ -59,8 +60,8 @@ const TABLE: u32 = 65_536;
 
 /// The per-packet cases, in table order: (case, what it is).
 const CASES: [(&str, &str); 4] = [
-    ("tcp_syn_untracked", "flood SYN (new source each), plain VIP"),
-    ("tcp_syn_limited", "flood SYN (new source each), limited VIP: a new bucket each"),
+    ("tcp_syn_untracked", "flood SYN (a new 5-tuple each), plain VIP"),
+    ("tcp_syn_limited", "flood SYN (a new 5-tuple each), limited VIP"),
     ("tcp_syn_same_tuple", "one source's SYN again, plain VIP"),
     ("tcp_syn_limited_same_tuple", "one source's SYN again, limited VIP: its bucket warm"),
 ];
@@ -138,9 +139,13 @@ fn per_packet(out: &mut String, opts: &Options) -> anyhow::Result<()> {
     let _ = writeln!(out, "{}", table(&["case", "IPv4 (ns)", "IPv6 (ns)"], &rows));
     let _ = writeln!(
         out,
-        "The SYN budget is arithmetic on the test-run cost, not a live-frame measurement: a real core also pays the \
-         driver and, for a SYN sent on, the redirect. Load average (1 min): {load_before} before, {load_after} \
-         after.\n"
+        "The flood SYNs' sources differ by family (the wrapper's): IPv4 moves the source port each iteration and \
+         the address every 64,512, so a client's bucket (`per = \"address\"`) exists for all but one in 64,512 \
+         and the IPv4 difference is the check on a known client; IPv6 moves the address each iteration, so every \
+         SYN creates a bucket in the LRU `CLIENTS` table: the IPv6 difference is what a flood from ever-new \
+         sources costs the limiter. The SYN budget is arithmetic on the test-run cost, not a live-frame \
+         measurement: a real core also pays the driver and, for a SYN sent on, the redirect. Load average \
+         (1 min): {load_before} before, {load_after} after.\n"
     );
     Ok(())
 }
