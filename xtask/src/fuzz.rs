@@ -9,7 +9,7 @@
 //!   `LB_CONFIG_FUZZ_CASES`; `cargo xtask test` runs it with 5,000 cases.
 //! - `--target admin`: random and mutated requests to a running agent's
 //!   admin port and control socket (`tests/tests/admin_fuzz.rs`), as root,
-//!   with `LB_ADMIN_FUZZ_REQUESTS`; `cargo xtask test` runs 3,000.
+//!   with `LB_ADMIN_FUZZ_REQUESTS`; `cargo xtask test` runs 10,000.
 //!
 //! It builds the test executable and runs its one test with `LB_FUZZ_SEED`;
 //! the test prints the seed first, so any run can be repeated, and writes
