@@ -8,7 +8,8 @@
 //!   (found in the seed configs), and a reason;
 //! - the same text gives the same answer twice (the parser's hash maps are
 //!   seeded per instance, so an order-dependent first error shows here);
-//! - an accepted config keeps the rules it was checked against.
+//! - an accepted config keeps the rules it was checked against, and the
+//!   control plane (`Balancer::new`) takes it.
 //!
 //! Needs no root. `LB_CONFIG_FUZZ_CASES` (default 5,000, a second or two)
 //! and `LB_FUZZ_SEED` (default 1, so `cargo xtask test` is deterministic)
@@ -133,10 +134,14 @@ fn check_accepted(config: &Config) -> Result<(), String> {
             "a backend of another family",
         ),
     ];
-    match rules.iter().find(|(holds, _)| !holds) {
-        Some((_, broken)) => Err(format!("accepted with {broken}")),
-        None => Ok(()),
+    if let Some((_, broken)) = rules.iter().find(|(holds, _)| !holds) {
+        return Err(format!("accepted with {broken}"));
     }
+    // The control plane re-checks the sizes ("validation should already have
+    // refused these"): an accepted config must pass.
+    lb::control::balancer::Balancer::new(config)
+        .map(|_| ())
+        .map_err(|e| format!("accepted, but the control plane refuses it: {e}"))
 }
 
 /// A rejection names the file, then a position or a key, then a reason.
