@@ -120,7 +120,9 @@ fn a_full_table_counts_evictions_and_established_flows_keep_their_backend() {
         .unwrap_or_else(|| panic!("no lb_conntrack_evictions_total in /metrics:\n{metrics}"));
     assert!(counted >= evicted as f64, "/metrics counts {counted} evictions, /status {evicted} in the run");
     assert!(broken.is_empty(), "kept-alive connections broke on a steady ring: {broken:?}");
-    assert!(reports.iter().all(|r| r.answered >= 5), "a kept-alive connection stopped asking: {reports:?}");
+    // Each asks once a second for 8 s or more (one run: 8 answers each);
+    // 3 leaves room for a request stalled by a retransmission under load.
+    assert!(reports.iter().all(|r| r.answered >= 3), "a kept-alive connection stopped asking: {reports:?}");
     agent.wait_health("web", &["up"; 3], Duration::from_secs(1)).expect("the ring stayed steady");
     for answer in testbed.client_requests(testbed.vip_http(), 6, true) {
         answer.unwrap_or_else(|e| panic!("a new connection after the overrun failed: {e:#}"));
