@@ -231,8 +231,8 @@ impl RequestGenerator {
         if self.rng.chance(10) {
             return self.random_bytes();
         }
-        let (mut parts, mut what) = Parts::base(&mut self.rng);
-        let mut what = format!("{} {}", std::mem::take(&mut what), parts.target);
+        let (mut parts, kind) = Parts::base(&mut self.rng);
+        let mut what = format!("{kind} {}", parts.target);
         for _ in 0..self.rng.below(5) {
             what.push_str(" | ");
             what.push_str(&self.mutate(&mut parts));
