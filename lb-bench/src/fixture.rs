@@ -25,8 +25,8 @@ use lb_common::{
 };
 
 use crate::frames::{
-    BACKEND_TCP_PORT, BACKEND_UDP_PORT, BACKENDS, CLIENT_MAC, Family, GW_BACKEND_MAC, GW_CLIENT_MAC, VIP_TCP_PORT,
-    VIP_UDP_PORT, backend_mac,
+    BACKEND_TCP_LIMITED_PORT, BACKEND_TCP_PORT, BACKEND_UDP_PORT, BACKENDS, CLIENT_MAC, Family, GW_BACKEND_MAC,
+    GW_CLIENT_MAC, LIMITED_RATE, VIP_TCP_LIMITED_PORT, VIP_TCP_PORT, VIP_UDP_PORT, backend_mac,
 };
 
 /// The gateway's client-side link (requests arrive here).
@@ -163,7 +163,9 @@ fn ifindex(name: &str) -> anyhow::Result<u32> {
 
 /// The agent's config for the benchmark gateway: a TCP and a UDP VIP per
 /// family, three backends each, no health checks (backends start up), the
-/// agent's defaults for everything else but `conntrack_capacity`.
+/// agent's defaults for everything else but `conntrack_capacity`; then,
+/// after them (so the others' ids do not change), a TCP VIP per family with
+/// per-client limits it never reaches, for the hostile cases.
 fn config_text(conntrack_capacity: u32) -> String {
     let mut text = format!(
         "[agent]\ninterfaces = [\"{CLIENT_IF}\", \"{BACKEND_IF}\"]\nconntrack_capacity = {conntrack_capacity}\n"
@@ -181,6 +183,18 @@ fn config_text(conntrack_capacity: u32) -> String {
                 let backend = std::net::SocketAddr::new(family.backend(i), backend_port);
                 text.push_str(&format!("[[vip.backend]]\naddress = \"{backend}\"\n"));
             }
+        }
+    }
+    for family in Family::ALL {
+        let vip = std::net::SocketAddr::new(family.vip(), VIP_TCP_LIMITED_PORT);
+        text.push_str(&format!(
+            "\n[[vip]]\nname = \"tcp-limited-{}\"\nlisten = \"{vip}\"\n[vip.health_check]\ntype = \"none\"\n\
+             [vip.limits]\nnew_connections_per_second = {LIMITED_RATE}\nburst = {LIMITED_RATE}\n",
+            family.name()
+        ));
+        for i in 1..=BACKENDS {
+            let backend = std::net::SocketAddr::new(family.backend(i), BACKEND_TCP_LIMITED_PORT);
+            text.push_str(&format!("[[vip.backend]]\naddress = \"{backend}\"\n"));
         }
     }
     text

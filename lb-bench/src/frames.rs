@@ -19,6 +19,13 @@ pub const VIP_TCP_PORT: u16 = 80;
 pub const VIP_UDP_PORT: u16 = 5353;
 pub const BACKEND_TCP_PORT: u16 = 8080;
 pub const BACKEND_UDP_PORT: u16 = 5353;
+/// The TCP VIP with per-client limits (`[vip.limits]`, never reached), and
+/// its backends' port: a service of their own, not shared with the other VIP.
+pub const VIP_TCP_LIMITED_PORT: u16 = 81;
+pub const BACKEND_TCP_LIMITED_PORT: u16 = 8081;
+/// Its rate and burst: the highest the config takes, so no SYN is refused
+/// and every one pays for the limiter's check and its client's bucket.
+pub const LIMITED_RATE: u32 = 10_000_000;
 /// Backends per VIP; each has a permanent neighbour entry.
 pub const BACKENDS: u8 = 3;
 /// Source port of the benchmark's tracked TCP flow (UDP uses the next one).

@@ -37,7 +37,7 @@ use crate::{
     fixture::{self, BpfFs, Lb, Sample, Wrapper, XDP_PASS, XDP_REDIRECT},
     frames::{
         self, BACKEND_TCP_PORT, CLIENT_MAC, CLIENT_PORT, Family, GW_BACKEND_MAC, GW_CLIENT_MAC, Segment, Tuple,
-        VIP_TCP_PORT, VIP_UDP_PORT,
+        VIP_TCP_LIMITED_PORT, VIP_TCP_PORT, VIP_UDP_PORT,
     },
 };
 
@@ -52,6 +52,10 @@ pub struct Args {
     /// Connection-table capacity, in flows: the agent's default.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_CAPACITY)]
     pub capacity: u32,
+    /// Only the hostile section's cases: a flood's SYNs (a new source each)
+    /// and one source's SYNs, to a VIP without and with per-client limits.
+    #[arg(long)]
+    pub hostile: bool,
 }
 
 /// One frame to measure, and the path it must take.
@@ -99,6 +103,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     ensure!(args.repeat > 0 && args.runs > 0, "--repeat and --runs must be at least 1");
     fixture::set_up_links()?;
     let fs = BpfFs::mount()?;
+    if args.hostile {
+        return hostile(&fs, args).context("the hostile cases");
+    }
     tracked_flows(&fs, args).context("cases on tracked flows")?;
     new_flows_empty_table(&fs, args).context("new flows, table not full")?;
     new_flows_full_table(&fs, args).context("new flows, table full")?;
@@ -174,6 +181,40 @@ fn new_flows_full_table(fs: &BpfFs, args: &Args) -> anyhow::Result<()> {
         }
     }
     emit_table(&mut lb, ACK_FULL, Family::V4, "after", args.capacity)?;
+    Ok(())
+}
+
+/// The hostile section's cases: a SYN flood's segment (a new 5-tuple every
+/// iteration) to the plain TCP VIP (`tcp_syn_untracked`, as in the main
+/// cases) and to the limited one (`tcp_syn_limited`; for IPv6, whose
+/// varied source is the address, every iteration also creates its client's
+/// bucket; IPv4 varies the port first, so its client mostly exists), then
+/// one source's SYN over and over to each (`tcp_syn_same_tuple`,
+/// `tcp_syn_limited_same_tuple`: the bucket exists and is warm). A fresh program per run and family, so every run
+/// starts with empty tables.
+fn hostile(fs: &BpfFs, args: &Args) -> anyhow::Result<()> {
+    for run in 0..args.runs {
+        for family in Family::ALL {
+            let mut lb = Lb::load(args.capacity)?;
+            let mut wrapper = Wrapper::load(&mut lb, fs)?;
+            let limited = Tuple { dport: VIP_TCP_LIMITED_PORT, ..new_flow_tuple(family) };
+            let same = Tuple { sport: CLIENT_PORT + 4, ..new_flow_tuple(family) };
+            let limited_same = Tuple { dport: VIP_TCP_LIMITED_PORT, ..same };
+            let syn = |name, tuple, vary| -> anyhow::Result<Case> {
+                let frame = frames::tcp(CLIENT_MAC, GW_CLIENT_MAC, tuple, Segment::Syn)?;
+                Ok(Case { name, family, frame, ingress: lb.client_if, vary, first_ack: false, expect: SYN_UNTRACKED })
+            };
+            let cases = [
+                syn_case(&lb, family, SYN)?,
+                syn("tcp_syn_limited", limited, vary_source(family))?,
+                syn("tcp_syn_same_tuple", same, VARY_NONE)?,
+                syn("tcp_syn_limited_same_tuple", limited_same, VARY_NONE)?,
+            ];
+            for case in &cases {
+                measure(&mut wrapper, &mut lb, case, args.repeat, run)?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -196,18 +196,52 @@ pub fn spray(ns: &Namespace, target: SocketAddr, what: Spray, stop: &AtomicBool)
             && first <= last,
         "spoofed sources {first}..={last} are not all inside {SPOOFED_NET:?} or {SPOOFED_NET6:?}, of {target}'s family"
     );
-    ns.enter(|| spray_here(target, &what, stop)).with_context(|| format!("entering {}", ns.name()))?
+    ns.enter(|| spray_here(target, &what, None, stop)).with_context(|| format!("entering {}", ns.name()))?
 }
 
-fn spray_here(target: SocketAddr, what: &Spray, stop: &AtomicBool) -> anyhow::Result<u64> {
+/// Like [`spray`], but no faster than `per_second` segments a second
+/// (steady load rather than a flood; at most 16 segments go back to back).
+///
+/// # Errors
+///
+/// As for [`spray`].
+pub fn spray_paced(
+    ns: &Namespace,
+    target: SocketAddr,
+    what: Spray,
+    per_second: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<u64> {
+    ensure!(per_second > 0, "a pace of 0 segments a second sends nothing");
+    let (first, last) = (what.first_source, what.source(what.sources.saturating_sub(1)));
+    ensure!(
+        what.sources > 0 && is_spoofable_source(first) && is_spoofable_source(last) && first <= last,
+        "spoofed sources {first}..={last} are not all inside {SPOOFED_NET:?} or {SPOOFED_NET6:?}"
+    );
+    ns.enter(|| spray_here(target, &what, Some(per_second), stop)).with_context(|| format!("entering {}", ns.name()))?
+}
+
+fn spray_here(target: SocketAddr, what: &Spray, pace: Option<u64>, stop: &AtomicBool) -> anyhow::Result<u64> {
     let socket = RawSocket::open(target.is_ipv4())?;
-    let deadline = Instant::now() + what.limit;
+    let started = Instant::now();
+    let deadline = started + what.limit;
     let mut sent = 0u64;
     let mut i = 0u64;
     while sent < what.max_packets {
         // The clock and the flag every 256 segments: cheap enough.
         if i.is_multiple_of(256) && (Instant::now() >= deadline || stop.load(Ordering::Relaxed)) {
             break;
+        }
+        if let Some(per_second) = pace
+            && i.is_multiple_of(16)
+        {
+            let due = Duration::from_secs_f64(sent as f64 / per_second as f64);
+            if let Some(early) = due.checked_sub(started.elapsed()) {
+                thread::sleep(early.min(deadline.saturating_duration_since(Instant::now())));
+            }
+            if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+                break;
+            }
         }
         let src = SocketAddr::new(
             what.source((i % u64::from(what.sources)) as u32),

@@ -6,7 +6,7 @@
 //! - `build`: the `lb` agent (with its embedded eBPF object) and the testbed backend.
 //! - `test`: unit tests, then the root-only integration tests of `lb-tests`.
 //! - `demo`: a narrated run of the agent in a namespace testbed.
-//! - `fuzz`: the fuzzed data path, as many frames as asked, from a seed.
+//! - `fuzz`: the fuzzed data path or config parser, as many cases as asked, from a seed.
 //! - `bench`: benchmarks side by side with nftables, HAProxy, nginx and the direct path.
 //!
 //! Every command but `setup` first checks quickly whether anything is
@@ -53,11 +53,19 @@ enum Command {
     },
     /// Show the balancer at work in a namespace testbed (needs root).
     Demo,
-    /// Run mutated frames through the loaded XDP program and check every verdict (needs root).
+    /// Run mutated frames through the loaded XDP program (needs root), mutated configs through the
+    /// config parser, or mutated requests to a running agent's admin API (needs root), and check each.
     Fuzz {
-        /// Frames to run, half IPv4 and half IPv6.
+        /// What to fuzz.
+        #[arg(long, value_enum, default_value_t = fuzz::Target::Frames)]
+        target: fuzz::Target,
+        /// Frames to run (`--target frames`), half IPv4 and half IPv6.
         #[arg(long, default_value_t = 1_000_000)]
         frames: u64,
+        /// Config files (`--target config`, default 200,000) or requests (`--target admin`, default
+        /// 20,000) to run.
+        #[arg(long)]
+        cases: Option<u64>,
         /// Seed of the frames (printed either way); drawn from the clock if absent.
         #[arg(long)]
         seed: Option<u64>,
@@ -85,8 +93,13 @@ fn main() -> ExitCode {
             test::run(&test::Options { profile: build::Profile::from_flag(release), filter })
         }
         Command::Demo => demo::run().map(|()| true),
-        Command::Fuzz { frames, seed, release } => {
-            fuzz::run(&fuzz::Options { profile: build::Profile::from_flag(release), frames, seed })
+        Command::Fuzz { target, frames, cases, seed, release } => {
+            let cases = match target {
+                fuzz::Target::Frames => frames,
+                fuzz::Target::Config => cases.unwrap_or(200_000),
+                fuzz::Target::Admin => cases.unwrap_or(20_000),
+            };
+            fuzz::run(&fuzz::Options { profile: build::Profile::from_flag(release), target, cases, seed })
         }
         Command::Bench { only, quick } => bench::run(&bench::Options { only, quick }).map(|()| true),
     };

@@ -49,12 +49,20 @@ impl Config {
 /// A TOML error as one line: where it starts, and toml's message with its
 /// lines (e.g. "invalid array" / "expected `]`") joined by "; ".
 fn syntax_error(text: &str, source: &Path, e: &toml::de::Error) -> ConfigError {
-    let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-    ConfigError::Syntax {
-        file: source.to_owned(),
-        position: Position::of(text, e.span().map_or(0, |span| span.start)),
-        message,
+    let start = e.span().map_or(0, |span| span.start);
+    let mut message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    if message.is_empty() {
+        // toml 0.8 says nothing about a value cut off by the end of the
+        // file (`key =` as the last line) or a lone carriage return in a
+        // comment; never print a bare position.
+        message = match text.get(start..).and_then(|rest| rest.chars().next()) {
+            _ if start >= text.trim_end().len() => "unexpected end of file".to_owned(),
+            Some(c) if c.is_control() => format!("unexpected control character {c:?}"),
+            Some(c) => format!("unexpected {c:?}"),
+            None => "invalid TOML".to_owned(),
+        };
     }
+    ConfigError::Syntax { file: source.to_owned(), position: Position::of(text, start), message }
 }
 
 #[cfg(test)]

@@ -145,11 +145,32 @@ impl Section {
     pub fn finish(self) -> Result<()> {
         match self.table.keys().next() {
             None => Ok(()),
-            Some(unknown) => {
-                Err(self.problem(unknown, format!("unknown key; expected one of: {}", self.known.join(", "))))
-            }
+            Some(unknown) => Err(self.problem(
+                &quoted_if_needed(unknown),
+                format!("unknown key; expected one of: {}", self.known.join(", ")),
+            )),
         }
     }
+}
+
+/// A key from the file as TOML writes it: bare when it can be, else quoted,
+/// so that `"" = 1` or `"a.b" = 1` is named unambiguously in an error.
+fn quoted_if_needed(key: &str) -> String {
+    let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        return key.to_owned();
+    }
+    let mut quoted = String::from("\"");
+    for c in key.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 fn describe(value: &Value) -> &'static str {

@@ -139,6 +139,17 @@ fn syntax_errors_have_line_and_column_on_one_line() {
     assert!(e.starts_with(&format!("{FILE}:2:14: ")), "columns count characters: {e}");
 }
 
+/// Found by the config fuzzer (issue 12): toml gives no message for a value
+/// cut off by the end of the file, or a lone carriage return in a comment,
+/// which printed `FILE:3:14: ` and nothing.
+#[test]
+fn a_value_cut_off_at_the_end_of_the_file_says_so() {
+    let e = error("\n[agent]\ninterfaces = ");
+    assert_eq!(e, format!("{FILE}:3:14: unexpected end of file"));
+    let e = error("[agent]\n# a comment \r with a lone carriage return\n");
+    assert_eq!(e, format!("{FILE}:2:13: unexpected control character '\\r'"));
+}
+
 #[test]
 fn unreadable_files_say_so_once() {
     let e = Config::load(Path::new("/nonexistent/lb.toml")).expect_err("no such file");
@@ -154,6 +165,18 @@ fn unknown_keys_are_errors_everywhere() {
     rejects(&MINIMAL.replace("name = \"web\"", "name = \"web\"\nport = 80"), "vip[1] (web).port", "unknown key");
     rejects(&with_check("intervall = \"1s\""), "vip[1] (web).health_check.intervall", "unknown key");
     rejects(&format!("{MINIMAL}weigth = 2\n"), "vip[1] (web).backend[1].weigth", "unknown key");
+}
+
+/// Found by the config fuzzer (issue 12): a quoted key that is empty or
+/// holds a dot was named `agent.` or `agent.a.b`; now it is quoted, as TOML
+/// writes it.
+#[test]
+fn unknown_quoted_keys_are_named_quoted() {
+    let with = |line: &str| MINIMAL.replace("[agent]", &format!("[agent]\n{line}"));
+    rejects(&with("\"\" = 1"), "agent.\"\"", "unknown key");
+    rejects(&with("\"a.b\" = 1"), "agent.\"a.b\"", "unknown key");
+    rejects(&with("'a\"b' = 1"), "agent.\"a\\\"b\"", "unknown key");
+    rejects(&with("\"tab\\there\" = 1"), "agent.\"tab\\u0009here\"", "unknown key");
 }
 
 #[test]

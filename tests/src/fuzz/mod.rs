@@ -17,7 +17,9 @@
 //!   etherparse (which shares no code with the program).
 
 pub mod check;
+pub mod config;
 pub mod frames;
+pub mod http;
 pub mod mutate;
 
 use std::net::IpAddr;

@@ -13,6 +13,8 @@
 //! - `pps`: packets per second the gateway forwards, lb against nftables.
 //! - `failover`: a backend's death and return, against the configured bound.
 //! - `disruption`: flows moved and connections broken when a backend goes.
+//! - `hostile`: a flood SYN's cost and the limiter's, and established flows
+//!   and the connection table under floods in the testbed.
 //!
 //! Benchmarks measure; they never assert timings (tests check correctness).
 
@@ -28,6 +30,7 @@ mod disruption;
 mod e2e;
 mod failover;
 mod harness;
+mod hostile;
 mod lb_bench;
 mod livegen;
 mod loadgen;
@@ -54,10 +57,11 @@ pub enum Section {
     Pps,
     Failover,
     Disruption,
+    Hostile,
 }
 
 impl Section {
-    const ALL: [Section; 7] = [
+    const ALL: [Section; 8] = [
         Section::Packet,
         Section::Control,
         Section::Memory,
@@ -65,6 +69,7 @@ impl Section {
         Section::Pps,
         Section::Failover,
         Section::Disruption,
+        Section::Hostile,
     ];
 }
 
@@ -105,6 +110,7 @@ fn run_section(section: Section, opts: &Options) -> anyhow::Result<Report> {
         Section::Pps => pps::run(opts.quick)?,
         Section::Failover => failover::run(opts.quick)?,
         Section::Disruption => disruption::run(opts.quick)?,
+        Section::Hostile => hostile::run(opts)?,
     })
 }
 
