@@ -82,7 +82,8 @@ fn the_issue_example_parses() {
             kind: HealthCheckKind::Http {
                 path: "/health".into(),
                 expect_status: StatusRange { min: 200, max: 399 },
-                host: None
+                host: None,
+                expect_body: None,
             },
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
@@ -93,7 +94,7 @@ fn the_issue_example_parses() {
     );
     assert_eq!(
         vip.backends,
-        [BackendConfig { address: "198.18.2.11:8080".parse().expect("addr"), weight: 1, backup: false }]
+        [BackendConfig { address: "198.18.2.11:8080".parse().expect("addr"), weight: 1, backup: false, health_check: None }]
     );
     assert!(Balancer::new(&config).is_ok());
 }
@@ -115,7 +116,7 @@ fn defaults_are_filled() {
     let check = &vip.health_check;
     assert_eq!(
         check.kind,
-        HealthCheckKind::Http { path: "/".into(), expect_status: DEFAULT_EXPECT_STATUS, host: None }
+        HealthCheckKind::Http { path: "/".into(), expect_status: DEFAULT_EXPECT_STATUS, host: None, expect_body: None }
     );
     assert_eq!((check.interval, check.timeout, check.rise, check.fall), (DEFAULT_INTERVAL, DEFAULT_TIMEOUT, 2, 3));
     assert_eq!(vip.backends[0].weight, 1);
@@ -322,7 +323,8 @@ fn health_check_values_are_checked() {
         HealthCheckKind::Http {
             path: "/".into(),
             expect_status: StatusRange { min: 204, max: 204 },
-            host: Some("example.org".into())
+            host: Some("example.org".into()),
+            expect_body: None,
         }
     );
 }

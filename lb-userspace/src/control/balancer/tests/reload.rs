@@ -40,7 +40,7 @@ fn reload_adds_and_removes_backends_without_reusing_ids() {
     let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
     let mut new = old.clone();
     let removed = new.vips[0].backends.remove(1);
-    new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false });
+    new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false, health_check: None });
     reload(&mut balancer, &mut dp, &old, &new);
     assert_eq!(ring_members(&dp, &key), [1, 3, 4]);
     assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN), "pinned flows move at their next packet");
@@ -75,7 +75,7 @@ fn reload_health_checks_decide_the_health_of_new_backends() {
     set(&mut balancer, &mut dp, 1, true);
     let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
     let mut new = old.clone();
-    new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false });
+    new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false, health_check: None });
     reload(&mut balancer, &mut dp, &old, &new);
     assert_eq!(balancer.backend(3).map(|b| b.health), Some(Health::Unknown), "unchecked yet");
     assert_eq!(ring_members(&dp, &key), [1]);
@@ -97,7 +97,7 @@ fn reload_actions_for_unknown_services_are_refused_without_writes() {
         Action::RemoveBackend { vip: "web".into(), address: addr("198.18.2.99:8080") },
         Action::AddBackend {
             vip: "web".into(),
-            backend: BackendConfig { address: addr("198.18.2.10:8080"), weight: 1, backup: false },
+            backend: BackendConfig { address: addr("198.18.2.10:8080"), weight: 1, backup: false, health_check: None },
         },
     ];
     for action in bad {
