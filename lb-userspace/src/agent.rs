@@ -287,10 +287,9 @@ impl Readiness {
     fn new(config: &Config) -> Self {
         // Long enough for every first probe (staggered over at most an
         // interval, or `health::MAX_STAGGER`) to finish or time out.
-        let checks = config
-            .vips
-            .iter()
-            .flat_map(|v| std::iter::once(&v.health_check).chain(v.backends.iter().filter_map(|b| b.health_check.as_ref())));
+        let checks = config.vips.iter().flat_map(|v| {
+            std::iter::once(&v.health_check).chain(v.backends.iter().filter_map(|b| b.health_check.as_ref()))
+        });
         let bound = checks.map(|c| c.interval.min(health::MAX_STAGGER) + c.timeout).max().unwrap_or_default();
         Readiness { deadline: Some(tokio::time::Instant::now() + bound + std::time::Duration::from_secs(1)) }
     }

@@ -730,7 +730,7 @@ fn merged_check(vip_check: Option<&Table>, own: Table) -> Table {
     let type_of = |table: &Table| table.get("type").and_then(|v| v.as_str()).unwrap_or("http").to_owned();
     let mut merged = vip_check.cloned().unwrap_or_default();
     if own.contains_key("type") && type_of(&own) != type_of(&merged) {
-        merged.retain(|key, _| TIMING_KEYS.contains(&key.as_ref()));
+        merged.retain(|key, _| TIMING_KEYS.contains(&key));
     }
     merged.extend(own);
     merged

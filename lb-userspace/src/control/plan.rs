@@ -432,7 +432,12 @@ address = "198.18.2.11:8081"
                 Action::RemoveBackend { vip: "web".into(), address: addr("198.18.2.12:8080") },
                 Action::AddBackend {
                     vip: "web".into(),
-                    backend: BackendConfig { address: addr("198.18.2.13:8080"), weight: 1, backup: false, health_check: None }
+                    backend: BackendConfig {
+                        address: addr("198.18.2.13:8080"),
+                        weight: 1,
+                        backup: false,
+                        health_check: None
+                    }
                 },
             ])
         );
@@ -444,6 +449,19 @@ address = "198.18.2.11:8081"
         let actions = plan_for(&new).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(&actions[..], [Action::SetHealthCheck { vip, check }]
             if vip == "web" && check.interval == std::time::Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_backends_own_check_is_planned_for_that_backend_alone() {
+        let own = "address = \"198.18.2.12:8080\"\n[vip.backend.health_check]\ntype = \"tcp\"";
+        let with_own = BASE.replacen("address = \"198.18.2.12:8080\"", own, 1);
+        let actions = plan_for(&with_own).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(&actions[..], [Action::SetBackendHealthCheck { vip, address, check: Some(check) }]
+            if vip == "web" && *address == addr("198.18.2.12:8080") && check.kind == crate::config::model::HealthCheckKind::Tcp));
+        assert_eq!(
+            actions[0].to_string(),
+            "vip web backend 198.18.2.12:8080 health_check changed, its checker restarted"
+        );
     }
 
     #[test]

@@ -186,7 +186,11 @@ mod tests {
             message.extend_from_slice(&rtype.0.to_be_bytes());
             message.extend_from_slice(&CLASS_IN.to_be_bytes());
             message.extend_from_slice(&60_u32.to_be_bytes());
-            let rdata: &[u8] = if *rtype == AAAA { &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] } else { &[198, 18, 0, 1] };
+            let rdata: &[u8] = if *rtype == AAAA {
+                &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+            } else {
+                &[198, 18, 0, 1]
+            };
             message.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
             message.extend_from_slice(rdata);
         }

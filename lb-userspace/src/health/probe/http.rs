@@ -132,7 +132,11 @@ async fn read_head_line<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(Vec<u8>
 /// it), then the body until it contains `expected`, ends, or reaches
 /// [`MAX_BODY`]. The body is taken as sent: a chunked body's chunk-size
 /// lines stay in it, so the text should not straddle a chunk boundary.
-async fn find_in_body<R: AsyncRead + Unpin>(reader: &mut R, mut read: Vec<u8>, expected: &str) -> Result<(), ProbeFailure> {
+async fn find_in_body<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    mut read: Vec<u8>,
+    expected: &str,
+) -> Result<(), ProbeFailure> {
     let body_start = loop {
         // `read` starts right after the status line's CRLF.
         if read.starts_with(b"\r\n") {
@@ -278,7 +282,8 @@ mod tests {
 
     #[tokio::test]
     async fn body_without_the_text_fails_and_says_how_much_was_read() {
-        let error = probe_body("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nstarting", "ready").await.expect_err("no text");
+        let error =
+            probe_body("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nstarting", "ready").await.expect_err("no text");
         assert_eq!(error.to_string(), "body does not contain \"ready\" (read 8 bytes of it)");
     }
 
