@@ -226,6 +226,9 @@ fn dns_query(server: SocketAddr) -> Option<(u8, u16)> {
 fn start_dnsmasq(testbed: &Testbed, i: usize, dir: &Path) -> ChildGuard {
     let address = testbed.backend_addr(i);
     let pid_file = dir.join(format!("dnsmasq-b{i}.pid"));
+    // Its log goes to a file, shown if it never answers: on stderr it would
+    // interleave with the test runner's lines.
+    let log = dir.join(format!("dnsmasq-b{i}.log"));
     let args = [
         "dnsmasq".to_owned(),
         "--keep-in-foreground".to_owned(),
@@ -238,7 +241,7 @@ fn start_dnsmasq(testbed: &Testbed, i: usize, dir: &Path) -> ChildGuard {
         format!("--address=/{DNS_NAME}/{address}"),
         format!("--pid-file={}", pid_file.display()),
         "--user=root".to_owned(),
-        "--log-facility=-".to_owned(),
+        format!("--log-facility={}", log.display()),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let child = testbed.spawn_in(testbed.backend_ns(i), &args).expect("starting dnsmasq");
@@ -250,7 +253,8 @@ fn start_dnsmasq(testbed: &Testbed, i: usize, dir: &Path) -> ChildGuard {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    panic!("dnsmasq in b{i} does not answer {DNS_NAME} on {server} after 10 s");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    panic!("dnsmasq in b{i} does not answer {DNS_NAME} on {server} after 10 s; its log:\n{log}");
 }
 
 #[test]
