@@ -311,20 +311,6 @@ pub enum HealthCheckKind {
     None,
 }
 
-impl HealthCheckKind {
-    /// The `type` that selects it in the config file.
-    #[must_use]
-    pub fn name(&self) -> &'static str {
-        match self {
-            HealthCheckKind::Http { .. } => "http",
-            HealthCheckKind::Https { .. } => "https",
-            HealthCheckKind::Tcp => "tcp",
-            HealthCheckKind::Dns(_) => "dns",
-            HealthCheckKind::None => "none",
-        }
-    }
-}
-
 /// The TLS half of a `type = "https"` check.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsCheck {
