@@ -28,7 +28,7 @@ pub struct Check<'a> {
     pub host: Option<&'a str>,
     pub expect_status: StatusRange,
     /// Text the body must contain; `None` reads no body.
-    pub expect_body: &'a Option<String>,
+    pub expect_body: Option<&'a str>,
 }
 
 /// GET over plain TCP.

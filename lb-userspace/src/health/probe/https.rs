@@ -231,7 +231,7 @@ mod tests {
             path: "/",
             host: None,
             expect_status: crate::config::model::StatusRange { min: 200, max: 399 },
-            expect_body: &None,
+            expect_body: None,
         };
         let error = probe(address, &check, &connector).await.expect_err("not TLS");
         assert!(matches!(error, ProbeFailure::Tls(_)), "{error:?}");

@@ -156,11 +156,21 @@ impl Prober {
         match &self.kind {
             HealthCheckKind::Tcp => tcp::probe(address).await,
             HealthCheckKind::Http { path, expect_status, host, expect_body } => {
-                let check = http::Check { path, host: host.as_deref(), expect_status: *expect_status, expect_body };
+                let check = http::Check {
+                    path,
+                    host: host.as_deref(),
+                    expect_status: *expect_status,
+                    expect_body: expect_body.as_deref(),
+                };
                 http::probe(address, &check).await
             }
             HealthCheckKind::Https { path, expect_status, host, expect_body, .. } => {
-                let check = http::Check { path, host: host.as_deref(), expect_status: *expect_status, expect_body };
+                let check = http::Check {
+                    path,
+                    host: host.as_deref(),
+                    expect_status: *expect_status,
+                    expect_body: expect_body.as_deref(),
+                };
                 let connector = match &self.tls {
                     Some(Ok(connector)) => connector,
                     Some(Err(problem)) => return Err(ProbeFailure::Setup(problem.clone())),
