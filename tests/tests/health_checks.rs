@@ -6,7 +6,9 @@
 //!   right name: up; a backend whose own check sends another name: down; the
 //!   system's roots (which do not hold the test CA): down; verification off:
 //!   up, and its `expect_body` over TLS is checked.
-//! - `expect_body` over plain HTTP, and a per-backend override of it.
+//! - `expect_body` over plain HTTP, and a per-backend override of it, in
+//!   the file from the start and added by `lb reload` (only that backend's
+//!   checker restarts).
 //! - `dns`: Debian's dnsmasq in each backend namespace behind a UDP VIP:
 //!   up, serving queries through the VIP; down once dnsmasq stops; up again
 //!   when it is back.
@@ -205,6 +207,21 @@ fn expect_body_marks_a_mismatch_down_and_a_backends_own_check_overrides_it() {
     assert!(served(81).iter().all(|name| name == "b1"), "only b1 passes body's check");
     let both = served(82);
     assert!(both.iter().any(|n| n == "b1") && both.iter().any(|n| n == "b2"), "{both:?}");
+
+    // A reload gives b2 of `body` a check of its own: only that changes.
+    let reloaded = config.replacen(
+        &format!("address = \"{}\"\n\n", backends[1]),
+        &format!("address = \"{}\"\n[vip.backend.health_check]\nexpect_body = \"backend=b2\"\n\n", backends[1]),
+        1,
+    );
+    assert_ne!(reloaded, config, "the override went in");
+    std::fs::write(agent.config_path(), &reloaded).expect("rewriting the config");
+    let out = agent.lb(&["reload"]).expect("lb reload");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "lb reload: {said}");
+    assert!(said.contains(&format!("vip body backend {} health_check changed", backends[1])), "{said}");
+    expect_health(&mut agent, "body", &["up", "up"]);
+    expect_health(&mut agent, "body-own", &["up", "up"]);
 }
 
 /// A query for [`DNS_NAME`] A; `Some((rcode, answers))` if `server` answered in time.
