@@ -287,7 +287,9 @@ impl Readiness {
     fn new(config: &Config) -> Self {
         // Long enough for every first probe (staggered over at most an
         // interval, or `health::MAX_STAGGER`) to finish or time out.
-        let checks = config.vips.iter().map(|v| &v.health_check);
+        let checks = config.vips.iter().flat_map(|v| {
+            std::iter::once(&v.health_check).chain(v.backends.iter().filter_map(|b| b.health_check.as_ref()))
+        });
         let bound = checks.map(|c| c.interval.min(health::MAX_STAGGER) + c.timeout).max().unwrap_or_default();
         Readiness { deadline: Some(tokio::time::Instant::now() + bound + std::time::Duration::from_secs(1)) }
     }
@@ -561,12 +563,13 @@ impl Checkers {
     fn of(balancer: &Balancer) -> Self {
         let mut probes = Vec::new();
         for vip in balancer.vips() {
-            if matches!(vip.health_check.kind, HealthCheckKind::None) {
-                continue;
-            }
             for backend in &vip.backends {
-                let target = vip.health_check.target(backend.address);
-                probes.push((backend.backend_id, target, vip.health_check.clone(), backend.health));
+                // Its own check (`[vip.backend.health_check]`), else its VIP's.
+                let check = balancer.backend_check(backend.backend_id).unwrap_or(vip.health_check);
+                if matches!(check.kind, HealthCheckKind::None) {
+                    continue;
+                }
+                probes.push((backend.backend_id, check.target(backend.address), check.clone(), backend.health));
             }
         }
         Checkers(probes)

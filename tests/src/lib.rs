@@ -34,6 +34,7 @@ pub mod load;
 pub mod misbehave;
 pub mod scenarios;
 pub mod testbed;
+pub mod tls;
 
 pub use testbed::{ChildGuard, HttpResponse, Namespace, ScratchNamespace, Spread, Testbed, TestbedBuilder};
 

@@ -40,6 +40,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bird2",
     "iputils-ping",
     "linux-perf",
+    // The DNS server behind the UDP VIP of the `type = "dns"` health-check test.
+    "dnsmasq-base",
+    // Makes the test CA and certificate of the `type = "https"` health-check test.
+    "openssl",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 with these compilers.

@@ -298,12 +298,80 @@ impl HealthCheckConfig {
 /// What a probe does.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HealthCheckKind {
-    /// HTTP/1.1 GET `path` with a Host header; healthy when the status is in range.
-    Http { path: String, expect_status: StatusRange, host: Option<String> },
+    /// HTTP/1.1 GET `path` with a Host header; healthy when the status is in
+    /// range and, with `expect_body`, the body holds that text.
+    Http { path: String, expect_status: StatusRange, host: Option<String>, expect_body: Option<String> },
+    /// The same GET over TLS (`type = "https"`).
+    Https { path: String, expect_status: StatusRange, host: Option<String>, expect_body: Option<String>, tls: TlsCheck },
     /// Healthy when a TCP connection is accepted.
     Tcp,
+    /// A DNS query over UDP (`type = "dns"`); healthy on a matching answer.
+    Dns(DnsCheck),
     /// No probes: the backend is always up.
     None,
+}
+
+/// The TLS half of a `type = "https"` check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsCheck {
+    /// `sni`: the server name sent in the handshake and, with `verify`, the
+    /// name the certificate must be for. `None`: the check's `host` (without
+    /// a port) if it is a DNS name, else no SNI and the certificate must be
+    /// for the backend's IP address.
+    pub sni: Option<String>,
+    /// `tls_verify`: whether the certificate must chain to a trusted root and
+    /// name the server. Off, any certificate is accepted (the handshake's
+    /// signatures are still checked).
+    pub verify: bool,
+    /// `tls_ca_file`: PEM file of the roots to trust; `None` trusts the
+    /// system's store (`/etc/ssl/certs`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A `type = "dns"` check: one query over UDP to the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsCheck {
+    /// `query_name`, fully qualified, without the trailing dot (`""` is the root).
+    pub name: String,
+    /// `query_type`, e.g. A (1) or AAAA (28).
+    pub qtype: DnsType,
+    /// `expect_answer`: healthy needs an answer record of `qtype`; without
+    /// it, rcode NOERROR alone is enough (an empty answer, "NODATA", passes).
+    pub expect_answer: bool,
+}
+
+/// A DNS record type, by number, with its name for the config and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsType(pub u16);
+
+impl DnsType {
+    /// The types `query_type` accepts by name.
+    pub const NAMED: [(&'static str, u16); 9] = [
+        ("A", 1),
+        ("NS", 2),
+        ("CNAME", 5),
+        ("SOA", 6),
+        ("PTR", 12),
+        ("MX", 15),
+        ("TXT", 16),
+        ("AAAA", 28),
+        ("SRV", 33),
+    ];
+
+    /// The type called `name` (any case).
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        DnsType::NAMED.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|&(_, code)| DnsType(code))
+    }
+}
+
+impl std::fmt::Display for DnsType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match DnsType::NAMED.iter().find(|(_, code)| *code == self.0) {
+            Some((name, _)) => f.write_str(name),
+            None => write!(f, "TYPE{}", self.0),
+        }
+    }
 }
 
 /// An inclusive range of HTTP status codes, written `"200-399"` or `"200"`.
@@ -330,4 +398,15 @@ pub struct BackendConfig {
     /// A backup takes new flows only while no primary (non-backup) backend
     /// of its VIP is up with a weight above 0.
     pub backup: bool,
+    /// `[vip.backend.health_check]`: this backend's own check, the VIP's
+    /// with the keys it sets; `None` uses the VIP's.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+impl BackendConfig {
+    /// The check that probes this backend: its own, else `vip`'s.
+    #[must_use]
+    pub fn check<'a>(&'a self, vip: &'a HealthCheckConfig) -> &'a HealthCheckConfig {
+        self.health_check.as_ref().unwrap_or(vip)
+    }
 }

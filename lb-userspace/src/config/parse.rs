@@ -18,12 +18,13 @@ use toml::Table;
 use super::{
     error::Problem,
     model::{
-        AgentConfig, AnnounceConfig, BackendConfig, Cidr, Config, HealthCheckConfig, HealthCheckKind, LimitAction,
-        LimitsConfig, OnBackendDown, Protocol, Scheduler, StatusRange, TimeoutsConfig, VipConfig, XdpMode,
+        AgentConfig, AnnounceConfig, BackendConfig, Cidr, Config, DnsCheck, DnsType, HealthCheckConfig,
+        HealthCheckKind, LimitAction, LimitsConfig, OnBackendDown, Protocol, Scheduler, StatusRange, TimeoutsConfig,
+        TlsCheck, VipConfig, XdpMode,
     },
     table::Section,
 };
-use crate::control::maglev::is_prime;
+use crate::{control::maglev::is_prime, health::probe::https};
 
 type Result<T> = std::result::Result<T, Problem>;
 
@@ -48,8 +49,36 @@ const VIP_KEYS: &[&str] =
 const TIMEOUT_KEYS: &[&str] = &["tcp", "tcp_closing", "udp"];
 const LIMIT_KEYS: &[&str] =
     &["new_connections_per_second", "burst", "per", "max_connections_per_client", "action", "allow"];
-const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
-const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
+const CHECK_KEYS: &[&str] = &[
+    "type",
+    "path",
+    "host",
+    "expect_status",
+    "expect_body",
+    "sni",
+    "tls_verify",
+    "tls_ca_file",
+    "query_name",
+    "query_type",
+    "expect_answer",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "port",
+];
+/// Keys of `[vip.health_check]` that only some types take, with those types.
+const TYPE_KEYS: &[(&[&str], &[&str])] = &[
+    (&["path", "host", "expect_status", "expect_body"], &["http", "https"]),
+    (&["sni", "tls_verify", "tls_ca_file"], &["https"]),
+    (&["query_name", "query_type", "expect_answer"], &["dns"]),
+];
+/// Keys a backend's own check inherits from its VIP's even when it sets
+/// another `type`: the timing, which means the same for every type.
+const TIMING_KEYS: &[&str] = &["interval", "timeout", "rise", "fall"];
+/// Longest `expect_body`: it is looked for in the first `MAX_BODY` bytes.
+const MAX_EXPECT_BODY: usize = 1024;
+const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "health_check"];
 
 /// Where the admin API listens unless configured.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
@@ -383,15 +412,14 @@ fn vip(mut s: Section) -> Result<VipConfig> {
             return Err(s.problem("on_backend_down", format!("{other:?} is not one of: reschedule, keep")));
         }
     };
-    let health_check = match s.table("health_check", CHECK_KEYS)? {
-        Some(section) => health_check(section)?,
+    // Kept as TOML too: each backend's own check starts from it.
+    let check_table = s.raw_table("health_check")?;
+    let health_check = match &check_table {
+        Some(table) => health_check(Section::new(s.key("health_check"), table.clone(), CHECK_KEYS))?,
         None => default_health_check(),
     };
-    if protocol == Protocol::Udp && health_check.port.is_none() && !matches!(health_check.kind, HealthCheckKind::None) {
-        return Err(s.problem(
-            "health_check",
-            "a udp VIP's backends cannot be probed over TCP on their own port: set health_check.port or type = \"none\"",
-        ));
+    if let Some(reason) = transport_problem(protocol, &health_check) {
+        return Err(s.problem("health_check", reason));
     }
     let timeouts = match s.table("timeouts", TIMEOUT_KEYS)? {
         Some(section) => timeouts(section, protocol)?,
@@ -405,7 +433,8 @@ fn vip(mut s: Section) -> Result<VipConfig> {
     if sections.is_empty() {
         return Err(s.problem("backend", "no [[vip.backend]] configured; at least one is required"));
     }
-    let backends = sections.into_iter().map(backend).collect::<Result<Vec<_>>>()?;
+    let backends =
+        sections.into_iter().map(|b| backend(b, check_table.as_ref(), protocol)).collect::<Result<Vec<_>>>()?;
     let mut seen = HashSet::new();
     for (i, b) in backends.iter().enumerate() {
         let key = format!("backend[{}].address", i + 1);
@@ -658,7 +687,12 @@ fn family_name(addr: SocketAddr) -> &'static str {
 
 fn default_health_check() -> HealthCheckConfig {
     HealthCheckConfig {
-        kind: HealthCheckKind::Http { path: "/".to_owned(), expect_status: DEFAULT_EXPECT_STATUS, host: None },
+        kind: HealthCheckKind::Http {
+            path: "/".to_owned(),
+            expect_status: DEFAULT_EXPECT_STATUS,
+            host: None,
+            expect_body: None,
+        },
         interval: DEFAULT_INTERVAL,
         timeout: DEFAULT_TIMEOUT,
         rise: DEFAULT_RISE,
@@ -667,19 +701,68 @@ fn default_health_check() -> HealthCheckConfig {
     }
 }
 
+/// Why backends of a `protocol` VIP cannot be probed with `check`, if so:
+/// the probe's transport must match the backend's port unless `port` says
+/// where else to probe.
+fn transport_problem(protocol: Protocol, check: &HealthCheckConfig) -> Option<&'static str> {
+    if check.port.is_some() {
+        return None;
+    }
+    match (protocol, &check.kind) {
+        (_, HealthCheckKind::None) | (Protocol::Udp, HealthCheckKind::Dns(_)) => None,
+        (Protocol::Udp, _) => Some(
+            "a udp VIP's backends cannot be probed over TCP on their own port: set health_check.port or \
+             type = \"none\", or use type = \"dns\" for a DNS service",
+        ),
+        (Protocol::Tcp, HealthCheckKind::Dns(_)) => Some(
+            "a dns check queries over UDP, and a tcp VIP's backends listen on TCP: set health_check.port to \
+             their UDP DNS port",
+        ),
+        (Protocol::Tcp, _) => None,
+    }
+}
+
+/// A backend's `[vip.backend.health_check]` on top of its VIP's check
+/// (`vip_check`, as written): every key it does not set is the VIP's, but
+/// when it sets another `type`, only the timing keys carry over, since the
+/// rest belong to the VIP's type.
+fn merged_check(vip_check: Option<&Table>, own: Table) -> Table {
+    let type_of = |table: &Table| table.get("type").and_then(|v| v.as_str()).unwrap_or("http").to_owned();
+    let mut merged = vip_check.cloned().unwrap_or_default();
+    if own.contains_key("type") && type_of(&own) != type_of(&merged) {
+        merged.retain(|key, _| TIMING_KEYS.contains(&key));
+    }
+    merged.extend(own);
+    merged
+}
+
 fn health_check(mut s: Section) -> Result<HealthCheckConfig> {
     let kind_name = s.string("type")?.unwrap_or_else(|| "http".to_owned());
-    let kind = match kind_name.as_str() {
-        "http" => http_check(&mut s)?,
-        "tcp" | "none" => {
-            for key in ["path", "host", "expect_status"] {
-                if s.string(key)?.is_some() {
-                    return Err(s.problem(key, format!("only for type = \"http\", not {kind_name:?}")));
-                }
-            }
-            if kind_name == "tcp" { HealthCheckKind::Tcp } else { HealthCheckKind::None }
+    if !["http", "https", "tcp", "dns", "none"].contains(&kind_name.as_str()) {
+        return Err(s.problem("type", format!("{kind_name:?} is not one of: http, tcp, none, https, dns")));
+    }
+    for (keys, types) in TYPE_KEYS {
+        if types.contains(&kind_name.as_str()) {
+            continue;
         }
-        other => return Err(s.problem("type", format!("{other:?} is not one of: http, tcp, none"))),
+        if let Some(key) = keys.iter().find(|key| s.contains(key)) {
+            let types: Vec<String> = types.iter().map(|t| format!("{t:?}")).collect();
+            return Err(s.problem(key, format!("only for type = {}, not {kind_name:?}", types.join(" or "))));
+        }
+    }
+    let kind = match kind_name.as_str() {
+        "http" => {
+            let HttpFields { path, expect_status, host, expect_body } = http_check(&mut s)?;
+            HealthCheckKind::Http { path, expect_status, host, expect_body }
+        }
+        "https" => {
+            let HttpFields { path, expect_status, host, expect_body } = http_check(&mut s)?;
+            let tls = tls_check(&mut s)?;
+            HealthCheckKind::Https { path, expect_status, host, expect_body, tls }
+        }
+        "dns" => HealthCheckKind::Dns(dns_check(&mut s)?),
+        "tcp" => HealthCheckKind::Tcp,
+        _ => HealthCheckKind::None,
     };
     let interval = duration(&mut s, "interval")?.unwrap_or(DEFAULT_INTERVAL);
     let (lo, hi) = INTERVAL_RANGE;
@@ -706,7 +789,15 @@ fn health_check(mut s: Section) -> Result<HealthCheckConfig> {
     Ok(HealthCheckConfig { kind, interval, timeout, rise, fall, port })
 }
 
-fn http_check(s: &mut Section) -> Result<HealthCheckKind> {
+/// The keys `http` and `https` checks share.
+struct HttpFields {
+    path: String,
+    expect_status: StatusRange,
+    host: Option<String>,
+    expect_body: Option<String>,
+}
+
+fn http_check(s: &mut Section) -> Result<HttpFields> {
     let path = s.string("path")?.unwrap_or_else(|| "/".to_owned());
     if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(s.problem("path", format!("{path:?} must start with '/' and contain no spaces")));
@@ -725,7 +816,88 @@ fn http_check(s: &mut Section) -> Result<HealthCheckKind> {
         })?,
         None => DEFAULT_EXPECT_STATUS,
     };
-    Ok(HealthCheckKind::Http { path, expect_status, host })
+    let expect_body = s.string("expect_body")?;
+    if let Some(text) = &expect_body {
+        if text.is_empty() {
+            return Err(s.problem("expect_body", "empty; give the text the body must contain, or leave it out"));
+        }
+        if text.len() > MAX_EXPECT_BODY {
+            return Err(s.problem(
+                "expect_body",
+                format!("{} bytes; at most {MAX_EXPECT_BODY} (the probe reads a short health page)", text.len()),
+            ));
+        }
+    }
+    Ok(HttpFields { path, expect_status, host, expect_body })
+}
+
+/// `sni`, `tls_verify` and `tls_ca_file` of an `https` check. The CA file
+/// is read now, so a reload with a bad one is refused, not every probe.
+fn tls_check(s: &mut Section) -> Result<TlsCheck> {
+    let sni = s.string("sni")?;
+    if let Some(name) = &sni
+        && https::server_name(Some(name), None).is_none()
+    {
+        return Err(s.problem(
+            "sni",
+            format!("{name:?} is not a DNS name (to verify a certificate for the backend's IP address, leave sni out)"),
+        ));
+    }
+    let verify = s.boolean("tls_verify")?.unwrap_or(true);
+    let ca_file = match s.string("tls_ca_file")? {
+        None => None,
+        Some(_) if !verify => {
+            return Err(s.problem("tls_ca_file", "only with tls_verify = true: nothing is verified without it"));
+        }
+        Some(text) => {
+            let path = PathBuf::from(&text);
+            if !path.is_absolute() {
+                return Err(s.problem("tls_ca_file", format!("{text:?} is not an absolute path")));
+            }
+            https::load_ca_file(&path).map_err(|reason| s.problem("tls_ca_file", reason))?;
+            Some(path)
+        }
+    };
+    Ok(TlsCheck { sni, verify, ca_file })
+}
+
+/// `query_name`, `query_type` and `expect_answer` of a `dns` check.
+fn dns_check(s: &mut Section) -> Result<DnsCheck> {
+    let text = s
+        .string("query_name")?
+        .ok_or_else(|| s.problem("query_name", "missing: the name to query, e.g. \"health.example.com\""))?;
+    let name = dns_name(&text).map_err(|reason| s.problem("query_name", format!("{text:?} {reason}")))?;
+    let qtype = match s.string("query_type")? {
+        None => DnsType(1),
+        Some(t) => DnsType::from_name(&t).ok_or_else(|| {
+            let names: Vec<&str> = DnsType::NAMED.iter().map(|(n, _)| *n).collect();
+            s.problem("query_type", format!("{t:?} is not one of: {}", names.join(", ")))
+        })?,
+    };
+    let expect_answer = s.boolean("expect_answer")?.unwrap_or(true);
+    Ok(DnsCheck { name, qtype, expect_answer })
+}
+
+/// A DNS name as queried: labels of 1 to 63 letters, digits, '-' or '_',
+/// 253 bytes in all; a trailing dot is allowed, "." is the root. Returns it
+/// without the trailing dot; the error completes `"NAME" ...`.
+fn dns_name(text: &str) -> std::result::Result<String, String> {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if text.is_empty() || name.len() > 253 {
+        return Err("is not a DNS name (1 to 253 bytes, e.g. \"health.example.com\")".to_owned());
+    }
+    if name.is_empty() {
+        return Ok(String::new());
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("has an empty label or one longer than 63 bytes".to_owned());
+        }
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(format!("has a label {label:?} with other than letters, digits, '-' or '_'"));
+        }
+    }
+    Ok(name.to_owned())
 }
 
 fn status_range(text: &str) -> Option<StatusRange> {
@@ -748,12 +920,24 @@ fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
     }
 }
 
-fn backend(mut s: Section) -> Result<BackendConfig> {
+/// `[[vip.backend]]` of a `protocol` VIP whose check is `vip_check` as written.
+fn backend(mut s: Section, vip_check: Option<&Table>, protocol: Protocol) -> Result<BackendConfig> {
     let address = service_addr(&mut s, "address")?;
     let weight = s.integer("weight", 0, MAX_WEIGHT)?.unwrap_or(1);
     let backup = s.boolean("backup")?.unwrap_or(false);
+    let health_check = match s.raw_table("health_check")? {
+        Some(own) => {
+            let merged = merged_check(vip_check, own);
+            let check = health_check(Section::new(s.key("health_check"), merged, CHECK_KEYS))?;
+            if let Some(reason) = transport_problem(protocol, &check) {
+                return Err(s.problem("health_check", reason));
+            }
+            Some(check)
+        }
+        None => None,
+    };
     s.finish()?;
-    Ok(BackendConfig { address, weight, backup })
+    Ok(BackendConfig { address, weight, backup, health_check })
 }
 
 fn check_unique_vips(vips: &[VipConfig]) -> Result<()> {

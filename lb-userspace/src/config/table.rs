@@ -112,6 +112,21 @@ impl Section {
         }
     }
 
+    /// An optional sub-table as TOML, for a caller that reads it more than
+    /// once (a VIP's check is the base of its backends' own checks).
+    pub fn raw_table(&mut self, key: &str) -> Result<Option<Table>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Table(t)) => Ok(Some(t)),
+            Some(other) => Err(self.wrong_type(key, "a table", &other)),
+        }
+    }
+
+    /// Whether `key` is set (and not yet taken).
+    pub fn contains(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     /// An optional array of tables, e.g. `[[vip]]`; each is named `key[i]`, 1-based.
     pub fn tables(&mut self, key: &str, known: &'static [&'static str]) -> Result<Vec<Section>> {
         match self.take(key) {

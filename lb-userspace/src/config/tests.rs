@@ -82,7 +82,8 @@ fn the_issue_example_parses() {
             kind: HealthCheckKind::Http {
                 path: "/health".into(),
                 expect_status: StatusRange { min: 200, max: 399 },
-                host: None
+                host: None,
+                expect_body: None,
             },
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
@@ -93,7 +94,12 @@ fn the_issue_example_parses() {
     );
     assert_eq!(
         vip.backends,
-        [BackendConfig { address: "198.18.2.11:8080".parse().expect("addr"), weight: 1, backup: false }]
+        [BackendConfig {
+            address: "198.18.2.11:8080".parse().expect("addr"),
+            weight: 1,
+            backup: false,
+            health_check: None
+        }]
     );
     assert!(Balancer::new(&config).is_ok());
 }
@@ -115,7 +121,7 @@ fn defaults_are_filled() {
     let check = &vip.health_check;
     assert_eq!(
         check.kind,
-        HealthCheckKind::Http { path: "/".into(), expect_status: DEFAULT_EXPECT_STATUS, host: None }
+        HealthCheckKind::Http { path: "/".into(), expect_status: DEFAULT_EXPECT_STATUS, host: None, expect_body: None }
     );
     assert_eq!((check.interval, check.timeout, check.rise, check.fall), (DEFAULT_INTERVAL, DEFAULT_TIMEOUT, 2, 3));
     assert_eq!(vip.backends[0].weight, 1);
@@ -345,7 +351,8 @@ fn health_check_values_are_checked() {
         HealthCheckKind::Http {
             path: "/".into(),
             expect_status: StatusRange { min: 204, max: 204 },
-            host: Some("example.org".into())
+            host: Some("example.org".into()),
+            expect_body: None,
         }
     );
 }
@@ -866,4 +873,177 @@ fn timeouts_are_per_protocol_whole_seconds() {
     rejects(&with(MINIMAL, "tcp = \"1day\""), &key("tcp"), "whole seconds");
     rejects(&with(MINIMAL, "tcp = \"0s\""), &key("tcp"), "whole seconds");
     rejects(&with(MINIMAL, "tcp_idle = \"5s\""), &key("tcp_idle"), "unknown key");
+}
+
+/// MINIMAL as a UDP VIP, with `check` as its `[vip.health_check]`.
+fn udp_with_check(check: &str) -> String {
+    with_check(check).replace("name = \"web\"", "name = \"web\"\nprotocol = \"udp\"")
+}
+
+#[test]
+fn https_checks_parse_with_verification_on_by_default() {
+    let config = parse(&with_check("type = \"https\"\npath = \"/ready\"\nhost = \"api.lb.test\"")).expect("valid");
+    assert_eq!(
+        config.vips[0].health_check.kind,
+        HealthCheckKind::Https {
+            path: "/ready".into(),
+            expect_status: DEFAULT_EXPECT_STATUS,
+            host: Some("api.lb.test".into()),
+            expect_body: None,
+            tls: TlsCheck { sni: None, verify: true, ca_file: None },
+        }
+    );
+    let insecure = parse(&with_check("type = \"https\"\nsni = \"b1.lb.test\"\ntls_verify = false")).expect("valid");
+    let HealthCheckKind::Https { tls, .. } = &insecure.vips[0].health_check.kind else { panic!("https") };
+    assert_eq!(tls, &TlsCheck { sni: Some("b1.lb.test".into()), verify: false, ca_file: None });
+}
+
+#[test]
+fn https_keys_are_checked() {
+    let key = "vip[1] (web).health_check";
+    rejects(&with_check("type = \"https\"\nsni = \"198.18.2.11\""), &format!("{key}.sni"), "is not a DNS name");
+    rejects(
+        &with_check("type = \"https\"\ntls_verify = \"no\""),
+        &format!("{key}.tls_verify"),
+        "expected true or false",
+    );
+    rejects(
+        &with_check("type = \"https\"\ntls_ca_file = \"/nonexistent/ca.pem\""),
+        &format!("{key}.tls_ca_file"),
+        "cannot read /nonexistent/ca.pem",
+    );
+    rejects(&with_check("type = \"https\"\ntls_ca_file = \"ca.pem\""), &format!("{key}.tls_ca_file"), "absolute path");
+    rejects(
+        &with_check("type = \"https\"\ntls_verify = false\ntls_ca_file = \"/etc/ca.pem\""),
+        &format!("{key}.tls_ca_file"),
+        "only with tls_verify = true",
+    );
+    rejects(&with_check("sni = \"a.lb.test\""), &format!("{key}.sni"), "only for type = \"https\", not \"http\"");
+    rejects(
+        &with_check("type = \"tcp\"\ntls_verify = true"),
+        &format!("{key}.tls_verify"),
+        "only for type = \"https\"",
+    );
+    rejects(&with_check("type = \"kerberos\""), &format!("{key}.type"), "not one of: http, tcp, none, https, dns");
+}
+
+#[test]
+fn expect_body_is_for_http_and_https() {
+    let key = "vip[1] (web).health_check";
+    let config = parse(&with_check("expect_body = \"ready\"")).expect("valid");
+    assert!(matches!(&config.vips[0].health_check.kind,
+        HealthCheckKind::Http { expect_body: Some(text), .. } if text == "ready"));
+    let config = parse(&with_check("type = \"https\"\nexpect_body = \"ready\"")).expect("valid");
+    assert!(matches!(&config.vips[0].health_check.kind,
+        HealthCheckKind::Https { expect_body: Some(text), .. } if text == "ready"));
+    rejects(&with_check("expect_body = \"\""), &format!("{key}.expect_body"), "empty");
+    rejects(
+        &with_check(&format!("expect_body = \"{}\"", "x".repeat(1025))),
+        &format!("{key}.expect_body"),
+        "at most 1024",
+    );
+    rejects(
+        &with_check("type = \"tcp\"\nexpect_body = \"ready\""),
+        &format!("{key}.expect_body"),
+        "only for type = \"http\" or \"https\", not \"tcp\"",
+    );
+}
+
+#[test]
+fn dns_checks_parse_and_need_no_port_on_udp() {
+    let config = parse(&udp_with_check("type = \"dns\"\nquery_name = \"health.lb.test.\"")).expect("valid");
+    let check = &config.vips[0].health_check;
+    assert_eq!(
+        check.kind,
+        HealthCheckKind::Dns(DnsCheck { name: "health.lb.test".into(), qtype: DnsType(1), expect_answer: true })
+    );
+    assert_eq!(check.port, None, "the DNS service's own port");
+    let config =
+        parse(&udp_with_check("type = \"dns\"\nquery_name = \".\"\nquery_type = \"ns\"\nexpect_answer = false"))
+            .expect("valid");
+    assert_eq!(
+        config.vips[0].health_check.kind,
+        HealthCheckKind::Dns(DnsCheck { name: String::new(), qtype: DnsType(2), expect_answer: false })
+    );
+    assert_eq!(DnsType(28).to_string(), "AAAA");
+    assert_eq!(DnsType(99).to_string(), "TYPE99");
+}
+
+#[test]
+fn dns_keys_are_checked() {
+    let key = "vip[1] (web).health_check";
+    rejects(&udp_with_check("type = \"dns\""), &format!("{key}.query_name"), "missing: the name to query");
+    rejects(&udp_with_check("type = \"dns\"\nquery_name = \"a..b\""), &format!("{key}.query_name"), "empty label");
+    rejects(
+        &udp_with_check("type = \"dns\"\nquery_name = \"a b.test\""),
+        &format!("{key}.query_name"),
+        "letters, digits",
+    );
+    let long = format!("{}.test", "a".repeat(64));
+    rejects(
+        &udp_with_check(&format!("type = \"dns\"\nquery_name = \"{long}\"")),
+        &format!("{key}.query_name"),
+        "63 bytes",
+    );
+    rejects(
+        &udp_with_check("type = \"dns\"\nquery_name = \"a.test\"\nquery_type = \"AXFR\""),
+        &format!("{key}.query_type"),
+        "not one of: A, NS, CNAME",
+    );
+    rejects(
+        &udp_with_check("type = \"tcp\"\nquery_name = \"a.test\""),
+        &format!("{key}.query_name"),
+        "only for type = \"dns\"",
+    );
+    // Over UDP, so a TCP VIP's backends need a probe port for it.
+    rejects(&with_check("type = \"dns\"\nquery_name = \"a.test\""), key, "a dns check queries over UDP");
+    assert!(parse(&with_check("type = \"dns\"\nquery_name = \"a.test\"\nport = 53")).is_ok());
+}
+
+/// MINIMAL with a VIP check and, for the backend, a check of its own.
+fn with_backend_check(vip_check: &str, own: &str) -> String {
+    format!("{}\n[vip.backend.health_check]\n{own}\n", with_check(vip_check))
+}
+
+#[test]
+fn a_backend_check_inherits_the_vips_keys_it_does_not_set() {
+    let text = with_backend_check(
+        "path = \"/health\"\ninterval = \"5s\"\nrise = 4",
+        "path = \"/ready\"\nexpect_body = \"ok\"",
+    );
+    let config = parse(&text).expect("valid");
+    let vip = &config.vips[0];
+    let own = vip.backends[0].health_check.as_ref().expect("its own check");
+    assert_eq!((own.interval, own.rise), (Duration::from_secs(5), 4), "inherited");
+    assert!(matches!(&own.kind, HealthCheckKind::Http { path, expect_body: Some(body), .. }
+        if path == "/ready" && body == "ok"));
+    assert!(
+        matches!(&vip.health_check.kind, HealthCheckKind::Http { path, expect_body: None, .. } if path == "/health")
+    );
+    assert_eq!(vip.backends[0].check(&vip.health_check), own);
+    // Another type keeps only the timing: no `path` is carried into a tcp check.
+    let text = with_backend_check("path = \"/health\"\ninterval = \"5s\"", "type = \"tcp\"\nport = 9000");
+    let own = parse(&text).expect("valid").vips[0].backends[0].health_check.clone().expect("own");
+    assert_eq!((own.kind, own.interval, own.port), (HealthCheckKind::Tcp, Duration::from_secs(5), Some(9000)));
+    // Without a table of its own, a backend follows its VIP.
+    assert_eq!(parse(MINIMAL).expect("valid").vips[0].backends[0].health_check, None);
+}
+
+#[test]
+fn a_backend_check_is_checked_at_its_own_key() {
+    let key = "vip[1] (web).backend[1].health_check";
+    rejects(&with_backend_check("", "path = \"x\""), &format!("{key}.path"), "must start with '/'");
+    rejects(&with_backend_check("", "pth = \"/x\""), &format!("{key}.pth"), "unknown key");
+    rejects(
+        &with_backend_check("interval = \"1s\"", "timeout = \"2s\""),
+        &format!("{key}.timeout"),
+        "at most the interval",
+    );
+    rejects(&with_backend_check("type = \"tcp\"", "path = \"/x\""), &format!("{key}.path"), "only for type");
+    let text = MINIMAL.replace("address = \"198.18.2.11:8080\"", "address = \"198.18.2.11:8080\"\nhealth_check = 3");
+    rejects(&text, key, "expected a table, found an integer");
+    // The transport rule holds for a backend's own check too.
+    let udp = udp_with_check("type = \"dns\"\nquery_name = \"a.test\"");
+    rejects(&format!("{udp}\n[vip.backend.health_check]\ntype = \"http\""), key, "set health_check.port");
+    assert!(parse(&format!("{udp}\n[vip.backend.health_check]\nquery_type = \"AAAA\"")).is_ok());
 }

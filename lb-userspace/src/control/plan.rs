@@ -26,7 +26,8 @@
 //!   their new backend), and the id is never handed out again while the agent
 //!   runs;
 //! - a VIP's `[vip.health_check]` (its checkers restart with the new
-//!   parameters; their first probe decides at once);
+//!   parameters; their first probe decides at once), and a backend's own
+//!   `[vip.backend.health_check]` (only its checker restarts);
 //! - a VIP's `[vip.limits]`: the new limits apply to the next new flow;
 //!   clients' buckets and flow counts carry over.
 //!
@@ -87,6 +88,13 @@ pub enum Action {
         vip: String,
         check: HealthCheckConfig,
     },
+    /// A backend's own `[vip.backend.health_check]` set, changed or removed
+    /// (`None`: it follows its VIP's again); only its checker restarts.
+    SetBackendHealthCheck {
+        vip: String,
+        address: SocketAddr,
+        check: Option<HealthCheckConfig>,
+    },
     /// New `[vip.limits]` (`None`: removed). Clients' buckets and counts
     /// are kept: a client mid-burst stays mid-burst.
     SetLimits {
@@ -117,6 +125,7 @@ impl Action {
             | Action::AddBackend { vip, .. }
             | Action::RemoveBackend { vip, .. }
             | Action::SetHealthCheck { vip, .. }
+            | Action::SetBackendHealthCheck { vip, .. }
             | Action::SetLimits { vip, .. }
             | Action::SetOnBackendDown { vip, .. }
             | Action::SetTimeouts { vip, .. } => vip,
@@ -155,6 +164,12 @@ impl fmt::Display for Action {
             ),
             Action::RemoveBackend { vip, address } => write!(f, "vip {vip} backend {address} removed"),
             Action::SetHealthCheck { vip, .. } => write!(f, "vip {vip} health_check changed, checkers restarted"),
+            Action::SetBackendHealthCheck { vip, address, check: Some(_) } => {
+                write!(f, "vip {vip} backend {address} health_check changed, its checker restarted")
+            }
+            Action::SetBackendHealthCheck { vip, address, check: None } => {
+                write!(f, "vip {vip} backend {address} health_check removed, it follows the vip's")
+            }
             Action::SetLimits { vip, to: Some(_) } => {
                 write!(f, "vip {vip} limits changed (clients' buckets and counts kept)")
             }
@@ -261,6 +276,13 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
                 address: backend.address,
                 from: was.backup,
                 to: backend.backup,
+            });
+        }
+        if was.health_check != backend.health_check {
+            actions.push(Action::SetBackendHealthCheck {
+                vip: vip(),
+                address: backend.address,
+                check: backend.health_check.clone(),
             });
         }
     }
@@ -410,7 +432,12 @@ address = "198.18.2.11:8081"
                 Action::RemoveBackend { vip: "web".into(), address: addr("198.18.2.12:8080") },
                 Action::AddBackend {
                     vip: "web".into(),
-                    backend: BackendConfig { address: addr("198.18.2.13:8080"), weight: 1, backup: false }
+                    backend: BackendConfig {
+                        address: addr("198.18.2.13:8080"),
+                        weight: 1,
+                        backup: false,
+                        health_check: None
+                    }
                 },
             ])
         );
@@ -422,6 +449,19 @@ address = "198.18.2.11:8081"
         let actions = plan_for(&new).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(&actions[..], [Action::SetHealthCheck { vip, check }]
             if vip == "web" && check.interval == std::time::Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_backends_own_check_is_planned_for_that_backend_alone() {
+        let own = "address = \"198.18.2.12:8080\"\n[vip.backend.health_check]\ntype = \"tcp\"";
+        let with_own = BASE.replacen("address = \"198.18.2.12:8080\"", own, 1);
+        let actions = plan_for(&with_own).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(&actions[..], [Action::SetBackendHealthCheck { vip, address, check: Some(check) }]
+            if vip == "web" && *address == addr("198.18.2.12:8080") && check.kind == crate::config::model::HealthCheckKind::Tcp));
+        assert_eq!(
+            actions[0].to_string(),
+            "vip web backend 198.18.2.12:8080 health_check changed, its checker restarted"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! results into up/down verdicts with rise/fall thresholds, and reports to
 //! the agent over a channel.
 //!
-//! - [`probe`]: one TCP or HTTP probe, bounded by the timeout.
+//! - [`probe`]: one probe (tcp, http, https, dns), bounded by the timeout.
 //! - [`thresholds`]: the pure rise/fall state machine.
 //!
 //! The module decides nothing about the maps: the agent applies transitions
@@ -29,7 +29,10 @@ use tokio::{
 
 use lb_common::backend::{BACKEND_STATE_DOWN, BACKEND_STATE_UP};
 
-pub use self::{probe::ProbeFailure, thresholds::Tracker};
+pub use self::{
+    probe::{ProbeFailure, Prober},
+    thresholds::Tracker,
+};
 use crate::config::model::{HealthCheckConfig, HealthCheckKind};
 
 /// What the agent believes about a backend: the health checks' verdict, and
@@ -68,7 +71,10 @@ impl Health {
     pub fn initial(kind: &HealthCheckKind) -> Self {
         match kind {
             HealthCheckKind::None => Health::Up,
-            HealthCheckKind::Http { .. } | HealthCheckKind::Tcp => Health::Unknown,
+            HealthCheckKind::Http { .. }
+            | HealthCheckKind::Https { .. }
+            | HealthCheckKind::Tcp
+            | HealthCheckKind::Dns(_) => Health::Unknown,
         }
     }
 
@@ -239,9 +245,11 @@ async fn check_forever<K: Clone>(
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut tracker = Tracker::starting_at(config.rise, config.fall, initial);
     let mut local_streak = false;
+    // Prepared once: an HTTPS check reads its trust roots here, not per probe.
+    let prober = Prober::new(&config.kind);
     loop {
         ticks.tick().await;
-        let result = probe_in_slot(address, config, pool).await;
+        let result = run_in_slot(address, &prober, config.timeout, pool).await;
         let last_check = result.as_ref().map_or_else(ToString::to_string, |()| CHECK_OK.to_owned());
         let transition = judge(&mut tracker, &result, &last_check);
         let local = result.as_ref().is_err_and(ProbeFailure::is_local);
@@ -272,9 +280,20 @@ fn judge(tracker: &mut Tracker, result: &Result<(), ProbeFailure>, last_check: &
 }
 
 /// Runs one probe once `pool` has a slot for it; the timeout starts then.
+#[cfg(test)]
 async fn probe_in_slot(address: SocketAddr, config: &HealthCheckConfig, pool: &ProbePool) -> Result<(), ProbeFailure> {
+    run_in_slot(address, &Prober::new(&config.kind), config.timeout, pool).await
+}
+
+/// Runs a prepared probe once `pool` has a slot for it; the timeout starts then.
+async fn run_in_slot(
+    address: SocketAddr,
+    prober: &Prober,
+    timeout: Duration,
+    pool: &ProbePool,
+) -> Result<(), ProbeFailure> {
     let _slot = pool.slot().await;
-    probe::run(address, &config.kind, config.timeout).await
+    prober.run(address, timeout).await
 }
 
 /// The [`HealthCheckKind::None`] checker: one "up" event, then done.
@@ -326,6 +345,7 @@ mod tests {
                 path: "/healthz".to_owned(),
                 expect_status: StatusRange { min: 200, max: 399 },
                 host: None,
+                expect_body: None,
             },
             interval: Duration::from_millis(interval_ms),
             // Generous, so a loaded machine does not turn a slow answer into a failure.

@@ -17,13 +17,18 @@
 //!
 //! UDP: every datagram is answered with `backend=<name> ` followed by its payload.
 //!
-//! It prints one line, `listening`, once both sockets are bound (the testbed
+//! HTTPS (with `--https ADDR:PORT --tls-cert PEM --tls-key PEM`): the same
+//! HTTP server behind TLS (rustls), for the agent's `type = "https"` checks.
+//! The certificate chain and key are PEM files the test made.
+//!
+//! It prints one line, `listening`, once every socket is bound (the testbed
 //! waits for it) and nothing per request. Bad input closes the connection; it
 //! never panics on it.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{
         Arc,
@@ -54,11 +59,20 @@ struct Args {
     name: String,
     http: SocketAddr,
     udp: SocketAddr,
+    https: Option<Https>,
+}
+
+/// `--https`, `--tls-cert` and `--tls-key`.
+struct Https {
+    listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 fn usage() -> String {
     "usage: lb-testbed-backend --name NAME [--http ADDR:PORT] [--udp ADDR:PORT]\n\
-     defaults: --http [::]:8080 --udp [::]:8081 (dual-stack unless net.ipv6.bindv6only=1)"
+     \x20      [--https ADDR:PORT --tls-cert CHAIN.pem --tls-key KEY.pem]\n\
+     defaults: --http [::]:8080 --udp [::]:8081 (dual-stack unless net.ipv6.bindv6only=1), no https"
         .to_owned()
 }
 
@@ -66,6 +80,7 @@ fn parse_args() -> Result<Args, String> {
     let mut name = None;
     let mut http: SocketAddr = (Ipv6Addr::UNSPECIFIED, 8080).into();
     let mut udp: SocketAddr = (Ipv6Addr::UNSPECIFIED, 8081).into();
+    let (mut https, mut cert, mut key) = (None, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value\n{}", usage()));
@@ -73,12 +88,39 @@ fn parse_args() -> Result<Args, String> {
             "--name" => name = Some(value("--name")?),
             "--http" => http = value("--http")?.parse().map_err(|e| format!("--http: {e}"))?,
             "--udp" => udp = value("--udp")?.parse().map_err(|e| format!("--udp: {e}"))?,
+            "--https" => https = Some(value("--https")?.parse().map_err(|e| format!("--https: {e}"))?),
+            "--tls-cert" => cert = Some(PathBuf::from(value("--tls-cert")?)),
+            "--tls-key" => key = Some(PathBuf::from(value("--tls-key")?)),
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
     let name = name.ok_or_else(|| format!("--name is required\n{}", usage()))?;
-    Ok(Args { name, http, udp })
+    let https = match (https, cert, key) {
+        (None, None, None) => None,
+        (Some(listen), Some(cert), Some(key)) => Some(Https { listen, cert, key }),
+        _ => return Err(format!("--https, --tls-cert and --tls-key go together\n{}", usage())),
+    };
+    Ok(Args { name, http, udp, https })
+}
+
+/// The TLS server settings: the chain and key of `https`.
+fn tls_config(https: &Https) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let shown = |path: &Path| path.display().to_string();
+    let chain = CertificateDer::pem_file_iter(&https.cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("reading {}: {e}", shown(&https.cert)))?;
+    let key = PrivateKeyDer::from_pem_file(&https.key).map_err(|e| format!("reading {}: {e}", shown(&https.key)))?;
+    #[expect(deprecated, reason = "ring, as the agent uses: no cmake, a lean build")]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    Ok(Arc::new(config))
 }
 
 /// State shared by all connection threads.
@@ -110,7 +152,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let https = match args.https.as_ref().map(bind_https).transpose() {
+        Ok(https) => https,
+        Err(e) => {
+            eprintln!("lb-testbed-backend: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let server = Arc::new(Server { name: args.name, healthy: AtomicBool::new(true), connections: AtomicUsize::new(0) });
+
+    if let Some((listener, config)) = https {
+        let tls_server = Arc::clone(&server);
+        let serve = move |stream| serve_https(stream, &config, &tls_server);
+        let accept = {
+            let server = Arc::clone(&server);
+            move || accept_loop(&listener, &server, serve)
+        };
+        if let Err(e) = thread::Builder::new().name("https".into()).spawn(accept) {
+            eprintln!("lb-testbed-backend: spawning https thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
 
     let udp_server = Arc::clone(&server);
     if let Err(e) = thread::Builder::new().name("udp".into()).spawn(move || serve_udp(&udp, &udp_server)) {
@@ -123,23 +185,41 @@ fn main() -> ExitCode {
     let _ = writeln!(stdout, "listening").and_then(|()| stdout.flush());
     drop(stdout);
 
+    let http_server = Arc::clone(&server);
+    accept_loop(&listener, &server, move |stream| serve_http(stream, &http_server));
+    ExitCode::SUCCESS
+}
+
+/// The HTTPS listener and its TLS settings.
+fn bind_https(https: &Https) -> Result<(TcpListener, Arc<rustls::ServerConfig>), String> {
+    let config = tls_config(https)?;
+    let listener = TcpListener::bind(https.listen).map_err(|e| format!("binding tcp {}: {e}", https.listen))?;
+    Ok((listener, config))
+}
+
+/// Serves each connection of `listener` on a thread of its own, at most
+/// [`MAX_CONNECTIONS`] at once (counted in `server`).
+fn accept_loop<F>(listener: &TcpListener, server: &Arc<Server>, serve: F)
+where
+    F: Fn(TcpStream) -> io::Result<()> + Clone + Send + 'static,
+{
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         if server.connections.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
             server.connections.fetch_sub(1, Ordering::Relaxed);
             continue; // dropping the stream closes it
         }
-        let conn_server = Arc::clone(&server);
+        let conn_server = Arc::clone(server);
+        let serve = serve.clone();
         let spawned = thread::Builder::new().stack_size(CONN_STACK).spawn(move || {
             // Errors only end this connection.
-            let _ = serve_http(stream, &conn_server);
+            let _ = serve(stream);
             conn_server.connections.fetch_sub(1, Ordering::Relaxed);
         });
         if spawned.is_err() {
             server.connections.fetch_sub(1, Ordering::Relaxed);
         }
     }
-    ExitCode::SUCCESS
 }
 
 fn serve_udp(socket: &UdpSocket, server: &Server) {
@@ -240,30 +320,53 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
     Err(bad("too many headers"))
 }
 
-fn serve_http(stream: TcpStream, server: &Server) -> io::Result<()> {
+/// Timeouts and no Nagle delay on an accepted connection.
+fn prepare(stream: &TcpStream) -> io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let _ = stream.set_nodelay(true);
-    let mut writer = stream.try_clone()?;
+    Ok(())
+}
+
+fn serve_http(stream: TcpStream, server: &Server) -> io::Result<()> {
+    prepare(&stream)?;
+    serve_requests(stream, server)
+}
+
+/// HTTP over TLS: the handshake happens on the first read; the connection
+/// ends with a close_notify, as a well-behaved server's does.
+fn serve_https(stream: TcpStream, config: &Arc<rustls::ServerConfig>, server: &Server) -> io::Result<()> {
+    prepare(&stream)?;
+    let conn = rustls::ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    let result = serve_requests(&mut tls, server);
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    result
+}
+
+/// Requests and responses on one connection until it closes. Responses are
+/// written through the reader's stream: nothing is read while they are.
+fn serve_requests<S: Read + Write>(stream: S, server: &Server) -> io::Result<()> {
     let mut reader = BufReader::new(stream);
     loop {
         let req = match read_request(&mut reader) {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                let _ = respond(&mut writer, 400, "Bad Request", &[], Body::Text("bad request\n"), false, false);
+                let _ = respond(reader.get_mut(), 400, "Bad Request", &[], Body::Text("bad request\n"), false, false);
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
         if req.content_length > MAX_REQUEST_BODY {
-            respond(&mut writer, 413, "Content Too Large", &[], Body::Text("too large\n"), false, false)?;
+            respond(reader.get_mut(), 413, "Content Too Large", &[], Body::Text("too large\n"), false, false)?;
             return Ok(());
         }
         // Discard a request body so the next request on the connection parses.
         io::copy(&mut reader.by_ref().take(req.content_length), &mut io::sink())?;
         let keep_alive = req.keep_alive;
-        handle(&req, server, &mut writer, keep_alive)?;
+        handle(&req, server, reader.get_mut(), keep_alive)?;
         if !keep_alive {
             return Ok(());
         }
@@ -285,7 +388,7 @@ enum Body<'a> {
 /// `line NN\n`.
 const DRIP_LINE_LEN: u64 = 8;
 
-fn handle(req: &Request, server: &Server, w: &mut TcpStream, keep_alive: bool) -> io::Result<()> {
+fn handle(req: &Request, server: &Server, w: &mut impl Write, keep_alive: bool) -> io::Result<()> {
     let head_only = match req.method.as_str() {
         "GET" => false,
         "HEAD" => true,
@@ -358,7 +461,7 @@ fn handle(req: &Request, server: &Server, w: &mut TcpStream, keep_alive: bool) -
 }
 
 fn respond(
-    w: &mut TcpStream,
+    w: &mut impl Write,
     status: u16,
     reason: &str,
     headers: &[(&str, &str)],

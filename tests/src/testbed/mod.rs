@@ -622,12 +622,28 @@ impl Testbed {
     ///
     /// When `i` is out of range or the server does not come up within 5 s.
     pub fn start_second_server(&self, i: usize, http_port: u16, udp_port: u16) -> anyhow::Result<ChildGuard> {
+        self.start_second_server_with(i, http_port, udp_port, &[])
+    }
+
+    /// [`Self::start_second_server`] with more arguments for the server,
+    /// e.g. `--https [::]:8443 --tls-cert CHAIN --tls-key KEY`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Self::start_second_server`].
+    pub fn start_second_server_with(
+        &self,
+        i: usize,
+        http_port: u16,
+        udp_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<ChildGuard> {
         let backend = self.try_backend(i)?;
         let name = format!("b{i}");
         let http = SocketAddr::from((Ipv6Addr::UNSPECIFIED, http_port)).to_string();
         let udp = SocketAddr::from((Ipv6Addr::UNSPECIFIED, udp_port)).to_string();
         let mut cmd = backend.ns.command(&self.backend_bin);
-        cmd.args(["--name", &name, "--http", &http, "--udp", &udp]).stdout(Stdio::piped());
+        cmd.args(["--name", &name, "--http", &http, "--udp", &udp]).args(extra).stdout(Stdio::piped());
         let mut child =
             ChildGuard::spawn(cmd, format!("second server {name} on {http} ({})", self.backend_bin.display()))?;
         wait_listening(&mut child).with_context(|| format!("starting a second server in backend {name}"))?;

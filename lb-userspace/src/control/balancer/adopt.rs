@@ -173,6 +173,7 @@ impl Balancer {
                 // An unused slot needs no write: nothing names it.
                 written_state: Some(if state == BACKEND_STATE_UNUSED { BACKEND_STATE_DOWN } else { state }),
                 ring_slots: 0,
+                health_check: None,
                 retired: true,
                 shared: info.is_some_and(|info| info.flags & BACKEND_F_SHARED != 0),
             });
@@ -199,7 +200,7 @@ impl Balancer {
             });
             let id = match claim {
                 Some((id, state)) => {
-                    let health = match (&config.health_check.kind, state) {
+                    let health = match (&backend.check(&config.health_check).kind, state) {
                         (HealthCheckKind::None, _) => Health::Up,
                         (_, BACKEND_STATE_UP) => Health::Up,
                         _ => Health::Down,
@@ -212,7 +213,7 @@ impl Balancer {
                     slot.shared = shared;
                     id
                 }
-                None => self.add_backend(vip_id, backend, Health::initial(&config.health_check.kind)),
+                None => self.add_backend(vip_id, backend, Health::initial(&backend.check(&config.health_check).kind)),
             };
             backend_ids.push(id);
         }

@@ -89,6 +89,7 @@ impl Balancer {
                 }
                 Action::SetWeight { address, .. }
                 | Action::SetBackup { address, .. }
+                | Action::SetBackendHealthCheck { address, .. }
                 | Action::RemoveBackend { address, .. } => {
                     let index = running.ok_or_else(|| not_running(format!("vip {name}")))?;
                     self.backend_of(index, *address)
@@ -166,13 +167,16 @@ impl Balancer {
                 Action::SetBackup { address, to, .. } => {
                     touched.extend(self.with_backend(name, *address, |b| b.backup = *to));
                 }
+                Action::SetBackendHealthCheck { address, check, .. } => {
+                    touched.extend(self.set_backend_health_check(name, *address, check.as_ref()));
+                }
                 Action::RemoveBackend { address, .. } => {
                     touched.extend(self.remove_backend(name, *address));
                 }
                 Action::AddBackend { backend, .. } => {
                     let Some(index) = self.vip_index_by_name(name) else { continue };
-                    let (vip_id, health) =
-                        (self.vips[index].vip_id, Health::initial(&self.vips[index].health_check.kind));
+                    let vip = &self.vips[index];
+                    let (vip_id, health) = (vip.vip_id, Health::initial(&backend.check(&vip.health_check).kind));
                     let backend_id = self.add_backend(vip_id, backend, health);
                     self.vips[index].backend_ids.push(backend_id);
                     self.sync_keep(index);
@@ -190,12 +194,31 @@ impl Balancer {
         vip.health_check = check.clone();
         if matches!(check.kind, HealthCheckKind::None) {
             for &id in &vip.backend_ids {
-                if let Some(backend) = self.backends.get_mut(backend_index(id)) {
+                // A backend with a check of its own is still probed.
+                if let Some(backend) = self.backends.get_mut(backend_index(id)).filter(|b| b.health_check.is_none()) {
                     backend.health = Health::Up;
                 }
             }
         }
         Some(vip.vip_id)
+    }
+
+    /// A backend's own check (`None`: its VIP's again); one whose check
+    /// becomes `none` comes up. Returns its VIP's id.
+    pub(super) fn set_backend_health_check(
+        &mut self,
+        name: &str,
+        address: SocketAddr,
+        check: Option<&HealthCheckConfig>,
+    ) -> Option<u32> {
+        let index = self.vip_index_by_name(name)?;
+        let unchecked = matches!(check.unwrap_or(&self.vips[index].health_check).kind, HealthCheckKind::None);
+        self.with_backend(name, address, |backend| {
+            backend.health_check = check.cloned();
+            if unchecked {
+                backend.health = Health::Up;
+            }
+        })
     }
 
     /// Applies `f` to the (not retired) backend at `address` of VIP `name`;
@@ -228,8 +251,14 @@ impl Balancer {
     pub(super) fn add_vip(&mut self, config: &VipConfig) -> Option<u32> {
         let vip_id = (1..=self.max_vips).find(|&id| self.vip_position(id).is_err())?;
         let reused = self.used_ids.remove(&vip_id);
-        let health = Health::initial(&config.health_check.kind);
-        let backend_ids = config.backends.iter().map(|backend| self.add_backend(vip_id, backend, health)).collect();
+        let backend_ids = config
+            .backends
+            .iter()
+            .map(|backend| {
+                let health = Health::initial(&backend.check(&config.health_check).kind);
+                self.add_backend(vip_id, backend, health)
+            })
+            .collect();
         let vip = Vip::new(vip_id, config, backend_ids, self.ring_size, reused);
         let at = self.vip_position(vip_id).unwrap_or_else(|at| at);
         self.vips.insert(at, vip);

@@ -69,7 +69,7 @@ pub use self::{
     types::{AdminState, BackendView, Change, StateError, Step, VipView},
 };
 use crate::{
-    config::model::{Cidr, Config},
+    config::model::{Cidr, Config, HealthCheckConfig},
     control::{maglev, plan::Action},
     dataplane::Dataplane,
     health::Health,
@@ -454,6 +454,12 @@ impl Balancer {
     /// ones too.
     pub fn backend(&self, backend_id: u32) -> Option<BackendView> {
         self.backends.get(backend_index(backend_id)).map(Backend::view)
+    }
+
+    /// The backend's own health check (`[vip.backend.health_check]`), if it
+    /// has one; `None` means its VIP's.
+    pub fn backend_check(&self, backend_id: u32) -> Option<&HealthCheckConfig> {
+        self.backends.get(backend_index(backend_id)).and_then(|b| b.health_check.as_ref())
     }
 
     /// Whether a reload removed the backend (or its VIP): its health no

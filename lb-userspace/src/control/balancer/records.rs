@@ -90,6 +90,8 @@ pub(super) struct Backend {
     pub(super) ring_slots: u32,
     /// Removed by a reload: down for good, ignored by health events.
     pub(super) retired: bool,
+    /// `[vip.backend.health_check]`: its own check, else its VIP's.
+    pub(super) health_check: Option<HealthCheckConfig>,
     /// Its service (address, port, protocol) is shared with a backend of
     /// another VIP: `BACKEND_F_SHARED` in its `BACKENDS` entry.
     pub(super) shared: bool,
@@ -113,6 +115,7 @@ impl Backend {
             ring_slots: 0,
             retired: false,
             shared: false,
+            health_check: config.health_check.clone(),
         }
     }
 

@@ -187,7 +187,12 @@ fn gateways_with_one_config_write_identical_tables_whatever_their_reload_history
     let mut fewer = config.clone();
     fewer.vips[0].backends.remove(2);
     let mut more = config.clone();
-    more.vips[0].backends.push(BackendConfig { address: addr("198.18.2.99:8080"), weight: 1, backup: false });
+    more.vips[0].backends.push(BackendConfig {
+        address: addr("198.18.2.99:8080"),
+        weight: 1,
+        backup: false,
+        health_check: None,
+    });
     reload(&mut c, &mut dp_c, &config, &fewer);
     reload(&mut c, &mut dp_c, &fewer, &more);
     reload(&mut c, &mut dp_c, &more, &config);

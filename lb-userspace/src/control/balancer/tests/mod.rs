@@ -77,7 +77,7 @@ fn vip_config(name: &str, listen: &str, backends: &[(&str, u32)], kind: HealthCh
         on_backend_down: OnBackendDown::Reschedule,
         backends: backends
             .iter()
-            .map(|&(a, weight)| BackendConfig { address: addr(a), weight, backup: false })
+            .map(|&(a, weight)| BackendConfig { address: addr(a), weight, backup: false, health_check: None })
             .collect(),
     }
 }

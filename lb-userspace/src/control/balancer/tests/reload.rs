@@ -40,7 +40,12 @@ fn reload_adds_and_removes_backends_without_reusing_ids() {
     let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
     let mut new = old.clone();
     let removed = new.vips[0].backends.remove(1);
-    new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false });
+    new.vips[0].backends.push(BackendConfig {
+        address: addr("198.18.2.20:8080"),
+        weight: 1,
+        backup: false,
+        health_check: None,
+    });
     reload(&mut balancer, &mut dp, &old, &new);
     assert_eq!(ring_members(&dp, &key), [1, 3, 4]);
     assert_eq!(state_of(&dp, 2), Some(BACKEND_STATE_DOWN), "pinned flows move at their next packet");
@@ -75,7 +80,12 @@ fn reload_health_checks_decide_the_health_of_new_backends() {
     set(&mut balancer, &mut dp, 1, true);
     let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
     let mut new = old.clone();
-    new.vips[0].backends.push(BackendConfig { address: addr("198.18.2.20:8080"), weight: 1, backup: false });
+    new.vips[0].backends.push(BackendConfig {
+        address: addr("198.18.2.20:8080"),
+        weight: 1,
+        backup: false,
+        health_check: None,
+    });
     reload(&mut balancer, &mut dp, &old, &new);
     assert_eq!(balancer.backend(3).map(|b| b.health), Some(Health::Unknown), "unchecked yet");
     assert_eq!(ring_members(&dp, &key), [1]);
@@ -97,7 +107,7 @@ fn reload_actions_for_unknown_services_are_refused_without_writes() {
         Action::RemoveBackend { vip: "web".into(), address: addr("198.18.2.99:8080") },
         Action::AddBackend {
             vip: "web".into(),
-            backend: BackendConfig { address: addr("198.18.2.10:8080"), weight: 1, backup: false },
+            backend: BackendConfig { address: addr("198.18.2.10:8080"), weight: 1, backup: false, health_check: None },
         },
     ];
     for action in bad {
@@ -153,4 +163,40 @@ fn reload_sets_changes_and_removes_limits_without_touching_rings() {
     let slots_after = dp.calls.iter().filter(|c| matches!(c, Call::WriteSlots { .. })).count();
     assert_eq!(slots_before, slots_after);
     assert_consistent(&balancer, &dp);
+}
+
+#[test]
+fn a_backends_own_check_decides_its_start_and_survives_the_vips_check_going_none() {
+    // The VIP probes over TCP; backend 2 has `type = "none"` of its own, so
+    // it starts up while backend 1 waits for its first probe.
+    let mut vip = equal_vip(2);
+    vip.health_check.kind = HealthCheckKind::Tcp;
+    let mut own = vip.health_check.clone();
+    own.kind = HealthCheckKind::None;
+    vip.backends[1].health_check = Some(own);
+    let old = config(SMALL_M, vec![vip]);
+    let (mut balancer, mut dp) = installed(&old);
+    let key = vip_key(addr("198.18.0.10:80"), Protocol::Tcp);
+    assert_eq!(balancer.backend(1).map(|b| b.health), Some(Health::Unknown));
+    assert_eq!(balancer.backend(2).map(|b| b.health), Some(Health::Up));
+    assert_eq!(balancer.backend_check(1), None, "follows its VIP's");
+    assert_eq!(balancer.backend_check(2).map(|c| c.kind.clone()), Some(HealthCheckKind::None));
+    assert_eq!(ring_members(&dp, &key), [2]);
+    // Backend 2 gets a TCP check of its own: it keeps its health until probed.
+    let mut new = old.clone();
+    let mut tcp = new.vips[0].health_check.clone();
+    tcp.port = Some(9000);
+    new.vips[0].backends[1].health_check = Some(tcp.clone());
+    reload(&mut balancer, &mut dp, &old, &new);
+    assert_eq!(balancer.backend_check(2), Some(&tcp));
+    assert_eq!(balancer.backend(2).map(|b| b.health), Some(Health::Up));
+    // The VIP's check becomes `none`: backend 1 comes up; backend 2 keeps
+    // its own check (and its health).
+    let mut unchecked = new.clone();
+    unchecked.vips[0].health_check.kind = HealthCheckKind::None;
+    set(&mut balancer, &mut dp, 2, false);
+    reload(&mut balancer, &mut dp, &new, &unchecked);
+    assert_eq!(balancer.backend(1).map(|b| b.health), Some(Health::Up));
+    assert_eq!(balancer.backend(2).map(|b| b.health), Some(Health::Down), "still probed by its own check");
+    assert_eq!(ring_members(&dp, &key), [1]);
 }
