@@ -117,6 +117,9 @@ pub struct VipConfig {
     pub timeouts: TimeoutsConfig,
     /// What happens to the flows of a backend its health checks take down.
     pub on_backend_down: OnBackendDown,
+    /// `[vip.passive_health]`: backends taken down by failed handshakes in
+    /// client traffic; `None`: off.
+    pub passive_health: Option<PassiveHealthConfig>,
     /// At least one.
     pub backends: Vec<BackendConfig>,
 }
@@ -330,4 +333,15 @@ pub struct BackendConfig {
     /// A backup takes new flows only while no primary (non-backup) backend
     /// of its VIP is up with a weight above 0.
     pub backup: bool,
+}
+
+/// `[vip.passive_health]`: nginx's `max_fails` / `fail_timeout` at layer 4
+/// (see `crate::health::passive` for the exact rule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassiveHealthConfig {
+    /// Failed handshakes, with no success in between, that take an up
+    /// backend down (at least 1).
+    pub max_fails: u32,
+    /// How far back failures count.
+    pub fail_timeout: Duration,
 }

@@ -21,6 +21,7 @@ use super::{
         AgentConfig, AnnounceConfig, BackendConfig, Cidr, Config, HealthCheckConfig, HealthCheckKind, LimitAction,
         LimitsConfig, OnBackendDown, Protocol, Scheduler, StatusRange, TimeoutsConfig, VipConfig, XdpMode,
     },
+    passive::{PASSIVE_KEYS, passive_health},
     table::Section,
 };
 use crate::control::maglev::is_prime;
@@ -43,8 +44,18 @@ const AGENT_KEYS: &[&str] = &[
     "control_token_file",
     "state_file",
 ];
-const VIP_KEYS: &[&str] =
-    &["name", "listen", "protocol", "scheduler", "health_check", "on_backend_down", "limits", "timeouts", "backend"];
+const VIP_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "protocol",
+    "scheduler",
+    "health_check",
+    "passive_health",
+    "on_backend_down",
+    "limits",
+    "timeouts",
+    "backend",
+];
 const TIMEOUT_KEYS: &[&str] = &["tcp", "tcp_closing", "udp"];
 const LIMIT_KEYS: &[&str] =
     &["new_connections_per_second", "burst", "per", "max_connections_per_client", "action", "allow"];
@@ -393,6 +404,10 @@ fn vip(mut s: Section) -> Result<VipConfig> {
             "a udp VIP's backends cannot be probed over TCP on their own port: set health_check.port or type = \"none\"",
         ));
     }
+    let passive_health = match s.table("passive_health", PASSIVE_KEYS)? {
+        Some(section) => Some(passive_health(section, &health_check)?),
+        None => None,
+    };
     let timeouts = match s.table("timeouts", TIMEOUT_KEYS)? {
         Some(section) => timeouts(section, protocol)?,
         None => TimeoutsConfig::default(),
@@ -415,7 +430,18 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         check_same_family(listen, b.address).map_err(|reason| s.problem(&key, reason))?;
     }
     s.finish()?;
-    Ok(VipConfig { name, listen, protocol, scheduler, health_check, on_backend_down, limits, timeouts, backends })
+    Ok(VipConfig {
+        name,
+        listen,
+        protocol,
+        scheduler,
+        health_check,
+        passive_health,
+        on_backend_down,
+        limits,
+        timeouts,
+        backends,
+    })
 }
 
 /// `[vip.timeouts]` of a `protocol` VIP: `tcp` and `tcp_closing`, or `udp`.
@@ -739,7 +765,7 @@ fn status_range(text: &str) -> Option<StatusRange> {
     ((100..=599).contains(&min) && (100..=599).contains(&max) && min <= max).then_some(StatusRange { min, max })
 }
 
-fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
+pub(super) fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
     match s.string(key)? {
         None => Ok(None),
         Some(text) => humantime::parse_duration(&text)
