@@ -33,7 +33,7 @@
 //! arithmetic is unit-tested without a data path.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, HashSet, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -179,6 +179,56 @@ impl Window {
             within.unanswered,
             within.unreachable
         ))
+    }
+}
+
+/// One backend's reading for [`Watch::sample`].
+#[derive(Clone, Copy, Debug)]
+pub struct Reading<'a> {
+    pub backend_id: u32,
+    /// Its VIP's `[vip.passive_health]`, if set.
+    pub config: Option<&'a PassiveHealthConfig>,
+    /// Whether to judge it: only an up backend can be taken down.
+    pub judging: bool,
+    /// Its cumulative counters, summed over CPUs.
+    pub counters: Handshakes,
+}
+
+/// Every backend's [`Window`], by backend id.
+#[derive(Debug, Default)]
+pub struct Watch {
+    windows: HashMap<u32, Window>,
+}
+
+impl Watch {
+    /// Feeds one sample taken at `now`; returns the backends to mark down,
+    /// with why. Windows of backends not read (removed by a reload) are
+    /// dropped.
+    pub fn sample<'a>(&mut self, now: Instant, readings: impl IntoIterator<Item = Reading<'a>>) -> Vec<(u32, String)> {
+        let mut seen = HashSet::new();
+        let mut down = Vec::new();
+        for r in readings {
+            seen.insert(r.backend_id);
+            let window = self.windows.entry(r.backend_id).or_default();
+            if let Some(reason) = window.observe(now, r.counters, r.config, r.judging).down {
+                down.push((r.backend_id, reason));
+            }
+        }
+        self.windows.retain(|id, _| seen.contains(id));
+        down
+    }
+
+    /// Whether no backend has a window (nothing was ever sampled, or
+    /// every backend is gone).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+
+    /// Failures counted for a backend since the agent started watching it.
+    #[must_use]
+    pub fn failures_total(&self, backend_id: u32) -> u64 {
+        self.windows.get(&backend_id).map_or(0, Window::failures_total)
     }
 }
 
@@ -406,6 +456,24 @@ mod tests {
         let wrapped = Handshakes { syns: 1, syn_acks: 1, resets: u64::MAX, unreachables: 0 };
         let seen = window.observe(now + SAMPLE_INTERVAL, wrapped, Some(&CONFIG), true);
         assert_eq!(seen, Observation::default(), "2 SYNs, 2 SYN+ACKs");
+    }
+
+    #[test]
+    fn the_watch_reports_downs_and_forgets_removed_backends() {
+        let mut watch = Watch::default();
+        let now = Instant::now();
+        let reading = |backend_id, resets| Reading {
+            backend_id,
+            config: Some(&CONFIG),
+            judging: true,
+            counters: Handshakes { syns: resets, resets, ..Handshakes::default() },
+        };
+        assert!(watch.sample(now, [reading(1, 0), reading(2, 0)]).is_empty());
+        let down = watch.sample(now + SAMPLE_INTERVAL, [reading(1, 5), reading(2, 0)]);
+        assert_eq!(down.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1]);
+        assert_eq!((watch.failures_total(1), watch.failures_total(2)), (5, 0));
+        watch.sample(now + 2 * SAMPLE_INTERVAL, [reading(2, 0)]);
+        assert_eq!(watch.failures_total(1), 0, "backend 1 is gone");
     }
 
     #[test]
