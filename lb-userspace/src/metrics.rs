@@ -64,7 +64,8 @@ pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
     let passive_failures = Family::<Labels, Counter>::default();
     registry.register(
         "backend_passive_failures",
-        "Failed handshakes passive health ([vip.passive_health]) counted against the backend since the agent started",
+        "Failed handshakes passive health ([vip.passive_health]) counted against the backend while it was up, \
+         since the agent started or its VIP turned passive health on",
         passive_failures.clone(),
     );
     let backends_up = Family::<Labels, Gauge>::default();

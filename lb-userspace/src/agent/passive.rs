@@ -32,13 +32,15 @@ pub fn sample(state: &Mutex<AgentState>, config: &Config) -> Vec<u32> {
         return Vec::new();
     }
     let mut readings = Vec::new();
+    // Only VIPs with passive health are read; the others' windows are
+    // dropped, and a VIP that turns it on starts from a fresh baseline.
     for vip in balancer.vips() {
-        let config = configs.get(vip.name).copied();
+        let Some(config) = configs.get(vip.name).copied() else { continue };
         for b in &vip.backends {
             let Ok(counters) = maps.handshakes(b.backend_id) else { continue };
             // Only an up backend in service can be taken down.
             let judging = b.health == Health::Up && b.admin != AdminState::Maint;
-            readings.push(Reading { backend_id: b.backend_id, config, judging, counters });
+            readings.push(Reading { backend_id: b.backend_id, config: Some(config), judging, counters });
         }
     }
     let condemned = passive.sample(Instant::now(), readings);

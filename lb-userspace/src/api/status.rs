@@ -144,8 +144,9 @@ pub struct BackendStatus {
     /// them, since the program was loaded. Absent from older agents' answers.
     #[serde(default)]
     pub handshakes: Handshakes,
-    /// Failed handshakes passive health counted against it since this agent
-    /// started (only while its VIP has `[vip.passive_health]` and it is up).
+    /// Failed handshakes passive health counted against it while its VIP
+    /// had `[vip.passive_health]` and it was up, since this agent started
+    /// (or since its VIP last turned passive health on).
     #[serde(default)]
     pub passive_failures: u64,
 }

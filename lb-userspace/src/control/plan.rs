@@ -444,6 +444,21 @@ address = "198.18.2.11:8081"
     }
 
     #[test]
+    fn passive_health_changes_are_planned_and_said() {
+        let with = BASE.replacen(
+            "path = \"/health\"",
+            "path = \"/health\"\n[vip.passive_health]\nmax_fails = 3\nfail_timeout = \"10s\"",
+            1,
+        );
+        let on = plan_for(&with).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(on.len(), 1, "{on:?}");
+        assert_eq!(on[0].to_string(), "vip web passive_health max_fails 3 fail_timeout 10s");
+        let off = reload(&load(&with), &load(BASE)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(off, vec![Action::SetPassiveHealth { vip: "web".into(), to: None }]);
+        assert_eq!(off[0].to_string(), "vip web passive_health off");
+    }
+
+    #[test]
     fn agent_keys_need_a_restart() {
         for (from, to, key) in [
             ("\"veth-b\"]", "\"veth-c\"]", "agent.interfaces"),
