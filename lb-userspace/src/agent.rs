@@ -962,6 +962,41 @@ mod tests {
         assert!(next.is_err(), "an event of the stopped checker got through: {next:?}");
     }
 
+    /// Passive health took the backend down: its checker starts over from
+    /// down, so `rise` successes (not one) bring it back, and the old
+    /// checker's events no longer count.
+    #[tokio::test]
+    async fn a_checker_restarted_at_down_needs_rise_successes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local_addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut health = HealthChecks::new(ProbePool::new(8));
+        let check = HealthCheckConfig { rise: 2, ..tcp_check(100) };
+        health.follow(Checkers(vec![(1, address, check, Health::Up)]));
+        let before = health.checkers.get(&1).map(|c| c.generation);
+        health.restart_at(1, Health::Down);
+        let after = health.checkers.get(&1).map(|c| c.generation);
+        assert!(after.is_some() && after != before, "{before:?} then {after:?}");
+        let first = timeout(WAIT, health.next()).await.expect("a probe").expect("channel open");
+        assert_eq!(
+            (first.generation, first.transition),
+            (after.unwrap_or_default(), None),
+            "one success is not enough"
+        );
+        let second = timeout(WAIT, health.next()).await.expect("a probe").expect("channel open");
+        let up = second.transition.expect("rise reached");
+        assert_eq!((up.health, up.reason.as_str()), (Health::Up, "2 consecutive successes"));
+        // A backend without a checker (none configured) is left alone.
+        health.restart_at(2, Health::Down);
+        assert!(!health.checkers.contains_key(&2));
+        health.stop_all();
+    }
+
     #[tokio::test]
     async fn a_changed_check_gets_a_new_generation_and_only_its_events_count() {
         let address = refusing_address().await;
