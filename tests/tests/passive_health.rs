@@ -12,6 +12,8 @@
 //!   handshakes, and new connections then all succeed on the others.
 //! - With every backend healthy, the same traffic marks nothing down and
 //!   counts no failure, while the handshake counters show it was seen.
+//! - A UDP backend whose server died answers datagrams with ICMP port
+//!   unreachable: taken out by `max_fails = 3` of them.
 
 use std::{
     thread,
@@ -43,13 +45,14 @@ const SLOW_CHECKS: HealthCheck =
 /// at which the active checks could first see it.
 const DETECTION_BOUND: Duration = Duration::from_secs(20);
 
-/// The testbed's config with `[vip.passive_health]` on the `web` VIP.
+/// The testbed's config with `[vip.passive_health]` on the `web` VIP and
+/// the `echo` (UDP) VIP, the last one in the file.
 fn config(testbed: &Testbed) -> String {
     let config = agent::config_for(testbed, SLOW_CHECKS);
     let echo = "[[vip]]\nname = \"echo\"";
     assert!(config.contains(echo), "the generated config changed shape:\n{config}");
     let passive = "[vip.passive_health]\nmax_fails = 3\nfail_timeout = \"10s\"\n\n";
-    config.replacen(echo, &format!("{passive}{echo}"), 1)
+    format!("{}{passive}", config.replacen(echo, &format!("{passive}{echo}"), 1))
 }
 
 fn start() -> (Testbed, Agent) {
@@ -61,8 +64,13 @@ fn start() -> (Testbed, Agent) {
 
 /// Backend `i` (1-based) of VIP `web` in `/status`.
 fn backend(status: &Value, i: usize) -> Value {
-    let web = status["vips"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "web"));
-    web.map(|w| w["backends"][i - 1].clone()).unwrap_or_else(|| panic!("no vip web in {status}"))
+    backend_of(status, "web", i)
+}
+
+/// Backend `i` (1-based) of VIP `vip` in `/status`.
+fn backend_of(status: &Value, vip: &str, i: usize) -> Value {
+    let found = status["vips"].as_array().and_then(|v| v.iter().find(|v| v["name"] == vip));
+    found.map(|w| w["backends"][i - 1].clone()).unwrap_or_else(|| panic!("no vip {vip} in {status}"))
 }
 
 fn counter(backend: &Value, path: &[&str]) -> u64 {
@@ -175,5 +183,58 @@ fn healthy_backends_under_the_same_traffic_are_never_marked_down() {
         let (syns, syn_acks) = (counter(&b, &["handshakes", "syns"]), counter(&b, &["handshakes", "syn_acks"]));
         assert!(syns > 0 && syn_acks > 0, "backend {i}: {syns} SYNs, {syn_acks} SYN+ACKs: {b}");
         assert!(b["down_reason"].is_null(), "backend {i}: {b}");
+    }
+}
+
+/// UDP has no handshake: a datagram whose backend has no socket for it is
+/// answered with ICMP port unreachable, which passes through the gateway
+/// on its way to the client and counts as a failure.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn a_udp_backend_answering_port_unreachable_is_taken_out() {
+    lb_tests::require_root!();
+    let (testbed, mut agent) = start();
+    agent.wait_health("echo", &UP, Duration::from_secs(10)).expect("echo backends up");
+    testbed.stop_backend(VICTIM).expect("stopping the victim's servers");
+    let stopped = Instant::now();
+    let vip = testbed.vip_udp();
+    // Rounds of datagrams from fresh sockets (new flows, spread over the
+    // backends), not waiting for echoes; bounded in count and time. The
+    // victim's kernel rate-limits its unreachables per client (a burst of
+    // 6, then 1 a second), enough for 3 within 10 s.
+    let mut sent = 0;
+    while agent.backend_health("echo").expect("health") != VICTIM_DOWN {
+        assert!(
+            stopped.elapsed() < DETECTION_BOUND && sent < 2_000,
+            "not marked down {:?} after the server died ({sent} datagrams); status: {}",
+            stopped.elapsed(),
+            agent.status().map(|s| s.to_string()).unwrap_or_default(),
+        );
+        testbed
+            .client()
+            .enter(move || {
+                for _ in 0..ROUND {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a udp socket");
+                    let _ = socket.send_to(b"ping", vip);
+                }
+            })
+            .expect("the client namespace");
+        sent += ROUND;
+        thread::sleep(PAUSE);
+    }
+    eprintln!("udp victim down {:?} after its server died, after {sent} datagrams", stopped.elapsed());
+    let status = agent.status().expect("/status");
+    let victim = backend_of(&status, "echo", VICTIM);
+    let reason = victim["down_reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("passive: ") && reason.contains("unreachable"), "{victim}");
+    assert!(counter(&victim, &["handshakes", "unreachables"]) >= 3, "{victim}");
+    // The others still echo, each datagram from a new flow.
+    let victim_name = testbed.backend_name(VICTIM);
+    for i in 0..20 {
+        let result = testbed.client_udp(vip, &[b"after"], 0).pop().expect("one result");
+        match result {
+            Ok(name) => assert_ne!(name, victim_name, "datagram {i} went to the victim"),
+            Err(e) => panic!("datagram {i} failed after the victim was marked down: {e:#}"),
+        }
     }
 }
