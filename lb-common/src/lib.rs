@@ -22,6 +22,7 @@ pub mod embryo;
 pub mod flow;
 pub mod frag;
 pub mod guard;
+pub mod handshake;
 pub mod layout;
 pub mod limits;
 pub mod sched;
@@ -115,6 +116,9 @@ pub mod map_names {
         LIMITED,
         /// Idle timeouts by VIP id (`FlowTimeouts`); the agent writes it.
         VIP_TIMEOUTS,
+        /// Handshakes per backend id (`Handshakes`, per CPU), for passive
+        /// health; the program writes it.
+        HANDSHAKES,
     }
 }
 

@@ -28,6 +28,7 @@ use lb_common::{
     backend::BACKEND_STATE_UP,
     flow::{FlowKey, ReplyNat, SERVICE_F_SHARED},
     guard::ServiceKey,
+    handshake,
     limits::NEXT_HOP_TTL_NS,
     stats::reason,
     timeouts::is_expired,
@@ -327,6 +328,11 @@ fn to_client<F: Family>(
     tot_len: usize,
     now: u64,
 ) -> Option<Verdict> {
+    // A SYN+ACK or RST: counted for passive health by the pipeline
+    // (`lb_common::handshake`), so never taken here.
+    if handshake::may_count(l4.tcp_flags) {
+        return None;
+    }
     let service = ServiceKey { addr_be: key.src_be, port_be: key.src_port_be, proto: key.proto, family: F::FAMILY };
     // SAFETY: the value is copied out at once.
     let nat: ReplyNat = unsafe { BACKEND_SERVICES.get(&service) }.copied()?;

@@ -20,7 +20,7 @@
 //! each pointer again.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use lb_common::stats::reason;
+use lb_common::{PROTO_TCP, handshake, stats::reason};
 
 use lb_common::flow::FlowKey;
 
@@ -226,11 +226,33 @@ pub fn stage(raw: *mut xdp_md) -> u64 {
     }
     if verdict.reason != reason::PASS_LOCAL_DESTINATION && verdict.reason != reason::DROP_LOCAL_NEXT_HOP {
         stats::count_traffic(p.vip_id, p.backend_id, &ctx);
+        if p.proto == PROTO_TCP && handshake::may_count(p.tcp_flags) {
+            count_handshake(&ctx, p);
+        }
     }
     if verdict.action == xdp_action::XDP_REDIRECT {
         remember_hop(raw);
     }
     verdict.pack()
+}
+
+/// Counts a balanced SYN or RST segment for passive health
+/// (`lb_common::handshake`): a client's SYN to its backend, or the
+/// backend's SYN+ACK or RST answering one. Only the RST needs its sequence
+/// number, read from the packet (the rewrite leaves it alone).
+#[inline(always)]
+fn count_handshake(ctx: &XdpContext, p: &Plan) {
+    let event = if p.source == 0 {
+        handshake::request_event(p.tcp_flags)
+    } else if p.tcp_flags & parse::TCP_RST != 0 {
+        // verifier: bound the offset before using it (≤ 82 + 40).
+        let Some(tcp) = parse::ptr_at::<[u32; 2]>(ctx, usize::from(p.l4_off) & 0x7f) else { return };
+        // SAFETY: bounds checked by ptr_at; word 1 is the sequence number.
+        handshake::reply_event(p.tcp_flags, u32::from_be(unsafe { (*tcp)[1] }))
+    } else {
+        handshake::reply_event(p.tcp_flags, 1)
+    };
+    stats::count_handshake(p.backend_id, event);
 }
 
 /// Keeps the next hop this packet went to for the fast path (`fast`): by

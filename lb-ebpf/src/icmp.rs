@@ -30,6 +30,7 @@ use lb_common::{
     FAMILY_V4, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UNUSED, BackendInfo},
     flow::{FlowKey, ReplyNat},
+    handshake,
     stats::reason,
     vip_addr::VipAddrKey,
 };
@@ -65,7 +66,9 @@ pub fn process(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
     // The checksum's pointer is derived from the checked header, so the
     // verifier knows its bounds.
     let icmp_check = (hdr as usize + 2) as *mut u16;
-    match error(ctx, v4, icmp_check, icmp_off, icmp_len) {
+    // SAFETY: bounds checked by ptr_at.
+    let unreachable = handshake::is_unreachable(false, icmp_type, unsafe { (*hdr)[1] });
+    match error(ctx, v4, icmp_check, icmp_off, icmp_len, unreachable) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -106,6 +109,7 @@ fn error(
     icmp_check: *mut u16,
     icmp_off: usize,
     icmp_len: usize,
+    unreachable: bool,
 ) -> Result<Verdict, Verdict> {
     // SAFETY: bounds checked in parse_ipv4.
     let (outer_saddr, outer_daddr, ttl) = unsafe { ((*v4.ip).saddr_be, (*v4.ip).daddr_be, (*v4.ip).ttl) };
@@ -127,6 +131,10 @@ fn error(
     }
     if let Some(nat) = flow_of_request(&quoted)? {
         stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
+        // Passive health: a datagram the backend did not take.
+        if unreachable && q.proto == PROTO_UDP {
+            stats::count_unreachable(nat.backend_id);
+        }
         let vip = nat.vip_addr_be[0];
         rewrite_quote(&q, icmp_check, rewrite::Side::Destination, vip, nat.vip_port_be);
         // From the backend itself (port unreachable, say): from the VIP now.

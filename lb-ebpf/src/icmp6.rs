@@ -16,6 +16,7 @@ use lb_common::{
     FAMILY_V6, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UNUSED, BackendInfo},
     flow::{FlowKey, ReplyNat},
+    handshake,
     stats::reason,
 };
 
@@ -71,7 +72,10 @@ pub fn process(ctx: &XdpContext, v6: &Ipv6) -> Verdict {
         return Verdict::pass(reason::PASS_TTL_EXPIRED);
     }
     let icmp_check = (hdr as usize + 2) as *mut u16;
-    match error(ctx, v6, icmp_check, icmp_off) {
+    // SAFETY: bounds checked by ptr_at.
+    let code = unsafe { (*hdr)[0] }.to_ne_bytes()[1];
+    let unreachable = handshake::is_unreachable(true, icmp_type, code);
+    match error(ctx, v6, icmp_check, icmp_off, unreachable) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -86,7 +90,13 @@ struct Quote {
 }
 
 #[inline(always)]
-fn error(ctx: &XdpContext, v6: &Ipv6, icmp_check: *mut u16, icmp_off: usize) -> Result<Verdict, Verdict> {
+fn error(
+    ctx: &XdpContext,
+    v6: &Ipv6,
+    icmp_check: *mut u16,
+    icmp_off: usize,
+    unreachable: bool,
+) -> Result<Verdict, Verdict> {
     // SAFETY: bounds checked in ipv6_header.
     let (outer_saddr, outer_daddr) = unsafe { ((*v6.ip).saddr_be, (*v6.ip).daddr_be) };
     let Some(q) = quote(ctx, v6, icmp_off) else { return Err(no_flow(outer_daddr)) };
@@ -102,6 +112,10 @@ fn error(ctx: &XdpContext, v6: &Ipv6, icmp_check: *mut u16, icmp_off: usize) -> 
     }
     if let Some(nat) = flow_of_request(&quoted)? {
         stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
+        // Passive health: a datagram the backend did not take.
+        if unreachable && q.proto == PROTO_UDP {
+            stats::count_unreachable(nat.backend_id);
+        }
         rewrite_quote(&q, icmp_check, Side::Destination, nat.vip_addr_be, nat.vip_port_be);
         if outer_saddr == quoted.dst_be {
             set_outer(v6.ip, icmp_check, Side::Source, nat.vip_addr_be);

@@ -14,6 +14,7 @@ use lb_common::{
     flow::{FlowKey, FlowState, FlowTimeouts, ReplyNat},
     frag::{FragKey, FragState},
     guard::{AddrRoles, DirectFlow, ServiceKey, SharedService},
+    handshake::Handshakes,
     limits::{
         ADDR_ROLES_CAPACITY, BACKEND_SERVICES_CAPACITY, CLIENT_HOP_SLOTS, DEFAULT_CONNTRACK_CAPACITY,
         DIRECT_FLOW_CAPACITY, EMBRYO_SLOTS, FRAG_TRACK_CAPACITY, MAX_BACKENDS, MAX_VIPS, NEXT_HOP_CAPACITY,
@@ -215,3 +216,8 @@ pub static LIMITED: PerCpuArray<u64> = PerCpuArray::with_max_entries((MAX_VIPS +
 /// entry when it is pinned; zero for the defaults. Written by the agent.
 #[map]
 pub static VIP_TIMEOUTS: Array<FlowTimeouts> = Array::with_max_entries(MAX_VIPS + 1, 0);
+
+/// Backend id → its handshakes (`lb_common::handshake`), per CPU, for
+/// passive health. Written here; read by the agent.
+#[map]
+pub static HANDSHAKES: PerCpuArray<Handshakes> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -2,7 +2,9 @@
 
 use aya_ebpf::programs::XdpContext;
 
-use crate::maps::{BACKEND_STATS, CONNTRACK_EVENTS, VERDICTS, VIP_STATS};
+use lb_common::handshake::{EVENT_RESET, EVENT_SYN, EVENT_SYN_ACK};
+
+use crate::maps::{BACKEND_STATS, CONNTRACK_EVENTS, HANDSHAKES, VERDICTS, VIP_STATS};
 
 #[inline(always)]
 pub fn count_verdict(reason: u32) {
@@ -58,5 +60,34 @@ pub fn count_new_flow(vip_id: u32, backend_id: u32, rescheduled: bool) {
             (*c).new_flows += 1;
             (*c).rescheduled_flows += extra;
         }
+    }
+}
+
+/// Counts a handshake event (`lb_common::handshake::EVENT_*`) of a backend,
+/// for passive health; `EVENT_NONE` counts nothing.
+#[inline(always)]
+pub fn count_handshake(backend_id: u32, event: u8) {
+    if event == lb_common::handshake::EVENT_NONE {
+        return;
+    }
+    if let Some(c) = HANDSHAKES.get_ptr_mut(backend_id) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
+        unsafe {
+            match event {
+                EVENT_SYN => (*c).syns += 1,
+                EVENT_SYN_ACK => (*c).syn_acks += 1,
+                EVENT_RESET => (*c).resets += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Counts an ICMP unreachable quoting a UDP datagram to a backend.
+#[inline(always)]
+pub fn count_unreachable(backend_id: u32) {
+    if let Some(c) = HANDSHAKES.get_ptr_mut(backend_id) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
+        unsafe { (*c).unreachables += 1 };
     }
 }

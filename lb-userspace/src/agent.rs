@@ -1,6 +1,8 @@
 //! `lb run`'s body: load, fill, attach, then react to health changes until
 //! told to stop.
 
+mod passive;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -20,7 +22,8 @@ use crate::{
         self, Status, StatusSource,
         control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
         status::{
-            BackendStatus, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic, VerdictCount, VipStatus,
+            BackendStatus, ConfigStatus, ConntrackStatus, Handshakes, HealthChecksStatus, Limited, Traffic,
+            VerdictCount, VipStatus,
         },
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
@@ -48,6 +51,11 @@ struct AgentState {
     probes: ProbePool,
     /// The config's generation and last reload, for `/status` and `/metrics`.
     config: ConfigStatus,
+    /// Passive health's failure windows, by backend id.
+    passive: health::passive::Watch,
+    /// Why each backend that is down went down (the active checks' reason,
+    /// or passive health's), for `/status`.
+    down_reasons: HashMap<u32, String>,
 }
 
 /// How `lb run` treats the pinned data path.
@@ -225,8 +233,15 @@ async fn start(
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
     let config_status =
         ConfigStatus { generation: 1, last_reload_successful: true, last_reload_success_timestamp_seconds: unix_now() };
-    let state =
-        Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes, config: config_status }));
+    let state = Arc::new(Mutex::new(AgentState {
+        balancer,
+        maps,
+        last_checks: HashMap::new(),
+        probes,
+        config: config_status,
+        passive: health::passive::Watch::default(),
+        down_reasons: HashMap::new(),
+    }));
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let agent = &config.agent;
@@ -376,6 +391,10 @@ async fn follow_events(
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut local_refresh = tokio::time::interval(host::LOCAL_ADDRESS_REFRESH);
     let mut recount = tokio::time::interval(CLIENT_RECOUNT_INTERVAL);
+    let mut passive_tick = tokio::time::interval(passive::INTERVAL);
+    // A late tick (a slow reload) samples once, not in a burst: the window
+    // takes the time of each sample, so no failure is lost.
+    passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             Some(event) = health.next() => {
@@ -390,6 +409,15 @@ async fn follow_events(
                 announce(state, announcer.as_deref_mut());
             }
             _ = recount.tick() => recount_clients(state),
+            _ = passive_tick.tick() => {
+                let down = passive::sample(state, &config);
+                if !down.is_empty() {
+                    for backend_id in down {
+                        health.restart_at(backend_id, Health::Down);
+                    }
+                    announce(state, announcer.as_deref_mut());
+                }
+            }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP");
                 notify::reloading();
@@ -632,6 +660,19 @@ impl HealthChecks {
         }
     }
 
+    /// Starts a backend's checker over at `health` (passive health took it
+    /// down: from there `rise` probes bring it back). A new generation, so
+    /// events the old checker queued (an "up" in flight) are dropped.
+    fn restart_at(&mut self, backend_id: u32, health: Health) {
+        let Some(old) = self.checkers.remove(&backend_id) else { return };
+        old.handle.abort();
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let (probes, tx) = (self.probes.clone(), self.tx.clone());
+        let handle = health::spawn_checker(old.address, old.check.clone(), backend_id, generation, health, probes, tx);
+        self.checkers.insert(backend_id, RunningChecker { address: old.address, check: old.check, generation, handle });
+    }
+
     /// The next event of a checker still running; events of stopped ones
     /// are dropped. Cancel-safe, for `select!`.
     async fn next(&mut self) -> Option<HealthEvent<u32>> {
@@ -696,7 +737,7 @@ fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) ->
     opts.apply(&mut new);
     let actions = plan::reload(running, &new).map_err(|refusal| refusal.to_string())?;
     let mut guard = state.lock().map_err(|_| "the agent's state is poisoned".to_owned())?;
-    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
+    let AgentState { balancer, maps, last_checks, down_reasons, .. } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
         Err(error) if error.changed_nothing() => return Err(format!("{}: {error}", new.source.display())),
@@ -706,6 +747,7 @@ fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) ->
     }
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
     last_checks.retain(|id, _| live.contains(id));
+    down_reasons.retain(|id, _| live.contains(id));
     save_runtime(&new.agent.state_file, balancer);
     let changes = actions.iter().map(ToString::to_string).collect();
     Ok((plan::as_running(running, new), changes))
@@ -763,7 +805,7 @@ fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_fi
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
-    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
+    let AgentState { balancer, maps, last_checks, down_reasons, .. } = &mut *guard;
     if balancer.is_retired(event.key) {
         // Sent before a reload removed its backend and stopped its checker.
         return;
@@ -774,6 +816,11 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let name = balancer.describe_backend(event.key);
     match balancer.set_health(event.key, health, maps) {
         Ok(change) => {
+            if health.is_up() {
+                down_reasons.remove(&event.key);
+            } else {
+                down_reasons.insert(event.key, transition.reason.clone());
+            }
             if health.is_up() {
                 tracing::info!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend up");
             } else {
@@ -827,6 +874,9 @@ impl AgentState {
                 admin: b.admin.as_str().to_owned(),
                 weight_set_at_runtime: b.weight_override.is_some(),
                 active_flows: self.maps.live_flows(b.backend_id),
+                down_reason: (!b.health.is_up()).then(|| self.down_reasons.get(&b.backend_id).cloned()).flatten(),
+                handshakes: self.maps.handshakes(b.backend_id).map(Handshakes::from).unwrap_or_default(),
+                passive_failures: self.passive.failures_total(b.backend_id),
             })
             .collect();
         // Summed over its backends, not read from VIP_STATS: a reused VIP id's
@@ -913,6 +963,41 @@ mod tests {
         health.follow(Checkers(Vec::new()));
         let next = timeout(Duration::from_millis(300), health.next()).await;
         assert!(next.is_err(), "an event of the stopped checker got through: {next:?}");
+    }
+
+    /// Passive health took the backend down: its checker starts over from
+    /// down, so `rise` successes (not one) bring it back, and the old
+    /// checker's events no longer count.
+    #[tokio::test]
+    async fn a_checker_restarted_at_down_needs_rise_successes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local_addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut health = HealthChecks::new(ProbePool::new(8));
+        let check = HealthCheckConfig { rise: 2, ..tcp_check(100) };
+        health.follow(Checkers(vec![(1, address, check, Health::Up)]));
+        let before = health.checkers.get(&1).map(|c| c.generation);
+        health.restart_at(1, Health::Down);
+        let after = health.checkers.get(&1).map(|c| c.generation);
+        assert!(after.is_some() && after != before, "{before:?} then {after:?}");
+        let first = timeout(WAIT, health.next()).await.expect("a probe").expect("channel open");
+        assert_eq!(
+            (first.generation, first.transition),
+            (after.unwrap_or_default(), None),
+            "one success is not enough"
+        );
+        let second = timeout(WAIT, health.next()).await.expect("a probe").expect("channel open");
+        let up = second.transition.expect("rise reached");
+        assert_eq!((up.health, up.reason.as_str()), (Health::Up, "2 consecutive successes"));
+        // A backend without a checker (none configured) is left alone.
+        health.restart_at(2, Health::Down);
+        assert!(!health.checkers.contains_key(&2));
+        health.stop_all();
     }
 
     #[tokio::test]

@@ -54,6 +54,20 @@ pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
     let traffic = TrafficFamilies::register(&mut registry);
     let up = Family::<Labels, Gauge>::default();
     registry.register("backend_up", "1 if the backend passes its health checks, else 0", up.clone());
+    let handshakes = Family::<Labels, Counter>::default();
+    registry.register(
+        "backend_handshakes",
+        "TCP handshakes and UDP unreachables the data path saw per backend, by event: syn (forwarded to it), \
+         syn_ack, reset (a RST answering a SYN), unreachable (ICMP port/host unreachable quoting a UDP datagram)",
+        handshakes.clone(),
+    );
+    let passive_failures = Family::<Labels, Counter>::default();
+    registry.register(
+        "backend_passive_failures",
+        "Failed handshakes passive health ([vip.passive_health]) counted against the backend while it was up, \
+         since the agent started or its VIP turned passive health on",
+        passive_failures.clone(),
+    );
     let backends_up = Family::<Labels, Gauge>::default();
     registry.register("vip_backends_up", "Backends of the VIP that are up", backends_up.clone());
     let verdicts = Family::<Labels, Counter>::default();
@@ -80,6 +94,15 @@ pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
             let labels: Labels = vec![("vip", v.name.clone()), ("backend", b.address.clone())];
             traffic.record(&labels, b.traffic);
             up.get_or_create(&labels).set(i64::from(b.health == "up"));
+            passive_failures.get_or_create(&labels).inc_by(b.passive_failures);
+            let h = b.handshakes;
+            for (event, count) in
+                [("syn", h.syns), ("syn_ack", h.syn_acks), ("reset", h.resets), ("unreachable", h.unreachables)]
+            {
+                let mut labels = labels.clone();
+                labels.push(("event", event.to_owned()));
+                handshakes.get_or_create(&labels).inc_by(count);
+            }
         }
     }
     for c in &status.verdicts {
@@ -161,7 +184,7 @@ fn register_health_checks(registry: &mut Registry, h: &HealthChecksStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::status::{BackendStatus, Limited, VerdictCount, VipStatus};
+    use crate::api::status::{BackendStatus, Handshakes, Limited, VerdictCount, VipStatus};
 
     #[test]
     fn renders_the_metrics_the_docs_promise() {
@@ -183,6 +206,9 @@ mod tests {
                     admin: "ready".into(),
                     weight_set_at_runtime: false,
                     active_flows: 0,
+                    down_reason: None,
+                    handshakes: Handshakes { syns: 20, syn_acks: 17, resets: 3, unreachables: 0 },
+                    passive_failures: 3,
                 }],
                 limited: Some(Limited { new_connections_per_second: 11, max_connections_per_client: 12 }),
             }],
@@ -220,6 +246,11 @@ mod tests {
             "lb_health_probe_local_errors_total 6",
             "lb_limited_total{vip=\"web\",limit=\"new_connections_per_second\"} 11",
             "lb_limited_total{vip=\"web\",limit=\"max_connections_per_client\"} 12",
+            "lb_backend_handshakes_total{vip=\"web\",backend=\"198.18.2.11:8080\",event=\"syn\"} 20",
+            "lb_backend_handshakes_total{vip=\"web\",backend=\"198.18.2.11:8080\",event=\"syn_ack\"} 17",
+            "lb_backend_handshakes_total{vip=\"web\",backend=\"198.18.2.11:8080\",event=\"reset\"} 3",
+            "lb_backend_handshakes_total{vip=\"web\",backend=\"198.18.2.11:8080\",event=\"unreachable\"} 0",
+            "lb_backend_passive_failures_total{vip=\"web\",backend=\"198.18.2.11:8080\"} 3",
             "lb_config_generation 3",
             "lb_config_last_reload_successful 0",
             "lb_config_last_reload_success_timestamp_seconds 1700000000.5",
@@ -240,6 +271,9 @@ mod tests {
             admin: "ready".into(),
             weight_set_at_runtime: false,
             active_flows: 0,
+            down_reason: None,
+            handshakes: Handshakes::default(),
+            passive_failures: 0,
         };
         let status = Status {
             vips: vec![VipStatus {

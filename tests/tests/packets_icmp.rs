@@ -366,6 +366,8 @@ fn port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
                 reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
             );
         }
+        // Passive health counts each: the backend did not take the datagram.
+        assert_eq!(lb.maps.handshakes(id).expect("handshakes").unreachables, 2);
         // From a router between gateway and backend: the outer source stays.
         let tcp_sport = 40120;
         let tid = lb.open_tcp(tcp_sport);
@@ -389,6 +391,8 @@ fn port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
             &expected,
             reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
         );
+        // About TCP, and not an unreachable: not counted.
+        assert_eq!(lb.maps.handshakes(tid).expect("handshakes").unreachables, 0);
     });
 }
 

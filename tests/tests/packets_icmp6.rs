@@ -364,6 +364,8 @@ fn ipv6_port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
                 reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
             );
         }
+        // Passive health counts each: the backend did not take the datagram.
+        assert_eq!(lb.maps.handshakes(id).expect("handshakes").unreachables, 2);
         // From a router on the backends' side: its own address stays.
         let tcp_sport = 40230;
         let tid = lb.open_tcp(tcp_sport);
@@ -388,6 +390,8 @@ fn ipv6_port_unreachable_from_a_backend_reaches_the_client_from_the_vip() {
             &expected,
             reason::REDIRECT_ICMP_ERROR_TO_CLIENT,
         );
+        // Packet too big about TCP: not counted.
+        assert_eq!(lb.maps.handshakes(tid).expect("handshakes").unreachables, 0);
     });
 }
 

@@ -135,6 +135,39 @@ pub struct BackendStatus {
     /// timeout, as of the last count (at most about 5 s old).
     #[serde(default)]
     pub active_flows: u64,
+    /// Why it went down, while it is down: the active checks' reason, or
+    /// passive health's (starting `passive:`). Absent while up, and from
+    /// older agents' answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_reason: Option<String>,
+    /// Its TCP handshakes and UDP unreachables as the data path counted
+    /// them, since the program was loaded. Absent from older agents' answers.
+    #[serde(default)]
+    pub handshakes: Handshakes,
+    /// Failed handshakes passive health counted against it while its VIP
+    /// had `[vip.passive_health]` and it was up, since this agent started
+    /// (or since its VIP last turned passive health on).
+    #[serde(default)]
+    pub passive_failures: u64,
+}
+
+/// A backend's handshakes (`lb_common::handshake`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshakes {
+    /// SYNs forwarded to it.
+    pub syns: u64,
+    /// SYN+ACKs it answered.
+    pub syn_acks: u64,
+    /// RSTs it answered a SYN with.
+    pub resets: u64,
+    /// ICMP port or host unreachables quoting a UDP datagram to it.
+    pub unreachables: u64,
+}
+
+impl From<lb_common::handshake::Handshakes> for Handshakes {
+    fn from(h: lb_common::handshake::Handshakes) -> Self {
+        Handshakes { syns: h.syns, syn_acks: h.syn_acks, resets: h.resets, unreachables: h.unreachables }
+    }
 }
 
 fn default_admin() -> String {

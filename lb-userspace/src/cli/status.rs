@@ -70,6 +70,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 b.active_flows,
                 b.last_check.as_deref().unwrap_or("")
             );
+            if let Some(reason) = &b.down_reason {
+                println!("  {:<width$} down: {reason}", "");
+            }
         }
     }
     Ok(())

@@ -9,6 +9,7 @@
 mod error;
 pub mod model;
 mod parse;
+mod passive;
 mod table;
 
 use std::path::Path;

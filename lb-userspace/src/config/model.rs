@@ -117,6 +117,9 @@ pub struct VipConfig {
     pub timeouts: TimeoutsConfig,
     /// What happens to the flows of a backend its health checks take down.
     pub on_backend_down: OnBackendDown,
+    /// `[vip.passive_health]`: backends taken down by failed handshakes in
+    /// client traffic; `None`: off.
+    pub passive_health: Option<PassiveHealthConfig>,
     /// At least one.
     pub backends: Vec<BackendConfig>,
 }
@@ -409,4 +412,15 @@ impl BackendConfig {
     pub fn check<'a>(&'a self, vip: &'a HealthCheckConfig) -> &'a HealthCheckConfig {
         self.health_check.as_ref().unwrap_or(vip)
     }
+}
+
+/// `[vip.passive_health]`: nginx's `max_fails` / `fail_timeout` at layer 4
+/// (see `crate::health::passive` for the exact rule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassiveHealthConfig {
+    /// Failed handshakes, with no success in between, that take an up
+    /// backend down (at least 1).
+    pub max_fails: u32,
+    /// How far back failures count.
+    pub fail_timeout: Duration,
 }

@@ -22,6 +22,7 @@ use super::{
         HealthCheckKind, LimitAction, LimitsConfig, OnBackendDown, Protocol, Scheduler, StatusRange, TimeoutsConfig,
         TlsCheck, VipConfig, XdpMode,
     },
+    passive::{PASSIVE_KEYS, passive_health},
     table::Section,
 };
 use crate::{control::maglev::is_prime, health::probe::https};
@@ -44,8 +45,18 @@ const AGENT_KEYS: &[&str] = &[
     "control_token_file",
     "state_file",
 ];
-const VIP_KEYS: &[&str] =
-    &["name", "listen", "protocol", "scheduler", "health_check", "on_backend_down", "limits", "timeouts", "backend"];
+const VIP_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "protocol",
+    "scheduler",
+    "health_check",
+    "passive_health",
+    "on_backend_down",
+    "limits",
+    "timeouts",
+    "backend",
+];
 const TIMEOUT_KEYS: &[&str] = &["tcp", "tcp_closing", "udp"];
 const LIMIT_KEYS: &[&str] =
     &["new_connections_per_second", "burst", "per", "max_connections_per_client", "action", "allow"];
@@ -421,6 +432,10 @@ fn vip(mut s: Section) -> Result<VipConfig> {
     if let Some(reason) = transport_problem(protocol, &health_check) {
         return Err(s.problem("health_check", reason));
     }
+    let passive_health = match s.table("passive_health", PASSIVE_KEYS)? {
+        Some(section) => Some(passive_health(section, &health_check)?),
+        None => None,
+    };
     let timeouts = match s.table("timeouts", TIMEOUT_KEYS)? {
         Some(section) => timeouts(section, protocol)?,
         None => TimeoutsConfig::default(),
@@ -444,7 +459,18 @@ fn vip(mut s: Section) -> Result<VipConfig> {
         check_same_family(listen, b.address).map_err(|reason| s.problem(&key, reason))?;
     }
     s.finish()?;
-    Ok(VipConfig { name, listen, protocol, scheduler, health_check, on_backend_down, limits, timeouts, backends })
+    Ok(VipConfig {
+        name,
+        listen,
+        protocol,
+        scheduler,
+        health_check,
+        passive_health,
+        on_backend_down,
+        limits,
+        timeouts,
+        backends,
+    })
 }
 
 /// `[vip.timeouts]` of a `protocol` VIP: `tcp` and `tcp_closing`, or `udp`.
@@ -911,7 +937,7 @@ fn status_range(text: &str) -> Option<StatusRange> {
     ((100..=599).contains(&min) && (100..=599).contains(&max) && min <= max).then_some(StatusRange { min, max })
 }
 
-fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
+pub(super) fn duration(s: &mut Section, key: &str) -> Result<Option<Duration>> {
     match s.string(key)? {
         None => Ok(None),
         Some(text) => humantime::parse_duration(&text)

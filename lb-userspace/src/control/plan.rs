@@ -30,6 +30,8 @@
 //!   `[vip.backend.health_check]` (only its checker restarts);
 //! - a VIP's `[vip.limits]`: the new limits apply to the next new flow;
 //!   clients' buckets and flow counts carry over.
+//! - a VIP's `[vip.passive_health]`: the agent judges the next sample by
+//!   it; failures already in a backend's window carry over.
 //!
 //! Removals are planned before everything else, so a VIP added under a
 //! removed one's `listen` (a rename) or in its id (a full file) finds them
@@ -42,8 +44,8 @@
 use std::{fmt, net::SocketAddr, path::PathBuf};
 
 use crate::config::model::{
-    AgentConfig, BackendConfig, Config, HealthCheckConfig, LimitsConfig, OnBackendDown, Protocol, Scheduler,
-    TimeoutsConfig, VipConfig,
+    AgentConfig, BackendConfig, Config, HealthCheckConfig, LimitsConfig, OnBackendDown, PassiveHealthConfig, Protocol,
+    Scheduler, TimeoutsConfig, VipConfig,
 };
 
 /// One change a reload applies in place.
@@ -111,6 +113,12 @@ pub enum Action {
         vip: String,
         to: TimeoutsConfig,
     },
+    /// New `[vip.passive_health]` (`None`: off). The agent's, not the
+    /// balancer's: its failure windows carry over.
+    SetPassiveHealth {
+        vip: String,
+        to: Option<PassiveHealthConfig>,
+    },
 }
 
 impl Action {
@@ -128,7 +136,8 @@ impl Action {
             | Action::SetBackendHealthCheck { vip, .. }
             | Action::SetLimits { vip, .. }
             | Action::SetOnBackendDown { vip, .. }
-            | Action::SetTimeouts { vip, .. } => vip,
+            | Action::SetTimeouts { vip, .. }
+            | Action::SetPassiveHealth { vip, .. } => vip,
         }
     }
 }
@@ -175,6 +184,13 @@ impl fmt::Display for Action {
             }
             Action::SetLimits { vip, to: None } => write!(f, "vip {vip} limits removed"),
             Action::SetTimeouts { vip, .. } => write!(f, "vip {vip} timeouts changed (for flows opened from now on)"),
+            Action::SetPassiveHealth { vip, to: Some(p) } => write!(
+                f,
+                "vip {vip} passive_health max_fails {} fail_timeout {}",
+                p.max_fails,
+                humantime::format_duration(p.fail_timeout)
+            ),
+            Action::SetPassiveHealth { vip, to: None } => write!(f, "vip {vip} passive_health off"),
             Action::SetOnBackendDown { vip, from, to } => {
                 write!(f, "vip {vip} on_backend_down {} -> {}", from.as_str(), to.as_str())
             }
@@ -251,6 +267,9 @@ fn vip_actions(old: &VipConfig, new: &VipConfig, actions: &mut Vec<Action>) {
     }
     if old.timeouts != new.timeouts {
         actions.push(Action::SetTimeouts { vip: vip(), to: new.timeouts });
+    }
+    if old.passive_health != new.passive_health {
+        actions.push(Action::SetPassiveHealth { vip: vip(), to: new.passive_health });
     }
     for backend in &old.backends {
         if !new.backends.iter().any(|b| b.address == backend.address) {
@@ -462,6 +481,21 @@ address = "198.18.2.11:8081"
             actions[0].to_string(),
             "vip web backend 198.18.2.12:8080 health_check changed, its checker restarted"
         );
+    }
+
+    #[test]
+    fn passive_health_changes_are_planned_and_said() {
+        let with = BASE.replacen(
+            "path = \"/health\"",
+            "path = \"/health\"\n[vip.passive_health]\nmax_fails = 3\nfail_timeout = \"10s\"",
+            1,
+        );
+        let on = plan_for(&with).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(on.len(), 1, "{on:?}");
+        assert_eq!(on[0].to_string(), "vip web passive_health max_fails 3 fail_timeout 10s");
+        let off = reload(&load(&with), &load(BASE)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(off, vec![Action::SetPassiveHealth { vip: "web".into(), to: None }]);
+        assert_eq!(off[0].to_string(), "vip web passive_health off");
     }
 
     #[test]

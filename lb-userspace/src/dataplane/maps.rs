@@ -19,6 +19,7 @@ use lb_common::{
     client_limits::{AllowKey, ClientKey, ClientState, VipLimits, limit, masked},
     flow::{FLOW_F_CLOSING, FLOW_F_COUNTED, FlowKey, FlowState, FlowTimeouts, ReplyNat},
     guard::{AddrRoles, ServiceKey, SharedService},
+    handshake::Handshakes,
     map_names,
     stats::{Counters, conntrack_event, reason},
     vip::{VipInfo, VipKey, ring_base},
@@ -52,6 +53,7 @@ pub struct Maps {
     clients: HashMap<MapData, ClientKey, ClientState>,
     limit_allow: LpmTrie<MapData, AllowKey, u8>,
     limited: PerCpuArray<MapData, u64>,
+    handshakes: PerCpuArray<MapData, Handshakes>,
     /// Entries `CONNTRACK` has room for, as the kernel created it.
     conntrack_capacity: u32,
     /// The last count of `CONNTRACK`'s entries; see [`Occupancy`].
@@ -175,6 +177,7 @@ impl Maps {
             clients: typed!(ebpf, map_names::CLIENTS),
             limit_allow: typed!(ebpf, map_names::LIMIT_ALLOW),
             limited: typed!(ebpf, map_names::LIMITED),
+            handshakes: typed!(ebpf, map_names::HANDSHAKES),
             conntrack_capacity: 0,
             occupancy: Arc::new(Mutex::new(Occupancy {
                 last: None,
@@ -211,6 +214,24 @@ impl Maps {
     /// [`DataplaneError::Map`] if the id is out of range.
     pub fn backend_counters(&self, backend_id: u32) -> Result<Counters, DataplaneError> {
         sum_counters(&self.backend_stats, map_names::BACKEND_STATS, backend_id)
+    }
+
+    /// Handshakes of one backend id (`lb_common::handshake`), summed over
+    /// CPUs, for passive health.
+    ///
+    /// # Errors
+    /// [`DataplaneError::Map`] if the id is out of range.
+    pub fn handshakes(&self, backend_id: u32) -> Result<Handshakes, DataplaneError> {
+        let values = self.handshakes.get(&backend_id, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::HANDSHAKES,
+            op: "read",
+            source,
+        })?;
+        let mut total = Handshakes::default();
+        for value in values.iter() {
+            total.merge(value);
+        }
+        Ok(total)
     }
 
     /// Packets per verdict reason (`lb_common::stats::reason`), summed over CPUs.

@@ -4,10 +4,13 @@
 //!
 //! - [`probe`]: one probe (tcp, http, https, dns), bounded by the timeout.
 //! - [`thresholds`]: the pure rise/fall state machine.
+//! - [`passive`]: passive health, `max_fails` failed handshakes within
+//!   `fail_timeout` seen in client traffic.
 //!
 //! The module decides nothing about the maps: the agent applies transitions
 //! and logs them; this module only logs at debug level.
 
+pub mod passive;
 pub mod probe;
 pub mod thresholds;
 

@@ -99,6 +99,7 @@ impl Balancer {
                 | Action::SetHealthCheck { .. }
                 | Action::SetLimits { .. }
                 | Action::SetTimeouts { .. }
+                | Action::SetPassiveHealth { .. }
                 | Action::SetOnBackendDown { .. } => {
                     running.ok_or_else(|| not_running(format!("vip {name}")))?;
                 }
@@ -131,7 +132,8 @@ impl Balancer {
         for action in actions {
             let name = action.vip();
             match action {
-                Action::SetHealthCheck { .. } => {}
+                // The agent's own (`crate::health::passive`): nothing here.
+                Action::SetHealthCheck { .. } | Action::SetPassiveHealth { .. } => {}
                 Action::RemoveVip { .. } => self.remove_vip(name),
                 Action::AddVip { vip } => {
                     touched.extend(self.add_vip(vip));

@@ -72,6 +72,7 @@ fn vip_config(name: &str, listen: &str, backends: &[(&str, u32)], kind: HealthCh
             fall: 2,
             port: None,
         },
+        passive_health: None,
         limits: None,
         timeouts: Default::default(),
         on_backend_down: OnBackendDown::Reschedule,
