@@ -17,7 +17,9 @@
 ///   `VIP_F_LIMITED` in a VIP's (a version-1 program would neither set nor
 ///   read them, so flows it pinned would never be counted down); a flow's
 ///   own timeouts where its entry had padding.
-pub const LAYOUT_VERSION: u32 = 2;
+/// - 3: `BACKEND_STATS` counts each direction apart (its value grew, which
+///   the size check sees too) and `VIP_STATS` is gone.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Name, in the pin directory, of the symlink that records the layout: its
 /// target is [`LAYOUT_TAG_PREFIX`] followed by the decimal version. (A bpffs

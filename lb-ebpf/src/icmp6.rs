@@ -16,7 +16,7 @@ use lb_common::{
     FAMILY_V6, PROTO_TCP, PROTO_UDP,
     backend::{BACKEND_STATE_UNUSED, BackendInfo},
     flow::{FlowKey, ReplyNat},
-    stats::reason,
+    stats::{direction, reason},
 };
 
 use crate::{
@@ -94,14 +94,14 @@ fn error(ctx: &XdpContext, v6: &Ipv6, icmp_check: *mut u16, icmp_off: usize) -> 
     if quoted.src_be != outer_daddr {
         return Err(no_flow(outer_daddr));
     }
-    if let Some((vip_id, backend_id, backend)) = flow_of_reply(&quoted) {
-        stats::count_traffic(vip_id, backend_id, ctx);
+    if let Some((_, backend_id, backend)) = flow_of_reply(&quoted) {
+        stats::count_traffic(backend_id, direction::IN, ctx);
         rewrite_quote(&q, icmp_check, Side::Source, backend.addr_be, backend.port_be);
         set_outer(v6.ip, icmp_check, Side::Destination, backend.addr_be);
         return Ok(v6::forward(ctx, v6.eth, v6.ip, reason::REDIRECT_ICMP_ERROR_TO_BACKEND));
     }
     if let Some(nat) = flow_of_request(&quoted)? {
-        stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
+        stats::count_traffic(nat.backend_id, direction::OUT, ctx);
         rewrite_quote(&q, icmp_check, Side::Destination, nat.vip_addr_be, nat.vip_port_be);
         if outer_saddr == quoted.dst_be {
             set_outer(v6.ip, icmp_check, Side::Source, nat.vip_addr_be);

@@ -20,7 +20,8 @@ use crate::{
         self, Status, StatusSource,
         control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
         status::{
-            BackendStatus, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic, VerdictCount, VipStatus,
+            BackendStatus, BuildInfo, CheckStats, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic,
+            VerdictCount, VipStatus,
         },
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
@@ -39,11 +40,23 @@ use crate::{
 };
 
 /// What the admin API reads and the health loop writes.
+/// What the agent saw of one backend's health checks.
+#[derive(Clone, Debug, Default)]
+struct Observed {
+    /// The last probe's outcome: `ok` or why it failed.
+    last_check: Option<String>,
+    /// Durations and failures of its probes.
+    checks: CheckStats,
+    /// Health changes (up ↔ down), and when the last one was, in Unix seconds.
+    changes: u64,
+    last_change: Option<f64>,
+}
+
 struct AgentState {
     balancer: Balancer,
     maps: Maps,
-    /// Last health check outcome per backend id, for `/status`.
-    last_checks: HashMap<u32, String>,
+    /// What the health checks said per backend id, for `/status` and `/metrics`.
+    observed: HashMap<u32, Observed>,
     /// The checkers' shared probe slots, for their counters in `/status`.
     probes: ProbePool,
     /// The config's generation and last reload, for `/status` and `/metrics`.
@@ -223,10 +236,15 @@ async fn start(
     let budget = descriptor_budget(fd_limit);
     let probes = ProbePool::new(budget.probes);
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
-    let config_status =
-        ConfigStatus { generation: 1, last_reload_successful: true, last_reload_success_timestamp_seconds: unix_now() };
+    let config_status = ConfigStatus {
+        generation: 1,
+        last_reload_successful: true,
+        last_reload_success_timestamp_seconds: unix_now(),
+        reloads: 0,
+        reload_failures: 0,
+    };
     let state =
-        Arc::new(Mutex::new(AgentState { balancer, maps, last_checks: HashMap::new(), probes, config: config_status }));
+        Arc::new(Mutex::new(AgentState { balancer, maps, observed: HashMap::new(), probes, config: config_status }));
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let agent = &config.agent;
@@ -668,22 +686,27 @@ type ReloadOutcome = Result<(Config, Vec<String>), String>;
 fn reload_config(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) -> ReloadOutcome {
     tracing::info!(file = %running.source.display(), "reloading the config");
     let outcome = try_reload(running, opts, state);
+    let mut generation = 0;
     if let Ok(mut guard) = state.lock() {
         let config = &mut guard.config;
         config.last_reload_successful = outcome.is_ok();
+        config.reloads += 1;
         if outcome.is_ok() {
             config.generation += 1;
             config.last_reload_success_timestamp_seconds = unix_now();
+        } else {
+            config.reload_failures += 1;
         }
+        generation = config.generation;
     }
     match &outcome {
         Ok((_, changes)) => {
             for change in changes {
-                tracing::info!("reload: {change}");
+                tracing::info!(%change, generation, "reload: change applied");
             }
-            tracing::info!(changes = changes.len(), "reload: done");
+            tracing::info!(changes = changes.len(), generation, "reload: done");
         }
-        Err(refusal) => tracing::error!("reload refused, keeping the running config: {refusal}"),
+        Err(refusal) => tracing::error!(reason = %refusal, generation, "reload refused, keeping the running config"),
     }
     outcome
 }
@@ -693,7 +716,7 @@ fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) ->
     opts.apply(&mut new);
     let actions = plan::reload(running, &new).map_err(|refusal| refusal.to_string())?;
     let mut guard = state.lock().map_err(|_| "the agent's state is poisoned".to_owned())?;
-    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
+    let AgentState { balancer, maps, observed, .. } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
         Err(error) if error.changed_nothing() => return Err(format!("{}: {error}", new.source.display())),
@@ -702,7 +725,7 @@ fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) ->
         Err(error) => tracing::error!(error = %format!("{error:#}"), "reload: updating the maps failed"),
     }
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
-    last_checks.retain(|id, _| live.contains(id));
+    observed.retain(|id, _| live.contains(id));
     save_runtime(&new.agent.state_file, balancer);
     let changes = actions.iter().map(ToString::to_string).collect();
     Ok((plan::as_running(running, new), changes))
@@ -760,13 +783,22 @@ fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_fi
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
-    let AgentState { balancer, maps, last_checks, .. } = &mut *guard;
+    let AgentState { balancer, maps, observed, .. } = &mut *guard;
     if balancer.is_retired(event.key) {
         // Sent before a reload removed its backend and stopped its checker.
         return;
     }
-    last_checks.insert(event.key, event.last_check.clone());
+    let seen = observed.entry(event.key).or_default();
+    seen.last_check = Some(event.last_check.clone());
+    if let Some(took) = event.duration {
+        seen.checks.record(took.as_secs_f64(), event.failure);
+    }
     let Some(transition) = event.transition else { return };
+    let was_up = balancer.backends().find(|b| b.backend_id == event.key).map(|b| b.health.is_up());
+    if was_up.is_some_and(|up| up != transition.health.is_up()) {
+        seen.changes += 1;
+        seen.last_change = Some(unix_now());
+    }
     let health = transition.health;
     let name = balancer.describe_backend(event.key);
     match balancer.set_health(event.key, health, maps) {
@@ -805,7 +837,7 @@ impl StatusSource for AgentState {
             probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
             local_errors: self.probes.local_errors(),
         };
-        Status { vips, verdicts, conntrack, health_checks, config: self.config }
+        Status { vips, verdicts, conntrack, health_checks, config: self.config, build: BuildInfo::current() }
     }
 }
 
@@ -819,16 +851,19 @@ impl AgentState {
                 weight: b.weight,
                 backup: b.backup,
                 health: b.health.as_str().to_owned(),
-                last_check: self.last_checks.get(&b.backend_id).cloned(),
+                last_check: self.observed.get(&b.backend_id).and_then(|o| o.last_check.clone()),
                 traffic: self.backend_counters(b.backend_id),
                 admin: b.admin.as_str().to_owned(),
                 weight_set_at_runtime: b.weight_override.is_some(),
                 active_flows: self.maps.live_flows(b.backend_id),
+                ring_slots: b.ring_slots,
+                checks: self.observed.get(&b.backend_id).map(|o| o.checks.clone()).unwrap_or_default(),
+                health_changes: self.observed.get(&b.backend_id).map_or(0, |o| o.changes),
+                last_change_unix_seconds: self.observed.get(&b.backend_id).and_then(|o| o.last_change),
             })
             .collect();
-        // Summed over its backends, not read from VIP_STATS: a reused VIP id's
-        // slot may still count replies of the removed VIP's flows, while
-        // backend ids are never reused (see `control::balancer::apply`).
+        // Summed over its backends: backend ids are never reused, VIP ids are
+        // (see `control::balancer::apply`).
         let mut traffic = Traffic::default();
         for b in &backends {
             traffic += b.traffic;
@@ -842,6 +877,7 @@ impl AgentState {
             protocol: vip.protocol.as_str().to_owned(),
             scheduler: vip.scheduler.as_str().to_owned(),
             backends_up: backends.iter().filter(|b| b.health == "up").count(),
+            backends_serving: backends.iter().filter(|b| b.serving()).count(),
             traffic,
             backends,
             limited: vip.limits.map(|_| self.limited(vip.vip_id)),

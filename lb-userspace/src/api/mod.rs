@@ -11,7 +11,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use axum::{Json, Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 
 pub use server::Limits;
 pub use status::Status;
@@ -50,8 +56,24 @@ async fn status(State(source): State<Shared>) -> Result<Json<Status>, StatusCode
     snapshot(&source).map(Json)
 }
 
-async fn metrics(State(source): State<Shared>) -> Result<impl IntoResponse, StatusCode> {
-    let status = snapshot(&source)?;
-    let body = crate::metrics::render(&status).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body))
+async fn metrics(State(source): State<Shared>, headers: HeaderMap) -> Result<impl IntoResponse, StatusCode> {
+    metrics_response(&source, &headers)
+}
+
+/// OpenMetrics when the client asks for it (Prometheus does), else the
+/// Prometheus text format (`curl`, `promtool check metrics`).
+pub(crate) fn metrics_response(source: &Shared, headers: &HeaderMap) -> Result<impl IntoResponse + use<>, StatusCode> {
+    let status = snapshot(source)?;
+    let process = crate::process::read().ok();
+    let body = crate::metrics::render(&status, process.as_ref()).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    Ok(if openmetrics {
+        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+    } else {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::to_text_format(&body))
+    })
 }

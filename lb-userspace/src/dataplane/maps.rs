@@ -43,7 +43,6 @@ pub struct Maps {
     addr_roles: HashMap<MapData, VipAddrKey, AddrRoles>,
     backend_services: HashMap<MapData, ServiceKey, ReplyNat>,
     shared_services: HashMap<MapData, ServiceKey, SharedService>,
-    vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     verdicts: PerCpuArray<MapData, u64>,
     conntrack_events: PerCpuArray<MapData, u64>,
@@ -166,7 +165,6 @@ impl Maps {
             addr_roles: typed!(ebpf, map_names::ADDR_ROLES),
             backend_services: typed!(ebpf, map_names::BACKEND_SERVICES),
             shared_services: typed!(ebpf, map_names::SHARED_SERVICES),
-            vip_stats: typed!(ebpf, map_names::VIP_STATS),
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             verdicts: typed!(ebpf, map_names::VERDICTS),
             conntrack_events: typed!(ebpf, map_names::CONNTRACK_EVENTS),
@@ -195,14 +193,6 @@ impl Maps {
         })?;
         self.conntrack_capacity = info.max_entries();
         Ok(self)
-    }
-
-    /// Traffic of one VIP, summed over CPUs.
-    ///
-    /// # Errors
-    /// [`DataplaneError::Map`] if the id is out of range.
-    pub fn vip_counters(&self, vip_id: u32) -> Result<Counters, DataplaneError> {
-        sum_counters(&self.vip_stats, map_names::VIP_STATS, vip_id)
     }
 
     /// Traffic of one backend id, summed over CPUs.
@@ -518,16 +508,14 @@ impl Dataplane for Maps {
     }
 
     fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
-        let error = |source| DataplaneError::Map { name: map_names::VIP_STATS, op: "reset", source };
-        // One value per possible CPU, which is what a read returns.
-        let cpus = self.vip_stats.get(&vip_id, 0).map_err(error)?.len();
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| error(MapError::from(e)))?;
-        self.vip_stats.set(vip_id, zeros, 0).map_err(error)?;
-        // Refusals by its limits too: a counter of the new VIP starts at 0.
+        // Refusals by its limits: a counter of the new VIP starts at 0.
         let error = |source| DataplaneError::Map { name: map_names::LIMITED, op: "reset", source };
         for kind in 0..limit::COUNT {
+            let index = vip_id * limit::COUNT + kind;
+            // One value per possible CPU, which is what a read returns.
+            let cpus = self.limited.get(&index, 0).map_err(error)?.len();
             let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| error(MapError::from(e)))?;
-            self.limited.set(vip_id * limit::COUNT + kind, zeros, 0).map_err(error)?;
+            self.limited.set(index, zeros, 0).map_err(error)?;
         }
         Ok(())
     }

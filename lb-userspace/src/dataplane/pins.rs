@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! /sys/fs/bpf/lb/            (agent.pin_dir)
-//!   LAYOUT -> lb-layout-v2   the layout version (a symlink: bpffs has no regular files)
+//!   LAYOUT -> lb-layout-v3   the layout version (a symlink: bpffs has no regular files)
 //!   link_eth0, link_eth1     one bpf_link per interface: XDP stays attached while it is pinned
 //!   VIPS, BACKENDS, MAGLEV, CONNTRACK, ...   every map, by its name in lb_common::map_names
 //! ```
