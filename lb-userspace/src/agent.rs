@@ -47,7 +47,8 @@ struct Observed {
     last_check: Option<String>,
     /// Durations and failures of its probes.
     checks: CheckStats,
-    /// Health changes (up ↔ down), and when the last one was, in Unix seconds.
+    /// Health changes (the first verdict, then up ↔ down), and when the
+    /// last one was, in Unix seconds.
     changes: u64,
     last_change: Option<f64>,
 }
@@ -794,8 +795,8 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
         seen.checks.record(took.as_secs_f64(), event.failure);
     }
     let Some(transition) = event.transition else { return };
-    let was_up = balancer.backends().find(|b| b.backend_id == event.key).map(|b| b.health.is_up());
-    if was_up.is_some_and(|up| up != transition.health.is_up()) {
+    let before = balancer.backends().find(|b| b.backend_id == event.key).map(|b| b.health);
+    if before.is_some_and(|health| health != transition.health) {
         seen.changes += 1;
         seen.last_change = Some(unix_now());
     }

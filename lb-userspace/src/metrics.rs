@@ -202,7 +202,7 @@ impl BackendFamilies {
         );
         registry.register(
             "backend_health_changes",
-            "Times the backend's health changed (up to down or back) since the agent started",
+            "Times the backend's health changed since the agent started: its first verdict, then each flip between up and down",
             f.changes.clone(),
         );
         registry.register(

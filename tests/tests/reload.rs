@@ -161,8 +161,8 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     // Valid, but it changes a key that needs a restart: refused as a whole,
     // the drain alongside it included.
     let restart_only = with_weight(&config, address, 0).replacen(
-        "admin_listen = \"127.0.0.1:9100\"",
-        "admin_listen = \"127.0.0.1:9101\"",
+        "admin_listen = \"127.0.0.1:7451\"",
+        "admin_listen = \"127.0.0.1:7452\"",
         1,
     );
     assert_ne!(restart_only, with_weight(&config, address, 0), "admin_listen is in the config");

@@ -40,6 +40,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bird2",
     "iputils-ping",
     "linux-perf",
+    // promtool lints a live agent's /metrics and checks deploy/'s rules (issue 13).
+    "prometheus",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 with these compilers.
@@ -50,8 +52,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// to exercise the install path without replacing the real installation.
 const BPF_LINKER_ROOT_ENV: &str = "XTASK_BPF_LINKER_ROOT";
 
-/// Daemons that installing haproxy, nginx or bird2 may start; setup stops the ones it started.
-const DAEMONS: &[&str] = &["haproxy", "nginx", "bird"];
+/// Daemons that installing haproxy, nginx, bird2 or prometheus may start;
+/// setup stops the ones it started.
+const DAEMONS: &[&str] = &["haproxy", "nginx", "bird", "prometheus"];
 
 /// Where things are installed.
 #[derive(Debug, Clone, Default)]

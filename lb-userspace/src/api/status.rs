@@ -78,7 +78,9 @@ pub struct HealthChecksStatus {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct ConntrackStatus {
     /// Entries present: live flows, and idle ones not yet reused or evicted.
-    /// Counted by walking the table, so up to a few seconds old.
+    /// The last walk's count plus the keys inserted since it began, at most
+    /// the capacity: current, and over by at most the inserts made during
+    /// that walk (see `dataplane::maps::Occupancy`).
     pub entries: u64,
     /// Entries the table has room for (`agent.conntrack_capacity`).
     pub capacity: u64,
@@ -179,7 +181,8 @@ pub struct BackendStatus {
     /// Its health checks: durations and failures.
     #[serde(default)]
     pub checks: CheckStats,
-    /// Times its health changed (up ↔ down) since the agent started.
+    /// Times its health changed since the agent started: the first verdict
+    /// (from unknown), then each flip between up and down.
     #[serde(default)]
     pub health_changes: u64,
     /// When its health last changed, in Unix seconds; absent before the

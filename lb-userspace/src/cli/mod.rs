@@ -68,3 +68,17 @@ fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `lb status` asks where `lb run` listens by default.
+    #[test]
+    fn lb_status_defaults_to_the_agents_admin_address() {
+        let cli = Cli::try_parse_from(["lb", "status"]).expect("parses");
+        let Command::Status(args) = cli.command else { panic!("not status: {cli:?}") };
+        assert_eq!(args.admin, crate::config::DEFAULT_ADMIN_LISTEN);
+        assert_ne!(args.admin.port(), 9100, "node_exporter's port");
+    }
+}

@@ -21,8 +21,8 @@ const MIN_ADDRESS_WIDTH: usize = 22;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The agent's admin address (agent.admin_listen).
-    #[arg(long, default_value = "127.0.0.1:9100")]
-    admin: SocketAddr,
+    #[arg(long, default_value_t = crate::config::DEFAULT_ADMIN_LISTEN)]
+    pub(super) admin: SocketAddr,
     /// Print the raw JSON instead of a table.
     #[arg(long)]
     json: bool,

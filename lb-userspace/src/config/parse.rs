@@ -51,8 +51,11 @@ const LIMIT_KEYS: &[&str] =
 const CHECK_KEYS: &[&str] = &["type", "path", "host", "expect_status", "interval", "timeout", "rise", "fall", "port"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup"];
 
-/// Where the admin API listens unless configured.
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
+/// Where the admin API listens unless configured. Port 7451: Prometheus'
+/// exporter range, 9100-9999, is fully allocated (9100 is node_exporter's,
+/// which runs on most monitored hosts), and 7451 is neither in it, nor in
+/// `/etc/services`, nor a common daemon's default.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7451));
 /// Where the program's links and maps are pinned unless configured (bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// Where the control socket (the admin API's state-changing half) listens unless configured.

@@ -9,7 +9,7 @@ const FILE: &str = "test.toml";
 const EXAMPLE: &str = r#"
 [agent]
 interfaces = ["eth0", "eth1"]
-admin_listen = "127.0.0.1:9100"
+admin_listen = "127.0.0.1:7451"
 xdp_mode = "native"
 conntrack_capacity = 1048576
 
