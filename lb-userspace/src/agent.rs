@@ -778,13 +778,14 @@ fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_fi
     }
     save_runtime(state_file, balancer);
     let message = format!("vip {vip} backend {address}: {what}");
-    tracing::info!("{message}");
+    tracing::info!(%vip, backend = %address, change = %what, "runtime change");
     ControlAnswer { ok: true, messages: vec![message] }
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
-    let AgentState { balancer, maps, observed, .. } = &mut *guard;
+    let AgentState { balancer, maps, observed, config, .. } = &mut *guard;
+    let generation = config.generation;
     if balancer.is_retired(event.key) {
         // Sent before a reload removed its backend and stopped its checker.
         return;
@@ -802,12 +803,16 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     }
     let health = transition.health;
     let name = balancer.describe_backend(event.key);
+    let from = before.map_or("unknown", Health::as_str);
+    let to = health.as_str();
+    let reason = &transition.reason;
     match balancer.set_health(event.key, health, maps) {
         Ok(change) => {
+            let slots = change.slots_written;
             if health.is_up() {
-                tracing::info!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend up");
+                tracing::info!(backend = %name, from, to, %reason, slots, generation, "backend up");
             } else {
-                tracing::warn!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend down");
+                tracing::warn!(backend = %name, from, to, %reason, slots, generation, "backend down");
             }
         }
         Err(error) => tracing::error!(backend = %name, error = %format!("{error:#}"), "updating the maps failed"),

@@ -3,6 +3,7 @@
 mod backend;
 mod check;
 mod control;
+mod http;
 mod reload;
 mod run;
 mod status;
@@ -20,8 +21,22 @@ struct Cli {
     /// Log filter, e.g. `info`, `debug`, `lb=debug` (also from LB_LOG).
     #[arg(long, global = true, env = "LB_LOG", default_value = "info")]
     log: String,
+    /// Log lines as text, or as one JSON object per event with its fields
+    /// (vip, backend, reason, generation, ...) for a log pipeline.
+    #[arg(long, global = true, env = "LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `LEVEL message key=value ...`, for people.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (the
+    /// message and every field), for programs.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -38,7 +53,7 @@ enum Command {
 /// with the whole cause chain printed.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::run(args),
@@ -56,17 +71,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in log files and journals.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[cfg(test)]
