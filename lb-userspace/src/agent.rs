@@ -20,7 +20,7 @@ use crate::{
         self, Status, StatusSource,
         control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
         status::{
-            BackendStatus, BuildInfo, CheckStats, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic,
+            BackendStatus, BuildInfo, CheckStats, Event, MAX_EVENTS, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic,
             VerdictCount, VipStatus,
         },
     },
@@ -62,6 +62,22 @@ struct AgentState {
     probes: ProbePool,
     /// The config's generation and last reload, for `/status` and `/metrics`.
     config: ConfigStatus,
+    /// Recent events, oldest first, at most `MAX_EVENTS`.
+    events: std::collections::VecDeque<Event>,
+}
+
+impl AgentState {
+    /// Keeps `message` among the recent events.
+    fn event(&mut self, message: String) {
+        record_event(&mut self.events, message);
+    }
+}
+
+fn record_event(events: &mut std::collections::VecDeque<Event>, message: String) {
+    if events.len() >= MAX_EVENTS {
+        events.pop_front();
+    }
+    events.push_back(Event { unix_seconds: unix_now(), message });
 }
 
 /// How `lb run` treats the pinned data path.
@@ -245,7 +261,14 @@ async fn start(
         reload_failures: 0,
     };
     let state =
-        Arc::new(Mutex::new(AgentState { balancer, maps, observed: HashMap::new(), probes, config: config_status }));
+        Arc::new(Mutex::new(AgentState {
+            balancer,
+            maps,
+            observed: HashMap::new(),
+            probes,
+            config: config_status,
+            events: std::collections::VecDeque::new(),
+        }));
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let agent = &config.agent;
@@ -699,6 +722,11 @@ fn reload_config(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>)
             config.reload_failures += 1;
         }
         generation = config.generation;
+        let what = match &outcome {
+            Ok((_, changes)) => format!("reload applied, generation {generation}: {} change(s)", changes.len()),
+            Err(refusal) => format!("reload refused: {refusal}"),
+        };
+        guard.event(what);
     }
     match &outcome {
         Ok((_, changes)) => {
@@ -749,7 +777,7 @@ fn save_runtime(path: &std::path::Path, balancer: &Balancer) {
 fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_file: &std::path::Path) -> ControlAnswer {
     let refused = |message: String| ControlAnswer { ok: false, messages: vec![message] };
     let Ok(mut guard) = state.lock() else { return refused("the agent's state is poisoned".to_owned()) };
-    let AgentState { balancer, maps, .. } = &mut *guard;
+    let AgentState { balancer, maps, events, .. } = &mut *guard;
     let (vip, address) = (request.vip.as_str(), request.address);
     let result = match request.action {
         BackendAction::Drain => balancer.set_admin(vip, address, AdminState::Drain, maps),
@@ -779,12 +807,13 @@ fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_fi
     save_runtime(state_file, balancer);
     let message = format!("vip {vip} backend {address}: {what}");
     tracing::info!(%vip, backend = %address, change = %what, "runtime change");
+    record_event(events, message.clone());
     ControlAnswer { ok: true, messages: vec![message] }
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
-    let AgentState { balancer, maps, observed, config, .. } = &mut *guard;
+    let AgentState { balancer, maps, observed, config, events, .. } = &mut *guard;
     let generation = config.generation;
     if balancer.is_retired(event.key) {
         // Sent before a reload removed its backend and stopped its checker.
@@ -806,6 +835,7 @@ fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let from = before.map_or("unknown", Health::as_str);
     let to = health.as_str();
     let reason = &transition.reason;
+    record_event(events, format!("{name}: {from} -> {to}: {reason}"));
     match balancer.set_health(event.key, health, maps) {
         Ok(change) => {
             let slots = change.slots_written;
@@ -843,7 +873,15 @@ impl StatusSource for AgentState {
             probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
             local_errors: self.probes.local_errors(),
         };
-        Status { vips, verdicts, conntrack, health_checks, config: self.config, build: BuildInfo::current() }
+        Status {
+            vips,
+            verdicts,
+            conntrack,
+            health_checks,
+            config: self.config,
+            build: BuildInfo::current(),
+            events: self.events.iter().cloned().collect(),
+        }
     }
 }
 

@@ -42,7 +42,7 @@ pub async fn serve(listen: SocketAddr, limits: Limits, source: Shared) -> anyhow
     let app = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .route("/", get(|| async { "lb: see /status and /metrics\n" }))
+        .route("/", get(status_page))
         .with_state(source);
     Ok(tokio::spawn(server::accept_loop(listener, app, limits)))
 }
@@ -50,6 +50,14 @@ pub async fn serve(listen: SocketAddr, limits: Limits, source: Shared) -> anyhow
 fn snapshot(source: &Shared) -> Result<Status, StatusCode> {
     let guard = source.lock().map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     Ok(guard.status())
+}
+
+/// The live status page: HTML that refreshes itself from `/status`, with
+/// its script and style inline (nothing loaded from the network).
+const STATUS_PAGE: &str = include_str!("status.html");
+
+async fn status_page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], STATUS_PAGE)
 }
 
 async fn status(State(source): State<Shared>) -> Result<Json<Status>, StatusCode> {

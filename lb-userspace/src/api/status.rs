@@ -21,6 +21,22 @@ pub struct Status {
     /// What is running. Absent from older agents' answers.
     #[serde(default)]
     pub build: BuildInfo,
+    /// The last [`MAX_EVENTS`] events (health changes, reloads, runtime
+    /// changes), oldest first.
+    #[serde(default)]
+    pub events: Vec<Event>,
+}
+
+/// How many recent events `/status` keeps.
+pub const MAX_EVENTS: usize = 50;
+
+/// Something that happened to the balancer, for the status page.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Event {
+    /// When, in Unix seconds.
+    pub unix_seconds: f64,
+    /// What, in one line (`vip web backend 198.18.2.13:8080 (id 3): up -> down: connect: ...`).
+    pub message: String,
 }
 
 /// What is running: `lb_build_info`'s labels.

@@ -143,6 +143,7 @@ fn sample_status() -> Status {
             reload_failures: 2,
         },
         build: BuildInfo { version: "0.1.0".into(), commit: "abc".into(), kernel: "6.18.0".into() },
+        events: Vec::new(),
     }
 }
 
