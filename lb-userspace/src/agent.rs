@@ -20,8 +20,8 @@ use crate::{
         self, Status, StatusSource,
         control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
         status::{
-            BackendStatus, BuildInfo, CheckStats, Event, MAX_EVENTS, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, Traffic,
-            VerdictCount, VipStatus,
+            BackendStatus, BuildInfo, CheckStats, ConfigStatus, ConntrackStatus, Event, HealthChecksStatus, Limited,
+            MAX_EVENTS, Traffic, VerdictCount, VipStatus,
         },
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
@@ -260,15 +260,14 @@ async fn start(
         reloads: 0,
         reload_failures: 0,
     };
-    let state =
-        Arc::new(Mutex::new(AgentState {
-            balancer,
-            maps,
-            observed: HashMap::new(),
-            probes,
-            config: config_status,
-            events: std::collections::VecDeque::new(),
-        }));
+    let state = Arc::new(Mutex::new(AgentState {
+        balancer,
+        maps,
+        observed: HashMap::new(),
+        probes,
+        config: config_status,
+        events: std::collections::VecDeque::new(),
+    }));
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let agent = &config.agent;

@@ -42,6 +42,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "linux-perf",
     // promtool lints a live agent's /metrics and checks deploy/'s rules (issue 13).
     "prometheus",
+    // Headless, it loads the agent's status page in tests/tests/status_page.rs.
+    "chromium",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 with these compilers.

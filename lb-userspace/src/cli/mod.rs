@@ -3,6 +3,7 @@
 mod backend;
 mod check;
 mod control;
+mod docs;
 mod http;
 mod reload;
 mod run;
@@ -47,6 +48,8 @@ enum Command {
     Unload(unload::Args),
     Backend(backend::Args),
     Reload(reload::Args),
+    #[command(hide = true)]
+    GenerateDocs(docs::Args),
 }
 
 /// Parses arguments, runs the subcommand, and turns errors into an exit code
@@ -61,6 +64,7 @@ pub fn main() -> ExitCode {
         Command::Unload(args) => unload::run(args),
         Command::Backend(args) => backend::run(args),
         Command::Reload(args) => reload::run(args),
+        Command::GenerateDocs(args) => docs::run(&args, <Cli as clap::CommandFactory>::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,6 +90,21 @@ fn init_logging(filter: &str, format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The man pages and completions come out of the CLI's definitions.
+    #[test]
+    fn generate_docs_writes_man_pages_and_completions() {
+        let out = std::env::temp_dir().join(format!("lb-docs-test-{}", std::process::id()));
+        let args = docs::Args::for_test(out.clone());
+        docs::run(&args, <Cli as clap::CommandFactory>::command()).expect("generated");
+        let page = std::fs::read_to_string(out.join("man1/lb-status.1")).expect("lb-status.1");
+        assert!(page.contains("\\-\\-rates") && page.contains("\\-\\-watch"), "{page}");
+        assert!(out.join("man1/lb.1").exists() && !out.join("man1/lb-generate-docs.1").exists());
+        let bash = std::fs::read_to_string(out.join("completions/lb.bash")).expect("bash completion");
+        assert!(bash.contains("--log-format") && bash.contains("drain"), "{bash}");
+        assert!(out.join("completions/_lb").exists() && out.join("completions/lb.fish").exists());
+        let _ = std::fs::remove_dir_all(&out);
+    }
 
     /// `lb status` asks where `lb run` listens by default.
     #[test]

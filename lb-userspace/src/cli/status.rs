@@ -17,8 +17,9 @@ use crate::{
 /// Width of the backend address column: an IPv4 `address:port` fits.
 const MIN_ADDRESS_WIDTH: usize = 22;
 
-/// Print each VIP with its backends' health, admin state (ready, drain,
-/// maint), weight (`*`: set at runtime), traffic and active flows, from a
+/// Print a table of each VIP with its backends' health, admin state (ready, drain,
+/// maint), weight (`*`: set at runtime), role, rates (`--rates`, `--watch`),
+/// active flows and check latency, from a
 /// running agent's admin API; or, when no agent answers, whether the data
 /// path still runs pinned without one.
 #[derive(Debug, clap::Args)]
