@@ -305,3 +305,51 @@ fn the_readme_lists_every_metric_and_no_other() {
     want_sorted.sort();
     assert_eq!(listed_sorted, want_sorted, "README metrics table vs the agent's families");
 }
+
+/// Issue 13's scale: 1,024 VIPs of 4 backends each, every backend with
+/// checks and traffic. Prints the render time and size (the figures in
+/// the README come from `cargo test --release -p lb-userspace --lib
+/// scrape_of_1024_vips -- --nocapture`); the bound here only catches a
+/// blow-up, generous for a debug build on a loaded machine.
+#[test]
+fn scrape_of_1024_vips_of_4_backends() {
+    let mut checks = CheckStats::default();
+    checks.record(0.002, None);
+    checks.record(0.3, Some("timeout"));
+    let traffic = Traffic {
+        packets: 20,
+        bytes: 3000,
+        packets_in: 12,
+        bytes_in: 1000,
+        packets_out: 8,
+        bytes_out: 2000,
+        new_flows: 2,
+        rescheduled_flows: 0,
+    };
+    let vips: Vec<VipStatus> = (0..1024)
+        .map(|v| {
+            let backends = (0..4)
+                .map(|b| BackendStatus {
+                    traffic,
+                    checks: checks.clone(),
+                    ring_slots: 1000,
+                    last_change_unix_seconds: Some(1.7e9),
+                    ..backend(&format!("198.18.{}.{}:{}", 2 + v / 250, b + 1, 8000 + v % 250))
+                })
+                .collect();
+            vip(&format!("vip{v}"), "198.18.0.100:80", backends)
+        })
+        .collect();
+    let status = Status { vips, ..sample_status() };
+    let started = std::time::Instant::now();
+    let openmetrics = render(&status, None).expect("render");
+    let rendered = started.elapsed();
+    let text = to_text_format(&openmetrics);
+    let total = started.elapsed();
+    println!(
+        "scrape of 1,024 VIPs x 4 backends: render {rendered:?}, with the text format {total:?}; {} bytes ({} lines)",
+        openmetrics.len(),
+        openmetrics.lines().count()
+    );
+    assert!(text.len() > 1_000_000 && total < std::time::Duration::from_secs(10), "{total:?}");
+}
