@@ -20,8 +20,8 @@ use crate::{
         self, Status, StatusSource,
         control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
         status::{
-            BackendStatus, BuildInfo, CheckStats, ConfigStatus, ConntrackStatus, Event, HealthChecksStatus, Limited,
-            MAX_EVENTS, Traffic, VerdictCount, VipStatus,
+            BackendStatus, BuildInfo, CheckStats, ConfigStatus, ConntrackStatus, Event, HealthChecksStatus,
+            InterfaceStatus, Limited, MAX_EVENTS, Traffic, VerdictCount, VipStatus,
         },
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
@@ -64,6 +64,8 @@ struct AgentState {
     config: ConfigStatus,
     /// Recent events, oldest first, at most `MAX_EVENTS`.
     events: std::collections::VecDeque<Event>,
+    /// Where the program is attached, and in which mode.
+    interfaces: Vec<InterfaceStatus>,
 }
 
 impl AgentState {
@@ -267,6 +269,7 @@ async fn start(
         probes,
         config: config_status,
         events: std::collections::VecDeque::new(),
+        interfaces: Vec::new(),
     }));
     let admin = api::serve(config.agent.admin_listen, admin_limits, state.clone()).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -289,6 +292,13 @@ async fn start(
             Attached::Replaced => {
                 tracing::info!(%interface, "attached: this program replaced the pinned one atomically")
             }
+        }
+        let mode = match config.agent.xdp_mode {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        };
+        if let Ok(mut guard) = state.lock() {
+            guard.interfaces.push(InterfaceStatus { name: interface.clone(), mode: mode.to_owned() });
         }
     }
     detach_unconfigured(pins, &config.agent.interfaces);
@@ -338,12 +348,23 @@ impl Readiness {
         if self.deadline.is_none() {
             return;
         }
-        let unknown =
-            state.lock().map_or(usize::MAX, |g| g.balancer.backends().filter(|b| b.health == Health::Unknown).count());
+        let Ok(guard) = state.lock() else { return };
+        let count = |health: Health| guard.balancer.backends().filter(|b| b.health == health).count();
+        let (unknown, up, down) = (count(Health::Unknown), count(Health::Up), count(Health::Down));
         if unknown == 0 {
             self.deadline = None;
             notify::ready("attached; every backend's health is known");
-            tracing::info!("ready: attached, every backend's health known");
+            let interfaces: Vec<String> = guard.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
+            let vips = guard.balancer.vips().count();
+            let serving: usize = guard.balancer.vips().filter(|v| v.backends.iter().any(|b| b.ring_slots > 0)).count();
+            tracing::info!(
+                interfaces = %interfaces.join(", "),
+                vips,
+                vips_serving = serving,
+                backends_up = up,
+                backends_down = down,
+                "ready: attached, every backend's health known"
+            );
         }
     }
 
@@ -880,6 +901,7 @@ impl StatusSource for AgentState {
             config: self.config,
             build: BuildInfo::current(),
             events: self.events.iter().cloned().collect(),
+            interfaces: self.interfaces.clone(),
         }
     }
 }

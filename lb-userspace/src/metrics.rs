@@ -336,6 +336,15 @@ pub fn render(status: &Status, process: Option<&ProcessStats>) -> Result<String,
     register_conntrack(&mut registry, &status.conntrack);
     register_health_checks(&mut registry, &status.health_checks);
     register_config(&mut registry, &status.config);
+    let attached = Family::<Labels, Gauge>::default();
+    registry.register(
+        "xdp_attached",
+        "1 for each interface the XDP program is attached to, with its mode (native or generic)",
+        attached.clone(),
+    );
+    for i in &status.interfaces {
+        attached.get_or_create(&vec![("interface", i.name.clone()), ("mode", i.mode.clone())]).set(1);
+    }
     let b = &status.build;
     registry.register(
         "build",

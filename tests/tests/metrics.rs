@@ -102,6 +102,9 @@ fn a_live_agents_metrics_pass_promtool_and_tell_states_apart() {
     positive("lb_vip_packets_total{vip=\"web\",direction=\"out\"}".to_owned());
     positive("lb_vip_bytes_total{vip=\"web\",direction=\"out\"}".to_owned());
     positive("lb_verdict_packets_total{action=\"redirect\",reason=\"to_backend\"}".to_owned());
+    for interface in [testbed.gateway_client_if(), testbed.gateway_backend_if()] {
+        positive(format!("lb_xdp_attached{{interface=\"{interface}\",mode=\"native\"}}"));
+    }
     positive("process_resident_memory_bytes".to_owned());
     positive("process_open_fds".to_owned());
     positive("process_start_time_seconds".to_owned());

@@ -84,19 +84,33 @@ fn lb_status_prints_a_header_and_rates() {
     let testbed = Testbed::new(BACKENDS).expect("building the testbed");
     let mut agent = Agent::start(&testbed, &agent::config_for(&testbed, HealthCheck::default())).expect("starting lb");
     agent.wait_health("web", &["up"; BACKENDS], Duration::from_secs(10)).expect("web backends up");
-    // Traffic while `lb status --rates` reads twice, 2 s apart: a client in
-    // the client namespace, bounded in count.
+    // Traffic all the while `lb status --rates` reads twice, 2 s apart: a
+    // client in the client namespace, in batches of 10 until lb status is
+    // done, at most 100 batches.
     let lb = lb_tests::lb_bin().expect("lb binary");
-    let status = testbed
-        .gateway()
-        .command(&lb)
-        .args(["status", "--rates", "--interval", "2s", "--admin", &agent::ADMIN.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("running lb status");
-    let ok = testbed.client_requests(testbed.vip_http(), 60, true).iter().filter(|r| r.is_ok()).count();
-    assert_eq!(ok, 60, "every request answered");
-    let out = status.wait_with_output().expect("lb status ran");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let out = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            let mut ok = 0;
+            for _ in 0..100 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                ok += testbed.client_requests(testbed.vip_http(), 10, true).iter().filter(|r| r.is_ok()).count();
+            }
+            ok
+        });
+        let out = testbed
+            .gateway()
+            .command(&lb)
+            .args(["status", "--rates", "--interval", "2s", "--admin", &agent::ADMIN.to_string()])
+            .output()
+            .expect("running lb status");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ok = client.join().expect("the client thread");
+        assert!(ok > 0, "requests answered");
+        out
+    });
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "lb status failed:\n{text}");
     let header: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();

@@ -25,6 +25,17 @@ pub struct Status {
     /// changes), oldest first.
     #[serde(default)]
     pub events: Vec<Event>,
+    /// The interfaces the program is attached to, and how.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+/// One interface in `agent.interfaces`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// `native` (driver) or `generic` (skb), as `agent.xdp_mode` asked.
+    pub mode: String,
 }
 
 /// How many recent events `/status` keeps.

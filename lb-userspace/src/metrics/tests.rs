@@ -40,6 +40,7 @@ const GOLDEN: &[(&str, &str, Option<&str>)] = &[
     ("lb_config_last_reload_successful", "gauge", None),
     ("lb_config_last_reload_success_timestamp_seconds", "gauge", None),
     ("lb_config_reloads", "counter", None),
+    ("lb_xdp_attached", "gauge", None),
     ("lb_build", "info", None),
     ("process_cpu_seconds", "counter", Some("seconds")),
     ("process_resident_memory_bytes", "gauge", Some("bytes")),
@@ -144,6 +145,7 @@ fn sample_status() -> Status {
         },
         build: BuildInfo { version: "0.1.0".into(), commit: "abc".into(), kernel: "6.18.0".into() },
         events: Vec::new(),
+        interfaces: vec![crate::api::status::InterfaceStatus { name: "eth0".into(), mode: "native".into() }],
     }
 }
 
@@ -244,6 +246,7 @@ fn renders_the_values_with_their_labels() {
         "lb_config_reloads_total{result=\"success\"} 2".to_owned(),
         "lb_config_reloads_total{result=\"failure\"} 2".to_owned(),
         "lb_build_info{version=\"0.1.0\",commit=\"abc\",kernel=\"6.18.0\"} 1".to_owned(),
+        "lb_xdp_attached{interface=\"eth0\",mode=\"native\"} 1".to_owned(),
         "process_cpu_seconds_total 1.5".to_owned(),
         "process_resident_memory_bytes 4096".to_owned(),
         "process_open_fds 9".to_owned(),
