@@ -136,6 +136,24 @@ fn every_metric_the_dashboard_and_alerts_query_is_exported() {
     }
 }
 
+/// `lb check` (the binary, as an operator runs it) passes every example.
+#[test]
+fn lb_check_passes_every_example() {
+    let lb = lb_tests::lb_bin().expect("lb binary");
+    let dir = deploy_dir().join("../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.expect("an entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(&lb).arg("check").arg("--config").arg(&path).output().expect("running lb check");
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "lb check {}: {said}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "{checked} examples");
+}
+
 #[test]
 fn metric_names_skip_label_values_and_functions() {
     let names = metric_names(r#"sum by (reason) (rate(lb_verdict_packets_total{action="drop",x="lb_no"}[5m])) / lb_a"#);
