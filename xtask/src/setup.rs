@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{self, output_ok, run_ok, succeeds};
+use crate::util::{self, output_ok, succeeds};
 
 /// Debian packages used by the tests, the demo and the benchmarks.
 pub const DEBIAN_PACKAGES: &[&str] = &[
@@ -192,7 +192,10 @@ fn ensure_nightly() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: nightly toolchain: installing...");
-    run_ok(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+    util::run_logged(
+        "nightly toolchain",
+        Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]),
+    )
 }
 
 fn has_rust_src() -> anyhow::Result<bool> {
@@ -206,7 +209,10 @@ fn ensure_rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: rust-src for nightly: installing...");
-    run_ok(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    util::run_logged(
+        "rust-src",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
 }
 
 // --------------------------------------------------------------- bpf-linker
@@ -359,8 +365,8 @@ fn install_bpf_linker(opts: &Options, llvm: &NightlyLlvm) -> anyhow::Result<()> 
     if let Some(root) = &opts.bpf_linker_root {
         cmd.arg("--root").arg(root);
     }
-    println!("$ {}", util::display(&cmd));
-    run_ok(&mut cmd)?;
+    println!("setup: bpf-linker: building (about a minute on 2 cores)...");
+    util::run_logged("bpf-linker", &mut cmd)?;
     let bin = opts.bpf_linker_bin().context("bpf-linker installed, but not found in PATH or cargo's bin directory")?;
     output_ok(Command::new(&bin).arg("--version"))
         .with_context(|| format!("the new {} does not run", bin.display()))?;
@@ -448,8 +454,9 @@ fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
     let before = daemon_pids();
     {
         let _policy = PolicyRcd::deny_starts()?;
-        run_ok(apt_get().arg("update"))?;
-        run_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(packages))?;
+        util::run_logged("apt-get update", apt_get().arg("update"))?;
+        let what = format!("apt-get install ({} packages)", packages.len());
+        util::run_logged(&what, apt_get().args(["install", "-y", "--no-install-recommends"]).args(packages))?;
     }
     stop_new_daemons(&before);
     Ok(())
