@@ -197,7 +197,7 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
     // The unit's absolute paths, inside the fresh root.
     let args: Vec<String> = pre
         .split_whitespace()
-        .map(|a| if a.starts_with('/') { root.join(&a[1..]).display().to_string() } else { a.to_owned() })
+        .map(|a| a.strip_prefix('/').map_or_else(|| a.to_owned(), |inner| root.join(inner).display().to_string()))
         .collect();
     let said = output_ok(Command::new(&args[0]).args(&args[1..]))?;
     println!("dist: installed into {}; `{pre}` there: {}", root.display(), said.trim());
