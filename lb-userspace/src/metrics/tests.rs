@@ -1,5 +1,8 @@
 use super::*;
-use crate::api::status::{BackendStatus, BuildInfo, Limited, VerdictCount, VipStatus};
+use crate::api::status::{
+    BackendStatus, BuildInfo, CheckStats, ConfigStatus, ConntrackStatus, HealthChecksStatus, Limited, VerdictCount,
+    VipStatus,
+};
 
 /// Every metric family the agent exports: name (as in `# TYPE`), type and
 /// unit. The README's metrics table must list the same names (checked
@@ -220,10 +223,10 @@ fn renders_the_values_with_their_labels() {
         format!("lb_health_check_failures_total{{{b},reason=\"timeout\"}} 1"),
         format!("lb_health_check_failures_total{{{b},reason=\"connect\"}} 1"),
         format!("lb_health_check_duration_seconds_count{{{b}}} 3"),
-        format!("lb_health_check_duration_seconds_bucket{{le=\"0.001\",{b}}} 1"),
-        format!("lb_health_check_duration_seconds_bucket{{le=\"0.05\",{b}}} 2"),
-        format!("lb_health_check_duration_seconds_bucket{{le=\"5.0\",{b}}} 2"),
-        format!("lb_health_check_duration_seconds_bucket{{le=\"+Inf\",{b}}} 3"),
+        format!("lb_health_check_duration_seconds_bucket{{{b},le=\"0.001\"}} 1"),
+        format!("lb_health_check_duration_seconds_bucket{{{b},le=\"0.05\"}} 2"),
+        format!("lb_health_check_duration_seconds_bucket{{{b},le=\"5.0\"}} 2"),
+        format!("lb_health_check_duration_seconds_bucket{{{b},le=\"+Inf\"}} 3"),
         "lb_vip_packets_total{vip=\"web\",direction=\"in\"} 7".to_owned(),
         "lb_vip_bytes_total{vip=\"web\",direction=\"out\"} 400".to_owned(),
         "lb_vip_backends{vip=\"web\"} 3".to_owned(),
@@ -310,9 +313,9 @@ fn the_readme_lists_every_metric_and_no_other() {
 }
 
 /// Issue 13's scale: 1,024 VIPs of 4 backends each, every backend with
-/// checks and traffic. Prints the render time and size (the figures in
-/// the README come from `cargo test --release -p lb-userspace --lib
-/// scrape_of_1024_vips -- --nocapture`); the bound here only catches a
+/// checks and traffic. Prints the render time and size (the README's
+/// figures come from `cargo test --release -p lb-userspace --lib
+/// scrape_of_1024 -- --nocapture`); the bound here only catches a
 /// blow-up, generous for a debug build on a loaded machine.
 #[test]
 fn scrape_of_1024_vips_of_4_backends() {
