@@ -136,6 +136,78 @@ fn every_metric_the_dashboard_and_alerts_query_is_exported() {
     }
 }
 
+/// Prometheus itself (Debian's 2.42, in the gateway namespace) scrapes the
+/// agent, which answers it in OpenMetrics (promtool lints only the text
+/// format), and loads deploy/'s rules: the target is up with no scrape
+/// error, the agent's series are queryable, and every rule evaluates.
+#[test]
+#[ignore = "needs root: `cargo xtask test` runs it"]
+fn a_real_prometheus_scrapes_the_agent_and_evaluates_the_rules() {
+    lb_tests::require_root!();
+    let testbed = Testbed::new(2).expect("building the testbed");
+    let mut agent = Agent::start(&testbed, &agent::config_for(&testbed, HealthCheck::default())).expect("starting lb");
+    agent.wait_health("web", &["up", "up"], Duration::from_secs(10)).expect("web backends up");
+    let dir = std::env::temp_dir().join(format!("lb-prometheus-{}", testbed.id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    let rules = deploy_dir().join("prometheus/alerts.yml").canonicalize().expect("alerts.yml");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: lb\n    static_configs:\n      - targets: ['{}']\n",
+        rules.display(),
+        agent::ADMIN
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).expect("writing prometheus.yml");
+    // Its own port on the gateway namespace's loopback: nothing else there.
+    let web = "127.0.0.1:19090";
+    let args = [
+        "prometheus".to_owned(),
+        format!("--config.file={}", dir.join("prometheus.yml").display()),
+        format!("--storage.tsdb.path={}", dir.join("data").display()),
+        format!("--web.listen-address={web}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = testbed.spawn_in(testbed.gateway(), &args).expect("starting prometheus");
+    let api = |path: &str| -> Option<Value> {
+        let out = testbed.gateway().exec(&["curl", "-sf", &format!("http://{web}{path}")]).ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    // Prometheus starts, scrapes every second and evaluates every second:
+    // 30 s is many times what it takes here (about 3 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let target = loop {
+        let target = api("/api/v1/targets").and_then(|t| t["data"]["activeTargets"].get(0).cloned());
+        if let Some(t) = target.filter(|t| t["health"] == "up") {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no healthy target; prometheus said {:?}",
+            api("/api/v1/targets")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(target["lastError"], "", "{target}");
+    let serving = api("/api/v1/query?query=lb_vip_backends_serving").expect("a query answer");
+    let results = serving["data"]["result"].as_array().cloned().unwrap_or_default();
+    assert!(results.iter().any(|r| r["metric"]["vip"] == "web" && r["value"][1] == "2"), "{serving}");
+    let build = api("/api/v1/query?query=lb_build_info").expect("a query answer");
+    assert_eq!(build["data"]["result"].as_array().map(Vec::len), Some(1), "{build}");
+    let groups = loop {
+        let groups = api("/api/v1/rules").and_then(|r| r["data"]["groups"].as_array().cloned()).unwrap_or_default();
+        let evaluated = groups.iter().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).count() == 6
+            && groups.iter().all(|g| g["lastEvaluation"].as_str().is_some_and(|t| !t.starts_with("0001")));
+        if evaluated {
+            break groups;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rules never evaluated: {groups:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for rule in groups.iter().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()) {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `lb check` (the binary, as an operator runs it) passes every example.
 #[test]
 fn lb_check_passes_every_example() {
