@@ -27,6 +27,10 @@ const HEALTH_STATES: [&str; 3] = ["unknown", "up", "down"];
 /// The states `lb_backend_admin_state` has a series for.
 const ADMIN_STATES: [&str; 3] = ["ready", "drain", "maint"];
 
+/// A family with one sample per VIP or backend: its name, its help, and
+/// how to read the value.
+type Column<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
 /// A metric family's kind, as `# TYPE` says it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -256,7 +260,7 @@ fn write_vips(w: &mut Writer, vips: &[Labelled<'_>]) {
         "the VIP's",
         series,
     );
-    let gauges: [(&'static str, &str, fn(&VipStatus) -> usize); 3] = [
+    let gauges: [Column<VipStatus, usize>; 3] = [
         ("lb_vip_backends", "Backends the VIP has in its config", |v| v.backends.len()),
         (
             "lb_vip_backends_up",
@@ -324,7 +328,7 @@ fn write_backends(w: &mut Writer, vips: &[Labelled<'_>]) {
             w.sample("", labels, &[("state", state)], u64::from(b.admin == state));
         }
     }
-    let per_backend: [(&'static str, &str, fn(&BackendStatus) -> u64); 7] = [
+    let per_backend: [Column<BackendStatus, u64>; 7] = [
         ("lb_backend_backup", "1 if the backend is a backup of its VIP", |b| u64::from(b.backup)),
         (
             "lb_backend_serving",
