@@ -7,10 +7,28 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
+/// Passes the git commit to the agent (`lb_build_info`) as `LB_GIT_COMMIT`;
+/// outside a git checkout (a source tarball) there is none, and the agent
+/// says `unknown`.
+fn git_commit() {
+    let git = |args: &[&str]| {
+        let out = Command::new("git").args(args).output().ok().filter(|o| o.status.success())?;
+        String::from_utf8(out.stdout).ok().map(|s| s.trim().to_owned())
+    };
+    if let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) {
+        println!("cargo:rustc-env=LB_GIT_COMMIT={commit}");
+    }
+    // The reflog grows with every commit and checkout: a new commit rebuilds.
+    if let Some(log) = git(&["rev-parse", "--path-format=absolute", "--git-path", "logs/HEAD"]) {
+        println!("cargo:rerun-if-changed={log}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR not set")?);
+    git_commit();
     if std::env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1" || v == "true") {
         // Lets `cargo check`/unit tests build without the eBPF toolchain; the
         // agent refuses to load an empty object with a clear error.

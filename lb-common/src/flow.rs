@@ -33,7 +33,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 pub struct FlowState {
     /// Backend id; an index into `BACKENDS`.
     pub backend_id: u32,
-    /// VIP id; an index into `VIP_STATS`.
+    /// VIP id; an index into `VIP_LIMITS` and `VIP_TIMEOUTS`.
     pub vip_id: u32,
     /// When a packet of the flow, either direction, was last seen:
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE), refreshed at most once per

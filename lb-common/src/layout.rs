@@ -18,7 +18,9 @@
 ///   read them, so flows it pinned would never be counted down); a flow's
 ///   own timeouts where its entry had padding.
 /// - 3: `HANDSHAKES`, the per-backend handshake counters of passive health
-///   (a new map: a version-2 program would not count into it).
+///   (a new map: a version-2 program would not count into it);
+///   `BACKEND_STATS` counts each direction apart (its value grew, which
+///   the size check sees too) and `VIP_STATS` is gone.
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// Name, in the pin directory, of the symlink that records the layout: its

@@ -69,8 +69,6 @@ pub mod map_names {
         MAGLEV,
         /// Client → VIP flows (`FlowKey` → `FlowState`); the program writes it.
         CONNTRACK,
-        /// Traffic per VIP id (`Counters`, per CPU); the program writes it.
-        VIP_STATS,
         /// Traffic per backend id (`Counters`, per CPU); the program writes it.
         BACKEND_STATS,
         /// Packets per verdict reason (per CPU); the program writes it.

@@ -1,31 +1,51 @@
-//! Per-CPU counters: per VIP, per backend, and per verdict reason.
+//! Per-CPU counters: per backend, and per verdict reason.
 
 use bytemuck::{Pod, Zeroable};
 
-/// Value of `VIP_STATS` (by VIP id) and `BACKEND_STATS` (by backend id).
-/// Both directions count: requests and replies.
+/// Value of `BACKEND_STATS` (by backend id): a backend's traffic, each
+/// direction apart, as IPVS and HAProxy report it. "In" is client → backend
+/// (through the VIP), "out" is backend → client (replies, translated back).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Counters {
-    /// Packets, both directions.
-    pub packets: u64,
-    /// Bytes of whole frames, both directions.
-    pub bytes: u64,
+    /// Packets client → backend.
+    pub packets_in: u64,
+    /// Bytes of whole frames client → backend.
+    pub bytes_in: u64,
+    /// Packets backend → client.
+    pub packets_out: u64,
+    /// Bytes of whole frames backend → client.
+    pub bytes_out: u64,
     /// Flows assigned a backend (new flows and rescheduled ones).
     pub new_flows: u64,
     /// Flows moved off a backend that went down.
     pub rescheduled_flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 32);
+const _: () = assert!(core::mem::size_of::<Counters>() == 48);
 
 impl Counters {
     /// Sums per-CPU values; the agent does this at scrape time.
     pub fn merge(&mut self, other: &Counters) {
-        self.packets = self.packets.wrapping_add(other.packets);
-        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.packets_in = self.packets_in.wrapping_add(other.packets_in);
+        self.bytes_in = self.bytes_in.wrapping_add(other.bytes_in);
+        self.packets_out = self.packets_out.wrapping_add(other.packets_out);
+        self.bytes_out = self.bytes_out.wrapping_add(other.bytes_out);
         self.new_flows = self.new_flows.wrapping_add(other.new_flows);
         self.rescheduled_flows = self.rescheduled_flows.wrapping_add(other.rescheduled_flows);
     }
+
+    /// Packets in both directions.
+    pub fn packets(&self) -> u64 {
+        self.packets_in.wrapping_add(self.packets_out)
+    }
+}
+
+/// Which way a packet of a balanced flow goes, for [`Counters`].
+pub mod direction {
+    /// Client → backend.
+    pub const IN: u32 = 0;
+    /// Backend → client.
+    pub const OUT: u32 = 1;
 }
 
 crate::user_pod!(Counters);
@@ -34,7 +54,8 @@ crate::user_pod!(Counters);
 /// counts packets per reason. Every drop has its own reason.
 ///
 /// One table below gives each reason its constant, its value, its name
-/// (the `reason` label of `lb_verdicts_total`) and its meaning (the doc
+/// (split at its first underscore into the `action` and `reason` labels of
+/// `lb_verdict_packets_total`) and its meaning (the doc
 /// comment, also in [`HELP`](reason::HELP)); the build fails unless the
 /// values count up from 0 in table order and each name is its constant's
 /// name in lowercase.

@@ -24,7 +24,7 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct VipInfo {
-    /// Dense id from 1, allocated by the agent; indexes `VIP_STATS`.
+    /// Dense id from 1, allocated by the agent; indexes `VIP_LIMITS`, `VIP_TIMEOUTS` and `LIMITED`.
     pub vip_id: u32,
     /// Slots in each of this VIP's rings (prime).
     pub ring_size: u32,

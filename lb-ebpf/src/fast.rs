@@ -30,7 +30,7 @@ use lb_common::{
     guard::ServiceKey,
     handshake,
     limits::NEXT_HOP_TTL_NS,
-    stats::reason,
+    stats::{direction, reason},
     timeouts::is_expired,
 };
 
@@ -314,7 +314,7 @@ fn to_backend<F: Family>(
     conntrack::touch(state, key, l4, now);
     F::nat(pkt, l4, Side::Destination, backend.addr_be, backend.port_be);
     let verdict = F::send(pkt, hop, reason::REDIRECT_TO_BACKEND);
-    stats::count_traffic(current.vip_id, current.backend_id, ctx);
+    stats::count_traffic(current.backend_id, direction::IN, ctx);
     Some(verdict)
 }
 
@@ -369,7 +369,7 @@ fn to_client<F: Family>(
     conntrack::touch(state, &flow, l4, now);
     F::nat(pkt, l4, Side::Source, nat.vip_addr_be, nat.vip_port_be);
     let verdict = F::send(pkt, hop, reason::REDIRECT_TO_CLIENT);
-    stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
+    stats::count_traffic(nat.backend_id, direction::OUT, ctx);
     Some(verdict)
 }
 

@@ -20,7 +20,10 @@
 //! each pointer again.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use lb_common::{PROTO_TCP, handshake, stats::reason};
+use lb_common::{
+    PROTO_TCP, handshake,
+    stats::{direction, reason},
+};
 
 use lb_common::flow::FlowKey;
 
@@ -225,7 +228,8 @@ pub fn stage(raw: *mut xdp_md) -> u64 {
         return verdict.pack();
     }
     if verdict.reason != reason::PASS_LOCAL_DESTINATION && verdict.reason != reason::DROP_LOCAL_NEXT_HOP {
-        stats::count_traffic(p.vip_id, p.backend_id, &ctx);
+        let dir = if p.source != 0 { direction::OUT } else { direction::IN };
+        stats::count_traffic(p.backend_id, dir, &ctx);
         if p.proto == PROTO_TCP && handshake::may_count(p.tcp_flags) {
             count_handshake(&ctx, p);
         }

@@ -18,7 +18,7 @@
 use lb_common::{
     FAMILY_V4,
     frag::{FRAG_REWRITE_SOURCE, FRAG_TIMEOUT_NS, FragKey, FragState},
-    stats::reason,
+    stats::{direction, reason},
     vip_addr::{VipAddrKey, proto_bit},
 };
 
@@ -81,7 +81,8 @@ pub fn follow(ctx: &XdpContext, v4: &Ipv4) -> Verdict {
     let verdict =
         rewrite::set_address_and_forward(ctx, v4.eth, v4.ip, side, state.addr_be[0], reason::REDIRECT_FRAGMENT);
     if verdict.reason != reason::PASS_LOCAL_DESTINATION && verdict.reason != reason::DROP_LOCAL_NEXT_HOP {
-        stats::count_traffic(state.vip_id, state.backend_id, ctx);
+        let dir = if side == Side::Source { direction::OUT } else { direction::IN };
+        stats::count_traffic(state.backend_id, dir, ctx);
     }
     verdict
 }

@@ -31,7 +31,7 @@ use lb_common::{
     backend::{BACKEND_STATE_UNUSED, BackendInfo},
     flow::{FlowKey, ReplyNat},
     handshake,
-    stats::reason,
+    stats::{direction, reason},
     vip_addr::VipAddrKey,
 };
 
@@ -122,15 +122,15 @@ fn error(
     if ttl <= 1 {
         return Err(Verdict::pass(reason::PASS_TTL_EXPIRED));
     }
-    if let Some((vip_id, backend_id, backend)) = flow_of_reply(&quoted) {
-        stats::count_traffic(vip_id, backend_id, ctx);
+    if let Some((_, backend_id, backend)) = flow_of_reply(&quoted) {
+        stats::count_traffic(backend_id, direction::IN, ctx);
         let (addr, port) = (backend.addr_be[0], backend.port_be);
         rewrite_quote(&q, icmp_check, rewrite::Side::Source, addr, port);
         rewrite::set_address(v4.ip, rewrite::Side::Destination, addr);
         return Ok(rewrite::forward(ctx, v4.eth, v4.ip, reason::REDIRECT_ICMP_ERROR_TO_BACKEND));
     }
     if let Some(nat) = flow_of_request(&quoted)? {
-        stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
+        stats::count_traffic(nat.backend_id, direction::OUT, ctx);
         // Passive health: a datagram the backend did not take.
         if unreachable && q.proto == PROTO_UDP {
             stats::count_unreachable(nat.backend_id);

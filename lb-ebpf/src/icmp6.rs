@@ -17,7 +17,7 @@ use lb_common::{
     backend::{BACKEND_STATE_UNUSED, BackendInfo},
     flow::{FlowKey, ReplyNat},
     handshake,
-    stats::reason,
+    stats::{direction, reason},
 };
 
 use crate::{
@@ -104,14 +104,14 @@ fn error(
     if quoted.src_be != outer_daddr {
         return Err(no_flow(outer_daddr));
     }
-    if let Some((vip_id, backend_id, backend)) = flow_of_reply(&quoted) {
-        stats::count_traffic(vip_id, backend_id, ctx);
+    if let Some((_, backend_id, backend)) = flow_of_reply(&quoted) {
+        stats::count_traffic(backend_id, direction::IN, ctx);
         rewrite_quote(&q, icmp_check, Side::Source, backend.addr_be, backend.port_be);
         set_outer(v6.ip, icmp_check, Side::Destination, backend.addr_be);
         return Ok(v6::forward(ctx, v6.eth, v6.ip, reason::REDIRECT_ICMP_ERROR_TO_BACKEND));
     }
     if let Some(nat) = flow_of_request(&quoted)? {
-        stats::count_traffic(nat.vip_id, nat.backend_id, ctx);
+        stats::count_traffic(nat.backend_id, direction::OUT, ctx);
         // Passive health: a datagram the backend did not take.
         if unreachable && q.proto == PROTO_UDP {
             stats::count_unreachable(nat.backend_id);

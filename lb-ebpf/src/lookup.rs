@@ -150,6 +150,6 @@ pub fn backend_for_flow(flow: &FlowKey, vip: &VipInfo, l4: &L4, now: u64) -> Res
         return Ok(Pick { backend_id, backend, tracked: false });
     }
     conntrack::pin(flow, vip.vip_id, limited, backend_id, &backend, l4, now, &pinned);
-    stats::count_new_flow(vip.vip_id, backend_id, rescheduled);
+    stats::count_new_flow(backend_id, rescheduled);
     Ok(Pick { backend_id, backend, tracked: true })
 }

@@ -60,10 +60,6 @@ pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entr
 #[map]
 pub static FRAGS: LruHashMap<FragKey, FragState> = LruHashMap::with_max_entries(FRAG_TRACK_CAPACITY, 0);
 
-/// VIP id → traffic counters, per CPU. Written here; summed by the agent.
-#[map]
-pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_VIPS + 1, 0);
-
 /// Backend id → traffic counters, per CPU. Written here; summed by the agent.
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

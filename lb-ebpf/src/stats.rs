@@ -2,9 +2,12 @@
 
 use aya_ebpf::programs::XdpContext;
 
-use lb_common::handshake::{EVENT_RESET, EVENT_SYN, EVENT_SYN_ACK};
+use lb_common::{
+    handshake::{EVENT_RESET, EVENT_SYN, EVENT_SYN_ACK},
+    stats::direction,
+};
 
-use crate::maps::{BACKEND_STATS, CONNTRACK_EVENTS, HANDSHAKES, VERDICTS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, CONNTRACK_EVENTS, HANDSHAKES, VERDICTS};
 
 #[inline(always)]
 pub fn count_verdict(reason: u32) {
@@ -23,39 +26,31 @@ pub fn count_conntrack_event(event: u32) {
     }
 }
 
-/// Counts one packet of a balanced flow, either direction.
+/// Counts one packet of a balanced flow against its backend, in the
+/// direction `dir` (`lb_common::stats::direction`).
 #[inline(always)]
-pub fn count_traffic(vip_id: u32, backend_id: u32, ctx: &XdpContext) {
+pub fn count_traffic(backend_id: u32, dir: u32, ctx: &XdpContext) {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(c) = VIP_STATS.get_ptr_mut(vip_id) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
         unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
-    }
-    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        // SAFETY: as above.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
+            if dir == direction::OUT {
+                (*c).packets_out += 1;
+                (*c).bytes_out += bytes;
+            } else {
+                (*c).packets_in += 1;
+                (*c).bytes_in += bytes;
+            }
         }
     }
 }
 
 /// Counts a flow assigned a backend; `rescheduled` when it left a down one.
 #[inline(always)]
-pub fn count_new_flow(vip_id: u32, backend_id: u32, rescheduled: bool) {
+pub fn count_new_flow(backend_id: u32, rescheduled: bool) {
     let extra = rescheduled as u64;
-    if let Some(c) = VIP_STATS.get_ptr_mut(vip_id) {
-        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
-        unsafe {
-            (*c).new_flows += 1;
-            (*c).rescheduled_flows += extra;
-        }
-    }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        // SAFETY: as above.
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
         unsafe {
             (*c).new_flows += 1;
             (*c).rescheduled_flows += extra;

@@ -22,8 +22,8 @@ use crate::{
         self, Status, StatusSource,
         control::{self, BackendAction, BackendRequest, ControlAnswer, ControlListen, ControlRequest, Pending},
         status::{
-            BackendStatus, ConfigStatus, ConntrackStatus, Handshakes, HealthChecksStatus, Limited, Traffic,
-            VerdictCount, VipStatus,
+            BackendStatus, BuildInfo, CheckStats, ConfigStatus, ConntrackStatus, Event, Handshakes, HealthChecksStatus,
+            InterfaceStatus, Limited, MAX_EVENTS, Traffic, VerdictCount, VipStatus,
         },
     },
     config::{Config, HealthCheckConfig, HealthCheckKind, XdpMode},
@@ -42,11 +42,24 @@ use crate::{
 };
 
 /// What the admin API reads and the health loop writes.
+/// What the agent saw of one backend's health checks.
+#[derive(Clone, Debug, Default)]
+struct Observed {
+    /// The last probe's outcome: `ok` or why it failed.
+    last_check: Option<String>,
+    /// Durations and failures of its probes.
+    checks: CheckStats,
+    /// Health changes (the first verdict, then up ↔ down), and when the
+    /// last one was, in Unix seconds.
+    changes: u64,
+    last_change: Option<f64>,
+}
+
 struct AgentState {
     balancer: Balancer,
     maps: Maps,
-    /// Last health check outcome per backend id, for `/status`.
-    last_checks: HashMap<u32, String>,
+    /// What the health checks said per backend id, for `/status` and `/metrics`.
+    observed: HashMap<u32, Observed>,
     /// The checkers' shared probe slots, for their counters in `/status`.
     probes: ProbePool,
     /// The config's generation and last reload, for `/status` and `/metrics`.
@@ -56,6 +69,24 @@ struct AgentState {
     /// Why each backend that is down went down (the active checks' reason,
     /// or passive health's), for `/status`.
     down_reasons: HashMap<u32, String>,
+    /// Recent events, oldest first, at most `MAX_EVENTS`.
+    events: std::collections::VecDeque<Event>,
+    /// Where the program is attached, and in which mode.
+    interfaces: Vec<InterfaceStatus>,
+}
+
+impl AgentState {
+    /// Keeps `message` among the recent events.
+    fn event(&mut self, message: String) {
+        record_event(&mut self.events, message);
+    }
+}
+
+fn record_event(events: &mut std::collections::VecDeque<Event>, message: String) {
+    if events.len() >= MAX_EVENTS {
+        events.pop_front();
+    }
+    events.push_back(Event { unix_seconds: unix_now(), message });
 }
 
 /// How `lb run` treats the pinned data path.
@@ -231,14 +262,21 @@ async fn start(
     let budget = descriptor_budget(fd_limit);
     let probes = ProbePool::new(budget.probes);
     let admin_limits = api::Limits { max_connections: budget.admin_connections, ..api::Limits::DEFAULT };
-    let config_status =
-        ConfigStatus { generation: 1, last_reload_successful: true, last_reload_success_timestamp_seconds: unix_now() };
+    let config_status = ConfigStatus {
+        generation: 1,
+        last_reload_successful: true,
+        last_reload_success_timestamp_seconds: unix_now(),
+        reloads: 0,
+        reload_failures: 0,
+    };
     let state = Arc::new(Mutex::new(AgentState {
         balancer,
         maps,
-        last_checks: HashMap::new(),
+        observed: HashMap::new(),
         probes,
         config: config_status,
+        events: std::collections::VecDeque::new(),
+        interfaces: Vec::new(),
         passive: health::passive::Watch::default(),
         down_reasons: HashMap::new(),
     }));
@@ -263,6 +301,13 @@ async fn start(
             Attached::Replaced => {
                 tracing::info!(%interface, "attached: this program replaced the pinned one atomically")
             }
+        }
+        let mode = match config.agent.xdp_mode {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        };
+        if let Ok(mut guard) = state.lock() {
+            guard.interfaces.push(InterfaceStatus { name: interface.clone(), mode: mode.to_owned() });
         }
     }
     detach_unconfigured(pins, &config.agent.interfaces);
@@ -314,12 +359,23 @@ impl Readiness {
         if self.deadline.is_none() {
             return;
         }
-        let unknown =
-            state.lock().map_or(usize::MAX, |g| g.balancer.backends().filter(|b| b.health == Health::Unknown).count());
+        let Ok(guard) = state.lock() else { return };
+        let count = |health: Health| guard.balancer.backends().filter(|b| b.health == health).count();
+        let (unknown, up, down) = (count(Health::Unknown), count(Health::Up), count(Health::Down));
         if unknown == 0 {
             self.deadline = None;
             notify::ready("attached; every backend's health is known");
-            tracing::info!("ready: attached, every backend's health known");
+            let interfaces: Vec<String> = guard.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
+            let vips = guard.balancer.vips().count();
+            let serving: usize = guard.balancer.vips().filter(|v| v.backends.iter().any(|b| b.ring_slots > 0)).count();
+            tracing::info!(
+                interfaces = %interfaces.join(", "),
+                vips,
+                vips_serving = serving,
+                backends_up = up,
+                backends_down = down,
+                "ready: attached, every backend's health known"
+            );
         }
     }
 
@@ -712,22 +768,32 @@ type ReloadOutcome = Result<(Config, Vec<String>), String>;
 fn reload_config(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) -> ReloadOutcome {
     tracing::info!(file = %running.source.display(), "reloading the config");
     let outcome = try_reload(running, opts, state);
+    let mut generation = 0;
     if let Ok(mut guard) = state.lock() {
         let config = &mut guard.config;
         config.last_reload_successful = outcome.is_ok();
+        config.reloads += 1;
         if outcome.is_ok() {
             config.generation += 1;
             config.last_reload_success_timestamp_seconds = unix_now();
+        } else {
+            config.reload_failures += 1;
         }
+        generation = config.generation;
+        let what = match &outcome {
+            Ok((_, changes)) => format!("reload applied, generation {generation}: {} change(s)", changes.len()),
+            Err(refusal) => format!("reload refused: {refusal}"),
+        };
+        guard.event(what);
     }
     match &outcome {
         Ok((_, changes)) => {
             for change in changes {
-                tracing::info!("reload: {change}");
+                tracing::info!(%change, generation, "reload: change applied");
             }
-            tracing::info!(changes = changes.len(), "reload: done");
+            tracing::info!(changes = changes.len(), generation, "reload: done");
         }
-        Err(refusal) => tracing::error!("reload refused, keeping the running config: {refusal}"),
+        Err(refusal) => tracing::error!(reason = %refusal, generation, "reload refused, keeping the running config"),
     }
     outcome
 }
@@ -737,7 +803,7 @@ fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) ->
     opts.apply(&mut new);
     let actions = plan::reload(running, &new).map_err(|refusal| refusal.to_string())?;
     let mut guard = state.lock().map_err(|_| "the agent's state is poisoned".to_owned())?;
-    let AgentState { balancer, maps, last_checks, down_reasons, .. } = &mut *guard;
+    let AgentState { balancer, maps, observed, down_reasons, .. } = &mut *guard;
     match balancer.apply_reload(&actions, maps) {
         Ok(_) => {}
         Err(error) if error.changed_nothing() => return Err(format!("{}: {error}", new.source.display())),
@@ -746,7 +812,7 @@ fn try_reload(running: &Config, opts: &RunOptions, state: &Mutex<AgentState>) ->
         Err(error) => tracing::error!(error = %format!("{error:#}"), "reload: updating the maps failed"),
     }
     let live: std::collections::HashSet<u32> = balancer.backends().map(|b| b.backend_id).collect();
-    last_checks.retain(|id, _| live.contains(id));
+    observed.retain(|id, _| live.contains(id));
     down_reasons.retain(|id, _| live.contains(id));
     save_runtime(&new.agent.state_file, balancer);
     let changes = actions.iter().map(ToString::to_string).collect();
@@ -770,7 +836,7 @@ fn save_runtime(path: &std::path::Path, balancer: &Balancer) {
 fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_file: &std::path::Path) -> ControlAnswer {
     let refused = |message: String| ControlAnswer { ok: false, messages: vec![message] };
     let Ok(mut guard) = state.lock() else { return refused("the agent's state is poisoned".to_owned()) };
-    let AgentState { balancer, maps, .. } = &mut *guard;
+    let AgentState { balancer, maps, events, .. } = &mut *guard;
     let (vip, address) = (request.vip.as_str(), request.address);
     let result = match request.action {
         BackendAction::Drain => balancer.set_admin(vip, address, AdminState::Drain, maps),
@@ -799,32 +865,48 @@ fn backend_control(request: &BackendRequest, state: &Mutex<AgentState>, state_fi
     }
     save_runtime(state_file, balancer);
     let message = format!("vip {vip} backend {address}: {what}");
-    tracing::info!("{message}");
+    tracing::info!(%vip, backend = %address, change = %what, "runtime change");
+    record_event(events, message.clone());
     ControlAnswer { ok: true, messages: vec![message] }
 }
 
 fn apply_health(state: &Mutex<AgentState>, event: HealthEvent<u32>) {
     let Ok(mut guard) = state.lock() else { return };
-    let AgentState { balancer, maps, last_checks, down_reasons, .. } = &mut *guard;
+    let AgentState { balancer, maps, observed, config, events, down_reasons, .. } = &mut *guard;
+    let generation = config.generation;
     if balancer.is_retired(event.key) {
         // Sent before a reload removed its backend and stopped its checker.
         return;
     }
-    last_checks.insert(event.key, event.last_check.clone());
+    let seen = observed.entry(event.key).or_default();
+    seen.last_check = Some(event.last_check.clone());
+    if let Some(took) = event.duration {
+        seen.checks.record(took.as_secs_f64(), event.failure);
+    }
     let Some(transition) = event.transition else { return };
+    let before = balancer.backends().find(|b| b.backend_id == event.key).map(|b| b.health);
+    if before.is_some_and(|health| health != transition.health) {
+        seen.changes += 1;
+        seen.last_change = Some(unix_now());
+    }
     let health = transition.health;
     let name = balancer.describe_backend(event.key);
+    let from = before.map_or("unknown", Health::as_str);
+    let to = health.as_str();
+    let reason = &transition.reason;
+    record_event(events, format!("{name}: {from} -> {to}: {reason}"));
     match balancer.set_health(event.key, health, maps) {
         Ok(change) => {
+            let slots = change.slots_written;
             if health.is_up() {
                 down_reasons.remove(&event.key);
             } else {
                 down_reasons.insert(event.key, transition.reason.clone());
             }
             if health.is_up() {
-                tracing::info!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend up");
+                tracing::info!(backend = %name, from, to, %reason, slots, generation, "backend up");
             } else {
-                tracing::warn!(backend = %name, reason = %transition.reason, slots = change.slots_written, "backend down");
+                tracing::warn!(backend = %name, from, to, %reason, slots, generation, "backend down");
             }
         }
         Err(error) => tracing::error!(backend = %name, error = %format!("{error:#}"), "updating the maps failed"),
@@ -855,7 +937,16 @@ impl StatusSource for AgentState {
             probe_slots: u64::try_from(self.probes.capacity()).unwrap_or(u64::MAX),
             local_errors: self.probes.local_errors(),
         };
-        Status { vips, verdicts, conntrack, health_checks, config: self.config }
+        Status {
+            vips,
+            verdicts,
+            conntrack,
+            health_checks,
+            config: self.config,
+            build: BuildInfo::current(),
+            events: self.events.iter().cloned().collect(),
+            interfaces: self.interfaces.clone(),
+        }
     }
 }
 
@@ -869,7 +960,7 @@ impl AgentState {
                 weight: b.weight,
                 backup: b.backup,
                 health: b.health.as_str().to_owned(),
-                last_check: self.last_checks.get(&b.backend_id).cloned(),
+                last_check: self.observed.get(&b.backend_id).and_then(|o| o.last_check.clone()),
                 traffic: self.backend_counters(b.backend_id),
                 admin: b.admin.as_str().to_owned(),
                 weight_set_at_runtime: b.weight_override.is_some(),
@@ -877,11 +968,14 @@ impl AgentState {
                 down_reason: (!b.health.is_up()).then(|| self.down_reasons.get(&b.backend_id).cloned()).flatten(),
                 handshakes: self.maps.handshakes(b.backend_id).map(Handshakes::from).unwrap_or_default(),
                 passive_failures: self.passive.failures_total(b.backend_id),
+                ring_slots: b.ring_slots,
+                checks: self.observed.get(&b.backend_id).map(|o| o.checks.clone()).unwrap_or_default(),
+                health_changes: self.observed.get(&b.backend_id).map_or(0, |o| o.changes),
+                last_change_unix_seconds: self.observed.get(&b.backend_id).and_then(|o| o.last_change),
             })
             .collect();
-        // Summed over its backends, not read from VIP_STATS: a reused VIP id's
-        // slot may still count replies of the removed VIP's flows, while
-        // backend ids are never reused (see `control::balancer::apply`).
+        // Summed over its backends: backend ids are never reused, VIP ids are
+        // (see `control::balancer::apply`).
         let mut traffic = Traffic::default();
         for b in &backends {
             traffic += b.traffic;
@@ -895,6 +989,7 @@ impl AgentState {
             protocol: vip.protocol.as_str().to_owned(),
             scheduler: vip.scheduler.as_str().to_owned(),
             backends_up: backends.iter().filter(|b| b.health == "up").count(),
+            backends_serving: backends.iter().filter(|b| b.serving()).count(),
             traffic,
             backends,
             limited: vip.limits.map(|_| self.limited(vip.vip_id)),

@@ -22,3 +22,4 @@ pub mod health;
 pub mod host;
 pub mod metrics;
 pub mod notify;
+pub mod process;

@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::testbed::{ChildGuard, Namespace, Testbed, client};
 
 /// Where the agent serves `/status` and `/metrics`, inside the gateway namespace.
-pub const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
+pub const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7451);
 
 /// Health checking for the testbed's web VIP.
 #[derive(Debug, Clone, Copy)]

@@ -71,10 +71,14 @@ fn new_connections_spread_across_all_backends() {
     }
     let metrics = agent.metrics().expect("/metrics");
     for i in 1..=BACKENDS {
-        let line = format!("lb_backend_up{{vip=\"web\",backend=\"{}\"}} 1", testbed.backend_http(i));
+        let line = format!("lb_backend_health{{vip=\"web\",backend=\"{}\",state=\"up\"}} 1", testbed.backend_http(i));
         assert!(metrics.contains(&line), "missing {line} in:\n{metrics}");
     }
-    assert!(metrics.contains("lb_packets_total{vip=\"web\""), "no per-VIP packets in:\n{metrics}");
+    for direction in ["in", "out"] {
+        let prefix = format!("lb_vip_packets_total{{vip=\"web\",direction=\"{direction}\"}} ");
+        let packets = metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse::<u64>().ok());
+        assert!(packets.is_some_and(|p| p > 0), "no per-VIP packets {direction} in:\n{metrics}");
+    }
 }
 
 #[test]

@@ -97,7 +97,8 @@ fn ipv6_connections_spread_across_all_backends() {
 
     let metrics = agent.metrics().expect("/metrics");
     for i in 1..=BACKENDS {
-        let line = format!("lb_backend_up{{vip=\"{WEB6}\",backend=\"{}\"}} 1", testbed.backend_http6(i));
+        let line =
+            format!("lb_backend_health{{vip=\"{WEB6}\",backend=\"{}\",state=\"up\"}} 1", testbed.backend_http6(i));
         assert!(metrics.contains(&line), "missing {line} in:\n{metrics}");
     }
     let cli = lb_status_output(&testbed);

@@ -195,7 +195,7 @@ fn fragmentation_needed_for_a_reply_is_steered_to_the_flows_backend() {
             );
         }
         assert_eq!(
-            lb.maps.backend_counters(id).expect("counters").packets,
+            lb.maps.backend_counters(id).expect("counters").packets_in,
             2 + 6,
             "errors count as the flow's traffic"
         );

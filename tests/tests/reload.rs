@@ -115,7 +115,7 @@ fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
 
     reload(&agent, &with_weight(&config, address, 0));
     wait_weight(&agent, address, 0);
-    wait_log(&agent, &format!("reload: vip web backend {address} weight 1 -> 0"));
+    wait_log(&agent, &format!("change=vip web backend {address} weight 1 -> 0"));
     let drained = web_backends(&agent);
     assert!(drained.iter().all(|(_, _, _, health)| health == "up"), "drained, not down: {drained:?}");
 
@@ -129,7 +129,7 @@ fn sighup_drains_and_undrains_a_backend_without_dropping_its_flows() {
 
     reload(&agent, &config);
     wait_weight(&agent, address, 1);
-    wait_log(&agent, &format!("reload: vip web backend {address} weight 0 -> 1"));
+    wait_log(&agent, &format!("change=vip web backend {address} weight 0 -> 1"));
     let got = spread(&testbed, 60);
     assert_eq!(got.ok(), 60, "{got:?}");
     // With three equal backends, none of 60 on one has probability (2/3)^60.
@@ -161,8 +161,8 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     // Valid, but it changes a key that needs a restart: refused as a whole,
     // the drain alongside it included.
     let restart_only = with_weight(&config, address, 0).replacen(
-        "admin_listen = \"127.0.0.1:9100\"",
-        "admin_listen = \"127.0.0.1:9101\"",
+        "admin_listen = \"127.0.0.1:7451\"",
+        "admin_listen = \"127.0.0.1:7452\"",
         1,
     );
     assert_ne!(restart_only, with_weight(&config, address, 0), "admin_listen is in the config");
@@ -189,7 +189,7 @@ fn sighup_with_a_bad_or_restart_only_config_keeps_the_running_state() {
     );
 
     assert_eq!(web_backends(&agent), before, "/status unchanged");
-    assert!(!log.contains("reload: vip"), "nothing applied:\n{log}");
+    assert!(!log.contains("change=vip"), "nothing applied:\n{log}");
     let got = spread(&testbed, 30);
     assert_eq!(got.ok(), 30, "still serving: {got:?}");
     assert!(got.count(&testbed.backend_name(1)) > 0, "backend 1 was not drained: {got:?}");
@@ -208,7 +208,7 @@ fn sighup_removes_and_adds_backends_of_a_vip() {
     let entry = format!("[[vip.backend]]\naddress = \"{address}\"\nweight = 1\n\n");
     assert!(config.contains(&entry), "no {entry:?} in the config");
     reload(&agent, &config.replacen(&entry, "", 1));
-    wait_log(&agent, &format!("reload: vip web backend {address} removed"));
+    wait_log(&agent, &format!("change=vip web backend {address} removed"));
     let left: Vec<String> = web_backends(&agent).into_iter().map(|(a, ..)| a).collect();
     assert_eq!(left, [testbed.backend_http(1).to_string(), testbed.backend_http(3).to_string()]);
     let got = spread(&testbed, 40);
@@ -217,7 +217,7 @@ fn sighup_removes_and_adds_backends_of_a_vip() {
 
     // Back again: a new id, health-checked before it takes flows.
     reload(&agent, &config);
-    wait_log(&agent, &format!("reload: vip web backend {address} added"));
+    wait_log(&agent, &format!("change=vip web backend {address} added"));
     let deadline = Instant::now() + WAIT;
     while !web_backends(&agent).iter().any(|(a, _, _, health)| *a == address.to_string() && health == "up") {
         assert!(Instant::now() < deadline, "{address} never came up: {:?}", web_backends(&agent));
@@ -307,7 +307,7 @@ fn sighup_adds_and_removes_a_vip_while_another_keeps_its_flows() {
 
     let _web2_servers = web2_servers(&testbed);
     reload(&agent, &format!("{config}{}", web2_section(&testbed, WEB2_BACKEND_PORT)));
-    wait_log(&agent, &format!("reload: vip web2 added ({web2} tcp, maglev, 2 backends)"));
+    wait_log(&agent, &format!("change=vip web2 added ({web2} tcp, maglev, 2 backends)"));
     agent.wait_health("web2", &["up", "up"], Duration::from_secs(10)).expect("web2 backends up");
     still_on_x("after adding web2");
     let got = Spread::of(&testbed.client_requests(web2, 40, true));
@@ -318,12 +318,12 @@ fn sighup_adds_and_removes_a_vip_while_another_keeps_its_flows() {
     assert!(got.count(&one) > 0 && got.count(&two) > 0, "web2 balances over backends 1 and 2: {got:?}");
     assert_eq!(vip_names(&agent), ["web", "echo", "web2"]);
     let metrics = agent.metrics().expect("/metrics");
-    assert!(metrics.contains("lb_vip_backends_up{vip=\"web2\"} 2"), "web2 in /metrics:\n{metrics}");
+    assert!(metrics.contains("lb_vip_backends_serving{vip=\"web2\"} 2"), "web2 in /metrics:\n{metrics}");
     let got = spread(&testbed, 30);
     assert_eq!(got.ok(), 30, "web still serves: {got:?}");
 
     reload(&agent, &config);
-    wait_log(&agent, &format!("reload: vip web2 removed ({web2} tcp)"));
+    wait_log(&agent, &format!("change=vip web2 removed ({web2} tcp)"));
     assert_eq!(vip_names(&agent), ["web", "echo"]);
     let metrics = agent.metrics().expect("/metrics");
     assert!(!metrics.contains("vip=\"web2\""), "web2 gone from /metrics:\n{metrics}");

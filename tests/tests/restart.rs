@@ -155,7 +155,7 @@ fn stopped_agent_leaves_forwarding_status_says_so_and_unload_removes_everything(
     assert_eq!(answered, 20, "the VIP keeps serving with no agent");
 
     let dir = pins.path().to_str().expect("utf-8 path");
-    // No agent listens on the host's 127.0.0.1:9100 (the tests' agents
+    // No agent listens on the host's 127.0.0.1:9 (the tests' agents
     // serve inside their gateway namespaces), so this asks nobody.
     let status = lb(&["status", "--admin", "127.0.0.1:9", "--pin-dir", dir]);
     let said = String::from_utf8_lossy(&status.stderr);

@@ -49,7 +49,7 @@ const HEALTH_WAIT: Duration = Duration::from_secs(15);
 /// Width of the longest bar in a spread table.
 const BAR_WIDTH: usize = 40;
 /// Metrics shown in step 7 (name prefixes).
-const SHOWN_METRICS: [&str; 2] = ["lb_backend_up", "lb_packets_total"];
+const SHOWN_METRICS: [&str; 2] = ["lb_backend_serving", "lb_backend_packets_total"];
 
 /// Set by SIGINT/SIGTERM; checked between steps.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -320,18 +320,18 @@ mod tests {
 
     #[test]
     fn shown_metrics_are_filtered_and_sorted() {
-        let metrics = "# HELP lb_packets_total packets\n\
-            lb_packets_total{verdict=\"tx\"} 5\n\
+        let metrics = "# HELP lb_backend_packets_total packets\n\
+            lb_backend_packets_total{vip=\"web\",backend=\"b2\",direction=\"in\"} 5\n\
             lb_other 1\n\
-            lb_backend_up{vip=\"web\",backend=\"b2\"} 0\n\
-            lb_backend_up{vip=\"web\",backend=\"b1\"} 1\n\
-            lb_packets_total{verdict=\"pass\"} 7\n";
+            lb_backend_serving{vip=\"web\",backend=\"b2\"} 0\n\
+            lb_backend_serving{vip=\"web\",backend=\"b1\"} 1\n\
+            lb_backend_packets_total{vip=\"web\",backend=\"b1\",direction=\"in\"} 7\n";
         assert_eq!(
             shown_metrics(metrics),
-            "lb_backend_up{vip=\"web\",backend=\"b1\"} 1\n\
-             lb_backend_up{vip=\"web\",backend=\"b2\"} 0\n\
-             lb_packets_total{verdict=\"pass\"} 7\n\
-             lb_packets_total{verdict=\"tx\"} 5"
+            "lb_backend_packets_total{vip=\"web\",backend=\"b1\",direction=\"in\"} 7\n\
+             lb_backend_packets_total{vip=\"web\",backend=\"b2\",direction=\"in\"} 5\n\
+             lb_backend_serving{vip=\"web\",backend=\"b1\"} 1\n\
+             lb_backend_serving{vip=\"web\",backend=\"b2\"} 0"
         );
     }
 }

@@ -8,6 +8,7 @@
 //! - `demo`: a narrated run of the agent in a namespace testbed.
 //! - `fuzz`: the fuzzed data path or config parser, as many cases as asked, from a seed.
 //! - `bench`: benchmarks side by side with nftables, HAProxy, nginx and the direct path.
+//! - `dist`: a Debian package (binary, unit, config, man pages, completions, deploy/).
 //!
 //! Every command but `setup` first checks quickly whether anything is
 //! missing and runs setup only then.
@@ -16,6 +17,7 @@ mod bench;
 mod build;
 mod cargo;
 mod demo;
+mod dist;
 mod fuzz;
 mod setup;
 mod test;
@@ -73,6 +75,16 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
+    /// Build target/dist/lb_VERSION_ARCH.deb with dpkg-deb.
+    Dist {
+        /// Package the debug build (quicker; for trying the packaging).
+        #[arg(long)]
+        debug: bool,
+        /// Then install it into a fresh root (dpkg --root) and run the packaged
+        /// `lb check` on the packaged config, as the unit's ExecStartPre does.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run the benchmarks and write target/bench/REPORT.md (needs root).
     Bench {
         /// Run only this section.
@@ -101,6 +113,12 @@ fn main() -> ExitCode {
             };
             fuzz::run(&fuzz::Options { profile: build::Profile::from_flag(release), target, cases, seed })
         }
+        Command::Dist { debug, check } => dist::run(debug).and_then(|deb| {
+            if check {
+                dist::check(&deb)?;
+            }
+            Ok(true)
+        }),
         Command::Bench { only, quick } => bench::run(&bench::Options { only, quick }).map(|()| true),
     };
     match result {

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{self, output_ok, run_ok, succeeds};
+use crate::util::{self, output_ok, succeeds};
 
 /// Debian packages used by the tests, the demo and the benchmarks.
 pub const DEBIAN_PACKAGES: &[&str] = &[
@@ -44,6 +44,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     // Makes the test CA and certificate of the `type = "https"` health-check test.
     "openssl",
+    // promtool lints a live agent's /metrics and checks deploy/'s rules (issue 13).
+    "prometheus",
+    // Headless, it loads the agent's status page in tests/tests/status_page.rs.
+    "chromium",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 with these compilers.
@@ -54,8 +58,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// to exercise the install path without replacing the real installation.
 const BPF_LINKER_ROOT_ENV: &str = "XTASK_BPF_LINKER_ROOT";
 
-/// Daemons that installing haproxy, nginx or bird2 may start; setup stops the ones it started.
-const DAEMONS: &[&str] = &["haproxy", "nginx", "bird"];
+/// Daemons that installing haproxy, nginx, bird2 or prometheus may start;
+/// setup stops the ones it started.
+const DAEMONS: &[&str] = &["haproxy", "nginx", "bird", "prometheus"];
 
 /// Where things are installed.
 #[derive(Debug, Clone, Default)]
@@ -191,7 +196,10 @@ fn ensure_nightly() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: nightly toolchain: installing...");
-    run_ok(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+    util::run_logged(
+        "nightly toolchain",
+        Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]),
+    )
 }
 
 fn has_rust_src() -> anyhow::Result<bool> {
@@ -205,7 +213,10 @@ fn ensure_rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: rust-src for nightly: installing...");
-    run_ok(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    util::run_logged(
+        "rust-src",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
 }
 
 // --------------------------------------------------------------- bpf-linker
@@ -358,8 +369,8 @@ fn install_bpf_linker(opts: &Options, llvm: &NightlyLlvm) -> anyhow::Result<()> 
     if let Some(root) = &opts.bpf_linker_root {
         cmd.arg("--root").arg(root);
     }
-    println!("$ {}", util::display(&cmd));
-    run_ok(&mut cmd)?;
+    println!("setup: bpf-linker: building (about a minute on 2 cores)...");
+    util::run_logged("bpf-linker", &mut cmd)?;
     let bin = opts.bpf_linker_bin().context("bpf-linker installed, but not found in PATH or cargo's bin directory")?;
     output_ok(Command::new(&bin).arg("--version"))
         .with_context(|| format!("the new {} does not run", bin.display()))?;
@@ -447,8 +458,9 @@ fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
     let before = daemon_pids();
     {
         let _policy = PolicyRcd::deny_starts()?;
-        run_ok(apt_get().arg("update"))?;
-        run_ok(apt_get().args(["install", "-y", "--no-install-recommends"]).args(packages))?;
+        util::run_logged("apt-get update", apt_get().arg("update"))?;
+        let what = format!("apt-get install ({} packages)", packages.len());
+        util::run_logged(&what, apt_get().args(["install", "-y", "--no-install-recommends"]).args(packages))?;
     }
     stop_new_daemons(&before);
     Ok(())

@@ -35,6 +35,45 @@ pub fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `cargo xtask setup` sends the full output of apt, rustup and
+/// cargo install: its progress lines say what runs and how long it took.
+pub fn setup_log() -> PathBuf {
+    workspace_root().join("target/xtask-setup.log")
+}
+
+/// Runs `cmd` with its output appended to [`setup_log`], then prints one
+/// line: what ran and how long it took. On failure, the error quotes the
+/// log's last lines.
+pub fn run_logged(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = display(cmd);
+    let path = setup_log();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let open = || std::fs::OpenOptions::new().create(true).append(true).open(&path);
+    let mut log = open().with_context(|| format!("opening {}", path.display()))?;
+    {
+        use std::io::Write as _;
+        writeln!(log, "\n$ {shown}")?;
+    }
+    let started = std::time::Instant::now();
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("starting `{shown}`"))?;
+    let took = human(started.elapsed());
+    if !status.success() {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("`{shown}` failed ({status}) after {took}; the end of {}:\n{}", path.display(), tail.join("\n"));
+    }
+    println!("setup: {what}: done in {took} (output in {})", path.display());
+    Ok(())
+}
+
 /// Runs `cmd` capturing its output; fails (quoting stderr) unless it exits 0,
 /// and returns stdout.
 pub fn output_ok(cmd: &mut Command) -> anyhow::Result<String> {
@@ -87,6 +126,14 @@ pub fn human(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_failing_logged_command_quotes_the_end_of_its_log() {
+        let err =
+            super::run_logged("a test", std::process::Command::new("sh").args(["-c", "echo xtask-log-test; exit 3"]))
+                .expect_err("exit 3 fails");
+        assert!(format!("{err:#}").contains("xtask-log-test"), "{err:#}");
+        super::run_logged("a test", &mut std::process::Command::new("true")).expect("true succeeds");
+    }
     use super::*;
 
     #[test]

@@ -29,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Limits, Shared, server, status};
-use crate::metrics;
 
 /// Largest request body accepted on the control socket.
 pub const MAX_BODY: usize = 4096;
@@ -218,9 +217,11 @@ async fn status_json(State(state): State<ControlState>) -> Result<Json<status::S
     super::snapshot(&state.source).map(Json)
 }
 
-async fn metrics_text(State(state): State<ControlState>) -> Result<String, StatusCode> {
-    let status = super::snapshot(&state.source)?;
-    metrics::render(&status).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+async fn metrics_text(
+    State(state): State<ControlState>,
+    headers: axum::http::HeaderMap,
+) -> Result<impl axum::response::IntoResponse, StatusCode> {
+    super::metrics_response(&state.source, &headers)
 }
 
 async fn backend(

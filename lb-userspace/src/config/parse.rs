@@ -91,8 +91,11 @@ const TIMING_KEYS: &[&str] = &["interval", "timeout", "rise", "fall"];
 const MAX_EXPECT_BODY: usize = 1024;
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "health_check"];
 
-/// Where the admin API listens unless configured.
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9100));
+/// Where the admin API listens unless configured. Port 7451: Prometheus'
+/// exporter range, 9100-9999, is fully allocated (9100 is node_exporter's,
+/// which runs on most monitored hosts), and 7451 is neither in it, nor in
+/// `/etc/services`, nor a common daemon's default.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7451));
 /// Where the program's links and maps are pinned unless configured (bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// Where the control socket (the admin API's state-changing half) listens unless configured.

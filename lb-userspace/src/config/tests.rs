@@ -9,7 +9,7 @@ const FILE: &str = "test.toml";
 const EXAMPLE: &str = r#"
 [agent]
 interfaces = ["eth0", "eth1"]
-admin_listen = "127.0.0.1:9100"
+admin_listen = "127.0.0.1:7451"
 xdp_mode = "native"
 conntrack_capacity = 1048576
 
@@ -440,6 +440,26 @@ fn the_shipped_example_is_valid() {
     assert!(config.vips.len() >= 2, "the example shows a TCP and a UDP service");
     assert!(config.vips.iter().any(|v| v.listen.is_ipv6()), "the example shows an IPv6 service");
     assert!(Balancer::new(&config).is_ok());
+}
+
+/// Every example under examples/ loads, fits, and shows what its name says.
+#[test]
+fn every_example_is_valid_and_shows_its_case() {
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
+    let load = |name: &str| {
+        let config = Config::load(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(Balancer::new(&config).is_ok(), "{name} fits the maps");
+        config
+    };
+    assert_eq!(load("single-vip.toml").vips.len(), 1);
+    let ports: Vec<u16> = load("multi-port.toml").vips.iter().map(|v| v.listen.port()).collect();
+    assert_eq!(ports, [8000, 9000]);
+    assert!(load("ipv6.toml").vips.iter().all(|v| v.listen.is_ipv6()));
+    assert!(load("udp-dns.toml").vips.iter().all(|v| v.protocol.as_str() == "udp" && v.listen.port() == 53));
+    let web = &load("drain-and-backup.toml").vips[0];
+    assert!(web.backends.iter().any(|b| b.weight == 0) && web.backends.iter().any(|b| b.backup));
+    let listed: usize = std::fs::read_dir(dir).expect("examples/").filter(|e| e.is_ok()).count();
+    assert_eq!(listed, 6, "a new example gets a line here");
 }
 
 #[test]

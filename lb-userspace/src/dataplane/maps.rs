@@ -44,7 +44,6 @@ pub struct Maps {
     addr_roles: HashMap<MapData, VipAddrKey, AddrRoles>,
     backend_services: HashMap<MapData, ServiceKey, ReplyNat>,
     shared_services: HashMap<MapData, ServiceKey, SharedService>,
-    vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     verdicts: PerCpuArray<MapData, u64>,
     conntrack_events: PerCpuArray<MapData, u64>,
@@ -67,11 +66,17 @@ pub const OCCUPANCY_MAX_AGE: Duration = Duration::from_secs(5);
 /// Counting the connection table's entries walks it, one syscall per entry:
 /// about 1.3 µs each here, so over a second for a full table of a million.
 /// So the count is kept, and refreshed on a thread of its own with its own
-/// handle on the map, never under the caller's lock (the agent's state);
-/// callers get the last count, at most [`OCCUPANCY_MAX_AGE`] plus one walk old.
+/// handle on the map, never under the caller's lock (the agent's state).
+///
+/// Between walks, callers get the last count plus the keys inserted since
+/// that walk began (the program counts every insert, and only LRU
+/// evictions remove entries), at most the capacity: current at every read,
+/// never below the entries present, and above them by at most the inserts
+/// made during the last walk (counted by the walk and again as inserted
+/// since) plus evictions since it began.
 struct Occupancy {
-    /// When the last count began, and what it found.
-    last: Option<(Instant, u64)>,
+    /// When the last count began, what it found, and the insert count when it began.
+    last: Option<(Instant, u64, u64)>,
     /// Evictions, estimated at each count as keys inserted before it began
     /// minus entries it found, and never lowered: a counter must not go
     /// down, and the estimate errs only by inserts during the walk. (With
@@ -92,7 +97,7 @@ impl Occupancy {
     fn record(&mut self, inserted: u64, began: Instant, walk: Walk) {
         let Walk { entries, flows } = walk;
         self.flows = flows;
-        self.last = Some((began, entries));
+        self.last = Some((began, entries, inserted));
         self.evicted = self.evicted.max(inserted.saturating_sub(entries));
     }
 }
@@ -131,7 +136,8 @@ fn monotonic_ns() -> u64 {
 /// The connection table at a glance; see [`Maps::conntrack`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackStats {
-    /// Entries present (live flows, and idle ones not yet reused or evicted).
+    /// Entries present (live flows, and idle ones not yet reused or
+    /// evicted): the last count plus keys inserted since it began.
     pub entries: u64,
     /// Entries the table has room for.
     pub capacity: u64,
@@ -168,7 +174,6 @@ impl Maps {
             addr_roles: typed!(ebpf, map_names::ADDR_ROLES),
             backend_services: typed!(ebpf, map_names::BACKEND_SERVICES),
             shared_services: typed!(ebpf, map_names::SHARED_SERVICES),
-            vip_stats: typed!(ebpf, map_names::VIP_STATS),
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             verdicts: typed!(ebpf, map_names::VERDICTS),
             conntrack_events: typed!(ebpf, map_names::CONNTRACK_EVENTS),
@@ -198,14 +203,6 @@ impl Maps {
         })?;
         self.conntrack_capacity = info.max_entries();
         Ok(self)
-    }
-
-    /// Traffic of one VIP, summed over CPUs.
-    ///
-    /// # Errors
-    /// [`DataplaneError::Map`] if the id is out of range.
-    pub fn vip_counters(&self, vip_id: u32) -> Result<Counters, DataplaneError> {
-        sum_counters(&self.vip_stats, map_names::VIP_STATS, vip_id)
     }
 
     /// Traffic of one backend id, summed over CPUs.
@@ -265,14 +262,21 @@ impl Maps {
     /// [`DataplaneError::Map`] on a failed read.
     pub fn conntrack(&self) -> Result<ConntrackStats, DataplaneError> {
         let events = self.conntrack_events()?;
-        let (entries, evicted) = self.occupancy(events[conntrack_event::INSERTED as usize])?;
+        let inserted = events[conntrack_event::INSERTED as usize];
+        let (walked, inserted_then, evicted) = self.occupancy(inserted)?;
         let counted_ago =
-            self.occupancy.lock().ok().and_then(|o| o.last).map_or(Duration::ZERO, |(at, _)| at.elapsed());
+            self.occupancy.lock().ok().and_then(|o| o.last).map_or(Duration::ZERO, |(at, _, _)| at.elapsed());
         let capacity = u64::from(self.conntrack_capacity);
         // A walk during heavy churn can count an entry twice (get_next_key
-        // starts over when the key it stood on was evicted): never more
-        // than the table holds.
-        let entries = entries.min(capacity);
+        // starts over when the key it stood on was evicted), and inserts
+        // beyond the capacity evicted as many: never more than the table holds.
+        let entries = walked.saturating_add(inserted.saturating_sub(inserted_then)).min(capacity);
+        // Keys inserted that are not present were evicted; a counter never
+        // goes down, so the estimate only rises.
+        let evicted = evicted.max(inserted.saturating_sub(entries));
+        if let Ok(mut occupancy) = self.occupancy.lock() {
+            occupancy.evicted = occupancy.evicted.max(evicted);
+        }
         Ok(ConntrackStats { entries, capacity, events, evicted, counted_ago })
     }
 
@@ -281,14 +285,16 @@ impl Maps {
         self.conntrack.get(key, 0).ok()
     }
 
-    /// The last count of entries and the eviction estimate, starting a new
-    /// count if it is stale; `inserted` is the insert count now.
-    fn occupancy(&self, inserted: u64) -> Result<(u64, u64), DataplaneError> {
+    /// The last count of entries, the insert count when it began, and the
+    /// eviction estimate, starting a new count if it is stale; `inserted` is
+    /// the insert count now.
+    fn occupancy(&self, inserted: u64) -> Result<(u64, u64, u64), DataplaneError> {
         let mut occupancy = self.occupancy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some((at, entries)) = occupancy.last else {
+        let Some((at, entries, inserted_then)) = occupancy.last else {
             let began = Instant::now();
             occupancy.record(inserted, began, walk(&self.conntrack));
-            return Ok((occupancy.last.map_or(0, |l| l.1), occupancy.evicted));
+            let (entries, inserted_then) = occupancy.last.map_or((0, inserted), |l| (l.1, l.2));
+            return Ok((entries, inserted_then, occupancy.evicted));
         };
         if at.elapsed() >= occupancy.max_age && !occupancy.walking {
             let handle = self.conntrack_handle()?;
@@ -302,7 +308,7 @@ impl Maps {
                 occupancy.walking = false;
             });
         }
-        Ok((entries, occupancy.evicted))
+        Ok((entries, inserted_then, occupancy.evicted))
     }
 
     /// Live flows pinned to `backend_id`, as of the last count of the
@@ -539,16 +545,14 @@ impl Dataplane for Maps {
     }
 
     fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
-        let error = |source| DataplaneError::Map { name: map_names::VIP_STATS, op: "reset", source };
-        // One value per possible CPU, which is what a read returns.
-        let cpus = self.vip_stats.get(&vip_id, 0).map_err(error)?.len();
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| error(MapError::from(e)))?;
-        self.vip_stats.set(vip_id, zeros, 0).map_err(error)?;
-        // Refusals by its limits too: a counter of the new VIP starts at 0.
+        // Refusals by its limits: a counter of the new VIP starts at 0.
         let error = |source| DataplaneError::Map { name: map_names::LIMITED, op: "reset", source };
         for kind in 0..limit::COUNT {
+            let index = vip_id * limit::COUNT + kind;
+            // One value per possible CPU, which is what a read returns.
+            let cpus = self.limited.get(&index, 0).map_err(error)?.len();
             let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| error(MapError::from(e)))?;
-            self.limited.set(vip_id * limit::COUNT + kind, zeros, 0).map_err(error)?;
+            self.limited.set(index, zeros, 0).map_err(error)?;
         }
         Ok(())
     }

@@ -43,7 +43,8 @@ pub trait Dataplane {
     fn set_backend(&mut self, backend_id: u32, info: BackendInfo) -> Result<(), DataplaneError>;
     /// Writes Maglev slots: `(index into the MAGLEV array, backend id)` pairs.
     fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<(), DataplaneError>;
-    /// Zeroes `VIP_STATS[vip_id]` on every CPU, before a reused id is published.
+    /// Zeroes the per-VIP counters of `vip_id` (`LIMITED`) on every CPU,
+    /// before a reused id is published.
     fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError>;
     /// Writes the `ADDR_ROLE_*` bits of an address (`ADDR_ROLES`); 0 removes
     /// the address's entry, if it has one.

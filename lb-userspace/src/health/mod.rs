@@ -132,6 +132,34 @@ pub struct HealthEvent<K> {
     pub transition: Option<Transition>,
     /// `"ok"` or the failure reason, e.g. "connect: Connection refused (os error 111)".
     pub last_check: String,
+    /// How long the probe took (from when it had a slot), if it reached a
+    /// verdict about the backend; `None` for a probe that could not run
+    /// here, and for a backend without checks.
+    pub duration: Option<Duration>,
+    /// Why the probe failed, as a metric label ([`failure_kind`]); `None`
+    /// when it passed.
+    pub failure: Option<&'static str>,
+}
+
+/// A short, fixed name for why a probe failed: the `reason` label of
+/// `lb_health_check_failures_total`.
+pub fn failure_kind(failure: &ProbeFailure) -> &'static str {
+    match failure {
+        ProbeFailure::Connect(_) => "connect",
+        ProbeFailure::Local { .. } => "local",
+        ProbeFailure::Send(_) => "send",
+        ProbeFailure::Receive(_) => "receive",
+        ProbeFailure::TimedOut(_) => "timeout",
+        ProbeFailure::Closed { .. } => "closed",
+        ProbeFailure::Malformed(_) => "malformed",
+        ProbeFailure::Status { .. } => "status",
+        ProbeFailure::Setup(_) => "setup",
+        ProbeFailure::Body { .. } => "body",
+        ProbeFailure::Tls(_) => "tls",
+        ProbeFailure::Rcode(_) => "rcode",
+        ProbeFailure::NoAnswer(..) => "no_answer",
+        ProbeFailure::InvalidRequest(_) => "invalid_request",
+    }
 }
 
 /// What `last_check` says after a successful probe.
@@ -226,10 +254,24 @@ struct Reporter<K> {
 
 impl<K: Clone> Reporter<K> {
     /// Sends one event; `false` when the receiver is gone.
-    async fn send(&self, transition: Option<Transition>, last_check: String) -> bool {
-        let event = HealthEvent { key: self.key.clone(), generation: self.generation, transition, last_check };
+    async fn send(&self, transition: Option<Transition>, last_check: String, probe: ProbeTiming) -> bool {
+        let event = HealthEvent {
+            key: self.key.clone(),
+            generation: self.generation,
+            transition,
+            last_check,
+            duration: probe.duration,
+            failure: probe.failure,
+        };
         self.events.send(event).await.is_ok()
     }
+}
+
+/// What an event says about the probe itself, for metrics.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProbeTiming {
+    duration: Option<Duration>,
+    failure: Option<&'static str>,
 }
 
 /// The checker loop; returns only when the receiver is gone.
@@ -252,10 +294,14 @@ async fn check_forever<K: Clone>(
     let prober = Prober::new(&config.kind);
     loop {
         ticks.tick().await;
-        let result = run_in_slot(address, &prober, config.timeout, pool).await;
+        let (result, took) = run_in_slot(address, &prober, config.timeout, pool).await;
         let last_check = result.as_ref().map_or_else(ToString::to_string, |()| CHECK_OK.to_owned());
         let transition = judge(&mut tracker, &result, &last_check);
         let local = result.as_ref().is_err_and(ProbeFailure::is_local);
+        let timing = ProbeTiming {
+            duration: (!local).then_some(took),
+            failure: result.as_ref().err().filter(|_| !local).map(failure_kind),
+        };
         if local {
             pool.local_errors.fetch_add(1, Ordering::Relaxed);
             // Once per streak: in a shortage every checker hits it at once.
@@ -265,7 +311,7 @@ async fn check_forever<K: Clone>(
         }
         local_streak = local;
         tracing::debug!(%address, check = %last_check, verdict = ?tracker.verdict(), "health probe");
-        if !reporter.send(transition, last_check).await {
+        if !reporter.send(transition, last_check, timing).await {
             tracing::debug!(%address, "health event receiver closed; checker stopping");
             return;
         }
@@ -284,25 +330,32 @@ fn judge(tracker: &mut Tracker, result: &Result<(), ProbeFailure>, last_check: &
 
 /// Runs one probe once `pool` has a slot for it; the timeout starts then.
 #[cfg(test)]
-async fn probe_in_slot(address: SocketAddr, config: &HealthCheckConfig, pool: &ProbePool) -> Result<(), ProbeFailure> {
+async fn probe_in_slot(
+    address: SocketAddr,
+    config: &HealthCheckConfig,
+    pool: &ProbePool,
+) -> (Result<(), ProbeFailure>, Duration) {
     run_in_slot(address, &Prober::new(&config.kind), config.timeout, pool).await
 }
 
-/// Runs a prepared probe once `pool` has a slot for it; the timeout starts then.
+/// Runs a prepared probe once `pool` has a slot for it; the timeout starts
+/// then, and so does the duration returned with its result.
 async fn run_in_slot(
     address: SocketAddr,
     prober: &Prober,
     timeout: Duration,
     pool: &ProbePool,
-) -> Result<(), ProbeFailure> {
+) -> (Result<(), ProbeFailure>, Duration) {
     let _slot = pool.slot().await;
-    prober.run(address, timeout).await
+    let started = Instant::now();
+    let result = prober.run(address, timeout).await;
+    (result, started.elapsed())
 }
 
 /// The [`HealthCheckKind::None`] checker: one "up" event, then done.
 async fn report_always_up<K: Clone>(reporter: &Reporter<K>) {
     let transition = Transition { health: Health::Up, reason: "no health check configured".to_owned() };
-    if !reporter.send(Some(transition), CHECK_OK.to_owned()).await {
+    if !reporter.send(Some(transition), CHECK_OK.to_owned(), ProbeTiming::default()).await {
         tracing::debug!("health event receiver closed before the first event");
     }
 }
@@ -518,7 +571,9 @@ mod tests {
             let result = timeout(WAIT, probe).await.expect("in time").expect("no panic");
             // Waiting for a slot is not part of the timeout: each times out
             // on its own 200 ms, not while it waited.
+            let (result, took) = result;
             assert_eq!(result.map_err(|e| e.to_string()), Err("timed out after 200ms".to_owned()));
+            assert!(took >= Duration::from_millis(200), "the duration covers the probe: {took:?}");
         }
         assert!(started.elapsed() >= Duration::from_millis(450), "three rounds of two: {:?}", started.elapsed());
         assert_eq!(pool.slots.available_permits(), 2);

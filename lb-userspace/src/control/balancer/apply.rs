@@ -22,11 +22,12 @@
 //!   shadows of a removed VIP are not kept for this: its slots name its own
 //!   backends, which the new VIP never has, so almost every slot differs
 //!   anyway;
-//! - its `VIP_STATS` slot is zeroed before the new VIP is published. The
-//!   removed VIP's flows may still add to it afterwards (their replies still
-//!   find the old id in their backends' service entries, which stay), so
-//!   the agent reports a VIP's traffic as the sum over its backends'
-//!   `BACKEND_STATS`, whose ids are never reused, and not from `VIP_STATS`.
+//! - its `LIMITED` counters are zeroed before the new VIP is published. The
+//!   agent reports a VIP's traffic as the sum over its backends'
+//!   `BACKEND_STATS`, whose ids are never reused: there are no per-VIP
+//!   traffic counters, whose slot the removed VIP's flows could still add
+//!   to after the reuse (their replies still find the old id in their
+//!   backends' service entries, which stay).
 
 use std::{
     collections::{BTreeSet, HashSet},

@@ -106,7 +106,7 @@ pub struct Balancer {
     /// to an added VIP, whose rings are not written until they are gone.
     removing: Vec<Removal>,
     /// Ids a removed VIP held and no VIP has taken since: their rings and
-    /// `VIP_STATS` slot still hold that VIP's state.
+    /// `LIMITED` counters still hold that VIP's state.
     used_ids: BTreeSet<u32>,
     /// What `VIP_ADDRS` holds per address, as last written: `Some(protos)`,
     /// or `None` when unknown after a failed write. No entry: none written.
@@ -438,7 +438,7 @@ impl Balancer {
         self.vips.iter().map(|vip| self.view(vip))
     }
 
-    /// One VIP by id, e.g. to label a `VIP_STATS` entry.
+    /// One VIP by id, e.g. to label a per-VIP counter.
     pub fn vip(&self, vip_id: u32) -> Option<VipView<'_>> {
         let index = self.vip_position(vip_id).ok()?;
         self.vips.get(index).map(|vip| self.view(vip))

@@ -42,7 +42,7 @@ pub(super) struct Vip {
     /// failed write, or in a reused id), which makes the next diff rewrite
     /// every slot.
     pub(super) rings: [Vec<u32>; 2],
-    /// Its id was a removed VIP's, whose counts `VIP_STATS` still holds:
+    /// Its id was a removed VIP's, whose counts `LIMITED` still holds:
     /// zeroed before the first publish.
     pub(super) stale_stats: bool,
     /// Its last sync did not finish (or none ran yet): a reload syncs it

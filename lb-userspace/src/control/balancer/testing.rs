@@ -55,7 +55,7 @@ pub struct FakeDataplane {
     pub backends: HashMap<u32, BackendInfo>,
     /// `MAGLEV`, sized like the loader sizes it for the config.
     pub maglev: Vec<u32>,
-    /// Packets per VIP id, as `VIP_STATS` would count them.
+    /// Counts per VIP id, as the per-VIP counters (`LIMITED`) would hold them.
     pub vip_stats: HashMap<u32, u64>,
     /// `ADDR_FILTER` slots set.
     pub filter: BTreeSet<u32>,
@@ -315,7 +315,7 @@ impl Dataplane for FakeDataplane {
             "reset the counters of vip id {vip_id} while the vip map names it"
         );
         if self.attempt() {
-            return Err(DataplaneError::injected(map_names::VIP_STATS, "reset"));
+            return Err(DataplaneError::injected(map_names::LIMITED, "reset"));
         }
         self.vip_stats.remove(&vip_id);
         self.calls.push(Call::ResetStats { vip_id });

@@ -45,7 +45,7 @@ pub enum Step {
     WriteRing { generation: u32, slots: usize },
     /// The `upsert_vip` that makes a generation the one packets read.
     PublishRing { generation: u32 },
-    /// Zeroing the `VIP_STATS` slot of a reused VIP id.
+    /// Zeroing the per-VIP counters (`LIMITED`) of a reused VIP id.
     ResetStats { vip_id: u32 },
     /// Removing the `VIPS` entry of a VIP a reload removed.
     RemoveVip { vip_id: u32 },
